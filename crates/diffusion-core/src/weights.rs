@@ -1,0 +1,710 @@
+//! Strict access to safetensors weight files, single or sharded, and to a diffusers model
+//! folder's weight file.
+//!
+//! [`SafetensorsFile`] reads only the header when opened and checks it against the file's size,
+//! so a truncated or corrupt file is an [`Error::Safetensors`] naming the path before any tensor
+//! is read; tensors are then read one at a time. [`WeightSource`] puts one file or all shards of
+//! a `*.safetensors.index.json` behind one key space. [`resolve_weights`] finds a model folder's
+//! weights the way diffusers' `from_pretrained` does (plain file, sharded index, `variant`).
+//! [`write_safetensors`] writes tensors back in the same format.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Tensor, TensorData};
+use safetensors::tensor::{Metadata, TensorView};
+
+pub use safetensors::Dtype;
+
+use crate::config::write_atomically;
+use crate::error::{Error, Result};
+
+/// diffusers' weight file name (`SAFETENSORS_WEIGHTS_NAME`).
+pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
+/// diffusers' sharded index name (`SAFE_WEIGHTS_INDEX_NAME`).
+pub const WEIGHTS_INDEX_NAME: &str = "diffusion_pytorch_model.safetensors.index.json";
+/// diffusers' pickle weight file name, recognised only to explain that it cannot be read.
+const PICKLE_WEIGHTS_NAME: &str = "diffusion_pytorch_model.bin";
+
+/// Length of the little-endian header size that starts every safetensors file.
+const HEADER_SIZE_LEN: u64 = 8;
+/// The safetensors crate refuses larger headers; refuse them before allocating.
+const MAX_HEADER_LEN: u64 = 100_000_000;
+
+/// One tensor's description in a weight file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TensorEntry {
+    /// Stored element type.
+    pub dtype: Dtype,
+    /// Stored shape (PyTorch layout).
+    pub shape: Vec<usize>,
+}
+
+/// One safetensors file whose header has been read and validated.
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    data_start: u64,
+    metadata: Metadata,
+}
+
+fn corrupt(path: &Path, message: impl Into<String>) -> Error {
+    Error::Safetensors {
+        path: path.to_path_buf(),
+        message: message.into(),
+    }
+}
+
+impl SafetensorsFile {
+    /// Open a file and validate its header against the file size.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read; [`Error::Safetensors`] naming the path when
+    /// it is too short, its header is not valid safetensors JSON, its offsets are inconsistent, or
+    /// its size differs from what the header describes (a truncated download).
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
+        let file_len = file.metadata().map_err(|e| Error::io(path, e))?.len();
+        if file_len < HEADER_SIZE_LEN {
+            return Err(corrupt(
+                path,
+                format!("file has {file_len} bytes, too short for a header"),
+            ));
+        }
+        let mut len_bytes = [0u8; HEADER_SIZE_LEN as usize];
+        file.read_exact(&mut len_bytes)
+            .map_err(|e| Error::io(path, e))?;
+        let header_len = u64::from_le_bytes(len_bytes);
+        if header_len > MAX_HEADER_LEN {
+            return Err(corrupt(
+                path,
+                format!("header length {header_len} is larger than the 100 MB safetensors limit"),
+            ));
+        }
+        if HEADER_SIZE_LEN + header_len > file_len {
+            return Err(corrupt(
+                path,
+                format!(
+                    "header of {header_len} bytes does not fit in the file's {file_len} bytes \
+                     (truncated?)"
+                ),
+            ));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| Error::io(path, e))?;
+        let metadata: Metadata = serde_json::from_slice(&header)
+            .map_err(|e| corrupt(path, format!("invalid header: {e}")))?;
+        let data_start = HEADER_SIZE_LEN + header_len;
+        let expected = data_start + metadata.data_len() as u64;
+        if expected != file_len {
+            return Err(corrupt(
+                path,
+                format!(
+                    "header describes {expected} bytes but the file has {file_len} (truncated or \
+                     trailing data)"
+                ),
+            ));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            data_start,
+            metadata,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.metadata.tensors().into_keys().collect();
+        keys.sort();
+        keys
+    }
+
+    /// A tensor's dtype and shape, `None` if the file does not hold it.
+    pub fn entry(&self, key: &str) -> Option<TensorEntry> {
+        self.metadata.info(key).map(|info| TensorEntry {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+        })
+    }
+
+    /// The free-form `__metadata__` map (`{"format": "pt"}` for diffusers files).
+    pub fn user_metadata(&self) -> Option<&HashMap<String, String>> {
+        self.metadata.metadata().as_ref()
+    }
+
+    /// A tensor's raw little-endian bytes.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] when the file has no such tensor, [`Error::Io`] when reading fails.
+    pub fn read_bytes(&self, key: &str) -> Result<(TensorEntry, Vec<u8>)> {
+        let info = self.metadata.info(key).ok_or_else(|| Error::MissingTensor {
+            path: self.path.clone(),
+            key: key.to_string(),
+        })?;
+        let (start, end) = info.data_offsets;
+        let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
+        file.seek(SeekFrom::Start(self.data_start + start as u64))
+            .map_err(|e| Error::io(&self.path, e))?;
+        let mut bytes = vec![0u8; end - start];
+        file.read_exact(&mut bytes)
+            .map_err(|e| Error::io(&self.path, e))?;
+        let entry = TensorEntry {
+            dtype: info.dtype,
+            shape: info.shape.clone(),
+        };
+        Ok((entry, bytes))
+    }
+
+    /// A floating-point tensor converted to `f32` (from f16, bf16, f32 or f64), with its shape.
+    ///
+    /// # Errors
+    /// As [`Self::read_bytes`]; [`Error::TensorDtype`] for a non-float tensor.
+    pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (entry, bytes) = self.read_bytes(key)?;
+        let values = bytes_to_f32(entry.dtype, &bytes).ok_or_else(|| Error::TensorDtype {
+            path: self.path.clone(),
+            key: key.to_string(),
+            dtype: entry.dtype.to_string(),
+        })?;
+        Ok((values, entry.shape))
+    }
+}
+
+/// Decode little-endian float bytes; `None` for a dtype that is not a float this port reads.
+fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
+    let out = match dtype {
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                f64::from_le_bytes(b) as f32
+            })
+            .collect(),
+        _ => return None,
+    };
+    Some(out)
+}
+
+/// The keys of one model's weights, from one file or from all shards of an index.
+#[derive(Debug)]
+pub struct WeightSource {
+    origin: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// Visible key → (file index, key stored in that file).
+    keys: BTreeMap<String, (usize, String)>,
+}
+
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: BTreeMap<String, String>,
+}
+
+impl WeightSource {
+    /// Open a `.safetensors` file, or every shard of a `*.index.json`.
+    ///
+    /// # Errors
+    /// As [`SafetensorsFile::open`] and [`Self::open_sharded`].
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        if path.extension().is_some_and(|e| e == "json") {
+            return Self::open_sharded(path);
+        }
+        Self::from_files(path, vec![SafetensorsFile::open(path)?])
+    }
+
+    /// Open the shards listed by a sharded checkpoint's index (`weight_map`: key → shard file,
+    /// relative to the index's folder).
+    ///
+    /// # Errors
+    /// [`Error::Io`] or [`Error::Json`] for the index; [`Error::ConfigField`] (`weight_map`) for
+    /// an index without a weight map; [`Error::MissingTensor`] naming the shard when the index
+    /// lists a key its shard lacks; [`Error::Safetensors`] for a corrupt shard or a key stored in
+    /// two shards.
+    pub fn open_sharded(index_path: impl AsRef<Path>) -> Result<Self> {
+        let index_path = index_path.as_ref();
+        let text = std::fs::read_to_string(index_path).map_err(|e| Error::io(index_path, e))?;
+        let value = crate::config::parse_json(&text, index_path)?;
+        let index: ShardIndex = serde_json::from_value(value).map_err(|e| Error::ConfigField {
+            path: index_path.to_path_buf(),
+            field: "weight_map".into(),
+            message: e.to_string(),
+        })?;
+        let dir = index_path.parent().unwrap_or(Path::new("."));
+        let mut shard_names: Vec<&String> = index.weight_map.values().collect();
+        shard_names.sort();
+        shard_names.dedup();
+        let files = shard_names
+            .iter()
+            .map(|name| SafetensorsFile::open(dir.join(name)))
+            .collect::<Result<Vec<_>>>()?;
+        for (key, shard) in &index.weight_map {
+            let file = files
+                .iter()
+                .find(|f| f.path() == dir.join(shard))
+                .ok_or_else(|| corrupt(index_path, format!("shard `{shard}` was not opened")))?;
+            if file.entry(key).is_none() {
+                return Err(Error::MissingTensor {
+                    path: file.path().to_path_buf(),
+                    key: key.clone(),
+                });
+            }
+        }
+        Self::from_files(index_path, files)
+    }
+
+    /// Combine already opened files under one origin (used in error messages).
+    ///
+    /// # Errors
+    /// [`Error::Safetensors`] naming `origin` when two files hold the same key.
+    pub fn from_files(origin: impl AsRef<Path>, files: Vec<SafetensorsFile>) -> Result<Self> {
+        let origin = origin.as_ref().to_path_buf();
+        let mut keys = BTreeMap::new();
+        for (i, file) in files.iter().enumerate() {
+            for key in file.keys() {
+                if let Some((other, _)) = keys.insert(key.clone(), (i, key.clone())) {
+                    let first: &SafetensorsFile = &files[other];
+                    return Err(corrupt(
+                        &origin,
+                        format!(
+                            "tensor `{key}` is stored in both {} and {}",
+                            first.path().display(),
+                            file.path().display()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(Self {
+            origin,
+            files,
+            keys,
+        })
+    }
+
+    /// The file or index this source was opened from.
+    pub fn origin(&self) -> &Path {
+        &self.origin
+    }
+
+    /// The underlying files (one, or one per shard).
+    pub fn files(&self) -> &[SafetensorsFile] {
+        &self.files
+    }
+
+    /// All keys, sorted.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.keys.keys().map(String::as_str)
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Whether the source holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    /// Whether the source holds `key`.
+    pub fn contains(&self, key: &str) -> bool {
+        self.keys.contains_key(key)
+    }
+
+    /// A tensor's dtype and shape.
+    pub fn entry(&self, key: &str) -> Option<TensorEntry> {
+        let (file, stored) = self.keys.get(key)?;
+        self.files[*file].entry(stored)
+    }
+
+    /// The file that stores `key`.
+    pub fn file_of(&self, key: &str) -> Option<&Path> {
+        self.keys.get(key).map(|(file, _)| self.files[*file].path())
+    }
+
+    /// Rename keys: `rename` returns the new name of a key, or `None` to keep it (used for
+    /// legacy checkpoints whose tensors were renamed since).
+    ///
+    /// # Errors
+    /// [`Error::Safetensors`] naming the origin when two keys would get the same name.
+    pub fn rename_keys(&mut self, rename: impl Fn(&str) -> Option<String>) -> Result<()> {
+        let mut renamed = BTreeMap::new();
+        for (key, target) in &self.keys {
+            let new_key = rename(key).unwrap_or_else(|| key.clone());
+            if renamed.insert(new_key.clone(), target.clone()).is_some() {
+                return Err(corrupt(
+                    &self.origin,
+                    format!("two tensors would both be named `{new_key}` after renaming"),
+                ));
+            }
+        }
+        self.keys = renamed;
+        Ok(())
+    }
+
+    /// A floating-point tensor as `f32` values and its stored shape.
+    ///
+    /// # Errors
+    /// [`Error::MissingTensor`] naming the origin when the key is absent, else as
+    /// [`SafetensorsFile::read_f32`].
+    pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let (file, stored) = self.keys.get(key).ok_or_else(|| Error::MissingTensor {
+            path: self.origin.clone(),
+            key: key.to_string(),
+        })?;
+        self.files[*file].read_f32(stored)
+    }
+
+    /// A floating-point tensor on `device`, checked to have rank `D`.
+    ///
+    /// # Errors
+    /// As [`Self::read_f32`]; [`Error::TensorShape`] naming the file when the rank is not `D`.
+    pub fn tensor<const D: usize>(&self, key: &str, device: &Device) -> Result<Tensor<D>> {
+        let (values, shape) = self.read_f32(key)?;
+        if shape.len() != D {
+            return Err(Error::TensorShape {
+                path: self.file_of(key).unwrap_or(&self.origin).to_path_buf(),
+                key: key.to_string(),
+                expected: vec![0; D],
+                got: shape,
+            });
+        }
+        Ok(Tensor::from_data(TensorData::new(values, shape), device))
+    }
+}
+
+/// The names diffusers tries, in order, for a folder's weights: `(single file, sharded index)`.
+pub fn weight_file_names(variant: Option<&str>) -> (String, String) {
+    match variant {
+        Some(v) => (
+            format!("diffusion_pytorch_model.{v}.safetensors"),
+            format!("diffusion_pytorch_model.safetensors.index.{v}.json"),
+        ),
+        None => (WEIGHTS_NAME.to_string(), WEIGHTS_INDEX_NAME.to_string()),
+    }
+}
+
+/// The weight file (or sharded index) of a diffusers model folder, as `from_pretrained` picks
+/// it: `diffusion_pytorch_model[.{variant}].safetensors`, else the sharded index
+/// `diffusion_pytorch_model.safetensors.index[.{variant}].json`. Open the result with
+/// [`WeightSource::open`].
+///
+/// # Errors
+/// [`Error::NotFound`] naming the folder and the names looked for (and, when present, the
+/// pickle `.bin` file or other variants that were found but are not used).
+pub fn resolve_weights(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<PathBuf> {
+    let dir = dir.as_ref();
+    if !dir.is_dir() {
+        return Err(Error::NotFound {
+            path: dir.to_path_buf(),
+            message: "not a model folder (no such directory)".into(),
+        });
+    }
+    let (single, index) = weight_file_names(variant);
+    for name in [&single, &index] {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    let mut message = format!("no weights: looked for `{single}` and `{index}`");
+    let mut others: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("diffusion_pytorch_model"))
+                .collect()
+        })
+        .unwrap_or_default();
+    others.sort();
+    if !others.is_empty() {
+        message.push_str(&format!("; the folder has {}", others.join(", ")));
+        if others.iter().any(|n| n == PICKLE_WEIGHTS_NAME) {
+            message.push_str(" (pickle `.bin` weights cannot be read; convert them to safetensors)");
+        } else if variant.is_none() {
+            message.push_str(" (pass the matching `variant`)");
+        }
+    }
+    Err(Error::NotFound {
+        path: dir.to_path_buf(),
+        message,
+    })
+}
+
+/// Element type used when writing weights.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SaveDtype {
+    /// 32-bit float (what diffusers writes for an f32 model).
+    #[default]
+    F32,
+    /// IEEE half precision (the `fp16` variant).
+    F16,
+    /// bfloat16.
+    BF16,
+}
+
+/// One tensor to write: its key, shape (PyTorch layout) and row-major values.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedTensor {
+    /// State-dict key (`down_blocks.0.resnets.0.conv1.weight`).
+    pub key: String,
+    /// Shape in PyTorch layout.
+    pub shape: Vec<usize>,
+    /// Row-major values.
+    pub values: Vec<f32>,
+}
+
+/// Write tensors as a safetensors file with `{"format": "pt"}` metadata, as diffusers does.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] when a tensor's value count does not match its shape or a key
+/// repeats; [`Error::Safetensors`] when serialisation fails; [`Error::Io`] when writing fails.
+pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[NamedTensor], dtype: SaveDtype) -> Result<()> {
+    let path = path.as_ref();
+    let mut encoded: Vec<(&str, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
+    let mut seen = std::collections::BTreeSet::new();
+    for t in tensors {
+        let count: usize = t.shape.iter().product();
+        if count != t.values.len() {
+            return Err(Error::invalid_argument(
+                "tensors",
+                format!("`{}` has {} values for shape {:?}", t.key, t.values.len(), t.shape),
+            ));
+        }
+        if !seen.insert(t.key.as_str()) {
+            return Err(Error::invalid_argument("tensors", format!("key `{}` appears twice", t.key)));
+        }
+        let bytes = match dtype {
+            SaveDtype::F32 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            SaveDtype::F16 => t
+                .values
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            SaveDtype::BF16 => t
+                .values
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
+        };
+        encoded.push((t.key.as_str(), t.shape.clone(), bytes));
+    }
+    let st_dtype = match dtype {
+        SaveDtype::F32 => Dtype::F32,
+        SaveDtype::F16 => Dtype::F16,
+        SaveDtype::BF16 => Dtype::BF16,
+    };
+    let views = encoded
+        .iter()
+        .map(|(key, shape, bytes)| {
+            TensorView::new(st_dtype, shape.clone(), bytes)
+                .map(|view| (*key, view))
+                .map_err(|e| corrupt(path, format!("`{key}`: {e}")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| corrupt(path, e.to_string()))?;
+    write_atomically(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(dir: &Path) -> PathBuf {
+        let path = dir.join("w.safetensors");
+        let tensors = vec![
+            NamedTensor {
+                key: "a.weight".into(),
+                shape: vec![2, 3],
+                values: vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5],
+            },
+            NamedTensor {
+                key: "b".into(),
+                shape: vec![1],
+                values: vec![-0.25],
+            },
+        ];
+        write_safetensors(&path, &tensors, SaveDtype::F32).unwrap();
+        path
+    }
+
+    #[test]
+    fn round_trip_f32_and_f16() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let source = WeightSource::open(&path).unwrap();
+        assert_eq!(source.keys().collect::<Vec<_>>(), ["a.weight", "b"]);
+        let (values, shape) = source.read_f32("a.weight").unwrap();
+        assert_eq!(shape, [2, 3]);
+        assert_eq!(values, [1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
+        let file = &source.files()[0];
+        assert_eq!(file.user_metadata().unwrap()["format"], "pt");
+
+        let half_path = dir.path().join("h.safetensors");
+        let t = NamedTensor {
+            key: "x".into(),
+            shape: vec![3],
+            values: vec![0.1, 1.0, -2.5],
+        };
+        write_safetensors(&half_path, &[t], SaveDtype::F16).unwrap();
+        let source = WeightSource::open(&half_path).unwrap();
+        assert_eq!(source.entry("x").unwrap().dtype, Dtype::F16);
+        let (values, _) = source.read_f32("x").unwrap();
+        assert_eq!(values, [half::f16::from_f32(0.1).to_f32(), 1.0, -2.5]);
+    }
+
+    #[test]
+    fn truncated_and_garbage_files_are_typed_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let bytes = std::fs::read(&path).unwrap();
+        for (name, content) in [
+            ("short.safetensors", bytes[..bytes.len() - 3].to_vec()),
+            ("tiny.safetensors", bytes[..5].to_vec()),
+            ("header.safetensors", bytes[..20].to_vec()),
+            ("garbage.safetensors", b"\x05\0\0\0\0\0\0\0hello".to_vec()),
+        ] {
+            let bad = dir.path().join(name);
+            std::fs::write(&bad, content).unwrap();
+            match SafetensorsFile::open(&bad) {
+                Err(Error::Safetensors { path, .. }) => assert_eq!(path, bad),
+                other => panic!("{name}: expected Error::Safetensors, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn missing_key_and_wrong_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = sample(dir.path());
+        let source = WeightSource::open(&path).unwrap();
+        match source.read_f32("nope") {
+            Err(Error::MissingTensor { key, path: p }) => {
+                assert_eq!(key, "nope");
+                assert_eq!(p, path);
+            }
+            other => panic!("{other:?}"),
+        }
+        let bytes = [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let view = TensorView::new(Dtype::I64, vec![2], &bytes).unwrap();
+        let ints = dir.path().join("i.safetensors");
+        std::fs::write(&ints, safetensors::serialize([("ids", view)], None).unwrap()).unwrap();
+        let source = WeightSource::open(&ints).unwrap();
+        assert!(matches!(
+            source.read_f32("ids"),
+            Err(Error::TensorDtype { key, .. }) if key == "ids"
+        ));
+    }
+
+    #[test]
+    fn resolve_prefers_single_file_then_index_and_names_what_it_looked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        match resolve_weights(dir.path(), None) {
+            Err(Error::NotFound { path, message }) => {
+                assert_eq!(path, dir.path());
+                assert!(message.contains(WEIGHTS_NAME) && message.contains(WEIGHTS_INDEX_NAME));
+            }
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(dir.path().join("diffusion_pytorch_model.fp16.safetensors"), b"").unwrap();
+        let err = resolve_weights(dir.path(), None).unwrap_err().to_string();
+        assert!(err.contains("diffusion_pytorch_model.fp16.safetensors"), "{err}");
+        assert_eq!(
+            resolve_weights(dir.path(), Some("fp16")).unwrap(),
+            dir.path().join("diffusion_pytorch_model.fp16.safetensors")
+        );
+        std::fs::write(dir.path().join(WEIGHTS_INDEX_NAME), b"{}").unwrap();
+        assert_eq!(
+            resolve_weights(dir.path(), None).unwrap(),
+            dir.path().join(WEIGHTS_INDEX_NAME)
+        );
+        std::fs::write(dir.path().join(WEIGHTS_NAME), b"").unwrap();
+        assert_eq!(resolve_weights(dir.path(), None).unwrap(), dir.path().join(WEIGHTS_NAME));
+    }
+
+    #[test]
+    fn shards_merge_and_reject_duplicates() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = NamedTensor {
+            key: "a".into(),
+            shape: vec![1],
+            values: vec![1.0],
+        };
+        let two = NamedTensor {
+            key: "b".into(),
+            shape: vec![2],
+            values: vec![2.0, 3.0],
+        };
+        write_safetensors(dir.path().join("s1.safetensors"), &[one.clone()], SaveDtype::F32).unwrap();
+        write_safetensors(dir.path().join("s2.safetensors"), &[two], SaveDtype::F32).unwrap();
+        let index = dir.path().join("m.safetensors.index.json");
+        std::fs::write(
+            &index,
+            r#"{"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}"#,
+        )
+        .unwrap();
+        let source = WeightSource::open(&index).unwrap();
+        assert_eq!(source.len(), 2);
+        assert_eq!(source.file_of("b").unwrap(), dir.path().join("s2.safetensors"));
+        assert_eq!(source.read_f32("b").unwrap().0, [2.0, 3.0]);
+
+        std::fs::write(
+            &index,
+            r#"{"weight_map": {"a": "s1.safetensors", "c": "s2.safetensors"}}"#,
+        )
+        .unwrap();
+        match WeightSource::open(&index) {
+            Err(Error::MissingTensor { key, path }) => {
+                assert_eq!(key, "c");
+                assert_eq!(path, dir.path().join("s2.safetensors"));
+            }
+            other => panic!("{other:?}"),
+        }
+
+        write_safetensors(dir.path().join("s3.safetensors"), &[one], SaveDtype::F32).unwrap();
+        let files = vec![
+            SafetensorsFile::open(dir.path().join("s1.safetensors")).unwrap(),
+            SafetensorsFile::open(dir.path().join("s3.safetensors")).unwrap(),
+        ];
+        assert!(matches!(
+            WeightSource::from_files(&index, files),
+            Err(Error::Safetensors { .. })
+        ));
+    }
+
+    #[test]
+    fn rename_keys_and_collisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut source = WeightSource::open(sample(dir.path())).unwrap();
+        source
+            .rename_keys(|k| k.strip_prefix("a.").map(|rest| format!("z.{rest}")))
+            .unwrap();
+        assert_eq!(source.keys().collect::<Vec<_>>(), ["b", "z.weight"]);
+        assert_eq!(source.read_f32("z.weight").unwrap().1, [2, 3]);
+        assert!(source.rename_keys(|_| Some("same".into())).is_err());
+    }
+}

@@ -1,0 +1,111 @@
+//! Checked constructors for burn's layers: a config that would make burn panic (channels not
+//! divisible by groups, ...) becomes a typed error naming the config field instead.
+
+use std::path::{Path, PathBuf};
+
+use diffusion_core::burn::nn::conv::{Conv2d, Conv2dConfig};
+use diffusion_core::burn::nn::{
+    Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
+};
+use diffusion_core::{Device, Error, Result};
+
+/// Placeholder path for errors raised while building from an in-memory config; loaders replace
+/// it with the real `config.json` path through [`with_config_path`].
+pub(crate) const IN_MEMORY_CONFIG: &str = "<in-memory config>";
+
+/// A [`Error::ConfigField`] about an in-memory config.
+pub(crate) fn config_error(field: &str, message: impl Into<String>) -> Error {
+    Error::ConfigField {
+        path: PathBuf::from(IN_MEMORY_CONFIG),
+        field: field.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A [`Error::Unsupported`] about an in-memory config.
+pub(crate) fn unsupported(field: &str, value: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Unsupported {
+        path: PathBuf::from(IN_MEMORY_CONFIG),
+        field: field.to_string(),
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Point config errors raised while building at the file the config came from.
+pub(crate) fn with_config_path(err: Error, config_path: &Path) -> Error {
+    match err {
+        Error::ConfigField { path, field, message } if path == Path::new(IN_MEMORY_CONFIG) => {
+            Error::ConfigField {
+                path: config_path.to_path_buf(),
+                field,
+                message,
+            }
+        }
+        Error::Unsupported {
+            path,
+            field,
+            value,
+            reason,
+        } if path == Path::new(IN_MEMORY_CONFIG) => Error::Unsupported {
+            path: config_path.to_path_buf(),
+            field,
+            value,
+            reason,
+        },
+        other => other,
+    }
+}
+
+/// `torch.nn.GroupNorm(num_groups, channels, eps, affine=True)`.
+///
+/// # Errors
+/// [`Error::ConfigField`] naming `field` when `channels` is not a multiple of `num_groups`.
+pub(crate) fn group_norm(
+    num_groups: usize,
+    channels: usize,
+    eps: f64,
+    field: &str,
+    device: &Device,
+) -> Result<GroupNorm> {
+    if num_groups == 0 || channels % num_groups != 0 {
+        return Err(config_error(
+            field,
+            format!("{channels} channels cannot be split into {num_groups} groups"),
+        ));
+    }
+    Ok(GroupNormConfig::new(num_groups, channels)
+        .with_epsilon(eps)
+        .init(device))
+}
+
+/// `torch.nn.Conv2d(in, out, kernel, stride, padding)` with a bias.
+pub(crate) fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+    device: &Device,
+) -> Conv2d {
+    Conv2dConfig::new([in_channels, out_channels], [kernel, kernel])
+        .with_stride([stride, stride])
+        .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+        .init(device)
+}
+
+/// `torch.nn.Linear(in, out)` with a bias (burn stores the weight as `[in, out]`).
+pub(crate) fn linear(d_input: usize, d_output: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_input, d_output).init(device)
+}
+
+/// `torch.nn.Dropout(p)`: inert unless the device tracks gradients and the module trains.
+///
+/// # Errors
+/// [`Error::ConfigField`] (`dropout`) for a probability outside `[0, 1)`.
+pub(crate) fn dropout(prob: f64) -> Result<Dropout> {
+    if !prob.is_finite() || !(0.0..1.0).contains(&prob) {
+        return Err(config_error("dropout", format!("{prob} is not a probability in [0, 1)")));
+    }
+    Ok(DropoutConfig::new(prob).init())
+}

@@ -1,0 +1,435 @@
+//! Loading and saving a burn module's parameters by diffusers state-dict key.
+//!
+//! Module attribute names equal diffusers' keys, so a parameter's key is its path in the module
+//! tree (enum variants and `Option`s add nothing; `Vec` items add their index). Two layers store
+//! parameters differently from PyTorch, and the mapping handles them:
+//!
+//! - `Linear`: burn stores `weight` as `[in, out]`, PyTorch as `[out, in]` (transposed here);
+//! - `GroupNorm` / `LayerNorm`: burn names the affine parameters `gamma` / `beta`, PyTorch
+//!   `weight` / `bias`.
+//!
+//! The loader is a [`ModuleMapper`] rather than burn-store's `load_from`: it checks shapes in
+//! PyTorch layout before reading any data (so errors name the stored key and the shape the file
+//! should have), reads sharded checkpoints through one [`WeightSource`], converts f16 / bf16 /
+//! f64 to the device's float type, and keeps parameters that are not loaded lazy.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use diffusion_core::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::weights::{NamedTensor, SaveDtype, WeightSource, write_safetensors};
+use diffusion_core::{Error, Result};
+
+/// Whether keys that do not match are errors or only reported.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LoadMode {
+    /// A missing or unexpected tensor is an error (diffusers' default).
+    #[default]
+    Strict,
+    /// Missing and unexpected tensors are listed in the [`LoadReport`]; missing parameters keep
+    /// their initialisation. A mis-shaped tensor is still an error.
+    Lenient,
+}
+
+/// What a load did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Keys that were loaded into a parameter.
+    pub applied: Vec<String>,
+    /// Parameter keys the source did not have.
+    pub missing: Vec<String>,
+    /// Source keys no parameter asked for.
+    pub unexpected: Vec<String>,
+}
+
+impl LoadReport {
+    /// Whether every parameter was loaded and every tensor used.
+    pub fn is_exact(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty()
+    }
+}
+
+/// Tracks the module path during a traversal and turns it into a diffusers key.
+#[derive(Default)]
+struct KeyPath {
+    segments: Vec<String>,
+    containers: Vec<String>,
+}
+
+/// A parameter's diffusers key and whether its stored layout is the transpose of burn's.
+struct ParamKey {
+    key: String,
+    transposed: bool,
+}
+
+impl KeyPath {
+    fn enter(&mut self, name: &str, container: &str) {
+        self.containers.push(container.to_string());
+        if !container.starts_with("Enum:") {
+            self.segments.push(name.to_string());
+        }
+    }
+
+    fn exit(&mut self) {
+        if let Some(container) = self.containers.pop()
+            && !container.starts_with("Enum:")
+        {
+            self.segments.pop();
+        }
+    }
+
+    /// The key of the parameter at the current path, which has rank `rank`.
+    fn param_key(&self, rank: usize) -> ParamKey {
+        let owner = self.containers.last().map(String::as_str).unwrap_or("");
+        let mut segments = self.segments.clone();
+        let mut transposed = false;
+        if let Some(last) = segments.last_mut() {
+            match (owner, last.as_str()) {
+                ("Struct:GroupNorm" | "Struct:LayerNorm", "gamma") => *last = "weight".into(),
+                ("Struct:GroupNorm" | "Struct:LayerNorm", "beta") => *last = "bias".into(),
+                ("Struct:Linear", "weight") if rank == 2 => transposed = true,
+                _ => {}
+            }
+        }
+        ParamKey {
+            key: segments.join("."),
+            transposed,
+        }
+    }
+}
+
+fn stored_shape(shape: &[usize], transposed: bool) -> Vec<usize> {
+    let mut dims = shape.to_vec();
+    if transposed {
+        dims.reverse();
+    }
+    dims
+}
+
+struct Loader<'a> {
+    source: &'a WeightSource,
+    path: KeyPath,
+    applied: Vec<String>,
+    missing: Vec<String>,
+    errors: Vec<Error>,
+}
+
+impl Loader<'_> {
+    fn load<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let ParamKey { key, transposed } = self.path.param_key(D);
+        let Some(entry) = self.source.entry(&key) else {
+            self.missing.push(key);
+            return param;
+        };
+        let expected = stored_shape(&param.lazy_shape().to_vec(), transposed);
+        if entry.shape != expected {
+            let path = self.source.file_of(&key).unwrap_or(self.source.origin());
+            self.errors.push(Error::TensorShape {
+                path: path.to_path_buf(),
+                key,
+                expected,
+                got: entry.shape,
+            });
+            return param;
+        }
+        let values = match self.source.read_f32(&key) {
+            Ok((values, _)) => values,
+            Err(e) => {
+                self.errors.push(e);
+                return param;
+            }
+        };
+        let device = param.lazy_device();
+        let mut tensor = Tensor::<D>::from_data(TensorData::new(values, expected), &device);
+        if transposed {
+            tensor = tensor.transpose();
+        }
+        self.applied.push(key);
+        let id = param.id;
+        param.transform_for_load(tensor, id)
+    }
+}
+
+impl ModuleMapper for Loader<'_> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        self.load(param)
+    }
+}
+
+/// Set every float parameter of `module` from `source` by diffusers key.
+///
+/// # Errors
+/// In both modes: [`Error::TensorShape`] naming the key and the file that stores it when a
+/// tensor's shape differs from the parameter's (PyTorch layout), [`Error::TensorDtype`] for a
+/// non-float tensor, and I/O errors from reading. In [`LoadMode::Strict`] also
+/// [`Error::MissingTensor`] naming the first missing key and [`Error::UnexpectedTensors`]
+/// listing the unused keys, both with the source's origin (file or index) as path.
+pub fn load_weights<M: Module>(
+    module: M,
+    source: &WeightSource,
+    mode: LoadMode,
+) -> Result<(M, LoadReport)> {
+    let mut loader = Loader {
+        source,
+        path: KeyPath::default(),
+        applied: Vec::new(),
+        missing: Vec::new(),
+        errors: Vec::new(),
+    };
+    let module = module.map(&mut loader);
+    if let Some(err) = loader.errors.into_iter().next() {
+        return Err(err);
+    }
+    let applied: std::collections::BTreeSet<&str> =
+        loader.applied.iter().map(String::as_str).collect();
+    let unexpected: Vec<String> = source
+        .keys()
+        .filter(|k| !applied.contains(k))
+        .map(str::to_string)
+        .collect();
+    if mode == LoadMode::Strict {
+        if let Some(key) = loader.missing.first() {
+            return Err(Error::MissingTensor {
+                path: source.origin().to_path_buf(),
+                key: key.clone(),
+            });
+        }
+        if !unexpected.is_empty() {
+            return Err(Error::UnexpectedTensors {
+                path: source.origin().to_path_buf(),
+                keys: unexpected,
+            });
+        }
+    }
+    let report = LoadReport {
+        applied: loader.applied,
+        missing: loader.missing,
+        unexpected,
+    };
+    Ok((module, report))
+}
+
+struct Collector {
+    path: KeyPath,
+    shapes_only: bool,
+    tensors: Vec<NamedTensor>,
+}
+
+impl ModuleVisitor for Collector {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let ParamKey { key, transposed } = self.path.param_key(D);
+        let shape = stored_shape(&param.lazy_shape().to_vec(), transposed);
+        let values = if self.shapes_only {
+            Vec::new()
+        } else {
+            let mut tensor = param.val();
+            if transposed {
+                tensor = tensor.transpose();
+            }
+            diffusion_core::tensor::to_vec(tensor)
+        };
+        self.tensors.push(NamedTensor { key, shape, values });
+    }
+}
+
+/// Every float parameter as a diffusers state dict (PyTorch layout), sorted by key.
+pub fn state_dict<M: Module>(module: &M) -> Vec<NamedTensor> {
+    let mut collector = Collector {
+        path: KeyPath::default(),
+        shapes_only: false,
+        tensors: Vec::new(),
+    };
+    module.visit(&mut collector);
+    collector.tensors.sort_by(|a, b| a.key.cmp(&b.key));
+    collector.tensors
+}
+
+/// Every float parameter's key and shape in PyTorch layout, without initialising lazy
+/// parameters.
+pub fn param_shapes<M: Module>(module: &M) -> BTreeMap<String, Vec<usize>> {
+    let mut collector = Collector {
+        path: KeyPath::default(),
+        shapes_only: true,
+        tensors: Vec::new(),
+    };
+    module.visit(&mut collector);
+    collector
+        .tensors
+        .into_iter()
+        .map(|t| (t.key, t.shape))
+        .collect()
+}
+
+/// Write `module`'s parameters as a diffusers safetensors file.
+///
+/// # Errors
+/// As [`write_safetensors`].
+pub fn save_weights<M: Module>(module: &M, path: impl AsRef<Path>, dtype: SaveDtype) -> Result<()> {
+    write_safetensors(path, &state_dict(module), dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use diffusion_core::Device;
+    use diffusion_core::burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
+
+    #[derive(Module, Debug)]
+    struct Inner {
+        norm: GroupNorm,
+        proj: Vec<Linear>,
+    }
+
+    #[derive(Module, Debug)]
+    enum Choice {
+        A(Linear),
+    }
+
+    #[derive(Module, Debug)]
+    struct Toy {
+        inner: Inner,
+        choice: Choice,
+        absent: Option<Linear>,
+    }
+
+    fn toy(device: &Device) -> Toy {
+        Toy {
+            inner: Inner {
+                norm: GroupNormConfig::new(2, 4).init(device),
+                proj: vec![LinearConfig::new(4, 3).init(device)],
+            },
+            choice: Choice::A(LinearConfig::new(2, 2).with_bias(false).init(device)),
+            absent: None,
+        }
+    }
+
+    fn seq(n: usize, offset: f32) -> Vec<f32> {
+        (0..n).map(|i| i as f32 * 0.5 + offset).collect()
+    }
+
+    fn write(dir: &Path, tensors: &[NamedTensor]) -> WeightSource {
+        let path = dir.join("toy.safetensors");
+        write_safetensors(&path, tensors, SaveDtype::F32).unwrap();
+        WeightSource::open(&path).unwrap()
+    }
+
+    fn full() -> Vec<NamedTensor> {
+        let t = |key: &str, shape: Vec<usize>, offset| NamedTensor {
+            key: key.into(),
+            values: seq(shape.iter().product(), offset),
+            shape,
+        };
+        vec![
+            t("inner.norm.weight", vec![4], 1.0),
+            t("inner.norm.bias", vec![4], -1.0),
+            t("inner.proj.0.weight", vec![3, 4], 0.0),
+            t("inner.proj.0.bias", vec![3], 2.0),
+            t("choice.weight", vec![2, 2], 3.0),
+        ]
+    }
+
+    #[test]
+    fn keys_follow_diffusers_names_and_layout() {
+        let device = Device::flex();
+        let shapes = param_shapes(&toy(&device));
+        let expected: BTreeMap<String, Vec<usize>> = full()
+            .into_iter()
+            .map(|t| (t.key, t.shape))
+            .collect();
+        assert_eq!(shapes, expected);
+    }
+
+    #[test]
+    fn load_transposes_linear_and_renames_norm_then_saves_back() {
+        let device = Device::flex();
+        let dir = tempfile::tempdir().unwrap();
+        let source = write(dir.path(), &full());
+        let (model, report) = load_weights(toy(&device), &source, LoadMode::Strict).unwrap();
+        assert!(report.is_exact());
+        assert_eq!(report.applied.len(), 5);
+        // burn's Linear weight is [in, out]: element [i, o] is PyTorch's [o, i].
+        let w = diffusion_core::tensor::to_vec(model.inner.proj[0].weight.val());
+        let torch = seq(12, 0.0);
+        for o in 0..3 {
+            for i in 0..4 {
+                assert_eq!(w[i * 3 + o], torch[o * 4 + i]);
+            }
+        }
+        let gamma = model.inner.norm.gamma.as_ref().unwrap().val();
+        assert_eq!(diffusion_core::tensor::to_vec(gamma), seq(4, 1.0));
+        assert_eq!(state_dict(&model), {
+            let mut f = full();
+            f.sort_by(|a, b| a.key.cmp(&b.key));
+            f
+        });
+    }
+
+    #[test]
+    fn strict_errors_name_the_key() {
+        let device = Device::flex();
+        let dir = tempfile::tempdir().unwrap();
+
+        let mut missing = full();
+        missing.retain(|t| t.key != "inner.norm.bias");
+        let source = write(dir.path(), &missing);
+        match load_weights(toy(&device), &source, LoadMode::Strict) {
+            Err(Error::MissingTensor { key, path }) => {
+                assert_eq!(key, "inner.norm.bias");
+                assert_eq!(path, source.origin());
+            }
+            other => panic!("{other:?}"),
+        }
+        let (_, report) = load_weights(toy(&device), &source, LoadMode::Lenient).unwrap();
+        assert_eq!(report.missing, ["inner.norm.bias"]);
+        assert!(report.unexpected.is_empty());
+
+        let mut extra = full();
+        extra.push(NamedTensor {
+            key: "inner.proj.1.weight".into(),
+            shape: vec![1],
+            values: vec![0.0],
+        });
+        let source = write(dir.path(), &extra);
+        match load_weights(toy(&device), &source, LoadMode::Strict) {
+            Err(Error::UnexpectedTensors { keys, .. }) => assert_eq!(keys, ["inner.proj.1.weight"]),
+            other => panic!("{other:?}"),
+        }
+        let (_, report) = load_weights(toy(&device), &source, LoadMode::Lenient).unwrap();
+        assert_eq!(report.unexpected, ["inner.proj.1.weight"]);
+
+        // A Linear weight stored in burn's layout instead of PyTorch's is a shape error that
+        // reports the PyTorch shape expected.
+        let mut wrong = full();
+        wrong[2].shape = vec![4, 3];
+        let source = write(dir.path(), &wrong);
+        for mode in [LoadMode::Strict, LoadMode::Lenient] {
+            match load_weights(toy(&device), &source, mode) {
+                Err(Error::TensorShape {
+                    key, expected, got, ..
+                }) => {
+                    assert_eq!(key, "inner.proj.0.weight");
+                    assert_eq!(expected, [3, 4]);
+                    assert_eq!(got, [4, 3]);
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+}

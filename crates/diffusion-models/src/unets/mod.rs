@@ -1,0 +1,4 @@
+//! UNets (`diffusers.models.unets`).
+
+pub mod unet_2d;
+pub mod unet_2d_blocks;
