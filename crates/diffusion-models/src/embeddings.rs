@@ -1,6 +1,7 @@
 //! Timestep features and embeddings (`diffusers.models.embeddings`).
 
 use diffusion_core::Device;
+use diffusion_core::burn;
 use diffusion_core::burn::module::{Module, Param};
 use diffusion_core::burn::nn::Linear;
 use diffusion_core::burn::tensor::{Distribution, Tensor, TensorData};

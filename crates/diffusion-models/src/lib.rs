@@ -10,6 +10,7 @@ pub mod attention_processor;
 pub mod downsampling;
 pub mod embeddings;
 pub(crate) mod layers;
+pub mod modeling_utils;
 pub mod resnet;
 pub mod state_dict;
 pub mod unets;

@@ -289,6 +289,7 @@ pub fn save_weights<M: Module>(module: &M, path: impl AsRef<Path>, dtype: SaveDt
 mod tests {
     use super::*;
     use diffusion_core::Device;
+    use diffusion_core::burn;
     use diffusion_core::burn::nn::{GroupNorm, GroupNormConfig, Linear, LinearConfig};
 
     #[derive(Module, Debug)]

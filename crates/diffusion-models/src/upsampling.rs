@@ -1,6 +1,7 @@
 //! Upsampling layers and the FIR resampling primitive (`diffusers.models.upsampling`).
 
 use diffusion_core::Device;
+use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::conv::Conv2d;
 use diffusion_core::burn::tensor::module::conv2d;

@@ -1,1 +1,16 @@
-//! diffusion-pipelines
+//! diffusers' pipelines on burn.
+//!
+//! A pipeline owns its components (`unet`, `scheduler`, ...) as public fields, loads from a
+//! diffusers folder or Hub id with `from_pretrained`, and is run with an arguments struct whose
+//! fields and defaults are diffusers' `__call__` keyword arguments.
+#![warn(missing_docs)]
+
+pub mod ddim;
+pub mod ddpm;
+pub mod pipeline_utils;
+mod unconditional;
+
+pub use ddim::DDIMPipeline;
+pub use ddpm::DDPMPipeline;
+pub use pipeline_utils::{Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo};
+pub use unconditional::UnconditionalArgs;

@@ -1,1 +1,44 @@
-//! diffusion-schedulers
+//! diffusers' noise schedulers on burn.
+//!
+//! Every scheduler keeps its schedule maths on the host in `f64` and touches tensors only in
+//! [`Scheduler::step`], [`Scheduler::scale_model_input`], [`Scheduler::add_noise`] and
+//! [`Scheduler::get_velocity`]. Module paths mirror diffusers' (`schedulers/scheduling_ddim.py`
+//! is [`scheduling_ddim`]), configs are serde mirrors of `scheduler_config.json` whose `Default`
+//! is the Python `__init__` default, and [`AnyScheduler`] picks a scheduler at run time from a
+//! class name or an A1111 alias.
+//!
+//! ```no_run
+//! use diffusion_core::burn::tensor::Tensor;
+//! use diffusion_core::{Device, TorchGenerator};
+//! use diffusion_schedulers::{Scheduler, StepOptions, AnyScheduler};
+//!
+//! # fn main() -> diffusion_core::Result<()> {
+//! let device = Device::default();
+//! let mut scheduler = AnyScheduler::from_config_file("model/scheduler")?;
+//! scheduler.set_timesteps(50)?;
+//! let mut generator = TorchGenerator::new(0);
+//! let mut latents = Tensor::<4>::zeros([1, 4, 64, 64], &device);
+//! for t in scheduler.timesteps().to_vec() {
+//!     let input = scheduler.scale_model_input(latents.clone(), t)?;
+//!     let noise_pred = input; // the UNet goes here
+//!     latents = scheduler
+//!         .step(noise_pred, t, latents, StepOptions::default().with_generator(&mut generator))?
+//!         .prev_sample;
+//! }
+//! # Ok(())
+//! # }
+//! ```
+#![warn(missing_docs)]
+
+pub mod any_scheduler;
+pub mod ops;
+pub mod schedule;
+pub mod scheduler;
+pub mod scheduling_ddim;
+pub mod scheduling_ddpm;
+
+pub use any_scheduler::{AnyScheduler, SchedulerKind, SchedulerSpec};
+pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
+pub use scheduler::{ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput};
+pub use scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
+pub use scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig, VarianceType};

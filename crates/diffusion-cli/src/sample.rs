@@ -1,0 +1,161 @@
+//! `diffusers sample`: unconditional generation with DDPMPipeline or DDIMPipeline.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use diffusion_core::image::{ImageOutput, OutputType, make_image_grid, nhwc_to_images, save_png};
+use diffusion_core::{Device, parse_device};
+use diffusion_loaders::{HubOptions, resolve_model_dir};
+use diffusion_pipelines::{DDIMPipeline, DDPMPipeline, Generators, UnconditionalArgs};
+use diffusion_schedulers::{AnyScheduler, Scheduler, SchedulerKind, SchedulerSpec};
+
+use crate::metadata::GenerationParameters;
+
+/// The model trained by this project, shipped in the repository.
+const DEFAULT_MODEL: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/ddpm-digits");
+
+#[derive(Args, Debug)]
+pub struct SampleArgs {
+    /// A diffusers pipeline folder (model_index.json, unet/, scheduler/) or a Hub id
+    /// (owner/name, fetched into the standard Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache
+    /// only). Defaults to the digits model shipped with this project.
+    #[arg(long)]
+    pub model: Option<String>,
+
+    /// Scheduler to sample with: a diffusers class name (DDPMScheduler, DDIMScheduler) or an
+    /// alias (ddpm, ddim). Built from the model's scheduler config, as diffusers' from_config.
+    /// Defaults to the model's own scheduler.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+
+    /// Number of denoising steps. Defaults to 1000 for DDPM and 50 for DDIM, as diffusers.
+    #[arg(long)]
+    pub steps: Option<usize>,
+
+    /// Seed of the torch-compatible generator: the same seed gives the same images as diffusers
+    /// with `generator=torch.Generator().manual_seed(SEED)`. Random when absent.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Number of images (the pipeline's batch_size); several are saved as one grid.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+
+    /// DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM-like noise. DDIM only.
+    #[arg(long)]
+    pub eta: Option<f64>,
+
+    /// Where to write the PNG (a grid when --num-images > 1), with the generation parameters in
+    /// its text metadata.
+    #[arg(long, default_value = "samples.png")]
+    pub output: PathBuf,
+
+    /// Also write the images as float32 NHWC in [0, 1] (diffusers' output_type="np") to this
+    /// .npy file.
+    #[arg(long)]
+    pub output_npy: Option<PathBuf>,
+
+    /// Columns of the grid; defaults to a near-square layout.
+    #[arg(long)]
+    pub grid_cols: Option<usize>,
+
+    /// Device: cpu, or a GPU backend compiled into this build (cuda, cuda:1, wgpu).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Hub revision (branch, tag or commit) when --model is a Hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+pub fn run(args: SampleArgs) -> Result<()> {
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    if args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref()
+        != Some("png")
+    {
+        bail!("--output {}: only .png output is supported", args.output.display());
+    }
+    let device: Device = parse_device(&args.device)?;
+    let model_name = args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let hub = HubOptions {
+        revision: args.revision.clone(),
+        progress: !args.quiet,
+        ..HubOptions::default()
+    };
+    let dir = resolve_model_dir(&model_name, &hub)
+        .with_context(|| format!("--model {model_name}"))?;
+
+    let mut pipe = DDPMPipeline::from_pretrained(&dir, &device)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    if let Some(name) = &args.scheduler {
+        let spec = SchedulerSpec::parse(name).context("--scheduler")?;
+        pipe.scheduler = AnyScheduler::convert(&pipe.scheduler, &spec).context("--scheduler")?;
+    }
+    let kind = pipe.scheduler.kind();
+    if args.eta.is_some() && kind != SchedulerKind::Ddim {
+        bail!("--eta only applies to the DDIM scheduler (this run uses {})", kind.class_name());
+    }
+    let generator = args.seed.map(Generators::Seed).unwrap_or_default();
+    let call = UnconditionalArgs {
+        batch_size: args.num_images,
+        generator: generator.clone(),
+        num_inference_steps: args.steps,
+        eta: args.eta,
+        output_type: OutputType::Np,
+        progress: !args.quiet,
+        ..UnconditionalArgs::default()
+    };
+    let (output, steps) = if kind == SchedulerKind::Ddim {
+        let mut ddim = DDIMPipeline::from_parts(pipe.unet, pipe.scheduler)?;
+        let steps = call.num_inference_steps.unwrap_or(DDIMPipeline::DEFAULT_STEPS);
+        (ddim.call(call)?, steps)
+    } else {
+        let steps = call.num_inference_steps.unwrap_or(DDPMPipeline::DEFAULT_STEPS);
+        (pipe.call(call)?, steps)
+    };
+    let ImageOutput::Array(array) = output.images else {
+        bail!("the pipeline did not return an array");
+    };
+
+    let mut params = GenerationParameters::default();
+    params.push("Steps", steps);
+    params.push("Sampler", kind.class_name());
+    params.push("Seed", generator.seeds().map(|s| s[0].to_string()).unwrap_or("random".into()));
+    params.push("Size", format!("{}x{}", array.shape[2], array.shape[1]));
+    params.push("Batch size", args.num_images);
+    if let Some(eta) = args.eta {
+        params.push("Eta", eta);
+    }
+    params.push("Model", display_model(&model_name));
+
+    let images = nhwc_to_images(&array);
+    let cols = args
+        .grid_cols
+        .unwrap_or_else(|| (images.len() as f64).sqrt().ceil() as usize)
+        .clamp(1, images.len());
+    let rows = images.len().div_ceil(cols);
+    let mut tiles = images.clone();
+    // Pad the last row with black tiles so any count fits a grid.
+    tiles.resize(rows * cols, diffusion_core::image::RgbImage::new(images[0].width(), images[0].height()));
+    let grid = make_image_grid(&tiles, rows, cols)?;
+    if let Some(npy) = &args.output_npy {
+        array.write(npy)?;
+    }
+    save_png(&args.output, &grid, &params.png_chunks())?;
+    eprintln!("wrote {} ({} image(s), {})", args.output.display(), images.len(), params.a1111_text());
+    Ok(())
+}
+
+fn display_model(name: &str) -> String {
+    if name == DEFAULT_MODEL {
+        return "ddpm-digits (bundled)".into();
+    }
+    Path::new(name).display().to_string()
+}

@@ -1,0 +1,237 @@
+//! Resolving a model name to a local folder: a path on disk, or a Hugging Face Hub repository
+//! fetched into (or read from) the standard cache with `hf-hub`.
+//!
+//! Offline use works from the cache: set `HF_HUB_OFFLINE=1` (as in Python) or
+//! [`HubOptions::offline`], and a repository downloaded before is found without any network.
+
+use std::path::{Path, PathBuf};
+
+use diffusion_core::{Error, Result};
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo, RepoType};
+
+/// How to reach the Hub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HubOptions {
+    /// Branch, tag or commit (`"main"`).
+    pub revision: String,
+    /// Never touch the network; only the cache. Defaults to `HF_HUB_OFFLINE` being set.
+    pub offline: bool,
+    /// The cache root; defaults to hf-hub's (`$HF_HOME/hub`, else `~/.cache/huggingface/hub`).
+    pub cache_dir: Option<PathBuf>,
+    /// Weight variant to prefer (`"fp16"` picks `*.fp16.safetensors` where a component has it).
+    pub variant: Option<String>,
+    /// Show download progress bars.
+    pub progress: bool,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        let offline = std::env::var("HF_HUB_OFFLINE")
+            .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+            .unwrap_or(false);
+        Self {
+            revision: "main".into(),
+            offline,
+            cache_dir: None,
+            variant: None,
+            progress: true,
+        }
+    }
+}
+
+/// `owner/name` with no path-like parts: what the Hub calls a repository id.
+pub fn looks_like_repo_id(name: &str) -> bool {
+    let mut parts = name.split('/');
+    let valid = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    };
+    matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if valid(a) && valid(b))
+}
+
+/// A local path as is, or a Hub repository id resolved to its snapshot folder in the cache
+/// (downloading what a diffusers pipeline needs unless offline).
+///
+/// # Errors
+/// [`Error::NotFound`] for a name that is neither an existing path nor a repository id,
+/// [`Error::Hub`] when the repository cannot be fetched or (offline) is not in the cache.
+pub fn resolve_model_dir(name: &str, options: &HubOptions) -> Result<PathBuf> {
+    let path = Path::new(name);
+    if path.exists() {
+        return Ok(path.to_path_buf());
+    }
+    if !looks_like_repo_id(name) {
+        return Err(Error::NotFound {
+            path: path.to_path_buf(),
+            message: "no such file or folder, and not a Hub repository id (owner/name)".into(),
+        });
+    }
+    snapshot(name, options)
+}
+
+fn cache(options: &HubOptions) -> Cache {
+    options
+        .cache_dir
+        .clone()
+        .map(Cache::new)
+        .unwrap_or_else(Cache::from_env)
+}
+
+/// The snapshot folder holding a repository's files, fetching them first unless offline.
+///
+/// # Errors
+/// [`Error::Hub`] naming the repository.
+pub fn snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
+    let hub_err = |message: String| Error::Hub {
+        repo: repo_id.to_string(),
+        message,
+    };
+    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, options.revision.clone());
+    let cached = cache(options).repo(repo.clone());
+    if options.offline {
+        // A pipeline has model_index.json at its root, a single model config.json.
+        for marker in ["model_index.json", "config.json", "scheduler_config.json"] {
+            if let Some(file) = cached.get(marker) {
+                return snapshot_root(&file, marker).ok_or_else(|| hub_err("malformed cache entry".into()));
+            }
+        }
+        return Err(hub_err(format!(
+            "not in the cache at {} and offline mode is on (HF_HUB_OFFLINE); download it once \
+             with network access or give a local folder",
+            cache(options).path().display()
+        )));
+    }
+    let api = ApiBuilder::from_cache(cache(options))
+        .with_progress(options.progress)
+        .build()
+        .map_err(|e| hub_err(e.to_string()))?;
+    let remote = api.repo(repo);
+    let info = remote.info().map_err(|e| hub_err(e.to_string()))?;
+    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let wanted = files_to_fetch(&names, options.variant.as_deref());
+    if wanted.is_empty() {
+        return Err(hub_err("the repository has no diffusers config or safetensors files".into()));
+    }
+    let mut root = None;
+    for name in &wanted {
+        let local = remote.get(name).map_err(|e| hub_err(format!("{name}: {e}")))?;
+        root = root.or_else(|| snapshot_root(&local, name));
+    }
+    root.ok_or_else(|| hub_err("could not locate the downloaded snapshot".into()))
+}
+
+/// The snapshot root given one file in it and that file's repository-relative name.
+fn snapshot_root(file: &Path, relative: &str) -> Option<PathBuf> {
+    let depth = Path::new(relative).components().count();
+    let mut root = file.to_path_buf();
+    for _ in 0..depth {
+        root = root.parent()?.to_path_buf();
+    }
+    Some(root)
+}
+
+/// Which of a repository's files a diffusers loader needs: configs, shard indexes, tokenizer
+/// files and safetensors weights, the requested variant where a folder has one, else the plain
+/// files. Pickled `.bin`/`.ckpt`, ONNX, Flax and other formats are never fetched.
+pub fn files_to_fetch(names: &[String], variant: Option<&str>) -> Vec<String> {
+    let is_meta = |n: &str| {
+        n.ends_with(".json") || n.ends_with("merges.txt") || n.ends_with("vocab.txt") || n.ends_with(".model")
+    };
+    let folder = |n: &str| Path::new(n).parent().map(Path::to_path_buf).unwrap_or_default();
+    let weights: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+    let mut out: Vec<String> = names.iter().filter(|n| is_meta(n)).cloned().collect();
+    for name in &weights {
+        let dir = folder(name);
+        let folder_has_variant = variant.is_some()
+            && weights
+                .iter()
+                .any(|o| folder(o) == dir && weight_variant(o) == variant);
+        let wanted = if folder_has_variant { variant } else { None };
+        if weight_variant(name) == wanted {
+            out.push((*name).clone());
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The variant of a weight file: `fp16` for `diffusion_pytorch_model.fp16.safetensors` or
+/// `diffusion_pytorch_model.fp16-00001-of-00002.safetensors`, `None` for plain files.
+fn weight_variant(name: &str) -> Option<&str> {
+    let file = name.rsplit('/').next()?;
+    let stem = file.strip_suffix(".safetensors")?;
+    let (_, tag) = stem.split_once('.')?;
+    Some(tag.split('-').next().unwrap_or(tag))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_ids() {
+        assert!(looks_like_repo_id("google/ddpm-cifar10-32"));
+        assert!(!looks_like_repo_id("./models/x"));
+        assert!(!looks_like_repo_id("a/b/c"));
+        assert!(!looks_like_repo_id("../x"));
+        assert!(!looks_like_repo_id("plain"));
+    }
+
+    #[test]
+    fn picks_variant_files_where_present() {
+        let names: Vec<String> = [
+            "model_index.json",
+            "README.md",
+            "unet/config.json",
+            "unet/diffusion_pytorch_model.safetensors",
+            "unet/diffusion_pytorch_model.fp16.safetensors",
+            "unet/diffusion_pytorch_model.bin",
+            "vae/diffusion_pytorch_model.safetensors",
+            "text_encoder/model.safetensors.index.json",
+            "text_encoder/model-00001-of-00002.safetensors",
+            "text_encoder/model-00002-of-00002.safetensors",
+            "tokenizer/merges.txt",
+            "scheduler/scheduler_config.json",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let fp16 = files_to_fetch(&names, Some("fp16"));
+        assert!(fp16.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+        assert!(!fp16.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(fp16.contains(&"vae/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(fp16.contains(&"text_encoder/model-00002-of-00002.safetensors".to_string()));
+        assert!(fp16.contains(&"text_encoder/model.safetensors.index.json".to_string()));
+        assert!(!fp16.iter().any(|n| n.ends_with(".bin") || n.ends_with(".md")));
+        let plain = files_to_fetch(&names, None);
+        assert!(plain.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
+        assert!(!plain.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
+        assert!(plain.contains(&"tokenizer/merges.txt".to_string()));
+    }
+
+    #[test]
+    fn offline_reads_the_standard_cache_layout() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--org--tiny-ddpm");
+        let snap = repo.join("snapshots/0123abcd");
+        std::fs::create_dir_all(snap.join("unet")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+        std::fs::write(snap.join("model_index.json"), "{}").unwrap();
+        std::fs::write(snap.join("unet/config.json"), "{}").unwrap();
+        let options = HubOptions {
+            offline: true,
+            cache_dir: Some(cache.path().to_path_buf()),
+            ..HubOptions::default()
+        };
+        assert_eq!(resolve_model_dir("org/tiny-ddpm", &options).unwrap(), snap);
+        let err = resolve_model_dir("org/absent", &options).unwrap_err();
+        assert!(matches!(&err, Error::Hub { repo, .. } if repo == "org/absent"), "{err}");
+        let err = resolve_model_dir("no-such-folder", &options).unwrap_err();
+        assert!(matches!(err, Error::NotFound { .. }));
+    }
+}

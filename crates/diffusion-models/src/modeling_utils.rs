@@ -1,0 +1,118 @@
+//! What every model's `from_pretrained` / `save_pretrained` shares
+//! (`diffusers.models.modeling_utils`): reading a folder's config and weights, writing them back.
+
+use std::path::{Path, PathBuf};
+
+use diffusion_core::burn::module::Module;
+use diffusion_core::config::{Config, ConfigFile};
+use diffusion_core::weights::{SaveDtype, WeightSource, resolve_weights, weight_file_names};
+use diffusion_core::{Error, Result};
+
+use crate::state_dict::{LoadMode, LoadReport, load_weights, save_weights};
+
+/// diffusers' model config file name.
+pub const CONFIG_NAME: &str = "config.json";
+
+/// Options of `from_pretrained`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PretrainedOptions {
+    /// Weight variant (`"fp16"` reads `diffusion_pytorch_model.fp16.safetensors`).
+    pub variant: Option<String>,
+    /// Strict (default) or lenient loading.
+    pub mode: LoadMode,
+}
+
+/// Read `dir/config.json` as `C`, checking `_class_name` when the file has one.
+///
+/// # Errors
+/// [`Error::NotFound`] when the file is absent; else as [`ConfigFile::load`];
+/// [`Error::ConfigField`] (`_class_name`) when the file is for another class.
+pub fn load_config<C: Config>(dir: &Path) -> Result<(ConfigFile<C>, PathBuf)> {
+    let path = dir.join(CONFIG_NAME);
+    if !path.is_file() {
+        return Err(Error::NotFound {
+            path: dir.to_path_buf(),
+            message: format!("no `{CONFIG_NAME}` in the model folder"),
+        });
+    }
+    let file = ConfigFile::<C>::load(&path)?;
+    if let Some(name) = &file.class_name
+        && name != C::CLASS_NAME
+    {
+        return Err(Error::ConfigField {
+            path,
+            field: "_class_name".into(),
+            message: format!("the folder holds a `{name}`, not a `{}`", C::CLASS_NAME),
+        });
+    }
+    Ok((file, path))
+}
+
+/// diffusers renamed the deprecated attention block's tensors (`query`, `key`, `value`,
+/// `proj_attn`); old checkpoints still use those names. Returns the current name of a legacy key.
+pub fn legacy_attention_key(key: &str) -> Option<String> {
+    if !key.contains("attentions.") {
+        return None;
+    }
+    let (prefix, param) = key.rsplit_once('.')?;
+    let (module_path, layer) = prefix.rsplit_once('.')?;
+    let new_layer = match layer {
+        "query" => "to_q",
+        "key" => "to_k",
+        "value" => "to_v",
+        "proj_attn" => "to_out.0",
+        _ => return None,
+    };
+    Some(format!("{module_path}.{new_layer}.{param}"))
+}
+
+/// Load a folder's weights (resolved as diffusers does, with `variant`) into `module`.
+///
+/// # Errors
+/// As [`resolve_weights`], [`WeightSource::open`] and [`load_weights`].
+pub fn load_pretrained_weights<M: Module>(
+    module: M,
+    dir: &Path,
+    options: &PretrainedOptions,
+) -> Result<(M, LoadReport)> {
+    let path = resolve_weights(dir, options.variant.as_deref())?;
+    let mut source = WeightSource::open(&path)?;
+    source.rename_keys(legacy_attention_key)?;
+    load_weights(module, &source, options.mode)
+}
+
+/// Write `config.json` and the weights (`diffusion_pytorch_model[.variant].safetensors`).
+///
+/// # Errors
+/// [`Error::Io`] when the folder or files cannot be written.
+pub fn save_pretrained<C: Config, M: Module>(
+    module: &M,
+    config: &C,
+    dir: &Path,
+    variant: Option<&str>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    ConfigFile::new(config.clone()).save(dir.join(CONFIG_NAME))?;
+    let (weights_name, _) = weight_file_names(variant);
+    save_weights(module, dir.join(weights_name), dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_attention_names_map_to_current_ones() {
+        assert_eq!(
+            legacy_attention_key("mid_block.attentions.0.proj_attn.weight").as_deref(),
+            Some("mid_block.attentions.0.to_out.0.weight")
+        );
+        assert_eq!(
+            legacy_attention_key("down_blocks.1.attentions.1.query.bias").as_deref(),
+            Some("down_blocks.1.attentions.1.to_q.bias")
+        );
+        assert_eq!(legacy_attention_key("down_blocks.1.attentions.1.to_q.bias"), None);
+        assert_eq!(legacy_attention_key("down_blocks.1.resnets.0.key.bias"), None);
+    }
+}

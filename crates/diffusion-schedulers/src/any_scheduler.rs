@@ -1,0 +1,396 @@
+//! Runtime choice of scheduler: [`SchedulerKind`] names the classes this crate implements,
+//! [`SchedulerSpec`] parses what users type (diffusers class names and A1111 names such as
+//! `"DDIM"`), and [`AnyScheduler`] holds any of them behind the [`Scheduler`] trait.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use diffusion_core::burn::tensor::Tensor;
+use diffusion_core::config::parse_json;
+use diffusion_core::{Config, ConfigFile, Error, Result};
+use serde_json::{Map, Value};
+
+use crate::scheduler::{
+    ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_path,
+};
+use crate::scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
+use crate::scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig};
+
+/// The scheduler classes this crate implements.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum SchedulerKind {
+    /// [`DDPMScheduler`].
+    Ddpm,
+    /// [`DDIMScheduler`].
+    Ddim,
+}
+
+impl SchedulerKind {
+    /// Every kind, in a stable order.
+    pub const ALL: &'static [SchedulerKind] = &[SchedulerKind::Ddpm, SchedulerKind::Ddim];
+
+    /// The diffusers class name.
+    pub fn class_name(self) -> &'static str {
+        match self {
+            Self::Ddpm => DDPMSchedulerConfig::CLASS_NAME,
+            Self::Ddim => DDIMSchedulerConfig::CLASS_NAME,
+        }
+    }
+
+    /// The kind whose diffusers class name is `name` (exact spelling).
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] listing the known class names.
+    pub fn from_class_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|k| k.class_name() == name)
+            .ok_or_else(|| unknown(name))
+    }
+
+    /// The config keys of this class.
+    pub fn known_keys(self) -> BTreeSet<String> {
+        match self {
+            Self::Ddpm => DDPMSchedulerConfig::known_keys(),
+            Self::Ddim => DDIMSchedulerConfig::known_keys(),
+        }
+    }
+}
+
+/// One alias: a user-facing name, the class it selects and the config keys it sets.
+struct Alias {
+    name: &'static str,
+    kind: SchedulerKind,
+    overrides: fn() -> Map<String, Value>,
+}
+
+/// A1111 sampler names (and other common short names) with the diffusers config they mean.
+const ALIASES: &[Alias] = &[
+    Alias {
+        name: "DDIM",
+        kind: SchedulerKind::Ddim,
+        overrides: Map::new,
+    },
+    Alias {
+        name: "DDPM",
+        kind: SchedulerKind::Ddpm,
+        overrides: Map::new,
+    },
+];
+
+/// A scheduler choice as a user writes it: the class and the config overrides its name implies
+/// (A1111's "DPM++ 2M Karras" is a DPM-Solver with Karras sigmas, for instance).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SchedulerSpec {
+    /// The class.
+    pub kind: SchedulerKind,
+    /// Config keys the name sets, applied over the model's scheduler config.
+    pub overrides: Map<String, Value>,
+}
+
+impl SchedulerSpec {
+    /// Parse a diffusers class name (`"DDIMScheduler"`) or an alias (`"DDIM"`); aliases are
+    /// matched without regard to case.
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] listing every accepted name.
+    pub fn parse(name: &str) -> Result<Self> {
+        let trimmed = name.trim();
+        if let Ok(kind) = SchedulerKind::from_class_name(trimmed) {
+            return Ok(Self {
+                kind,
+                overrides: Map::new(),
+            });
+        }
+        ALIASES
+            .iter()
+            .find(|a| a.name.eq_ignore_ascii_case(trimmed))
+            .map(|a| Self {
+                kind: a.kind,
+                overrides: (a.overrides)(),
+            })
+            .ok_or_else(|| unknown(name))
+    }
+
+    /// Every name [`Self::parse`] accepts: class names, then aliases.
+    pub fn known_names() -> Vec<&'static str> {
+        SchedulerKind::ALL
+            .iter()
+            .map(|k| k.class_name())
+            .chain(ALIASES.iter().map(|a| a.name))
+            .collect()
+    }
+}
+
+fn unknown(name: &str) -> Error {
+    Error::UnknownName {
+        kind: "scheduler",
+        name: name.to_string(),
+        known: SchedulerSpec::known_names().join(", "),
+    }
+}
+
+/// Any scheduler of this crate, chosen at run time.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum AnyScheduler {
+    /// A [`DDPMScheduler`].
+    Ddpm(DDPMScheduler),
+    /// A [`DDIMScheduler`].
+    Ddim(DDIMScheduler),
+}
+
+macro_rules! dispatch {
+    ($self:expr, $s:ident => $body:expr) => {
+        match $self {
+            AnyScheduler::Ddpm($s) => $body,
+            AnyScheduler::Ddim($s) => $body,
+        }
+    };
+}
+
+impl From<DDPMScheduler> for AnyScheduler {
+    fn from(s: DDPMScheduler) -> Self {
+        Self::Ddpm(s)
+    }
+}
+
+impl From<DDIMScheduler> for AnyScheduler {
+    fn from(s: DDIMScheduler) -> Self {
+        Self::Ddim(s)
+    }
+}
+
+impl AnyScheduler {
+    /// Which class this is.
+    pub fn kind(&self) -> SchedulerKind {
+        match self {
+            Self::Ddpm(_) => SchedulerKind::Ddpm,
+            Self::Ddim(_) => SchedulerKind::Ddim,
+        }
+    }
+
+    /// Read `scheduler_config.json` (`path` may be the file or its folder) and build the class
+    /// its `_class_name` names.
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Json`]; [`Error::ConfigField`] naming `_class_name` when it is
+    /// missing; [`Error::UnknownName`] for a class this crate does not implement; else as the
+    /// class's own loading.
+    pub fn from_config_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = config_path(path.as_ref());
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        Self::from_config_value(parse_json(&text, &path)?, &path)
+    }
+
+    /// Build from a parsed config whose `_class_name` names the class; `origin` is used in
+    /// error messages.
+    ///
+    /// # Errors
+    /// As [`Self::from_config_file`] after reading.
+    pub fn from_config_value(value: Value, origin: &Path) -> Result<Self> {
+        let class = value
+            .get("_class_name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| Error::ConfigField {
+                path: origin.to_path_buf(),
+                field: "_class_name".into(),
+                message: "missing: which scheduler is this?".into(),
+            })?;
+        let kind = SchedulerKind::from_class_name(class)?;
+        Self::build(kind, value, origin)
+    }
+
+    /// Build `kind` from a config value (its `_class_name` is ignored).
+    ///
+    /// # Errors
+    /// As the class's own loading.
+    pub fn build(kind: SchedulerKind, value: Value, origin: &Path) -> Result<Self> {
+        fn typed<S: ConfiguredScheduler>(value: Value, origin: &Path) -> Result<S> {
+            let mut file = ConfigFile::<S::Config>::from_value(value, origin)?;
+            file.class_name = Some(S::Config::CLASS_NAME.to_string());
+            S::from_config_file(file)
+        }
+        Ok(match kind {
+            SchedulerKind::Ddpm => Self::Ddpm(typed(value, origin)?),
+            SchedulerKind::Ddim => Self::Ddim(typed(value, origin)?),
+        })
+    }
+
+    /// diffusers' `TargetScheduler.from_config(source.config, **overrides)`: build another
+    /// scheduler from this one's config. Keys this class shares with the target carry over,
+    /// keys only this class knows are dropped (as diffusers does between compatible
+    /// schedulers), unknown keys are kept, the spec's overrides win over all of them.
+    ///
+    /// # Errors
+    /// As [`Self::build`] for the merged config.
+    pub fn convert(source: &impl Scheduler, target: &SchedulerSpec) -> Result<Self> {
+        let mut value = source.config_value();
+        if let Value::Object(map) = &mut value {
+            map.remove("_class_name");
+            if let Ok(source_kind) = SchedulerKind::from_class_name(source.class_name()) {
+                let target_keys = target.kind.known_keys();
+                for key in source_kind.known_keys() {
+                    if !target_keys.contains(&key) {
+                        map.remove(&key);
+                    }
+                }
+            }
+            for (k, v) in &target.overrides {
+                map.insert(k.clone(), v.clone());
+            }
+        }
+        Self::build(target.kind, value, Path::new("<from_config>"))
+    }
+
+    /// The DDPM scheduler inside, if this is one.
+    pub fn as_ddpm(&self) -> Option<&DDPMScheduler> {
+        match self {
+            Self::Ddpm(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The DDIM scheduler inside, if this is one.
+    pub fn as_ddim(&self) -> Option<&DDIMScheduler> {
+        match self {
+            Self::Ddim(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+impl Scheduler for AnyScheduler {
+    fn class_name(&self) -> &'static str {
+        dispatch!(self, s => s.class_name())
+    }
+
+    fn config_value(&self) -> Value {
+        dispatch!(self, s => s.config_value())
+    }
+
+    fn order(&self) -> usize {
+        dispatch!(self, s => s.order())
+    }
+
+    fn init_noise_sigma(&self) -> f64 {
+        dispatch!(self, s => s.init_noise_sigma())
+    }
+
+    fn num_train_timesteps(&self) -> usize {
+        dispatch!(self, s => s.num_train_timesteps())
+    }
+
+    fn num_inference_steps(&self) -> Option<usize> {
+        dispatch!(self, s => s.num_inference_steps())
+    }
+
+    fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
+        dispatch!(self, s => s.set_timesteps_with(request))
+    }
+
+    fn timesteps(&self) -> &[f64] {
+        dispatch!(self, s => s.timesteps())
+    }
+
+    fn sigmas(&self) -> Option<&[f64]> {
+        dispatch!(self, s => s.sigmas())
+    }
+
+    fn step_index(&self) -> Option<usize> {
+        dispatch!(self, s => s.step_index())
+    }
+
+    fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
+        dispatch!(self, s => s.set_begin_index(begin_index))
+    }
+
+    fn scale_model_input<const D: usize>(
+        &mut self,
+        sample: Tensor<D>,
+        timestep: f64,
+    ) -> Result<Tensor<D>> {
+        dispatch!(self, s => s.scale_model_input(sample, timestep))
+    }
+
+    fn step<const D: usize>(
+        &mut self,
+        model_output: Tensor<D>,
+        timestep: f64,
+        sample: Tensor<D>,
+        options: StepOptions<'_, D>,
+    ) -> Result<StepOutput<D>> {
+        dispatch!(self, s => s.step(model_output, timestep, sample, options))
+    }
+
+    fn add_noise<const D: usize>(
+        &self,
+        original: Tensor<D>,
+        noise: Tensor<D>,
+        timesteps: &[f64],
+    ) -> Result<Tensor<D>> {
+        dispatch!(self, s => s.add_noise(original, noise, timesteps))
+    }
+
+    fn get_velocity<const D: usize>(
+        &self,
+        sample: Tensor<D>,
+        noise: Tensor<D>,
+        timesteps: &[f64],
+    ) -> Result<Tensor<D>> {
+        dispatch!(self, s => s.get_velocity(sample, noise, timesteps))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_aliases_parse() {
+        assert_eq!(
+            SchedulerSpec::parse("DDIMScheduler").unwrap().kind,
+            SchedulerKind::Ddim
+        );
+        assert_eq!(SchedulerSpec::parse("ddim").unwrap().kind, SchedulerKind::Ddim);
+        assert_eq!(
+            SchedulerSpec::parse("DDPMScheduler").unwrap().kind,
+            SchedulerKind::Ddpm
+        );
+    }
+
+    #[test]
+    fn unknown_names_list_the_known_ones() {
+        let err = SchedulerSpec::parse("PNDMScheduler").unwrap_err();
+        match err {
+            Error::UnknownName { kind, name, known } => {
+                assert_eq!(kind, "scheduler");
+                assert_eq!(name, "PNDMScheduler");
+                assert!(known.contains("DDIMScheduler") && known.contains("DDPMScheduler"));
+            }
+            other => panic!("expected UnknownName, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn convert_drops_source_only_keys_and_applies_overrides() {
+        let ddpm = DDPMScheduler::new(DDPMSchedulerConfig {
+            num_train_timesteps: 500,
+            ..Default::default()
+        })
+        .unwrap();
+        let mut spec = SchedulerSpec::parse("DDIM").unwrap();
+        spec.overrides
+            .insert("set_alpha_to_one".into(), Value::Bool(false));
+        let ddim = AnyScheduler::convert(&ddpm, &spec).unwrap();
+        let value = ddim.config_value();
+        assert_eq!(value["_class_name"], "DDIMScheduler");
+        assert_eq!(value["num_train_timesteps"], 500);
+        assert_eq!(value["set_alpha_to_one"], false);
+        assert!(value.get("variance_type").is_none());
+        let ddim = ddim.as_ddim().unwrap();
+        assert_eq!(ddim.final_alpha_cumprod(), ddim.alphas_cumprod()[0]);
+    }
+}
