@@ -150,6 +150,8 @@ impl std::str::FromStr for OutputType {
 }
 
 /// Images in the form asked for by [`OutputType`].
+// One value per pipeline call: the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum ImageOutput {
     /// `OutputType::Pil`.

@@ -146,10 +146,13 @@ impl SafetensorsFile {
     /// # Errors
     /// [`Error::MissingTensor`] when the file has no such tensor, [`Error::Io`] when reading fails.
     pub fn read_bytes(&self, key: &str) -> Result<(TensorEntry, Vec<u8>)> {
-        let info = self.metadata.info(key).ok_or_else(|| Error::MissingTensor {
-            path: self.path.clone(),
-            key: key.to_string(),
-        })?;
+        let info = self
+            .metadata
+            .info(key)
+            .ok_or_else(|| Error::MissingTensor {
+                path: self.path.clone(),
+                key: key.to_string(),
+            })?;
         let (start, end) = info.data_offsets;
         let mut file = File::open(&self.path).map_err(|e| Error::io(&self.path, e))?;
         file.seek(SeekFrom::Start(self.data_start + start as u64))
@@ -380,7 +383,8 @@ impl WeightSource {
     /// A floating-point tensor on `device`, checked to have rank `D`.
     ///
     /// # Errors
-    /// As [`Self::read_f32`]; [`Error::TensorShape`] naming the file when the rank is not `D`.
+    /// As [`Self::read_f32`]; [`Error::TensorShape`] naming the file when the rank is not `D`
+    /// (only the rank is known, so `expected` holds `D` zeros).
     pub fn tensor<const D: usize>(&self, key: &str, device: &Device) -> Result<Tensor<D>> {
         let (values, shape) = self.read_f32(key)?;
         if shape.len() != D {
@@ -395,7 +399,8 @@ impl WeightSource {
     }
 }
 
-/// The names diffusers tries, in order, for a folder's weights: `(single file, sharded index)`.
+/// The file names of a folder's weights for `variant`: `(single file, sharded index)`, as
+/// diffusers' `save_pretrained` writes them.
 pub fn weight_file_names(variant: Option<&str>) -> (String, String) {
     match variant {
         Some(v) => (
@@ -406,9 +411,11 @@ pub fn weight_file_names(variant: Option<&str>) -> (String, String) {
     }
 }
 
-/// The weight file (or sharded index) of a diffusers model folder, as `from_pretrained` picks
-/// it: `diffusion_pytorch_model[.{variant}].safetensors`, else the sharded index
-/// `diffusion_pytorch_model.safetensors.index[.{variant}].json`. Open the result with
+/// The weight file (or sharded index) of a diffusers model folder, picked as diffusers'
+/// `ModelMixin.from_pretrained` does for a local folder: the sharded index
+/// `diffusion_pytorch_model.safetensors.index[.{variant}].json` first, then (with a variant)
+/// the legacy index name `diffusion_pytorch_model.safetensors.{variant}.index.json`, then the
+/// single file `diffusion_pytorch_model[.{variant}].safetensors`. Open the result with
 /// [`WeightSource::open`].
 ///
 /// # Errors
@@ -423,13 +430,21 @@ pub fn resolve_weights(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<P
         });
     }
     let (single, index) = weight_file_names(variant);
-    for name in [&single, &index] {
+    let mut candidates = vec![index];
+    if let Some(v) = variant {
+        candidates.push(format!(
+            "diffusion_pytorch_model.safetensors.{v}.index.json"
+        ));
+    }
+    candidates.push(single);
+    for name in &candidates {
         let candidate = dir.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
     }
-    let mut message = format!("no weights: looked for `{single}` and `{index}`");
+    let looked_for: Vec<String> = candidates.iter().map(|n| format!("`{n}`")).collect();
+    let mut message = format!("no weights: looked for {}", looked_for.join(", "));
     let mut others: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
@@ -443,7 +458,8 @@ pub fn resolve_weights(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<P
     if !others.is_empty() {
         message.push_str(&format!("; the folder has {}", others.join(", ")));
         if others.iter().any(|n| n == PICKLE_WEIGHTS_NAME) {
-            message.push_str(" (pickle `.bin` weights cannot be read; convert them to safetensors)");
+            message
+                .push_str(" (pickle `.bin` weights cannot be read; convert them to safetensors)");
         } else if variant.is_none() {
             message.push_str(" (pass the matching `variant`)");
         }
@@ -482,7 +498,11 @@ pub struct NamedTensor {
 /// # Errors
 /// [`Error::InvalidArgument`] when a tensor's value count does not match its shape or a key
 /// repeats; [`Error::Safetensors`] when serialisation fails; [`Error::Io`] when writing fails.
-pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[NamedTensor], dtype: SaveDtype) -> Result<()> {
+pub fn write_safetensors(
+    path: impl AsRef<Path>,
+    tensors: &[NamedTensor],
+    dtype: SaveDtype,
+) -> Result<()> {
     let path = path.as_ref();
     let mut encoded: Vec<(&str, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
     let mut seen = std::collections::BTreeSet::new();
@@ -491,11 +511,19 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[NamedTensor], dtype:
         if count != t.values.len() {
             return Err(Error::invalid_argument(
                 "tensors",
-                format!("`{}` has {} values for shape {:?}", t.key, t.values.len(), t.shape),
+                format!(
+                    "`{}` has {} values for shape {:?}",
+                    t.key,
+                    t.values.len(),
+                    t.shape
+                ),
             ));
         }
         if !seen.insert(t.key.as_str()) {
-            return Err(Error::invalid_argument("tensors", format!("key `{}` appears twice", t.key)));
+            return Err(Error::invalid_argument(
+                "tensors",
+                format!("key `{}` appears twice", t.key),
+            ));
         }
         let bytes = match dtype {
             SaveDtype::F32 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -526,7 +554,8 @@ pub fn write_safetensors(path: impl AsRef<Path>, tensors: &[NamedTensor], dtype:
         })
         .collect::<Result<Vec<_>>>()?;
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| corrupt(path, e.to_string()))?;
+    let bytes =
+        safetensors::serialize(views, Some(metadata)).map_err(|e| corrupt(path, e.to_string()))?;
     write_atomically(path, &bytes)
 }
 
@@ -609,10 +638,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let bytes = [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+        let bytes = [1i64, 2]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect::<Vec<u8>>();
         let view = TensorView::new(Dtype::I64, vec![2], &bytes).unwrap();
         let ints = dir.path().join("i.safetensors");
-        std::fs::write(&ints, safetensors::serialize([("ids", view)], None).unwrap()).unwrap();
+        std::fs::write(
+            &ints,
+            safetensors::serialize([("ids", view)], None).unwrap(),
+        )
+        .unwrap();
         let source = WeightSource::open(&ints).unwrap();
         assert!(matches!(
             source.read_f32("ids"),
@@ -621,7 +657,7 @@ mod tests {
     }
 
     #[test]
-    fn resolve_prefers_single_file_then_index_and_names_what_it_looked_for() {
+    fn resolve_prefers_the_index_then_the_single_file_and_names_what_it_looked_for() {
         let dir = tempfile::tempdir().unwrap();
         match resolve_weights(dir.path(), None) {
             Err(Error::NotFound { path, message }) => {
@@ -630,20 +666,36 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        std::fs::write(dir.path().join("diffusion_pytorch_model.fp16.safetensors"), b"").unwrap();
+        std::fs::write(
+            dir.path().join("diffusion_pytorch_model.fp16.safetensors"),
+            b"",
+        )
+        .unwrap();
         let err = resolve_weights(dir.path(), None).unwrap_err().to_string();
-        assert!(err.contains("diffusion_pytorch_model.fp16.safetensors"), "{err}");
+        assert!(
+            err.contains("diffusion_pytorch_model.fp16.safetensors"),
+            "{err}"
+        );
         assert_eq!(
             resolve_weights(dir.path(), Some("fp16")).unwrap(),
             dir.path().join("diffusion_pytorch_model.fp16.safetensors")
+        );
+        std::fs::write(dir.path().join(WEIGHTS_NAME), b"").unwrap();
+        assert_eq!(
+            resolve_weights(dir.path(), None).unwrap(),
+            dir.path().join(WEIGHTS_NAME)
         );
         std::fs::write(dir.path().join(WEIGHTS_INDEX_NAME), b"{}").unwrap();
         assert_eq!(
             resolve_weights(dir.path(), None).unwrap(),
             dir.path().join(WEIGHTS_INDEX_NAME)
         );
-        std::fs::write(dir.path().join(WEIGHTS_NAME), b"").unwrap();
-        assert_eq!(resolve_weights(dir.path(), None).unwrap(), dir.path().join(WEIGHTS_NAME));
+        let legacy = "diffusion_pytorch_model.safetensors.fp16.index.json";
+        std::fs::write(dir.path().join(legacy), b"{}").unwrap();
+        assert_eq!(
+            resolve_weights(dir.path(), Some("fp16")).unwrap(),
+            dir.path().join(legacy)
+        );
     }
 
     #[test]
@@ -659,7 +711,12 @@ mod tests {
             shape: vec![2],
             values: vec![2.0, 3.0],
         };
-        write_safetensors(dir.path().join("s1.safetensors"), &[one.clone()], SaveDtype::F32).unwrap();
+        write_safetensors(
+            dir.path().join("s1.safetensors"),
+            std::slice::from_ref(&one),
+            SaveDtype::F32,
+        )
+        .unwrap();
         write_safetensors(dir.path().join("s2.safetensors"), &[two], SaveDtype::F32).unwrap();
         let index = dir.path().join("m.safetensors.index.json");
         std::fs::write(
@@ -669,7 +726,10 @@ mod tests {
         .unwrap();
         let source = WeightSource::open(&index).unwrap();
         assert_eq!(source.len(), 2);
-        assert_eq!(source.file_of("b").unwrap(), dir.path().join("s2.safetensors"));
+        assert_eq!(
+            source.file_of("b").unwrap(),
+            dir.path().join("s2.safetensors")
+        );
         assert_eq!(source.read_f32("b").unwrap().0, [2.0, 3.0]);
 
         std::fs::write(

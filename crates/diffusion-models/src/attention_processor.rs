@@ -182,7 +182,10 @@ mod tests {
         let v = split(attn.to_v.forward(tokens));
         let weights = softmax(q.matmul(k.swap_dims(2, 3)).div_scalar(2.0), 3);
         let out = weights.matmul(v).swap_dims(1, 2).reshape([2, 15, 8]);
-        let out = attn.to_out[0].forward(out).swap_dims(1, 2).reshape([2, 8, 3, 5]);
+        let out = attn.to_out[0]
+            .forward(out)
+            .swap_dims(1, 2)
+            .reshape([2, 8, 3, 5]);
         let want = to_vec(out.add(x).div_scalar(1.5));
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");

@@ -121,7 +121,8 @@ impl GaussianFourierProjection {
         flip_sin_to_cos: bool,
         device: &Device,
     ) -> Self {
-        let weight = Tensor::<1>::random([embedding_size], Distribution::Normal(0.0, scale), device);
+        let weight =
+            Tensor::<1>::random([embedding_size], Distribution::Normal(0.0, scale), device);
         Self {
             weight: Param::from_tensor(weight).set_require_grad(false),
             log,
@@ -195,7 +196,11 @@ mod tests {
             .collect();
         let sin: Vec<f64> = args.iter().map(|a| a.sin()).collect();
         let cos: Vec<f64> = args.iter().map(|a| a.cos()).collect();
-        let mut out = if flip { [cos, sin].concat() } else { [sin, cos].concat() };
+        let mut out = if flip {
+            [cos, sin].concat()
+        } else {
+            [sin, cos].concat()
+        };
         if dim % 2 == 1 {
             out.push(0.0);
         }
@@ -213,7 +218,10 @@ mod tests {
                 for (j, want) in reference(t, dim, flip, shift).into_iter().enumerate() {
                     let got = out[row * dim + j] as f64;
                     // f32 arguments near 250 carry ~1e-5 rounding; the formula must agree to that.
-                    assert!((got - want).abs() < 5e-5, "dim {dim} t {t} col {j}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() < 5e-5,
+                        "dim {dim} t {t} col {j}: {got} vs {want}"
+                    );
                 }
             }
         }

@@ -23,7 +23,11 @@ pub(crate) fn config_error(field: &str, message: impl Into<String>) -> Error {
 }
 
 /// A [`Error::Unsupported`] about an in-memory config.
-pub(crate) fn unsupported(field: &str, value: impl Into<String>, reason: impl Into<String>) -> Error {
+pub(crate) fn unsupported(
+    field: &str,
+    value: impl Into<String>,
+    reason: impl Into<String>,
+) -> Error {
     Error::Unsupported {
         path: PathBuf::from(IN_MEMORY_CONFIG),
         field: field.to_string(),
@@ -35,13 +39,15 @@ pub(crate) fn unsupported(field: &str, value: impl Into<String>, reason: impl In
 /// Point config errors raised while building at the file the config came from.
 pub(crate) fn with_config_path(err: Error, config_path: &Path) -> Error {
     match err {
-        Error::ConfigField { path, field, message } if path == Path::new(IN_MEMORY_CONFIG) => {
-            Error::ConfigField {
-                path: config_path.to_path_buf(),
-                field,
-                message,
-            }
-        }
+        Error::ConfigField {
+            path,
+            field,
+            message,
+        } if path == Path::new(IN_MEMORY_CONFIG) => Error::ConfigField {
+            path: config_path.to_path_buf(),
+            field,
+            message,
+        },
         Error::Unsupported {
             path,
             field,
@@ -68,7 +74,7 @@ pub(crate) fn group_norm(
     field: &str,
     device: &Device,
 ) -> Result<GroupNorm> {
-    if num_groups == 0 || channels % num_groups != 0 {
+    if num_groups == 0 || !channels.is_multiple_of(num_groups) {
         return Err(config_error(
             field,
             format!("{channels} channels cannot be split into {num_groups} groups"),
@@ -90,7 +96,9 @@ pub(crate) fn conv2d(
 ) -> Conv2d {
     Conv2dConfig::new([in_channels, out_channels], [kernel, kernel])
         .with_stride([stride, stride])
-        .with_padding(PaddingConfig2d::Explicit(padding, padding, padding, padding))
+        .with_padding(PaddingConfig2d::Explicit(
+            padding, padding, padding, padding,
+        ))
         .init(device)
 }
 
@@ -105,7 +113,10 @@ pub(crate) fn linear(d_input: usize, d_output: usize, device: &Device) -> Linear
 /// [`Error::ConfigField`] (`dropout`) for a probability outside `[0, 1)`.
 pub(crate) fn dropout(prob: f64) -> Result<Dropout> {
     if !prob.is_finite() || !(0.0..1.0).contains(&prob) {
-        return Err(config_error("dropout", format!("{prob} is not a probability in [0, 1)")));
+        return Err(config_error(
+            "dropout",
+            format!("{prob} is not a probability in [0, 1)"),
+        ));
     }
     Ok(DropoutConfig::new(prob).init())
 }

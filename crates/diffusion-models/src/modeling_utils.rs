@@ -112,7 +112,13 @@ mod tests {
             legacy_attention_key("down_blocks.1.attentions.1.query.bias").as_deref(),
             Some("down_blocks.1.attentions.1.to_q.bias")
         );
-        assert_eq!(legacy_attention_key("down_blocks.1.attentions.1.to_q.bias"), None);
-        assert_eq!(legacy_attention_key("down_blocks.1.resnets.0.key.bias"), None);
+        assert_eq!(
+            legacy_attention_key("down_blocks.1.attentions.1.to_q.bias"),
+            None
+        );
+        assert_eq!(
+            legacy_attention_key("down_blocks.1.resnets.0.key.bias"),
+            None
+        );
     }
 }

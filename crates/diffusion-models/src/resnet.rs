@@ -146,7 +146,13 @@ impl ResnetBlock2DConfig {
             conv
         });
         Ok(ResnetBlock2D {
-            norm1: layers::group_norm(self.groups, self.in_channels, self.eps, "norm_num_groups", device)?,
+            norm1: layers::group_norm(
+                self.groups,
+                self.in_channels,
+                self.eps,
+                "norm_num_groups",
+                device,
+            )?,
             conv1: layers::conv2d(self.in_channels, out, 3, 1, 1, device),
             time_emb_proj: self
                 .temb_channels
@@ -227,7 +233,10 @@ impl ResnetBlock2D {
                 let half = width / 2;
                 let scale = temb.clone().narrow(1, 0, half);
                 let shift = temb.narrow(1, half, half);
-                self.norm2.forward(hidden).mul(scale.add_scalar(1.0)).add(shift)
+                self.norm2
+                    .forward(hidden)
+                    .mul(scale.add_scalar(1.0))
+                    .add(shift)
             }
             (TimeEmbeddingNorm::ScaleShift, None) => {
                 panic!("ResnetBlock2D with scale_shift conditioning needs a time embedding")

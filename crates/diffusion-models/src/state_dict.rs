@@ -350,10 +350,8 @@ mod tests {
     fn keys_follow_diffusers_names_and_layout() {
         let device = Device::flex();
         let shapes = param_shapes(&toy(&device));
-        let expected: BTreeMap<String, Vec<usize>> = full()
-            .into_iter()
-            .map(|t| (t.key, t.shape))
-            .collect();
+        let expected: BTreeMap<String, Vec<usize>> =
+            full().into_iter().map(|t| (t.key, t.shape)).collect();
         assert_eq!(shapes, expected);
     }
 

@@ -53,7 +53,12 @@ pub fn upfirdn2d(
     out = out.pad([(pad.0, pad.1), (pad.0, pad.1)], PadMode::Constant(0.0));
     let flipped: Vec<f32> = kernel.iter().rev().copied().collect();
     let weight = Tensor::<4>::from_data(TensorData::new(flipped, [1, 1, kh, kw]), &device);
-    let out = conv2d(out, weight, None, ConvOptions::new([down, down], [0, 0], [1, 1], 1));
+    let out = conv2d(
+        out,
+        weight,
+        None,
+        ConvOptions::new([down, down], [0, 0], [1, 1], 1),
+    );
     let [_, _, oh, ow] = out.dims();
     out.reshape([b, c, oh, ow])
 }
@@ -77,7 +82,14 @@ pub fn upsample_2d(x: Tensor<4>, kernel: &[f32], factor: usize, gain: f32) -> Te
     let k = kernel.len();
     let weights = separable_kernel(kernel, gain * (factor * factor) as f32);
     let p = k - factor;
-    upfirdn2d(x, &weights, [k, k], factor, 1, (p.div_ceil(2) + factor - 1, p / 2))
+    upfirdn2d(
+        x,
+        &weights,
+        [k, k],
+        factor,
+        1,
+        (p.div_ceil(2) + factor - 1, p / 2),
+    )
 }
 
 /// `FirUpsample2D` without its optional convolution (as the skip blocks use it): FIR
@@ -194,7 +206,10 @@ mod tests {
             let want = upfirdn_loops(&x, (4, 5), &k, 3, up, down, pad);
             assert_eq!(got.len(), want.len(), "up {up} down {down}");
             for (g, w) in got.iter().zip(&want) {
-                assert!((g - w).abs() < 1e-5, "up {up} down {down}: {got:?} vs {want:?}");
+                assert!(
+                    (g - w).abs() < 1e-5,
+                    "up {up} down {down}: {got:?} vs {want:?}"
+                );
             }
         }
     }

@@ -1,10 +1,11 @@
 //! The denoising loop shared by DDPMPipeline and DDIMPipeline.
 
+use diffusion_core::burn::module::Module;
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::image::{OutputType, VaeImageProcessor};
 use diffusion_core::tensor::randn_tensor;
 use diffusion_core::{Error, Result};
-use diffusion_models::unets::unet_2d::UNet2DModel;
+use diffusion_models::unets::unet_2d::{SampleSize, UNet2DModel};
 use diffusion_schedulers::{AnyScheduler, Scheduler, StepOptions};
 
 use crate::pipeline_utils::{
@@ -74,9 +75,22 @@ pub(crate) fn denoise(
     }
     let steps = args.num_inference_steps.unwrap_or(default_steps);
     let config = unet.config();
-    let (height, width) = config.sample_size.height_width();
+    let (height, width) = match config.sample_size {
+        Some(SampleSize::Square(s)) => (s, s),
+        Some(SampleSize::Rect([h, w])) => (h, w),
+        None => {
+            return Err(Error::invalid_argument(
+                "unet",
+                "the UNet config has no sample_size, so the image size is unknown",
+            ));
+        }
+    };
     let shape = [args.batch_size, config.in_channels, height, width];
-    let device = unet.device();
+    let device = unet
+        .devices()
+        .into_iter()
+        .next()
+        .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))?;
 
     let mut generators = args.generator.instantiate(args.batch_size)?;
     let mut image: Tensor<4> = randn_tensor(shape, noise_source(&mut generators), &device)?;
@@ -85,7 +99,8 @@ pub(crate) fn denoise(
     let bar = progress_bar(timesteps.len(), args.progress);
     let mut interrupted = false;
     for (i, &t) in timesteps.iter().enumerate() {
-        let model_output = unet.forward_timestep(image.clone(), t);
+        let timestep = Tensor::<1>::from_floats([t as f32], &device);
+        let model_output = unet.forward(image.clone(), timestep, None)?;
         let mut options = StepOptions::default();
         options.generator = Some(noise_source(&mut generators));
         if ddim_options {

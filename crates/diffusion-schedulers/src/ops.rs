@@ -71,8 +71,8 @@ pub(crate) fn batch_coefficients<const D: usize>(
 }
 
 /// `sqrt(alpha_bar) * original + sqrt(1 - alpha_bar) * noise`, the forward process, with one
-/// `alpha_bar` per batch element (or one for all). The square roots are taken in `f64` and
-/// rounded once.
+/// `alpha_bar` per batch element (or one for all). The coefficients are computed in float32
+/// from the float32 `alpha_bar`, as diffusers computes them in the sample's dtype.
 ///
 /// # Errors
 /// As [`batch_coefficients`]; [`Error::InvalidArgument`] when `noise` is shaped differently.
@@ -82,11 +82,22 @@ pub(crate) fn add_noise_with<const D: usize>(
     noise: Tensor<D>,
 ) -> Result<Tensor<D>> {
     check_same_shape(&noise, &original, "noise", "original_samples")?;
-    let signal: Vec<f64> = alphas_bar.iter().map(|a| a.sqrt()).collect();
-    let noise_level: Vec<f64> = alphas_bar.iter().map(|a| (1.0 - a).sqrt()).collect();
+    let (signal, noise_level) = forward_coefficients(alphas_bar);
     let signal = batch_coefficients(&signal, &original)?;
     let noise_level = batch_coefficients(&noise_level, &original)?;
     Ok(signal.mul(original).add(noise_level.mul(noise)))
+}
+
+/// `sqrt(alpha_bar)` and `sqrt(1 - alpha_bar)` in float32 (`1 - alpha_bar` rounds there for
+/// `alpha_bar < 0.5`, as in diffusers).
+fn forward_coefficients(alphas_bar: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    alphas_bar
+        .iter()
+        .map(|&a| {
+            let a = a as f32;
+            (f64::from(a.sqrt()), f64::from((1.0 - a).sqrt()))
+        })
+        .unzip()
 }
 
 /// `sqrt(alpha_bar) * noise - sqrt(1 - alpha_bar) * sample`, the v-prediction target.
@@ -99,8 +110,7 @@ pub(crate) fn velocity_with<const D: usize>(
     noise: Tensor<D>,
 ) -> Result<Tensor<D>> {
     check_same_shape(&noise, &sample, "noise", "sample")?;
-    let signal: Vec<f64> = alphas_bar.iter().map(|a| a.sqrt()).collect();
-    let noise_level: Vec<f64> = alphas_bar.iter().map(|a| (1.0 - a).sqrt()).collect();
+    let (signal, noise_level) = forward_coefficients(alphas_bar);
     let signal = batch_coefficients(&signal, &sample)?;
     let noise_level = batch_coefficients(&noise_level, &sample)?;
     Ok(signal.mul(noise).sub(noise_level.mul(sample)))

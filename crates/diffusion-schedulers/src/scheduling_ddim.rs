@@ -151,21 +151,28 @@ impl DDIMScheduler {
         self.final_alpha_cumprod
     }
 
-    fn alpha_prod_prev(&self, prev_t: f64) -> Result<f64> {
+    /// `alpha_bar` at the target of a step, `final_alpha_cumprod` past the end, as the float32
+    /// diffusers holds.
+    fn alpha_prod_prev(&self, prev_t: f64) -> Result<f32> {
         if prev_t >= 0.0 {
-            self.schedule.alpha_cumprod_at(prev_t)
+            Ok(self.schedule.alpha_cumprod_at(prev_t)? as f32)
         } else {
-            Ok(self.final_alpha_cumprod)
+            Ok(self.final_alpha_cumprod as f32)
         }
     }
 
     /// The variance `sigma_t^2 / eta^2` of the step from `timestep` to `prev_timestep`
-    /// (eq. 16 of the DDIM paper; diffusers' `_get_variance`).
+    /// (eq. 16 of the DDIM paper; diffusers' `_get_variance`), in float32 as diffusers
+    /// computes it.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] when a timestep is outside the training schedule.
     pub fn variance(&self, timestep: f64, prev_timestep: f64) -> Result<f64> {
-        let alpha_prod_t = self.schedule.alpha_cumprod_at(timestep)?;
+        Ok(f64::from(self.variance_f32(timestep, prev_timestep)?))
+    }
+
+    fn variance_f32(&self, timestep: f64, prev_timestep: f64) -> Result<f32> {
+        let alpha_prod_t = self.schedule.alpha_cumprod_at(timestep)? as f32;
         let alpha_prod_prev = self.alpha_prod_prev(prev_timestep)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;
@@ -305,7 +312,9 @@ impl Scheduler for DDIMScheduler {
         }
         ops::check_same_shape(&model_output, &sample, "model_output", "sample")?;
         let prev_t = timestep - (c.num_train_timesteps / k) as f64;
-        let alpha_prod_t = self.schedule.alpha_cumprod_at(timestep)?;
+        // Step scalars in float32: diffusers computes them on 0-d float32 tensors (see
+        // scheduling_ddpm for why that matters for parity).
+        let alpha_prod_t = self.schedule.alpha_cumprod_at(timestep)? as f32;
         let alpha_prod_prev = self.alpha_prod_prev(prev_t)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
@@ -352,8 +361,8 @@ impl Scheduler for DDIMScheduler {
             pred_original = ops::clip_sample(pred_original, c.clip_sample_range);
         }
 
-        let variance = self.variance(timestep, prev_t)?;
-        let std_dev = eta * variance.sqrt();
+        let variance = self.variance_f32(timestep, prev_t)?;
+        let std_dev = eta as f32 * variance.sqrt();
         let direction_coeff_sq = 1.0 - alpha_prod_prev - std_dev * std_dev;
         if direction_coeff_sq < 0.0 {
             return Err(Error::invalid_argument(

@@ -210,9 +210,10 @@ impl DDPMScheduler {
         }
     }
 
-    fn alpha_prod_prev(&self, prev_t: f64) -> Result<f64> {
+    /// `alpha_bar` at the target of a step, 1 past the end, as the float32 diffusers holds.
+    fn alpha_prod_prev(&self, prev_t: f64) -> Result<f32> {
         if prev_t >= 0.0 {
-            self.schedule.alpha_cumprod_at(prev_t)
+            Ok(self.schedule.alpha_cumprod_at(prev_t)? as f32)
         } else {
             Ok(1.0)
         }
@@ -225,8 +226,8 @@ impl DDPMScheduler {
             .collect()
     }
 
-    /// The variance of the step from `timestep` for the fixed variance types, in `f64`
-    /// (diffusers' `_get_variance` without a predicted variance).
+    /// The variance of the step from `timestep` for the fixed variance types (diffusers'
+    /// `_get_variance` without a predicted variance), evaluated in float32 as diffusers does.
     ///
     /// # Errors
     /// As [`Self::previous_timestep`]; [`Error::InvalidArgument`] for learned variance types,
@@ -234,10 +235,10 @@ impl DDPMScheduler {
     pub fn fixed_variance(&self, timestep: f64) -> Result<f64> {
         let (small, large) = self.variance_bounds(timestep)?;
         match self.config().variance_type {
-            VarianceType::FixedSmall => Ok(small),
-            VarianceType::FixedSmallLog => Ok((0.5 * small.ln()).exp()),
-            VarianceType::FixedLarge => Ok(large),
-            VarianceType::FixedLargeLog => Ok(large.ln()),
+            VarianceType::FixedSmall => Ok(f64::from(small)),
+            VarianceType::FixedSmallLog => Ok(f64::from((0.5 * small.ln()).exp())),
+            VarianceType::FixedLarge => Ok(f64::from(large)),
+            VarianceType::FixedLargeLog => Ok(f64::from(large.ln())),
             v @ (VarianceType::Learned | VarianceType::LearnedRange) => {
                 Err(Error::invalid_argument(
                     "variance_type",
@@ -248,9 +249,9 @@ impl DDPMScheduler {
     }
 
     /// The clamped posterior variance `beta~_t` and `beta_t` of the step from `timestep`.
-    fn variance_bounds(&self, timestep: f64) -> Result<(f64, f64)> {
+    fn variance_bounds(&self, timestep: f64) -> Result<(f32, f32)> {
         let prev_t = self.previous_timestep(timestep)?;
-        let alpha_prod_t = self.schedule.alpha_cumprod_at(timestep)?;
+        let alpha_prod_t = self.schedule.alpha_cumprod_at(timestep)? as f32;
         let alpha_prod_prev = self.alpha_prod_prev(prev_t)?;
         let current_beta = 1.0 - alpha_prod_t / alpha_prod_prev;
         let small = ((1.0 - alpha_prod_prev) / (1.0 - alpha_prod_t) * current_beta).max(1e-20);
@@ -261,15 +262,15 @@ impl DDPMScheduler {
 /// How the noise of one DDPM step is scaled.
 enum NoiseScale<const D: usize> {
     /// A fixed standard deviation.
-    Std(f64),
+    Std(f32),
     /// The model's variance (`learned`).
     LearnedVariance(Tensor<D>),
     /// The model's interpolation value in `[-1, 1]` between two log variances
     /// (`learned_range`).
     LearnedRange {
         frac_source: Tensor<D>,
-        min_log: f64,
-        max_log: f64,
+        min_log: f32,
+        max_log: f32,
     },
 }
 
@@ -455,7 +456,10 @@ impl Scheduler for DDPMScheduler {
             None
         };
 
-        let alpha_prod_t = self.schedule.alpha_cumprod_at(t)?;
+        // Step scalars in float32: diffusers computes them on 0-d float32 tensors, and
+        // `1 - alpha_t / alpha_prev` cancels near t = 0, where float32 moves diffusers' own
+        // full-loop test sums by more than their tolerance relative to an f64 evaluation.
+        let alpha_prod_t = self.schedule.alpha_cumprod_at(t)? as f32;
         let alpha_prod_prev = self.alpha_prod_prev(prev_t)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
         let beta_prod_prev = 1.0 - alpha_prod_prev;

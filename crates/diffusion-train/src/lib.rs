@@ -1,1 +1,45 @@
-//! diffusion-train
+//! Training diffusion models on burn's autodiff, following diffusers' training examples.
+//!
+//! [`train_unconditional`] is `examples/unconditional_image_generation/train_unconditional.py`:
+//! a `UNet2DModel` learns to predict the noise (or `v`, or the clean sample) that a
+//! `DDPMScheduler` added, with `torch.optim.AdamW` semantics ([`AdamW`]), a learning-rate
+//! schedule from diffusers' `optimization.py` ([`LrSchedule`]), global gradient-norm clipping,
+//! an optional EMA of the weights ([`EmaModel`]), resumable checkpoints and a `DDPMPipeline`
+//! folder at the end.
+//!
+//! ```no_run
+//! use diffusion_core::Device;
+//! use diffusion_train::{ImageDataset, TrainConfig, train_unconditional};
+//!
+//! # fn main() -> diffusion_core::Result<()> {
+//! let data = ImageDataset::from_digits_csv_gz("digits.csv.gz", 16)?;
+//! let config = TrainConfig { output_dir: "ddpm-digits".into(), ..TrainConfig::digits() };
+//! let report = train_unconditional(&config, &data, &Device::flex())?;
+//! println!("final loss {:?}", report.losses().last());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! [`Trainer`] exposes single steps with caller-supplied noise and timesteps, which is how the
+//! parity tests drive it.
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod ema;
+pub mod lr_schedule;
+pub mod optimizer;
+mod params;
+pub mod resize;
+pub mod run;
+pub mod trainer;
+
+pub use checkpoint::{TrainingState, load_checkpoint, save_checkpoint, save_pipeline};
+pub use config::TrainConfig;
+pub use data::{FolderOptions, ImageDataset};
+pub use ema::{EmaConfig, EmaModel};
+pub use lr_schedule::{LrSchedule, LrScheduleKind};
+pub use optimizer::{AdamW, AdamWConfig, FlatGradients};
+pub use run::{LogEntry, TrainReport, train_unconditional};
+pub use trainer::{StepStats, Trainer, training_loss};

@@ -78,7 +78,9 @@ impl LrSchedule {
         if kind == LrScheduleKind::Polynomial && base_lr <= POLYNOMIAL_LR_END {
             return Err(Error::invalid_argument(
                 "lr_end",
-                format!("the polynomial schedule decays to {POLYNOMIAL_LR_END}, which must be below the learning rate {base_lr}"),
+                format!(
+                    "the polynomial schedule decays to {POLYNOMIAL_LR_END}, which must be below the learning rate {base_lr}"
+                ),
             ));
         }
         Ok(Self {
@@ -167,7 +169,10 @@ mod tests {
     #[test]
     fn other_kinds() {
         let lin = LrSchedule::new(LrScheduleKind::Linear, 1.0, 2, 6).unwrap();
-        assert_eq!([lin.lr(1), lin.lr(2), lin.lr(4), lin.lr(7)], [0.5, 1.0, 0.5, 0.0]);
+        assert_eq!(
+            [lin.lr(1), lin.lr(2), lin.lr(4), lin.lr(7)],
+            [0.5, 1.0, 0.5, 0.0]
+        );
         let c = LrSchedule::new(LrScheduleKind::ConstantWithWarmup, 2.0, 4, 0).unwrap();
         assert_eq!([c.lr(0), c.lr(2), c.lr(9)], [0.0, 1.0, 2.0]);
         let k = LrSchedule::new(LrScheduleKind::Constant, 2.0, 4, 0).unwrap();

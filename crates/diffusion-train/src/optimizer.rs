@@ -64,7 +64,10 @@ impl AdamWConfig {
     pub fn validate(&self) -> Result<()> {
         for (name, beta) in [("adam_beta1", self.beta1), ("adam_beta2", self.beta2)] {
             if !(0.0..1.0).contains(&beta) {
-                return Err(Error::invalid_argument(name, format!("{beta} is not in [0, 1)")));
+                return Err(Error::invalid_argument(
+                    name,
+                    format!("{beta} is not in [0, 1)"),
+                ));
             }
         }
         if !(self.epsilon >= 0.0 && self.epsilon.is_finite()) {
@@ -160,7 +163,9 @@ fn shadow<M: Module>(module: &M, values: Vec<Option<Tensor<1>>>) -> M {
     let filled = values
         .into_iter()
         .zip(&infos)
-        .map(|(v, info)| Some(v.unwrap_or_else(|| Tensor::zeros([params::numel(&info.shape)], &device))))
+        .map(|(v, info)| {
+            Some(v.unwrap_or_else(|| Tensor::zeros([params::numel(&info.shape)], &device)))
+        })
         .collect();
     params::replace(inner, filled)
 }
@@ -210,7 +215,12 @@ impl AdamW {
 
     /// The step count of the most advanced parameter (0 before the first step).
     pub fn step_count(&self) -> u64 {
-        self.states.iter().flatten().map(|s| s.step).max().unwrap_or(0)
+        self.states
+            .iter()
+            .flatten()
+            .map(|s| s.step)
+            .max()
+            .unwrap_or(0)
     }
 
     /// One `optimizer.step()` at learning rate `lr`: parameters with a gradient are updated,
@@ -224,7 +234,11 @@ impl AdamW {
         if grads.len() != values.len() {
             return Err(Error::invalid_argument(
                 "gradients",
-                format!("{} gradients for a module with {} parameters", grads.len(), values.len()),
+                format!(
+                    "{} gradients for a module with {} parameters",
+                    grads.len(),
+                    values.len()
+                ),
             ));
         }
         if self.states.is_empty() {
@@ -269,7 +283,10 @@ impl AdamW {
         if !self.states.is_empty() && self.states.len() != n {
             return Err(Error::invalid_argument(
                 "module",
-                format!("the optimizer holds state for {} parameters, the module has {n}", self.states.len()),
+                format!(
+                    "the optimizer holds state for {} parameters, the module has {n}",
+                    self.states.len()
+                ),
             ));
         }
         std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
@@ -279,9 +296,16 @@ impl AdamW {
             self.states.iter().map(Option::as_ref).collect()
         };
         let pick = |f: fn(&ParamState) -> &Tensor<1>| {
-            states.iter().map(|s| s.map(|s| f(s).clone())).collect::<Vec<_>>()
+            states
+                .iter()
+                .map(|s| s.map(|s| f(s).clone()))
+                .collect::<Vec<_>>()
         };
-        save_weights(&shadow(module, pick(|s| &s.exp_avg)), dir.join(EXP_AVG_FILE), SaveDtype::F32)?;
+        save_weights(
+            &shadow(module, pick(|s| &s.exp_avg)),
+            dir.join(EXP_AVG_FILE),
+            SaveDtype::F32,
+        )?;
         save_weights(
             &shadow(module, pick(|s| &s.exp_avg_sq)),
             dir.join(EXP_AVG_SQ_FILE),
@@ -318,7 +342,11 @@ impl AdamW {
             return Err(Error::ConfigField {
                 path: state_path,
                 field: "steps".into(),
-                message: format!("{} entries for a model with {} parameters", saved.steps.len(), infos.len()),
+                message: format!(
+                    "{} entries for a model with {} parameters",
+                    saved.steps.len(),
+                    infos.len()
+                ),
             });
         }
         let read = |file: &str| -> Result<Vec<Tensor<1>>> {
@@ -345,7 +373,13 @@ impl AdamW {
 }
 
 /// torch's single-tensor AdamW update for one parameter, in torch's order of operations.
-fn adamw_update(c: &AdamWConfig, lr: f64, p: Tensor<1>, g: Tensor<1>, st: &mut ParamState) -> Tensor<1> {
+fn adamw_update(
+    c: &AdamWConfig,
+    lr: f64,
+    p: Tensor<1>,
+    g: Tensor<1>,
+    st: &mut ParamState,
+) -> Tensor<1> {
     st.step += 1;
     let mut p = p;
     if c.weight_decay != 0.0 {
@@ -354,9 +388,12 @@ fn adamw_update(c: &AdamWConfig, lr: f64, p: Tensor<1>, g: Tensor<1>, st: &mut P
     // exp_avg.lerp_(grad, 1 - beta1): torch computes `self + w * (end - self)` for w < 0.5.
     let w = 1.0 - c.beta1;
     st.exp_avg = if w < 0.5 {
-        st.exp_avg.clone().add(g.clone().sub(st.exp_avg.clone()).mul_scalar(w))
+        st.exp_avg
+            .clone()
+            .add(g.clone().sub(st.exp_avg.clone()).mul_scalar(w))
     } else {
-        g.clone().sub(g.clone().sub(st.exp_avg.clone()).mul_scalar(1.0 - w))
+        g.clone()
+            .sub(g.clone().sub(st.exp_avg.clone()).mul_scalar(1.0 - w))
     };
     // exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     st.exp_avg_sq = st

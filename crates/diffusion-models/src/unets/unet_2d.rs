@@ -47,6 +47,7 @@ pub struct IdentityEmbedding {
 
 /// How class labels are embedded (`class_embedding`).
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // built once per model; boxing buys nothing
 pub enum ClassEmbedding {
     /// `nn.Embedding(num_class_embeds, time_embed_dim)` (`class_embed_type = None`).
     Table(Embedding),
@@ -137,15 +138,24 @@ impl UNet2DModel {
 
         let (time_proj, timestep_input_dim) = match config.time_embedding_type.as_str() {
             "fourier" => (
-                TimeProjection::Fourier(GaussianFourierProjection::new(c0, 16.0, true, false, device)),
+                TimeProjection::Fourier(GaussianFourierProjection::new(
+                    c0, 16.0, true, false, device,
+                )),
                 2 * c0,
             ),
             "learned" => {
                 let n = config.num_train_timesteps.unwrap_or(0);
-                (TimeProjection::Learned(EmbeddingConfig::new(n, c0).init(device)), c0)
+                (
+                    TimeProjection::Learned(EmbeddingConfig::new(n, c0).init(device)),
+                    c0,
+                )
             }
             _ => (
-                TimeProjection::Positional(Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift)),
+                TimeProjection::Positional(Timesteps::new(
+                    c0,
+                    config.flip_sin_to_cos,
+                    config.freq_shift,
+                )),
                 c0,
             ),
         };
@@ -172,30 +182,38 @@ impl UNet2DModel {
             }
         };
 
-        let args = |i: usize, in_ch: usize, out_ch: usize, prev: usize, layers_n: usize, resample| {
-            BlockArgs {
-                num_layers: layers_n,
-                in_channels: in_ch,
-                out_channels: out_ch,
-                prev_output_channel: prev,
-                temb_channels: time_embed_dim,
-                add_resample: i + 1 < n_levels,
-                resnet_eps: config.norm_eps,
-                resnet_act_fn: act,
-                resnet_groups: config.norm_num_groups,
-                attention_head_dim: config.attention_head_dim.unwrap_or(out_ch),
-                downsample_padding: config.downsample_padding,
-                resnet_time_scale_shift: time_norm,
-                resample_type: resample,
-                dropout: config.dropout,
-            }
-        };
+        let args =
+            |i: usize, in_ch: usize, out_ch: usize, prev: usize, layers_n: usize, resample| {
+                BlockArgs {
+                    num_layers: layers_n,
+                    in_channels: in_ch,
+                    out_channels: out_ch,
+                    prev_output_channel: prev,
+                    temb_channels: time_embed_dim,
+                    add_resample: i + 1 < n_levels,
+                    resnet_eps: config.norm_eps,
+                    resnet_act_fn: act,
+                    resnet_groups: config.norm_num_groups,
+                    attention_head_dim: config.attention_head_dim.unwrap_or(out_ch),
+                    downsample_padding: config.downsample_padding,
+                    resnet_time_scale_shift: time_norm,
+                    resample_type: resample,
+                    dropout: config.dropout,
+                }
+            };
         let mut down_blocks = Vec::with_capacity(n_levels);
         let mut output_channel = c0;
         for (i, name) in config.down_block_types.iter().enumerate() {
             let input_channel = output_channel;
             output_channel = channels[i];
-            let block_args = args(i, input_channel, output_channel, 0, config.layers_per_block, downsample_type);
+            let block_args = args(
+                i,
+                input_channel,
+                output_channel,
+                0,
+                config.layers_per_block,
+                downsample_type,
+            );
             down_blocks.push(get_down_block(name, &block_args, device)?);
         }
         let last = channels[n_levels - 1];
@@ -203,7 +221,9 @@ impl UNet2DModel {
             None => None,
             Some(name) => {
                 if name != "UNetMidBlock2D" {
-                    log::warn!("mid_block_type `{name}`: UNet2DModel always builds a UNetMidBlock2D");
+                    log::warn!(
+                        "mid_block_type `{name}`: UNet2DModel always builds a UNetMidBlock2D"
+                    );
                 }
                 Some(UNetMidBlock2D::new(
                     &MidBlockArgs {
@@ -249,7 +269,13 @@ impl UNet2DModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: layers::group_norm(groups_out, c0, config.norm_eps, "norm_num_groups", device)?,
+            conv_norm_out: layers::group_norm(
+                groups_out,
+                c0,
+                config.norm_eps,
+                "norm_num_groups",
+                device,
+            )?,
             conv_out: layers::conv2d(c0, config.out_channels, 3, 1, 1, device),
             config: config.clone(),
         })
@@ -284,8 +310,8 @@ impl UNet2DModel {
     ) -> Result<(Self, LoadReport)> {
         let dir = dir.as_ref();
         let (file, config_path) = modeling_utils::load_config::<UNet2DModelConfig>(dir)?;
-        let model =
-            Self::new(&file.config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
+        let model = Self::new(&file.config, device)
+            .map_err(|e| layers::with_config_path(e, &config_path))?;
         modeling_utils::load_pretrained_weights(model, dir, options)
     }
 
@@ -302,7 +328,12 @@ impl UNet2DModel {
     ///
     /// # Errors
     /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(&self, dir: impl AsRef<Path>, variant: Option<&str>, dtype: SaveDtype) -> Result<()> {
+    pub fn save_pretrained_with(
+        &self,
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: SaveDtype,
+    ) -> Result<()> {
         modeling_utils::save_pretrained(self, &self.config, dir.as_ref(), variant, dtype)
     }
 
@@ -313,9 +344,10 @@ impl UNet2DModel {
 
     /// Predict the noise (or score) for `sample` at `timesteps`.
     ///
-    /// `timesteps` holds one value for the whole batch or one per sample, as real numbers (a
-    /// float tensor in diffusers; integer timesteps are exact). For the `"learned"` embedding
-    /// they must be integers below `num_train_timesteps`; for `"fourier"`, positive noise levels.
+    /// `timesteps` holds one value for the whole batch or one per sample, used as given (like a
+    /// float tensor passed to diffusers; note that diffusers truncates a bare Python `float`
+    /// timestep to an integer first). For the `"learned"` embedding they must be integers below
+    /// `num_train_timesteps`; for `"fourier"`, positive noise levels.
     ///
     /// # Shapes
     /// - `sample`: `[B, in_channels, H, W]`, with `H` and `W` multiples of
@@ -337,11 +369,14 @@ impl UNet2DModel {
         if c != self.config.in_channels {
             return Err(Error::invalid_argument(
                 "sample",
-                format!("has {c} channels, the model takes {}", self.config.in_channels),
+                format!(
+                    "has {c} channels, the model takes {}",
+                    self.config.in_channels
+                ),
             ));
         }
         let multiple = 1usize << self.num_downsamplings();
-        if h % multiple != 0 || w % multiple != 0 || h == 0 || w == 0 {
+        if !h.is_multiple_of(multiple) || !w.is_multiple_of(multiple) || h == 0 || w == 0 {
             return Err(Error::invalid_argument(
                 "sample",
                 format!("{h}x{w} is not a positive multiple of {multiple} in both dimensions"),
@@ -409,9 +444,7 @@ impl UNet2DModel {
                 }
             };
         }
-        let mut out = self
-            .conv_out
-            .forward(silu(self.conv_norm_out.forward(x)));
+        let mut out = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
         if let Some(skip) = skip {
             out = out.add(skip);
         }
@@ -443,13 +476,19 @@ impl UNet2DModel {
                         }
                     })
                     .collect::<Result<Vec<i64>>>()?;
-                let ids = Tensor::<2, Int>::from_data(TensorData::new(indices, [n, 1]), &t.device());
+                let ids =
+                    Tensor::<2, Int>::from_data(TensorData::new(indices, [n, 1]), &t.device());
                 table.forward(ids).reshape([n, dim])
             }
         })
     }
 
-    fn embed_class(&self, embedding: &ClassEmbedding, labels: ClassLabels, batch: usize) -> Result<Tensor<2>> {
+    fn embed_class(
+        &self,
+        embedding: &ClassEmbedding,
+        labels: ClassLabels,
+        batch: usize,
+    ) -> Result<Tensor<2>> {
         let device = self.conv_in.weight.lazy_device();
         let count_ok = |n: usize| {
             if n == 1 || n == batch {
@@ -493,7 +532,10 @@ impl UNet2DModel {
                 if d != identity.dim {
                     return Err(Error::invalid_argument(
                         "class_labels",
-                        format!("embeddings of width {d}; the time embedding has {}", identity.dim),
+                        format!(
+                            "embeddings of width {d}; the time embedding has {}",
+                            identity.dim
+                        ),
                     ));
                 }
                 Ok(e)

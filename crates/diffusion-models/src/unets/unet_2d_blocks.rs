@@ -24,10 +24,19 @@ use crate::upsampling::{FirUpsample2D, Upsample2D};
 const SKIP_OUTPUT_SCALE: f64 = std::f64::consts::SQRT_2;
 
 /// The block classes [`get_down_block`] builds.
-pub const DOWN_BLOCK_TYPES: [&str; 4] =
-    ["DownBlock2D", "AttnDownBlock2D", "SkipDownBlock2D", "AttnSkipDownBlock2D"];
+pub const DOWN_BLOCK_TYPES: [&str; 4] = [
+    "DownBlock2D",
+    "AttnDownBlock2D",
+    "SkipDownBlock2D",
+    "AttnSkipDownBlock2D",
+];
 /// The block classes [`get_up_block`] builds.
-pub const UP_BLOCK_TYPES: [&str; 4] = ["UpBlock2D", "AttnUpBlock2D", "SkipUpBlock2D", "AttnSkipUpBlock2D"];
+pub const UP_BLOCK_TYPES: [&str; 4] = [
+    "UpBlock2D",
+    "AttnUpBlock2D",
+    "SkipUpBlock2D",
+    "AttnSkipUpBlock2D",
+];
 
 /// How `AttnDownBlock2D` / `AttnUpBlock2D` resample (`downsample_type` / `upsample_type`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -93,7 +102,12 @@ impl BlockArgs {
         })
     }
 
-    fn resnet(&self, in_channels: usize, out_channels: usize, groups: usize) -> ResnetBlock2DConfig {
+    fn resnet(
+        &self,
+        in_channels: usize,
+        out_channels: usize,
+        groups: usize,
+    ) -> ResnetBlock2DConfig {
         ResnetBlock2DConfig {
             groups,
             eps: self.resnet_eps,
@@ -125,6 +139,7 @@ impl BlockArgs {
 
 /// The downsampler of [`DownBlock2D`] (`downsamplers.0`).
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // built once per model; boxing buys nothing
 pub enum Downsampler {
     /// `Downsample2D` with a strided convolution.
     Conv(Downsample2D),
@@ -149,14 +164,22 @@ impl DownBlock2D {
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for i in 0..args.num_layers {
-            let in_ch = if i == 0 { args.in_channels } else { args.out_channels };
+            let in_ch = if i == 0 {
+                args.in_channels
+            } else {
+                args.out_channels
+            };
             resnets.push(args.resnet(in_ch, args.out_channels, groups).init(device)?);
             if with_attention {
                 attentions.push(args.attention(groups, 1.0).init(device)?);
             }
         }
         // DownBlock2D ignores `downsample_type`: it always downsamples with a convolution.
-        let resample = if with_attention { args.resample_type } else { ResampleType::Conv };
+        let resample = if with_attention {
+            args.resample_type
+        } else {
+            ResampleType::Conv
+        };
         let mut downsamplers = Vec::new();
         if args.add_resample {
             downsamplers.push(match resample {
@@ -298,6 +321,7 @@ impl SkipDownBlock2D {
 
 /// The upsampler of [`UpBlock2D`] (`upsamplers.0`).
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // built once per model; boxing buys nothing
 pub enum Upsampler {
     /// `Upsample2D` with a convolution.
     Conv(Upsample2D),
@@ -346,7 +370,11 @@ impl UpBlock2D {
                 attentions.push(args.attention(groups, 1.0).init(device)?);
             }
         }
-        let resample = if with_attention { args.resample_type } else { ResampleType::Conv };
+        let resample = if with_attention {
+            args.resample_type
+        } else {
+            ResampleType::Conv
+        };
         let mut upsamplers = Vec::new();
         if args.add_resample {
             upsamplers.push(match resample {
@@ -378,7 +406,12 @@ impl UpBlock2D {
     /// # Shapes
     /// - `x`: `[B, prev_output_channel, H, W]`, `temb`: `[B, temb_channels]`
     /// - output: `[B, out_channels, H', W']` (`H' = 2H` with an upsampler)
-    pub fn forward(&self, mut x: Tensor<4>, mut res_samples: Vec<Tensor<4>>, temb: &Tensor<2>) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        mut x: Tensor<4>,
+        mut res_samples: Vec<Tensor<4>>,
+        temb: &Tensor<2>,
+    ) -> Tensor<4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             if let Some(res) = res_samples.pop() {
                 x = Tensor::cat(vec![x, res], 1);
@@ -453,7 +486,13 @@ impl SkipUpBlock2D {
             (
                 Some(config.init(device)?),
                 Some(layers::conv2d(out, 3, 3, 1, 1, device)),
-                Some(layers::group_norm(groups, out, args.resnet_eps, "block_out_channels", device)?),
+                Some(layers::group_norm(
+                    groups,
+                    out,
+                    args.resnet_eps,
+                    "block_out_channels",
+                    device,
+                )?),
             )
         } else {
             (None, None, None)
@@ -509,7 +548,7 @@ impl SkipUpBlock2D {
 
 /// A down block of `UNet2DModel`, named by its diffusers class.
 #[derive(Module, Debug)]
-#[allow(clippy::large_enum_variant)]
+#[allow(clippy::large_enum_variant)] // built once per model; boxing buys nothing
 pub enum DownBlock {
     /// `DownBlock2D`.
     DownBlock2D(DownBlock2D),
@@ -523,7 +562,7 @@ pub enum DownBlock {
 
 /// An up block of `UNet2DModel`, named by its diffusers class.
 #[derive(Module, Debug)]
-#[allow(clippy::large_enum_variant)]
+#[allow(clippy::large_enum_variant)] // built once per model; boxing buys nothing
 pub enum UpBlock {
     /// `UpBlock2D`.
     UpBlock2D(UpBlock2D),
@@ -567,7 +606,10 @@ pub fn get_down_block(name: &str, args: &BlockArgs, device: &Device) -> Result<D
             return Err(layers::unsupported(
                 "down_block_types",
                 name,
-                format!("UNet2DModel down blocks supported: {}", DOWN_BLOCK_TYPES.join(", ")),
+                format!(
+                    "UNet2DModel down blocks supported: {}",
+                    DOWN_BLOCK_TYPES.join(", ")
+                ),
             ));
         }
     })
@@ -588,7 +630,10 @@ pub fn get_up_block(name: &str, args: &BlockArgs, device: &Device) -> Result<UpB
             return Err(layers::unsupported(
                 "up_block_types",
                 name,
-                format!("UNet2DModel up blocks supported: {}", UP_BLOCK_TYPES.join(", ")),
+                format!(
+                    "UNet2DModel up blocks supported: {}",
+                    UP_BLOCK_TYPES.join(", ")
+                ),
             ));
         }
     })
@@ -700,13 +745,15 @@ impl UNetMidBlock2D {
 /// An explicit `attn_norm_num_groups` that does not divide the channels is that field's fault.
 fn rename_field(err: diffusion_core::Error, field: &str) -> diffusion_core::Error {
     match err {
-        diffusion_core::Error::ConfigField { path, message, field: f } if f == "norm_num_groups" => {
-            diffusion_core::Error::ConfigField {
-                path,
-                field: field.to_string(),
-                message,
-            }
-        }
+        diffusion_core::Error::ConfigField {
+            path,
+            message,
+            field: f,
+        } if f == "norm_num_groups" => diffusion_core::Error::ConfigField {
+            path,
+            field: field.to_string(),
+            message,
+        },
         other => other,
     }
 }

@@ -92,9 +92,19 @@ impl Default for UNet2DModelConfig {
             time_embedding_dim: None,
             freq_shift: 0.0,
             flip_sin_to_cos: true,
-            down_block_types: s(&["DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"]),
+            down_block_types: s(&[
+                "DownBlock2D",
+                "AttnDownBlock2D",
+                "AttnDownBlock2D",
+                "AttnDownBlock2D",
+            ]),
             mid_block_type: Some("UNetMidBlock2D".into()),
-            up_block_types: s(&["AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"]),
+            up_block_types: s(&[
+                "AttnUpBlock2D",
+                "AttnUpBlock2D",
+                "AttnUpBlock2D",
+                "UpBlock2D",
+            ]),
             block_out_channels: vec![224, 448, 672, 896],
             layers_per_block: 2,
             mid_block_scale_factor: 1.0,
@@ -166,7 +176,10 @@ impl Config for UNet2DModelConfig {
             return err("block_out_channels", "at least one level is needed".into());
         }
         if self.block_out_channels.contains(&0) {
-            return err("block_out_channels", "channel counts must be positive".into());
+            return err(
+                "block_out_channels",
+                "channel counts must be positive".into(),
+            );
         }
         match self.time_embedding_type.as_str() {
             "positional" | "fourier" => {}
@@ -185,7 +198,10 @@ impl Config for UNet2DModelConfig {
             }
         }
         if !self.dropout.is_finite() || !(0.0..1.0).contains(&self.dropout) {
-            return err("dropout", format!("{} is not a probability in [0, 1)", self.dropout));
+            return err(
+                "dropout",
+                format!("{} is not a probability in [0, 1)", self.dropout),
+            );
         }
         if self.norm_num_groups == Some(0) || self.attn_norm_num_groups == Some(0) {
             let field = if self.norm_num_groups == Some(0) {
@@ -196,7 +212,10 @@ impl Config for UNet2DModelConfig {
             return err(field, "the group count must be positive".into());
         }
         if self.attention_head_dim == Some(0) {
-            return err("attention_head_dim", "the head width must be positive".into());
+            return err(
+                "attention_head_dim",
+                "the head width must be positive".into(),
+            );
         }
         Ok(())
     }
@@ -224,10 +243,12 @@ mod tests {
 
     #[test]
     fn partial_file_resolves_like_diffusers() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/configs/unet2d_partial");
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/configs/unet2d_partial");
         let file = ConfigFile::<UNet2DModelConfig>::load(dir.join("config.json")).unwrap();
         let resolved: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("resolved.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("resolved.json")).unwrap())
+                .unwrap();
         let ours = serde_json::to_value(&file.config).unwrap();
         for (key, value) in ours.as_object().unwrap() {
             assert_eq!(Some(value), resolved.get(key), "key `{key}`");
@@ -254,6 +275,9 @@ mod tests {
     fn rectangular_sample_size_round_trips() {
         let c: UNet2DModelConfig = serde_json::from_str(r#"{"sample_size": [32, 48]}"#).unwrap();
         assert_eq!(c.sample_size, Some(SampleSize::Rect([32, 48])));
-        assert_eq!(serde_json::to_value(&c).unwrap()["sample_size"], serde_json::json!([32, 48]));
+        assert_eq!(
+            serde_json::to_value(&c).unwrap()["sample_size"],
+            serde_json::json!([32, 48])
+        );
     }
 }

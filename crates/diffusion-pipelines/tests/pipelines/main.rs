@@ -1,0 +1,4 @@
+//! Pipeline parity with diffusers on tiny random components (one test binary).
+
+mod common;
+mod unconditional;

@@ -1,0 +1,15 @@
+//! Scheduler tests, one binary: parity with diffusers on the oracle's fixtures, diffusers' own
+//! test numbers, invariants, config files and bad input.
+
+#[path = "schedulers/common.rs"]
+mod common;
+#[path = "schedulers/config.rs"]
+mod config;
+#[path = "schedulers/errors.rs"]
+mod errors;
+#[path = "schedulers/golden.rs"]
+mod golden;
+#[path = "schedulers/parity.rs"]
+mod parity;
+#[path = "schedulers/props.rs"]
+mod props;

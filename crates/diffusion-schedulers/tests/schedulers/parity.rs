@@ -1,0 +1,289 @@
+//! Parity with diffusers on the oracle's fixtures (fixtures/oracle/gen_schedulers.py).
+
+use anyhow::{Context, Result, anyhow, ensure};
+use diffusion_core::{Error, TorchGenerator};
+use diffusion_schedulers::{
+    AnyScheduler, NoiseSchedule, Scheduler, SetTimesteps, StepOptions,
+};
+use serde_json::Value;
+
+use crate::common::{Tensors, build, dummy_model, host, read_json, rel_err, tensor};
+
+/// Sample tolerance: norm-wise relative error `max|ours - theirs| / max|theirs|` (schedules as
+/// float32-exact `f64`, step scalars in float32 as diffusers computes them, f32 tensors).
+const SAMPLE_RTOL: f64 = 1e-5;
+
+fn schedule_of(s: &AnyScheduler) -> Result<&NoiseSchedule> {
+    if let Some(s) = s.as_ddpm() {
+        return Ok(s.noise_schedule());
+    }
+    s.as_ddim()
+        .map(|s| s.noise_schedule())
+        .ok_or_else(|| anyhow!("no noise schedule for {}", s.class_name()))
+}
+
+fn ulps(a: f32, b: f32) -> u32 {
+    (a.to_bits() as i64 - b.to_bits() as i64).unsigned_abs() as u32
+}
+
+#[test]
+fn schedules_match_diffusers_float32_for_float32() -> Result<()> {
+    let meta = read_json("timesteps.json")?;
+    let tensors = Tensors::load("schedules.safetensors")?;
+    let cases = meta["schedules"].as_array().context("schedules")?;
+    ensure!(cases.len() >= 10, "too few schedule cases");
+    for case in cases {
+        let key = case["key"].as_str().context("key")?;
+        let scheduler = build(case["class"].as_str().context("class")?, &case["config"])?;
+        let schedule = schedule_of(&scheduler)?;
+        for (name, ours) in [
+            ("betas", &schedule.betas),
+            ("alphas_cumprod", &schedule.alphas_cumprod),
+        ] {
+            let theirs = tensors.values(&format!("{key}/{name}"))?;
+            ensure!(ours.len() == theirs.len(), "{key}/{name}: length");
+            // The widened values are exactly float32 values: nothing was computed in between.
+            ensure!(ours.iter().all(|&v| f64::from(v as f32) == v), "{key}/{name} not f32");
+            let what = format!("{key}/{name} ({})", case["config"]);
+            if case["config"]["rescale_betas_zero_snr"] == true {
+                // torch's CPU sqrt (MKL) is off by up to an ulp where ours is correctly
+                // rounded, and the rescaling subtracts nearly equal square roots; diffusers'
+                // sqrt(alpha_bar) sits within 3.5 float32 ulps of 1.0 of ours (measured).
+                let tol = if name == "betas" { 1e-5 } else { 8.0 * f64::from(f32::EPSILON) / 2.0 };
+                let worst = ours
+                    .iter()
+                    .zip(theirs)
+                    .map(|(&a, &b)| {
+                        if name == "betas" {
+                            (a - f64::from(b)).abs()
+                        } else {
+                            (a.sqrt() - f64::from(b).sqrt()).abs()
+                        }
+                    })
+                    .fold(0f64, f64::max);
+                ensure!(worst <= tol, "{what}: off diffusers by {worst:e}");
+                ensure!(*ours.last().context("empty")? == f64::from(theirs[theirs.len() - 1]));
+            } else {
+                // torch's vectorised sigmoid (Sleef exp) differs from a scalar expf by an ulp
+                // or two; every other schedule is built exactly as torch builds it.
+                let max_ulps = if case["config"]["beta_schedule"] == "sigmoid" { 4 } else { 0 };
+                let worst = ours
+                    .iter()
+                    .zip(theirs)
+                    .map(|(&a, &b)| ulps(a as f32, b))
+                    .max()
+                    .unwrap_or(0);
+                ensure!(worst <= max_ulps, "{what}: {worst} ulps off diffusers");
+            }
+        }
+        if let Some(expected) = case.get("final_alpha_cumprod") {
+            let ddim = scheduler.as_ddim().context("ddim")?;
+            ensure!(
+                ddim.final_alpha_cumprod() == expected.as_f64().context("final")?,
+                "{key}: final_alpha_cumprod"
+            );
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn timesteps_match_diffusers() -> Result<()> {
+    let meta = read_json("timesteps.json")?;
+    let cases = meta["timesteps"].as_array().context("timesteps")?;
+    let (mut overshoots, mut past_end) = (0, 0);
+    for case in cases {
+        let config = serde_json::json!({
+            "num_train_timesteps": case["num_train_timesteps"],
+            "timestep_spacing": case["timestep_spacing"],
+            "steps_offset": case["steps_offset"],
+        });
+        let mut scheduler = build(case["class"].as_str().context("class")?, &config)?;
+        let k = case["num_inference_steps"].as_u64().context("k")? as usize;
+        let n = case["num_train_timesteps"].as_u64().context("n")? as usize;
+        let theirs: Vec<f64> = case["timesteps"]
+            .as_array()
+            .context("list")?
+            .iter()
+            .map(|v| v.as_f64().unwrap_or(f64::NAN))
+            .collect();
+        let first_past_end = theirs.first().is_some_and(|&t| t >= n as f64);
+        let result = scheduler.set_timesteps(k);
+        if first_past_end {
+            // diffusers accepts a steps_offset that pushes a leading timestep to
+            // num_train_timesteps and fails with an index error at the first step.
+            ensure!(
+                matches!(&result, Err(Error::InvalidArgument { name, .. }) if name == "steps_offset"),
+                "{case}: expected a steps_offset error, got {result:?}"
+            );
+            past_end += 1;
+            continue;
+        }
+        result?;
+        let ours = scheduler.timesteps();
+        ensure!(ours.len() == k, "{case}: got {} timesteps", ours.len());
+        if theirs.len() == k + 1 {
+            // numpy's arange overshoots for some trailing step counts; the extra entry is -1.
+            ensure!(theirs[k] == -1.0, "{case}: unexpected extra timestep");
+            overshoots += 1;
+        } else {
+            ensure!(theirs.len() == k, "{case}: diffusers gave {}", theirs.len());
+        }
+        ensure!(ours == &theirs[..k], "{case}: ours {ours:?}");
+    }
+    // The fixture includes step counts where diffusers overshoots (61, 103, 121, 397 of 1000).
+    ensure!(overshoots >= 4, "expected diffusers' trailing overshoot cases, saw {overshoots}");
+    ensure!(past_end >= 2, "expected leading + steps_offset cases past the end, saw {past_end}");
+    Ok(())
+}
+
+/// The noise sources a fixture case asks for, freshly seeded.
+struct Noise {
+    generator: Option<TorchGenerator>,
+    per_image: Option<Vec<TorchGenerator>>,
+    variance_noise: Option<TorchGenerator>,
+}
+
+impl Noise {
+    fn new(step_kw: &Value) -> Self {
+        Self {
+            generator: step_kw["seed"].as_u64().map(TorchGenerator::new),
+            per_image: step_kw["per_image_seeds"].as_array().map(|seeds| {
+                seeds
+                    .iter()
+                    .filter_map(Value::as_u64)
+                    .map(TorchGenerator::new)
+                    .collect()
+            }),
+            variance_noise: step_kw["noise_seed"].as_u64().map(TorchGenerator::new),
+        }
+    }
+
+    fn options(&mut self, case: &Value, shape: [usize; 4]) -> StepOptions<'_, 4> {
+        let mut options = StepOptions::default();
+        if let Some(g) = self.generator.as_mut() {
+            options = options.with_generator(g);
+        }
+        if let Some(gens) = self.per_image.as_mut() {
+            options = options.with_generators(gens);
+        }
+        if case["class"] == "DDIMScheduler" {
+            options.eta = case["step"]["eta"].as_f64();
+            options.use_clipped_model_output = case["step"]["use_clipped_model_output"].as_bool();
+            if let Some(g) = self.variance_noise.as_mut() {
+                options = options.with_variance_noise(tensor(g.randn(&shape), shape));
+            }
+        }
+        options
+    }
+}
+
+fn scheduler_for(case: &Value) -> Result<AnyScheduler> {
+    let id = case["id"].as_str().context("id")?;
+    let mut scheduler = build(case["class"].as_str().context("class")?, &case["config"])?;
+    if let Some(custom) = case["custom_timesteps"].as_array() {
+        let custom = custom.iter().filter_map(Value::as_f64).collect();
+        scheduler.set_timesteps_with(SetTimesteps::custom_timesteps(custom))?;
+    } else if let Some(k) = case["num_inference_steps"].as_u64() {
+        scheduler.set_timesteps(k as usize)?;
+    }
+    let steps = case["num_steps_run"].as_u64().context("steps")? as usize;
+    let expected: Vec<f64> = case["diffusers_timesteps"]
+        .as_array()
+        .context("ts")?
+        .iter()
+        .filter_map(Value::as_f64)
+        .collect();
+    ensure!(scheduler.timesteps() == &expected[..steps], "{id}: timesteps differ");
+    Ok(scheduler)
+}
+
+/// Check one fixture trajectory twice and return the worst error seen.
+///
+/// * Step by step, each step fed diffusers' previous sample: `prev_sample` and
+///   `pred_original_sample` must match, which checks every formula and branch in isolation.
+/// * Closed loop from the initial sample: every `prev_sample` must match, which checks that
+///   nothing drifts over the chain. `pred_original_sample` is not compared there: with the
+///   dummy model `eps = x * t / (t + 1)`, `x0 = (x - sqrt(1 - a) eps) / sqrt(a)` cancels ~700x
+///   at high `t`, so the last-ulp differences of the noise (diffusion-core's `randn` is within
+///   1e-6 of torch's) and of torch's CPU sqrt (MKL, not correctly rounded) grow past 1e-5
+///   there even though every step is exact.
+fn check_trajectory(case: &Value, tensors: &Tensors) -> Result<f64> {
+    let id = case["id"].as_str().context("id")?;
+    let model = case["model"].as_str().unwrap_or("default");
+    let mut worst = 0f64;
+    let mut compare = |what: &str, actual: &[f32], key: String| -> Result<()> {
+        let err = rel_err(actual, tensors.values(&key)?);
+        ensure!(
+            err <= SAMPLE_RTOL,
+            "{id} ({} {}): {what} {key}: relative error {err:e}",
+            case["class"],
+            case["config"]
+        );
+        worst = worst.max(err);
+        Ok(())
+    };
+
+    for closed_loop in [false, true] {
+        let mut scheduler = scheduler_for(case)?;
+        let mut noise = Noise::new(&case["step"]);
+        let mut x = tensors.tensor4("sample0")?;
+        let shape = x.dims();
+        let what = if closed_loop { "closed loop" } else { "step by step" };
+        for (i, t) in scheduler.timesteps().to_vec().into_iter().enumerate() {
+            if !closed_loop && i > 0 {
+                x = tensors.tensor4(&format!("{id}/prev/{}", i - 1))?;
+            }
+            let out = scheduler
+                .step(dummy_model(&x, t, model), t, x, noise.options(case, shape))
+                .with_context(|| format!("{id}: step {i} at t={t}"))?;
+            x = out.prev_sample;
+            compare(what, &host(&x), format!("{id}/prev/{i}"))?;
+            if !closed_loop {
+                let x0 = out.pred_original_sample.as_ref().context("x0")?;
+                compare(what, &host(x0), format!("{id}/x0/{i}"))?;
+            }
+        }
+    }
+    Ok(worst)
+}
+
+#[test]
+fn trajectories_match_diffusers() -> Result<()> {
+    let cases = read_json("cases.json")?;
+    let tensors = Tensors::load("trajectories.safetensors")?;
+    let cases = cases.as_array().context("cases")?;
+    ensure!(cases.len() >= 50, "too few trajectory cases");
+    let mut worst = 0f64;
+    for case in cases {
+        worst = worst.max(check_trajectory(case, &tensors)?);
+    }
+    eprintln!("{} trajectories, worst relative error {worst:e}", cases.len());
+    Ok(())
+}
+
+#[test]
+fn add_noise_and_velocity_match_diffusers() -> Result<()> {
+    let cases = read_json("forward.json")?;
+    let tensors = Tensors::load("forward.safetensors")?;
+    let original = tensors.tensor4("original")?;
+    let noise = tensors.tensor4("noise")?;
+    for case in cases.as_array().context("cases")? {
+        let key = case["key"].as_str().context("key")?;
+        let scheduler = build(case["class"].as_str().context("class")?, &case["config"])?;
+        let ts: Vec<f64> = case["timesteps"]
+            .as_array()
+            .context("ts")?
+            .iter()
+            .filter_map(Value::as_f64)
+            .collect();
+        let noisy = scheduler.add_noise(original.clone(), noise.clone(), &ts)?;
+        let velocity = scheduler.get_velocity(original.clone(), noise.clone(), &ts)?;
+        for (name, actual) in [("add_noise", host(&noisy)), ("velocity", host(&velocity))] {
+            let err = rel_err(&actual, tensors.values(&format!("{key}/{name}"))?);
+            ensure!(err <= SAMPLE_RTOL, "{key} {name}: relative error {err:e}");
+        }
+    }
+    Ok(())
+}
+

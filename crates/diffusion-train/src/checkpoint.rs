@@ -1,0 +1,285 @@
+//! Resumable checkpoints and the exported pipeline folder.
+//!
+//! A checkpoint `checkpoint-{step}/` holds everything the next step depends on:
+//!
+//! | path                     | content                                                          |
+//! |--------------------------|------------------------------------------------------------------|
+//! | `unet/`                  | the model, a diffusers model folder                              |
+//! | `unet_ema/`              | the EMA weights; `config.json` also has the EMA state (diffusers' `EMAModel.save_pretrained`) |
+//! | `optimizer/`             | AdamW moments under the model's keys, step counts                |
+//! | `scheduler/`             | `scheduler_config.json`                                          |
+//! | `training_state.json`    | global step, learning-rate schedule position, seed and RNG scheme |
+//!
+//! Randomness needs no saved state: the batch, noise, timesteps and flips of step `s` come from
+//! generators seeded from the run's seed and `s` (see [`crate::run`]), so a run resumed at step
+//! `k` draws exactly what an uninterrupted run draws from step `k` on.
+//!
+//! The pipeline folder ([`save_pipeline`]) is what diffusers' `DDPMPipeline.save_pretrained`
+//! writes: `model_index.json`, `unet/` and `scheduler/`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use diffusion_core::config::{ComponentSpec, ConfigFile, ModelIndex};
+use diffusion_core::{Device, Error, Result};
+use diffusion_models::{UNet2DModel, UNet2DModelConfig};
+use diffusion_schedulers::{DDPMScheduler, Scheduler};
+
+use crate::config::TrainConfig;
+use crate::ema::EmaModel;
+use crate::lr_schedule::{LrSchedule, LrScheduleKind};
+use crate::optimizer::AdamW;
+use crate::trainer::Trainer;
+
+/// Prefix of checkpoint folder names (`checkpoint-500`).
+pub const CHECKPOINT_PREFIX: &str = "checkpoint-";
+const STATE_FILE: &str = "training_state.json";
+
+/// How the random draws of a step are derived; written into checkpoints so that a future change
+/// of scheme cannot silently resume a run with different randomness.
+pub const RNG_SCHEME: &str =
+    "torch-mt19937 per step, seeded splitmix64(seed, step); per epoch for the data order";
+
+/// `training_state.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainingState {
+    /// Optimizer steps taken.
+    pub global_step: usize,
+    /// The planned total, which shapes the learning-rate schedule.
+    pub num_training_steps: usize,
+    /// Learning-rate schedule: its kind, peak rate and warmup; its position is `global_step`.
+    pub lr_scheduler: LrScheduleKind,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Warmup steps.
+    pub lr_warmup_steps: usize,
+    /// The run's seed.
+    pub seed: u64,
+    /// [`RNG_SCHEME`] at the time of saving.
+    pub rng_scheme: String,
+    /// The settings of the run that wrote the checkpoint.
+    pub train_config: TrainConfig,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |e| Error::io(path, e)
+}
+
+/// Write `trainer`'s full state into checkpoint folder `dir`, through a temporary sibling that
+/// is renamed at the end, so a run killed while saving leaves no half checkpoint.
+///
+/// # Errors
+/// [`Error::Io`] when writing fails.
+pub fn save_checkpoint(trainer: &Trainer, dir: &Path) -> Result<()> {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+
+    let model = trainer.model();
+    model.save_pretrained(tmp.join("unet"))?;
+    if let Some(ema) = trainer.ema() {
+        save_ema(ema, model, &tmp.join("unet_ema"))?;
+    }
+    trainer.optimizer().save(model, &tmp.join("optimizer"))?;
+    let scheduler_dir = tmp.join("scheduler");
+    std::fs::create_dir_all(&scheduler_dir).map_err(io(&scheduler_dir))?;
+    trainer.scheduler().save_config(&scheduler_dir)?;
+    let config = trainer.config();
+    let state = TrainingState {
+        global_step: trainer.global_step(),
+        num_training_steps: trainer.num_training_steps(),
+        lr_scheduler: config.lr_scheduler,
+        learning_rate: config.learning_rate,
+        lr_warmup_steps: config.lr_warmup_steps,
+        seed: config.seed,
+        rng_scheme: RNG_SCHEME.into(),
+        train_config: config.clone(),
+    };
+    let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+    diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
+
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(io(dir))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(io(dir))
+}
+
+/// The EMA as diffusers' `EMAModel.save_pretrained` writes it: the shadow weights in a model
+/// folder whose `config.json` also holds the EMA settings and step.
+fn save_ema(ema: &EmaModel, model: &UNet2DModel, dir: &Path) -> Result<()> {
+    let shadow = ema.copy_to(model);
+    shadow.save_pretrained(dir)?;
+    let config_path = dir.join("config.json");
+    let mut file = ConfigFile::<UNet2DModelConfig>::load(&config_path)?;
+    file.unknown.extend(ema.config_entries());
+    file.save(&config_path)
+}
+
+/// Read `training_state.json` of a checkpoint.
+///
+/// # Errors
+/// [`Error::Io`], [`Error::Json`], [`Error::ConfigField`].
+pub fn read_state(dir: &Path) -> Result<TrainingState> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let value = diffusion_core::config::parse_json(&text, &path)?;
+    serde_json::from_value(value).map_err(|e| Error::ConfigField {
+        path: path.clone(),
+        field: "<root>".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Rebuild a [`Trainer`] from checkpoint folder `dir`, with `config`'s settings.
+///
+/// # Errors
+/// As [`read_state`] and the model/optimizer loaders; [`Error::InvalidArgument`] naming
+/// `resume_from_checkpoint` when the checkpoint was written with another RNG scheme, has no
+/// EMA while `use_ema` is set, or is past `num_training_steps`.
+pub fn load_checkpoint(
+    config: &TrainConfig,
+    dir: &Path,
+    num_training_steps: usize,
+    device: &Device,
+) -> Result<Trainer> {
+    let state = read_state(dir)?;
+    let refuse = |message: String| Error::invalid_argument("resume_from_checkpoint", message);
+    if state.rng_scheme != RNG_SCHEME {
+        return Err(refuse(format!(
+            "{} was written with RNG scheme `{}`; this build draws with `{RNG_SCHEME}`",
+            dir.display(),
+            state.rng_scheme
+        )));
+    }
+    if state.global_step > num_training_steps {
+        return Err(refuse(format!(
+            "{} is at step {}, past the planned {num_training_steps} steps",
+            dir.display(),
+            state.global_step
+        )));
+    }
+    if state.seed != config.seed || state.train_config.train_batch_size != config.train_batch_size {
+        log::warn!(
+            "resuming {} with another seed or batch size than it was trained with: the data order \
+             and noise from here on differ from the original run",
+            dir.display()
+        );
+    }
+    let ad = device.clone().autodiff();
+    let model = UNet2DModel::from_pretrained(dir.join("unet"), &ad)?;
+    let mut trainer = Trainer::new(config, model, num_training_steps, &ad)?;
+    trainer.optimizer = AdamW::load(config.adamw(), trainer.model(), &dir.join("optimizer"))?;
+    if config.use_ema {
+        let ema_dir = dir.join("unet_ema");
+        if !ema_dir.is_dir() {
+            return Err(refuse(format!(
+                "{} has no unet_ema/ but use_ema is set",
+                dir.display()
+            )));
+        }
+        let file = ConfigFile::<UNet2DModelConfig>::load(ema_dir.join("config.json"))?;
+        let step =
+            EmaModel::optimization_step_from(&file.unknown).ok_or_else(|| Error::ConfigField {
+                path: ema_dir.join("config.json"),
+                field: "optimization_step".into(),
+                message: "missing: not an EMA folder".into(),
+            })?;
+        let shadow = UNet2DModel::from_pretrained(&ema_dir, &device.clone().without_autodiff())?;
+        trainer.ema = Some(EmaModel::from_weights(
+            config.ema(),
+            trainer.model(),
+            &shadow,
+            step,
+        )?);
+    }
+    trainer.lr_schedule = LrSchedule::new(
+        config.lr_scheduler,
+        config.learning_rate,
+        config.lr_warmup_steps,
+        num_training_steps,
+    )?;
+    trainer.global_step = state.global_step;
+    Ok(trainer)
+}
+
+/// The step of a `checkpoint-{step}` folder name.
+pub fn checkpoint_step(path: &Path) -> Option<usize> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(CHECKPOINT_PREFIX)?
+        .parse()
+        .ok()
+}
+
+/// Every `checkpoint-{step}` folder in `output_dir`, oldest first.
+///
+/// # Errors
+/// [`Error::Io`] when the folder exists but cannot be listed.
+pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    if !output_dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(output_dir).map_err(io(output_dir))? {
+        let path = entry.map_err(io(output_dir))?.path();
+        if let Some(step) = checkpoint_step(&path)
+            && path.join(STATE_FILE).is_file()
+        {
+            out.push((step, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Delete the oldest checkpoints so that at most `keep` remain.
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn prune_checkpoints(output_dir: &Path, keep: usize) -> Result<()> {
+    let all = list_checkpoints(output_dir)?;
+    let excess = all.len().saturating_sub(keep);
+    for (_, path) in all.into_iter().take(excess) {
+        log::info!("removing checkpoint {}", path.display());
+        std::fs::remove_dir_all(&path).map_err(io(&path))?;
+    }
+    Ok(())
+}
+
+/// Write a loadable `DDPMPipeline` folder: `unet/` with `model`, `scheduler/` and
+/// `model_index.json`.
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn save_pipeline(model: &UNet2DModel, scheduler: &DDPMScheduler, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    model.save_pretrained(dir.join("unet"))?;
+    let scheduler_dir = dir.join("scheduler");
+    std::fs::create_dir_all(&scheduler_dir).map_err(io(&scheduler_dir))?;
+    scheduler.save_config(&scheduler_dir)?;
+    let spec = |class: &str| ComponentSpec {
+        library: Some("diffusers".into()),
+        class_name: Some(class.into()),
+    };
+    let index = ModelIndex {
+        class_name: "DDPMPipeline".into(),
+        diffusers_version: None,
+        components: BTreeMap::from([
+            ("scheduler".to_string(), spec(scheduler.class_name())),
+            ("unet".to_string(), spec("UNet2DModel")),
+        ]),
+        options: Default::default(),
+        private: Default::default(),
+    };
+    index.save(dir.join("model_index.json"))
+}
