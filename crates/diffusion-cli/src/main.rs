@@ -2,6 +2,7 @@
 
 mod metadata;
 mod sample;
+mod train;
 
 use clap::{Parser, Subcommand};
 
@@ -19,6 +20,9 @@ enum Command {
     ///
     /// With no --model, uses the small digits model trained by this project (models/ddpm-digits).
     Sample(sample::SampleArgs),
+    /// Train a model (diffusers' training examples as commands).
+    #[command(subcommand)]
+    Train(train::TrainCommand),
 }
 
 fn main() {
@@ -26,6 +30,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),
+        Command::Train(command) => train::run(command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -8,7 +8,7 @@ use diffusion_core::image::{ImageOutput, OutputType, make_image_grid, nhwc_to_im
 use diffusion_core::{Device, parse_device};
 use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_pipelines::{DDIMPipeline, DDPMPipeline, Generators, UnconditionalArgs};
-use diffusion_schedulers::{AnyScheduler, Scheduler, SchedulerKind, SchedulerSpec};
+use diffusion_schedulers::{AnyScheduler, SchedulerKind, SchedulerSpec};
 
 use crate::metadata::GenerationParameters;
 

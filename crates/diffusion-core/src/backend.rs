@@ -8,7 +8,7 @@
 //! | `flex`    | `cpu`, `flex`         | default: pure Rust, f32/f16/bf16, no native library |
 //! | `ndarray` | `ndarray`             | pure Rust, f32 only (deprecated upstream)           |
 //! | `cuda`    | `cuda`, `cuda:N`      | loads libcuda/NVRTC at run time                     |
-//! | `wgpu`    | `wgpu`, `vulkan`      | any wgpu adapter (lavapipe works for tests)         |
+//! | `wgpu`    | `wgpu`                | any wgpu adapter (lavapipe works for tests)         |
 //! | `tch`     | `tch`, `tch-cuda:N`   | libtorch, see README for pointing at a torch wheel  |
 
 pub use burn::tensor::Device;
@@ -28,7 +28,7 @@ pub fn available_devices() -> Vec<&'static str> {
         names.extend(["cuda", "cuda:N"]);
     }
     if cfg!(feature = "wgpu") {
-        names.extend(["wgpu", "vulkan"]);
+        names.push("wgpu");
     }
     if cfg!(feature = "tch") {
         names.extend(["tch", "tch-cuda:N"]);
@@ -88,8 +88,6 @@ pub fn parse_device(name: &str) -> Result<Device> {
         "cuda" | "gpu" => Some(Device::cuda(index.unwrap_or(0))),
         #[cfg(feature = "wgpu")]
         "wgpu" => Some(Device::wgpu(Default::default())),
-        #[cfg(feature = "wgpu")]
-        "vulkan" => Some(Device::vulkan(Default::default())),
         #[cfg(feature = "tch")]
         "tch" => Some(Device::libtorch()),
         #[cfg(feature = "tch")]

@@ -4,9 +4,9 @@
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::{GroupNorm, Linear};
-use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::burn::tensor::module::attention;
 use diffusion_core::burn::tensor::ops::AttentionModuleOptions;
+use diffusion_core::burn::tensor::{DType, FloatDType, Tensor};
 use diffusion_core::{Device, Result};
 
 use crate::layers;
@@ -121,7 +121,7 @@ impl Attention {
         let q = split(self.to_q.forward(tokens.clone()));
         let k = split(self.to_k.forward(tokens.clone()));
         let v = split(self.to_v.forward(tokens));
-        let attended = attention(q, k, v, None, None, AttentionModuleOptions::default());
+        let attended = attend(q, k, v);
         let merged = attended
             .swap_dims(1, 2)
             .reshape([b, h * w, self.heads * self.dim_head]);
@@ -138,6 +138,27 @@ impl Attention {
         } else {
             out.div_scalar(self.rescale_output_factor)
         }
+    }
+}
+
+/// Softmax attention on `[B, heads, S, dim_head]`, computed in f32 for half-precision inputs:
+/// diffusers builds these attentions with `upcast_softmax=True`, and the scores of large
+/// activations overflow f16. (Some backends upcast internally; doing it here holds for all.)
+fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let dtype = q.dtype();
+    if matches!(dtype, DType::F16 | DType::BF16) {
+        let f32 = |t: Tensor<4>| t.cast(FloatDType::F32);
+        attention(
+            f32(q),
+            f32(k),
+            f32(v),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        )
+        .cast(FloatDType::from(dtype))
+    } else {
+        attention(q, k, v, None, None, AttentionModuleOptions::default())
     }
 }
 
@@ -189,6 +210,39 @@ mod tests {
         let want = to_vec(out.add(x).div_scalar(1.5));
         for (g, w) in got.iter().zip(&want) {
             assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+        }
+    }
+
+    /// With scores beyond f16's range, attention computed in f16 (burn's reference fallback)
+    /// overflows; the layer's attention computes them in f32 and matches the f32 result.
+    #[test]
+    fn half_precision_scores_are_computed_in_f32() {
+        use diffusion_core::burn::tensor::module::attention_fallback;
+        let device = Device::flex();
+        let normal = diffusion_core::burn::tensor::Distribution::Normal(0.0, 1.0);
+        // Scores of about 300 * 300 * 4 = 360000: f16 tops out at 65504.
+        let q = Tensor::<4>::random([1, 2, 6, 4], normal, &device).add_scalar(300.0);
+        let k = Tensor::<4>::random([1, 2, 6, 4], normal, &device).add_scalar(300.0);
+        let v = Tensor::<4>::random([1, 2, 6, 4], normal, &device);
+        let half = |t: Tensor<4>| t.cast(FloatDType::F16);
+        let naive = to_vec(attention_fallback(
+            half(q.clone()),
+            half(k.clone()),
+            half(v.clone()),
+            None,
+            None,
+            AttentionModuleOptions::default(),
+        ));
+        assert!(
+            naive.iter().any(|x| !x.is_finite()),
+            "f16 scores did not overflow"
+        );
+
+        let got = attend(half(q.clone()), half(k.clone()), half(v.clone()));
+        assert_eq!(got.dtype(), DType::F16);
+        let want = to_vec(attend(q, k, v));
+        for (g, w) in to_vec(got).iter().zip(&want) {
+            assert!((g - w).abs() < 1e-2, "{g} vs {w}");
         }
     }
 }

@@ -2,11 +2,12 @@
 //!
 //! Module paths mirror diffusers' `models/` folder (`diffusers.models.unets.unet_2d` is
 //! [`unets::unet_2d`]), and every module's attribute names equal diffusers' state-dict keys, so
-//! [`state_dict`] loads and saves diffusers safetensors files without a key table.
+//! [`mod@state_dict`] loads and saves diffusers safetensors files without a key table.
 #![warn(missing_docs)]
 
 pub mod activations;
 pub mod attention_processor;
+pub mod autoencoders;
 pub mod downsampling;
 pub mod embeddings;
 pub(crate) mod layers;
@@ -16,5 +17,6 @@ pub mod state_dict;
 pub mod unets;
 pub mod upsampling;
 
+pub use autoencoders::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution};
 pub use state_dict::{LoadMode, LoadReport, load_weights, save_weights, state_dict};
 pub use unets::unet_2d::{ClassLabels, UNet2DModel, UNet2DModelConfig};

@@ -3,7 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
-use diffusion_core::burn::module::Module;
+use diffusion_core::burn::module::{Module, ModuleMapper, Param};
+use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::config::{Config, ConfigFile};
 use diffusion_core::weights::{SaveDtype, WeightSource, resolve_weights, weight_file_names};
 use diffusion_core::{Error, Result};
@@ -96,6 +97,41 @@ pub fn save_pretrained<C: Config, M: Module>(
     ConfigFile::new(config.clone()).save(dir.join(CONFIG_NAME))?;
     let (weights_name, _) = weight_file_names(variant);
     save_weights(module, dir.join(weights_name), dtype)
+}
+
+struct CastFloats(FloatDType);
+
+impl ModuleMapper for CastFloats {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let dtype = self.0;
+        param.map(|t| {
+            if FloatDType::from(t.dtype()) == dtype {
+                t
+            } else {
+                t.cast(dtype)
+            }
+        })
+    }
+}
+
+/// Cast every float parameter of `module` to `dtype` (diffusers' `model.to(dtype)`). Inputs
+/// must then be given in the same dtype. GroupNorm statistics (burn widens f16 to f32) and
+/// the attention softmax (see [`crate::attention_processor`]) stay in f32.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`dtype`) when the module's device does not support `dtype`.
+pub fn to_dtype<M: Module>(module: M, dtype: FloatDType) -> Result<M> {
+    if let Some(device) = module
+        .devices()
+        .into_iter()
+        .find(|d| !d.supports_dtype(dtype))
+    {
+        return Err(Error::invalid_argument(
+            "dtype",
+            format!("{dtype:?} is not supported by the device {device:?}"),
+        ));
+    }
+    Ok(module.map(&mut CastFloats(dtype)))
 }
 
 #[cfg(test)]

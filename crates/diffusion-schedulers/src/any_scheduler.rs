@@ -1,6 +1,6 @@
 //! Runtime choice of scheduler: [`SchedulerKind`] names the classes this crate implements,
 //! [`SchedulerSpec`] parses what users type (diffusers class names and A1111 names such as
-//! `"DDIM"`), and [`AnyScheduler`] holds any of them behind the [`Scheduler`] trait.
+//! `"DPM++ 2M Karras"`), and [`AnyScheduler`] holds any of them behind the [`Scheduler`] trait.
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,6 +15,13 @@ use crate::scheduler::{
 };
 use crate::scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 use crate::scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig};
+use crate::scheduling_dpmsolver_multistep::{
+    DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
+};
+use crate::scheduling_euler_ancestral_discrete::{
+    EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig,
+};
+use crate::scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
 
 /// The scheduler classes this crate implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -24,17 +31,32 @@ pub enum SchedulerKind {
     Ddpm,
     /// [`DDIMScheduler`].
     Ddim,
+    /// [`EulerDiscreteScheduler`].
+    Euler,
+    /// [`EulerAncestralDiscreteScheduler`].
+    EulerAncestral,
+    /// [`DPMSolverMultistepScheduler`].
+    DpmSolverMultistep,
 }
 
 impl SchedulerKind {
     /// Every kind, in a stable order.
-    pub const ALL: &'static [SchedulerKind] = &[SchedulerKind::Ddpm, SchedulerKind::Ddim];
+    pub const ALL: &'static [SchedulerKind] = &[
+        SchedulerKind::Ddpm,
+        SchedulerKind::Ddim,
+        SchedulerKind::Euler,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmSolverMultistep,
+    ];
 
     /// The diffusers class name.
     pub fn class_name(self) -> &'static str {
         match self {
             Self::Ddpm => DDPMSchedulerConfig::CLASS_NAME,
             Self::Ddim => DDIMSchedulerConfig::CLASS_NAME,
+            Self::Euler => EulerDiscreteSchedulerConfig::CLASS_NAME,
+            Self::EulerAncestral => EulerAncestralDiscreteSchedulerConfig::CLASS_NAME,
+            Self::DpmSolverMultistep => DPMSolverMultistepSchedulerConfig::CLASS_NAME,
         }
     }
 
@@ -55,6 +77,9 @@ impl SchedulerKind {
         match self {
             Self::Ddpm => DDPMSchedulerConfig::known_keys(),
             Self::Ddim => DDIMSchedulerConfig::known_keys(),
+            Self::Euler => EulerDiscreteSchedulerConfig::known_keys(),
+            Self::EulerAncestral => EulerAncestralDiscreteSchedulerConfig::known_keys(),
+            Self::DpmSolverMultistep => DPMSolverMultistepSchedulerConfig::known_keys(),
         }
     }
 }
@@ -66,7 +91,8 @@ struct Alias {
     overrides: fn() -> Map<String, Value>,
 }
 
-/// A1111 sampler names (and other common short names) with the diffusers config they mean.
+/// A1111 sampler names (and other common short names) with the diffusers config they mean,
+/// following diffusers' documentation of the A1111 equivalents.
 const ALIASES: &[Alias] = &[
     Alias {
         name: "DDIM",
@@ -78,7 +104,59 @@ const ALIASES: &[Alias] = &[
         kind: SchedulerKind::Ddpm,
         overrides: Map::new,
     },
+    Alias {
+        name: "Euler",
+        kind: SchedulerKind::Euler,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(false))]),
+    },
+    Alias {
+        name: "Euler Karras",
+        kind: SchedulerKind::Euler,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(true))]),
+    },
+    Alias {
+        name: "Euler a",
+        kind: SchedulerKind::EulerAncestral,
+        overrides: Map::new,
+    },
+    Alias {
+        name: "DPM++ 2M",
+        kind: SchedulerKind::DpmSolverMultistep,
+        overrides: || dpm_2m("dpmsolver++", false),
+    },
+    Alias {
+        name: "DPM++ 2M Karras",
+        kind: SchedulerKind::DpmSolverMultistep,
+        overrides: || dpm_2m("dpmsolver++", true),
+    },
+    Alias {
+        name: "DPM++ 2M SDE",
+        kind: SchedulerKind::DpmSolverMultistep,
+        overrides: || dpm_2m("sde-dpmsolver++", false),
+    },
+    Alias {
+        name: "DPM++ 2M SDE Karras",
+        kind: SchedulerKind::DpmSolverMultistep,
+        overrides: || dpm_2m("sde-dpmsolver++", true),
+    },
 ];
+
+fn overrides(pairs: &[(&str, Value)]) -> Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.clone()))
+        .collect()
+}
+
+/// DPM++ 2M: second-order multistep DPM-Solver++ (or its SDE variant), with or without Karras
+/// sigmas.
+fn dpm_2m(algorithm: &str, karras: bool) -> Map<String, Value> {
+    overrides(&[
+        ("algorithm_type", Value::String(algorithm.into())),
+        ("solver_order", Value::from(2)),
+        ("use_karras_sigmas", Value::Bool(karras)),
+    ])
+}
 
 /// A scheduler choice as a user writes it: the class and the config overrides its name implies
 /// (A1111's "DPM++ 2M Karras" is a DPM-Solver with Karras sigmas, for instance).
@@ -140,6 +218,12 @@ pub enum AnyScheduler {
     Ddpm(DDPMScheduler),
     /// A [`DDIMScheduler`].
     Ddim(DDIMScheduler),
+    /// An [`EulerDiscreteScheduler`].
+    Euler(EulerDiscreteScheduler),
+    /// An [`EulerAncestralDiscreteScheduler`].
+    EulerAncestral(EulerAncestralDiscreteScheduler),
+    /// A [`DPMSolverMultistepScheduler`].
+    DpmSolverMultistep(DPMSolverMultistepScheduler),
 }
 
 macro_rules! dispatch {
@@ -147,6 +231,9 @@ macro_rules! dispatch {
         match $self {
             AnyScheduler::Ddpm($s) => $body,
             AnyScheduler::Ddim($s) => $body,
+            AnyScheduler::Euler($s) => $body,
+            AnyScheduler::EulerAncestral($s) => $body,
+            AnyScheduler::DpmSolverMultistep($s) => $body,
         }
     };
 }
@@ -163,12 +250,33 @@ impl From<DDIMScheduler> for AnyScheduler {
     }
 }
 
+impl From<EulerDiscreteScheduler> for AnyScheduler {
+    fn from(s: EulerDiscreteScheduler) -> Self {
+        Self::Euler(s)
+    }
+}
+
+impl From<EulerAncestralDiscreteScheduler> for AnyScheduler {
+    fn from(s: EulerAncestralDiscreteScheduler) -> Self {
+        Self::EulerAncestral(s)
+    }
+}
+
+impl From<DPMSolverMultistepScheduler> for AnyScheduler {
+    fn from(s: DPMSolverMultistepScheduler) -> Self {
+        Self::DpmSolverMultistep(s)
+    }
+}
+
 impl AnyScheduler {
     /// Which class this is.
     pub fn kind(&self) -> SchedulerKind {
         match self {
             Self::Ddpm(_) => SchedulerKind::Ddpm,
             Self::Ddim(_) => SchedulerKind::Ddim,
+            Self::Euler(_) => SchedulerKind::Euler,
+            Self::EulerAncestral(_) => SchedulerKind::EulerAncestral,
+            Self::DpmSolverMultistep(_) => SchedulerKind::DpmSolverMultistep,
         }
     }
 
@@ -216,6 +324,9 @@ impl AnyScheduler {
         Ok(match kind {
             SchedulerKind::Ddpm => Self::Ddpm(typed(value, origin)?),
             SchedulerKind::Ddim => Self::Ddim(typed(value, origin)?),
+            SchedulerKind::Euler => Self::Euler(typed(value, origin)?),
+            SchedulerKind::EulerAncestral => Self::EulerAncestral(typed(value, origin)?),
+            SchedulerKind::DpmSolverMultistep => Self::DpmSolverMultistep(typed(value, origin)?),
         })
     }
 
@@ -259,6 +370,35 @@ impl AnyScheduler {
             Self::Ddim(s) => Some(s),
             _ => None,
         }
+    }
+
+    /// The Euler scheduler inside, if this is one.
+    pub fn as_euler(&self) -> Option<&EulerDiscreteScheduler> {
+        match self {
+            Self::Euler(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The Euler ancestral scheduler inside, if this is one.
+    pub fn as_euler_ancestral(&self) -> Option<&EulerAncestralDiscreteScheduler> {
+        match self {
+            Self::EulerAncestral(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The DPM-Solver multistep scheduler inside, if this is one.
+    pub fn as_dpm_solver_multistep(&self) -> Option<&DPMSolverMultistepScheduler> {
+        match self {
+            Self::DpmSolverMultistep(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The training noise schedule.
+    pub fn noise_schedule(&self) -> &crate::NoiseSchedule {
+        dispatch!(self, s => s.noise_schedule())
     }
 }
 
@@ -354,7 +494,10 @@ mod tests {
             SchedulerSpec::parse("DDIMScheduler").unwrap().kind,
             SchedulerKind::Ddim
         );
-        assert_eq!(SchedulerSpec::parse("ddim").unwrap().kind, SchedulerKind::Ddim);
+        assert_eq!(
+            SchedulerSpec::parse("ddim").unwrap().kind,
+            SchedulerKind::Ddim
+        );
         assert_eq!(
             SchedulerSpec::parse("DDPMScheduler").unwrap().kind,
             SchedulerKind::Ddpm

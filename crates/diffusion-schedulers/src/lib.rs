@@ -7,6 +7,15 @@
 //! is the Python `__init__` default, and [`AnyScheduler`] picks a scheduler at run time from a
 //! class name or an A1111 alias.
 //!
+//! # Precision
+//!
+//! Parity with diffusers comes first. Schedules are `Vec<f64>` holding exactly the float32
+//! values diffusers holds. Per-step scalars are evaluated in the precision diffusers evaluates
+//! them: DDPM and DDIM compute their coefficients on 0-d float32 tensors, and near `t = 0`
+//! `1 - alpha_t / alpha_{t-1}` cancels enough that an `f64` evaluation moves diffusers' own
+//! DDPM test loop sum by 0.02, twice its tolerance; so those coefficients are float32 here too.
+//! Tensor arithmetic follows diffusers' operation order.
+//!
 //! ```no_run
 //! use diffusion_core::burn::tensor::Tensor;
 //! use diffusion_core::{Device, TorchGenerator};
@@ -36,9 +45,20 @@ pub mod schedule;
 pub mod scheduler;
 pub mod scheduling_ddim;
 pub mod scheduling_ddpm;
+pub mod scheduling_dpmsolver_multistep;
+pub mod scheduling_euler_ancestral_discrete;
+pub mod scheduling_euler_discrete;
+pub mod sigmas;
 
 pub use any_scheduler::{AnyScheduler, SchedulerKind, SchedulerSpec};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
 pub use scheduler::{ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput};
 pub use scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 pub use scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig, VarianceType};
+pub use scheduling_dpmsolver_multistep::{
+    DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
+};
+pub use scheduling_euler_ancestral_discrete::{
+    EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig,
+};
+pub use scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};

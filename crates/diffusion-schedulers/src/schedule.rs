@@ -5,8 +5,9 @@
 //! float32 rounding. The functions here round at the same points (torch's `linspace` is
 //! `fma`-based on CPU, its `cumprod` accumulates in double and rounds every output) and then
 //! widen to `f64`, so that our schedules equal diffusers' to the last bit rather than being
-//! "more exact" and drifting from the reference by ~1e-5 over a long chain. Everything computed
-//! from the schedule afterwards is `f64`.
+//! "more exact" and drifting from the reference by ~1e-5 over a long chain. (Zero-SNR rescaling
+//! and the sigmoid schedule go through torch's CPU `sqrt`/`exp`, which are not correctly
+//! rounded; there we are within a few ulps.)
 
 use diffusion_core::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -63,6 +64,9 @@ pub enum PredictionType {
     /// The flow-matching velocity (DPM-Solver with flow models).
     #[serde(rename = "flow_prediction")]
     FlowPrediction,
+    /// Euler's older spelling of `sample`.
+    #[serde(rename = "original_sample")]
+    OriginalSample,
 }
 
 impl PredictionType {
@@ -73,6 +77,7 @@ impl PredictionType {
             Self::Sample => "sample",
             Self::VPrediction => "v_prediction",
             Self::FlowPrediction => "flow_prediction",
+            Self::OriginalSample => "original_sample",
         }
     }
 }
@@ -170,12 +175,7 @@ impl NoiseSchedule {
                 }
                 trained.iter().map(|&b| b as f32).collect()
             }
-            None => beta_schedule_f32(
-                config.beta_schedule,
-                config.beta_start,
-                config.beta_end,
-                n,
-            ),
+            None => beta_schedule_f32(config.beta_schedule, config.beta_start, config.beta_end, n),
         };
         if let Some(bad) = betas.iter().find(|b| !(0.0..=1.0).contains(*b)) {
             return Err(Error::invalid_argument(
@@ -194,6 +194,19 @@ impl NoiseSchedule {
         }
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
         let alphas_cumprod = cumprod_f32(&alphas);
+        // When alpha_bar underflows float32 before the last step, the rescaling divides zero
+        // by zero; diffusers would go on with NaN.
+        if config.rescale_betas_zero_snr
+            && let Some(t) = betas.iter().position(|b| !b.is_finite())
+        {
+            return Err(Error::invalid_argument(
+                "rescale_betas_zero_snr",
+                format!(
+                    "alpha_bar underflows float32 before the last timestep (beta_{t} becomes \
+                     NaN); this beta schedule cannot be rescaled to zero terminal SNR"
+                ),
+            ));
+        }
         Ok(Self {
             betas: betas.iter().map(|&b| f64::from(b)).collect(),
             alphas: alphas.iter().map(|&a| f64::from(a)).collect(),
@@ -270,9 +283,7 @@ pub fn betas_for_alpha_bar(n: usize, max_beta: f64, transform: AlphaTransform) -
                 .powi(2),
             AlphaTransform::Exp => (t * -12.0).exp(),
             AlphaTransform::Laplace => {
-                let lmb = -0.5
-                    * 1f64.copysign(0.5 - t)
-                    * (1.0 - 2.0 * (0.5 - t).abs() + 1e-6).ln();
+                let lmb = -0.5 * 1f64.copysign(0.5 - t) * (1.0 - 2.0 * (0.5 - t).abs() + 1e-6).ln();
                 let snr = lmb.exp();
                 (snr / (1.0 + snr)).sqrt()
             }
@@ -386,7 +397,10 @@ fn rescale_zero_terminal_snr_f32(betas: &[f32]) -> Vec<f32> {
 /// # Errors
 /// [`Error::InvalidArgument`] naming `num_inference_steps` when it is 0 or larger than
 /// `num_train_timesteps`.
-pub fn check_num_inference_steps(num_inference_steps: usize, num_train_timesteps: usize) -> Result<()> {
+pub fn check_num_inference_steps(
+    num_inference_steps: usize,
+    num_train_timesteps: usize,
+) -> Result<()> {
     if num_inference_steps == 0 {
         return Err(Error::invalid_argument(
             "num_inference_steps",
@@ -482,13 +496,19 @@ pub fn numpy_linspace(start: f64, stop: f64, num: usize) -> Vec<f64> {
 /// `ceil((stop - start) / step)` and element `i` is `start + i * ((start + step) - start)`.
 pub fn numpy_arange(start: f64, stop: f64, step: f64) -> Vec<f64> {
     let len = ((stop - start) / step).ceil();
-    if !(len > 0.0) || step == 0.0 {
+    if len.is_nan() || len <= 0.0 || step == 0.0 {
         return Vec::new();
     }
     let len = len as usize;
     let delta = (start + step) - start;
     (0..len)
-        .map(|i| if i == 0 { start } else { start + i as f64 * delta })
+        .map(|i| {
+            if i == 0 {
+                start
+            } else {
+                start + i as f64 * delta
+            }
+        })
         .collect()
 }
 
@@ -535,13 +555,13 @@ pub(crate) fn check_common(
                 format!("{dynamic_thresholding_ratio} is not a quantile in [0, 1]"),
             ));
         }
-        if !(sample_max_value > 0.0) {
+        if sample_max_value.is_nan() || sample_max_value <= 0.0 {
             return Err((
                 "sample_max_value".into(),
                 format!("{sample_max_value} must be positive"),
             ));
         }
-    } else if clip_sample && !(clip_sample_range >= 0.0) {
+    } else if clip_sample && (clip_sample_range.is_nan() || clip_sample_range < 0.0) {
         return Err((
             "clip_sample_range".into(),
             format!("{clip_sample_range} must be non-negative"),
@@ -583,7 +603,9 @@ mod tests {
     fn bad_step_counts_are_errors() {
         for k in [0, 1001] {
             let err = spaced_timesteps(TimestepSpacing::Leading, 1000, k, 0).unwrap_err();
-            assert!(matches!(err, Error::InvalidArgument { ref name, .. } if name == "num_inference_steps"));
+            assert!(
+                matches!(err, Error::InvalidArgument { ref name, .. } if name == "num_inference_steps")
+            );
         }
         let err = spaced_timesteps(TimestepSpacing::Leading, 1000, 10, 100).unwrap_err();
         assert!(matches!(err, Error::InvalidArgument { ref name, .. } if name == "steps_offset"));
@@ -608,10 +630,23 @@ mod tests {
             .collect::<Vec<_>>();
         let sqrt_bar = |betas: Vec<f64>| -> Vec<f64> {
             let mut acc = 1.0;
-            betas.iter().map(|b| { acc *= 1.0 - b; f64::sqrt(acc) }).collect()
+            betas
+                .iter()
+                .map(|b| {
+                    acc *= 1.0 - b;
+                    f64::sqrt(acc)
+                })
+                .collect()
         };
-        let a = sqrt_bar(rescale_zero_terminal_snr_f32(&betas).into_iter().map(f64::from).collect());
-        let b = sqrt_bar(rescale_zero_terminal_snr(&betas.iter().map(|&x| f64::from(x)).collect::<Vec<_>>()));
+        let a = sqrt_bar(
+            rescale_zero_terminal_snr_f32(&betas)
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+        );
+        let b = sqrt_bar(rescale_zero_terminal_snr(
+            &betas.iter().map(|&x| f64::from(x)).collect::<Vec<_>>(),
+        ));
         assert_eq!(a[999], 0.0);
         assert!(b[999].abs() < 1e-7);
         // The first value is kept: only the tail is pulled down to zero.

@@ -2,8 +2,8 @@
 //! methods.
 //!
 //! The trait is shaped after diffusers' `SchedulerMixin` as pipelines use it: `set_timesteps`,
-//! `timesteps`, `scale_model_input`, `step`, `add_noise`. Schedule maths lives on the host in
-//! `f64`; only the methods that take tensors touch the device. Timesteps are `f64` for every
+//! `timesteps`, `scale_model_input`, `step`, `add_noise`. Schedule maths lives on the host
+//! (see the crate docs on precision); only the methods that take tensors touch the device. Timesteps are `f64` for every
 //! scheduler: DDPM/DDIM use integral values, Karras-style schedulers use fractional ones, and a
 //! pipeline passes whatever [`Scheduler::timesteps`] gave it straight back to `step`.
 //!
@@ -174,7 +174,10 @@ impl<'a, const D: usize> StepOptions<'a, D> {
             ("generator", self.generator.is_some()),
             ("variance_noise", self.variance_noise.is_some()),
             ("eta", self.eta.is_some()),
-            ("use_clipped_model_output", self.use_clipped_model_output.is_some()),
+            (
+                "use_clipped_model_output",
+                self.use_clipped_model_output.is_some(),
+            ),
             ("s_churn", self.s_churn.is_some()),
             ("s_tmin", self.s_tmin.is_some()),
             ("s_tmax", self.s_tmax.is_some()),

@@ -304,7 +304,7 @@ impl Scheduler for DDIMScheduler {
             )
         })?;
         let eta = options.eta.unwrap_or(0.0);
-        if !(eta >= 0.0) {
+        if eta.is_nan() || eta < 0.0 {
             return Err(Error::invalid_argument(
                 "eta",
                 format!("{eta} must be non-negative"),
@@ -344,10 +344,10 @@ impl Scheduler for DDIMScheduler {
                     .mul_scalar(sqrt_alpha)
                     .add(sample.clone().mul_scalar(sqrt_beta)),
             ),
-            PredictionType::FlowPrediction => {
+            other @ (PredictionType::FlowPrediction | PredictionType::OriginalSample) => {
                 return Err(Error::invalid_argument(
                     "prediction_type",
-                    "DDIMScheduler does not support flow_prediction",
+                    format!("DDIMScheduler does not support {}", other.as_str()),
                 ));
             }
         };

@@ -476,10 +476,10 @@ impl Scheduler for DDPMScheduler {
                 .clone()
                 .mul_scalar(alpha_prod_t.sqrt())
                 .sub(model_output.clone().mul_scalar(beta_prod_t.sqrt())),
-            PredictionType::FlowPrediction => {
+            other @ (PredictionType::FlowPrediction | PredictionType::OriginalSample) => {
                 return Err(Error::invalid_argument(
                     "prediction_type",
-                    "DDPMScheduler does not support flow_prediction",
+                    format!("DDPMScheduler does not support {}", other.as_str()),
                 ));
             }
         };
@@ -567,10 +567,7 @@ fn check_custom_timesteps(timesteps: &[f64], num_train_timesteps: usize) -> Resu
     if let Some(w) = timesteps.windows(2).find(|w| w[1] >= w[0]) {
         return Err(Error::invalid_argument(
             "timesteps",
-            format!(
-                "must be strictly decreasing, got {} then {}",
-                w[0], w[1]
-            ),
+            format!("must be strictly decreasing, got {} then {}", w[0], w[1]),
         ));
     }
     if let Some(bad) = timesteps.iter().find(|t| t.fract() != 0.0 || **t < 0.0) {

@@ -195,8 +195,9 @@ pub fn load_checkpoint(
                 message: "missing: not an EMA folder".into(),
             })?;
         let shadow = UNet2DModel::from_pretrained(&ema_dir, &device.clone().without_autodiff())?;
+        let ema_config = config.ema().with_saved(&file.unknown);
         trainer.ema = Some(EmaModel::from_weights(
-            config.ema(),
+            ema_config,
             trainer.model(),
             &shadow,
             step,

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use diffusion_core::{Error, Result};
+use diffusion_core::{ConfigFile, Error, Result};
 use diffusion_models::UNet2DModelConfig;
 use diffusion_schedulers::{DDPMSchedulerConfig, PredictionType};
 
@@ -210,6 +210,14 @@ impl TrainConfig {
         let path = path.as_ref();
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let value = diffusion_core::config::parse_json(&text, path)?;
+        // The nested diffusers configs go through their own parsers first, which name bad fields
+        // and warn about keys they do not know (serde alone would drop those silently).
+        if let Some(model) = value.get("model") {
+            ConfigFile::<UNet2DModelConfig>::from_value(model.clone(), path)?;
+        }
+        if let Some(scheduler) = value.get("scheduler") {
+            ConfigFile::<DDPMSchedulerConfig>::from_value(scheduler.clone(), path)?;
+        }
         serde_json::from_value(value).map_err(|e| Error::ConfigField {
             path: path.to_path_buf(),
             field: "<root>".into(),
@@ -339,6 +347,10 @@ mod tests {
         std::fs::write(&path, r#"{"learning_rat": 1.0}"#).unwrap();
         let err = TrainConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("learning_rat"), "{err}");
+        let bad_model = r#"{"model": {"block_out_channels": [8], "down_block_types": ["DownBlock2D", "DownBlock2D"]}}"#;
+        std::fs::write(&path, bad_model).unwrap();
+        let err = TrainConfig::load(&path).unwrap_err().to_string();
+        assert!(err.contains("block_out_channels"), "{err}");
         std::fs::write(
             &path,
             r#"{"lr_scheduler": "cosine_with_restarts", "train_batch_size": 4}"#,

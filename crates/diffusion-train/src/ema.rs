@@ -228,6 +228,30 @@ impl EmaModel {
     }
 }
 
+impl EmaConfig {
+    /// The settings saved by [`EmaModel::config_entries`], each falling back to `self`'s when
+    /// absent. diffusers' resume hook restores them this way (`load_state_dict` of the saved
+    /// `EMAModel`), so a resumed EMA keeps the decay schedule it was started with.
+    pub fn with_saved(&self, entries: &Map<String, Value>) -> Self {
+        let float =
+            |key: &str, fallback: f64| entries.get(key).and_then(Value::as_f64).unwrap_or(fallback);
+        Self {
+            decay: float("decay", self.decay),
+            min_decay: float("min_decay", self.min_decay),
+            update_after_step: entries
+                .get("update_after_step")
+                .and_then(Value::as_u64)
+                .unwrap_or(self.update_after_step),
+            use_ema_warmup: entries
+                .get("use_ema_warmup")
+                .and_then(Value::as_bool)
+                .unwrap_or(self.use_ema_warmup),
+            inv_gamma: float("inv_gamma", self.inv_gamma),
+            power: float("power", self.power),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -247,5 +271,28 @@ mod tests {
         assert_eq!(plain.decay_at(4), 0.0);
         assert_eq!(plain.decay_at(5), 0.5); // (1 + 1) / 11 raised to min_decay
         assert_eq!(plain.decay_at(103), 100.0 / 109.0);
+    }
+
+    #[test]
+    fn saved_settings_win_over_current_ones() {
+        let saved = EmaConfig {
+            power: 2.0 / 3.0,
+            update_after_step: 5,
+            ..EmaConfig::default()
+        };
+        let ema = EmaModel {
+            config: saved.clone(),
+            shadow: Vec::new(),
+            trainable: Vec::new(),
+            optimization_step: 12,
+            cur_decay_value: None,
+        };
+        let entries = ema.config_entries();
+        assert_eq!(EmaConfig::default().with_saved(&entries), saved);
+        assert_eq!(EmaModel::optimization_step_from(&entries), Some(12));
+        assert_eq!(
+            EmaConfig::default().with_saved(&Map::new()),
+            EmaConfig::default()
+        );
     }
 }

@@ -228,7 +228,7 @@ impl UNet2DModel {
                 Some(UNetMidBlock2D::new(
                     &MidBlockArgs {
                         in_channels: last,
-                        temb_channels: time_embed_dim,
+                        temb_channels: Some(time_embed_dim),
                         dropout: config.dropout,
                         resnet_eps: config.norm_eps,
                         resnet_act_fn: act,
@@ -428,7 +428,7 @@ impl UNet2DModel {
             res_samples.extend(states);
         }
         if let Some(mid) = &self.mid_block {
-            x = mid.forward(x, &emb);
+            x = mid.forward(x, Some(&emb));
         }
         let mut skip: Option<Tensor<4>> = None;
         for block in &self.up_blocks {

@@ -1,9 +1,12 @@
-//! The down, mid and up blocks of `UNet2DModel` (`diffusers.models.unets.unet_2d_blocks`).
+//! The down, mid and up blocks of `UNet2DModel` and `AutoencoderKL`
+//! (`diffusers.models.unets.unet_2d_blocks`).
 //!
 //! Blocks that differ only by their attention share a struct: [`DownBlock2D`] serves
 //! `DownBlock2D` and `AttnDownBlock2D`, [`SkipDownBlock2D`] serves `SkipDownBlock2D` and
 //! `AttnSkipDownBlock2D`, and likewise for up blocks. The [`DownBlock`] and [`UpBlock`] enums
 //! carry the diffusers class name; [`get_down_block`] and [`get_up_block`] build them from it.
+//! The VAE's [`DownEncoderBlock2D`] and [`UpDecoderBlock2D`] likewise serve their `Attn`
+//! variants; [`get_down_encoder_block`] and [`get_up_decoder_block`] build them.
 
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
@@ -639,13 +642,232 @@ pub fn get_up_block(name: &str, args: &BlockArgs, device: &Device) -> Result<UpB
     })
 }
 
-/// `UNetMidBlock2D` arguments as `UNet2DModel` passes them.
+/// The block classes [`get_down_encoder_block`] builds (the VAE encoder's down blocks).
+pub const DOWN_ENCODER_BLOCK_TYPES: [&str; 2] = ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"];
+/// The block classes [`get_up_decoder_block`] builds (the VAE decoder's up blocks).
+pub const UP_DECODER_BLOCK_TYPES: [&str; 2] = ["UpDecoderBlock2D", "AttnUpDecoderBlock2D"];
+
+/// The arguments `get_down_block` / `get_up_block` receive from the VAE's `Encoder` and
+/// `Decoder` (no time embedding, `norm_type = "group"`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CoderBlockArgs {
+    /// Resnets in the block.
+    pub num_layers: usize,
+    /// Input channels.
+    pub in_channels: usize,
+    /// Output channels.
+    pub out_channels: usize,
+    /// Whether the block ends with a down/upsampler.
+    pub add_resample: bool,
+    /// GroupNorm epsilon.
+    pub resnet_eps: f64,
+    /// Resnet activation.
+    pub resnet_act_fn: Activation,
+    /// GroupNorm groups of resnets and attentions.
+    pub resnet_groups: usize,
+    /// Width of attention heads (attention blocks only).
+    pub attention_head_dim: usize,
+    /// Padding of `Downsample2D`'s convolution (down blocks only).
+    pub downsample_padding: usize,
+    /// Resnet dropout.
+    pub dropout: f64,
+}
+
+impl CoderBlockArgs {
+    /// The resnets and (when `with_attention`) attentions of a block, one attention per resnet.
+    fn layers(
+        &self,
+        with_attention: bool,
+        device: &Device,
+    ) -> Result<(Vec<ResnetBlock2D>, Vec<Attention>)> {
+        let mut resnets = Vec::with_capacity(self.num_layers);
+        let mut attentions = Vec::new();
+        for i in 0..self.num_layers {
+            let in_ch = if i == 0 {
+                self.in_channels
+            } else {
+                self.out_channels
+            };
+            let config = ResnetBlock2DConfig {
+                groups: self.resnet_groups,
+                eps: self.resnet_eps,
+                dropout: self.dropout,
+                non_linearity: self.resnet_act_fn,
+                ..ResnetBlock2DConfig::new(in_ch, self.out_channels, None)
+            };
+            resnets.push(config.init(device)?);
+            if with_attention {
+                let config = AttentionConfig {
+                    query_dim: self.out_channels,
+                    heads: self.out_channels / self.attention_head_dim.max(1),
+                    dim_head: self.attention_head_dim,
+                    rescale_output_factor: 1.0,
+                    eps: self.resnet_eps,
+                    norm_num_groups: Some(self.resnet_groups),
+                    residual_connection: true,
+                    bias: true,
+                };
+                attentions.push(config.init(device)?);
+            }
+        }
+        Ok((resnets, attentions))
+    }
+}
+
+/// `DownEncoderBlock2D` (resnets, then a strided-convolution downsampler) and
+/// `AttnDownEncoderBlock2D` (an attention after each resnet): the VAE encoder's down blocks.
+#[derive(Module, Debug)]
+pub struct DownEncoderBlock2D {
+    /// Residual blocks (no time embedding).
+    pub resnets: Vec<ResnetBlock2D>,
+    /// Attentions (empty for `DownEncoderBlock2D`).
+    pub attentions: Vec<Attention>,
+    /// Zero or one `Downsample2D` with a convolution.
+    pub downsamplers: Vec<Downsample2D>,
+}
+
+impl DownEncoderBlock2D {
+    /// # Shapes
+    /// - `x`: `[B, in_channels, H, W]`
+    /// - output: `[B, out_channels, H', W']`, with a downsampler of padding 0 (the VAE's)
+    ///   `H' = floor((H - 2) / 2) + 1`, else `H' = H`
+    pub fn forward(&self, mut x: Tensor<4>) -> Tensor<4> {
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(x, None);
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward(x);
+            }
+        }
+        for down in &self.downsamplers {
+            x = down.forward(x);
+        }
+        x
+    }
+}
+
+/// `UpDecoderBlock2D` (resnets, then a nearest ×2 + convolution upsampler) and
+/// `AttnUpDecoderBlock2D` (an attention after each resnet): the VAE decoder's up blocks.
+/// Unlike the UNet's up blocks they take no skip connections.
+#[derive(Module, Debug)]
+pub struct UpDecoderBlock2D {
+    /// Residual blocks (no time embedding).
+    pub resnets: Vec<ResnetBlock2D>,
+    /// Attentions (empty for `UpDecoderBlock2D`).
+    pub attentions: Vec<Attention>,
+    /// Zero or one `Upsample2D` with a convolution.
+    pub upsamplers: Vec<Upsample2D>,
+}
+
+impl UpDecoderBlock2D {
+    /// # Shapes
+    /// - `x`: `[B, in_channels, H, W]`
+    /// - output: `[B, out_channels, 2H, 2W]` with an upsampler, else `[B, out_channels, H, W]`
+    pub fn forward(&self, mut x: Tensor<4>) -> Tensor<4> {
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(x, None);
+            if let Some(attn) = self.attentions.get(i) {
+                x = attn.forward(x);
+            }
+        }
+        for up in &self.upsamplers {
+            x = up.forward(x);
+        }
+        x
+    }
+}
+
+/// Build a VAE encoder down block by diffusers class name (`get_down_block`).
+///
+/// # Errors
+/// [`diffusion_core::Error::Unsupported`] (`down_block_types`) for another class; config errors
+/// from the layers (group counts, head width).
+pub fn get_down_encoder_block(
+    name: &str,
+    args: &CoderBlockArgs,
+    device: &Device,
+) -> Result<DownEncoderBlock2D> {
+    let with_attention = match strip_prefix(name) {
+        "DownEncoderBlock2D" => false,
+        "AttnDownEncoderBlock2D" => true,
+        _ => {
+            return Err(layers::unsupported(
+                "down_block_types",
+                name,
+                format!(
+                    "AutoencoderKL down blocks supported: {}",
+                    DOWN_ENCODER_BLOCK_TYPES.join(", ")
+                ),
+            ));
+        }
+    };
+    let (resnets, attentions) = args.layers(with_attention, device)?;
+    let downsamplers = if args.add_resample {
+        vec![Downsample2D::new(
+            args.out_channels,
+            true,
+            args.out_channels,
+            args.downsample_padding,
+            device,
+        )]
+    } else {
+        Vec::new()
+    };
+    Ok(DownEncoderBlock2D {
+        resnets,
+        attentions,
+        downsamplers,
+    })
+}
+
+/// Build a VAE decoder up block by diffusers class name (`get_up_block`).
+///
+/// # Errors
+/// [`diffusion_core::Error::Unsupported`] (`up_block_types`) for another class; config errors
+/// from the layers (group counts, head width).
+pub fn get_up_decoder_block(
+    name: &str,
+    args: &CoderBlockArgs,
+    device: &Device,
+) -> Result<UpDecoderBlock2D> {
+    let with_attention = match strip_prefix(name) {
+        "UpDecoderBlock2D" => false,
+        "AttnUpDecoderBlock2D" => true,
+        _ => {
+            return Err(layers::unsupported(
+                "up_block_types",
+                name,
+                format!(
+                    "AutoencoderKL up blocks supported: {}",
+                    UP_DECODER_BLOCK_TYPES.join(", ")
+                ),
+            ));
+        }
+    };
+    let (resnets, attentions) = args.layers(with_attention, device)?;
+    let upsamplers = if args.add_resample {
+        vec![Upsample2D::new(
+            args.out_channels,
+            true,
+            args.out_channels,
+            device,
+        )]
+    } else {
+        Vec::new()
+    };
+    Ok(UpDecoderBlock2D {
+        resnets,
+        attentions,
+        upsamplers,
+    })
+}
+
+/// `UNetMidBlock2D` arguments as `UNet2DModel` and the VAE's `Encoder` / `Decoder` pass them.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MidBlockArgs {
     /// Channels in and out.
     pub in_channels: usize,
-    /// Width of the time embedding.
-    pub temb_channels: usize,
+    /// Width of the time embedding; `None` (the VAE) builds resnets without `time_emb_proj`.
+    pub temb_channels: Option<usize>,
     /// Resnet dropout.
     pub dropout: f64,
     /// GroupNorm epsilon.
@@ -696,7 +918,7 @@ impl UNetMidBlock2D {
             non_linearity: args.resnet_act_fn,
             time_embedding_norm: args.resnet_time_scale_shift,
             output_scale_factor: args.output_scale_factor,
-            ..ResnetBlock2DConfig::new(args.in_channels, args.in_channels, Some(args.temb_channels))
+            ..ResnetBlock2DConfig::new(args.in_channels, args.in_channels, args.temb_channels)
         };
         let resnets = vec![resnet().init(device)?, resnet().init(device)?];
         let mut attentions = Vec::new();
@@ -724,19 +946,20 @@ impl UNetMidBlock2D {
     }
 
     /// # Shapes
-    /// - `x`: `[B, in_channels, H, W]`, `temb`: `[B, temb_channels]`
+    /// - `x`: `[B, in_channels, H, W]`, `temb`: `[B, temb_channels]` (`None` for a block built
+    ///   without time embedding)
     /// - output: `[B, in_channels, H, W]`
-    pub fn forward(&self, x: Tensor<4>, temb: &Tensor<2>) -> Tensor<4> {
+    pub fn forward(&self, x: Tensor<4>, temb: Option<&Tensor<2>>) -> Tensor<4> {
         let mut resnets = self.resnets.iter();
         let mut x = match resnets.next() {
-            Some(first) => first.forward(x, Some(temb.clone())),
+            Some(first) => first.forward(x, temb.cloned()),
             None => x,
         };
         for (i, resnet) in resnets.enumerate() {
             if let Some(attn) = self.attentions.get(i) {
                 x = attn.forward(x);
             }
-            x = resnet.forward(x, Some(temb.clone()));
+            x = resnet.forward(x, temb.cloned());
         }
         x
     }

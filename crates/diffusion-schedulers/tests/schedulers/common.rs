@@ -74,7 +74,10 @@ pub fn tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<D> {
 }
 
 pub fn host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
-    t.to_data().convert::<f32>().try_to_vec::<f32>().expect("float tensor")
+    t.to_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .expect("float tensor")
 }
 
 /// Norm-wise relative error `max|a - b| / max|b|` (or the absolute error when `b` is all zero).
@@ -83,10 +86,9 @@ pub fn rel_err(actual: &[f32], expected: &[f32]) -> f64 {
     let scale = expected
         .iter()
         .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
-    let diff = actual
-        .iter()
-        .zip(expected)
-        .fold(0f64, |m, (&a, &b)| m.max((f64::from(a) - f64::from(b)).abs()));
+    let diff = actual.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
+        m.max((f64::from(a) - f64::from(b)).abs())
+    });
     if actual.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
@@ -96,13 +98,22 @@ pub fn rel_err(actual: &[f32], expected: &[f32]) -> f64 {
 /// Build a scheduler of class `class` from a JSON object of config overrides.
 pub fn build(class: &str, config: &Value) -> Result<AnyScheduler> {
     let kind = SchedulerKind::from_class_name(class)?;
-    Ok(AnyScheduler::build(kind, config.clone(), Path::new("<fixture>"))?)
+    Ok(AnyScheduler::build(
+        kind,
+        config.clone(),
+        Path::new("<fixture>"),
+    )?)
 }
 
-/// diffusers' test model: `sample * t / (t + 1)`, with the learned-variance channels of the
-/// oracle's `dummy_model`.
+/// The oracle's `dummy_model`: `(0.5 x + 0.1) * t / (t + 1)` (see gen_schedulers.py for why not
+/// diffusers' `x * t / (t + 1)`), with its learned-variance channels.
 pub fn dummy_model(x: &Tensor<4>, t: f64, kind: &str) -> Tensor<4> {
-    let out = x.clone().mul_scalar(t).div_scalar(t + 1.0);
+    let out = x
+        .clone()
+        .mul_scalar(0.5)
+        .add_scalar(0.1)
+        .mul_scalar(t)
+        .div_scalar(t + 1.0);
     match kind {
         "learned" => {
             let var = x.clone().mul(x.clone()).mul_scalar(0.01).add_scalar(0.0001);

@@ -57,7 +57,11 @@ fn partial_files_fill_defaults_as_diffusers_does() -> Result<()> {
         if key.starts_with('_') {
             continue;
         }
-        ensure!(ours.get(key) == Some(value), "{key}: {:?} vs {value}", ours.get(key));
+        ensure!(
+            ours.get(key) == Some(value),
+            "{key}: {:?} vs {value}",
+            ours.get(key)
+        );
     }
     let ddim = scheduler.as_ddim().context("ddim")?;
     ensure!(ddim.config().beta_schedule == BetaSchedule::ScaledLinear);
@@ -90,7 +94,8 @@ fn from_config_swaps_classes_like_diffusers() -> Result<()> {
     let back = AnyScheduler::convert(&ddim, &SchedulerSpec::parse("DDPM")?)?;
     ensure!(*back.as_ddpm().context("ddpm")?.config() == DDPMSchedulerConfig::default());
     // ConfigFile::convert gives the same typed config.
-    let via_core: ConfigFile<DDIMSchedulerConfig> = ddpm.config_file().convert(&Default::default())?;
+    let via_core: ConfigFile<DDIMSchedulerConfig> =
+        ddpm.config_file().convert(&Default::default())?;
     ensure!(via_core.config == DDIMSchedulerConfig::default());
     Ok(())
 }

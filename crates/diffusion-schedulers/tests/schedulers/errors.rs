@@ -5,14 +5,17 @@ use std::path::Path;
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{ConfigFile, Error, TorchGenerator};
 use diffusion_schedulers::{
-    AnyScheduler, DDIMScheduler, DDIMSchedulerConfig, DDPMScheduler,
-    DDPMSchedulerConfig, Scheduler, SchedulerSpec, SetTimesteps, StepOptions, VarianceType,
+    AnyScheduler, DDIMScheduler, DDIMSchedulerConfig, DDPMScheduler, DDPMSchedulerConfig,
+    Scheduler, SchedulerSpec, SetTimesteps, StepOptions, VarianceType,
 };
 
 use crate::common::tensor;
 
 fn sample() -> Tensor<4> {
-    tensor((0..2 * 3 * 4 * 4).map(|i| i as f32 / 96.0 - 0.5).collect(), [2, 3, 4, 4])
+    tensor(
+        (0..2 * 3 * 4 * 4).map(|i| i as f32 / 96.0 - 0.5).collect(),
+        [2, 3, 4, 4],
+    )
 }
 
 /// The `name` of an `InvalidArgument`, or a description of what came instead.
@@ -104,6 +107,19 @@ fn impossible_values_are_refused() {
 }
 
 #[test]
+fn degenerate_zero_snr_rescaling_is_refused() {
+    // alpha_bar underflows float32 long before t = 360 here; rescaling would divide 0 by 0.
+    let r = DDIMScheduler::new(DDIMSchedulerConfig {
+        num_train_timesteps: 360,
+        beta_start: 0.002,
+        beta_end: 0.47,
+        rescale_betas_zero_snr: true,
+        ..Default::default()
+    });
+    assert_eq!(arg_name(r), "rescale_betas_zero_snr");
+}
+
+#[test]
 fn eta_on_ddpm_is_refused() {
     let mut s = ddpm();
     s.set_timesteps(10).unwrap();
@@ -138,7 +154,12 @@ fn timesteps_outside_the_schedule() {
     let mut s = ddpm();
     s.set_timesteps(10).unwrap();
     let mut g = TorchGenerator::new(0);
-    let r = s.step(sample(), 901.0, sample(), StepOptions::default().with_generator(&mut g));
+    let r = s.step(
+        sample(),
+        901.0,
+        sample(),
+        StepOptions::default().with_generator(&mut g),
+    );
     assert_eq!(arg_name(r), "timestep");
 }
 
@@ -179,12 +200,18 @@ fn noise_must_be_explicit() {
         "generator"
     );
     // The last step adds no noise and needs no generator.
-    assert!(s.step(sample(), 0.0, sample(), StepOptions::default()).is_ok());
+    assert!(
+        s.step(sample(), 0.0, sample(), StepOptions::default())
+            .is_ok()
+    );
 
     let mut s = ddim();
     s.set_timesteps(10).unwrap();
     let opts = StepOptions::default().with_eta(0.5);
-    assert_eq!(arg_name(s.step(sample(), 900.0, sample(), opts)), "generator");
+    assert_eq!(
+        arg_name(s.step(sample(), 900.0, sample(), opts)),
+        "generator"
+    );
     let mut g = TorchGenerator::new(0);
     let opts = StepOptions::default()
         .with_eta(0.5)
@@ -195,7 +222,9 @@ fn noise_must_be_explicit() {
         "variance_noise"
     );
     let wrong = tensor(vec![0.0; 3 * 4 * 4], [1, 3, 4, 4]);
-    let opts = StepOptions::default().with_eta(0.5).with_variance_noise(wrong);
+    let opts = StepOptions::default()
+        .with_eta(0.5)
+        .with_variance_noise(wrong);
     assert_eq!(
         arg_name(s.step(sample(), 900.0, sample(), opts)),
         "variance_noise"
@@ -227,10 +256,7 @@ fn mismatched_shapes() {
         arg_name(s.step(other.clone(), 900.0, sample(), StepOptions::default())),
         "model_output"
     );
-    assert_eq!(
-        arg_name(s.add_noise(sample(), other, &[10.0])),
-        "noise"
-    );
+    assert_eq!(arg_name(s.add_noise(sample(), other, &[10.0])), "noise");
     assert_eq!(
         arg_name(s.add_noise(sample(), sample(), &[10.0, 20.0, 30.0])),
         "timesteps"
@@ -250,7 +276,12 @@ fn learned_variance_needs_the_extra_channels() {
     .unwrap();
     s.set_timesteps(10).unwrap();
     let mut g = TorchGenerator::new(0);
-    let r = s.step(sample(), 900.0, sample(), StepOptions::default().with_generator(&mut g));
+    let r = s.step(
+        sample(),
+        900.0,
+        sample(),
+        StepOptions::default().with_generator(&mut g),
+    );
     assert_eq!(arg_name(r), "model_output");
     // The refused step drew nothing: the generator is where a fresh one starts.
     assert_eq!(g.randn(&[4]), TorchGenerator::new(0).randn(&[4]));
@@ -265,7 +296,12 @@ fn fixed_large_log_is_unsupported_not_nan() {
     .unwrap();
     s.set_timesteps(10).unwrap();
     let mut g = TorchGenerator::new(0);
-    let r = s.step(sample(), 900.0, sample(), StepOptions::default().with_generator(&mut g));
+    let r = s.step(
+        sample(),
+        900.0,
+        sample(),
+        StepOptions::default().with_generator(&mut g),
+    );
     assert!(
         matches!(r, Err(Error::Unsupported { ref field, .. }) if field == "variance_type"),
         "{r:?}"

@@ -32,7 +32,10 @@ fn check(name: &str, result: &Tensor<4>, expected_sum: f64, expected_mean: f64) 
     );
     let golden = Tensors::load("golden.safetensors")?;
     let err = rel_err(&host(result), golden.values(name)?);
-    ensure!(err <= 1e-5, "{name}: relative error {err:e} against the oracle");
+    ensure!(
+        err <= 1e-5,
+        "{name}: relative error {err:e} against the oracle"
+    );
     // The oracle's recorded sums are the same quantity computed by torch.
     let meta = read_json("golden.json")?;
     let entry = meta
@@ -63,7 +66,12 @@ fn ddpm_full_loop(config: DDPMSchedulerConfig) -> Result<Tensor<4>> {
         let t = t as f64;
         let residual = x.clone().mul_scalar(t).div_scalar(t + 1.0);
         x = scheduler
-            .step(residual, t, x, StepOptions::default().with_generator(&mut generator))?
+            .step(
+                residual,
+                t,
+                x,
+                StepOptions::default().with_generator(&mut generator),
+            )?
             .prev_sample;
     }
     Ok(x)
@@ -89,12 +97,21 @@ fn ddpm_full_loop_with_noise() -> Result<()> {
     let mut scheduler = DDPMScheduler::new(ddpm_test_config())?;
     let t_start = scheduler.num_train_timesteps() - 2;
     let timesteps = scheduler.timesteps()[t_start * scheduler.order()..].to_vec();
-    let mut x = scheduler.add_noise(dummy_sample_deter(false), dummy_sample_deter(true), &timesteps[..1])?;
+    let mut x = scheduler.add_noise(
+        dummy_sample_deter(false),
+        dummy_sample_deter(true),
+        &timesteps[..1],
+    )?;
     let mut generator = TorchGenerator::new(0);
     for &t in &timesteps {
         let residual = x.clone().mul_scalar(t).div_scalar(t + 1.0);
         x = scheduler
-            .step(residual, t, x, StepOptions::default().with_generator(&mut generator))?
+            .step(
+                residual,
+                t,
+                x,
+                StepOptions::default().with_generator(&mut generator),
+            )?
             .prev_sample;
     }
     check("ddpm/full_loop_with_noise", &x, 387.9466, 0.5051)
@@ -168,7 +185,12 @@ fn ddim_full_loop_with_and_without_set_alpha_to_one() -> Result<()> {
         beta_start: 0.01,
         ..ddim_test_config()
     })?;
-    check("ddim/full_loop_with_no_set_alpha_to_one", &x, 149.0784, 0.1941)
+    check(
+        "ddim/full_loop_with_no_set_alpha_to_one",
+        &x,
+        149.0784,
+        0.1941,
+    )
 }
 
 #[test]
@@ -176,10 +198,16 @@ fn ddim_full_loop_with_noise() -> Result<()> {
     let mut scheduler = DDIMScheduler::new(ddim_test_config())?;
     scheduler.set_timesteps(10)?;
     let timesteps = scheduler.timesteps()[8..].to_vec();
-    let mut x = scheduler.add_noise(dummy_sample_deter(false), dummy_sample_deter(true), &timesteps[..1])?;
+    let mut x = scheduler.add_noise(
+        dummy_sample_deter(false),
+        dummy_sample_deter(true),
+        &timesteps[..1],
+    )?;
     for &t in &timesteps {
         let residual = x.clone().mul_scalar(t).div_scalar(t + 1.0);
-        x = scheduler.step(residual, t, x, StepOptions::default())?.prev_sample;
+        x = scheduler
+            .step(residual, t, x, StepOptions::default())?
+            .prev_sample;
     }
     check("ddim/full_loop_with_noise", &x, 354.5418, 0.4616)
 }

@@ -8,6 +8,7 @@ use diffusion_schedulers::{
     DDPMSchedulerConfig, PredictionType, Scheduler, TimestepSpacing, VarianceType,
 };
 use proptest::prelude::*;
+use proptest::test_runner::FileFailurePersistence;
 
 use crate::common::{host, tensor};
 
@@ -31,7 +32,7 @@ fn ddim_config() -> impl Strategy<Value = DDIMSchedulerConfig> {
     (
         2usize..2000,
         1e-5f64..1e-2,
-        1e-2f64..0.5,
+        1e-2f64..0.05,
         beta_schedule(),
         spacing(),
         0usize..3,
@@ -56,7 +57,14 @@ fn ddim_config() -> impl Strategy<Value = DDIMSchedulerConfig> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(64))]
+    #![proptest_config(ProptestConfig {
+        cases: 64,
+        // The module lives under a #[path], where proptest cannot find the crate root.
+        failure_persistence: Some(Box::new(FileFailurePersistence::Direct(
+            "tests/schedulers/props.proptest-regressions",
+        ))),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn timesteps_strictly_decrease_with_the_requested_count(
