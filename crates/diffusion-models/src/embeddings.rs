@@ -152,34 +152,88 @@ impl GaussianFourierProjection {
     }
 }
 
-/// Two-layer MLP on timestep features (`TimestepEmbedding` with its defaults: SiLU between
-/// the layers, no condition projection, no post activation).
+/// Two-layer MLP on timestep features (`TimestepEmbedding`): an optional condition projection
+/// added to the input (`cond_proj`, LCM's `timestep_cond`), `linear_1`, an activation,
+/// `linear_2`, and an optional post activation.
 #[derive(Module, Debug)]
 pub struct TimestepEmbedding {
     /// `in_channels → time_embed_dim`.
     pub linear_1: Linear,
+    /// `cond_proj_dim → in_channels` without bias, when built with a condition width.
+    pub cond_proj: Option<Linear>,
     /// `time_embed_dim → time_embed_dim`.
     pub linear_2: Linear,
     #[module(skip)]
     act: Activation,
+    #[module(skip)]
+    post_act: Option<Activation>,
 }
 
 impl TimestepEmbedding {
     /// `TimestepEmbedding(in_channels, time_embed_dim)` with SiLU.
     pub fn new(in_channels: usize, time_embed_dim: usize, device: &Device) -> Self {
+        Self::with_options(in_channels, time_embed_dim, Activation::Silu, None, None, device)
+    }
+
+    /// `TimestepEmbedding(in_channels, time_embed_dim, act_fn, post_act_fn=post_act,
+    /// cond_proj_dim=cond_proj_dim)`.
+    pub fn with_options(
+        in_channels: usize,
+        time_embed_dim: usize,
+        act: Activation,
+        post_act: Option<Activation>,
+        cond_proj_dim: Option<usize>,
+        device: &Device,
+    ) -> Self {
         Self {
             linear_1: linear(in_channels, time_embed_dim, device),
+            cond_proj: cond_proj_dim.map(|d| {
+                let mut l = linear(d, in_channels, device);
+                l.bias = None;
+                l
+            }),
             linear_2: linear(time_embed_dim, time_embed_dim, device),
-            act: Activation::Silu,
+            act,
+            post_act,
         }
+    }
+
+    /// Width of the condition `forward_with_condition` takes, if any.
+    pub fn cond_proj_dim(&self) -> Option<usize> {
+        self.cond_proj
+            .as_ref()
+            .map(|l| l.weight.lazy_shape().dims::<2>()[0])
     }
 
     /// # Shapes
     /// - `sample`: `[N, in_channels]`
     /// - output: `[N, time_embed_dim]`
     pub fn forward(&self, sample: Tensor<2>) -> Tensor<2> {
+        self.forward_with_condition(sample, None)
+    }
+
+    /// As [`Self::forward`], adding `cond_proj(condition)` to the input first. A condition
+    /// given to an embedding built without `cond_proj` is ignored, as in diffusers; callers
+    /// that take user input check [`Self::cond_proj_dim`] first.
+    ///
+    /// # Shapes
+    /// - `sample`: `[N, in_channels]`, `condition`: `[N, cond_proj_dim]`
+    /// - output: `[N, time_embed_dim]`
+    pub fn forward_with_condition(
+        &self,
+        sample: Tensor<2>,
+        condition: Option<Tensor<2>>,
+    ) -> Tensor<2> {
+        let sample = match (&self.cond_proj, condition) {
+            (Some(proj), Some(condition)) => sample.add(proj.forward(condition)),
+            _ => sample,
+        };
         let hidden = self.act.forward(self.linear_1.forward(sample));
-        self.linear_2.forward(hidden)
+        let out = self.linear_2.forward(hidden);
+        match self.post_act {
+            Some(act) => act.forward(out),
+            None => out,
+        }
     }
 }
 

@@ -6,7 +6,6 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use diffusion_core::burn::tensor::Tensor;
-use diffusion_core::config::parse_json;
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde_json::{Map, Value};
 
@@ -289,8 +288,7 @@ impl AnyScheduler {
     /// class's own loading.
     pub fn from_config_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = config_path(path.as_ref());
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        Self::from_config_value(parse_json(&text, &path)?, &path)
+        Self::from_config_value(crate::config_json::read_config_json(&path)?, &path)
     }
 
     /// Build from a parsed config whose `_class_name` names the class; `origin` is used in

@@ -40,6 +40,7 @@
 #![warn(missing_docs)]
 
 pub mod any_scheduler;
+pub mod config_json;
 pub mod ops;
 pub mod schedule;
 pub mod scheduler;

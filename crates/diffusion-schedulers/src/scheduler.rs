@@ -389,12 +389,15 @@ pub trait ConfiguredScheduler: Scheduler + Sized {
         Self::from_config_file(ConfigFile::new(config))
     }
 
-    /// Read `scheduler_config.json` (`path` may be the file or its folder).
+    /// Read `scheduler_config.json` (`path` may be the file or its folder), accepting Python's
+    /// `-Infinity` tokens.
     ///
     /// # Errors
     /// [`Error::Io`], [`Error::Json`], [`Error::ConfigField`] naming the bad field.
     fn load(path: impl AsRef<Path>) -> Result<Self> {
-        Self::from_config_file(ConfigFile::load(config_path(path.as_ref()))?)
+        let path = config_path(path.as_ref());
+        let value = crate::config_json::read_config_json(&path)?;
+        Self::from_config_file(ConfigFile::from_value(value, &path)?)
     }
 }
 

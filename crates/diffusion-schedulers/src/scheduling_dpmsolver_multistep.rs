@@ -145,7 +145,13 @@ pub struct DPMSolverMultistepSchedulerConfig {
     pub flow_shift: f64,
     /// The last sigma of the schedule.
     pub final_sigmas_type: FinalSigmasType,
-    /// Skip timesteps whose log-SNR is below this (cosine schedules).
+    /// Skip timesteps whose log-SNR is below this (cosine schedules). diffusers writes the
+    /// default as `-Infinity`, which is read here but left out when saving (so that strict JSON
+    /// results, and diffusers reads it back as its default).
+    #[serde(
+        deserialize_with = "crate::config_json::f64_or_nonfinite",
+        skip_serializing_if = "is_neg_infinity"
+    )]
     pub lambda_min_clipped: f64,
     /// Learned-variance model outputs.
     pub variance_type: Option<DpmVarianceType>,
@@ -198,8 +204,23 @@ impl Default for DPMSolverMultistepSchedulerConfig {
     }
 }
 
+fn is_neg_infinity(v: &f64) -> bool {
+    *v == f64::NEG_INFINITY
+}
+
 impl Config for DPMSolverMultistepSchedulerConfig {
     const CLASS_NAME: &'static str = "DPMSolverMultistepScheduler";
+
+    fn known_keys() -> std::collections::BTreeSet<String> {
+        // The default of lambda_min_clipped is not serialised, but it is a known key.
+        let mut keys: std::collections::BTreeSet<String> =
+            match serde_json::to_value(Self::default()) {
+                Ok(Value::Object(map)) => map.into_iter().map(|(k, _)| k).collect(),
+                _ => Default::default(),
+            };
+        keys.insert("lambda_min_clipped".into());
+        keys
+    }
 
     fn validate(&self) -> std::result::Result<(), (String, String)> {
         use BetaSchedule::*;

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! cargo run --release -p diffusion-train --example train_digits -- \
-//!     digits.csv.gz out/ddpm-digits [--steps N] [--resolution 16] [--batch 64] [--channels 32,64,64]
+//!     digits.csv.gz out/ddpm-digits [--steps N] [--resolution 8] [--batch 64] [--channels 32,64,64]
+//!     [--checkpoint-every 500]
 //!     [--sample-only | --no-sample]
 //! ```
 //!
@@ -30,6 +31,7 @@ struct Args {
     steps: Option<usize>,
     resolution: usize,
     batch: Option<usize>,
+    checkpoint_every: Option<usize>,
     channels: Option<Vec<usize>>,
     sample_only: bool,
     no_sample: bool,
@@ -41,8 +43,9 @@ fn parse() -> anyhow::Result<Args> {
         data: PathBuf::new(),
         output: PathBuf::new(),
         steps: None,
-        resolution: 16,
+        resolution: 8,
         batch: None,
+        checkpoint_every: None,
         channels: None,
         sample_only: false,
         no_sample: false,
@@ -59,6 +62,7 @@ fn parse() -> anyhow::Result<Args> {
             "--steps" => args.steps = Some(value("--steps")?),
             "--resolution" => args.resolution = value("--resolution")?,
             "--batch" => args.batch = Some(value("--batch")?),
+            "--checkpoint-every" => args.checkpoint_every = Some(value("--checkpoint-every")?),
             "--channels" => {
                 let list = it
                     .next()
@@ -158,6 +162,9 @@ fn main() -> anyhow::Result<()> {
         }
         if let Some(batch) = args.batch {
             config.train_batch_size = batch;
+        }
+        if let Some(every) = args.checkpoint_every {
+            config.checkpointing_steps = every;
         }
         if let Some(channels) = args.channels {
             // Same block layout, other widths (the number of levels must stay 3).

@@ -12,7 +12,7 @@
 //! use diffusion_train::{ImageDataset, TrainConfig, train_unconditional};
 //!
 //! # fn main() -> diffusion_core::Result<()> {
-//! let data = ImageDataset::from_digits_csv_gz("digits.csv.gz", 16)?;
+//! let data = ImageDataset::from_digits_csv_gz("digits.csv.gz", 8)?;
 //! let config = TrainConfig { output_dir: "ddpm-digits".into(), ..TrainConfig::digits() };
 //! let report = train_unconditional(&config, &data, &Device::flex())?;
 //! println!("final loss {:?}", report.losses().last());

@@ -82,17 +82,30 @@ pub fn host<const D: usize>(t: &Tensor<D>) -> Vec<f32> {
 
 /// Norm-wise relative error `max|a - b| / max|b|` (or the absolute error when `b` is all zero).
 pub fn rel_err(actual: &[f32], expected: &[f32]) -> f64 {
+    rel_err_scaled(actual, expected, 0.0)
+}
+
+/// `max|a - b| / max(max|b|, floor)`: the error relative to the larger of the result and
+/// `floor`, the magnitude of the operands that produced it. Where a step cancels its input down
+/// to almost nothing (an Euler step onto sigma 0 with an `x0` of 0 leaves only rounding noise),
+/// float32 rounding is relative to the operands, not to the tiny result.
+pub fn rel_err_scaled(actual: &[f32], expected: &[f32], floor: f64) -> f64 {
     assert_eq!(actual.len(), expected.len(), "length mismatch");
-    let scale = expected
-        .iter()
-        .fold(0f64, |m, &v| m.max(f64::from(v).abs()));
-    let diff = actual.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
-        m.max((f64::from(a) - f64::from(b)).abs())
-    });
     if actual.iter().any(|v| !v.is_finite()) {
         return f64::INFINITY;
     }
+    let scale = expected
+        .iter()
+        .fold(floor, |m, &v| m.max(f64::from(v).abs()));
+    let diff = actual.iter().zip(expected).fold(0f64, |m, (&a, &b)| {
+        m.max((f64::from(a) - f64::from(b)).abs())
+    });
     if scale == 0.0 { diff } else { diff / scale }
+}
+
+/// `max|x|`.
+pub fn max_abs(values: &[f32]) -> f64 {
+    values.iter().fold(0f64, |m, &v| m.max(f64::from(v).abs()))
 }
 
 /// Build a scheduler of class `class` from a JSON object of config overrides.

@@ -18,6 +18,15 @@ fn digits_loader_gives_the_oracle_batch() {
     assert_eq!(ds.batch(&[0, 1, 2, 3], &[]).unwrap(), x0);
     assert!(x0.iter().all(|v| (-1.0..=1.0).contains(v)));
     assert!(x0.contains(&-1.0) && x0.contains(&1.0));
+
+    // Plain text where gzip is expected is an I/O error naming the file.
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("digits.csv.gz");
+    std::fs::write(&plain, "0,1,2\n").unwrap();
+    match ImageDataset::from_digits_csv_gz(&plain, 8) {
+        Err(diffusion_core::Error::Io { path, .. }) => assert_eq!(path, plain),
+        other => panic!("expected an I/O error, got {other:?}"),
+    }
 }
 
 #[test]

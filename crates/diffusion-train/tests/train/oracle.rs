@@ -92,6 +92,7 @@ fn three_adamw_steps_match_pytorch() {
     .unwrap();
     let grads = FlatGradients::from_backward(trainer.model(), loss.backward());
     let (key, diff) = compare(&grads.state_dict(trainer.model()), &source, "grad0");
+    eprintln!("worst gradient difference: {diff:e} (`{key}`)");
     assert!(diff <= TOL, "gradient of `{key}` differs by {diff}");
     let norm = grads.total_norm();
     assert!(
@@ -130,8 +131,10 @@ fn three_adamw_steps_match_pytorch() {
     }
 
     let (key, diff) = compare(&state_dict(trainer.model()), &source, "param");
+    eprintln!("worst parameter difference after {steps} steps: {diff:e} (`{key}`)");
     assert!(diff <= TOL, "after {steps} steps `{key}` differs by {diff}");
     let (key, diff) = compare(&state_dict(&trainer.inference_model()), &source, "ema");
+    eprintln!("worst EMA difference: {diff:e} (`{key}`)");
     assert!(diff <= TOL, "EMA `{key}` differs by {diff}");
     // The update moved every trainable parameter: a test that compared unchanged weights would
     // pass with a broken optimizer.
