@@ -56,6 +56,12 @@ pub struct SampleArgs {
     #[arg(long)]
     pub output_npy: Option<PathBuf>,
 
+    /// Enlarge each image N times (nearest neighbour) in the PNG; the .npy keeps the model's
+    /// resolution. Defaults to the smallest factor that makes images at least 64 pixels wide,
+    /// so tiny models (the bundled 8x8 digits) stay visible.
+    #[arg(long)]
+    pub upscale: Option<u32>,
+
     /// Columns of the grid; defaults to a near-square layout.
     #[arg(long)]
     pub grid_cols: Option<usize>,
@@ -74,6 +80,9 @@ pub struct SampleArgs {
 }
 
 pub fn run(args: SampleArgs) -> Result<()> {
+    if args.upscale == Some(0) {
+        bail!("--upscale must be at least 1");
+    }
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
@@ -135,7 +144,18 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     params.push("Model", display_model(&model_name));
 
-    let images = nhwc_to_images(&array);
+    let side = array.shape[2].max(1) as u32;
+    let upscale = args.upscale.unwrap_or_else(|| 64u32.div_ceil(side)).max(1);
+    let images: Vec<_> = nhwc_to_images(&array)
+        .into_iter()
+        .map(|img| {
+            let (w, h) = img.dimensions();
+            image::imageops::resize(&img, w * upscale, h * upscale, image::imageops::FilterType::Nearest)
+        })
+        .collect();
+    if upscale > 1 {
+        params.push("Upscale", upscale);
+    }
     let cols = args
         .grid_cols
         .unwrap_or_else(|| (images.len() as f64).sqrt().ceil() as usize)

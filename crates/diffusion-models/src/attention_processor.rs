@@ -1,9 +1,26 @@
-//! The spatial self-attention of UNet blocks (`diffusers.models.attention_processor.Attention`
-//! as built with `_from_deprecated_attn_block=True`, run by `AttnProcessor2_0`).
+//! diffusers' `Attention` layer (`diffusers.models.attention_processor`) as run by
+//! `AttnProcessor2_0`, and [`AttentionHook`], this port's counterpart of diffusers' attention
+//! processors.
+//!
+//! One [`Attention`] type serves the spatial self-attention of UNet and VAE blocks (built with
+//! `_from_deprecated_attn_block=True`: group norm, residual connection, biased projections) and
+//! the self- and cross-attentions (`attn1`, `attn2`) of transformer blocks.
+//!
+//! # Hooks
+//! diffusers lets callers swap the processor of every attention layer (LoRA, IP-Adapter,
+//! prompt-to-prompt, Pix2Pix Zero). Here a model holds at most one [`AttentionHook`]; every
+//! transformer attention calls it with itself, so the hook reads the layer's state-dict path
+//! ([`Attention::path`], e.g. `down_blocks.0.attentions.1.transformer_blocks.0.attn2`) and its
+//! projections, and may observe or replace queries/keys/values, attention probabilities and the
+//! output, or the whole computation. The weights are shared, never copied.
+
+use std::fmt;
+use std::sync::Arc;
 
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::{GroupNorm, Linear};
+use diffusion_core::burn::tensor::activation::softmax;
 use diffusion_core::burn::tensor::module::attention;
 use diffusion_core::burn::tensor::ops::AttentionModuleOptions;
 use diffusion_core::burn::tensor::{DType, FloatDType, Tensor};
@@ -11,11 +28,14 @@ use diffusion_core::{Device, Result};
 
 use crate::layers;
 
-/// `Attention.__init__` arguments for self-attention over the pixels of a feature map.
+/// `Attention.__init__` arguments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionConfig {
-    /// Channels of the feature map (`query_dim`).
+    /// Channels of the queries (`query_dim`).
     pub query_dim: usize,
+    /// Channels of the keys and values' source (`cross_attention_dim`); `None` for
+    /// self-attention, whose keys and values come from the queries' input.
+    pub cross_attention_dim: Option<usize>,
     /// Number of heads.
     pub heads: usize,
     /// Width of each head (`dim_head`); the projections have `heads * dim_head` outputs.
@@ -30,9 +50,63 @@ pub struct AttentionConfig {
     pub residual_connection: bool,
     /// Biases on `to_q`, `to_k`, `to_v`.
     pub bias: bool,
+    /// Bias on `to_out.0`.
+    pub out_bias: bool,
+    /// Compute the attention in f32 for half-precision inputs. Recorded for fidelity: this
+    /// port always does, see [`scaled_dot_product_attention`].
+    pub upcast_attention: bool,
 }
 
 impl AttentionConfig {
+    /// The spatial self-attention of UNet and VAE blocks (`_from_deprecated_attn_block=True`):
+    /// biased projections, a group norm and a residual connection.
+    pub fn spatial(
+        channels: usize,
+        heads: usize,
+        dim_head: usize,
+        norm_num_groups: Option<usize>,
+        eps: f64,
+        rescale_output_factor: f64,
+    ) -> Self {
+        Self {
+            query_dim: channels,
+            cross_attention_dim: None,
+            heads,
+            dim_head,
+            rescale_output_factor,
+            eps,
+            norm_num_groups,
+            residual_connection: true,
+            bias: true,
+            out_bias: true,
+            upcast_attention: false,
+        }
+    }
+
+    /// `Attention(query_dim, cross_attention_dim, heads, dim_head)` with diffusers' defaults
+    /// otherwise (no bias on `to_q`/`to_k`/`to_v`, no norm, no residual), as transformer blocks
+    /// build `attn1` and `attn2`.
+    pub fn new(
+        query_dim: usize,
+        cross_attention_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+    ) -> Self {
+        Self {
+            query_dim,
+            cross_attention_dim,
+            heads,
+            dim_head,
+            rescale_output_factor: 1.0,
+            eps: 1e-5,
+            norm_num_groups: None,
+            residual_connection: false,
+            bias: false,
+            out_bias: true,
+            upcast_attention: false,
+        }
+    }
+
     /// Build the layer.
     ///
     /// # Errors
@@ -59,28 +133,33 @@ impl AttentionConfig {
             )?),
             None => None,
         };
-        let projection = |bias: bool| {
-            let mut l = layers::linear(self.query_dim, inner, device);
+        let projection = |d_in: usize, d_out: usize, bias: bool| {
+            let mut l = layers::linear(d_in, d_out, device);
             if !bias {
                 l.bias = None;
             }
             l
         };
+        let kv_dim = self.cross_attention_dim.unwrap_or(self.query_dim);
         Ok(Attention {
             group_norm,
-            to_q: projection(self.bias),
-            to_k: projection(self.bias),
-            to_v: projection(self.bias),
-            to_out: vec![layers::linear(inner, self.query_dim, device)],
+            to_q: projection(self.query_dim, inner, self.bias),
+            to_k: projection(kv_dim, inner, self.bias),
+            to_v: projection(kv_dim, inner, self.bias),
+            to_out: vec![projection(inner, self.query_dim, self.out_bias)],
             heads: self.heads,
             dim_head: self.dim_head,
             residual_connection: self.residual_connection,
             rescale_output_factor: self.rescale_output_factor,
+            is_cross_attention: self.cross_attention_dim.is_some(),
+            upcast_attention: self.upcast_attention,
+            path: String::new(),
         })
     }
 }
 
-/// Multi-head self-attention over the `H × W` positions of a feature map.
+/// Multi-head attention: self-attention over the pixels of a feature map or over tokens, or
+/// cross-attention from tokens to encoder hidden states.
 #[derive(Module, Debug)]
 pub struct Attention {
     /// Group norm applied to the input (before the projections).
@@ -97,10 +176,47 @@ pub struct Attention {
     dim_head: usize,
     residual_connection: bool,
     rescale_output_factor: f64,
+    is_cross_attention: bool,
+    upcast_attention: bool,
+    path: String,
 }
 
 impl Attention {
-    /// Softmax attention with scale `1/sqrt(dim_head)` through burn's fused attention op.
+    /// Number of heads.
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Width of each head.
+    pub fn dim_head(&self) -> usize {
+        self.dim_head
+    }
+
+    /// Whether keys and values come from encoder hidden states (`attn2`, or `attn1` with
+    /// `only_cross_attention`).
+    pub fn is_cross_attention(&self) -> bool {
+        self.is_cross_attention
+    }
+
+    /// Whether the config asked for f32 attention (`upcast_attention`).
+    pub fn upcast_attention(&self) -> bool {
+        self.upcast_attention
+    }
+
+    /// The layer's state-dict path in the model that built it
+    /// (`mid_block.attentions.0.transformer_blocks.0.attn1`); empty for layers built alone.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Set the path [`Self::path`] reports (models set it while building).
+    pub fn with_path(mut self, path: impl Into<String>) -> Self {
+        self.path = path.into();
+        self
+    }
+
+    /// Softmax attention with scale `1/sqrt(dim_head)` over the pixels of a feature map (the
+    /// spatial attention of UNet and VAE blocks; no hook is called).
     ///
     /// # Shapes
     /// - `x`: `[B, query_dim, H, W]`
@@ -114,25 +230,101 @@ impl Attention {
             None => x,
         };
         let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
-        let split = |t: Tensor<3>| {
-            t.reshape([b, h * w, self.heads, self.dim_head])
-                .swap_dims(1, 2)
+        let out = self.attend_tokens(tokens, None, None, None);
+        let out = out.swap_dims(1, 2).reshape([b, c, h, w]);
+        self.finish(out, residual)
+    }
+
+    /// Attention over tokens: self-attention when `encoder_hidden_states` is `None`, else
+    /// cross-attention to them. `encoder_attention_bias` is added to the scores (diffusers
+    /// turns a keep-mask `m` into `(1 - m) * -10000`). The hook, if any, is called as
+    /// [`AttentionHook`] describes; [`AttentionHook::replace`] receives the input as given here.
+    ///
+    /// # Shapes
+    /// - `hidden_states`: `[B, S, query_dim]`
+    /// - `encoder_hidden_states`: `[B, S_kv, cross_attention_dim]`
+    /// - `encoder_attention_bias`: broadcastable to `[B, heads, S, S_kv]` (typically
+    ///   `[B, 1, 1, S_kv]`)
+    /// - output: `[B, S, query_dim]`
+    pub fn forward_tokens(
+        &self,
+        hidden_states: Tensor<3>,
+        encoder_hidden_states: Option<Tensor<3>>,
+        encoder_attention_bias: Option<&Tensor<4>>,
+        hook: Option<&dyn AttentionHook>,
+    ) -> Tensor<3> {
+        if let Some(out) = hook.and_then(|h| {
+            h.replace(self, &hidden_states, encoder_hidden_states.as_ref())
+        }) {
+            return out;
+        }
+        let residual = hidden_states.clone();
+        let normed = match &self.group_norm {
+            Some(norm) => norm
+                .forward(hidden_states.swap_dims(1, 2))
+                .swap_dims(1, 2),
+            None => hidden_states,
         };
-        let q = split(self.to_q.forward(tokens.clone()));
-        let k = split(self.to_k.forward(tokens.clone()));
-        let v = split(self.to_v.forward(tokens));
-        let attended = attend(q, k, v);
-        let merged = attended
-            .swap_dims(1, 2)
-            .reshape([b, h * w, self.heads * self.dim_head]);
-        let mut out = merged;
+        let out = self.attend_tokens(normed, encoder_hidden_states, encoder_attention_bias, hook);
+        self.finish(out, residual)
+    }
+
+    /// `[B, S, heads * dim_head]` to `[B, heads, S, dim_head]`.
+    pub fn split_heads(&self, t: Tensor<3>) -> Tensor<4> {
+        let [b, s, _] = t.dims();
+        t.reshape([b, s, self.heads, self.dim_head]).swap_dims(1, 2)
+    }
+
+    /// `[B, heads, S, dim_head]` to `[B, S, heads * dim_head]`.
+    pub fn merge_heads(&self, t: Tensor<4>) -> Tensor<3> {
+        let [b, heads, s, d] = t.dims();
+        t.swap_dims(1, 2).reshape([b, s, heads * d])
+    }
+
+    /// Projections, attention and `to_out`, with the hook's callbacks; no norm or residual.
+    fn attend_tokens(
+        &self,
+        tokens: Tensor<3>,
+        encoder_hidden_states: Option<Tensor<3>>,
+        bias: Option<&Tensor<4>>,
+        hook: Option<&dyn AttentionHook>,
+    ) -> Tensor<3> {
+        let context = encoder_hidden_states.unwrap_or_else(|| tokens.clone());
+        let mut q = self.split_heads(self.to_q.forward(tokens));
+        let mut k = self.split_heads(self.to_k.forward(context.clone()));
+        let mut v = self.split_heads(self.to_v.forward(context));
+        if let Some(hook) = hook {
+            (q, k, v) = hook.qkv(self, q, k, v);
+        }
+        let [b, heads, s_q, _] = q.dims();
+        let s_kv = k.dims()[2];
+        let bias = bias.map(|t| t.clone().expand([b, heads, s_q, s_kv]));
+        let attended = match hook {
+            Some(hook) if hook.wants_probabilities(self) => {
+                let dtype = q.dtype();
+                let probs = attention_probabilities(q, k.clone(), bias);
+                let probs = hook.probabilities(self, probs);
+                let out = probs.matmul(upcast(v));
+                cast_back(out, dtype)
+            }
+            _ => scaled_dot_product_attention(q, k, v, bias),
+        };
+        let mut out = self.merge_heads(attended);
         for layer in &self.to_out {
             out = layer.forward(out);
         }
-        let mut out = out.swap_dims(1, 2).reshape([b, c, h, w]);
-        if self.residual_connection {
-            out = out.add(residual);
+        match hook {
+            Some(hook) => hook.output(self, out),
+            None => out,
         }
+    }
+
+    fn finish<const D: usize>(&self, out: Tensor<D>, residual: Tensor<D>) -> Tensor<D> {
+        let out = if self.residual_connection {
+            out.add(residual)
+        } else {
+            out
+        };
         if self.rescale_output_factor == 1.0 {
             out
         } else {
@@ -141,53 +333,168 @@ impl Attention {
     }
 }
 
-/// Softmax attention on `[B, heads, S, dim_head]`, computed in f32 for half-precision inputs:
-/// diffusers builds these attentions with `upcast_softmax=True`, and the scores of large
-/// activations overflow f16. (Some backends upcast internally; doing it here holds for all.)
-fn attend(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let dtype = q.dtype();
-    if matches!(dtype, DType::F16 | DType::BF16) {
-        let f32 = |t: Tensor<4>| t.cast(FloatDType::F32);
-        attention(
-            f32(q),
-            f32(k),
-            f32(v),
-            None,
-            None,
-            AttentionModuleOptions::default(),
-        )
-        .cast(FloatDType::from(dtype))
+fn upcast<const D: usize>(t: Tensor<D>) -> Tensor<D> {
+    if matches!(t.dtype(), DType::F16 | DType::BF16) {
+        t.cast(FloatDType::F32)
     } else {
-        attention(q, k, v, None, None, AttentionModuleOptions::default())
+        t
+    }
+}
+
+fn cast_back<const D: usize>(t: Tensor<D>, dtype: DType) -> Tensor<D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
+
+/// `softmax(q kᵀ / sqrt(dim_head) + bias)`, in f32 for half-precision inputs (so the result is
+/// f32 then).
+///
+/// # Shapes
+/// - `q`: `[B, heads, S_q, D]`, `k`: `[B, heads, S_kv, D]`, `bias`: `[B, heads, S_q, S_kv]`
+/// - output: `[B, heads, S_q, S_kv]`
+pub fn attention_probabilities(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    bias: Option<Tensor<4>>,
+) -> Tensor<4> {
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+    let scores = upcast(q).matmul(upcast(k).swap_dims(2, 3)).mul_scalar(scale);
+    let scores = match bias {
+        Some(bias) => scores.add(upcast(bias)),
+        None => scores,
+    };
+    softmax(scores, 3)
+}
+
+/// Softmax attention with scale `1/sqrt(dim_head)` through burn's fused attention op,
+/// computed in f32 for half-precision inputs and cast back: the scores of large activations
+/// overflow f16 (diffusers' `upcast_softmax` / `upcast_attention`; some backends upcast
+/// internally, doing it here holds for all).
+///
+/// # Shapes
+/// - `q`: `[B, heads, S_q, D]`, `k`, `v`: `[B, heads, S_kv, D]`, `bias`: `[B, heads, S_q, S_kv]`
+/// - output: `[B, heads, S_q, D]`
+pub fn scaled_dot_product_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    bias: Option<Tensor<4>>,
+) -> Tensor<4> {
+    let dtype = q.dtype();
+    let out = attention(
+        upcast(q),
+        upcast(k),
+        upcast(v),
+        None,
+        bias.map(upcast),
+        AttentionModuleOptions::default(),
+    );
+    cast_back(out, dtype)
+}
+
+/// Observe or change what transformer attention layers compute (diffusers' attention
+/// processors). Every method has a default that changes nothing; implement the ones needed.
+/// Methods take `&self`: hooks that record use interior mutability (`Mutex`).
+///
+/// Per layer call, in order:
+/// 1. [`Self::replace`]: return `Some(output)` to skip everything below (a custom processor,
+///    e.g. IP-Adapter's decoupled cross-attention, built from the layer's public projections,
+///    [`Attention::split_heads`], [`scaled_dot_product_attention`] and
+///    [`Attention::merge_heads`]);
+/// 2. [`Self::qkv`] on the projected, head-split queries, keys and values;
+/// 3. when [`Self::wants_probabilities`] is true, the attention is computed explicitly and
+///    [`Self::probabilities`] sees (and may change) the softmax weights; otherwise the fused
+///    kernel runs;
+/// 4. [`Self::output`] on the result of `to_out`.
+///
+/// The `layer` argument identifies the call site: [`Attention::path`] is its state-dict path.
+pub trait AttentionHook: Send + Sync {
+    /// Replace the layer's whole computation. `encoder_hidden_states` is `None` for
+    /// self-attention. Return `[B, S, query_dim]`.
+    fn replace(
+        &self,
+        layer: &Attention,
+        hidden_states: &Tensor<3>,
+        encoder_hidden_states: Option<&Tensor<3>>,
+    ) -> Option<Tensor<3>> {
+        let _ = (layer, hidden_states, encoder_hidden_states);
+        None
+    }
+
+    /// Observe or replace queries `[B, heads, S, D]` and keys, values `[B, heads, S_kv, D]`.
+    fn qkv(
+        &self,
+        layer: &Attention,
+        q: Tensor<4>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let _ = layer;
+        (q, k, v)
+    }
+
+    /// Whether [`Self::probabilities`] should be called for this layer (this forgoes the fused
+    /// attention kernel for it).
+    fn wants_probabilities(&self, layer: &Attention) -> bool {
+        let _ = layer;
+        false
+    }
+
+    /// Observe or replace the attention probabilities `[B, heads, S, S_kv]` (rows sum to 1;
+    /// f32 even for half-precision models).
+    fn probabilities(&self, layer: &Attention, probabilities: Tensor<4>) -> Tensor<4> {
+        let _ = layer;
+        probabilities
+    }
+
+    /// Observe or replace the layer's output `[B, S, query_dim]` (after `to_out`).
+    fn output(&self, layer: &Attention, output: Tensor<3>) -> Tensor<3> {
+        let _ = layer;
+        output
+    }
+}
+
+/// An optional shared [`AttentionHook`], as models store it (`Debug` without requiring it of
+/// the hook).
+#[derive(Clone, Default)]
+pub struct AttentionHookSlot(pub Option<Arc<dyn AttentionHook>>);
+
+impl AttentionHookSlot {
+    /// The hook, borrowed for one forward pass.
+    pub fn get(&self) -> Option<&dyn AttentionHook> {
+        self.0.as_deref()
+    }
+}
+
+impl fmt::Debug for AttentionHookSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(_) => f.write_str("AttentionHookSlot(Some(..))"),
+            None => f.write_str("AttentionHookSlot(None)"),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use diffusion_core::burn::tensor::activation::softmax;
+    use diffusion_core::burn::tensor::Distribution;
     use diffusion_core::tensor::to_vec;
+
+    fn normal<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+        Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), device)
+    }
 
     /// The fused op against plain matmul + softmax with the diffusers scale.
     #[test]
     fn fused_attention_equals_softmax_reference() {
         let device = Device::flex();
-        let config = AttentionConfig {
-            query_dim: 8,
-            heads: 2,
-            dim_head: 4,
-            rescale_output_factor: 1.5,
-            eps: 1e-6,
-            norm_num_groups: Some(2),
-            residual_connection: true,
-            bias: true,
-        };
+        let config = AttentionConfig::spatial(8, 2, 4, Some(2), 1e-6, 1.5);
         let attn = config.init(&device).unwrap();
-        let x = Tensor::<4>::random(
-            [2, 8, 3, 5],
-            diffusion_core::burn::tensor::Distribution::Normal(0.0, 1.0),
-            &device,
-        );
+        let x = normal([2, 8, 3, 5], &device);
         let got = to_vec(attn.forward(x.clone()));
 
         let tokens = attn
@@ -213,17 +520,48 @@ mod tests {
         }
     }
 
+    /// Cross-attention with a bias that hides the last key: the output equals attention over
+    /// the other keys only, and the explicit (hooked) path equals the fused one.
+    #[test]
+    fn cross_attention_bias_masks_keys_and_paths_agree() {
+        struct SeeProbabilities;
+        impl AttentionHook for SeeProbabilities {
+            fn wants_probabilities(&self, _: &Attention) -> bool {
+                true
+            }
+        }
+        let device = Device::flex();
+        let attn = AttentionConfig::new(8, Some(6), 2, 4)
+            .init(&device)
+            .unwrap();
+        let x = normal([1, 5, 8], &device);
+        let context = normal([1, 4, 6], &device);
+        let bias = diffusion_core::tensor::from_vec(vec![0.0, 0.0, 0.0, -10000.0], [1, 1, 1, 4], &device);
+        let masked = attn.forward_tokens(x.clone(), Some(context.clone()), Some(&bias), None);
+        let explicit = attn.forward_tokens(
+            x.clone(),
+            Some(context.clone()),
+            Some(&bias),
+            Some(&SeeProbabilities),
+        );
+        let shorter = attn.forward_tokens(x, Some(context.narrow(1, 0, 3)), None, None);
+        let (masked, explicit, shorter) = (to_vec(masked), to_vec(explicit), to_vec(shorter));
+        for ((m, e), s) in masked.iter().zip(&explicit).zip(&shorter) {
+            assert!((m - s).abs() < 1e-5, "{m} vs {s}");
+            assert!((m - e).abs() < 1e-5, "{m} vs {e}");
+        }
+    }
+
     /// With scores beyond f16's range, attention computed in f16 (burn's reference fallback)
     /// overflows; the layer's attention computes them in f32 and matches the f32 result.
     #[test]
     fn half_precision_scores_are_computed_in_f32() {
         use diffusion_core::burn::tensor::module::attention_fallback;
         let device = Device::flex();
-        let normal = diffusion_core::burn::tensor::Distribution::Normal(0.0, 1.0);
         // Scores of about 300 * 300 * 4 = 360000: f16 tops out at 65504.
-        let q = Tensor::<4>::random([1, 2, 6, 4], normal, &device).add_scalar(300.0);
-        let k = Tensor::<4>::random([1, 2, 6, 4], normal, &device).add_scalar(300.0);
-        let v = Tensor::<4>::random([1, 2, 6, 4], normal, &device);
+        let q = normal([1, 2, 6, 4], &device).add_scalar(300.0);
+        let k = normal([1, 2, 6, 4], &device).add_scalar(300.0);
+        let v = normal([1, 2, 6, 4], &device);
         let half = |t: Tensor<4>| t.cast(FloatDType::F16);
         let naive = to_vec(attention_fallback(
             half(q.clone()),
@@ -238,9 +576,10 @@ mod tests {
             "f16 scores did not overflow"
         );
 
-        let got = attend(half(q.clone()), half(k.clone()), half(v.clone()));
+        let got =
+            scaled_dot_product_attention(half(q.clone()), half(k.clone()), half(v.clone()), None);
         assert_eq!(got.dtype(), DType::F16);
-        let want = to_vec(attend(q, k, v));
+        let want = to_vec(scaled_dot_product_attention(q, k, v, None));
         for (g, w) in to_vec(got).iter().zip(&want) {
             assert!((g - w).abs() < 1e-2, "{g} vs {w}");
         }

@@ -6,7 +6,7 @@ use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::conv::Conv2d;
 use diffusion_core::burn::tensor::module::conv2d;
 use diffusion_core::burn::tensor::ops::{ConvOptions, PadMode};
-use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::burn::tensor::{Int, Tensor, TensorData};
 
 use crate::layers;
 
@@ -25,6 +25,27 @@ pub fn upsample_nearest(x: Tensor<4>, factor: usize) -> Tensor<4> {
         .repeat_dim(3, factor)
         .repeat_dim(5, factor)
         .reshape([b, c, h * factor, w * factor])
+}
+
+/// Nearest-neighbour resizing to `size` as PyTorch's legacy `"nearest"` mode computes it:
+/// output index `i` reads input index `min(floor(i * (in / out)), in - 1)`, with the ratio in
+/// `f32`.
+///
+/// # Shapes
+/// - `x`: `[B, C, H, W]`
+/// - output: `[B, C, size[0], size[1]]`
+pub fn upsample_nearest_to(x: Tensor<4>, size: [usize; 2]) -> Tensor<4> {
+    let [_, _, h, w] = x.dims();
+    let device = x.device();
+    let indices = |input: usize, output: usize| {
+        let scale = input as f32 / output as f32;
+        let idx: Vec<i64> = (0..output)
+            .map(|i| ((i as f32 * scale).floor() as usize).min(input - 1) as i64)
+            .collect();
+        Tensor::<1, Int>::from_data(TensorData::new(idx, [output]), &device)
+    };
+    x.select(2, indices(h, size[0]))
+        .select(3, indices(w, size[1]))
 }
 
 /// Upsample, pad, filter and downsample each channel with a 2-D FIR kernel (diffusers'
@@ -128,7 +149,20 @@ impl Upsample2D {
     /// - `x`: `[B, channels, H, W]`
     /// - output: `[B, out_channels, 2H, 2W]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = upsample_nearest(x, 2);
+        self.forward_to(x, None)
+    }
+
+    /// As [`Self::forward`], resizing to `size` (`F.interpolate(size=size, mode="nearest")`)
+    /// instead of doubling when it is given.
+    ///
+    /// # Shapes
+    /// - `x`: `[B, channels, H, W]`
+    /// - output: `[B, out_channels, size[0], size[1]]`, or `[B, out_channels, 2H, 2W]`
+    pub fn forward_to(&self, x: Tensor<4>, size: Option<[usize; 2]>) -> Tensor<4> {
+        let x = match size {
+            Some(size) => upsample_nearest_to(x, size),
+            None => upsample_nearest(x, 2),
+        };
         match &self.conv {
             Some(conv) => conv.forward(x),
             None => x,
@@ -140,6 +174,21 @@ impl Upsample2D {
 mod tests {
     use super::*;
     use diffusion_core::tensor::{from_vec, to_vec};
+
+    #[test]
+    fn nearest_to_size_matches_torch_indices() {
+        let device = Device::flex();
+        let x = from_vec((0..8).map(|v| v as f32).collect(), [1, 1, 1, 8], &device);
+        // torch: F.interpolate(x, size=(2, 15), mode="nearest")
+        let out = to_vec(upsample_nearest_to(x.clone(), [2, 15]));
+        let row = [0., 0., 1., 1., 2., 2., 3., 3., 4., 4., 5., 5., 6., 6., 7.];
+        assert_eq!(out, [row, row].concat());
+        // Doubling is the special case size = 2 * input.
+        assert_eq!(
+            to_vec(upsample_nearest_to(x.clone(), [2, 16])),
+            to_vec(upsample_nearest(x, 2))
+        );
+    }
 
     #[test]
     fn nearest_repeats_blocks() {

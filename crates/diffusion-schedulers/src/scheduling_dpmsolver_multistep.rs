@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use crate::ops;
 use crate::schedule::{
-    self, BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing,
-    numpy_arange, numpy_linspace,
+    self, BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing, numpy_arange,
+    numpy_linspace,
 };
 use crate::scheduler::{
     ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_error,
@@ -51,7 +51,10 @@ impl AlgorithmType {
     }
 
     fn is_data_prediction(self) -> bool {
-        matches!(self, Self::DpmSolverPlusPlus | Self::SdeDpmSolverPlusPlus | Self::Deis)
+        matches!(
+            self,
+            Self::DpmSolverPlusPlus | Self::SdeDpmSolverPlusPlus | Self::Deis
+        )
     }
 
     fn is_sde(self) -> bool {
@@ -250,7 +253,10 @@ impl Config for DPMSolverMultistepSchedulerConfig {
         )?;
         let field = |f: &str, m: String| Err((f.to_string(), m));
         if !(1..=3).contains(&self.solver_order) {
-            return field("solver_order", format!("{} is not 1, 2 or 3", self.solver_order));
+            return field(
+                "solver_order",
+                format!("{} is not 1, 2 or 3", self.solver_order),
+            );
         }
         if self.solver_order == 3 && self.algorithm_type == AlgorithmType::SdeDpmSolver {
             return field(
@@ -459,7 +465,10 @@ impl DPMSolverMultistepScheduler {
                 PredictionType::Epsilon => {
                     let m = take_prediction(model_output);
                     ops::check_same_shape(&m, sample, "model_output", "sample")?;
-                    sample.clone().sub(m.mul_scalar(sigma_t)).div_scalar(alpha_t)
+                    sample
+                        .clone()
+                        .sub(m.mul_scalar(sigma_t))
+                        .div_scalar(alpha_t)
                 }
                 PredictionType::Sample => model_output,
                 PredictionType::VPrediction => sample
@@ -572,10 +581,9 @@ impl DPMSolverMultistepScheduler {
                     (AlgorithmType::SdeDpmSolverPlusPlus, false) => {
                         (alpha_t * one_m_e2, 0.5 * (alpha_t * one_m_e2))
                     }
-                    (AlgorithmType::SdeDpmSolverPlusPlus, true) => (
-                        alpha_t * one_m_e2,
-                        alpha_t * (one_m_e2 / (-2.0 * h) + 1.0),
-                    ),
+                    (AlgorithmType::SdeDpmSolverPlusPlus, true) => {
+                        (alpha_t * one_m_e2, alpha_t * (one_m_e2 / (-2.0 * h) + 1.0))
+                    }
                     (AlgorithmType::SdeDpmSolver, false) => {
                         (-(2.0 * (sigma_t * e_h)), -(sigma_t * e_h))
                     }
@@ -779,7 +787,12 @@ impl Scheduler for DPMSolverMultistepScheduler {
             }
         };
 
-        let table_desc: Vec<f64> = self.sigma_table.iter().rev().map(|&s| f64::from(s)).collect();
+        let table_desc: Vec<f64> = self
+            .sigma_table
+            .iter()
+            .rev()
+            .map(|&s| f64::from(s))
+            .collect();
         let (sigma_min, sigma_max) = (table_desc[table_desc.len() - 1], table_desc[0]);
         let to_t = |s: &f64| sigmas::sigma_to_t(*s, &self.log_sigmas);
         // diffusers rounds timesteps found from sigmas, except for the cosine schedule.
@@ -909,7 +922,8 @@ impl Scheduler for DPMSolverMultistepScheduler {
 
         let out_dtype = ops::float_dtype(&model_output, "model_output")?;
         let sample = sample.cast(FloatDType::F32);
-        let converted = self.convert_model_output(model_output.cast(FloatDType::F32), &sample, i)?;
+        let converted =
+            self.convert_model_output(model_output.cast(FloatDType::F32), &sample, i)?;
         let noise = if c.algorithm_type.is_sde() {
             Some(ops::noise_like(
                 &converted,

@@ -233,9 +233,10 @@ impl Scheduler for EulerAncestralDiscreteScheduler {
         let i = self
             .cursor
             .current(&self.timesteps, timestep, MissingTimestep::Error)?;
-        let sigma = *self.sigmas.get(i).ok_or_else(|| {
-            Error::invalid_argument("timestep", "the schedule has no sigma left")
-        })?;
+        let sigma = *self
+            .sigmas
+            .get(i)
+            .ok_or_else(|| Error::invalid_argument("timestep", "the schedule has no sigma left"))?;
         Ok(sigmas::scale_by_sigma(sample, sigma))
     }
 

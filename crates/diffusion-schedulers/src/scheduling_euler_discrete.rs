@@ -391,9 +391,10 @@ impl Scheduler for EulerDiscreteScheduler {
         let i = self
             .cursor
             .current(&self.timesteps, timestep, MissingTimestep::Error)?;
-        let sigma = *self.sigmas.get(i).ok_or_else(|| {
-            Error::invalid_argument("timestep", "the schedule has no sigma left")
-        })?;
+        let sigma = *self
+            .sigmas
+            .get(i)
+            .ok_or_else(|| Error::invalid_argument("timestep", "the schedule has no sigma left"))?;
         Ok(sigmas::scale_by_sigma(sample, sigma))
     }
 
@@ -474,7 +475,10 @@ impl Scheduler for EulerDiscreteScheduler {
                 ));
             }
         };
-        let derivative = sample.clone().sub(pred_original.clone()).div_scalar(sigma_hat);
+        let derivative = sample
+            .clone()
+            .sub(pred_original.clone())
+            .div_scalar(sigma_hat);
         let dt = self.sigmas[i + 1] as f32 - sigma_hat;
         let prev_sample = sample.add(derivative.mul_scalar(dt));
         self.cursor.advance();

@@ -9,7 +9,11 @@ mod config;
 mod errors;
 #[path = "schedulers/golden.rs"]
 mod golden;
+#[path = "schedulers/golden_sigma.rs"]
+mod golden_sigma;
 #[path = "schedulers/parity.rs"]
 mod parity;
 #[path = "schedulers/props.rs"]
 mod props;
+#[path = "schedulers/stateful.rs"]
+mod stateful;

@@ -122,16 +122,14 @@ impl BlockArgs {
     }
 
     fn attention(&self, norm_groups: usize, rescale: f64) -> AttentionConfig {
-        AttentionConfig {
-            query_dim: self.out_channels,
-            heads: self.out_channels / self.attention_head_dim,
-            dim_head: self.attention_head_dim,
-            rescale_output_factor: rescale,
-            eps: self.resnet_eps,
-            norm_num_groups: Some(norm_groups),
-            residual_connection: true,
-            bias: true,
-        }
+        AttentionConfig::spatial(
+            self.out_channels,
+            self.out_channels / self.attention_head_dim,
+            self.attention_head_dim,
+            Some(norm_groups),
+            self.resnet_eps,
+            rescale,
+        )
     }
 
     /// Skip blocks size their norms from the channels: `min(channels / 4, 32)`.
@@ -162,7 +160,7 @@ pub struct DownBlock2D {
 }
 
 impl DownBlock2D {
-    fn new(args: &BlockArgs, with_attention: bool, device: &Device) -> Result<Self> {
+    pub(crate) fn new(args: &BlockArgs, with_attention: bool, device: &Device) -> Result<Self> {
         let groups = args.groups()?;
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
@@ -409,11 +407,22 @@ impl UpBlock2D {
     /// # Shapes
     /// - `x`: `[B, prev_output_channel, H, W]`, `temb`: `[B, temb_channels]`
     /// - output: `[B, out_channels, H', W']` (`H' = 2H` with an upsampler)
-    pub fn forward(
+    pub fn forward(&self, x: Tensor<4>, res_samples: Vec<Tensor<4>>, temb: &Tensor<2>) -> Tensor<4> {
+        self.forward_to_size(x, res_samples, temb, None)
+    }
+
+    /// As [`Self::forward`]; a convolution upsampler resizes to `upsample_size` (`[H', W']`)
+    /// instead of doubling, as diffusers does for samples whose size is not a multiple of the
+    /// total downsampling.
+    ///
+    /// # Shapes
+    /// - output: `[B, out_channels, H', W']`
+    pub fn forward_to_size(
         &self,
         mut x: Tensor<4>,
         mut res_samples: Vec<Tensor<4>>,
         temb: &Tensor<2>,
+        upsample_size: Option<[usize; 2]>,
     ) -> Tensor<4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             if let Some(res) = res_samples.pop() {
@@ -426,7 +435,7 @@ impl UpBlock2D {
         }
         for up in &self.upsamplers {
             x = match up {
-                Upsampler::Conv(u) => u.forward(x),
+                Upsampler::Conv(u) => u.forward_to(x, upsample_size),
                 Upsampler::Resnet(r) => r.forward(x, Some(temb.clone())),
             };
         }
@@ -697,16 +706,14 @@ impl CoderBlockArgs {
             };
             resnets.push(config.init(device)?);
             if with_attention {
-                let config = AttentionConfig {
-                    query_dim: self.out_channels,
-                    heads: self.out_channels / self.attention_head_dim.max(1),
-                    dim_head: self.attention_head_dim,
-                    rescale_output_factor: 1.0,
-                    eps: self.resnet_eps,
-                    norm_num_groups: Some(self.resnet_groups),
-                    residual_connection: true,
-                    bias: true,
-                };
+                let config = AttentionConfig::spatial(
+                    self.out_channels,
+                    self.out_channels / self.attention_head_dim.max(1),
+                    self.attention_head_dim,
+                    Some(self.resnet_groups),
+                    self.resnet_eps,
+                    1.0,
+                );
                 attentions.push(config.init(device)?);
             }
         }
@@ -904,6 +911,15 @@ impl UNetMidBlock2D {
     /// # Errors
     /// Config errors from the layers (group counts, head width).
     pub fn new(args: &MidBlockArgs, device: &Device) -> Result<Self> {
+        Self::with_layers(args, 1, device)
+    }
+
+    /// Build the block with `num_layers` (attention, resnet) pairs after the first resnet;
+    /// `UNet2DConditionModel` builds `UNetMidBlock2D` with `num_layers = 0` (one resnet).
+    ///
+    /// # Errors
+    /// Config errors from the layers (group counts, head width).
+    pub fn with_layers(args: &MidBlockArgs, num_layers: usize, device: &Device) -> Result<Self> {
         let groups = args
             .resnet_groups
             .unwrap_or_else(|| BlockArgs::skip_groups(args.in_channels));
@@ -920,19 +936,20 @@ impl UNetMidBlock2D {
             output_scale_factor: args.output_scale_factor,
             ..ResnetBlock2DConfig::new(args.in_channels, args.in_channels, args.temb_channels)
         };
-        let resnets = vec![resnet().init(device)?, resnet().init(device)?];
+        let resnets = (0..=num_layers)
+            .map(|_| resnet().init(device))
+            .collect::<Result<Vec<_>>>()?;
         let mut attentions = Vec::new();
-        if args.add_attention {
-            let config = AttentionConfig {
-                query_dim: args.in_channels,
-                heads: args.in_channels / args.attention_head_dim,
-                dim_head: args.attention_head_dim,
-                rescale_output_factor: args.output_scale_factor,
-                eps: args.resnet_eps,
-                norm_num_groups: attn_groups,
-                residual_connection: true,
-                bias: true,
-            };
+        let attention_layers = if args.add_attention { num_layers } else { 0 };
+        for _ in 0..attention_layers {
+            let config = AttentionConfig::spatial(
+                args.in_channels,
+                args.in_channels / args.attention_head_dim,
+                args.attention_head_dim,
+                attn_groups,
+                args.resnet_eps,
+                args.output_scale_factor,
+            );
             let attention = config.init(device).map_err(|e| match args.attn_groups {
                 Some(_) => rename_field(e, "attn_norm_num_groups"),
                 None => e,

@@ -43,7 +43,10 @@ fn check(
     );
     let golden = Tensors::load("golden.safetensors")?;
     let err = rel_err_scaled(&v, golden.values(name)?, initial_scale);
-    ensure!(err <= 1e-5, "{name}: relative error {err:e} against the oracle");
+    ensure!(
+        err <= 1e-5,
+        "{name}: relative error {err:e} against the oracle"
+    );
     Ok(())
 }
 
@@ -72,7 +75,12 @@ fn sigma_loop<S: Scheduler>(
         x = s.scale_model_input(x, t)?;
         let out = t_model(&x, t);
         x = s
-            .step(out, t, x, StepOptions::default().with_generator(&mut generator))?
+            .step(
+                out,
+                t,
+                x,
+                StepOptions::default().with_generator(&mut generator),
+            )?
             .prev_sample;
     }
     check(name, &x, initial_scale, sum, mean)
@@ -88,12 +96,24 @@ fn euler_config() -> EulerDiscreteSchedulerConfig {
 #[test]
 fn euler_full_loops() -> Result<()> {
     let mut s = EulerDiscreteScheduler::new(euler_config())?;
-    sigma_loop(&mut s, None, "euler/full_loop_no_noise", Some(10.0807), 0.0131)?;
+    sigma_loop(
+        &mut s,
+        None,
+        "euler/full_loop_no_noise",
+        Some(10.0807),
+        0.0131,
+    )?;
     let mut s = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig {
         prediction_type: PredictionType::VPrediction,
         ..euler_config()
     })?;
-    sigma_loop(&mut s, None, "euler/full_loop_with_v_prediction", Some(0.0002), 2.2676e-06)?;
+    sigma_loop(
+        &mut s,
+        None,
+        "euler/full_loop_with_v_prediction",
+        Some(0.0002),
+        2.2676e-06,
+    )?;
     let mut s = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig {
         use_karras_sigmas: Some(true),
         ..euler_config()
@@ -114,7 +134,13 @@ fn euler_ancestral_full_loops() -> Result<()> {
         ..Default::default()
     };
     let mut s = EulerAncestralDiscreteScheduler::new(config())?;
-    sigma_loop(&mut s, None, "euler_ancestral/full_loop_no_noise", Some(152.3192), 0.1983)?;
+    sigma_loop(
+        &mut s,
+        None,
+        "euler_ancestral/full_loop_no_noise",
+        Some(152.3192),
+        0.1983,
+    )?;
     let mut s = EulerAncestralDiscreteScheduler::new(EulerAncestralDiscreteSchedulerConfig {
         prediction_type: PredictionType::VPrediction,
         ..config()
@@ -181,7 +207,10 @@ fn dpm_solver_multistep_full_loops() -> Result<()> {
         None,
         0.3301,
     )?;
-    let with_noise = dpm_loop(&mut DPMSolverMultistepScheduler::new(dpm_config())?, Some(5))?;
+    let with_noise = dpm_loop(
+        &mut DPMSolverMultistepScheduler::new(dpm_config())?,
+        Some(5),
+    )?;
     check(
         "dpm_multi/full_loop_with_noise",
         &with_noise,
@@ -282,8 +311,15 @@ fn dpm_solver_custom_timesteps_reproduce_the_spaced_ones() -> Result<()> {
                 ensure!(custom.sigmas() == spaced.sigmas());
                 let a = host(&dpm_loop(&mut spaced, None)?);
                 let b = host(&dpm_loop(&mut custom, None)?);
-                let diff: f64 = a.iter().zip(&b).map(|(x, y)| f64::from((x - y).abs())).sum();
-                ensure!(diff < 1e-5, "{algorithm:?} {prediction:?} {final_sigmas:?}: {diff}");
+                let diff: f64 = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(x, y)| f64::from((x - y).abs()))
+                    .sum();
+                ensure!(
+                    diff < 1e-5,
+                    "{algorithm:?} {prediction:?} {final_sigmas:?}: {diff}"
+                );
             }
         }
     }

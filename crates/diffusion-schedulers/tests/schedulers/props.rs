@@ -5,7 +5,9 @@ use std::path::Path;
 use diffusion_core::ConfigFile;
 use diffusion_schedulers::{
     BetaSchedule, ConfiguredScheduler, DDIMScheduler, DDIMSchedulerConfig, DDPMScheduler,
-    DDPMSchedulerConfig, PredictionType, Scheduler, TimestepSpacing, VarianceType,
+    DDPMSchedulerConfig, DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
+    EulerDiscreteScheduler, EulerDiscreteSchedulerConfig, PredictionType, Scheduler,
+    TimestepSpacing, VarianceType,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -170,5 +172,46 @@ proptest! {
         prop_assert!(back.unknown_keys().is_empty());
         let rebuilt = DDPMScheduler::from_config_file(back).unwrap();
         prop_assert_eq!(rebuilt.noise_schedule(), s.noise_schedule());
+    }
+
+    #[test]
+    fn sigma_schedules_decrease_with_the_requested_count(
+        n in 50usize..2000,
+        fraction in 0.0f64..0.25,
+        spacing in spacing(),
+        schedule in beta_schedule(),
+        karras in any::<bool>(),
+        dpm in any::<bool>(),
+    ) {
+        let k = 1 + ((n - 1) as f64 * fraction) as usize;
+        let (timesteps, sigmas) = if dpm {
+            let mut s = DPMSolverMultistepScheduler::new(DPMSolverMultistepSchedulerConfig {
+                num_train_timesteps: n,
+                beta_schedule: schedule,
+                timestep_spacing: spacing,
+                use_karras_sigmas: karras && schedule != BetaSchedule::SquaredcosCapV2,
+                ..Default::default()
+            }).unwrap();
+            s.set_timesteps(k).unwrap();
+            (s.timesteps().to_vec(), s.sigmas().unwrap().to_vec())
+        } else {
+            let mut s = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig {
+                num_train_timesteps: n,
+                beta_schedule: schedule,
+                timestep_spacing: spacing,
+                use_karras_sigmas: Some(karras),
+                ..Default::default()
+            }).unwrap();
+            s.set_timesteps(k).unwrap();
+            (s.timesteps().to_vec(), s.sigmas().unwrap().to_vec())
+        };
+        prop_assert_eq!(timesteps.len(), k);
+        prop_assert_eq!(sigmas.len(), k + 1);
+        prop_assert!(timesteps.iter().all(|&t| (0.0..n as f64).contains(&t)), "{:?}", timesteps);
+        // Karras timesteps are rounded (DPM) and may repeat at the low end of a short table.
+        let strict = !(dpm && karras);
+        prop_assert!(timesteps.windows(2).all(|w| w[0] > w[1] || (!strict && w[0] == w[1])), "{:?}", timesteps);
+        prop_assert!(sigmas.windows(2).all(|w| w[0] > w[1]), "{:?}", sigmas);
+        prop_assert_eq!(sigmas[k], 0.0);
     }
 }

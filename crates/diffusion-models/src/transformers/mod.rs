@@ -1,0 +1,3 @@
+//! Transformers (`diffusers.models.transformers`).
+
+pub mod transformer_2d;
