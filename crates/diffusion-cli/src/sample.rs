@@ -23,9 +23,11 @@ pub struct SampleArgs {
     #[arg(long)]
     pub model: Option<String>,
 
-    /// Scheduler to sample with: a diffusers class name (DDPMScheduler, DDIMScheduler) or an
-    /// alias (ddpm, ddim). Built from the model's scheduler config, as diffusers' from_config.
-    /// Defaults to the model's own scheduler.
+    /// Scheduler to sample with: a diffusers class name (DDPMScheduler, DDIMScheduler,
+    /// EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler) or an
+    /// A1111 name ("DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE").
+    /// Built from the model's scheduler config, as diffusers' from_config. Defaults to the model's
+    /// own scheduler.
     #[arg(long)]
     pub scheduler: Option<String>,
 

@@ -148,8 +148,7 @@ impl<T: Config> ConfigFile<T> {
     /// [`Error::Io`] when the file cannot be read, else as [`Self::from_json_str`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        Self::from_json_str(&text, path)
+        Self::from_value(read_json(path)?, path)
     }
 
     /// Names of the keys that were kept but not understood.
@@ -210,12 +209,24 @@ impl<T: Config> ConfigFile<T> {
     }
 }
 
-/// Parse JSON, mapping syntax errors to [`Error::Json`] with their position.
+/// Read and parse a JSON file as diffusers writes it (see [`parse_json`]).
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read, else as [`parse_json`].
+pub fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    parse_json(&text, path)
+}
+
+/// Parse JSON as Python's `json` module writes it: bare `Infinity`, `-Infinity` and `NaN` become
+/// the strings `"Infinity"`, ... (see [`crate::python_json`]); syntax errors become
+/// [`Error::Json`] with their position.
 ///
 /// # Errors
 /// [`Error::Json`].
 pub fn parse_json(text: &str, origin: &Path) -> Result<Value> {
-    serde_json::from_str(text).map_err(|e| Error::Json {
+    let text = crate::python_json::quote_nonfinite_tokens(text);
+    serde_json::from_str(&text).map_err(|e| Error::Json {
         path: origin.to_path_buf(),
         line: e.line(),
         column: e.column(),

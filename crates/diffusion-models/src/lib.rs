@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod activations;
+pub mod attention;
 pub mod attention_processor;
 pub mod autoencoders;
 pub mod downsampling;
@@ -14,6 +15,7 @@ pub(crate) mod layers;
 pub mod modeling_utils;
 pub mod resnet;
 pub mod state_dict;
+pub mod transformers;
 pub mod unets;
 pub mod upsampling;
 

@@ -93,14 +93,18 @@ pub(crate) fn denoise(
         .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))?;
 
     let mut generators = args.generator.instantiate(args.batch_size)?;
-    let mut image: Tensor<4> = randn_tensor(shape, noise_source(&mut generators), &device)?;
+    let noise: Tensor<4> = randn_tensor(shape, noise_source(&mut generators), &device)?;
     scheduler.set_timesteps(steps)?;
+    // Identity for DDPM/DDIM (as diffusers' DDPMPipeline assumes); sigma-based schedulers such as
+    // Euler need their initial scale and per-step input scaling to sample correctly.
+    let mut image = noise.mul_scalar(scheduler.init_noise_sigma());
     let timesteps = scheduler.timesteps().to_vec();
     let bar = progress_bar(timesteps.len(), args.progress);
     let mut interrupted = false;
     for (i, &t) in timesteps.iter().enumerate() {
         let timestep = Tensor::<1>::from_floats([t as f32], &device);
-        let model_output = unet.forward(image.clone(), timestep, None)?;
+        let model_input = scheduler.scale_model_input(image.clone(), t)?;
+        let model_output = unet.forward(model_input, timestep, None)?;
         let mut options = StepOptions::default();
         options.generator = Some(noise_source(&mut generators));
         if ddim_options {

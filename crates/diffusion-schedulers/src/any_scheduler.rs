@@ -288,7 +288,7 @@ impl AnyScheduler {
     /// class's own loading.
     pub fn from_config_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = config_path(path.as_ref());
-        Self::from_config_value(crate::config_json::read_config_json(&path)?, &path)
+        Self::from_config_value(diffusion_core::config::read_json(&path)?, &path)
     }
 
     /// Build from a parsed config whose `_class_name` names the class; `origin` is used in

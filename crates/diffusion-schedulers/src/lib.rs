@@ -14,19 +14,31 @@
 //! them: DDPM and DDIM compute their coefficients on 0-d float32 tensors, and near `t = 0`
 //! `1 - alpha_t / alpha_{t-1}` cancels enough that an `f64` evaluation moves diffusers' own
 //! DDPM test loop sum by 0.02, twice its tolerance; so those coefficients are float32 here too.
-//! Tensor arithmetic follows diffusers' operation order.
+//! The sigma schedulers likewise keep diffusers' split: sigma spacings (Karras, exponential,
+//! `np.interp`) in `f64` as numpy computes them, stored sigmas and step scalars in float32 as
+//! torch holds them. Tensor arithmetic follows diffusers' operation order.
+//!
+//! # Randomness
+//!
+//! Noise is never drawn from a hidden global generator: a step that needs noise takes a
+//! [`diffusion_core::TorchGenerator`] (or caller-made noise) through [`StepOptions`] and fails
+//! with a typed error without one. Draws follow `torch.randn` on a CPU generator, so a seeded
+//! run reproduces a seeded diffusers run.
 //!
 //! ```no_run
-//! use diffusion_core::burn::tensor::Tensor;
-//! use diffusion_core::{Device, TorchGenerator};
-//! use diffusion_schedulers::{Scheduler, StepOptions, AnyScheduler};
+//! use diffusion_core::tensor::randn_tensor;
+//! use diffusion_core::{Device, NoiseSource, TorchGenerator};
+//! use diffusion_schedulers::{AnyScheduler, Scheduler, SchedulerSpec, StepOptions};
 //!
 //! # fn main() -> diffusion_core::Result<()> {
 //! let device = Device::default();
-//! let mut scheduler = AnyScheduler::from_config_file("model/scheduler")?;
-//! scheduler.set_timesteps(50)?;
+//! let model_scheduler = AnyScheduler::from_config_file("model/scheduler")?;
+//! let mut scheduler =
+//!     AnyScheduler::convert(&model_scheduler, &SchedulerSpec::parse("DPM++ 2M Karras")?)?;
+//! scheduler.set_timesteps(25)?;
 //! let mut generator = TorchGenerator::new(0);
-//! let mut latents = Tensor::<4>::zeros([1, 4, 64, 64], &device);
+//! let mut latents = randn_tensor([1, 4, 64, 64], NoiseSource::Single(&mut generator), &device)?
+//!     .mul_scalar(scheduler.init_noise_sigma());
 //! for t in scheduler.timesteps().to_vec() {
 //!     let input = scheduler.scale_model_input(latents.clone(), t)?;
 //!     let noise_pred = input; // the UNet goes here
@@ -40,7 +52,6 @@
 #![warn(missing_docs)]
 
 pub mod any_scheduler;
-pub mod config_json;
 pub mod ops;
 pub mod schedule;
 pub mod scheduler;

@@ -396,7 +396,7 @@ pub trait ConfiguredScheduler: Scheduler + Sized {
     /// [`Error::Io`], [`Error::Json`], [`Error::ConfigField`] naming the bad field.
     fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = config_path(path.as_ref());
-        let value = crate::config_json::read_config_json(&path)?;
+        let value = diffusion_core::config::read_json(&path)?;
         Self::from_config_file(ConfigFile::from_value(value, &path)?)
     }
 }

@@ -152,7 +152,7 @@ pub struct DPMSolverMultistepSchedulerConfig {
     /// default as `-Infinity`, which is read here but left out when saving (so that strict JSON
     /// results, and diffusers reads it back as its default).
     #[serde(
-        deserialize_with = "crate::config_json::f64_or_nonfinite",
+        deserialize_with = "diffusion_core::python_json::f64_or_nonfinite",
         skip_serializing_if = "is_neg_infinity"
     )]
     pub lambda_min_clipped: f64,

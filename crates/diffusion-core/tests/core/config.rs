@@ -179,3 +179,15 @@ proptest! {
         prop_assert_eq!(back.to_json_string(), text);
     }
 }
+
+#[test]
+fn python_non_finite_floats_are_read() {
+    // diffusers saves DPMSolverMultistepScheduler with `"lambda_min_clipped": -Infinity`.
+    let value = diffusion_core::config::parse_json(
+        r#"{"lambda_min_clipped": -Infinity, "s": "NaN stays a string"}"#,
+        Path::new("scheduler_config.json"),
+    )
+    .unwrap();
+    assert_eq!(value["lambda_min_clipped"], "-Infinity");
+    assert_eq!(value["s"], "NaN stays a string");
+}

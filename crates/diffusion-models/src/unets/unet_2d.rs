@@ -1,7 +1,7 @@
 //! `UNet2DModel`: the unconditional (optionally class-conditional) 2-D UNet of DDPM, DDIM and
 //! score-SDE pipelines (`diffusers.models.unets.unet_2d`).
 
-mod config;
+pub(crate) mod config;
 
 use std::path::Path;
 

@@ -8,6 +8,12 @@
 //! The VAE's [`DownEncoderBlock2D`] and [`UpDecoderBlock2D`] likewise serve their `Attn`
 //! variants; [`get_down_encoder_block`] and [`get_up_decoder_block`] build them.
 
+mod cross_attention;
+
+pub use cross_attention::{
+    CrossAttnArgs, CrossAttnDownBlock2D, CrossAttnUpBlock2D, UNetMidBlock2DCrossAttn,
+};
+
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::GroupNorm;
@@ -96,7 +102,7 @@ pub struct BlockArgs {
 }
 
 impl BlockArgs {
-    fn groups(&self) -> Result<usize> {
+    pub(crate) fn groups(&self) -> Result<usize> {
         self.resnet_groups.ok_or_else(|| {
             layers::config_error(
                 "norm_num_groups",
@@ -105,7 +111,7 @@ impl BlockArgs {
         })
     }
 
-    fn resnet(
+    pub(crate) fn resnet(
         &self,
         in_channels: usize,
         out_channels: usize,
@@ -133,7 +139,7 @@ impl BlockArgs {
     }
 
     /// Skip blocks size their norms from the channels: `min(channels / 4, 32)`.
-    fn skip_groups(channels: usize) -> usize {
+    pub(crate) fn skip_groups(channels: usize) -> usize {
         (channels / 4).min(32)
     }
 }
@@ -342,7 +348,7 @@ pub struct UpBlock2D {
 }
 
 /// Input channels of an up block's `i`-th resnet: previous output plus the skip connection.
-fn up_resnet_channels(args: &BlockArgs, i: usize) -> (usize, usize) {
+pub(crate) fn up_resnet_channels(args: &BlockArgs, i: usize) -> (usize, usize) {
     let res_skip = if i + 1 == args.num_layers {
         args.in_channels
     } else {
@@ -357,7 +363,7 @@ fn up_resnet_channels(args: &BlockArgs, i: usize) -> (usize, usize) {
 }
 
 impl UpBlock2D {
-    fn new(args: &BlockArgs, with_attention: bool, device: &Device) -> Result<Self> {
+    pub(crate) fn new(args: &BlockArgs, with_attention: bool, device: &Device) -> Result<Self> {
         let groups = args.groups()?;
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();

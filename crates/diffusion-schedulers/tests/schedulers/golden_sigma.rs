@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::{Context, Result, ensure};
 use diffusion_core::TorchGenerator;
 use diffusion_core::burn::tensor::Tensor;
-use diffusion_schedulers::config_json::read_config_json;
+use diffusion_core::config::read_json as read_config_json;
 use diffusion_schedulers::scheduling_dpmsolver_multistep::AlgorithmType;
 use diffusion_schedulers::{
     AnyScheduler, ConfiguredScheduler, DPMSolverMultistepScheduler,

@@ -2,14 +2,12 @@
 //! the bare tokens `Infinity`, `-Infinity` and `NaN` (every saved `DPMSolverMultistepScheduler`
 //! config has `"lambda_min_clipped": -Infinity`). Strict JSON parsers reject them, so they are
 //! turned into strings before parsing, and the few fields that can hold them accept those
-//! strings.
+//! strings. [`crate::config::parse_json`] applies this to every config it reads.
 
 use std::borrow::Cow;
-use std::path::Path;
 
-use diffusion_core::config::parse_json;
-use diffusion_core::{Error, Result};
 use serde::{Deserialize, Deserializer};
+#[cfg(test)]
 use serde_json::Value;
 
 const TOKENS: [&str; 3] = ["-Infinity", "Infinity", "NaN"];
@@ -50,23 +48,6 @@ pub fn quote_nonfinite_tokens(text: &str) -> Cow<'_, str> {
         rest = &rest[c.len_utf8()..];
     }
     Cow::Owned(out)
-}
-
-/// Parse a diffusers config file's text, accepting Python's non-finite float tokens.
-///
-/// # Errors
-/// [`Error::Json`] with the position for malformed JSON.
-pub fn parse_config_json(text: &str, origin: &Path) -> Result<Value> {
-    parse_json(&quote_nonfinite_tokens(text), origin)
-}
-
-/// Read and parse a diffusers config file.
-///
-/// # Errors
-/// [`Error::Io`] when the file cannot be read, else as [`parse_config_json`].
-pub fn read_config_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    parse_config_json(&text, path)
 }
 
 /// serde `deserialize_with` for a float that diffusers may write as `-Infinity`/`Infinity`/
