@@ -2,12 +2,12 @@
 //! operations that dominate a UNet, on burn-flex and burn-ndarray.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use diffusion_benches::cpu_devices;
+use diffusion_core::Device;
 use diffusion_core::burn::nn::conv::{Conv2d, Conv2dConfig};
 use diffusion_core::burn::nn::{GroupNorm, GroupNormConfig, PaddingConfig2d};
 use diffusion_core::burn::tensor::module::attention;
 use diffusion_core::burn::tensor::{Distribution, Tensor, activation};
-use diffusion_core::Device;
-use diffusion_benches::cpu_devices;
 
 struct Block {
     norm: GroupNorm,
@@ -29,7 +29,14 @@ impl Block {
         let [b, c, h, w] = x.dims();
         let y = activation::silu(self.conv.forward(self.norm.forward(x)));
         let tokens = y.reshape([b, 1, c, h * w]).swap_dims(2, 3);
-        let out = attention(tokens.clone(), tokens.clone(), tokens, None, None, Default::default());
+        let out = attention(
+            tokens.clone(),
+            tokens.clone(),
+            tokens,
+            None,
+            None,
+            Default::default(),
+        );
         out.swap_dims(2, 3).reshape([b, c, h, w])
     }
 }
@@ -40,7 +47,11 @@ fn bench_block(c: &mut Criterion) {
     for (name, device) in cpu_devices() {
         for (channels, size) in [(64usize, 16usize), (128, 32)] {
             let block = Block::new(channels, &device);
-            let x = Tensor::<4>::random([1, channels, size, size], Distribution::Normal(0.0, 1.0), &device);
+            let x = Tensor::<4>::random(
+                [1, channels, size, size],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
             let id = BenchmarkId::new(name, format!("{channels}ch_{size}x{size}"));
             group.bench_with_input(id, &x, |bench, x| {
                 bench.iter(|| {

@@ -41,7 +41,12 @@ pub fn unet2d_configs() -> Vec<(&'static str, UNet2DModelConfig, usize)> {
         out_channels: 3,
         layers_per_block: 2,
         block_out_channels: vec![128, 256, 256, 256],
-        down_block_types: names(&["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"]),
+        down_block_types: names(&[
+            "DownBlock2D",
+            "AttnDownBlock2D",
+            "DownBlock2D",
+            "DownBlock2D",
+        ]),
         up_block_types: names(&["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]),
         ..UNet2DModelConfig::default()
     };

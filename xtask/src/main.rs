@@ -67,8 +67,16 @@ fn allowed_deps() -> BTreeMap<&'static str, BTreeSet<&'static str>> {
     m.insert("diffusion-core", BTreeSet::new());
     m.insert("diffusion-schedulers", BTreeSet::from(["diffusion-core"]));
     m.insert("diffusion-models", BTreeSet::from(["diffusion-core"]));
-    m.insert("diffusion-loaders", BTreeSet::from(["diffusion-core", "diffusion-models"]));
-    let lower = ["diffusion-core", "diffusion-schedulers", "diffusion-models", "diffusion-loaders"];
+    m.insert(
+        "diffusion-loaders",
+        BTreeSet::from(["diffusion-core", "diffusion-models"]),
+    );
+    let lower = [
+        "diffusion-core",
+        "diffusion-schedulers",
+        "diffusion-models",
+        "diffusion-loaders",
+    ];
     m.insert("diffusion-pipelines", BTreeSet::from(lower));
     m.insert(
         "diffusion-train",
@@ -120,7 +128,14 @@ fn check_dependency_direction() -> Result<()> {
 fn check(backends: bool) -> Result<()> {
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     check_dependency_direction()?;
-    run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    run(Command::new("cargo").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
     if backends {
         for feature in ["ndarray", "wgpu", "cuda", "tch"] {
             run(Command::new("cargo").args([
@@ -140,13 +155,18 @@ fn oracle_python(root: &Path) -> Result<PathBuf> {
     let venv = root.join("fixtures/oracle/.venv");
     let python = venv.join("bin/python");
     if !python.exists() {
-        eprintln!("creating the oracle venv in {} (about 3 GB, several minutes)", venv.display());
+        eprintln!(
+            "creating the oracle venv in {} (about 3 GB, several minutes)",
+            venv.display()
+        );
         run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
         run(Command::new(&python)
             .args(["-m", "pip", "install", "-q", "-r"])
             .arg(root.join("fixtures/oracle/requirements.txt")))?;
         // triton is GPU-only and 1 GB; nothing on CPU uses it.
-        let _ = Command::new(&python).args(["-m", "pip", "uninstall", "-y", "-q", "triton"]).status();
+        let _ = Command::new(&python)
+            .args(["-m", "pip", "uninstall", "-y", "-q", "triton"])
+            .status();
     }
     Ok(python)
 }
@@ -163,7 +183,9 @@ fn regenerate_fixtures(root: &Path, only: &[String]) -> Result<()> {
         })
         .filter(|p| {
             only.is_empty()
-                || only.iter().any(|o| p.file_stem().and_then(|s| s.to_str()) == Some(o.as_str()))
+                || only
+                    .iter()
+                    .any(|o| p.file_stem().and_then(|s| s.to_str()) == Some(o.as_str()))
         })
         .collect();
     scripts.sort();
@@ -181,7 +203,10 @@ fn fixture_files(root: &Path) -> Result<Vec<PathBuf>> {
     fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         for entry in std::fs::read_dir(dir)? {
             let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
             if name.starts_with('.') || name == "__pycache__" {
                 continue;
             }
@@ -195,7 +220,9 @@ fn fixture_files(root: &Path) -> Result<Vec<PathBuf>> {
     }
     let mut files = Vec::new();
     walk(&root.join("fixtures"), &mut files)?;
-    files.retain(|p| !p.ends_with("MANIFEST.sha256") && !p.starts_with(root.join("fixtures/oracle")));
+    files.retain(|p| {
+        !p.ends_with("MANIFEST.sha256") && !p.starts_with(root.join("fixtures/oracle"))
+    });
     files.sort();
     Ok(files)
 }
@@ -234,6 +261,9 @@ fn verify_manifest(root: &Path) -> Result<()> {
         }
         bail!("fixtures differ from fixtures/MANIFEST.sha256:\n{diff}");
     }
-    eprintln!("fixtures match the manifest ({} files)", actual.lines().count());
+    eprintln!(
+        "fixtures match the manifest ({} files)",
+        actual.lines().count()
+    );
     Ok(())
 }

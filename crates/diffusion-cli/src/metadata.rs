@@ -35,7 +35,10 @@ impl GenerationParameters {
     pub fn png_chunks(&self) -> Vec<(String, String)> {
         let mut chunks = vec![
             ("parameters".to_string(), self.a1111_text()),
-            ("Software".to_string(), format!("diffusers-rs {}", env!("CARGO_PKG_VERSION"))),
+            (
+                "Software".to_string(),
+                format!("diffusers-rs {}", env!("CARGO_PKG_VERSION")),
+            ),
         ];
         for (k, v) in &self.fields {
             chunks.push((format!("diffusers:{k}"), v.clone()));

@@ -88,20 +88,31 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
-    if args.output.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref()
+    if args
+        .output
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
         != Some("png")
     {
-        bail!("--output {}: only .png output is supported", args.output.display());
+        bail!(
+            "--output {}: only .png output is supported",
+            args.output.display()
+        );
     }
     let device: Device = parse_device(&args.device)?;
-    let model_name = args.model.clone().unwrap_or_else(|| DEFAULT_MODEL.to_string());
+    let model_name = args
+        .model
+        .clone()
+        .unwrap_or_else(|| DEFAULT_MODEL.to_string());
     let hub = HubOptions {
         revision: args.revision.clone(),
         progress: !args.quiet,
         ..HubOptions::default()
     };
-    let dir = resolve_model_dir(&model_name, &hub)
-        .with_context(|| format!("--model {model_name}"))?;
+    let dir =
+        resolve_model_dir(&model_name, &hub).with_context(|| format!("--model {model_name}"))?;
 
     let mut pipe = DDPMPipeline::from_pretrained(&dir, &device)
         .with_context(|| format!("loading {}", dir.display()))?;
@@ -111,7 +122,10 @@ pub fn run(args: SampleArgs) -> Result<()> {
     }
     let kind = pipe.scheduler.kind();
     if args.eta.is_some() && kind != SchedulerKind::Ddim {
-        bail!("--eta only applies to the DDIM scheduler (this run uses {})", kind.class_name());
+        bail!(
+            "--eta only applies to the DDIM scheduler (this run uses {})",
+            kind.class_name()
+        );
     }
     let generator = args.seed.map(Generators::Seed).unwrap_or_default();
     let call = UnconditionalArgs {
@@ -125,10 +139,14 @@ pub fn run(args: SampleArgs) -> Result<()> {
     };
     let (output, steps) = if kind == SchedulerKind::Ddim {
         let mut ddim = DDIMPipeline::from_parts(pipe.unet, pipe.scheduler)?;
-        let steps = call.num_inference_steps.unwrap_or(DDIMPipeline::DEFAULT_STEPS);
+        let steps = call
+            .num_inference_steps
+            .unwrap_or(DDIMPipeline::DEFAULT_STEPS);
         (ddim.call(call)?, steps)
     } else {
-        let steps = call.num_inference_steps.unwrap_or(DDPMPipeline::DEFAULT_STEPS);
+        let steps = call
+            .num_inference_steps
+            .unwrap_or(DDPMPipeline::DEFAULT_STEPS);
         (pipe.call(call)?, steps)
     };
     let ImageOutput::Array(array) = output.images else {
@@ -138,7 +156,13 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let mut params = GenerationParameters::default();
     params.push("Steps", steps);
     params.push("Sampler", kind.class_name());
-    params.push("Seed", generator.seeds().map(|s| s[0].to_string()).unwrap_or("random".into()));
+    params.push(
+        "Seed",
+        generator
+            .seeds()
+            .map(|s| s[0].to_string())
+            .unwrap_or("random".into()),
+    );
     params.push("Size", format!("{}x{}", array.shape[2], array.shape[1]));
     params.push("Batch size", args.num_images);
     if let Some(eta) = args.eta {
@@ -152,7 +176,12 @@ pub fn run(args: SampleArgs) -> Result<()> {
         .into_iter()
         .map(|img| {
             let (w, h) = img.dimensions();
-            image::imageops::resize(&img, w * upscale, h * upscale, image::imageops::FilterType::Nearest)
+            image::imageops::resize(
+                &img,
+                w * upscale,
+                h * upscale,
+                image::imageops::FilterType::Nearest,
+            )
         })
         .collect();
     if upscale > 1 {
@@ -165,13 +194,21 @@ pub fn run(args: SampleArgs) -> Result<()> {
     let rows = images.len().div_ceil(cols);
     let mut tiles = images.clone();
     // Pad the last row with black tiles so any count fits a grid.
-    tiles.resize(rows * cols, diffusion_core::image::RgbImage::new(images[0].width(), images[0].height()));
+    tiles.resize(
+        rows * cols,
+        diffusion_core::image::RgbImage::new(images[0].width(), images[0].height()),
+    );
     let grid = make_image_grid(&tiles, rows, cols)?;
     if let Some(npy) = &args.output_npy {
         array.write(npy)?;
     }
     save_png(&args.output, &grid, &params.png_chunks())?;
-    eprintln!("wrote {} ({} image(s), {})", args.output.display(), images.len(), params.a1111_text());
+    eprintln!(
+        "wrote {} ({} image(s), {})",
+        args.output.display(),
+        images.len(),
+        params.a1111_text()
+    );
     Ok(())
 }
 

@@ -18,7 +18,8 @@ fn diffusers() -> Command {
 }
 
 fn expected(name: &str) -> Vec<f32> {
-    let bytes = std::fs::read(fixtures().join("pipelines/unconditional/outputs.safetensors")).unwrap();
+    let bytes =
+        std::fs::read(fixtures().join("pipelines/unconditional/outputs.safetensors")).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     st.tensor(name)
         .unwrap()
@@ -35,7 +36,16 @@ fn sample_reproduces_diffusers_for_the_same_seed() {
     let npy = dir.path().join("out.npy");
     let model = fixtures().join("pipelines/unconditional/ddpm_tiny");
     let status = diffusers()
-        .args(["sample", "--quiet", "--seed", "0", "--steps", "20", "--num-images", "2"])
+        .args([
+            "sample",
+            "--quiet",
+            "--seed",
+            "0",
+            "--steps",
+            "20",
+            "--num-images",
+            "2",
+        ])
         .arg("--model")
         .arg(&model)
         .arg("--output")
@@ -48,17 +58,34 @@ fn sample_reproduces_diffusers_for_the_same_seed() {
     let got = NpyArray::read(&npy).unwrap();
     assert_eq!(got.shape, vec![2, 8, 8, 3]);
     let want = expected("ddpm_seed0_steps20_batch2");
-    let diff = got.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let diff = got
+        .data
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(diff <= 1e-3, "max |diff| = {diff}");
 
     let text = read_png_text(&png).unwrap();
     let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
-    assert!(params.contains("Steps: 20") && params.contains("Seed: 0"), "{params}");
+    assert!(
+        params.contains("Steps: 20") && params.contains("Seed: 0"),
+        "{params}"
+    );
     assert!(params.contains("Sampler: DDPMScheduler"), "{params}");
 
     // DDIM through --scheduler: diffusers' DDIMPipeline output for the same seed and eta.
     let status = diffusers()
-        .args(["sample", "--quiet", "--seed", "1", "--steps", "10", "--num-images", "2"])
+        .args([
+            "sample",
+            "--quiet",
+            "--seed",
+            "1",
+            "--steps",
+            "10",
+            "--num-images",
+            "2",
+        ])
         .args(["--scheduler", "ddim", "--eta", "0.5"])
         .arg("--model")
         .arg(&model)
@@ -71,7 +98,12 @@ fn sample_reproduces_diffusers_for_the_same_seed() {
     assert!(status.success());
     let got = NpyArray::read(&npy).unwrap();
     let want = expected("ddim_seed1_steps10_eta05");
-    let diff = got.data.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
+    let diff = got
+        .data
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
     assert!(diff <= 1e-3, "ddim: max |diff| = {diff}");
 }
 
@@ -103,7 +135,13 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
         assert!(!png.exists(), "{extra:?} left an output file");
     }
     let out = diffusers()
-        .args(["sample", "--quiet", "--model", "/no/such/folder", "--output"])
+        .args([
+            "sample",
+            "--quiet",
+            "--model",
+            "/no/such/folder",
+            "--output",
+        ])
         .arg(&png)
         .output()
         .unwrap();
@@ -116,7 +154,15 @@ fn bad_input_is_a_clear_error_and_writes_nothing() {
 fn help_explains_the_flags() {
     let out = diffusers().args(["sample", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--model", "--scheduler", "--steps", "--seed", "--num-images", "--output", "--output-npy"] {
+    for flag in [
+        "--model",
+        "--scheduler",
+        "--steps",
+        "--seed",
+        "--num-images",
+        "--output",
+        "--output-npy",
+    ] {
         assert!(help.contains(flag), "missing {flag} in:\n{help}");
     }
 }

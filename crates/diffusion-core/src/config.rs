@@ -168,7 +168,10 @@ impl<T: Config> ConfigFile<T> {
         }
         let class_name = self.class_name.as_deref().unwrap_or(T::CLASS_NAME);
         out.insert("_class_name".into(), Value::String(class_name.into()));
-        let version = self.diffusers_version.as_deref().unwrap_or(DIFFUSERS_VERSION);
+        let version = self
+            .diffusers_version
+            .as_deref()
+            .unwrap_or(DIFFUSERS_VERSION);
         out.insert("_diffusers_version".into(), Value::String(version.into()));
         Value::Object(out.into_iter().collect())
     }
@@ -293,7 +296,10 @@ impl ModelIndex {
             message: message.to_string(),
         };
         let Value::Object(map) = parse_json(text, origin)? else {
-            return Err(field_err("<root>", "model_index.json must be a JSON object"));
+            return Err(field_err(
+                "<root>",
+                "model_index.json must be a JSON object",
+            ));
         };
         let mut class_name = None;
         let mut diffusers_version = None;
@@ -364,7 +370,10 @@ impl ModelIndex {
     pub fn to_value(&self) -> Value {
         let mut out: BTreeMap<String, Value> = BTreeMap::new();
         out.insert("_class_name".into(), Value::String(self.class_name.clone()));
-        let version = self.diffusers_version.as_deref().unwrap_or(DIFFUSERS_VERSION);
+        let version = self
+            .diffusers_version
+            .as_deref()
+            .unwrap_or(DIFFUSERS_VERSION);
         out.insert("_diffusers_version".into(), Value::String(version.into()));
         for (k, v) in self.private.iter().chain(self.options.iter()) {
             out.insert(k.clone(), v.clone());

@@ -46,14 +46,19 @@ pub fn save_png(path: impl AsRef<Path>, image: &RgbImage, text: &[(String, Strin
     let mut bytes = Vec::new();
     {
         let to_io = |e: png::EncodingError| Error::io(path, std::io::Error::other(e.to_string()));
-        let mut encoder = png::Encoder::new(BufWriter::new(&mut bytes), image.width(), image.height());
+        let mut encoder =
+            png::Encoder::new(BufWriter::new(&mut bytes), image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         for (key, value) in text {
             if value.chars().all(|c| (c as u32) < 256) {
-                encoder.add_text_chunk(key.clone(), value.clone()).map_err(to_io)?;
+                encoder
+                    .add_text_chunk(key.clone(), value.clone())
+                    .map_err(to_io)?;
             } else {
-                encoder.add_itxt_chunk(key.clone(), value.clone()).map_err(to_io)?;
+                encoder
+                    .add_itxt_chunk(key.clone(), value.clone())
+                    .map_err(to_io)?;
             }
         }
         let mut writer = encoder.write_header().map_err(to_io)?;
@@ -107,7 +112,10 @@ pub fn make_image_grid(images: &[RgbImage], rows: usize, cols: usize) -> Result<
     }
     let (w, h) = images[0].dimensions();
     if images.iter().any(|i| i.dimensions() != (w, h)) {
-        return Err(Error::invalid_argument("images", "all images of a grid must have the same size"));
+        return Err(Error::invalid_argument(
+            "images",
+            "all images of a grid must have the same size",
+        ));
     }
     let mut grid = RgbImage::new(w * cols as u32, h * rows as u32);
     for (i, img) in images.iter().enumerate() {
@@ -268,7 +276,8 @@ impl VaeImageProcessor {
                 for i in 0..h * w {
                     let v = if channels == 1 {
                         // PIL's "L" conversion: ITU-R 601-2 luma.
-                        let (r, g, b) = (px[3 * i] as f32, px[3 * i + 1] as f32, px[3 * i + 2] as f32);
+                        let (r, g, b) =
+                            (px[3 * i] as f32, px[3 * i + 1] as f32, px[3 * i + 2] as f32);
                         ((r * 299.0 + g * 587.0 + b * 114.0) / 1000.0).round()
                     } else {
                         px[3 * i + c] as f32

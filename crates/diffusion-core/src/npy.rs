@@ -117,8 +117,7 @@ impl NpyArray {
                     .join(", ")
             ),
         };
-        let mut header =
-            format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
+        let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape}, }}");
         // Pad with spaces so that the data starts on a 64-byte boundary, ending in a newline.
         let unpadded = MAGIC.len() + 4 + header.len() + 1;
         header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
@@ -204,7 +203,10 @@ mod tests {
                 data: (0..n).map(|i| i as f32 * 0.5 - 1.0).collect(),
             };
             let bytes = a.to_bytes();
-            assert_eq!((10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64, 0);
+            assert_eq!(
+                (10 + u16::from_le_bytes([bytes[8], bytes[9]]) as usize) % 64,
+                0
+            );
             assert_eq!(NpyArray::from_bytes(&bytes).unwrap(), a);
         }
     }

@@ -2,8 +2,8 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
-use crate::generator::{NoiseSource, randn_batch};
 use crate::Result;
+use crate::generator::{NoiseSource, randn_batch};
 
 /// A float tensor from row-major host data.
 ///
@@ -15,7 +15,10 @@ pub fn from_vec<const D: usize>(data: Vec<f32>, shape: [usize; D], device: &Devi
 
 /// A float tensor's elements as `f32`, row-major.
 pub fn to_vec<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap_or_default()
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
 }
 
 /// diffusers' `randn_tensor` with CPU generators: standard normal noise of `shape` drawn on the

@@ -47,7 +47,8 @@ pub fn looks_like_repo_id(name: &str) -> bool {
         !s.is_empty()
             && s != "."
             && s != ".."
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     matches!((parts.next(), parts.next(), parts.next()), (Some(a), Some(b), None) if valid(a) && valid(b))
 }
@@ -89,13 +90,18 @@ pub fn snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
         repo: repo_id.to_string(),
         message,
     };
-    let repo = Repo::with_revision(repo_id.to_string(), RepoType::Model, options.revision.clone());
+    let repo = Repo::with_revision(
+        repo_id.to_string(),
+        RepoType::Model,
+        options.revision.clone(),
+    );
     let cached = cache(options).repo(repo.clone());
     if options.offline {
         // A pipeline has model_index.json at its root, a single model config.json.
         for marker in ["model_index.json", "config.json", "scheduler_config.json"] {
             if let Some(file) = cached.get(marker) {
-                return snapshot_root(&file, marker).ok_or_else(|| hub_err("malformed cache entry".into()));
+                return snapshot_root(&file, marker)
+                    .ok_or_else(|| hub_err("malformed cache entry".into()));
             }
         }
         return Err(hub_err(format!(
@@ -113,11 +119,15 @@ pub fn snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
     let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
     let wanted = files_to_fetch(&names, options.variant.as_deref());
     if wanted.is_empty() {
-        return Err(hub_err("the repository has no diffusers config or safetensors files".into()));
+        return Err(hub_err(
+            "the repository has no diffusers config or safetensors files".into(),
+        ));
     }
     let mut root = None;
     for name in &wanted {
-        let local = remote.get(name).map_err(|e| hub_err(format!("{name}: {e}")))?;
+        let local = remote
+            .get(name)
+            .map_err(|e| hub_err(format!("{name}: {e}")))?;
         root = root.or_else(|| snapshot_root(&local, name));
     }
     root.ok_or_else(|| hub_err("could not locate the downloaded snapshot".into()))
@@ -138,10 +148,21 @@ fn snapshot_root(file: &Path, relative: &str) -> Option<PathBuf> {
 /// files. Pickled `.bin`/`.ckpt`, ONNX, Flax and other formats are never fetched.
 pub fn files_to_fetch(names: &[String], variant: Option<&str>) -> Vec<String> {
     let is_meta = |n: &str| {
-        n.ends_with(".json") || n.ends_with("merges.txt") || n.ends_with("vocab.txt") || n.ends_with(".model")
+        n.ends_with(".json")
+            || n.ends_with("merges.txt")
+            || n.ends_with("vocab.txt")
+            || n.ends_with(".model")
     };
-    let folder = |n: &str| Path::new(n).parent().map(Path::to_path_buf).unwrap_or_default();
-    let weights: Vec<&String> = names.iter().filter(|n| n.ends_with(".safetensors")).collect();
+    let folder = |n: &str| {
+        Path::new(n)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+    };
+    let weights: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
     let mut out: Vec<String> = names.iter().filter(|n| is_meta(n)).cloned().collect();
     for name in &weights {
         let dir = folder(name);
@@ -206,7 +227,11 @@ mod tests {
         assert!(fp16.contains(&"vae/diffusion_pytorch_model.safetensors".to_string()));
         assert!(fp16.contains(&"text_encoder/model-00002-of-00002.safetensors".to_string()));
         assert!(fp16.contains(&"text_encoder/model.safetensors.index.json".to_string()));
-        assert!(!fp16.iter().any(|n| n.ends_with(".bin") || n.ends_with(".md")));
+        assert!(
+            !fp16
+                .iter()
+                .any(|n| n.ends_with(".bin") || n.ends_with(".md"))
+        );
         let plain = files_to_fetch(&names, None);
         assert!(plain.contains(&"unet/diffusion_pytorch_model.safetensors".to_string()));
         assert!(!plain.contains(&"unet/diffusion_pytorch_model.fp16.safetensors".to_string()));
@@ -230,7 +255,10 @@ mod tests {
         };
         assert_eq!(resolve_model_dir("org/tiny-ddpm", &options).unwrap(), snap);
         let err = resolve_model_dir("org/absent", &options).unwrap_err();
-        assert!(matches!(&err, Error::Hub { repo, .. } if repo == "org/absent"), "{err}");
+        assert!(
+            matches!(&err, Error::Hub { repo, .. } if repo == "org/absent"),
+            "{err}"
+        );
         let err = resolve_model_dir("no-such-folder", &options).unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }));
     }

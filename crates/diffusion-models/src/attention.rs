@@ -124,7 +124,11 @@ impl BasicTransformerBlockConfig {
             }
             .init(device)
         };
-        let norm = || LayerNormConfig::new(self.dim).with_epsilon(self.norm_eps).init(device);
+        let norm = || {
+            LayerNormConfig::new(self.dim)
+                .with_epsilon(self.norm_eps)
+                .init(device)
+        };
         let attn1_cross = self
             .cross_attention_dim
             .filter(|_| self.only_cross_attention);
@@ -193,17 +197,13 @@ impl BasicTransformerBlock {
     /// - output: `[B, S, dim]`
     pub fn forward(&self, x: Tensor<3>, inputs: &CrossAttentionInputs<'_>) -> Tensor<3> {
         let context = inputs.encoder_hidden_states;
-        let (attn1_context, attn1_bias) = if self.only_cross_attention {
-            (Some(context.clone()), inputs.encoder_attention_bias)
-        } else {
-            (None, None)
-        };
-        // diffusers passes `attention_mask` (not the encoder mask) to attn1; this port does not
-        // take a self-attention mask, so attn1 is unmasked unless it attends to the encoder.
+        let attn1_context = self.only_cross_attention.then(|| context.clone());
+        // diffusers gives attn1 the UNet's `attention_mask` (even when it attends to the
+        // encoder), never `encoder_attention_mask`; this port takes no `attention_mask`.
         let h = self.attn1.forward_tokens(
             self.norm1.forward(x.clone()),
             attn1_context,
-            attn1_bias,
+            None,
             inputs.hook,
         );
         let mut x = h.add(x);

@@ -136,7 +136,13 @@ impl GaussianFourierProjection {
     pub fn forward(&self, x: Tensor<1>) -> Tensor<2> {
         let x = if self.log { x.log() } else { x };
         let [n] = x.dims();
+        // As torch promotes: f32 timesteps times an f16 weight compute in f32.
         let weight = self.weight.val();
+        let weight = if weight.dtype() == x.dtype() {
+            weight
+        } else {
+            weight.cast(diffusion_core::burn::tensor::FloatDType::from(x.dtype()))
+        };
         let [size] = weight.dims();
         let proj = x
             .reshape([n, 1])
@@ -172,7 +178,14 @@ pub struct TimestepEmbedding {
 impl TimestepEmbedding {
     /// `TimestepEmbedding(in_channels, time_embed_dim)` with SiLU.
     pub fn new(in_channels: usize, time_embed_dim: usize, device: &Device) -> Self {
-        Self::with_options(in_channels, time_embed_dim, Activation::Silu, None, None, device)
+        Self::with_options(
+            in_channels,
+            time_embed_dim,
+            Activation::Silu,
+            None,
+            None,
+            device,
+        )
     }
 
     /// `TimestepEmbedding(in_channels, time_embed_dim, act_fn, post_act_fn=post_act,

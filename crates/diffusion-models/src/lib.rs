@@ -19,6 +19,10 @@ pub mod transformers;
 pub mod unets;
 pub mod upsampling;
 
+pub use attention_processor::AttentionHook;
 pub use autoencoders::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution};
 pub use state_dict::{LoadMode, LoadReport, load_weights, save_weights, state_dict};
 pub use unets::unet_2d::{ClassLabels, UNet2DModel, UNet2DModelConfig};
+pub use unets::unet_2d_condition::{
+    AddedCondKwargs, UNet2DConditionModel, UNet2DConditionModelConfig, UNet2DConditionOptions,
+};

@@ -39,14 +39,26 @@ fn main() -> anyhow::Result<()> {
     };
     let channels = model.config().in_channels;
     let mut generator = TorchGenerator::new(0);
-    let mut input: Tensor<4> =
-        randn_tensor([1, channels, size, size], NoiseSource::Single(&mut generator), &device)?;
+    let mut input: Tensor<4> = randn_tensor(
+        [1, channels, size, size],
+        NoiseSource::Single(&mut generator),
+        &device,
+    )?;
 
     // The denoising loop: the model predicts the noise, the scheduler removes some of it.
     for &t in scheduler.timesteps().to_vec().iter() {
-        let noisy_residual = model.forward(input.clone(), Tensor::from_floats([t as f32], &device), None)?;
+        let noisy_residual = model.forward(
+            input.clone(),
+            Tensor::from_floats([t as f32], &device),
+            None,
+        )?;
         input = scheduler
-            .step(noisy_residual, t, input, StepOptions::default().with_generator(&mut generator))?
+            .step(
+                noisy_residual,
+                t,
+                input,
+                StepOptions::default().with_generator(&mut generator),
+            )?
             .prev_sample;
     }
 

@@ -47,6 +47,12 @@ impl DDIMPipeline {
     /// # Errors
     /// As [`DDPMPipeline::call`].
     pub fn call(&mut self, args: UnconditionalArgs<'_>) -> Result<ImagePipelineOutput> {
-        denoise(&self.unet, &mut self.scheduler, args, Self::DEFAULT_STEPS, true)
+        denoise(
+            &self.unet,
+            &mut self.scheduler,
+            args,
+            Self::DEFAULT_STEPS,
+            true,
+        )
     }
 }

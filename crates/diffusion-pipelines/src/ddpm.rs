@@ -59,6 +59,12 @@ impl DDPMPipeline {
     /// [`diffusion_core::Error::InvalidArgument`] for a zero batch, a seed list of the wrong
     /// length, zero steps or options the scheduler does not take.
     pub fn call(&mut self, args: UnconditionalArgs<'_>) -> Result<ImagePipelineOutput> {
-        denoise(&self.unet, &mut self.scheduler, args, Self::DEFAULT_STEPS, false)
+        denoise(
+            &self.unet,
+            &mut self.scheduler,
+            args,
+            Self::DEFAULT_STEPS,
+            false,
+        )
     }
 }

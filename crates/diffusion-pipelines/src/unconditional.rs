@@ -129,7 +129,10 @@ pub(crate) fn denoise(
                     if latents.dims() != shape {
                         return Err(Error::invalid_argument(
                             "callback",
-                            format!("returned latents of shape {:?}, expected {shape:?}", latents.dims()),
+                            format!(
+                                "returned latents of shape {:?}, expected {shape:?}",
+                                latents.dims()
+                            ),
                         ));
                     }
                     image = latents;

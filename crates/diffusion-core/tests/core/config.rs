@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use diffusion_core::config::{Config, ConfigFile, ModelIndex};
 use diffusion_core::Error;
+use diffusion_core::config::{Config, ConfigFile, ModelIndex};
 use proptest::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -100,15 +100,24 @@ fn wrong_typed_field_is_named() {
         other => panic!("expected ConfigField, got {other:?}"),
     }
     let err = parse(r#"{"beta_schedule": "cubic"}"#).unwrap_err();
-    assert!(matches!(&err, Error::ConfigField { field, .. } if field == "beta_schedule"), "{err}");
+    assert!(
+        matches!(&err, Error::ConfigField { field, .. } if field == "beta_schedule"),
+        "{err}"
+    );
     let err = parse(r#"{"block_out_channels": [1, "two"]}"#).unwrap_err();
-    assert!(matches!(&err, Error::ConfigField { field, .. } if field == "block_out_channels[1]"), "{err}");
+    assert!(
+        matches!(&err, Error::ConfigField { field, .. } if field == "block_out_channels[1]"),
+        "{err}"
+    );
 }
 
 #[test]
 fn validation_errors_name_the_field() {
     let err = parse(r#"{"block_out_channels": [1, 2, 3]}"#).unwrap_err();
-    assert!(matches!(&err, Error::ConfigField { field, .. } if field == "block_out_channels"), "{err}");
+    assert!(
+        matches!(&err, Error::ConfigField { field, .. } if field == "block_out_channels"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -116,8 +125,14 @@ fn real_diffusers_model_index_round_trips() {
     let path = fixtures().join("configs/model_index_ddpm.json");
     let index = ModelIndex::load(&path).unwrap();
     assert_eq!(index.class_name, "DDPMPipeline");
-    assert_eq!(index.components["unet"].class_name.as_deref(), Some("UNet2DModel"));
-    assert_eq!(index.components["scheduler"].library.as_deref(), Some("diffusers"));
+    assert_eq!(
+        index.components["unet"].class_name.as_deref(),
+        Some("UNet2DModel")
+    );
+    assert_eq!(
+        index.components["scheduler"].library.as_deref(),
+        Some("diffusers")
+    );
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(index.to_value(), original);
@@ -130,8 +145,11 @@ fn model_index_with_absent_optional_component() {
     let index = ModelIndex::from_json_str(text, Path::new("m/model_index.json")).unwrap();
     assert_eq!(index.components["safety_checker"].class_name, None);
     assert_eq!(index.options["requires_safety_checker"], false);
-    let err = ModelIndex::from_json_str(r#"{"unet": ["diffusers", 3]}"#, Path::new("m/model_index.json"))
-        .unwrap_err();
+    let err = ModelIndex::from_json_str(
+        r#"{"unet": ["diffusers", 3]}"#,
+        Path::new("m/model_index.json"),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::ConfigField { .. }));
 }
 
@@ -144,8 +162,14 @@ fn save_is_atomic_and_reloads() {
     let again = ConfigFile::<ToyConfig>::load(&path).unwrap();
     assert_eq!(again.config, cfg.config);
     assert_eq!(again.unknown, cfg.unknown);
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temp file left behind");
-    let err = cfg.save(dir.path().join("missing/dir/config.json")).unwrap_err();
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "no temp file left behind"
+    );
+    let err = cfg
+        .save(dir.path().join("missing/dir/config.json"))
+        .unwrap_err();
     assert!(matches!(err, Error::Io { .. }));
 }
 

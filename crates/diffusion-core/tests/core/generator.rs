@@ -7,7 +7,10 @@ use crate::common::{fixtures, read_f32};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -75,7 +78,11 @@ fn small_tensors_are_bit_exact_with_torch() {
     for seed in [0u64, 42, 12345, (1 << 32) + 7] {
         for n in [1usize, 3, 7, 15] {
             let (_, want) = &expected[&format!("randn/{seed}/{n}")];
-            assert_eq!(&TorchGenerator::new(seed).randn(&[n]), want, "seed {seed}, n {n}");
+            assert_eq!(
+                &TorchGenerator::new(seed).randn(&[n]),
+                want,
+                "seed {seed}, n {n}"
+            );
         }
     }
 }

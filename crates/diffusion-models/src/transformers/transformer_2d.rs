@@ -58,7 +58,7 @@ impl Transformer2DModelConfig {
     ) -> Self {
         Self {
             num_attention_heads: heads,
-            attention_head_dim: if heads == 0 { 0 } else { channels / heads },
+            attention_head_dim: channels.checked_div(heads).unwrap_or(0),
             in_channels: channels,
             num_layers,
             dropout: 0.0,
@@ -129,13 +129,7 @@ impl Transformer2DModelConfig {
             .map(|i| block.init(&join(path, &format!("transformer_blocks.{i}")), device))
             .collect::<Result<Vec<_>>>()?;
         Ok(Transformer2DModel {
-            norm: layers::group_norm(
-                self.norm_num_groups,
-                c,
-                NORM_EPS,
-                "norm_num_groups",
-                device,
-            )?,
+            norm: layers::group_norm(self.norm_num_groups, c, NORM_EPS, "norm_num_groups", device)?,
             proj_in,
             transformer_blocks,
             proj_out,

@@ -7,6 +7,9 @@
 //! carry the diffusers class name; [`get_down_block`] and [`get_up_block`] build them from it.
 //! The VAE's [`DownEncoderBlock2D`] and [`UpDecoderBlock2D`] likewise serve their `Attn`
 //! variants; [`get_down_encoder_block`] and [`get_up_decoder_block`] build them.
+//! `UNet2DConditionModel`'s cross-attention blocks ([`CrossAttnDownBlock2D`],
+//! [`CrossAttnUpBlock2D`], [`UNetMidBlock2DCrossAttn`]) live in a submodule and are re-exported
+//! here.
 
 mod cross_attention;
 
@@ -413,7 +416,12 @@ impl UpBlock2D {
     /// # Shapes
     /// - `x`: `[B, prev_output_channel, H, W]`, `temb`: `[B, temb_channels]`
     /// - output: `[B, out_channels, H', W']` (`H' = 2H` with an upsampler)
-    pub fn forward(&self, x: Tensor<4>, res_samples: Vec<Tensor<4>>, temb: &Tensor<2>) -> Tensor<4> {
+    pub fn forward(
+        &self,
+        x: Tensor<4>,
+        res_samples: Vec<Tensor<4>>,
+        temb: &Tensor<2>,
+    ) -> Tensor<4> {
         self.forward_to_size(x, res_samples, temb, None)
     }
 

@@ -3,9 +3,7 @@
 
 use diffusion_core::image::{ImageOutput, OutputType};
 use diffusion_core::{Device, Error};
-use diffusion_pipelines::{
-    DDIMPipeline, DDPMPipeline, Generators, StepControl, UnconditionalArgs,
-};
+use diffusion_pipelines::{DDIMPipeline, DDPMPipeline, Generators, StepControl, UnconditionalArgs};
 use diffusion_schedulers::AnyScheduler;
 use serde_json::Value;
 
@@ -56,7 +54,10 @@ fn every_case_matches_diffusers() {
                 }
                 pipe.call(args).unwrap()
             }
-            "DDIMPipeline" => DDIMPipeline::from_pretrained(&folder, &device).unwrap().call(args).unwrap(),
+            "DDIMPipeline" => DDIMPipeline::from_pretrained(&folder, &device)
+                .unwrap()
+                .call(args)
+                .unwrap(),
             p => panic!("unknown pipeline {p}"),
         };
         let (shape, got) = array(out.images);
@@ -82,7 +83,11 @@ fn callback_can_interrupt_and_bad_arguments_are_errors() {
             progress: false,
             callback: Some(Box::new(|info| {
                 seen.push(info.step);
-                if info.step == 2 { StepControl::Interrupt } else { StepControl::Continue }
+                if info.step == 2 {
+                    StepControl::Interrupt
+                } else {
+                    StepControl::Continue
+                }
             })),
             ..Default::default()
         })
@@ -91,16 +96,52 @@ fn callback_can_interrupt_and_bad_arguments_are_errors() {
     assert_eq!(seen, vec![0, 1, 2]);
 
     let bad = |args: UnconditionalArgs<'_>, pipe: &mut DDPMPipeline| pipe.call(args).unwrap_err();
-    let err = bad(UnconditionalArgs { batch_size: 0, progress: false, ..Default::default() }, &mut pipe);
-    assert!(matches!(&err, Error::InvalidArgument { name, .. } if name == "batch_size"), "{err}");
     let err = bad(
-        UnconditionalArgs { batch_size: 3, generator: Generators::Seeds(vec![1, 2]), progress: false, ..Default::default() },
+        UnconditionalArgs {
+            batch_size: 0,
+            progress: false,
+            ..Default::default()
+        },
         &mut pipe,
     );
-    assert!(matches!(&err, Error::InvalidArgument { name, .. } if name == "generator"), "{err}");
-    let err = bad(UnconditionalArgs { num_inference_steps: Some(0), progress: false, ..Default::default() }, &mut pipe);
+    assert!(
+        matches!(&err, Error::InvalidArgument { name, .. } if name == "batch_size"),
+        "{err}"
+    );
+    let err = bad(
+        UnconditionalArgs {
+            batch_size: 3,
+            generator: Generators::Seeds(vec![1, 2]),
+            progress: false,
+            ..Default::default()
+        },
+        &mut pipe,
+    );
+    assert!(
+        matches!(&err, Error::InvalidArgument { name, .. } if name == "generator"),
+        "{err}"
+    );
+    let err = bad(
+        UnconditionalArgs {
+            num_inference_steps: Some(0),
+            progress: false,
+            ..Default::default()
+        },
+        &mut pipe,
+    );
     assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
     // DDPM's step takes no eta: passing one is an error, not silently ignored.
-    let err = bad(UnconditionalArgs { eta: Some(0.5), num_inference_steps: Some(2), progress: false, ..Default::default() }, &mut pipe);
-    assert!(matches!(&err, Error::InvalidArgument { name, .. } if name == "eta"), "{err}");
+    let err = bad(
+        UnconditionalArgs {
+            eta: Some(0.5),
+            num_inference_steps: Some(2),
+            progress: false,
+            ..Default::default()
+        },
+        &mut pipe,
+    );
+    assert!(
+        matches!(&err, Error::InvalidArgument { name, .. } if name == "eta"),
+        "{err}"
+    );
 }

@@ -301,9 +301,18 @@ impl UNet2DConditionModelConfig {
             .unwrap_or((&self.attention_head_dim, "attention_head_dim"));
         let num_attention_heads = resolve(heads_source.0, n, heads_source.1, &length_error)?;
         // diffusers checks attention_head_dim's length even when num_attention_heads is given.
-        resolve(&self.attention_head_dim, n, "attention_head_dim", &length_error)?;
-        let cross_attention_dim =
-            resolve(&self.cross_attention_dim, n, "cross_attention_dim", &length_error)?;
+        resolve(
+            &self.attention_head_dim,
+            n,
+            "attention_head_dim",
+            &length_error,
+        )?;
+        let cross_attention_dim = resolve(
+            &self.cross_attention_dim,
+            n,
+            "cross_attention_dim",
+            &length_error,
+        )?;
         let layers_per_block =
             resolve(&self.layers_per_block, n, "layers_per_block", &length_error)?;
         let only_cross_attention = resolve(
@@ -396,10 +405,7 @@ impl Config for UNet2DConditionModelConfig {
         }
         let blocks = self.resolve_blocks()?;
         if blocks.num_attention_heads.contains(&0) {
-            return err(
-                "attention_head_dim",
-                "head counts must be positive".into(),
-            );
+            return err("attention_head_dim", "head counts must be positive".into());
         }
         if blocks.layers_per_block.contains(&0) {
             return err("layers_per_block", "every block needs a resnet".into());
@@ -415,7 +421,12 @@ impl Config for UNet2DConditionModelConfig {
                 );
             }
         }
-        let up_layers: Vec<usize> = blocks.layers_per_block.iter().rev().map(|l| l + 1).collect();
+        let up_layers: Vec<usize> = blocks
+            .layers_per_block
+            .iter()
+            .rev()
+            .map(|l| l + 1)
+            .collect();
         for (i, layers) in blocks.up_transformer_layers.iter().enumerate() {
             if layers.resolve(up_layers[i]).is_none() {
                 return err(
@@ -446,7 +457,7 @@ impl Config for UNet2DConditionModelConfig {
         }
         match self.time_embedding_type.as_str() {
             "positional" => {}
-            "fourier" if self.time_embed_dim() % 2 != 0 => {
+            "fourier" if !self.time_embed_dim().is_multiple_of(2) => {
                 return err(
                     "time_embedding_dim",
                     format!(
@@ -537,7 +548,10 @@ mod tests {
             (r#"{"attention_head_dim": [8, 8]}"#, "attention_head_dim"),
             (r#"{"cross_attention_dim": [768]}"#, "cross_attention_dim"),
             (r#"{"layers_per_block": [2, 2, 2]}"#, "layers_per_block"),
-            (r#"{"only_cross_attention": [true]}"#, "only_cross_attention"),
+            (
+                r#"{"only_cross_attention": [true]}"#,
+                "only_cross_attention",
+            ),
             (
                 r#"{"transformer_layers_per_block": [1, 1]}"#,
                 "transformer_layers_per_block",

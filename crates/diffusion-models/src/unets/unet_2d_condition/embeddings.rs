@@ -194,7 +194,11 @@ pub(super) fn build(config: &UNet2DConditionModelConfig, device: &Device) -> Res
                 config.flip_sin_to_cos,
                 config.freq_shift,
             )),
-            Some(TimestepEmbedding::new(projection_dim, time_embed_dim, device)),
+            Some(TimestepEmbedding::new(
+                projection_dim,
+                time_embed_dim,
+                device,
+            )),
         ),
         Some(kind @ ("text" | "text_image" | "image" | "image_hint")) => {
             return Err(layers::unsupported(
@@ -283,12 +287,13 @@ impl UNet2DConditionModel {
             }
             (Some(cond), Some(width)) => {
                 check_width(&cond, width, "timestep_cond")?;
-                Some(cast_to(rows_for_batch(cond, batch, "timestep_cond")?, dtype))
+                Some(cast_to(
+                    rows_for_batch(cond, batch, "timestep_cond")?,
+                    dtype,
+                ))
             }
         };
-        Ok(self
-            .time_embedding
-            .forward_with_condition(t_emb, condition))
+        Ok(self.time_embedding.forward_with_condition(t_emb, condition))
     }
 
     /// The class embedding of `labels`, `[batch, time_embed_dim]`.
@@ -344,11 +349,19 @@ impl UNet2DConditionModel {
                 cast_to(e, dtype)
             }
             (ClassEmbedding::Projection(mlp), ClassLabels::Embeddings(e)) => {
-                check_width(&e, mlp.linear_1.weight.lazy_shape().dims::<2>()[0], "class_labels")?;
+                check_width(
+                    &e,
+                    mlp.linear_1.weight.lazy_shape().dims::<2>()[0],
+                    "class_labels",
+                )?;
                 mlp.forward(cast_to(e, dtype))
             }
             (ClassEmbedding::SimpleProjection(linear), ClassLabels::Embeddings(e)) => {
-                check_width(&e, linear.weight.lazy_shape().dims::<2>()[0], "class_labels")?;
+                check_width(
+                    &e,
+                    linear.weight.lazy_shape().dims::<2>()[0],
+                    "class_labels",
+                )?;
                 linear.forward(cast_to(e, dtype))
             }
             (embedding, labels) => {
@@ -435,13 +448,7 @@ impl UNet2DConditionModel {
         let time_embeds = time_proj
             .forward(time_ids)
             .reshape([batch, n_ids * time_proj.num_channels]);
-        let add_embeds = Tensor::cat(
-            vec![
-                cast_to(text_embeds, DType::F32),
-                time_embeds,
-            ],
-            1,
-        );
+        let add_embeds = Tensor::cat(vec![cast_to(text_embeds, DType::F32), time_embeds], 1);
         Ok(Some(mlp.forward(cast_to(add_embeds, dtype))))
     }
 }
