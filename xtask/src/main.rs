@@ -138,6 +138,21 @@ fn check(backends: bool) -> Result<()> {
     ]))?;
     if backends {
         for feature in ["ndarray", "wgpu", "cuda", "tch"] {
+            if feature == "cuda" {
+                // cubecl-llvm would download LLVM; point it at Debian's first.
+                run(Command::new("bash").arg("scripts/setup-llvm.sh"))?;
+            }
+            if feature == "tch"
+                && std::env::var_os("LIBTORCH").is_none()
+                && std::env::var_os("LIBTORCH_USE_PYTORCH").is_none()
+            {
+                eprintln!(
+                    "skipping `tch`: it needs libtorch 2.9.0. Install it with \
+                     `pip install torch==2.9.0` and set LIBTORCH_USE_PYTORCH=1 (with that python \
+                     first on PATH), or set LIBTORCH=<dir>; see README.md"
+                );
+                continue;
+            }
             run(Command::new("cargo").args([
                 "check",
                 "-p",

@@ -15,6 +15,7 @@ pub(crate) mod layers;
 pub mod modeling_utils;
 pub mod resnet;
 pub mod state_dict;
+pub mod text_encoders;
 pub mod transformers;
 pub mod unets;
 pub mod upsampling;
@@ -22,6 +23,10 @@ pub mod upsampling;
 pub use attention_processor::AttentionHook;
 pub use autoencoders::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution};
 pub use state_dict::{LoadMode, LoadReport, load_weights, save_weights, state_dict};
+pub use text_encoders::{
+    CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Padding,
+    TokenizerOutput,
+};
 pub use unets::unet_2d::{ClassLabels, UNet2DModel, UNet2DModelConfig};
 pub use unets::unet_2d_condition::{
     AddedCondKwargs, UNet2DConditionModel, UNet2DConditionModelConfig, UNet2DConditionOptions,

@@ -21,6 +21,8 @@ use crate::scheduling_euler_ancestral_discrete::{
     EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig,
 };
 use crate::scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
+use crate::scheduling_heun_discrete::{HeunDiscreteScheduler, HeunDiscreteSchedulerConfig};
+use crate::scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};
 
 /// The scheduler classes this crate implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -36,6 +38,10 @@ pub enum SchedulerKind {
     EulerAncestral,
     /// [`DPMSolverMultistepScheduler`].
     DpmSolverMultistep,
+    /// [`PNDMScheduler`].
+    Pndm,
+    /// [`HeunDiscreteScheduler`].
+    Heun,
 }
 
 impl SchedulerKind {
@@ -46,6 +52,8 @@ impl SchedulerKind {
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
         SchedulerKind::DpmSolverMultistep,
+        SchedulerKind::Pndm,
+        SchedulerKind::Heun,
     ];
 
     /// The diffusers class name.
@@ -56,6 +64,8 @@ impl SchedulerKind {
             Self::Euler => EulerDiscreteSchedulerConfig::CLASS_NAME,
             Self::EulerAncestral => EulerAncestralDiscreteSchedulerConfig::CLASS_NAME,
             Self::DpmSolverMultistep => DPMSolverMultistepSchedulerConfig::CLASS_NAME,
+            Self::Pndm => PNDMSchedulerConfig::CLASS_NAME,
+            Self::Heun => HeunDiscreteSchedulerConfig::CLASS_NAME,
         }
     }
 
@@ -79,6 +89,8 @@ impl SchedulerKind {
             Self::Euler => EulerDiscreteSchedulerConfig::known_keys(),
             Self::EulerAncestral => EulerAncestralDiscreteSchedulerConfig::known_keys(),
             Self::DpmSolverMultistep => DPMSolverMultistepSchedulerConfig::known_keys(),
+            Self::Pndm => PNDMSchedulerConfig::known_keys(),
+            Self::Heun => HeunDiscreteSchedulerConfig::known_keys(),
         }
     }
 }
@@ -137,6 +149,16 @@ const ALIASES: &[Alias] = &[
         name: "DPM++ 2M SDE Karras",
         kind: SchedulerKind::DpmSolverMultistep,
         overrides: || dpm_2m("sde-dpmsolver++", true),
+    },
+    Alias {
+        name: "PLMS",
+        kind: SchedulerKind::Pndm,
+        overrides: || overrides(&[("skip_prk_steps", Value::Bool(true))]),
+    },
+    Alias {
+        name: "Heun",
+        kind: SchedulerKind::Heun,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(false))]),
     },
 ];
 
@@ -223,6 +245,10 @@ pub enum AnyScheduler {
     EulerAncestral(EulerAncestralDiscreteScheduler),
     /// A [`DPMSolverMultistepScheduler`].
     DpmSolverMultistep(DPMSolverMultistepScheduler),
+    /// A [`PNDMScheduler`].
+    Pndm(PNDMScheduler),
+    /// A [`HeunDiscreteScheduler`].
+    Heun(HeunDiscreteScheduler),
 }
 
 macro_rules! dispatch {
@@ -233,6 +259,8 @@ macro_rules! dispatch {
             AnyScheduler::Euler($s) => $body,
             AnyScheduler::EulerAncestral($s) => $body,
             AnyScheduler::DpmSolverMultistep($s) => $body,
+            AnyScheduler::Pndm($s) => $body,
+            AnyScheduler::Heun($s) => $body,
         }
     };
 }
@@ -267,6 +295,18 @@ impl From<DPMSolverMultistepScheduler> for AnyScheduler {
     }
 }
 
+impl From<PNDMScheduler> for AnyScheduler {
+    fn from(s: PNDMScheduler) -> Self {
+        Self::Pndm(s)
+    }
+}
+
+impl From<HeunDiscreteScheduler> for AnyScheduler {
+    fn from(s: HeunDiscreteScheduler) -> Self {
+        Self::Heun(s)
+    }
+}
+
 impl AnyScheduler {
     /// Which class this is.
     pub fn kind(&self) -> SchedulerKind {
@@ -276,6 +316,8 @@ impl AnyScheduler {
             Self::Euler(_) => SchedulerKind::Euler,
             Self::EulerAncestral(_) => SchedulerKind::EulerAncestral,
             Self::DpmSolverMultistep(_) => SchedulerKind::DpmSolverMultistep,
+            Self::Pndm(_) => SchedulerKind::Pndm,
+            Self::Heun(_) => SchedulerKind::Heun,
         }
     }
 
@@ -325,6 +367,8 @@ impl AnyScheduler {
             SchedulerKind::Euler => Self::Euler(typed(value, origin)?),
             SchedulerKind::EulerAncestral => Self::EulerAncestral(typed(value, origin)?),
             SchedulerKind::DpmSolverMultistep => Self::DpmSolverMultistep(typed(value, origin)?),
+            SchedulerKind::Pndm => Self::Pndm(typed(value, origin)?),
+            SchedulerKind::Heun => Self::Heun(typed(value, origin)?),
         })
     }
 
@@ -390,6 +434,22 @@ impl AnyScheduler {
     pub fn as_dpm_solver_multistep(&self) -> Option<&DPMSolverMultistepScheduler> {
         match self {
             Self::DpmSolverMultistep(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The PNDM scheduler inside, if this is one.
+    pub fn as_pndm(&self) -> Option<&PNDMScheduler> {
+        match self {
+            Self::Pndm(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The Heun scheduler inside, if this is one.
+    pub fn as_heun(&self) -> Option<&HeunDiscreteScheduler> {
+        match self {
+            Self::Heun(s) => Some(s),
             _ => None,
         }
     }
@@ -504,11 +564,11 @@ mod tests {
 
     #[test]
     fn unknown_names_list_the_known_ones() {
-        let err = SchedulerSpec::parse("PNDMScheduler").unwrap_err();
+        let err = SchedulerSpec::parse("KarrasVeScheduler").unwrap_err();
         match err {
             Error::UnknownName { kind, name, known } => {
                 assert_eq!(kind, "scheduler");
-                assert_eq!(name, "PNDMScheduler");
+                assert_eq!(name, "KarrasVeScheduler");
                 assert!(known.contains("DDIMScheduler") && known.contains("DDPMScheduler"));
             }
             other => panic!("expected UnknownName, got {other:?}"),

@@ -60,6 +60,8 @@ pub mod scheduling_ddpm;
 pub mod scheduling_dpmsolver_multistep;
 pub mod scheduling_euler_ancestral_discrete;
 pub mod scheduling_euler_discrete;
+pub mod scheduling_heun_discrete;
+pub mod scheduling_pndm;
 pub mod sigmas;
 
 pub use any_scheduler::{AnyScheduler, SchedulerKind, SchedulerSpec};
@@ -74,3 +76,5 @@ pub use scheduling_euler_ancestral_discrete::{
     EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig,
 };
 pub use scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
+pub use scheduling_heun_discrete::{HeunDiscreteScheduler, HeunDiscreteSchedulerConfig};
+pub use scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};

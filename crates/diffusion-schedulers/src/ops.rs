@@ -224,3 +224,39 @@ pub fn threshold_sample<const D: usize>(
 pub(crate) fn clip_sample<const D: usize>(sample: Tensor<D>, range: f64) -> Tensor<D> {
     sample.clamp(-range, range)
 }
+
+/// A model output kept for the multistep update, flattened so that the scheduler does not
+/// depend on the tensor rank.
+#[derive(Clone, Debug)]
+pub(crate) struct Stored {
+    flat: Tensor<1>,
+    dims: Vec<usize>,
+}
+
+impl Stored {
+    pub(crate) fn new<const D: usize>(t: &Tensor<D>) -> Self {
+        let dims = t.dims().to_vec();
+        let n: usize = dims.iter().product();
+        Self {
+            flat: t.clone().reshape([n]),
+            dims,
+        }
+    }
+
+    pub(crate) fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    pub(crate) fn get<const D: usize>(&self) -> Result<Tensor<D>> {
+        let dims: [usize; D] = self.dims.as_slice().try_into().map_err(|_| {
+            Error::invalid_argument(
+                "sample",
+                format!(
+                    "rank changed between steps: {:?} before, {D} dimensions now",
+                    self.dims
+                ),
+            )
+        })?;
+        Ok(self.flat.clone().reshape(dims))
+    }
+}

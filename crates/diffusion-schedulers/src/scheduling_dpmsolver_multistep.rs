@@ -7,7 +7,7 @@ use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::ops;
+use crate::ops::{self, Stored};
 use crate::schedule::{
     self, BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing, numpy_arange,
     numpy_linspace,
@@ -297,38 +297,6 @@ impl Config for DPMSolverMultistepSchedulerConfig {
             false,
             0.0,
         )
-    }
-}
-
-/// A model output kept for the multistep update, flattened so that the scheduler does not
-/// depend on the tensor rank.
-#[derive(Clone, Debug)]
-struct Stored {
-    flat: Tensor<1>,
-    dims: Vec<usize>,
-}
-
-impl Stored {
-    fn new<const D: usize>(t: &Tensor<D>) -> Self {
-        let dims = t.dims().to_vec();
-        let n: usize = dims.iter().product();
-        Self {
-            flat: t.clone().reshape([n]),
-            dims,
-        }
-    }
-
-    fn get<const D: usize>(&self) -> Result<Tensor<D>> {
-        let dims: [usize; D] = self.dims.as_slice().try_into().map_err(|_| {
-            Error::invalid_argument(
-                "sample",
-                format!(
-                    "rank changed between steps: {:?} before, {D} dimensions now",
-                    self.dims
-                ),
-            )
-        })?;
-        Ok(self.flat.clone().reshape(dims))
     }
 }
 

@@ -13,6 +13,8 @@ mod golden;
 mod golden_sigma;
 #[path = "schedulers/parity.rs"]
 mod parity;
+#[path = "schedulers/pndm.rs"]
+mod pndm;
 #[path = "schedulers/props.rs"]
 mod props;
 #[path = "schedulers/stateful.rs"]

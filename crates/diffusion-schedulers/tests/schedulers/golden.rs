@@ -20,7 +20,12 @@ fn abs_sum_mean(t: &Tensor<4>) -> (f64, f64) {
 
 /// Check a loop result against diffusers' hard-coded sum/mean (with its tolerances) and against
 /// the oracle's final sample.
-fn check(name: &str, result: &Tensor<4>, expected_sum: f64, expected_mean: f64) -> Result<()> {
+pub(crate) fn check(
+    name: &str,
+    result: &Tensor<4>,
+    expected_sum: f64,
+    expected_mean: f64,
+) -> Result<()> {
     let (sum, mean) = abs_sum_mean(result);
     ensure!(
         (sum - expected_sum).abs() < 1e-2,

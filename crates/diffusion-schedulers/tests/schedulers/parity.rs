@@ -341,13 +341,30 @@ fn trajectories_match_diffusers() -> Result<()> {
     let cases = cases.as_array().context("cases")?;
     ensure!(cases.len() >= 100, "too few trajectory cases");
     let mut worst = 0f64;
+    let mut by_class = std::collections::BTreeMap::<String, (usize, f64)>::new();
     for case in cases {
-        worst = worst.max(check_trajectory(case, &tensors)?);
+        let err = check_trajectory(case, &tensors)?;
+        worst = worst.max(err);
+        let entry = by_class
+            .entry(case["class"].as_str().unwrap_or("?").to_string())
+            .or_default();
+        *entry = (entry.0 + 1, entry.1.max(err));
     }
     eprintln!(
         "{} trajectories, worst relative error {worst:e}",
         cases.len()
     );
+    for (class, (n, err)) in &by_class {
+        eprintln!("  {class}: {n} trajectories, worst relative error {err:e}");
+    }
+    // Every class the crate implements is covered.
+    for kind in diffusion_schedulers::SchedulerKind::ALL {
+        ensure!(
+            by_class.contains_key(kind.class_name()),
+            "no trajectory fixture for {}",
+            kind.class_name()
+        );
+    }
     Ok(())
 }
 
