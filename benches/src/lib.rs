@@ -6,6 +6,8 @@ use diffusion_models::UNet2DModelConfig;
 use diffusion_models::unets::unet_2d::SampleSize;
 
 /// The CPU backends to compare, by name, among those compiled in.
+// Each push depends on a feature, so a `vec![]` literal cannot express it.
+#[allow(clippy::vec_init_then_push)]
 pub fn cpu_devices() -> Vec<(&'static str, Device)> {
     let mut out = Vec::new();
     #[cfg(feature = "flex")]

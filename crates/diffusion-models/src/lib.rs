@@ -22,6 +22,7 @@ pub mod upsampling;
 
 pub use attention_processor::AttentionHook;
 pub use autoencoders::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution};
+pub use modeling_utils::{ModelMixin, PretrainedOptions};
 pub use state_dict::{LoadMode, LoadReport, load_weights, save_weights, state_dict};
 pub use text_encoders::{
     CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Padding,

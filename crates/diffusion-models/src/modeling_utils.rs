@@ -7,9 +7,91 @@ use diffusion_core::burn::module::{Module, ModuleMapper, Param};
 use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::config::{Config, ConfigFile};
 use diffusion_core::weights::{SaveDtype, WeightSource, resolve_weights, weight_file_names};
-use diffusion_core::{Error, Result};
+use diffusion_core::{Device, Error, Result};
 
+use crate::layers;
 use crate::state_dict::{LoadMode, LoadReport, load_weights, save_weights};
+
+/// diffusers' `ModelMixin`: a model described by a `config.json` whose weights live in
+/// `diffusion_pytorch_model[.variant].safetensors` (or a sharded index) next to it.
+///
+/// Implementors say how to build the model from its config; loading and saving folders come
+/// with the trait, so every diffusers model reads and writes them the same way.
+///
+/// ```no_run
+/// use diffusion_core::Device;
+/// use diffusion_models::{ModelMixin, UNet2DModel};
+///
+/// # fn main() -> diffusion_core::Result<()> {
+/// let unet = UNet2DModel::from_pretrained("models/ddpm-digits/unet", &Device::default())?;
+/// unet.save_pretrained("/tmp/unet-copy")?;
+/// # Ok(())
+/// # }
+/// ```
+pub trait ModelMixin: Module + Sized {
+    /// The model's config (`config.json`).
+    type Config: Config;
+
+    /// Build the model with freshly initialised weights (`Model.from_config(config)`).
+    ///
+    /// # Errors
+    /// When the config describes something this port cannot build.
+    fn from_config(config: &Self::Config, device: &Device) -> Result<Self>;
+
+    /// The config the model was built from.
+    fn config(&self) -> &Self::Config;
+
+    /// Load `dir/config.json` and the folder's weights (strictly, no variant).
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained_with`].
+    fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
+    }
+
+    /// Load a diffusers model folder: `config.json` and
+    /// `diffusion_pytorch_model[.variant].safetensors` (or its sharded index). Legacy attention
+    /// tensor names (`query`, `key`, `value`, `proj_attn`) are renamed as diffusers does.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] naming the folder for a missing config or weight file; config errors
+    /// naming `config.json` and the field; weight errors naming the key and file
+    /// ([`Error::MissingTensor`], [`Error::UnexpectedTensors`] in strict mode,
+    /// [`Error::TensorShape`], [`Error::Safetensors`] for corrupt files).
+    fn from_pretrained_with(
+        dir: impl AsRef<Path>,
+        options: &PretrainedOptions,
+        device: &Device,
+    ) -> Result<(Self, LoadReport)> {
+        let dir = dir.as_ref();
+        let (file, config_path) = load_config::<Self::Config>(dir)?;
+        let model = Self::from_config(&file.config, device)
+            .map_err(|e| layers::with_config_path(e, &config_path))?;
+        load_pretrained_weights(model, dir, options)
+    }
+
+    /// Write `config.json` and `diffusion_pytorch_model.safetensors` (f32) into `dir`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when writing fails.
+    fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_pretrained_with(dir, None, SaveDtype::F32)
+    }
+
+    /// As [`Self::save_pretrained`], with a weight variant name and storage dtype (e.g.
+    /// `Some("fp16")` with [`SaveDtype::F16`]).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when writing fails.
+    fn save_pretrained_with(
+        &self,
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: SaveDtype,
+    ) -> Result<()> {
+        save_pretrained(self, self.config(), dir.as_ref(), variant, dtype)
+    }
+}
 
 /// diffusers' model config file name.
 pub const CONFIG_NAME: &str = "config.json";

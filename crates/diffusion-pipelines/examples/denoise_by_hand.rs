@@ -10,6 +10,7 @@ use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::image::{nhwc_to_images, save_png, tensor_to_nhwc};
 use diffusion_core::tensor::randn_tensor;
 use diffusion_core::{Device, NoiseSource, TorchGenerator};
+use diffusion_models::ModelMixin;
 use diffusion_models::UNet2DModel;
 use diffusion_models::unets::unet_2d::SampleSize;
 use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, Scheduler, StepOptions};

@@ -1,5 +1,6 @@
 //! `DDPMPipeline`: unconditional image generation with a UNet2DModel and (by default) DDPM.
 
+use diffusion_models::ModelMixin;
 use std::path::Path;
 
 use diffusion_core::{Device, ModelIndex, Result};

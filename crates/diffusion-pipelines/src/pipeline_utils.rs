@@ -73,6 +73,8 @@ pub fn noise_source(generators: &mut [TorchGenerator]) -> NoiseSource<'_> {
 }
 
 /// What a step callback tells the pipeline.
+// Returned once per step; boxing the tensor would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug)]
 pub enum StepControl {
     /// Go on with the latents as they are.

@@ -5,6 +5,7 @@ use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::image::{OutputType, VaeImageProcessor};
 use diffusion_core::tensor::randn_tensor;
 use diffusion_core::{Error, Result};
+use diffusion_models::ModelMixin;
 use diffusion_models::unets::unet_2d::{SampleSize, UNet2DModel};
 use diffusion_schedulers::{AnyScheduler, Scheduler, StepOptions};
 
@@ -105,15 +106,19 @@ pub(crate) fn denoise(
         let timestep = Tensor::<1>::from_floats([t as f32], &device);
         let model_input = scheduler.scale_model_input(image.clone(), t)?;
         let model_output = unet.forward(model_input, timestep, None)?;
-        let mut options = StepOptions::default();
-        options.generator = Some(noise_source(&mut generators));
-        if ddim_options {
-            options.eta = Some(args.eta.unwrap_or(0.0));
-            options.use_clipped_model_output = args.use_clipped_model_output;
+        // DDIMPipeline always passes eta (default 0.0); DDPMPipeline passes what it was given,
+        // so a scheduler that takes no eta reports it instead of ignoring it.
+        let eta = if ddim_options {
+            Some(args.eta.unwrap_or(0.0))
         } else {
-            options.eta = args.eta;
-            options.use_clipped_model_output = args.use_clipped_model_output;
-        }
+            args.eta
+        };
+        let options = StepOptions {
+            generator: Some(noise_source(&mut generators)),
+            eta,
+            use_clipped_model_output: args.use_clipped_model_output,
+            ..StepOptions::default()
+        };
         image = scheduler.step(model_output, t, image, options)?.prev_sample;
         bar.inc(1);
         if let Some(callback) = args.callback.as_mut() {
@@ -145,14 +150,10 @@ pub(crate) fn denoise(
         }
     }
     bar.finish_and_clear();
+    // Unconditional pipelines have no latent space: "latent" returns the raw sample.
     let processor = VaeImageProcessor::default();
-    let output_type = match args.output_type {
-        // Unconditional pipelines have no latent space: "latent" returns the raw sample.
-        OutputType::Latent => OutputType::Latent,
-        other => other,
-    };
     Ok(ImagePipelineOutput {
-        images: processor.postprocess(image, output_type),
+        images: processor.postprocess(image, args.output_type),
         interrupted,
     })
 }

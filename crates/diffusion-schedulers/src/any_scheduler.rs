@@ -13,6 +13,7 @@ use crate::scheduler::{
     ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_path,
 };
 use crate::scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
+use crate::scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
 use crate::scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig};
 use crate::scheduling_dpmsolver_multistep::{
     DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
@@ -22,6 +23,8 @@ use crate::scheduling_euler_ancestral_discrete::{
 };
 use crate::scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
 use crate::scheduling_heun_discrete::{HeunDiscreteScheduler, HeunDiscreteSchedulerConfig};
+use crate::scheduling_lcm::{LCMScheduler, LCMSchedulerConfig};
+use crate::scheduling_lms_discrete::{LMSDiscreteScheduler, LMSDiscreteSchedulerConfig};
 use crate::scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};
 
 /// The scheduler classes this crate implements.
@@ -42,6 +45,12 @@ pub enum SchedulerKind {
     Pndm,
     /// [`HeunDiscreteScheduler`].
     Heun,
+    /// [`LMSDiscreteScheduler`].
+    Lms,
+    /// [`DDIMInverseScheduler`].
+    DdimInverse,
+    /// [`LCMScheduler`].
+    Lcm,
 }
 
 impl SchedulerKind {
@@ -54,6 +63,9 @@ impl SchedulerKind {
         SchedulerKind::DpmSolverMultistep,
         SchedulerKind::Pndm,
         SchedulerKind::Heun,
+        SchedulerKind::Lms,
+        SchedulerKind::DdimInverse,
+        SchedulerKind::Lcm,
     ];
 
     /// The diffusers class name.
@@ -66,6 +78,9 @@ impl SchedulerKind {
             Self::DpmSolverMultistep => DPMSolverMultistepSchedulerConfig::CLASS_NAME,
             Self::Pndm => PNDMSchedulerConfig::CLASS_NAME,
             Self::Heun => HeunDiscreteSchedulerConfig::CLASS_NAME,
+            Self::Lms => LMSDiscreteSchedulerConfig::CLASS_NAME,
+            Self::DdimInverse => DDIMInverseSchedulerConfig::CLASS_NAME,
+            Self::Lcm => LCMSchedulerConfig::CLASS_NAME,
         }
     }
 
@@ -91,6 +106,9 @@ impl SchedulerKind {
             Self::DpmSolverMultistep => DPMSolverMultistepSchedulerConfig::known_keys(),
             Self::Pndm => PNDMSchedulerConfig::known_keys(),
             Self::Heun => HeunDiscreteSchedulerConfig::known_keys(),
+            Self::Lms => LMSDiscreteSchedulerConfig::known_keys(),
+            Self::DdimInverse => DDIMInverseSchedulerConfig::known_keys(),
+            Self::Lcm => LCMSchedulerConfig::known_keys(),
         }
     }
 }
@@ -159,6 +177,21 @@ const ALIASES: &[Alias] = &[
         name: "Heun",
         kind: SchedulerKind::Heun,
         overrides: || overrides(&[("use_karras_sigmas", Value::Bool(false))]),
+    },
+    Alias {
+        name: "LMS",
+        kind: SchedulerKind::Lms,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(false))]),
+    },
+    Alias {
+        name: "LMS Karras",
+        kind: SchedulerKind::Lms,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(true))]),
+    },
+    Alias {
+        name: "LCM",
+        kind: SchedulerKind::Lcm,
+        overrides: Map::new,
     },
 ];
 
@@ -249,6 +282,12 @@ pub enum AnyScheduler {
     Pndm(PNDMScheduler),
     /// A [`HeunDiscreteScheduler`].
     Heun(HeunDiscreteScheduler),
+    /// An [`LMSDiscreteScheduler`].
+    Lms(LMSDiscreteScheduler),
+    /// A [`DDIMInverseScheduler`].
+    DdimInverse(DDIMInverseScheduler),
+    /// An [`LCMScheduler`].
+    Lcm(LCMScheduler),
 }
 
 macro_rules! dispatch {
@@ -261,6 +300,9 @@ macro_rules! dispatch {
             AnyScheduler::DpmSolverMultistep($s) => $body,
             AnyScheduler::Pndm($s) => $body,
             AnyScheduler::Heun($s) => $body,
+            AnyScheduler::Lms($s) => $body,
+            AnyScheduler::DdimInverse($s) => $body,
+            AnyScheduler::Lcm($s) => $body,
         }
     };
 }
@@ -307,6 +349,24 @@ impl From<HeunDiscreteScheduler> for AnyScheduler {
     }
 }
 
+impl From<LMSDiscreteScheduler> for AnyScheduler {
+    fn from(s: LMSDiscreteScheduler) -> Self {
+        Self::Lms(s)
+    }
+}
+
+impl From<DDIMInverseScheduler> for AnyScheduler {
+    fn from(s: DDIMInverseScheduler) -> Self {
+        Self::DdimInverse(s)
+    }
+}
+
+impl From<LCMScheduler> for AnyScheduler {
+    fn from(s: LCMScheduler) -> Self {
+        Self::Lcm(s)
+    }
+}
+
 impl AnyScheduler {
     /// Which class this is.
     pub fn kind(&self) -> SchedulerKind {
@@ -318,6 +378,9 @@ impl AnyScheduler {
             Self::DpmSolverMultistep(_) => SchedulerKind::DpmSolverMultistep,
             Self::Pndm(_) => SchedulerKind::Pndm,
             Self::Heun(_) => SchedulerKind::Heun,
+            Self::Lms(_) => SchedulerKind::Lms,
+            Self::DdimInverse(_) => SchedulerKind::DdimInverse,
+            Self::Lcm(_) => SchedulerKind::Lcm,
         }
     }
 
@@ -369,6 +432,9 @@ impl AnyScheduler {
             SchedulerKind::DpmSolverMultistep => Self::DpmSolverMultistep(typed(value, origin)?),
             SchedulerKind::Pndm => Self::Pndm(typed(value, origin)?),
             SchedulerKind::Heun => Self::Heun(typed(value, origin)?),
+            SchedulerKind::Lms => Self::Lms(typed(value, origin)?),
+            SchedulerKind::DdimInverse => Self::DdimInverse(typed(value, origin)?),
+            SchedulerKind::Lcm => Self::Lcm(typed(value, origin)?),
         })
     }
 
@@ -450,6 +516,30 @@ impl AnyScheduler {
     pub fn as_heun(&self) -> Option<&HeunDiscreteScheduler> {
         match self {
             Self::Heun(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The LMS scheduler inside, if this is one.
+    pub fn as_lms(&self) -> Option<&LMSDiscreteScheduler> {
+        match self {
+            Self::Lms(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The inverse DDIM scheduler inside, if this is one.
+    pub fn as_ddim_inverse(&self) -> Option<&DDIMInverseScheduler> {
+        match self {
+            Self::DdimInverse(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The LCM scheduler inside, if this is one.
+    pub fn as_lcm(&self) -> Option<&LCMScheduler> {
+        match self {
+            Self::Lcm(s) => Some(s),
             _ => None,
         }
     }

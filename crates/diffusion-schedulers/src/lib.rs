@@ -56,11 +56,14 @@ pub mod ops;
 pub mod schedule;
 pub mod scheduler;
 pub mod scheduling_ddim;
+pub mod scheduling_ddim_inverse;
 pub mod scheduling_ddpm;
 pub mod scheduling_dpmsolver_multistep;
 pub mod scheduling_euler_ancestral_discrete;
 pub mod scheduling_euler_discrete;
 pub mod scheduling_heun_discrete;
+pub mod scheduling_lcm;
+pub mod scheduling_lms_discrete;
 pub mod scheduling_pndm;
 pub mod sigmas;
 
@@ -68,6 +71,7 @@ pub use any_scheduler::{AnyScheduler, SchedulerKind, SchedulerSpec};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
 pub use scheduler::{ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput};
 pub use scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
+pub use scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
 pub use scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig, VarianceType};
 pub use scheduling_dpmsolver_multistep::{
     DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
@@ -77,4 +81,6 @@ pub use scheduling_euler_ancestral_discrete::{
 };
 pub use scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
 pub use scheduling_heun_discrete::{HeunDiscreteScheduler, HeunDiscreteSchedulerConfig};
+pub use scheduling_lcm::{LCMScheduler, LCMSchedulerConfig};
+pub use scheduling_lms_discrete::{LMSDiscreteScheduler, LMSDiscreteSchedulerConfig};
 pub use scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};

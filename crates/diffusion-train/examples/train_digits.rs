@@ -11,6 +11,7 @@
 //! Training resumes from the newest checkpoint in the output folder. Samples go to
 //! `<output>/samples.png`.
 
+use diffusion_models::ModelMixin;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};

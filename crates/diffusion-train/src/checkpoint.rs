@@ -17,6 +17,7 @@
 //! The pipeline folder ([`save_pipeline`]) is what diffusers' `DDPMPipeline.save_pretrained`
 //! writes: `model_index.json`, `unet/` and `scheduler/`.
 
+use diffusion_models::ModelMixin;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -12,6 +12,7 @@
 //! Step `s` therefore sees the same batch whether the run got there in one go or resumed from a
 //! checkpoint, which is what makes a resumed loss curve equal the uninterrupted one.
 
+use diffusion_models::ModelMixin;
 use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

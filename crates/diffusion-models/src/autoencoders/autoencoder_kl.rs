@@ -4,8 +4,6 @@
 mod config;
 mod tiling;
 
-use std::path::Path;
-
 pub use config::AutoencoderKLConfig;
 pub use tiling::{blend_h, blend_v};
 
@@ -13,14 +11,12 @@ use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::conv::Conv2d;
 use diffusion_core::burn::tensor::Tensor;
-use diffusion_core::weights::SaveDtype;
 use diffusion_core::{Device, Error, NoiseSource, Result};
 
 use crate::activations::Activation;
 use crate::autoencoders::vae::{CoderConfig, Decoder, DiagonalGaussianDistribution, Encoder};
 use crate::layers;
-use crate::modeling_utils::{self, PretrainedOptions};
-use crate::state_dict::LoadReport;
+use crate::modeling_utils::ModelMixin;
 
 /// diffusers' default `tile_overlap_factor`.
 pub const DEFAULT_TILE_OVERLAP_FACTOR: f64 = 0.25;
@@ -149,62 +145,6 @@ impl AutoencoderKL {
             config: config.clone(),
             options,
         })
-    }
-
-    /// The config the model was built from.
-    pub fn config(&self) -> &AutoencoderKLConfig {
-        &self.config
-    }
-
-    /// Load `dir/config.json` and the folder's weights (strictly, no variant).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained_with`].
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
-    }
-
-    /// Load a diffusers model folder: `config.json` and
-    /// `diffusion_pytorch_model[.variant].safetensors` (or its sharded index). Legacy attention
-    /// tensor names (`query`, `key`, `value`, `proj_attn`) of old VAE checkpoints are renamed as
-    /// diffusers does.
-    ///
-    /// # Errors
-    /// [`Error::NotFound`] naming the folder for a missing config or weight file; config errors
-    /// naming `config.json` and the field; weight errors naming the key and file
-    /// ([`Error::MissingTensor`], [`Error::UnexpectedTensors`] in strict mode,
-    /// [`Error::TensorShape`], [`Error::Safetensors`] for corrupt files).
-    pub fn from_pretrained_with(
-        dir: impl AsRef<Path>,
-        options: &PretrainedOptions,
-        device: &Device,
-    ) -> Result<(Self, LoadReport)> {
-        let dir = dir.as_ref();
-        let (file, config_path) = modeling_utils::load_config::<AutoencoderKLConfig>(dir)?;
-        let model = Self::new(&file.config, device)
-            .map_err(|e| layers::with_config_path(e, &config_path))?;
-        modeling_utils::load_pretrained_weights(model, dir, options)
-    }
-
-    /// Write `config.json` and `diffusion_pytorch_model.safetensors` (f32) into `dir`.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        self.save_pretrained_with(dir, None, SaveDtype::F32)
-    }
-
-    /// As [`Self::save_pretrained`], with a weight variant name and storage dtype.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(
-        &self,
-        dir: impl AsRef<Path>,
-        variant: Option<&str>,
-        dtype: SaveDtype,
-    ) -> Result<()> {
-        modeling_utils::save_pretrained(self, &self.config, dir.as_ref(), variant, dtype)
     }
 
     /// Encode and decode one image of the batch at a time (`enable_slicing`).
@@ -548,5 +488,17 @@ impl AutoencoderKL {
             sw = (sw - 2) / 2 + 1;
         }
         Ok(())
+    }
+}
+
+impl ModelMixin for AutoencoderKL {
+    type Config = AutoencoderKLConfig;
+
+    fn from_config(config: &AutoencoderKLConfig, device: &Device) -> Result<Self> {
+        Self::new(config, device)
+    }
+
+    fn config(&self) -> &AutoencoderKLConfig {
+        &self.config
     }
 }

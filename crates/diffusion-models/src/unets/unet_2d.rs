@@ -3,8 +3,6 @@
 
 pub(crate) mod config;
 
-use std::path::Path;
-
 pub use config::{SampleSize, UNet2DModelConfig};
 
 use diffusion_core::burn;
@@ -13,15 +11,13 @@ use diffusion_core::burn::nn::conv::Conv2d;
 use diffusion_core::burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
 use diffusion_core::burn::tensor::activation::silu;
 use diffusion_core::burn::tensor::{Int, Tensor, TensorData};
-use diffusion_core::weights::SaveDtype;
 use diffusion_core::{Device, Error, Result};
 
 use crate::activations::Activation;
 use crate::embeddings::{GaussianFourierProjection, TimestepEmbedding, Timesteps};
 use crate::layers;
-use crate::modeling_utils::{self, PretrainedOptions};
+use crate::modeling_utils::ModelMixin;
 use crate::resnet::TimeEmbeddingNorm;
-use crate::state_dict::LoadReport;
 use crate::unets::unet_2d_blocks::{
     BlockArgs, DownBlock, MidBlockArgs, ResampleType, UNetMidBlock2D, UpBlock, get_down_block,
     get_up_block,
@@ -281,62 +277,6 @@ impl UNet2DModel {
         })
     }
 
-    /// The config the model was built from.
-    pub fn config(&self) -> &UNet2DModelConfig {
-        &self.config
-    }
-
-    /// Load `dir/config.json` and the folder's weights (strictly, no variant).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained_with`].
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
-    }
-
-    /// Load a diffusers model folder: `config.json` and
-    /// `diffusion_pytorch_model[.variant].safetensors` (or its sharded index). Legacy attention
-    /// tensor names (`query`, `key`, `value`, `proj_attn`) are renamed as diffusers does.
-    ///
-    /// # Errors
-    /// [`Error::NotFound`] naming the folder for a missing config or weight file; config errors
-    /// naming `config.json` and the field; weight errors naming the key and file
-    /// ([`Error::MissingTensor`], [`Error::UnexpectedTensors`] in strict mode,
-    /// [`Error::TensorShape`], [`Error::Safetensors`] for corrupt files).
-    pub fn from_pretrained_with(
-        dir: impl AsRef<Path>,
-        options: &PretrainedOptions,
-        device: &Device,
-    ) -> Result<(Self, LoadReport)> {
-        let dir = dir.as_ref();
-        let (file, config_path) = modeling_utils::load_config::<UNet2DModelConfig>(dir)?;
-        let model = Self::new(&file.config, device)
-            .map_err(|e| layers::with_config_path(e, &config_path))?;
-        modeling_utils::load_pretrained_weights(model, dir, options)
-    }
-
-    /// Write `config.json` and `diffusion_pytorch_model.safetensors` (f32) into `dir`.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        self.save_pretrained_with(dir, None, SaveDtype::F32)
-    }
-
-    /// As [`Self::save_pretrained`], with a weight variant name and storage dtype (e.g.
-    /// `Some("fp16")` with [`SaveDtype::F16`]).
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(
-        &self,
-        dir: impl AsRef<Path>,
-        variant: Option<&str>,
-        dtype: SaveDtype,
-    ) -> Result<()> {
-        modeling_utils::save_pretrained(self, &self.config, dir.as_ref(), variant, dtype)
-    }
-
     /// How many times the down path halves the resolution.
     fn num_downsamplings(&self) -> usize {
         self.config.block_out_channels.len().saturating_sub(1)
@@ -569,5 +509,17 @@ fn broadcast_timesteps(timesteps: Tensor<1>, batch: usize) -> Result<Tensor<1>> 
             "timesteps",
             format!("{n} timesteps for a batch of {batch}; pass 1 or {batch}"),
         )),
+    }
+}
+
+impl ModelMixin for UNet2DModel {
+    type Config = UNet2DModelConfig;
+
+    fn from_config(config: &UNet2DModelConfig, device: &Device) -> Result<Self> {
+        Self::new(config, device)
+    }
+
+    fn config(&self) -> &UNet2DModelConfig {
+        &self.config
     }
 }

@@ -22,7 +22,6 @@ mod config;
 mod embeddings;
 
 use std::collections::VecDeque;
-use std::path::Path;
 use std::sync::Arc;
 
 pub use config::{PerBlock, ResolvedBlocks, TransformerLayers, UNet2DConditionModelConfig};
@@ -33,7 +32,6 @@ use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::conv::Conv2d;
 use diffusion_core::burn::nn::{GroupNorm, Linear};
 use diffusion_core::burn::tensor::{DType, Tensor};
-use diffusion_core::weights::SaveDtype;
 use diffusion_core::{Device, Error, Result};
 
 use crate::activations::Activation;
@@ -41,9 +39,8 @@ use crate::attention::CrossAttentionInputs;
 use crate::attention_processor::{AttentionHook, AttentionHookSlot};
 use crate::embeddings::{TimestepEmbedding, Timesteps};
 use crate::layers;
-use crate::modeling_utils::{self, PretrainedOptions};
+use crate::modeling_utils::ModelMixin;
 use crate::resnet::TimeEmbeddingNorm;
-use crate::state_dict::LoadReport;
 use crate::unets::unet_2d::ClassLabels;
 use crate::unets::unet_2d_blocks::{
     BlockArgs, CrossAttnArgs, CrossAttnDownBlock2D, CrossAttnUpBlock2D, DownBlock2D, MidBlockArgs,
@@ -424,11 +421,6 @@ impl UNet2DConditionModel {
         })
     }
 
-    /// The config the model was built from.
-    pub fn config(&self) -> &UNet2DConditionModelConfig {
-        &self.config
-    }
-
     /// Install `hook` on every transformer attention layer (replacing any previous hook); see
     /// [`AttentionHook`]. The weights are shared with the hook's view of the layers, not copied.
     pub fn set_attention_hook(&mut self, hook: Arc<dyn AttentionHook>) {
@@ -443,55 +435,6 @@ impl UNet2DConditionModel {
     /// The installed attention hook, if any.
     pub fn attention_hook(&self) -> Option<&Arc<dyn AttentionHook>> {
         self.attention_hook.0.as_ref()
-    }
-
-    /// Load `dir/config.json` and the folder's weights (strictly, no variant).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained_with`].
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
-    }
-
-    /// Load a diffusers model folder: `config.json` and
-    /// `diffusion_pytorch_model[.variant].safetensors` (or its sharded index).
-    ///
-    /// # Errors
-    /// [`Error::NotFound`] naming the folder for a missing config or weight file; config errors
-    /// naming `config.json` and the field; weight errors naming the key and file
-    /// ([`Error::MissingTensor`], [`Error::UnexpectedTensors`] in strict mode,
-    /// [`Error::TensorShape`], [`Error::Safetensors`] for corrupt files).
-    pub fn from_pretrained_with(
-        dir: impl AsRef<Path>,
-        options: &PretrainedOptions,
-        device: &Device,
-    ) -> Result<(Self, LoadReport)> {
-        let dir = dir.as_ref();
-        let (file, config_path) = modeling_utils::load_config::<UNet2DConditionModelConfig>(dir)?;
-        let model = Self::new(&file.config, device)
-            .map_err(|e| layers::with_config_path(e, &config_path))?;
-        modeling_utils::load_pretrained_weights(model, dir, options)
-    }
-
-    /// Write `config.json` and `diffusion_pytorch_model.safetensors` (f32) into `dir`.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        self.save_pretrained_with(dir, None, SaveDtype::F32)
-    }
-
-    /// As [`Self::save_pretrained`], with a weight variant name and storage dtype.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(
-        &self,
-        dir: impl AsRef<Path>,
-        variant: Option<&str>,
-        dtype: SaveDtype,
-    ) -> Result<()> {
-        modeling_utils::save_pretrained(self, &self.config, dir.as_ref(), variant, dtype)
     }
 
     /// Predict the noise (or `v`, per the scheduler's training) for `sample` at `timesteps`,
@@ -891,5 +834,17 @@ fn check_shape(t: &Tensor<4>, want: [usize; 4], name: &str, index: usize) -> Res
             name,
             format!("entry {index} has shape {got:?}, expected {want:?}"),
         ))
+    }
+}
+
+impl ModelMixin for UNet2DConditionModel {
+    type Config = UNet2DConditionModelConfig;
+
+    fn from_config(config: &UNet2DConditionModelConfig, device: &Device) -> Result<Self> {
+        Self::new(config, device)
+    }
+
+    fn config(&self) -> &UNet2DConditionModelConfig {
+        &self.config
     }
 }

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use diffusion_core::Error;
+use diffusion_models::ModelMixin;
 use diffusion_models::{ClassLabels, UNet2DModel, UNet2DModelConfig};
 
 use crate::{Io, device, fixture, read_all, timesteps, write_model};

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use diffusion_core::Error;
 use diffusion_core::weights::{Dtype, SaveDtype, WeightSource, resolve_weights};
+use diffusion_models::ModelMixin;
 use diffusion_models::UNet2DModel;
 use diffusion_models::modeling_utils::PretrainedOptions;
 use diffusion_models::state_dict::{LoadMode, param_shapes, state_dict};

@@ -1,6 +1,7 @@
 //! Outputs of every fixture model at every timestep case, against diffusers.
 
 use anyhow::Result;
+use diffusion_models::ModelMixin;
 use diffusion_models::{ClassLabels, UNet2DModel};
 
 use crate::{Io, TOLERANCE, device, fixture, max_abs_diff, values};

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use diffusion_core::Error;
 use diffusion_core::weights::{SaveDtype, write_safetensors};
+use diffusion_models::ModelMixin;
 use diffusion_models::unets::unet_2d_condition::PerBlock;
 use diffusion_models::{
     AddedCondKwargs, UNet2DConditionModel, UNet2DConditionModelConfig, UNet2DConditionOptions,

@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use diffusion_core::ConfigFile;
+use diffusion_models::ModelMixin;
 use diffusion_models::state_dict::state_dict;
 use diffusion_models::{UNet2DConditionModel, UNet2DConditionModelConfig};
 

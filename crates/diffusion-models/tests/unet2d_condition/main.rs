@@ -8,6 +8,7 @@ mod loading;
 mod parity;
 mod precision;
 
+use diffusion_models::ModelMixin;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};

@@ -1,6 +1,7 @@
 //! Strict loading, config errors and invalid inputs are typed errors naming the key, field or
 //! argument; saving and legacy checkpoints round-trip.
 
+use diffusion_models::ModelMixin;
 use std::path::Path;
 
 use anyhow::Result;

@@ -7,6 +7,7 @@ mod parity;
 mod precision;
 mod tiling;
 
+use diffusion_models::ModelMixin;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};

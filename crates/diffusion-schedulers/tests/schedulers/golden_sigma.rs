@@ -21,7 +21,7 @@ use crate::common::{Tensors, dummy_sample_deter, fixtures, host, max_abs, rel_er
 /// diffusers' sum/mean checks with its tolerances, then the final sample against the oracle's,
 /// relative to the larger of the result and the initial sample (Euler's v-prediction loop
 /// ends at ~1e-13, pure rounding noise of an O(1) computation).
-fn check(
+pub(crate) fn check(
     name: &str,
     result: &Tensor<4>,
     initial_scale: f64,

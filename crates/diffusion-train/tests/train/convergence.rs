@@ -1,6 +1,7 @@
 //! A few dozen steps on a tiny model lower the loss on a fixed batch of digits.
 
 use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_models::ModelMixin;
 use diffusion_models::UNet2DModel;
 use diffusion_train::run::step_draws;
 use diffusion_train::{ImageDataset, LrScheduleKind, TrainConfig, Trainer, training_loss};

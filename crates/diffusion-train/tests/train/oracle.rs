@@ -2,6 +2,7 @@
 //! (fixtures/oracle/gen_train.py): loss, gradients, gradient norms, learning rates, every updated
 //! parameter and the EMA weights.
 
+use diffusion_models::ModelMixin;
 use std::collections::BTreeMap;
 
 use diffusion_core::burn::tensor::Tensor;

@@ -1,6 +1,7 @@
 //! Checkpoints resume exactly: a run resumed from step k continues with the same losses, log
 //! and final weights as the run that was never interrupted.
 
+use diffusion_models::ModelMixin;
 use std::path::Path;
 
 use diffusion_models::UNet2DModel;
