@@ -835,17 +835,8 @@ impl Scheduler for DPMSolverMultistepScheduler {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
-        if begin_index >= self.timesteps.len() {
-            return Err(Error::invalid_argument(
-                "begin_index",
-                format!(
-                    "{begin_index} is past the {}-step schedule",
-                    self.timesteps.len()
-                ),
-            ));
-        }
-        self.cursor.begin_index = Some(begin_index);
-        Ok(())
+        self.cursor
+            .set_begin_index(begin_index, self.timesteps.len())
     }
 
     fn scale_model_input<const D: usize>(

@@ -359,17 +359,8 @@ impl Scheduler for LMSDiscreteScheduler {
     }
 
     fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
-        if begin_index >= self.timesteps.len() {
-            return Err(Error::invalid_argument(
-                "begin_index",
-                format!(
-                    "{begin_index} is past the {}-step schedule",
-                    self.timesteps.len()
-                ),
-            ));
-        }
-        self.cursor.begin_index = Some(begin_index);
-        Ok(())
+        self.cursor
+            .set_begin_index(begin_index, self.timesteps.len())
     }
 
     fn scale_model_input<const D: usize>(
@@ -377,14 +368,8 @@ impl Scheduler for LMSDiscreteScheduler {
         sample: Tensor<D>,
         timestep: f64,
     ) -> Result<Tensor<D>> {
-        let i = self
-            .cursor
-            .current(&self.timesteps, timestep, MissingTimestep::Error)?;
-        let sigma = *self
-            .sigmas
-            .get(i)
-            .ok_or_else(|| Error::invalid_argument("timestep", "the schedule has no sigma left"))?;
-        Ok(sigmas::scale_by_sigma(sample, sigma))
+        self.cursor
+            .scale_by_current_sigma(&self.timesteps, &self.sigmas, sample, timestep)
     }
 
     /// One linear multistep step of order up to [`LMS_ORDER`] (lower for the first steps).

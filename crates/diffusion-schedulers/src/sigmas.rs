@@ -216,6 +216,34 @@ impl StepCursor {
         *self = Self::default();
     }
 
+    /// `set_begin_index` for a schedule of `len` steps (image-to-image starts mid-schedule).
+    pub fn set_begin_index(&mut self, begin_index: usize, len: usize) -> Result<()> {
+        if begin_index >= len {
+            return Err(Error::invalid_argument(
+                "begin_index",
+                format!("{begin_index} is past the {len}-step schedule"),
+            ));
+        }
+        self.begin_index = Some(begin_index);
+        Ok(())
+    }
+
+    /// `scale_model_input` of the sigma (Karras-style) schedulers: divide by
+    /// `sqrt(sigma^2 + 1)` for the sigma at the current step.
+    pub fn scale_by_current_sigma<const D: usize>(
+        &mut self,
+        timesteps: &[f64],
+        sigmas: &[f64],
+        sample: Tensor<D>,
+        timestep: f64,
+    ) -> Result<Tensor<D>> {
+        let i = self.current(timesteps, timestep, MissingTimestep::Error)?;
+        let sigma = *sigmas
+            .get(i)
+            .ok_or_else(|| Error::invalid_argument("timestep", "the schedule has no sigma left"))?;
+        Ok(scale_by_sigma(sample, sigma))
+    }
+
     /// diffusers' `index_for_timestep`: the position of `timestep` in `timesteps`, the second
     /// match when it occurs twice (so that an image-to-image run starting mid-schedule does not
     /// skip a sigma).
