@@ -25,8 +25,11 @@ use crate::error::{Error, Result};
 pub const WEIGHTS_NAME: &str = "diffusion_pytorch_model.safetensors";
 /// diffusers' sharded index name (`SAFE_WEIGHTS_INDEX_NAME`).
 pub const WEIGHTS_INDEX_NAME: &str = "diffusion_pytorch_model.safetensors.index.json";
-/// diffusers' pickle weight file name, recognised only to explain that it cannot be read.
-const PICKLE_WEIGHTS_NAME: &str = "diffusion_pytorch_model.bin";
+/// The stem of diffusers' weight files (`diffusion_pytorch_model[.variant].safetensors`).
+pub const DIFFUSERS_WEIGHTS_STEM: &str = "diffusion_pytorch_model";
+/// The stem of transformers' weight files (`model[.variant].safetensors`: the text encoders of
+/// a pipeline folder).
+pub const TRANSFORMERS_WEIGHTS_STEM: &str = "model";
 
 /// Length of the little-endian header size that starts every safetensors file.
 const HEADER_SIZE_LEN: u64 = 8;
@@ -402,12 +405,22 @@ impl WeightSource {
 /// The file names of a folder's weights for `variant`: `(single file, sharded index)`, as
 /// diffusers' `save_pretrained` writes them.
 pub fn weight_file_names(variant: Option<&str>) -> (String, String) {
+    weight_file_names_for(DIFFUSERS_WEIGHTS_STEM, variant)
+}
+
+/// [`weight_file_names`] for another file stem ([`TRANSFORMERS_WEIGHTS_STEM`] for transformers
+/// folders, which name variants the same way: `model.fp16.safetensors`,
+/// `model.safetensors.index.fp16.json`).
+pub fn weight_file_names_for(stem: &str, variant: Option<&str>) -> (String, String) {
     match variant {
         Some(v) => (
-            format!("diffusion_pytorch_model.{v}.safetensors"),
-            format!("diffusion_pytorch_model.safetensors.index.{v}.json"),
+            format!("{stem}.{v}.safetensors"),
+            format!("{stem}.safetensors.index.{v}.json"),
         ),
-        None => (WEIGHTS_NAME.to_string(), WEIGHTS_INDEX_NAME.to_string()),
+        None => (
+            format!("{stem}.safetensors"),
+            format!("{stem}.safetensors.index.json"),
+        ),
     }
 }
 
@@ -422,6 +435,18 @@ pub fn weight_file_names(variant: Option<&str>) -> (String, String) {
 /// [`Error::NotFound`] naming the folder and the names looked for (and, when present, the
 /// pickle `.bin` file or other variants that were found but are not used).
 pub fn resolve_weights(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<PathBuf> {
+    resolve_weights_for(dir, DIFFUSERS_WEIGHTS_STEM, variant)
+}
+
+/// [`resolve_weights`] for the weight files named `stem` (see [`weight_file_names_for`]).
+///
+/// # Errors
+/// As [`resolve_weights`].
+pub fn resolve_weights_for(
+    dir: impl AsRef<Path>,
+    stem: &str,
+    variant: Option<&str>,
+) -> Result<PathBuf> {
     let dir = dir.as_ref();
     if !dir.is_dir() {
         return Err(Error::NotFound {
@@ -429,12 +454,10 @@ pub fn resolve_weights(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<P
             message: "not a model folder (no such directory)".into(),
         });
     }
-    let (single, index) = weight_file_names(variant);
+    let (single, index) = weight_file_names_for(stem, variant);
     let mut candidates = vec![index];
     if let Some(v) = variant {
-        candidates.push(format!(
-            "diffusion_pytorch_model.safetensors.{v}.index.json"
-        ));
+        candidates.push(format!("{stem}.safetensors.{v}.index.json"));
     }
     candidates.push(single);
     for name in &candidates {
@@ -445,19 +468,20 @@ pub fn resolve_weights(dir: impl AsRef<Path>, variant: Option<&str>) -> Result<P
     }
     let looked_for: Vec<String> = candidates.iter().map(|n| format!("`{n}`")).collect();
     let mut message = format!("no weights: looked for {}", looked_for.join(", "));
+    let prefix = format!("{stem}.");
     let mut others: Vec<String> = std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(|e| e.ok())
                 .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with("diffusion_pytorch_model"))
+                .filter(|n| n.starts_with(&prefix))
                 .collect()
         })
         .unwrap_or_default();
     others.sort();
     if !others.is_empty() {
         message.push_str(&format!("; the folder has {}", others.join(", ")));
-        if others.iter().any(|n| n == PICKLE_WEIGHTS_NAME) {
+        if others.iter().any(|n| *n == format!("{stem}.bin")) {
             message
                 .push_str(" (pickle `.bin` weights cannot be read; convert them to safetensors)");
         } else if variant.is_none() {

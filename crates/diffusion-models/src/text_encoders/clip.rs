@@ -14,19 +14,20 @@ use diffusion_core::burn::nn::{
     Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
 use diffusion_core::burn::tensor::{Int, Tensor, TensorData, activation};
-use diffusion_core::config::Config;
-use diffusion_core::weights::WeightSource;
+use diffusion_core::config::{Config, write_atomically};
+use diffusion_core::weights::{
+    SaveDtype, TRANSFORMERS_WEIGHTS_STEM, WeightSource, resolve_weights_for, weight_file_names_for,
+};
 use diffusion_core::{Device, Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::attention_processor::scaled_dot_product_attention;
 use crate::layers::{self, config_error, unsupported};
 use crate::modeling_utils::{self, PretrainedOptions};
-use crate::state_dict::{LoadReport, load_weights};
+use crate::state_dict::{LoadReport, load_weights, save_weights};
 
-/// transformers' weight file names.
-const WEIGHTS_NAME: &str = "model.safetensors";
-const WEIGHTS_INDEX_NAME: &str = "model.safetensors.index.json";
+/// transformers' `model_type` of a CLIP text config.
+const MODEL_TYPE: &str = "clip_text_model";
 /// The state-dict prefix of the transformer inside both models.
 const TEXT_MODEL_PREFIX: &str = "text_model.";
 
@@ -506,21 +507,18 @@ fn first_argmax(ids: &[i64]) -> usize {
     best
 }
 
-/// Read `config.json` and open `model.safetensors` (or its sharded index) of a transformers
-/// folder.
-fn open_folder(dir: &Path) -> Result<(CLIPTextConfig, PathBuf, WeightSource)> {
+/// Read `config.json` and open `model[.variant].safetensors` (or its sharded index) of a
+/// transformers folder.
+fn open_folder(
+    dir: &Path,
+    variant: Option<&str>,
+) -> Result<(CLIPTextConfig, PathBuf, WeightSource)> {
     let (file, config_path) = modeling_utils::load_config::<CLIPTextConfig>(dir)?;
-    let (single, index) = (dir.join(WEIGHTS_NAME), dir.join(WEIGHTS_INDEX_NAME));
-    let mut source = if single.is_file() {
-        WeightSource::open(&single)?
-    } else if index.is_file() {
-        WeightSource::open_sharded(&index)?
-    } else {
-        return Err(Error::NotFound {
-            path: dir.to_path_buf(),
-            message: format!("no `{WEIGHTS_NAME}` or `{WEIGHTS_INDEX_NAME}` in the model folder"),
-        });
-    };
+    let mut source = WeightSource::open(resolve_weights_for(
+        dir,
+        TRANSFORMERS_WEIGHTS_STEM,
+        variant,
+    )?)?;
     // transformers 5 saves a bare `CLIPTextModel` without its `text_model.` prefix; older
     // versions (and every Stable Diffusion checkpoint) with it. transformers accepts both.
     if !source.keys().any(|k| k.starts_with(TEXT_MODEL_PREFIX)) {
@@ -570,8 +568,7 @@ impl CLIPTextModel {
         options: &PretrainedOptions,
         device: &Device,
     ) -> Result<(Self, LoadReport)> {
-        check_no_variant(options)?;
-        let (config, config_path, source) = open_folder(dir.as_ref())?;
+        let (config, config_path, source) = open_folder(dir.as_ref(), options.variant.as_deref())?;
         let model =
             Self::new(&config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
         load_weights(model, &source, options.mode)
@@ -580,6 +577,36 @@ impl CLIPTextModel {
     /// The config the model was built from.
     pub fn config(&self) -> &CLIPTextConfig {
         self.text_model.config()
+    }
+
+    /// Write `config.json` and `model.safetensors` (f32) into `dir`, as transformers'
+    /// `save_pretrained` does.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when writing fails.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_pretrained_with(dir, None, SaveDtype::F32)
+    }
+
+    /// As [`Self::save_pretrained`], with a weight variant and storage dtype
+    /// (`Some("fp16")` with [`SaveDtype::F16`] writes `model.fp16.safetensors`).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when writing fails.
+    pub fn save_pretrained_with(
+        &self,
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: SaveDtype,
+    ) -> Result<()> {
+        save_folder(
+            self,
+            self.config(),
+            "CLIPTextModel",
+            dir.as_ref(),
+            variant,
+            dtype,
+        )
     }
 
     /// # Shapes
@@ -608,14 +635,41 @@ impl CLIPTextModel {
     }
 }
 
-fn check_no_variant(options: &PretrainedOptions) -> Result<()> {
-    match &options.variant {
-        None => Ok(()),
-        Some(v) => Err(Error::invalid_argument(
-            "variant",
-            format!("transformers text encoder folders have no `{v}` variant files"),
-        )),
-    }
+/// Write a transformers folder: `config.json` (with `architectures` and `model_type`, as
+/// transformers' `save_pretrained` writes it) and `model[.variant].safetensors`.
+fn save_folder<M: Module>(
+    module: &M,
+    config: &CLIPTextConfig,
+    architecture: &str,
+    dir: &Path,
+    variant: Option<&str>,
+    dtype: SaveDtype,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config_path = dir.join(modeling_utils::CONFIG_NAME);
+    let json_error = |e: serde_json::Error| Error::Json {
+        path: config_path.clone(),
+        line: 0,
+        column: 0,
+        message: e.to_string(),
+    };
+    let mut json = match serde_json::to_value(config).map_err(json_error)? {
+        serde_json::Value::Object(map) => map,
+        other => unreachable!("CLIPTextConfig serialises to an object, not {other}"),
+    };
+    json.insert("architectures".into(), serde_json::json!([architecture]));
+    json.insert("model_type".into(), MODEL_TYPE.into());
+    let dtype_name = match dtype {
+        SaveDtype::F32 => "float32",
+        SaveDtype::F16 => "float16",
+        SaveDtype::BF16 => "bfloat16",
+    };
+    json.insert("dtype".into(), dtype_name.into());
+    let mut text = serde_json::to_string_pretty(&json).map_err(json_error)?;
+    text.push('\n');
+    write_atomically(&config_path, text.as_bytes())?;
+    let (weights_name, _) = weight_file_names_for(TRANSFORMERS_WEIGHTS_STEM, variant);
+    save_weights(module, dir.join(weights_name), dtype)
 }
 
 /// What [`CLIPTextModelWithProjection`] returns (`CLIPTextModelOutput` in transformers).
@@ -672,8 +726,7 @@ impl CLIPTextModelWithProjection {
         options: &PretrainedOptions,
         device: &Device,
     ) -> Result<(Self, LoadReport)> {
-        check_no_variant(options)?;
-        let (config, config_path, source) = open_folder(dir.as_ref())?;
+        let (config, config_path, source) = open_folder(dir.as_ref(), options.variant.as_deref())?;
         let model =
             Self::new(&config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
         load_weights(model, &source, options.mode)
@@ -682,6 +735,36 @@ impl CLIPTextModelWithProjection {
     /// The config the model was built from.
     pub fn config(&self) -> &CLIPTextConfig {
         self.text_model.config()
+    }
+
+    /// Write `config.json` and `model.safetensors` (f32) into `dir`, as transformers'
+    /// `save_pretrained` does.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when writing fails.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        self.save_pretrained_with(dir, None, SaveDtype::F32)
+    }
+
+    /// As [`Self::save_pretrained`], with a weight variant and storage dtype
+    /// (`Some("fp16")` with [`SaveDtype::F16`] writes `model.fp16.safetensors`).
+    ///
+    /// # Errors
+    /// [`Error::Io`] when writing fails.
+    pub fn save_pretrained_with(
+        &self,
+        dir: impl AsRef<Path>,
+        variant: Option<&str>,
+        dtype: SaveDtype,
+    ) -> Result<()> {
+        save_folder(
+            self,
+            self.config(),
+            "CLIPTextModelWithProjection",
+            dir.as_ref(),
+            variant,
+            dtype,
+        )
     }
 
     /// # Shapes

@@ -3,9 +3,10 @@
 
 use anyhow::{Context, Result};
 use diffusion_core::Error;
-use diffusion_core::burn::tensor::{Int, Tensor, TensorData};
+use diffusion_core::burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use diffusion_core::tensor::to_vec;
-use diffusion_core::weights::WeightSource;
+use diffusion_core::weights::{SaveDtype, WeightSource};
+use diffusion_models::modeling_utils::{PretrainedOptions, to_dtype};
 use diffusion_models::text_encoders::{
     CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Padding,
 };
@@ -342,5 +343,120 @@ fn bad_configs_are_typed_errors_naming_the_file() -> Result<()> {
         CLIPTextModel::from_pretrained(dir.path(), &device()),
         Err(Error::ConfigField { field, .. }) if field == "num_attention_heads"
     ));
+    Ok(())
+}
+
+/// `save_pretrained` writes a transformers folder that loads back to the same model, and an fp16
+/// variant that `from_pretrained_with(variant = "fp16")` finds.
+#[test]
+fn save_pretrained_round_trips_with_and_without_variant() -> Result<()> {
+    let case = "clip_tiny_projection";
+    let model = CLIPTextModelWithProjection::from_pretrained(fixture(case), &device())?;
+    let io = Io::open(case)?;
+    let dir = tempfile::tempdir()?;
+    model.save_pretrained(dir.path())?;
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json"))?)?;
+    assert_eq!(
+        config["architectures"],
+        serde_json::json!(["CLIPTextModelWithProjection"])
+    );
+    assert_eq!(config["model_type"], "clip_text_model");
+    assert_eq!(config["projection_dim"], 32);
+    let reloaded = CLIPTextModelWithProjection::from_pretrained(dir.path(), &device())?;
+    assert_eq!(reloaded.config(), model.config());
+    let out = reloaded.forward(io.input_ids())?;
+    assert_close(
+        "reloaded text_embeds",
+        out.text_embeds,
+        io.tensor("text_embeds")?,
+    );
+
+    let plain = CLIPTextModel::from_pretrained(fixture("clip_tiny"), &device())?;
+    let dir = tempfile::tempdir()?;
+    plain.save_pretrained_with(dir.path(), Some("fp16"), SaveDtype::F16)?;
+    assert!(dir.path().join("model.fp16.safetensors").is_file());
+    assert!(!dir.path().join("model.safetensors").exists());
+    // Without the variant the folder has no weights, and the error says which variant exists.
+    match CLIPTextModel::from_pretrained(dir.path(), &device()) {
+        Err(Error::NotFound { message, .. }) => {
+            assert!(message.contains("model.fp16.safetensors"), "{message}")
+        }
+        other => panic!("expected NotFound, got {:?}", other.map(|_| ())),
+    }
+    let options = PretrainedOptions {
+        variant: Some("fp16".into()),
+        ..PretrainedOptions::default()
+    };
+    let (half_stored, _) = CLIPTextModel::from_pretrained_with(dir.path(), &options, &device())?;
+    let io = Io::open("clip_tiny")?;
+    let got = to_vec(half_stored.forward(io.input_ids())?.last_hidden_state);
+    let want = to_vec(io.tensor::<3>("last_hidden_state")?);
+    let rel = relative(&got, &want);
+    eprintln!("fp16-stored weights: relative error {rel:.1e}");
+    assert!(rel <= 1e-2, "{rel:e}");
+    Ok(())
+}
+
+/// `max |got - want| / max |want|`, after checking every value is finite.
+fn relative(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| {
+            assert!(g.is_finite(), "non-finite output {g}");
+            (g - w).abs()
+        })
+        .fold(0.0f32, f32::max);
+    diff / scale
+}
+
+/// Both encoders cast to f16 / bf16 stay close to f32. Bounds as for the UNet: f16 1e-2; bf16
+/// 3e-2, what PyTorch's own CPU bf16 run reaches on these fixtures (see
+/// `unet2d_condition/precision.rs`).
+#[test]
+fn f16_and_bf16_stay_close_to_f32() -> Result<()> {
+    for dtype in [FloatDType::F16, FloatDType::BF16] {
+        let bound = if dtype == FloatDType::BF16 {
+            3e-2
+        } else {
+            1e-2
+        };
+        for case in ["clip_tiny", "clip_tiny_eos"] {
+            let model = to_dtype(
+                CLIPTextModel::from_pretrained(fixture(case), &device())?,
+                dtype,
+            )?;
+            let io = Io::open(case)?;
+            let out = model.forward(io.input_ids())?;
+            assert_eq!(FloatDType::from(out.last_hidden_state.dtype()), dtype);
+            for (name, got) in [
+                ("last_hidden_state", to_vec(out.last_hidden_state)),
+                ("pooler_output", to_vec(out.pooler_output)),
+            ] {
+                let rel = relative(
+                    &got,
+                    &to_vec(
+                        io.tensor::<3>(name)
+                            .or_else(|_| io.tensor::<2>(name).map(|t| t.unsqueeze_dim(0)))?,
+                    ),
+                );
+                eprintln!("{case} {name} {dtype:?}: relative error {rel:.1e}");
+                assert!(rel <= bound, "{case} {name} {dtype:?}: {rel:e}");
+            }
+        }
+        let case = "clip_tiny_projection";
+        let model = to_dtype(
+            CLIPTextModelWithProjection::from_pretrained(fixture(case), &device())?,
+            dtype,
+        )?;
+        let io = Io::open(case)?;
+        let got = to_vec(model.forward(io.input_ids())?.text_embeds);
+        let rel = relative(&got, &to_vec(io.tensor::<2>("text_embeds")?));
+        eprintln!("{case} text_embeds {dtype:?}: relative error {rel:.1e}");
+        assert!(rel <= bound, "{case} text_embeds {dtype:?}: {rel:e}");
+    }
     Ok(())
 }

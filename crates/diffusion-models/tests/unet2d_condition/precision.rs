@@ -1,20 +1,42 @@
-//! Half precision: a model cast to f16 with `to_dtype` stays close to f32, with no NaN or inf.
+//! Half precision: a model cast to f16 or bf16 with `to_dtype` stays close to f32, with no NaN
+//! or inf.
 
 use anyhow::Result;
 use diffusion_core::Error;
-use diffusion_core::burn::tensor::{DType, FloatDType, Tensor};
+use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::tensor::to_vec;
 use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{AddedCondKwargs, UNet2DConditionOptions};
 
 use crate::{Io, device, load};
 
-const HALF_RELATIVE_TOLERANCE: f32 = 1e-2;
+/// f16 (11-bit significand) must stay within 1e-2 of f32 relative to the output's scale.
+const F16_RELATIVE_TOLERANCE: f32 = 1e-2;
 
-/// `max |half - full| / max |full|`, after checking every half value is finite.
-fn relative_error(half: Tensor<4>, full: Tensor<4>) -> f32 {
+/// bf16 keeps f32's range but only an 8-bit significand (unit roundoff 2^-9 against f16's
+/// 2^-12), so its error is about 8x f16's. PyTorch's own CPU bf16 forward of these fixtures
+/// (same weights cast with `.to(torch.bfloat16)`, diffusers 0.42.1, torch 2.15) lands at
+/// 1.45e-2 (sd1_tiny t0), 1.22e-2 (sd1_tiny per_batch), 1.08e-2 (sdxl_tiny t999), 1.73e-2
+/// (lcm_tiny t10), 2.69e-2 (variants_b t_mid) and 2.00e-2 (variants_b per_batch) relative to
+/// its f32 output: 1e-2 is out of reach of the reference itself. We require what PyTorch
+/// achieves, 3e-2.
+const BF16_RELATIVE_TOLERANCE: f32 = 3e-2;
+
+fn tolerance(dtype: FloatDType) -> f32 {
+    match dtype {
+        FloatDType::BF16 => BF16_RELATIVE_TOLERANCE,
+        _ => F16_RELATIVE_TOLERANCE,
+    }
+}
+
+/// The two half-precision dtypes every model must run in.
+const HALF_DTYPES: [FloatDType; 2] = [FloatDType::F16, FloatDType::BF16];
+
+/// `max |half - full| / max |full|`, after checking every half value is finite and the output
+/// kept the model's dtype.
+fn relative_error(half: Tensor<4>, full: Tensor<4>, dtype: FloatDType) -> f32 {
     assert_eq!(half.dims(), full.dims());
-    assert_eq!(half.dtype(), DType::F16);
+    assert_eq!(FloatDType::from(half.dtype()), dtype);
     let (half, full) = (to_vec(half), to_vec(full));
     let scale = full.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     assert!(scale > 0.1, "degenerate reference output (max {scale})");
@@ -22,7 +44,7 @@ fn relative_error(half: Tensor<4>, full: Tensor<4>) -> f32 {
         .iter()
         .zip(&full)
         .map(|(h, f)| {
-            assert!(h.is_finite(), "non-finite f16 output {h}");
+            assert!(h.is_finite(), "non-finite {dtype:?} output {h}");
             (h - f).abs()
         })
         .fold(0.0f32, f32::max);
@@ -33,53 +55,58 @@ fn half<const D: usize>(t: Tensor<D>) -> Tensor<D> {
     t.cast(FloatDType::F16)
 }
 
-/// The f16 copy of a run's options (float inputs cast, labels kept).
-fn half_options(options: &UNet2DConditionOptions) -> UNet2DConditionOptions {
+/// The `dtype` copy of a run's options (float inputs cast, labels kept).
+fn half_options(options: &UNet2DConditionOptions, dtype: FloatDType) -> UNet2DConditionOptions {
+    let all = |v: Vec<Tensor<4>>| v.into_iter().map(|t| t.cast(dtype)).collect();
     UNet2DConditionOptions {
         class_labels: options.class_labels.clone(),
-        timestep_cond: options.timestep_cond.clone().map(half),
+        timestep_cond: options.timestep_cond.clone().map(|t| t.cast(dtype)),
         added_cond_kwargs: options.added_cond_kwargs.clone().map(|a| AddedCondKwargs {
-            text_embeds: a.text_embeds.map(half),
+            text_embeds: a.text_embeds.map(|t| t.cast(dtype)),
             time_ids: a.time_ids,
         }),
         encoder_attention_mask: options.encoder_attention_mask.clone(),
-        down_block_additional_residuals: options
-            .down_block_additional_residuals
+        down_block_additional_residuals: options.down_block_additional_residuals.clone().map(all),
+        mid_block_additional_residual: options
+            .mid_block_additional_residual
             .clone()
-            .map(|v| v.into_iter().map(half).collect()),
-        mid_block_additional_residual: options.mid_block_additional_residual.clone().map(half),
+            .map(|t| t.cast(dtype)),
         down_intrablock_additional_residuals: options
             .down_intrablock_additional_residuals
             .clone()
-            .map(|v| v.into_iter().map(half).collect()),
+            .map(all),
     }
 }
 
 #[test]
-fn f16_stays_close_to_f32() -> Result<()> {
-    assert!(device().supports_dtype(FloatDType::F16));
+fn f16_and_bf16_stay_close_to_f32() -> Result<()> {
+    for dtype in HALF_DTYPES {
+        assert!(device().supports_dtype(dtype), "{dtype:?}");
+    }
     for (case, runs) in [
         ("sd1_tiny", &["t0", "per_batch", "controlnet", "masked"][..]),
         ("sdxl_tiny", &["t999", "per_batch"][..]),
         ("lcm_tiny", &["t10"][..]),
-        // Fourier features (an f16 weight on f32 timesteps) and timestep class labels.
+        // Fourier features (a half weight on f32 timesteps) and timestep class labels.
         ("variants_b", &["t_mid", "per_batch"][..]),
     ] {
         let full = load(case)?;
-        let halved = to_dtype(load(case)?, FloatDType::F16)?;
         let io = Io::open(case)?;
-        for run in runs {
-            let want = io.run(&full, run)?;
-            let options = io.options(run)?;
-            let got = halved.forward_with(
-                half(io.input::<4>(run, "sample")?),
-                io.tensor::<1>(&format!("{run}/timestep"))?,
-                half(io.input::<3>(run, "encoder_hidden_states")?),
-                half_options(&options),
-            )?;
-            let rel = relative_error(got, want);
-            eprintln!("{case}/{run}: f16 relative error {rel:.1e}");
-            assert!(rel <= HALF_RELATIVE_TOLERANCE, "{case}/{run}: {rel:e}");
+        for dtype in HALF_DTYPES {
+            let halved = to_dtype(load(case)?, dtype)?;
+            for run in runs {
+                let want = io.run(&full, run)?;
+                let options = io.options(run)?;
+                let got = halved.forward_with(
+                    io.input::<4>(run, "sample")?.cast(dtype),
+                    io.tensor::<1>(&format!("{run}/timestep"))?,
+                    io.input::<3>(run, "encoder_hidden_states")?.cast(dtype),
+                    half_options(&options, dtype),
+                )?;
+                let rel = relative_error(got, want, dtype);
+                eprintln!("{case}/{run}: {dtype:?} relative error {rel:.1e}");
+                assert!(rel <= tolerance(dtype), "{case}/{run} {dtype:?}: {rel:e}");
+            }
         }
     }
     Ok(())
