@@ -54,3 +54,68 @@ pub fn unet2d_configs() -> Vec<(&'static str, UNet2DModelConfig, usize)> {
     };
     vec![("digits16", digits, 16), ("cifar10_32", cifar10, 32)]
 }
+
+/// A config given as the JSON of its `config.json` (the same dict the Python benchmarks pass to
+/// diffusers), with diffusers' defaults for every key not given.
+fn config_from_json<T: diffusion_core::Config>(name: &str, json: serde_json::Value) -> T {
+    diffusion_core::ConfigFile::<T>::from_value(json, std::path::Path::new(name))
+        .unwrap_or_else(|e| panic!("benchmark config {name}: {e}"))
+        .config
+}
+
+/// The UNet2DConditionModel configs benchmarked, with the latent size of one forward:
+/// `sd_tiny` (diffusers' Stable Diffusion pipeline test UNet, 32×32 latents) and `sd15`
+/// (Stable Diffusion 1.5's UNet, 859.5M parameters, 64×64 latents = 512×512 images).
+/// `benches/python/bench_sd_models.py` builds the same ones.
+pub fn unet2d_condition_configs() -> Vec<(&'static str, diffusion_models::UNet2DConditionModelConfig, usize)>
+{
+    let tiny = serde_json::json!({
+        "block_out_channels": [32, 64],
+        "layers_per_block": 2,
+        "sample_size": 32,
+        "in_channels": 4,
+        "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"],
+        "cross_attention_dim": 32,
+        "norm_num_groups": 2,
+    });
+    let sd15 = serde_json::json!({
+        "sample_size": 64,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    });
+    vec![
+        ("sd_tiny", config_from_json("sd_tiny", tiny), 32),
+        ("sd15", config_from_json("sd15", sd15), 64),
+    ]
+}
+
+/// The AutoencoderKL configs whose decoder is benchmarked, with the latent size decoded:
+/// `sd_tiny` (diffusers' pipeline test VAE: 32×32 latents to a 64×64 image) and `sd15`
+/// (Stable Diffusion's VAE, 83.7M parameters: 32×32 latents to a 256×256 image, a quarter of
+/// a 512×512 decode, to keep a CPU run within minutes).
+pub fn vae_configs() -> Vec<(&'static str, diffusion_models::AutoencoderKLConfig, usize)> {
+    let tiny = serde_json::json!({
+        "block_out_channels": [32, 64],
+        "in_channels": 3,
+        "out_channels": 3,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4,
+        "norm_num_groups": 2,
+    });
+    let sd15 = serde_json::json!({
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "sample_size": 512,
+    });
+    vec![
+        ("sd_tiny", config_from_json("sd_tiny", tiny), 32),
+        ("sd15", config_from_json("sd15", sd15), 32),
+    ]
+}
