@@ -81,6 +81,27 @@ pub enum Error {
         dtype: String,
     },
 
+    /// A pickled PyTorch checkpoint (`.ckpt`, `.pt`, `.bin`) is truncated, corrupt, or uses a
+    /// construct a tensor checkpoint never needs.
+    #[error("{path}: invalid PyTorch checkpoint: {message}")]
+    Pickle { path: PathBuf, message: String },
+
+    /// A pickled checkpoint asks for a Python global outside the tensor-rebuild allow-list
+    /// (`os.system`, `builtins.eval`, ...). It was refused while parsing: nothing was executed.
+    #[error(
+        "{path}: refused to load: the pickle references `{global}`, which is not a tensor-rebuild \
+         function (nothing was executed; the file may be malicious)"
+    )]
+    UnsafePickle { path: PathBuf, global: String },
+
+    /// A single-file checkpoint's model type could not be recognised from its keys.
+    #[error("{path}: not a recognised single-file checkpoint: {message} (looked for `{key}`)")]
+    UnknownModelType {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+
     /// A function argument is out of range or inconsistent with the others.
     #[error("invalid argument `{name}`: {message}")]
     InvalidArgument { name: String, message: String },

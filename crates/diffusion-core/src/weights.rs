@@ -213,13 +213,48 @@ fn bytes_to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
     Some(out)
 }
 
-/// The keys of one model's weights, from one file or from all shards of an index.
+/// Tensors a [`WeightSource`] reads on demand from something other than safetensors files: a
+/// converted single-file checkpoint, or tensors in memory. Reading one key at a time keeps the
+/// peak memory of a load at the model plus one tensor.
+pub trait TensorProvider: Send + Sync + std::fmt::Debug {
+    /// The f32 values of `key` (row-major, PyTorch layout) in the shape the source was given.
+    ///
+    /// # Errors
+    /// When the tensor cannot be read; errors should name the underlying file and key.
+    fn read_f32(&self, key: &str) -> Result<Vec<f32>>;
+}
+
+/// The keys of one model's weights, from one file, from all shards of an index, or from a
+/// [`TensorProvider`].
 #[derive(Debug)]
 pub struct WeightSource {
     origin: PathBuf,
     files: Vec<SafetensorsFile>,
-    /// Visible key → (file index, key stored in that file).
-    keys: BTreeMap<String, (usize, String)>,
+    provider: Option<Box<dyn TensorProvider>>,
+    /// Visible key → where the tensor is stored.
+    keys: BTreeMap<String, Stored>,
+}
+
+/// Where a [`WeightSource`] key's tensor lives.
+#[derive(Clone, Debug)]
+enum Stored {
+    /// (file index, key stored in that file).
+    File(usize, String),
+    /// (key the provider knows, shape).
+    Provided(String, Vec<usize>),
+}
+
+/// [`WeightSource::from_tensors`]' provider.
+#[derive(Debug)]
+struct MemoryTensors(HashMap<String, NamedTensor>);
+
+impl TensorProvider for MemoryTensors {
+    fn read_f32(&self, key: &str) -> Result<Vec<f32>> {
+        self.0
+            .get(key)
+            .map(|t| t.values.clone())
+            .ok_or_else(|| Error::invalid_argument("key", format!("`{key}` is not in memory")))
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -289,7 +324,9 @@ impl WeightSource {
         let mut keys = BTreeMap::new();
         for (i, file) in files.iter().enumerate() {
             for key in file.keys() {
-                if let Some((other, _)) = keys.insert(key.clone(), (i, key.clone())) {
+                if let Some(Stored::File(other, _)) =
+                    keys.insert(key.clone(), Stored::File(i, key.clone()))
+                {
                     let first: &SafetensorsFile = &files[other];
                     return Err(corrupt(
                         &origin,
@@ -305,8 +342,65 @@ impl WeightSource {
         Ok(Self {
             origin,
             files,
+            provider: None,
             keys,
         })
+    }
+
+    /// A source whose tensors `provider` reads on demand; `shapes` lists every key with its
+    /// shape (PyTorch layout); `origin` is the file they come from, named in errors.
+    pub fn from_provider(
+        origin: impl AsRef<Path>,
+        shapes: BTreeMap<String, Vec<usize>>,
+        provider: Box<dyn TensorProvider>,
+    ) -> Self {
+        let keys = shapes
+            .into_iter()
+            .map(|(key, shape)| (key.clone(), Stored::Provided(key, shape)))
+            .collect();
+        Self {
+            origin: origin.as_ref().to_path_buf(),
+            files: Vec::new(),
+            provider: Some(provider),
+            keys,
+        }
+    }
+
+    /// A source over tensors already in memory (f32, PyTorch layout); `origin` is the file they
+    /// came from, named in errors.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when a tensor's value count does not match its shape or a key
+    /// repeats.
+    pub fn from_tensors(origin: impl AsRef<Path>, tensors: Vec<NamedTensor>) -> Result<Self> {
+        let mut shapes = BTreeMap::new();
+        let mut memory = HashMap::new();
+        for t in tensors {
+            let count: usize = t.shape.iter().product();
+            if count != t.values.len() {
+                return Err(Error::invalid_argument(
+                    "tensors",
+                    format!(
+                        "`{}` has {} values for shape {:?}",
+                        t.key,
+                        t.values.len(),
+                        t.shape
+                    ),
+                ));
+            }
+            if shapes.insert(t.key.clone(), t.shape.clone()).is_some() {
+                return Err(Error::invalid_argument(
+                    "tensors",
+                    format!("key `{}` appears twice", t.key),
+                ));
+            }
+            memory.insert(t.key.clone(), t);
+        }
+        Ok(Self::from_provider(
+            origin,
+            shapes,
+            Box::new(MemoryTensors(memory)),
+        ))
     }
 
     /// The file or index this source was opened from.
@@ -339,15 +433,23 @@ impl WeightSource {
         self.keys.contains_key(key)
     }
 
-    /// A tensor's dtype and shape.
+    /// A tensor's dtype and shape (provided tensors are f32).
     pub fn entry(&self, key: &str) -> Option<TensorEntry> {
-        let (file, stored) = self.keys.get(key)?;
-        self.files[*file].entry(stored)
+        match self.keys.get(key)? {
+            Stored::File(file, stored) => self.files[*file].entry(stored),
+            Stored::Provided(_, shape) => Some(TensorEntry {
+                dtype: Dtype::F32,
+                shape: shape.clone(),
+            }),
+        }
     }
 
-    /// The file that stores `key`.
+    /// The file that stores `key` (`None` for provided tensors).
     pub fn file_of(&self, key: &str) -> Option<&Path> {
-        self.keys.get(key).map(|(file, _)| self.files[*file].path())
+        match self.keys.get(key)? {
+            Stored::File(file, _) => Some(self.files[*file].path()),
+            Stored::Provided(..) => None,
+        }
     }
 
     /// Rename keys: `rename` returns the new name of a key, or `None` to keep it (used for
@@ -376,11 +478,29 @@ impl WeightSource {
     /// [`Error::MissingTensor`] naming the origin when the key is absent, else as
     /// [`SafetensorsFile::read_f32`].
     pub fn read_f32(&self, key: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let (file, stored) = self.keys.get(key).ok_or_else(|| Error::MissingTensor {
+        let stored = self.keys.get(key).ok_or_else(|| Error::MissingTensor {
             path: self.origin.clone(),
             key: key.to_string(),
         })?;
-        self.files[*file].read_f32(stored)
+        match stored {
+            Stored::File(file, stored) => self.files[*file].read_f32(stored),
+            Stored::Provided(stored, shape) => {
+                let provider = self.provider.as_ref().ok_or_else(|| Error::MissingTensor {
+                    path: self.origin.clone(),
+                    key: key.to_string(),
+                })?;
+                let values = provider.read_f32(stored)?;
+                if values.len() != shape.iter().product::<usize>() {
+                    return Err(Error::TensorShape {
+                        path: self.origin.clone(),
+                        key: key.to_string(),
+                        expected: shape.clone(),
+                        got: vec![values.len()],
+                    });
+                }
+                Ok((values, shape.clone()))
+            }
+        }
     }
 
     /// A floating-point tensor on `device`, checked to have rank `D`.
@@ -648,6 +768,28 @@ mod tests {
                 other => panic!("{name}: expected Error::Safetensors, got {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn in_memory_tensors() {
+        let t = |key: &str, shape: Vec<usize>, values: Vec<f32>| NamedTensor {
+            key: key.into(),
+            shape,
+            values,
+        };
+        let source =
+            WeightSource::from_tensors("ckpt", vec![t("b", vec![2], vec![1.0, 2.0])]).unwrap();
+        assert_eq!(source.keys().collect::<Vec<_>>(), ["b"]);
+        assert_eq!(source.entry("b").unwrap().dtype, Dtype::F32);
+        assert_eq!(source.read_f32("b").unwrap(), (vec![1.0, 2.0], vec![2]));
+        assert!(source.file_of("b").is_none());
+        assert!(matches!(
+            source.read_f32("c"),
+            Err(Error::MissingTensor { path, .. }) if path == Path::new("ckpt")
+        ));
+        let twice = vec![t("a", vec![1], vec![0.0]), t("a", vec![1], vec![0.0])];
+        assert!(WeightSource::from_tensors("ckpt", twice).is_err());
+        assert!(WeightSource::from_tensors("ckpt", vec![t("a", vec![3], vec![0.0])]).is_err());
     }
 
     #[test]
