@@ -1,6 +1,8 @@
 //! `diffusers`: generate and train diffusion models from the terminal.
 
+mod generate;
 mod metadata;
+mod output;
 mod sample;
 mod train;
 
@@ -20,6 +22,13 @@ enum Command {
     ///
     /// With no --model, uses the small digits model trained by this project (models/ddpm-digits).
     Sample(sample::SampleArgs),
+    /// Text to image with a Stable Diffusion 1.x / 2.x pipeline (StableDiffusionPipeline).
+    Txt2img(generate::Txt2ImgArgs),
+    /// Image to image: repaint --image guided by the prompt (StableDiffusionImg2ImgPipeline).
+    Img2img(generate::Img2ImgArgs),
+    /// Inpainting: repaint the white part of --mask in --image (StableDiffusionInpaintPipeline;
+    /// 9-channel inpainting checkpoints, or any checkpoint with the legacy method).
+    Inpaint(generate::InpaintArgs),
     /// Train a model (diffusers' training examples as commands).
     #[command(subcommand)]
     Train(train::TrainCommand),
@@ -30,6 +39,9 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Sample(args) => sample::run(args),
+        Command::Txt2img(args) => generate::txt2img(args),
+        Command::Img2img(args) => generate::img2img(args),
+        Command::Inpaint(args) => generate::inpaint(args),
         Command::Train(command) => train::run(command),
     };
     if let Err(e) = result {

@@ -8,6 +8,8 @@ pub struct GenerationParameters {
     pub fields: Vec<(String, String)>,
     /// The prompt, if any (first line of the A1111 text).
     pub prompt: Option<String>,
+    /// The negative prompt, if any (the A1111 `Negative prompt:` line).
+    pub negative_prompt: Option<String>,
 }
 
 impl GenerationParameters {
@@ -24,10 +26,16 @@ impl GenerationParameters {
             .map(|(k, v)| format!("{k}: {v}"))
             .collect::<Vec<_>>()
             .join(", ");
-        match &self.prompt {
-            Some(p) => format!("{p}\n{line}"),
-            None => line,
+        let mut text = String::new();
+        if let Some(p) = &self.prompt {
+            text.push_str(p);
+            text.push('\n');
         }
+        if let Some(n) = &self.negative_prompt {
+            text.push_str(&format!("Negative prompt: {n}\n"));
+        }
+        text.push_str(&line);
+        text
     }
 
     /// The PNG text chunks: `parameters`, `Software`, and one chunk per field for tools that
@@ -60,5 +68,10 @@ mod tests {
         p.prompt = Some("a cat".into());
         assert_eq!(p.a1111_text(), "a cat\nSteps: 50, Seed: 42");
         assert_eq!(p.png_chunks()[0].0, "parameters");
+        p.negative_prompt = Some("blurry".into());
+        assert_eq!(
+            p.a1111_text(),
+            "a cat\nNegative prompt: blurry\nSteps: 50, Seed: 42"
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use diffusion_core::image::{ImageOutput, OutputType, make_image_grid, nhwc_to_images, save_png};
+use diffusion_core::image::{ImageOutput, OutputType, nhwc_to_images};
 use diffusion_core::{Device, parse_device};
 use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_pipelines::{DDIMPipeline, DDPMPipeline, Generators, UnconditionalArgs};
@@ -88,18 +88,9 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if args.num_images == 0 {
         bail!("--num-images must be at least 1");
     }
-    if args
-        .output
-        .extension()
-        .and_then(|e| e.to_str())
-        .map(str::to_ascii_lowercase)
-        .as_deref()
-        != Some("png")
-    {
-        bail!(
-            "--output {}: only .png output is supported",
-            args.output.display()
-        );
+    crate::output::check_png_path(&args.output)?;
+    if let Some(npy) = &args.output_npy {
+        crate::output::check_parent(npy, "--output-npy")?;
     }
     let device: Device = parse_device(&args.device)?;
     let model_name = args
@@ -187,29 +178,14 @@ pub fn run(args: SampleArgs) -> Result<()> {
     if upscale > 1 {
         params.push("Upscale", upscale);
     }
-    let cols = args
-        .grid_cols
-        .unwrap_or_else(|| (images.len() as f64).sqrt().ceil() as usize)
-        .clamp(1, images.len());
-    let rows = images.len().div_ceil(cols);
-    let mut tiles = images.clone();
-    // Pad the last row with black tiles so any count fits a grid.
-    tiles.resize(
-        rows * cols,
-        diffusion_core::image::RgbImage::new(images[0].width(), images[0].height()),
-    );
-    let grid = make_image_grid(&tiles, rows, cols)?;
-    if let Some(npy) = &args.output_npy {
-        array.write(npy)?;
-    }
-    save_png(&args.output, &grid, &params.png_chunks())?;
-    eprintln!(
-        "wrote {} ({} image(s), {})",
-        args.output.display(),
+    let grid = crate::output::grid(&images, args.grid_cols)?;
+    crate::output::write(
+        &args.output,
+        &grid,
+        args.output_npy.as_deref().map(|p| (p, &array)),
+        &params,
         images.len(),
-        params.a1111_text()
-    );
-    Ok(())
+    )
 }
 
 fn display_model(name: &str) -> String {

@@ -8,9 +8,21 @@
 pub mod ddim;
 pub mod ddpm;
 pub mod pipeline_utils;
+pub mod stable_diffusion;
+pub mod stable_diffusion_xl;
 mod unconditional;
 
 pub use ddim::DDIMPipeline;
 pub use ddpm::DDPMPipeline;
 pub use pipeline_utils::{Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo};
+pub use stable_diffusion::{
+    PipelineImageInput, StableDiffusionArgs, StableDiffusionComponents, StableDiffusionImg2ImgArgs,
+    StableDiffusionImg2ImgPipeline, StableDiffusionInpaintArgs, StableDiffusionInpaintPipeline,
+    StableDiffusionPipeline,
+};
+pub use stable_diffusion_xl::{
+    StableDiffusionXLArgs, StableDiffusionXLComponents, StableDiffusionXLImg2ImgArgs,
+    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintArgs,
+    StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
+};
 pub use unconditional::UnconditionalArgs;

@@ -1,0 +1,448 @@
+//! `diffusers txt2img`, `img2img` and `inpaint`: the Stable Diffusion pipelines from the
+//! terminal, with diffusers' defaults and the flags that scripts rely on.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use diffusion_core::burn::tensor::Tensor;
+use diffusion_core::image::{ImageOutput, OutputType, RgbImage, load_image, nhwc_to_images};
+use diffusion_core::npy::NpyArray;
+use diffusion_core::tensor::from_vec;
+use diffusion_core::{Device, Precision, parse_device};
+use diffusion_loaders::HubOptions;
+use diffusion_pipelines::{
+    Generators, ImagePipelineOutput, StableDiffusionArgs, StableDiffusionComponents,
+    StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintArgs,
+    StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+};
+
+use crate::metadata::GenerationParameters;
+use crate::output;
+
+/// The flags every Stable Diffusion command shares.
+#[derive(Args, Debug)]
+pub struct GenerationArgs {
+    /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/) or a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (fetched into
+    /// the standard Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only).
+    #[arg(long)]
+    pub model: String,
+
+    /// What to generate.
+    #[arg(long)]
+    pub prompt: String,
+
+    /// What to steer away from (classifier-free guidance's unconditional prompt). Empty by
+    /// default, as diffusers.
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+
+    /// Number of denoising steps (for img2img/inpaint, of the full schedule: strength × steps
+    /// are run).
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+
+    /// Classifier-free guidance scale; 1 or less disables guidance (one UNet pass per step).
+    #[arg(long, default_value_t = 7.5)]
+    pub guidance: f64,
+
+    /// Scheduler: a diffusers class name (EulerDiscreteScheduler, DPMSolverMultistepScheduler,
+    /// ...) or an A1111 name ("Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", ...), built from the
+    /// model's scheduler config as diffusers' from_config. Defaults to the model's own.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+
+    /// Image height in pixels, a multiple of 8. Defaults to the UNet's sample_size × 8 (512 for
+    /// SD 1.5). For img2img, the input image is resized to it.
+    #[arg(long)]
+    pub height: Option<usize>,
+
+    /// Image width in pixels, a multiple of 8. Defaults as --height.
+    #[arg(long)]
+    pub width: Option<usize>,
+
+    /// Seed of the torch-compatible generator: the same seed gives the same images as diffusers
+    /// with generator=torch.Generator().manual_seed(SEED). Random when absent.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Number of images (num_images_per_prompt); several are saved as one grid.
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
+
+    /// Initial latents as a float32 .npy of shape [num_images, 4, height/8, width/8], used
+    /// instead of drawing noise (diffusers' latents=).
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+
+    /// Where to write the PNG (a grid when --num-images > 1), with every generation parameter in
+    /// its text metadata (an A1111-style "parameters" chunk).
+    #[arg(long, default_value = "output.png")]
+    pub output: PathBuf,
+
+    /// Also write the images as float32 NHWC in [0, 1] to this .npy file: exactly diffusers'
+    /// output_type="np".
+    #[arg(long)]
+    pub output_npy: Option<PathBuf>,
+
+    /// Device: cpu, or a GPU backend compiled into this build (cuda, cuda:1, wgpu).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Compute precision of the models: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+
+    /// Weight variant to load where a component has it (fp16 reads *.fp16.safetensors).
+    #[arg(long)]
+    pub variant: Option<String>,
+
+    /// Skip this many final CLIP layers for the prompt embeddings (A1111's "Clip skip" minus 1).
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
+
+    /// DDIM's eta (0 is deterministic); used only by schedulers that take it.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+
+    /// Columns of the grid when --num-images > 1; near-square by default.
+    #[arg(long)]
+    pub grid_cols: Option<usize>,
+
+    /// Hub revision (branch, tag or commit) when --model is a Hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+
+    /// Hide the progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `diffusers txt2img`.
+#[derive(Args, Debug)]
+pub struct Txt2ImgArgs {
+    #[command(flatten)]
+    pub common: GenerationArgs,
+}
+
+/// `diffusers img2img`.
+#[derive(Args, Debug)]
+pub struct Img2ImgArgs {
+    #[command(flatten)]
+    pub common: GenerationArgs,
+
+    /// The image to start from (PNG or JPEG).
+    #[arg(long)]
+    pub image: PathBuf,
+
+    /// How much to change the image, in (0, 1]: 1 ignores it, small values keep it.
+    #[arg(long, default_value_t = 0.8)]
+    pub strength: f64,
+}
+
+/// `diffusers inpaint`.
+#[derive(Args, Debug)]
+pub struct InpaintArgs {
+    #[command(flatten)]
+    pub common: GenerationArgs,
+
+    /// The image to repaint (PNG or JPEG).
+    #[arg(long)]
+    pub image: PathBuf,
+
+    /// The mask: white where to repaint, black where to keep (PNG or JPEG, same size as --image).
+    #[arg(long)]
+    pub mask: PathBuf,
+
+    /// How much to change the masked region, in (0, 1]; 1 starts from pure noise.
+    #[arg(long, default_value_t = 1.0)]
+    pub strength: f64,
+}
+
+/// What the three commands share once the flags are checked.
+struct Prepared {
+    components: StableDiffusionComponents,
+    latents: Option<Tensor<4>>,
+    generator: Generators,
+    params: GenerationParameters,
+}
+
+/// Check every flag that can be checked without loading a model, so a mistake costs nothing.
+fn check_flags(args: &GenerationArgs, strength: Option<f64>) -> Result<Precision> {
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    for (flag, value) in [("--height", args.height), ("--width", args.width)] {
+        if let Some(v) = value
+            && (v == 0 || v % 8 != 0)
+        {
+            bail!("{flag} {v}: must be a positive multiple of 8");
+        }
+    }
+    if let Some(s) = strength
+        && !(s > 0.0 && s <= 1.0)
+    {
+        bail!("--strength {s}: must be in (0, 1]");
+    }
+    if !args.guidance.is_finite() {
+        bail!("--guidance {}: must be a finite number", args.guidance);
+    }
+    output::check_png_path(&args.output)?;
+    if let Some(npy) = &args.output_npy {
+        output::check_parent(npy, "--output-npy")?;
+    }
+    args.dtype
+        .parse::<Precision>()
+        .with_context(|| format!("--dtype {}", args.dtype))
+}
+
+fn read_latents(path: &Path, device: &Device) -> Result<Tensor<4>> {
+    let array = NpyArray::read(path).with_context(|| format!("--latents {}", path.display()))?;
+    let shape: [usize; 4] = array.shape.as_slice().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "--latents {}: expected a 4-D array [num_images, channels, height/8, width/8], got \
+             shape {:?}",
+            path.display(),
+            array.shape
+        )
+    })?;
+    Ok(from_vec(array.data, shape, device))
+}
+
+fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
+    let device = parse_device(&args.device).with_context(|| format!("--device {}", args.device))?;
+    let latents = args
+        .latents
+        .as_deref()
+        .map(|p| read_latents(p, &device))
+        .transpose()?;
+    let hub = HubOptions {
+        revision: args.revision.clone(),
+        variant: args.variant.clone(),
+        progress: !args.quiet,
+        ..HubOptions::default()
+    };
+    let mut components =
+        StableDiffusionComponents::from_pretrained_with(&args.model, &hub, &device)
+            .with_context(|| format!("--model {}", args.model))?;
+    if let Some(name) = &args.scheduler {
+        components
+            .set_scheduler(name)
+            .with_context(|| format!("--scheduler {name}"))?;
+    }
+    if precision != Precision::F32 {
+        components = components.to_dtype(precision.float_dtype())?;
+    }
+    let generator = args.seed.map(Generators::Seed).unwrap_or_default();
+
+    let mut params = GenerationParameters {
+        prompt: Some(args.prompt.clone()),
+        ..GenerationParameters::default()
+    };
+    if let Some(negative) = &args.negative_prompt {
+        params.negative_prompt = Some(negative.clone());
+    }
+    params.push("Steps", args.steps);
+    params.push(
+        "Sampler",
+        args.scheduler
+            .clone()
+            .unwrap_or_else(|| components.scheduler.kind().class_name().to_string()),
+    );
+    params.push("CFG scale", args.guidance);
+    params.push(
+        "Seed",
+        args.seed
+            .map(|s| s.to_string())
+            .unwrap_or_else(|| "random".into()),
+    );
+    params.push("Model", &args.model);
+    if let Some(skip) = args.clip_skip {
+        // A1111 counts the last layer as clip skip 1.
+        params.push("Clip skip", skip + 1);
+    }
+    if args.eta != 0.0 {
+        params.push("Eta", args.eta);
+    }
+    if precision != Precision::F32 {
+        params.push("Dtype", &args.dtype);
+    }
+    if let Some(path) = &args.latents {
+        params.push("Latents", path.display());
+    }
+    Ok(Prepared {
+        components,
+        latents,
+        generator,
+        params,
+    })
+}
+
+fn negative(args: &GenerationArgs) -> Option<Vec<String>> {
+    args.negative_prompt.clone().map(|n| vec![n])
+}
+
+/// Save what a pipeline returned with `output_type="np"`.
+fn finish(
+    args: &GenerationArgs,
+    out: ImagePipelineOutput,
+    mut params: GenerationParameters,
+) -> Result<()> {
+    let ImageOutput::Array(array) = out.images else {
+        bail!("the pipeline did not return an array");
+    };
+    let images = nhwc_to_images(&array);
+    if let [_, h, w, _] = array.shape[..] {
+        params.push("Size", format!("{w}x{h}"));
+    }
+    if images.len() > 1 {
+        params.push("Batch size", images.len());
+    }
+    if out.interrupted {
+        params.push("Interrupted", "true");
+    }
+    let image = output::grid(&images, args.grid_cols)?;
+    output::write(
+        &args.output,
+        &image,
+        args.output_npy.as_deref().map(|p| (p, &array)),
+        &params,
+        images.len(),
+    )
+}
+
+fn load_input_image(path: &Path, flag: &str, size: Option<(usize, usize)>) -> Result<RgbImage> {
+    let image = load_image(path).with_context(|| format!("{flag} {}", path.display()))?;
+    Ok(match size {
+        Some((h, w)) if (image.height() as usize, image.width() as usize) != (h, w) => {
+            image::imageops::resize(
+                &image,
+                w as u32,
+                h as u32,
+                image::imageops::FilterType::Lanczos3,
+            )
+        }
+        _ => image,
+    })
+}
+
+fn requested_size(args: &GenerationArgs) -> Result<Option<(usize, usize)>> {
+    match (args.height, args.width) {
+        (Some(h), Some(w)) => Ok(Some((h, w))),
+        (None, None) => Ok(None),
+        _ => bail!("give both --height and --width, or neither"),
+    }
+}
+
+pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
+    let args = args.common;
+    let precision = check_flags(&args, None)?;
+    let prepared = prepare(&args, precision)?;
+    let mut pipe = StableDiffusionPipeline::from_parts(prepared.components);
+    let out = pipe.call(StableDiffusionArgs {
+        prompt: vec![args.prompt.clone()],
+        negative_prompt: negative(&args),
+        height: args.height,
+        width: args.width,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance,
+        eta: args.eta,
+        generator: prepared.generator,
+        latents: prepared.latents,
+        num_images_per_prompt: args.num_images,
+        output_type: OutputType::Np,
+        clip_skip: args.clip_skip,
+        progress: !args.quiet,
+        ..Default::default()
+    })?;
+    finish(&args, out, prepared.params)
+}
+
+pub fn img2img(args: Img2ImgArgs) -> Result<()> {
+    let Img2ImgArgs {
+        common: args,
+        image,
+        strength,
+    } = args;
+    let precision = check_flags(&args, Some(strength))?;
+    if args.latents.is_some() {
+        bail!(
+            "--latents: img2img starts from the encoded --image, not from given latents \
+             (diffusers' StableDiffusionImg2ImgPipeline has no latents= either)"
+        );
+    }
+    let size = requested_size(&args)?;
+    let input = load_input_image(&image, "--image", size)?;
+    let mut prepared = prepare(&args, precision)?;
+    prepared.params.push("Denoising strength", strength);
+    prepared.params.push("Init image", image.display());
+    let mut pipe = StableDiffusionImg2ImgPipeline::from_parts(prepared.components);
+    let out = pipe.call(StableDiffusionImg2ImgArgs {
+        prompt: vec![args.prompt.clone()],
+        negative_prompt: negative(&args),
+        image: Some(input.into()),
+        strength,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance,
+        eta: args.eta,
+        generator: prepared.generator,
+        num_images_per_prompt: args.num_images,
+        output_type: OutputType::Np,
+        clip_skip: args.clip_skip,
+        progress: !args.quiet,
+        ..Default::default()
+    })?;
+    finish(&args, out, prepared.params)
+}
+
+pub fn inpaint(args: InpaintArgs) -> Result<()> {
+    let InpaintArgs {
+        common: args,
+        image,
+        mask,
+        strength,
+    } = args;
+    let precision = check_flags(&args, Some(strength))?;
+    requested_size(&args)?;
+    let input = load_input_image(&image, "--image", None)?;
+    let mask_image = load_input_image(&mask, "--mask", None)?;
+    if input.dimensions() != mask_image.dimensions() {
+        bail!(
+            "--mask {}: {}x{} differs from the image's {}x{}",
+            mask.display(),
+            mask_image.width(),
+            mask_image.height(),
+            input.width(),
+            input.height()
+        );
+    }
+    let mut prepared = prepare(&args, precision)?;
+    prepared.params.push("Denoising strength", strength);
+    prepared.params.push("Init image", image.display());
+    prepared.params.push("Mask", mask.display());
+    let mut pipe = StableDiffusionInpaintPipeline::from_parts(prepared.components);
+    let out = pipe.call(StableDiffusionInpaintArgs {
+        prompt: vec![args.prompt.clone()],
+        negative_prompt: negative(&args),
+        image: Some(input.into()),
+        mask_image: Some(mask_image.into()),
+        height: args.height,
+        width: args.width,
+        strength,
+        num_inference_steps: args.steps,
+        guidance_scale: args.guidance,
+        eta: args.eta,
+        generator: prepared.generator,
+        latents: prepared.latents,
+        num_images_per_prompt: args.num_images,
+        output_type: OutputType::Np,
+        clip_skip: args.clip_skip,
+        progress: !args.quiet,
+        ..Default::default()
+    })?;
+    finish(&args, out, prepared.params)
+}

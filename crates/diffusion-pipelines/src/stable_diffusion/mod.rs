@@ -1,0 +1,293 @@
+//! Stable Diffusion 1.x / 2.x pipelines (`diffusers.pipelines.stable_diffusion`): text-to-image,
+//! image-to-image and inpainting over one set of components.
+//!
+//! Every pipeline holds a [`StableDiffusionComponents`] (`vae`, `text_encoder`, `tokenizer`,
+//! `unet`, `scheduler`) loaded from a diffusers folder's `model_index.json`, a Hub id, or built
+//! from parts. burn modules share their weights when cloned, so moving the components from one
+//! pipeline to another (`from_pipe`) costs no memory and no loading.
+
+use std::path::{Path, PathBuf};
+
+use diffusion_core::burn::module::Module;
+use diffusion_core::burn::tensor::FloatDType;
+use diffusion_core::{ComponentSpec, Device, Error, ModelIndex, Result};
+use diffusion_loaders::{HubOptions, resolve_model_dir};
+use diffusion_models::modeling_utils::to_dtype;
+use diffusion_models::unets::unet_2d::SampleSize;
+use diffusion_models::{
+    AutoencoderKL, CLIPTextModel, CLIPTokenizer, LoadMode, ModelMixin, PretrainedOptions,
+    UNet2DConditionModel,
+};
+use diffusion_schedulers::{AnyScheduler, SchedulerSpec};
+
+pub(crate) mod denoise;
+pub(crate) mod image_input;
+pub(crate) mod mask_crop;
+pub mod pipeline_stable_diffusion;
+pub mod pipeline_stable_diffusion_img2img;
+pub mod pipeline_stable_diffusion_inpaint;
+pub(crate) mod prompt;
+
+pub use image_input::PipelineImageInput;
+pub use pipeline_stable_diffusion::{StableDiffusionArgs, StableDiffusionPipeline};
+pub use pipeline_stable_diffusion_img2img::{
+    StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline,
+};
+pub use pipeline_stable_diffusion_inpaint::{
+    StableDiffusionInpaintArgs, StableDiffusionInpaintPipeline,
+};
+
+/// The pipeline classes whose folders hold exactly these components.
+const PIPELINE_CLASSES: &[&str] = &[
+    "StableDiffusionPipeline",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+];
+
+/// Optional components diffusers' Stable Diffusion folders may name; none of them takes part in
+/// generation here (there is no safety checker, and no IP-Adapter image encoder yet).
+const OPTIONAL: &[&str] = &["safety_checker", "feature_extractor", "image_encoder"];
+
+/// The models and scheduler every Stable Diffusion 1.x / 2.x pipeline runs on.
+///
+/// Clone it to share the weights between pipelines (burn parameters are reference counted).
+#[derive(Clone, Debug)]
+pub struct StableDiffusionComponents {
+    /// Image <-> latent autoencoder.
+    pub vae: AutoencoderKL,
+    /// CLIP text encoder (`CLIPTextModel`).
+    pub text_encoder: CLIPTextModel,
+    /// CLIP tokenizer.
+    pub tokenizer: CLIPTokenizer,
+    /// The conditional denoiser (4 input channels, or 9 for inpainting checkpoints).
+    pub unet: UNet2DConditionModel,
+    /// The noise scheduler; swap it with [`Self::set_scheduler`].
+    pub scheduler: AnyScheduler,
+}
+
+impl AsRef<StableDiffusionComponents> for StableDiffusionComponents {
+    fn as_ref(&self) -> &StableDiffusionComponents {
+        self
+    }
+}
+
+impl StableDiffusionComponents {
+    /// Load a diffusers folder or Hub repository id (default [`HubOptions`]: online unless
+    /// `HF_HUB_OFFLINE` is set, no variant).
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained_with`].
+    pub fn from_pretrained(name_or_path: &str, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(name_or_path, &HubOptions::default(), device)
+    }
+
+    /// Load a diffusers folder or Hub repository id. `options.variant` (`"fp16"`) picks
+    /// `*.fp16.safetensors` in each component folder that has such files; the others load their
+    /// plain weights, as diffusers does.
+    ///
+    /// # Errors
+    /// As [`resolve_model_dir`]; [`Error::NotFound`] without `model_index.json`;
+    /// [`Error::ConfigField`] / [`Error::Unsupported`] (naming `model_index.json` and the
+    /// component) for another pipeline class, a missing required component or one of an
+    /// unexpected class; as the component loaders (strict weights).
+    pub fn from_pretrained_with(
+        name_or_path: &str,
+        options: &HubOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let dir = resolve_model_dir(name_or_path, options)?;
+        Self::load_dir(&dir, options.variant.as_deref(), device)
+    }
+
+    /// Load a local diffusers pipeline folder.
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained_with`].
+    pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+                message: "no `model_index.json`: not a diffusers pipeline folder".into(),
+            });
+        }
+        let index = ModelIndex::load(&index_path)?;
+        check_index(&index, &index_path)?;
+        let opts = |component: &str| PretrainedOptions {
+            variant: variant_for(&dir.join(component), variant),
+            mode: LoadMode::default(),
+        };
+        let (unet, _) =
+            UNet2DConditionModel::from_pretrained_with(dir.join("unet"), &opts("unet"), device)?;
+        let (vae, _) = AutoencoderKL::from_pretrained_with(dir.join("vae"), &opts("vae"), device)?;
+        let (text_encoder, _) = CLIPTextModel::from_pretrained_with(
+            dir.join("text_encoder"),
+            &opts("text_encoder"),
+            device,
+        )?;
+        let tokenizer = CLIPTokenizer::from_pretrained(dir.join("tokenizer"))?;
+        let scheduler = AnyScheduler::from_config_file(dir.join("scheduler"))?;
+        Ok(Self {
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+        })
+    }
+
+    /// Replace the scheduler by another class built from the current one's config, as
+    /// `pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)`; `name` is a
+    /// diffusers class name or an A1111 alias (`"DPM++ 2M Karras"`).
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] for an unknown name; as [`AnyScheduler::convert`].
+    pub fn set_scheduler(&mut self, name: &str) -> Result<()> {
+        self.scheduler = AnyScheduler::convert(&self.scheduler, &SchedulerSpec::parse(name)?)?;
+        Ok(())
+    }
+
+    /// Cast every model to `dtype` (`pipe.to(torch.float16)`).
+    ///
+    /// # Errors
+    /// As [`to_dtype`].
+    pub fn to_dtype(self, dtype: FloatDType) -> Result<Self> {
+        Ok(Self {
+            vae: to_dtype(self.vae, dtype)?,
+            text_encoder: to_dtype(self.text_encoder, dtype)?,
+            unet: to_dtype(self.unet, dtype)?,
+            ..self
+        })
+    }
+
+    /// `2 ** (len(vae.block_out_channels) - 1)`: pixels per latent along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+    }
+
+    /// `unet.config.sample_size * vae_scale_factor` as `(height, width)`, the default image size.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`height`) when the UNet config has no `sample_size`.
+    pub fn default_size(&self) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        match self.unet.config().sample_size {
+            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
+            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
+            None => Err(Error::invalid_argument(
+                "height",
+                "the UNet config has no sample_size: give height and width",
+            )),
+        }
+    }
+
+    /// The device the models live on.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`unet`) for a model without parameters.
+    pub fn device(&self) -> Result<Device> {
+        self.unet
+            .devices()
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))
+    }
+}
+
+/// The variant to ask a component folder for: the requested one where the folder has such
+/// files, else none (with a warning), as diffusers falls back per component.
+pub(crate) fn variant_for(dir: &Path, variant: Option<&str>) -> Option<String> {
+    let variant = variant?;
+    let marker = format!(".{variant}.");
+    let has = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().contains(&marker))
+        })
+        .unwrap_or(false);
+    if !has {
+        log::warn!(
+            "{}: no `{variant}` weights, loading the default ones",
+            dir.display()
+        );
+    }
+    has.then(|| variant.to_string())
+}
+
+fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
+    let field_err = |field: &str, message: String| Error::ConfigField {
+        path: PathBuf::from(path),
+        field: field.to_string(),
+        message,
+    };
+    if !PIPELINE_CLASSES.contains(&index.class_name.as_str()) {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            field: "_class_name".into(),
+            value: index.class_name.clone(),
+            reason: format!(
+                "the Stable Diffusion pipelines load {} folders",
+                PIPELINE_CLASSES.join(" / ")
+            ),
+        });
+    }
+    let required: &[(&str, &[&str])] = &[
+        ("unet", &["UNet2DConditionModel"]),
+        ("vae", &["AutoencoderKL"]),
+        ("text_encoder", &["CLIPTextModel"]),
+        ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"]),
+    ];
+    for (name, classes) in required {
+        match index.components.get(*name) {
+            Some(ComponentSpec {
+                class_name: Some(class),
+                ..
+            }) if classes.contains(&class.as_str()) => {}
+            Some(ComponentSpec {
+                class_name: Some(class),
+                ..
+            }) => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    field: (*name).into(),
+                    value: class.clone(),
+                    reason: format!("expected {}", classes.join(" or ")),
+                });
+            }
+            _ => return Err(field_err(name, "required component is missing".into())),
+        }
+    }
+    if !matches!(
+        index.components.get("scheduler"),
+        Some(ComponentSpec {
+            class_name: Some(_),
+            ..
+        })
+    ) {
+        return Err(field_err(
+            "scheduler",
+            "required component is missing".into(),
+        ));
+    }
+    for (name, spec) in &index.components {
+        let known = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+        if known.contains(&name.as_str()) || spec.class_name.is_none() {
+            continue;
+        }
+        if OPTIONAL.contains(&name.as_str()) {
+            log::warn!(
+                "{}: `{name}` is not loaded; this port runs no safety checker or image encoder",
+                path.display()
+            );
+            continue;
+        }
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            field: name.clone(),
+            value: spec.class_name.clone().unwrap_or_default(),
+            reason: "not a Stable Diffusion 1.x/2.x component".into(),
+        });
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! Prompts to CLIP embeddings, as diffusers' `StableDiffusionPipeline.encode_prompt`.
+
+use diffusion_core::burn::tensor::Tensor;
+use diffusion_core::{Device, Error, Result};
+use diffusion_models::{CLIPTextModel, CLIPTokenizer, Padding};
+
+/// The text inputs of a call, as the pipelines' `prompt`, `negative_prompt`, `prompt_embeds`,
+/// `negative_prompt_embeds` and `clip_skip` arguments.
+pub(crate) struct PromptInputs<'a> {
+    pub prompt: &'a [String],
+    pub negative_prompt: Option<&'a [String]>,
+    pub prompt_embeds: Option<Tensor<3>>,
+    pub negative_prompt_embeds: Option<Tensor<3>>,
+    pub clip_skip: Option<usize>,
+}
+
+impl PromptInputs<'_> {
+    /// The prompt batch size (`len(prompt)`, else `prompt_embeds.shape[0]`), after diffusers'
+    /// `check_inputs` on the text arguments.
+    pub fn batch_size(&self) -> Result<usize> {
+        let batch = match (&self.prompt_embeds, self.prompt.is_empty()) {
+            (Some(_), false) => {
+                return Err(Error::invalid_argument(
+                    "prompt_embeds",
+                    "give either prompt or prompt_embeds, not both",
+                ));
+            }
+            (Some(e), true) => e.dims()[0],
+            (None, false) => self.prompt.len(),
+            (None, true) => {
+                return Err(Error::invalid_argument(
+                    "prompt",
+                    "give a prompt (or prompt_embeds)",
+                ));
+            }
+        };
+        if self.negative_prompt.is_some() && self.negative_prompt_embeds.is_some() {
+            return Err(Error::invalid_argument(
+                "negative_prompt_embeds",
+                "give either negative_prompt or negative_prompt_embeds, not both",
+            ));
+        }
+        if let (Some(p), Some(n)) = (&self.prompt_embeds, &self.negative_prompt_embeds)
+            && p.dims() != n.dims()
+        {
+            return Err(Error::invalid_argument(
+                "negative_prompt_embeds",
+                format!(
+                    "shape {:?} differs from prompt_embeds {:?}",
+                    n.dims(),
+                    p.dims()
+                ),
+            ));
+        }
+        if let Some(neg) = self.negative_prompt
+            && neg.len() != batch
+        {
+            return Err(Error::invalid_argument(
+                "negative_prompt",
+                format!(
+                    "{} negative prompts for a batch of {batch} prompts",
+                    neg.len()
+                ),
+            ));
+        }
+        Ok(batch)
+    }
+}
+
+/// Run the tokenizer (padded and truncated to `max_length`) and the text encoder; with
+/// `clip_skip`, take the hidden state `clip_skip` layers before the last through the final
+/// layer norm, as diffusers does.
+fn embed(
+    tokenizer: &CLIPTokenizer,
+    text_encoder: &CLIPTextModel,
+    prompts: &[String],
+    max_length: usize,
+    clip_skip: Option<usize>,
+    device: &Device,
+) -> Result<Tensor<3>> {
+    for prompt in prompts {
+        let len = tokenizer.encode(prompt, false)?.len() + 2;
+        if len > max_length {
+            log::warn!(
+                "prompt of {len} tokens truncated to CLIP's {max_length}: {:?}",
+                prompt
+            );
+        }
+    }
+    let tokens = tokenizer.tokenize(prompts, Padding::MaxLength, Some(max_length), true)?;
+    let ids = tokens.input_ids_tensor(device)?;
+    let out = text_encoder.forward(ids)?;
+    match clip_skip {
+        None => Ok(out.last_hidden_state),
+        Some(skip) => {
+            let hidden = out.hidden_state_for_clip_skip(skip)?;
+            Ok(text_encoder.text_model.final_layer_norm.forward(hidden))
+        }
+    }
+}
+
+/// `[B, ...]` to `[B * n, ...]`, each row repeated `n` times in place (`repeat(1, n, 1).view`).
+pub(crate) fn repeat_rows<const D: usize>(x: Tensor<D>, n: usize) -> Tensor<D> {
+    if n == 1 {
+        return x;
+    }
+    let b = x.dims()[0];
+    let rows: Vec<Tensor<D>> = (0..b)
+        .flat_map(|i| std::iter::repeat_n(x.clone().narrow(0, i, 1), n))
+        .collect();
+    Tensor::cat(rows, 0)
+}
+
+/// `encode_prompt`: the prompt embeddings and, with classifier-free guidance, the negative ones,
+/// each repeated for `num_images_per_prompt`.
+///
+/// # Errors
+/// As [`PromptInputs::batch_size`], the tokenizer and the text encoder.
+pub(crate) fn encode_prompt(
+    tokenizer: &CLIPTokenizer,
+    text_encoder: &CLIPTextModel,
+    inputs: PromptInputs<'_>,
+    num_images_per_prompt: usize,
+    do_classifier_free_guidance: bool,
+    device: &Device,
+) -> Result<(Tensor<3>, Option<Tensor<3>>)> {
+    let batch = inputs.batch_size()?;
+    let max_length = tokenizer.model_max_length();
+    let prompt_embeds = match inputs.prompt_embeds {
+        Some(e) => e,
+        None => embed(
+            tokenizer,
+            text_encoder,
+            inputs.prompt,
+            max_length,
+            inputs.clip_skip,
+            device,
+        )?,
+    };
+    let seq = prompt_embeds.dims()[1];
+    let negative = if do_classifier_free_guidance {
+        let negative = match inputs.negative_prompt_embeds {
+            Some(e) => e,
+            None => {
+                let uncond: Vec<String> = match inputs.negative_prompt {
+                    Some(n) => n.to_vec(),
+                    None => vec![String::new(); batch],
+                };
+                // The negative prompt is padded to the prompt embeddings' length and never
+                // clip-skipped (diffusers' behaviour).
+                embed(tokenizer, text_encoder, &uncond, seq, None, device)?
+            }
+        };
+        Some(repeat_rows(negative, num_images_per_prompt))
+    } else {
+        None
+    };
+    Ok((repeat_rows(prompt_embeds, num_images_per_prompt), negative))
+}

@@ -1,0 +1,312 @@
+//! Stable Diffusion XL pipelines (`diffusers.pipelines.stable_diffusion_xl`): text-to-image,
+//! image-to-image (and the refiner stage) and inpainting, with two CLIP text encoders, pooled
+//! text embeddings and size micro-conditioning.
+
+use std::path::Path;
+
+use diffusion_core::burn::tensor::FloatDType;
+use diffusion_core::{ComponentSpec, Device, Error, ModelIndex, Result};
+use diffusion_loaders::{HubOptions, resolve_model_dir};
+use diffusion_models::modeling_utils::to_dtype;
+use diffusion_models::unets::unet_2d::SampleSize;
+use diffusion_models::{
+    AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, LoadMode, ModelMixin,
+    PretrainedOptions, UNet2DConditionModel,
+};
+use diffusion_schedulers::{AnyScheduler, SchedulerSpec};
+
+pub mod pipeline_stable_diffusion_xl;
+pub mod pipeline_stable_diffusion_xl_img2img;
+pub mod pipeline_stable_diffusion_xl_inpaint;
+mod prompt;
+
+pub use pipeline_stable_diffusion_xl::{StableDiffusionXLArgs, StableDiffusionXLPipeline};
+pub use pipeline_stable_diffusion_xl_img2img::{
+    StableDiffusionXLImg2ImgArgs, StableDiffusionXLImg2ImgPipeline,
+};
+pub use pipeline_stable_diffusion_xl_inpaint::{
+    StableDiffusionXLInpaintArgs, StableDiffusionXLInpaintPipeline,
+};
+
+use crate::stable_diffusion::variant_for;
+
+/// The pipeline classes whose folders hold these components.
+const PIPELINE_CLASSES: &[&str] = &[
+    "StableDiffusionXLPipeline",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
+];
+
+/// The models and scheduler of SDXL base pipelines. Clone it to share the weights.
+#[derive(Clone, Debug)]
+pub struct StableDiffusionXLComponents {
+    /// Image <-> latent autoencoder.
+    pub vae: AutoencoderKL,
+    /// First text encoder (CLIP ViT-L, `CLIPTextModel`); `None` in refiner checkpoints, which
+    /// condition on the second encoder only.
+    pub text_encoder: Option<CLIPTextModel>,
+    /// Second text encoder (OpenCLIP ViT-bigG, `CLIPTextModelWithProjection`): also gives the
+    /// pooled embedding.
+    pub text_encoder_2: CLIPTextModelWithProjection,
+    /// Tokenizer of `text_encoder` (`None` with it).
+    pub tokenizer: Option<CLIPTokenizer>,
+    /// Tokenizer of `text_encoder_2`.
+    pub tokenizer_2: CLIPTokenizer,
+    /// The denoiser (`addition_embed_type = "text_time"`).
+    pub unet: UNet2DConditionModel,
+    /// The noise scheduler.
+    pub scheduler: AnyScheduler,
+    /// `force_zeros_for_empty_prompt` from `model_index.json` (default true): without a
+    /// negative prompt, the negative embeddings are zeros rather than the empty prompt's.
+    pub force_zeros_for_empty_prompt: bool,
+    /// `requires_aesthetics_score` from `model_index.json` (default false; true for refiners):
+    /// the image-to-image pipeline then conditions on an aesthetic score instead of the target
+    /// size.
+    pub requires_aesthetics_score: bool,
+}
+
+impl AsRef<StableDiffusionXLComponents> for StableDiffusionXLComponents {
+    fn as_ref(&self) -> &StableDiffusionXLComponents {
+        self
+    }
+}
+
+impl StableDiffusionXLComponents {
+    /// Load a diffusers folder or Hub repository id with default [`HubOptions`].
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained_with`].
+    pub fn from_pretrained(name_or_path: &str, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(name_or_path, &HubOptions::default(), device)
+    }
+
+    /// Load a diffusers folder or Hub repository id; `options.variant` as for
+    /// [`crate::StableDiffusionComponents::from_pretrained_with`].
+    ///
+    /// # Errors
+    /// As [`resolve_model_dir`]; [`Error::NotFound`] without `model_index.json`;
+    /// [`Error::ConfigField`] / [`Error::Unsupported`] for another pipeline class or a missing
+    /// or unexpected component; as the component loaders.
+    pub fn from_pretrained_with(
+        name_or_path: &str,
+        options: &HubOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let dir = resolve_model_dir(name_or_path, options)?;
+        Self::load_dir(&dir, options.variant.as_deref(), device)
+    }
+
+    /// Load a local diffusers SDXL folder.
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained_with`].
+    pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+                message: "no `model_index.json`: not a diffusers pipeline folder".into(),
+            });
+        }
+        let index = ModelIndex::load(&index_path)?;
+        check_index(&index, &index_path)?;
+        let flag = |name: &str, default: bool| match index.options.get(name) {
+            None => Ok(default),
+            Some(v) => v.as_bool().ok_or_else(|| Error::ConfigField {
+                path: index_path.clone(),
+                field: name.into(),
+                message: "expected true or false".into(),
+            }),
+        };
+        let force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", true)?;
+        let requires_aesthetics_score = flag("requires_aesthetics_score", false)?;
+        let has_text_encoder = present(&index, "text_encoder");
+        let opts = |component: &str| PretrainedOptions {
+            variant: variant_for(&dir.join(component), variant),
+            mode: LoadMode::default(),
+        };
+        let (unet, _) =
+            UNet2DConditionModel::from_pretrained_with(dir.join("unet"), &opts("unet"), device)?;
+        let (vae, _) = AutoencoderKL::from_pretrained_with(dir.join("vae"), &opts("vae"), device)?;
+        let (text_encoder, tokenizer) = if has_text_encoder {
+            let (model, _) = CLIPTextModel::from_pretrained_with(
+                dir.join("text_encoder"),
+                &opts("text_encoder"),
+                device,
+            )?;
+            (
+                Some(model),
+                Some(CLIPTokenizer::from_pretrained(dir.join("tokenizer"))?),
+            )
+        } else {
+            (None, None)
+        };
+        let (text_encoder_2, _) = CLIPTextModelWithProjection::from_pretrained_with(
+            dir.join("text_encoder_2"),
+            &opts("text_encoder_2"),
+            device,
+        )?;
+        Ok(Self {
+            vae,
+            text_encoder,
+            text_encoder_2,
+            tokenizer,
+            tokenizer_2: CLIPTokenizer::from_pretrained(dir.join("tokenizer_2"))?,
+            unet,
+            scheduler: AnyScheduler::from_config_file(dir.join("scheduler"))?,
+            force_zeros_for_empty_prompt,
+            requires_aesthetics_score,
+        })
+    }
+
+    /// Replace the scheduler by another class built from the current config (class name or
+    /// A1111 alias).
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] for an unknown name; as [`AnyScheduler::convert`].
+    pub fn set_scheduler(&mut self, name: &str) -> Result<()> {
+        self.scheduler = AnyScheduler::convert(&self.scheduler, &SchedulerSpec::parse(name)?)?;
+        Ok(())
+    }
+
+    /// Cast every model to `dtype`.
+    ///
+    /// # Errors
+    /// As [`to_dtype`].
+    pub fn to_dtype(self, dtype: FloatDType) -> Result<Self> {
+        Ok(Self {
+            vae: to_dtype(self.vae, dtype)?,
+            text_encoder: self.text_encoder.map(|m| to_dtype(m, dtype)).transpose()?,
+            text_encoder_2: to_dtype(self.text_encoder_2, dtype)?,
+            unet: to_dtype(self.unet, dtype)?,
+            ..self
+        })
+    }
+
+    /// `2 ** (len(vae.block_out_channels) - 1)`.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+    }
+
+    /// `unet.config.sample_size * vae_scale_factor` as `(height, width)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`height`) when the UNet config has no `sample_size`.
+    pub fn default_size(&self) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        match self.unet.config().sample_size {
+            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
+            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
+            None => Err(Error::invalid_argument(
+                "height",
+                "the UNet config has no sample_size: give height and width",
+            )),
+        }
+    }
+}
+
+fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
+    if !PIPELINE_CLASSES.contains(&index.class_name.as_str()) {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            field: "_class_name".into(),
+            value: index.class_name.clone(),
+            reason: format!(
+                "the SDXL pipelines load {} folders",
+                PIPELINE_CLASSES.join(" / ")
+            ),
+        });
+    }
+    let tokenizers: &[&str] = &["CLIPTokenizer", "CLIPTokenizerFast"];
+    let mut required: Vec<(&str, &[&str])> = vec![
+        ("unet", &["UNet2DConditionModel"]),
+        ("vae", &["AutoencoderKL"]),
+        ("text_encoder_2", &["CLIPTextModelWithProjection"]),
+        ("tokenizer_2", tokenizers),
+    ];
+    // Refiners have no first text encoder: both entries are null together.
+    match (present(index, "text_encoder"), present(index, "tokenizer")) {
+        (true, true) => {
+            required.push(("text_encoder", &["CLIPTextModel"]));
+            required.push(("tokenizer", tokenizers));
+        }
+        (false, false) => {}
+        (has_encoder, _) => {
+            return Err(Error::ConfigField {
+                path: path.to_path_buf(),
+                field: if has_encoder {
+                    "tokenizer"
+                } else {
+                    "text_encoder"
+                }
+                .into(),
+                message: "text_encoder and tokenizer must both be present or both be null".into(),
+            });
+        }
+    }
+    for (name, classes) in &required {
+        match index.components.get(*name) {
+            Some(ComponentSpec {
+                class_name: Some(class),
+                ..
+            }) if classes.contains(&class.as_str()) => {}
+            Some(ComponentSpec {
+                class_name: Some(class),
+                ..
+            }) => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    field: (*name).into(),
+                    value: class.clone(),
+                    reason: format!("expected {}", classes.join(" or ")),
+                });
+            }
+            _ => {
+                return Err(Error::ConfigField {
+                    path: path.to_path_buf(),
+                    field: (*name).into(),
+                    message: "required component is missing".into(),
+                });
+            }
+        }
+    }
+    for (name, spec) in &index.components {
+        let known = [
+            "unet",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+            "tokenizer",
+            "tokenizer_2",
+            "scheduler",
+        ];
+        if known.contains(&name.as_str()) || spec.class_name.is_none() {
+            continue;
+        }
+        if ["feature_extractor", "image_encoder"].contains(&name.as_str()) {
+            log::warn!(
+                "{}: `{name}` is not loaded; IP-Adapter inputs are not supported",
+                path.display()
+            );
+            continue;
+        }
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            field: name.clone(),
+            value: spec.class_name.clone().unwrap_or_default(),
+            reason: "not an SDXL component".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Whether `model_index.json` names a component that is not null.
+fn present(index: &ModelIndex, name: &str) -> bool {
+    matches!(
+        index.components.get(name),
+        Some(ComponentSpec {
+            class_name: Some(_),
+            ..
+        })
+    )
+}
