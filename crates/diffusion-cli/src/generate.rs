@@ -9,12 +9,16 @@ use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::image::{ImageOutput, OutputType, RgbImage, load_image, nhwc_to_images};
 use diffusion_core::npy::NpyArray;
 use diffusion_core::tensor::from_vec;
-use diffusion_core::{Device, Precision, parse_device};
-use diffusion_loaders::HubOptions;
+use diffusion_core::{Device, ModelIndex, Precision, parse_device};
+use diffusion_loaders::single_file::SingleFileCheckpoint;
+use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_pipelines::{
-    Generators, ImagePipelineOutput, StableDiffusionArgs, StableDiffusionComponents,
-    StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintArgs,
-    StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+    Generators, ImagePipelineOutput, SingleFilePipelineOptions, StableDiffusionArgs,
+    StableDiffusionComponents, StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintArgs, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+    StableDiffusionXLArgs, StableDiffusionXLComponents, StableDiffusionXLImg2ImgArgs,
+    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintArgs,
+    StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
 };
 
 use crate::metadata::GenerationParameters;
@@ -24,10 +28,20 @@ use crate::output;
 #[derive(Args, Debug)]
 pub struct GenerationArgs {
     /// A diffusers pipeline folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
-    /// scheduler/) or a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (fetched into
-    /// the standard Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only).
+    /// scheduler/), a Hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 (fetched into
+    /// the standard Hugging Face cache; HF_HUB_OFFLINE=1 uses the cache only), or a single
+    /// checkpoint file in the original layout (.safetensors or .ckpt, as model sites share
+    /// them; .ckpt files are read without running any code). SD 1.x, SD 2.x and SDXL (base,
+    /// refiner, inpainting) are recognised.
     #[arg(long)]
     pub model: String,
+
+    /// For a single-file --model: the diffusers folder or Hub id whose tokenizers and scheduler
+    /// config complete it (diffusers' config=). Defaults to the reference repository of the
+    /// detected model type (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5), of which only
+    /// configs and tokenizers are fetched.
+    #[arg(long)]
+    pub config: Option<String>,
 
     /// What to generate.
     #[arg(long)]
@@ -44,8 +58,10 @@ pub struct GenerationArgs {
     pub steps: usize,
 
     /// Classifier-free guidance scale; 1 or less disables guidance (one UNet pass per step).
-    #[arg(long, default_value_t = 7.5)]
-    pub guidance: f64,
+    /// Defaults to the pipeline's own default, as diffusers (7.5 for SD, 5.0 for SDXL
+    /// text-to-image and image-to-image, 7.5 for SDXL inpainting).
+    #[arg(long)]
+    pub guidance: Option<f64>,
 
     /// Scheduler: a diffusers class name (EulerDiscreteScheduler, DPMSolverMultistepScheduler,
     /// ...) or an A1111 name ("Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", ...), built from the
@@ -136,9 +152,10 @@ pub struct Img2ImgArgs {
     #[arg(long)]
     pub image: PathBuf,
 
-    /// How much to change the image, in (0, 1]: 1 ignores it, small values keep it.
-    #[arg(long, default_value_t = 0.8)]
-    pub strength: f64,
+    /// How much to change the image, in (0, 1]: 1 ignores it, small values keep it. Defaults to
+    /// the pipeline's own default (0.8 for SD, 0.3 for SDXL), as diffusers.
+    #[arg(long)]
+    pub strength: Option<f64>,
 }
 
 /// `diffusers inpaint`.
@@ -155,14 +172,84 @@ pub struct InpaintArgs {
     #[arg(long)]
     pub mask: PathBuf,
 
-    /// How much to change the masked region, in (0, 1]; 1 starts from pure noise.
-    #[arg(long, default_value_t = 1.0)]
-    pub strength: f64,
+    /// How much to change the masked region, in (0, 1]; 1 starts from pure noise. Defaults to
+    /// the pipeline's own default (1.0 for SD, 0.9999 for SDXL), as diffusers.
+    #[arg(long)]
+    pub strength: Option<f64>,
+}
+
+/// The loaded pipeline components: Stable Diffusion 1.x / 2.x, or SDXL.
+// One value per run, moved into its pipeline: boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
+enum Components {
+    Sd(StableDiffusionComponents),
+    Xl(StableDiffusionXLComponents),
+}
+
+impl Components {
+    fn set_scheduler(&mut self, name: &str) -> diffusion_core::Result<()> {
+        match self {
+            Self::Sd(c) => c.set_scheduler(name),
+            Self::Xl(c) => c.set_scheduler(name),
+        }
+    }
+
+    fn into_dtype(self, precision: Precision) -> diffusion_core::Result<Self> {
+        let dtype = precision.float_dtype();
+        Ok(match self {
+            Self::Sd(c) => Self::Sd(c.to_dtype(dtype)?),
+            Self::Xl(c) => Self::Xl(c.to_dtype(dtype)?),
+        })
+    }
+
+    fn scheduler_name(&self) -> &'static str {
+        match self {
+            Self::Sd(c) => c.scheduler.kind().class_name(),
+            Self::Xl(c) => c.scheduler.kind().class_name(),
+        }
+    }
+}
+
+/// Load `--model`: a single checkpoint file (SDXL or not, from its keys), or a folder / Hub id
+/// (SDXL or not, from `model_index.json`'s class).
+fn load_components(args: &GenerationArgs, hub: &HubOptions, device: &Device) -> Result<Components> {
+    let path = Path::new(&args.model);
+    if path.is_file() {
+        let options = SingleFilePipelineOptions {
+            config: args.config.clone(),
+            hub: hub.clone(),
+            ..Default::default()
+        };
+        let checkpoint = SingleFileCheckpoint::open(path)?;
+        return Ok(if checkpoint.model_type().is_xl() {
+            Components::Xl(StableDiffusionXLComponents::from_single_file(
+                path, &options, device,
+            )?)
+        } else {
+            Components::Sd(StableDiffusionComponents::from_single_file(
+                path, &options, device,
+            )?)
+        });
+    }
+    if let Some(config) = &args.config {
+        bail!("--config {config}: only used with a single-file --model");
+    }
+    let dir = resolve_model_dir(&args.model, hub)?;
+    let index = dir.join("model_index.json");
+    let is_xl = index.is_file() && ModelIndex::load(&index)?.class_name.contains("XL");
+    let variant = args.variant.as_deref();
+    Ok(if is_xl {
+        Components::Xl(StableDiffusionXLComponents::load_dir(
+            &dir, variant, device,
+        )?)
+    } else {
+        Components::Sd(StableDiffusionComponents::load_dir(&dir, variant, device)?)
+    })
 }
 
 /// What the three commands share once the flags are checked.
 struct Prepared {
-    components: StableDiffusionComponents,
+    components: Components,
     latents: Option<Tensor<4>>,
     generator: Generators,
     params: GenerationParameters,
@@ -188,8 +275,10 @@ fn check_flags(args: &GenerationArgs, strength: Option<f64>) -> Result<Precision
     {
         bail!("--strength {s}: must be in (0, 1]");
     }
-    if !args.guidance.is_finite() {
-        bail!("--guidance {}: must be a finite number", args.guidance);
+    if let Some(g) = args.guidance
+        && !g.is_finite()
+    {
+        bail!("--guidance {g}: must be a finite number");
     }
     output::check_png_path(&args.output)?;
     if let Some(npy) = &args.output_npy {
@@ -227,15 +316,14 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
         ..HubOptions::default()
     };
     let mut components =
-        StableDiffusionComponents::from_pretrained_with(&args.model, &hub, &device)
-            .with_context(|| format!("--model {}", args.model))?;
+        load_components(args, &hub, &device).with_context(|| format!("--model {}", args.model))?;
     if let Some(name) = &args.scheduler {
         components
             .set_scheduler(name)
             .with_context(|| format!("--scheduler {name}"))?;
     }
     if precision != Precision::F32 {
-        components = components.to_dtype(precision.float_dtype())?;
+        components = components.into_dtype(precision)?;
     }
     let generator = args.seed.map(Generators::Seed).unwrap_or_default();
 
@@ -251,9 +339,8 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
         "Sampler",
         args.scheduler
             .clone()
-            .unwrap_or_else(|| components.scheduler.kind().class_name().to_string()),
+            .unwrap_or_else(|| components.scheduler_name().to_string()),
     );
-    params.push("CFG scale", args.guidance);
     params.push(
         "Seed",
         args.seed
@@ -342,24 +429,51 @@ pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
     let args = args.common;
     let precision = check_flags(&args, None)?;
     let prepared = prepare(&args, precision)?;
-    let mut pipe = StableDiffusionPipeline::from_parts(prepared.components);
-    let out = pipe.call(StableDiffusionArgs {
-        prompt: vec![args.prompt.clone()],
-        negative_prompt: negative(&args),
-        height: args.height,
-        width: args.width,
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance,
-        eta: args.eta,
-        generator: prepared.generator,
-        latents: prepared.latents,
-        num_images_per_prompt: args.num_images,
-        output_type: OutputType::Np,
-        clip_skip: args.clip_skip,
-        progress: !args.quiet,
-        ..Default::default()
-    })?;
-    finish(&args, out, prepared.params)
+    let mut params = prepared.params;
+    let prompt = vec![args.prompt.clone()];
+    let out = match prepared.components {
+        Components::Sd(components) => {
+            let mut call = StableDiffusionArgs {
+                prompt,
+                negative_prompt: negative(&args),
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.steps,
+                eta: args.eta,
+                generator: prepared.generator,
+                latents: prepared.latents,
+                num_images_per_prompt: args.num_images,
+                output_type: OutputType::Np,
+                clip_skip: args.clip_skip,
+                progress: !args.quiet,
+                ..Default::default()
+            };
+            call.guidance_scale = args.guidance.unwrap_or(call.guidance_scale);
+            params.push("CFG scale", call.guidance_scale);
+            StableDiffusionPipeline::from_parts(components).call(call)?
+        }
+        Components::Xl(components) => {
+            let mut call = StableDiffusionXLArgs {
+                prompt,
+                negative_prompt: negative(&args),
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.steps,
+                eta: args.eta,
+                generator: prepared.generator,
+                latents: prepared.latents,
+                num_images_per_prompt: args.num_images,
+                output_type: OutputType::Np,
+                clip_skip: args.clip_skip,
+                progress: !args.quiet,
+                ..Default::default()
+            };
+            call.guidance_scale = args.guidance.unwrap_or(call.guidance_scale);
+            params.push("CFG scale", call.guidance_scale);
+            StableDiffusionXLPipeline::from_parts(components).call(call)?
+        }
+    };
+    finish(&args, out, params)
 }
 
 pub fn img2img(args: Img2ImgArgs) -> Result<()> {
@@ -368,34 +482,66 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         image,
         strength,
     } = args;
-    let precision = check_flags(&args, Some(strength))?;
+    let precision = check_flags(&args, strength)?;
     if args.latents.is_some() {
         bail!(
             "--latents: img2img starts from the encoded --image, not from given latents \
-             (diffusers' StableDiffusionImg2ImgPipeline has no latents= either)"
+             (diffusers' image-to-image pipelines take no latents= either)"
         );
     }
     let size = requested_size(&args)?;
     let input = load_input_image(&image, "--image", size)?;
     let mut prepared = prepare(&args, precision)?;
-    prepared.params.push("Denoising strength", strength);
+    let prompt = vec![args.prompt.clone()];
+    let out = match prepared.components {
+        Components::Sd(components) => {
+            let call = StableDiffusionImg2ImgArgs {
+                prompt,
+                negative_prompt: negative(&args),
+                image: Some(input.into()),
+                num_inference_steps: args.steps,
+                eta: args.eta,
+                generator: prepared.generator,
+                num_images_per_prompt: args.num_images,
+                output_type: OutputType::Np,
+                clip_skip: args.clip_skip,
+                progress: !args.quiet,
+                ..Default::default()
+            };
+            let call = StableDiffusionImg2ImgArgs {
+                strength: strength.unwrap_or(call.strength),
+                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
+                ..call
+            };
+            prepared.params.push("CFG scale", call.guidance_scale);
+            prepared.params.push("Denoising strength", call.strength);
+            StableDiffusionImg2ImgPipeline::from_parts(components).call(call)?
+        }
+        Components::Xl(components) => {
+            let call = StableDiffusionXLImg2ImgArgs {
+                prompt,
+                negative_prompt: negative(&args),
+                image: Some(input.into()),
+                num_inference_steps: args.steps,
+                eta: args.eta,
+                generator: prepared.generator,
+                num_images_per_prompt: args.num_images,
+                output_type: OutputType::Np,
+                clip_skip: args.clip_skip,
+                progress: !args.quiet,
+                ..Default::default()
+            };
+            let call = StableDiffusionXLImg2ImgArgs {
+                strength: strength.unwrap_or(call.strength),
+                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
+                ..call
+            };
+            prepared.params.push("CFG scale", call.guidance_scale);
+            prepared.params.push("Denoising strength", call.strength);
+            StableDiffusionXLImg2ImgPipeline::from_parts(components).call(call)?
+        }
+    };
     prepared.params.push("Init image", image.display());
-    let mut pipe = StableDiffusionImg2ImgPipeline::from_parts(prepared.components);
-    let out = pipe.call(StableDiffusionImg2ImgArgs {
-        prompt: vec![args.prompt.clone()],
-        negative_prompt: negative(&args),
-        image: Some(input.into()),
-        strength,
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance,
-        eta: args.eta,
-        generator: prepared.generator,
-        num_images_per_prompt: args.num_images,
-        output_type: OutputType::Np,
-        clip_skip: args.clip_skip,
-        progress: !args.quiet,
-        ..Default::default()
-    })?;
     finish(&args, out, prepared.params)
 }
 
@@ -406,7 +552,7 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
         mask,
         strength,
     } = args;
-    let precision = check_flags(&args, Some(strength))?;
+    let precision = check_flags(&args, strength)?;
     requested_size(&args)?;
     let input = load_input_image(&image, "--image", None)?;
     let mask_image = load_input_image(&mask, "--mask", None)?;
@@ -421,28 +567,64 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
         );
     }
     let mut prepared = prepare(&args, precision)?;
-    prepared.params.push("Denoising strength", strength);
+    let prompt = vec![args.prompt.clone()];
+    let out = match prepared.components {
+        Components::Sd(components) => {
+            let call = StableDiffusionInpaintArgs {
+                prompt,
+                negative_prompt: negative(&args),
+                image: Some(input.into()),
+                mask_image: Some(mask_image.into()),
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.steps,
+                eta: args.eta,
+                generator: prepared.generator,
+                latents: prepared.latents,
+                num_images_per_prompt: args.num_images,
+                output_type: OutputType::Np,
+                clip_skip: args.clip_skip,
+                progress: !args.quiet,
+                ..Default::default()
+            };
+            let call = StableDiffusionInpaintArgs {
+                strength: strength.unwrap_or(call.strength),
+                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
+                ..call
+            };
+            prepared.params.push("CFG scale", call.guidance_scale);
+            prepared.params.push("Denoising strength", call.strength);
+            StableDiffusionInpaintPipeline::from_parts(components).call(call)?
+        }
+        Components::Xl(components) => {
+            let call = StableDiffusionXLInpaintArgs {
+                prompt,
+                negative_prompt: negative(&args),
+                image: Some(input.into()),
+                mask_image: Some(mask_image.into()),
+                height: args.height,
+                width: args.width,
+                num_inference_steps: args.steps,
+                eta: args.eta,
+                generator: prepared.generator,
+                latents: prepared.latents,
+                num_images_per_prompt: args.num_images,
+                output_type: OutputType::Np,
+                clip_skip: args.clip_skip,
+                progress: !args.quiet,
+                ..Default::default()
+            };
+            let call = StableDiffusionXLInpaintArgs {
+                strength: strength.unwrap_or(call.strength),
+                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
+                ..call
+            };
+            prepared.params.push("CFG scale", call.guidance_scale);
+            prepared.params.push("Denoising strength", call.strength);
+            StableDiffusionXLInpaintPipeline::from_parts(components).call(call)?
+        }
+    };
     prepared.params.push("Init image", image.display());
     prepared.params.push("Mask", mask.display());
-    let mut pipe = StableDiffusionInpaintPipeline::from_parts(prepared.components);
-    let out = pipe.call(StableDiffusionInpaintArgs {
-        prompt: vec![args.prompt.clone()],
-        negative_prompt: negative(&args),
-        image: Some(input.into()),
-        mask_image: Some(mask_image.into()),
-        height: args.height,
-        width: args.width,
-        strength,
-        num_inference_steps: args.steps,
-        guidance_scale: args.guidance,
-        eta: args.eta,
-        generator: prepared.generator,
-        latents: prepared.latents,
-        num_images_per_prompt: args.num_images,
-        output_type: OutputType::Np,
-        clip_skip: args.clip_skip,
-        progress: !args.quiet,
-        ..Default::default()
-    })?;
     finish(&args, out, prepared.params)
 }

@@ -545,3 +545,125 @@ fn sd_help_explains_the_flags() {
         }
     }
 }
+
+/// An SDXL folder is recognised from model_index.json and runs the SDXL pipelines.
+#[test]
+fn sdxl_folder_runs_the_sdxl_pipelines() {
+    let model = sd_folder("sdxl");
+    let image = fixtures().join("pipelines/sd/image.png");
+    let mask = fixtures().join("pipelines/sd/mask.png");
+    let (image, mask) = (image.to_str().unwrap(), mask.to_str().unwrap());
+    run_sd_case(
+        "sdxl_euler_seed",
+        &[
+            "txt2img",
+            "--model",
+            &model,
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--steps",
+            "3",
+            "--scheduler",
+            "EulerDiscreteScheduler",
+            "--seed",
+            "13",
+        ],
+        false,
+        &["Seed: 13"],
+    );
+    run_sd_case(
+        "sdxl_img2img_dpm_seed",
+        &[
+            "img2img",
+            "--model",
+            &model,
+            "--prompt",
+            "a photo of an astronaut riding a horse",
+            "--negative-prompt",
+            "blurry",
+            "--image",
+            image,
+            "--strength",
+            "0.6",
+            "--steps",
+            "4",
+            "--scheduler",
+            "DPM++ 2M",
+            "--seed",
+            "20",
+        ],
+        false,
+        &["Negative prompt: blurry", "Denoising strength: 0.6"],
+    );
+    run_sd_case(
+        "sdxl_inpaint_euler_strength1",
+        &[
+            "inpaint",
+            "--model",
+            &model,
+            "--prompt",
+            "a red fox in the snow, oil painting",
+            "--image",
+            image,
+            "--mask",
+            mask,
+            "--strength",
+            "1.0",
+            "--steps",
+            "3",
+            "--scheduler",
+            "Euler",
+            "--seed",
+            "25",
+        ],
+        false,
+        &["Denoising strength: 1"],
+    );
+}
+
+/// `--model file.safetensors --config folder` reproduces diffusers' `from_single_file`.
+#[test]
+fn single_file_model_reproduces_diffusers_from_single_file() {
+    let file = fixtures().join("pipelines/single_file/sd1.safetensors");
+    let config = sd_folder("sd1");
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("out.png"), dir.path().join("out.npy"));
+    let out = diffusers()
+        .arg("txt2img")
+        .arg("--model")
+        .arg(&file)
+        .args(["--config", &config])
+        .args(["--prompt", "a photo of an astronaut riding a horse"])
+        .args(["--steps", "3", "--scheduler", "DPMSolverMultistepScheduler"])
+        .args(["--seed", "0", "--quiet"])
+        .arg("--output")
+        .arg(&png)
+        .arg("--output-npy")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = NpyArray::read(&npy).unwrap();
+    let (shape, want) = fixture_tensor(
+        "pipelines/single_file/outputs.safetensors",
+        "sd1_single_file_dpm_seed",
+    );
+    assert_eq!(got.shape, shape);
+    let diff = max_abs_diff(&got.data, &want);
+    assert!(diff <= 1e-3, "max |diff| = {diff}");
+    // --config belongs to single files only.
+    let out = diffusers()
+        .args([
+            "txt2img", "--model", &config, "--config", &config, "--prompt", "a cat",
+        ])
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
+}

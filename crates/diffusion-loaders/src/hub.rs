@@ -86,6 +86,29 @@ fn cache(options: &HubOptions) -> Cache {
 /// # Errors
 /// [`Error::Hub`] naming the repository.
 pub fn snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
+    fetch_snapshot(repo_id, options, true)
+}
+
+/// A local folder as is, or a Hub repository's configs and tokenizer files only (no weights):
+/// what a single-file checkpoint needs besides its tensors (diffusers' `config=`).
+///
+/// # Errors
+/// As [`resolve_model_dir`].
+pub fn resolve_config_dir(name: &str, options: &HubOptions) -> Result<PathBuf> {
+    let path = Path::new(name);
+    if path.is_dir() {
+        return Ok(path.to_path_buf());
+    }
+    if !looks_like_repo_id(name) {
+        return Err(Error::NotFound {
+            path: path.to_path_buf(),
+            message: "no such folder, and not a Hub repository id (owner/name)".into(),
+        });
+    }
+    fetch_snapshot(name, options, false)
+}
+
+fn fetch_snapshot(repo_id: &str, options: &HubOptions, with_weights: bool) -> Result<PathBuf> {
     let hub_err = |message: String| Error::Hub {
         repo: repo_id.to_string(),
         message,
@@ -117,7 +140,10 @@ pub fn snapshot(repo_id: &str, options: &HubOptions) -> Result<PathBuf> {
     let remote = api.repo(repo);
     let info = remote.info().map_err(|e| hub_err(e.to_string()))?;
     let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let wanted = files_to_fetch(&names, options.variant.as_deref());
+    let mut wanted = files_to_fetch(&names, options.variant.as_deref());
+    if !with_weights {
+        wanted.retain(|n| !n.ends_with(".safetensors"));
+    }
     if wanted.is_empty() {
         return Err(hub_err(
             "the repository has no diffusers config or safetensors files".into(),

@@ -8,6 +8,7 @@
 pub mod ddim;
 pub mod ddpm;
 pub mod pipeline_utils;
+pub mod single_file;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
 mod unconditional;
@@ -15,6 +16,7 @@ mod unconditional;
 pub use ddim::DDIMPipeline;
 pub use ddpm::DDPMPipeline;
 pub use pipeline_utils::{Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo};
+pub use single_file::SingleFilePipelineOptions;
 pub use stable_diffusion::{
     PipelineImageInput, StableDiffusionArgs, StableDiffusionComponents, StableDiffusionImg2ImgArgs,
     StableDiffusionImg2ImgPipeline, StableDiffusionInpaintArgs, StableDiffusionInpaintPipeline,

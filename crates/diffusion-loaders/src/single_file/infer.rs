@@ -56,6 +56,20 @@ impl ModelType {
         }
     }
 
+    /// The Hub repository whose configs and tokenizers diffusers uses for a checkpoint of this
+    /// type when no `config` is given (`DIFFUSERS_DEFAULT_PIPELINE_PATHS`).
+    pub fn default_pipeline_repo(self) -> &'static str {
+        match self {
+            Self::V1 => "stable-diffusion-v1-5/stable-diffusion-v1-5",
+            Self::V2 => "stabilityai/stable-diffusion-2-1",
+            Self::XlBase => "stabilityai/stable-diffusion-xl-base-1.0",
+            Self::XlRefiner => "stabilityai/stable-diffusion-xl-refiner-1.0",
+            Self::Inpainting => "stable-diffusion-v1-5/stable-diffusion-inpainting",
+            Self::InpaintingV2 => "stabilityai/stable-diffusion-2-inpainting",
+            Self::XlInpaint => "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+        }
+    }
+
     /// Whether the UNet takes the masked image and mask too (9 input channels).
     pub fn is_inpainting(self) -> bool {
         matches!(

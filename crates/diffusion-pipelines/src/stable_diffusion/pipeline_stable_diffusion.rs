@@ -165,6 +165,18 @@ impl StableDiffusionPipeline {
             .map(Self::from_parts)
     }
 
+    /// Load an original-layout checkpoint file (`from_single_file`).
+    ///
+    /// # Errors
+    /// As [`StableDiffusionComponents::from_single_file`].
+    pub fn from_single_file(
+        path: impl AsRef<std::path::Path>,
+        options: &crate::single_file::SingleFilePipelineOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        StableDiffusionComponents::from_single_file(path, options, device).map(Self::from_parts)
+    }
+
     /// Build from loaded components.
     pub fn from_parts(components: StableDiffusionComponents) -> Self {
         Self { components }

@@ -196,6 +196,18 @@ impl StableDiffusionXLPipeline {
             .map(Self::from_parts)
     }
 
+    /// Load an original-layout checkpoint file (`from_single_file`).
+    ///
+    /// # Errors
+    /// As [`StableDiffusionXLComponents::from_single_file`].
+    pub fn from_single_file(
+        path: impl AsRef<std::path::Path>,
+        options: &crate::single_file::SingleFilePipelineOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        StableDiffusionXLComponents::from_single_file(path, options, device).map(Self::from_parts)
+    }
+
     /// Build from loaded components.
     pub fn from_parts(components: StableDiffusionXLComponents) -> Self {
         Self { components }

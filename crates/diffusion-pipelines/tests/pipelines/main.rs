@@ -1,5 +1,6 @@
 //! Pipeline parity with diffusers on tiny random components (one test binary).
 
 mod common;
+mod single_file;
 mod stable_diffusion;
 mod unconditional;
