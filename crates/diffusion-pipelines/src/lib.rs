@@ -28,3 +28,8 @@ pub use stable_diffusion_xl::{
     StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
 };
 pub use unconditional::UnconditionalArgs;
+
+/// The examples of docs/stable-diffusion.md, compiled as doctests so the guide stays correct.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/stable-diffusion.md")]
+pub struct StableDiffusionGuide;
