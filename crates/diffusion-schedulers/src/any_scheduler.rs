@@ -15,17 +15,38 @@ use crate::scheduler::{
 use crate::scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 use crate::scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
 use crate::scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig};
+use crate::scheduling_deis_multistep::{DEISMultistepScheduler, DEISMultistepSchedulerConfig};
 use crate::scheduling_dpmsolver_multistep::{
     DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
 };
+use crate::scheduling_dpmsolver_multistep_inverse::{
+    DPMSolverMultistepInverseScheduler, DPMSolverMultistepInverseSchedulerConfig,
+};
+use crate::scheduling_dpmsolver_singlestep::{
+    DPMSolverSinglestepScheduler, DPMSolverSinglestepSchedulerConfig,
+};
+use crate::scheduling_edm_euler::{EDMEulerScheduler, EDMEulerSchedulerConfig};
 use crate::scheduling_euler_ancestral_discrete::{
     EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig,
 };
 use crate::scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
+use crate::scheduling_flow_match_euler_discrete::{
+    FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerConfig,
+};
+use crate::scheduling_flow_match_heun_discrete::{
+    FlowMatchHeunDiscreteScheduler, FlowMatchHeunDiscreteSchedulerConfig,
+};
 use crate::scheduling_heun_discrete::{HeunDiscreteScheduler, HeunDiscreteSchedulerConfig};
+use crate::scheduling_ipndm::{IPNDMScheduler, IPNDMSchedulerConfig};
+use crate::scheduling_k_dpm_2_ancestral_discrete::{
+    KDPM2AncestralDiscreteScheduler, KDPM2AncestralDiscreteSchedulerConfig,
+};
+use crate::scheduling_k_dpm_2_discrete::{KDPM2DiscreteScheduler, KDPM2DiscreteSchedulerConfig};
 use crate::scheduling_lcm::{LCMScheduler, LCMSchedulerConfig};
 use crate::scheduling_lms_discrete::{LMSDiscreteScheduler, LMSDiscreteSchedulerConfig};
 use crate::scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};
+use crate::scheduling_tcd::{TCDScheduler, TCDSchedulerConfig};
+use crate::scheduling_unipc_multistep::{UniPCMultistepScheduler, UniPCMultistepSchedulerConfig};
 
 /// The scheduler classes this crate implements.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -51,6 +72,28 @@ pub enum SchedulerKind {
     DdimInverse,
     /// [`LCMScheduler`].
     Lcm,
+    /// [`UniPCMultistepScheduler`].
+    UniPc,
+    /// [`KDPM2DiscreteScheduler`].
+    Kdpm2,
+    /// [`KDPM2AncestralDiscreteScheduler`].
+    Kdpm2Ancestral,
+    /// [`DPMSolverSinglestepScheduler`].
+    DpmSolverSinglestep,
+    /// [`DEISMultistepScheduler`].
+    Deis,
+    /// [`FlowMatchEulerDiscreteScheduler`].
+    FlowMatchEuler,
+    /// [`FlowMatchHeunDiscreteScheduler`].
+    FlowMatchHeun,
+    /// [`IPNDMScheduler`].
+    Ipndm,
+    /// [`EDMEulerScheduler`].
+    EdmEuler,
+    /// [`DPMSolverMultistepInverseScheduler`].
+    DpmSolverMultistepInverse,
+    /// [`TCDScheduler`].
+    Tcd,
 }
 
 impl SchedulerKind {
@@ -66,6 +109,17 @@ impl SchedulerKind {
         SchedulerKind::Lms,
         SchedulerKind::DdimInverse,
         SchedulerKind::Lcm,
+        SchedulerKind::UniPc,
+        SchedulerKind::Kdpm2,
+        SchedulerKind::Kdpm2Ancestral,
+        SchedulerKind::DpmSolverSinglestep,
+        SchedulerKind::Deis,
+        SchedulerKind::FlowMatchEuler,
+        SchedulerKind::FlowMatchHeun,
+        SchedulerKind::Ipndm,
+        SchedulerKind::EdmEuler,
+        SchedulerKind::DpmSolverMultistepInverse,
+        SchedulerKind::Tcd,
     ];
 
     /// The diffusers class name.
@@ -81,6 +135,17 @@ impl SchedulerKind {
             Self::Lms => LMSDiscreteSchedulerConfig::CLASS_NAME,
             Self::DdimInverse => DDIMInverseSchedulerConfig::CLASS_NAME,
             Self::Lcm => LCMSchedulerConfig::CLASS_NAME,
+            Self::UniPc => UniPCMultistepSchedulerConfig::CLASS_NAME,
+            Self::Kdpm2 => KDPM2DiscreteSchedulerConfig::CLASS_NAME,
+            Self::Kdpm2Ancestral => KDPM2AncestralDiscreteSchedulerConfig::CLASS_NAME,
+            Self::DpmSolverSinglestep => DPMSolverSinglestepSchedulerConfig::CLASS_NAME,
+            Self::Deis => DEISMultistepSchedulerConfig::CLASS_NAME,
+            Self::FlowMatchEuler => FlowMatchEulerDiscreteSchedulerConfig::CLASS_NAME,
+            Self::FlowMatchHeun => FlowMatchHeunDiscreteSchedulerConfig::CLASS_NAME,
+            Self::Ipndm => IPNDMSchedulerConfig::CLASS_NAME,
+            Self::EdmEuler => EDMEulerSchedulerConfig::CLASS_NAME,
+            Self::DpmSolverMultistepInverse => DPMSolverMultistepInverseSchedulerConfig::CLASS_NAME,
+            Self::Tcd => TCDSchedulerConfig::CLASS_NAME,
         }
     }
 
@@ -109,6 +174,19 @@ impl SchedulerKind {
             Self::Lms => LMSDiscreteSchedulerConfig::known_keys(),
             Self::DdimInverse => DDIMInverseSchedulerConfig::known_keys(),
             Self::Lcm => LCMSchedulerConfig::known_keys(),
+            Self::UniPc => UniPCMultistepSchedulerConfig::known_keys(),
+            Self::Kdpm2 => KDPM2DiscreteSchedulerConfig::known_keys(),
+            Self::Kdpm2Ancestral => KDPM2AncestralDiscreteSchedulerConfig::known_keys(),
+            Self::DpmSolverSinglestep => DPMSolverSinglestepSchedulerConfig::known_keys(),
+            Self::Deis => DEISMultistepSchedulerConfig::known_keys(),
+            Self::FlowMatchEuler => FlowMatchEulerDiscreteSchedulerConfig::known_keys(),
+            Self::FlowMatchHeun => FlowMatchHeunDiscreteSchedulerConfig::known_keys(),
+            Self::Ipndm => IPNDMSchedulerConfig::known_keys(),
+            Self::EdmEuler => EDMEulerSchedulerConfig::known_keys(),
+            Self::DpmSolverMultistepInverse => {
+                DPMSolverMultistepInverseSchedulerConfig::known_keys()
+            }
+            Self::Tcd => TCDSchedulerConfig::known_keys(),
         }
     }
 }
@@ -192,6 +270,42 @@ const ALIASES: &[Alias] = &[
         name: "LCM",
         kind: SchedulerKind::Lcm,
         overrides: Map::new,
+    },
+    Alias {
+        name: "UniPC",
+        kind: SchedulerKind::UniPc,
+        overrides: Map::new,
+    },
+    // diffusers' table maps A1111's "DPM++ SDE" to the singlestep solver.
+    Alias {
+        name: "DPM++ SDE",
+        kind: SchedulerKind::DpmSolverSinglestep,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(false))]),
+    },
+    Alias {
+        name: "DPM++ SDE Karras",
+        kind: SchedulerKind::DpmSolverSinglestep,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(true))]),
+    },
+    Alias {
+        name: "DPM2",
+        kind: SchedulerKind::Kdpm2,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(false))]),
+    },
+    Alias {
+        name: "DPM2 Karras",
+        kind: SchedulerKind::Kdpm2,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(true))]),
+    },
+    Alias {
+        name: "DPM2 a",
+        kind: SchedulerKind::Kdpm2Ancestral,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(false))]),
+    },
+    Alias {
+        name: "DPM2 a Karras",
+        kind: SchedulerKind::Kdpm2Ancestral,
+        overrides: || overrides(&[("use_karras_sigmas", Value::Bool(true))]),
     },
 ];
 
@@ -288,6 +402,28 @@ pub enum AnyScheduler {
     DdimInverse(DDIMInverseScheduler),
     /// An [`LCMScheduler`].
     Lcm(LCMScheduler),
+    /// A [`UniPCMultistepScheduler`].
+    UniPc(UniPCMultistepScheduler),
+    /// A [`KDPM2DiscreteScheduler`].
+    Kdpm2(KDPM2DiscreteScheduler),
+    /// A [`KDPM2AncestralDiscreteScheduler`].
+    Kdpm2Ancestral(KDPM2AncestralDiscreteScheduler),
+    /// A [`DPMSolverSinglestepScheduler`].
+    DpmSolverSinglestep(DPMSolverSinglestepScheduler),
+    /// A [`DEISMultistepScheduler`].
+    Deis(DEISMultistepScheduler),
+    /// A [`FlowMatchEulerDiscreteScheduler`].
+    FlowMatchEuler(FlowMatchEulerDiscreteScheduler),
+    /// A [`FlowMatchHeunDiscreteScheduler`].
+    FlowMatchHeun(FlowMatchHeunDiscreteScheduler),
+    /// An [`IPNDMScheduler`].
+    Ipndm(IPNDMScheduler),
+    /// An [`EDMEulerScheduler`].
+    EdmEuler(EDMEulerScheduler),
+    /// A [`DPMSolverMultistepInverseScheduler`].
+    DpmSolverMultistepInverse(DPMSolverMultistepInverseScheduler),
+    /// A [`TCDScheduler`].
+    Tcd(TCDScheduler),
 }
 
 macro_rules! dispatch {
@@ -303,6 +439,17 @@ macro_rules! dispatch {
             AnyScheduler::Lms($s) => $body,
             AnyScheduler::DdimInverse($s) => $body,
             AnyScheduler::Lcm($s) => $body,
+            AnyScheduler::UniPc($s) => $body,
+            AnyScheduler::Kdpm2($s) => $body,
+            AnyScheduler::Kdpm2Ancestral($s) => $body,
+            AnyScheduler::DpmSolverSinglestep($s) => $body,
+            AnyScheduler::Deis($s) => $body,
+            AnyScheduler::FlowMatchEuler($s) => $body,
+            AnyScheduler::FlowMatchHeun($s) => $body,
+            AnyScheduler::Ipndm($s) => $body,
+            AnyScheduler::EdmEuler($s) => $body,
+            AnyScheduler::DpmSolverMultistepInverse($s) => $body,
+            AnyScheduler::Tcd($s) => $body,
         }
     };
 }
@@ -367,6 +514,72 @@ impl From<LCMScheduler> for AnyScheduler {
     }
 }
 
+impl From<UniPCMultistepScheduler> for AnyScheduler {
+    fn from(s: UniPCMultistepScheduler) -> Self {
+        Self::UniPc(s)
+    }
+}
+
+impl From<KDPM2DiscreteScheduler> for AnyScheduler {
+    fn from(s: KDPM2DiscreteScheduler) -> Self {
+        Self::Kdpm2(s)
+    }
+}
+
+impl From<KDPM2AncestralDiscreteScheduler> for AnyScheduler {
+    fn from(s: KDPM2AncestralDiscreteScheduler) -> Self {
+        Self::Kdpm2Ancestral(s)
+    }
+}
+
+impl From<DPMSolverSinglestepScheduler> for AnyScheduler {
+    fn from(s: DPMSolverSinglestepScheduler) -> Self {
+        Self::DpmSolverSinglestep(s)
+    }
+}
+
+impl From<DEISMultistepScheduler> for AnyScheduler {
+    fn from(s: DEISMultistepScheduler) -> Self {
+        Self::Deis(s)
+    }
+}
+
+impl From<FlowMatchEulerDiscreteScheduler> for AnyScheduler {
+    fn from(s: FlowMatchEulerDiscreteScheduler) -> Self {
+        Self::FlowMatchEuler(s)
+    }
+}
+
+impl From<FlowMatchHeunDiscreteScheduler> for AnyScheduler {
+    fn from(s: FlowMatchHeunDiscreteScheduler) -> Self {
+        Self::FlowMatchHeun(s)
+    }
+}
+
+impl From<IPNDMScheduler> for AnyScheduler {
+    fn from(s: IPNDMScheduler) -> Self {
+        Self::Ipndm(s)
+    }
+}
+
+impl From<EDMEulerScheduler> for AnyScheduler {
+    fn from(s: EDMEulerScheduler) -> Self {
+        Self::EdmEuler(s)
+    }
+}
+
+impl From<DPMSolverMultistepInverseScheduler> for AnyScheduler {
+    fn from(s: DPMSolverMultistepInverseScheduler) -> Self {
+        Self::DpmSolverMultistepInverse(s)
+    }
+}
+
+impl From<TCDScheduler> for AnyScheduler {
+    fn from(s: TCDScheduler) -> Self {
+        Self::Tcd(s)
+    }
+}
+
 impl AnyScheduler {
     /// Which class this is.
     pub fn kind(&self) -> SchedulerKind {
@@ -381,6 +594,17 @@ impl AnyScheduler {
             Self::Lms(_) => SchedulerKind::Lms,
             Self::DdimInverse(_) => SchedulerKind::DdimInverse,
             Self::Lcm(_) => SchedulerKind::Lcm,
+            Self::UniPc(_) => SchedulerKind::UniPc,
+            Self::Kdpm2(_) => SchedulerKind::Kdpm2,
+            Self::Kdpm2Ancestral(_) => SchedulerKind::Kdpm2Ancestral,
+            Self::DpmSolverSinglestep(_) => SchedulerKind::DpmSolverSinglestep,
+            Self::Deis(_) => SchedulerKind::Deis,
+            Self::FlowMatchEuler(_) => SchedulerKind::FlowMatchEuler,
+            Self::FlowMatchHeun(_) => SchedulerKind::FlowMatchHeun,
+            Self::Ipndm(_) => SchedulerKind::Ipndm,
+            Self::EdmEuler(_) => SchedulerKind::EdmEuler,
+            Self::DpmSolverMultistepInverse(_) => SchedulerKind::DpmSolverMultistepInverse,
+            Self::Tcd(_) => SchedulerKind::Tcd,
         }
     }
 
@@ -435,6 +659,19 @@ impl AnyScheduler {
             SchedulerKind::Lms => Self::Lms(typed(value, origin)?),
             SchedulerKind::DdimInverse => Self::DdimInverse(typed(value, origin)?),
             SchedulerKind::Lcm => Self::Lcm(typed(value, origin)?),
+            SchedulerKind::UniPc => Self::UniPc(typed(value, origin)?),
+            SchedulerKind::Kdpm2 => Self::Kdpm2(typed(value, origin)?),
+            SchedulerKind::Kdpm2Ancestral => Self::Kdpm2Ancestral(typed(value, origin)?),
+            SchedulerKind::DpmSolverSinglestep => Self::DpmSolverSinglestep(typed(value, origin)?),
+            SchedulerKind::Deis => Self::Deis(typed(value, origin)?),
+            SchedulerKind::FlowMatchEuler => Self::FlowMatchEuler(typed(value, origin)?),
+            SchedulerKind::FlowMatchHeun => Self::FlowMatchHeun(typed(value, origin)?),
+            SchedulerKind::Ipndm => Self::Ipndm(typed(value, origin)?),
+            SchedulerKind::EdmEuler => Self::EdmEuler(typed(value, origin)?),
+            SchedulerKind::DpmSolverMultistepInverse => {
+                Self::DpmSolverMultistepInverse(typed(value, origin)?)
+            }
+            SchedulerKind::Tcd => Self::Tcd(typed(value, origin)?),
         })
     }
 
@@ -544,9 +781,122 @@ impl AnyScheduler {
         }
     }
 
-    /// The training noise schedule.
-    pub fn noise_schedule(&self) -> &crate::NoiseSchedule {
-        dispatch!(self, s => s.noise_schedule())
+    /// The UniPC multistep scheduler inside, if this is one.
+    pub fn as_unipc(&self) -> Option<&UniPCMultistepScheduler> {
+        match self {
+            Self::UniPc(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The KDPM2 scheduler inside, if this is one.
+    pub fn as_kdpm2(&self) -> Option<&KDPM2DiscreteScheduler> {
+        match self {
+            Self::Kdpm2(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The KDPM2 ancestral scheduler inside, if this is one.
+    pub fn as_kdpm2_ancestral(&self) -> Option<&KDPM2AncestralDiscreteScheduler> {
+        match self {
+            Self::Kdpm2Ancestral(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The DPM-Solver singlestep scheduler inside, if this is one.
+    pub fn as_dpm_solver_singlestep(&self) -> Option<&DPMSolverSinglestepScheduler> {
+        match self {
+            Self::DpmSolverSinglestep(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The DEIS multistep scheduler inside, if this is one.
+    pub fn as_deis(&self) -> Option<&DEISMultistepScheduler> {
+        match self {
+            Self::Deis(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The flow-matching Euler scheduler inside, if this is one.
+    pub fn as_flow_match_euler(&self) -> Option<&FlowMatchEulerDiscreteScheduler> {
+        match self {
+            Self::FlowMatchEuler(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The flow-matching Heun scheduler inside, if this is one.
+    pub fn as_flow_match_heun(&self) -> Option<&FlowMatchHeunDiscreteScheduler> {
+        match self {
+            Self::FlowMatchHeun(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The iPNDM scheduler inside, if this is one.
+    pub fn as_ipndm(&self) -> Option<&IPNDMScheduler> {
+        match self {
+            Self::Ipndm(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The EDM Euler scheduler inside, if this is one.
+    pub fn as_edm_euler(&self) -> Option<&EDMEulerScheduler> {
+        match self {
+            Self::EdmEuler(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The inverse DPM-Solver multistep scheduler inside, if this is one.
+    pub fn as_dpm_solver_multistep_inverse(&self) -> Option<&DPMSolverMultistepInverseScheduler> {
+        match self {
+            Self::DpmSolverMultistepInverse(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The TCD scheduler inside, if this is one.
+    pub fn as_tcd(&self) -> Option<&TCDScheduler> {
+        match self {
+            Self::Tcd(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The training noise schedule (betas and `alphas_cumprod`); `None` for the flow-matching
+    /// schedulers, which have none.
+    pub fn noise_schedule(&self) -> Option<&crate::NoiseSchedule> {
+        Some(match self {
+            Self::Ddpm(s) => s.noise_schedule(),
+            Self::Tcd(s) => s.noise_schedule(),
+            Self::DpmSolverMultistepInverse(s) => s.noise_schedule(),
+            Self::Ddim(s) => s.noise_schedule(),
+            Self::Euler(s) => s.noise_schedule(),
+            Self::EulerAncestral(s) => s.noise_schedule(),
+            Self::DpmSolverMultistep(s) => s.noise_schedule(),
+            Self::Pndm(s) => s.noise_schedule(),
+            Self::Heun(s) => s.noise_schedule(),
+            Self::Lms(s) => s.noise_schedule(),
+            Self::DdimInverse(s) => s.noise_schedule(),
+            Self::Lcm(s) => s.noise_schedule(),
+            Self::UniPc(s) => s.noise_schedule(),
+            Self::Kdpm2(s) => s.noise_schedule(),
+            Self::Kdpm2Ancestral(s) => s.noise_schedule(),
+            Self::DpmSolverSinglestep(s) => s.noise_schedule(),
+            Self::Deis(s) => s.noise_schedule(),
+            Self::FlowMatchEuler(_)
+            | Self::FlowMatchHeun(_)
+            | Self::Ipndm(_)
+            | Self::EdmEuler(_) => {
+                return None;
+            }
+        })
     }
 }
 

@@ -58,13 +58,24 @@ pub mod scheduler;
 pub mod scheduling_ddim;
 pub mod scheduling_ddim_inverse;
 pub mod scheduling_ddpm;
+pub mod scheduling_deis_multistep;
 pub mod scheduling_dpmsolver_multistep;
+pub mod scheduling_dpmsolver_multistep_inverse;
+pub mod scheduling_dpmsolver_singlestep;
+pub mod scheduling_edm_euler;
 pub mod scheduling_euler_ancestral_discrete;
 pub mod scheduling_euler_discrete;
+pub mod scheduling_flow_match_euler_discrete;
+pub mod scheduling_flow_match_heun_discrete;
 pub mod scheduling_heun_discrete;
+pub mod scheduling_ipndm;
+pub mod scheduling_k_dpm_2_ancestral_discrete;
+pub mod scheduling_k_dpm_2_discrete;
 pub mod scheduling_lcm;
 pub mod scheduling_lms_discrete;
 pub mod scheduling_pndm;
+pub mod scheduling_tcd;
+pub mod scheduling_unipc_multistep;
 pub mod sigmas;
 
 pub use any_scheduler::{AnyScheduler, SchedulerKind, SchedulerSpec};
@@ -73,14 +84,35 @@ pub use scheduler::{ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, S
 pub use scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 pub use scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
 pub use scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig, VarianceType};
+pub use scheduling_deis_multistep::{DEISMultistepScheduler, DEISMultistepSchedulerConfig};
 pub use scheduling_dpmsolver_multistep::{
     DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
 };
+pub use scheduling_dpmsolver_multistep_inverse::{
+    DPMSolverMultistepInverseScheduler, DPMSolverMultistepInverseSchedulerConfig,
+};
+pub use scheduling_dpmsolver_singlestep::{
+    DPMSolverSinglestepScheduler, DPMSolverSinglestepSchedulerConfig,
+};
+pub use scheduling_edm_euler::{EDMEulerScheduler, EDMEulerSchedulerConfig};
 pub use scheduling_euler_ancestral_discrete::{
     EulerAncestralDiscreteScheduler, EulerAncestralDiscreteSchedulerConfig,
 };
 pub use scheduling_euler_discrete::{EulerDiscreteScheduler, EulerDiscreteSchedulerConfig};
+pub use scheduling_flow_match_euler_discrete::{
+    FlowMatchEulerDiscreteScheduler, FlowMatchEulerDiscreteSchedulerConfig,
+};
+pub use scheduling_flow_match_heun_discrete::{
+    FlowMatchHeunDiscreteScheduler, FlowMatchHeunDiscreteSchedulerConfig,
+};
 pub use scheduling_heun_discrete::{HeunDiscreteScheduler, HeunDiscreteSchedulerConfig};
+pub use scheduling_ipndm::{IPNDMScheduler, IPNDMSchedulerConfig};
+pub use scheduling_k_dpm_2_ancestral_discrete::{
+    KDPM2AncestralDiscreteScheduler, KDPM2AncestralDiscreteSchedulerConfig,
+};
+pub use scheduling_k_dpm_2_discrete::{KDPM2DiscreteScheduler, KDPM2DiscreteSchedulerConfig};
 pub use scheduling_lcm::{LCMScheduler, LCMSchedulerConfig};
 pub use scheduling_lms_discrete::{LMSDiscreteScheduler, LMSDiscreteSchedulerConfig};
 pub use scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};
+pub use scheduling_tcd::{TCDScheduler, TCDSchedulerConfig};
+pub use scheduling_unipc_multistep::{UniPCMultistepScheduler, UniPCMultistepSchedulerConfig};

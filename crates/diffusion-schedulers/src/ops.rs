@@ -260,3 +260,32 @@ impl Stored {
         Ok(self.flat.clone().reshape(dims))
     }
 }
+
+/// Shift a multistep history of `order` slots left and put `newest` last (diffusers'
+/// `model_outputs` rotation).
+pub(crate) fn push_history(history: &mut Vec<Option<Stored>>, order: usize, newest: Stored) {
+    history.resize(order, None);
+    history.rotate_left(1);
+    history[order - 1] = Some(newest);
+}
+
+/// The newest `count` entries of a multistep history, oldest first.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `timestep` when one of them was never filled, or
+/// `sample` when the rank changed.
+pub(crate) fn history_tail<const D: usize>(
+    history: &[Option<Stored>],
+    count: usize,
+) -> Result<Vec<Tensor<D>>> {
+    history[history.len() - count..]
+        .iter()
+        .map(|s| match s {
+            Some(s) => s.get::<D>(),
+            None => Err(Error::invalid_argument(
+                "timestep",
+                "the multistep history is missing an earlier output",
+            )),
+        })
+        .collect()
+}

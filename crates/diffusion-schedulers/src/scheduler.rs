@@ -418,3 +418,138 @@ pub(crate) fn config_error(file: &str, (field, message): (String, String)) -> Er
         message,
     }
 }
+
+/// The [`Scheduler`] methods that every stateful sigma scheduler of this crate implements the
+/// same way from its `file`, `timesteps`, `sigmas`, `num_inference_steps` and `cursor`
+/// fields; `identity_input` adds a `scale_model_input` that leaves the sample as it is, and
+/// `unit_noise` also `order` 1, `init_noise_sigma` 1 and `num_train_timesteps` from the config
+/// (the multistep solvers and flow matching).
+macro_rules! stateful_scheduler_accessors {
+    () => {
+        fn class_name(&self) -> &'static str {
+            <<Self as $crate::scheduler::ConfiguredScheduler>::Config as diffusion_core::Config>::CLASS_NAME
+        }
+
+        fn config_value(&self) -> serde_json::Value {
+            self.file.to_value()
+        }
+
+        fn num_inference_steps(&self) -> Option<usize> {
+            self.num_inference_steps
+        }
+
+        fn timesteps(&self) -> &[f64] {
+            &self.timesteps
+        }
+
+        fn sigmas(&self) -> Option<&[f64]> {
+            Some(&self.sigmas)
+        }
+
+        fn step_index(&self) -> Option<usize> {
+            self.cursor.step_index
+        }
+
+        fn set_begin_index(&mut self, begin_index: usize) -> diffusion_core::Result<()> {
+            self.cursor
+                .set_begin_index(begin_index, self.timesteps.len())
+        }
+    };
+    (unit_noise) => {
+        $crate::scheduler::stateful_scheduler_accessors!(identity_input);
+
+        fn order(&self) -> usize {
+            1
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            1.0
+        }
+
+        fn num_train_timesteps(&self) -> usize {
+            self.config().num_train_timesteps
+        }
+    };
+    (identity_input) => {
+        $crate::scheduler::stateful_scheduler_accessors!();
+
+        /// The model sees the sample as it is.
+        fn scale_model_input<const D: usize>(
+            &mut self,
+            sample: diffusion_core::burn::tensor::Tensor<D>,
+            _timestep: f64,
+        ) -> diffusion_core::Result<diffusion_core::burn::tensor::Tensor<D>> {
+            Ok(sample)
+        }
+    };
+}
+pub(crate) use stateful_scheduler_accessors;
+
+/// Refuse a multistep `step` before `set_timesteps` or on a tensor without a channel axis.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `num_inference_steps` or `sample`.
+pub(crate) fn check_step_call(
+    class: &str,
+    num_inference_steps: Option<usize>,
+    rank: usize,
+) -> Result<()> {
+    if num_inference_steps.is_none() {
+        return Err(Error::invalid_argument(
+            "num_inference_steps",
+            format!("{class}.step was called before set_timesteps"),
+        ));
+    }
+    if rank < 2 {
+        return Err(Error::invalid_argument(
+            "sample",
+            format!("{class} steps [batch, channels, ...] tensors"),
+        ));
+    }
+    Ok(())
+}
+
+/// The training noise schedule of a config with diffusers' usual beta fields
+/// (`num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule`, `trained_betas`), with
+/// or without zero-terminal-SNR rescaling.
+macro_rules! noise_schedule_of {
+    ($c:expr, $zero_snr:expr) => {
+        $crate::schedule::NoiseSchedule::new(&$crate::schedule::BetaConfig {
+            num_train_timesteps: $c.num_train_timesteps,
+            beta_start: $c.beta_start,
+            beta_end: $c.beta_end,
+            beta_schedule: $c.beta_schedule,
+            trained_betas: $c.trained_betas.as_deref(),
+            rescale_betas_zero_snr: $zero_snr,
+        })
+    };
+}
+pub(crate) use noise_schedule_of;
+
+/// The `add_noise` of the variance-preserving sigma schedulers (DPM-Solver, UniPC, DEIS):
+/// `alpha_t * original + sigma_t * noise` at the schedule sigma of each timestep (or of the
+/// current or begin index), from the `cursor`, `timesteps` and `sigmas` fields and the
+/// config's `use_flow_sigmas`.
+macro_rules! alpha_sigma_add_noise {
+    () => {
+        /// `alpha_t * original + sigma_t * noise` at the noise level of each timestep (or of
+        /// the begin index).
+        fn add_noise<const D: usize>(
+            &self,
+            original: diffusion_core::burn::tensor::Tensor<D>,
+            noise: diffusion_core::burn::tensor::Tensor<D>,
+            timesteps: &[f64],
+        ) -> diffusion_core::Result<diffusion_core::burn::tensor::Tensor<D>> {
+            $crate::sigmas::add_noise_at_sigmas(
+                &self.cursor,
+                &self.timesteps,
+                &self.sigmas,
+                self.config().use_flow_sigmas,
+                original,
+                noise,
+                timesteps,
+            )
+        }
+    };
+}
+pub(crate) use alpha_sigma_add_noise;

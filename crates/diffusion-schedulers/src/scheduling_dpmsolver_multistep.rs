@@ -8,10 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::ops::{self, Stored};
-use crate::schedule::{
-    self, BetaConfig, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing, numpy_arange,
-    numpy_linspace,
-};
+use crate::schedule::{self, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
 use crate::scheduler::{
     ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_error,
 };
@@ -57,7 +54,7 @@ impl AlgorithmType {
         )
     }
 
-    fn is_sde(self) -> bool {
+    pub(crate) fn is_sde(self) -> bool {
         matches!(self, Self::SdeDpmSolver | Self::SdeDpmSolverPlusPlus)
     }
 }
@@ -207,7 +204,8 @@ impl Default for DPMSolverMultistepSchedulerConfig {
     }
 }
 
-fn is_neg_infinity(v: &f64) -> bool {
+/// Whether `lambda_min_clipped` holds its default, which is left out when saving.
+pub(crate) fn is_neg_infinity(v: &f64) -> bool {
     *v == f64::NEG_INFINITY
 }
 
@@ -337,15 +335,34 @@ impl DPMSolverMultistepScheduler {
         &self.schedule
     }
 
+    /// The training sigma table (ascending, float32), for the inverse scheduler.
+    pub(crate) fn sigma_table(&self) -> &[f32] {
+        &self.sigma_table
+    }
+
+    /// The log of [`Self::sigma_table`].
+    pub(crate) fn log_sigmas(&self) -> &[f32] {
+        &self.log_sigmas
+    }
+
+    /// Forget the step count (the inverse scheduler's state before `set_timesteps`).
+    pub(crate) fn clear_step_count(&mut self) {
+        self.num_inference_steps = None;
+    }
+
+    /// Install a schedule built elsewhere (the inverse scheduler's) and forget the history.
+    pub(crate) fn set_schedule(&mut self, timesteps: Vec<f64>, sigmas: Vec<f64>) {
+        self.num_inference_steps = Some(timesteps.len());
+        self.timesteps = timesteps;
+        self.sigmas = sigmas;
+        self.model_outputs = vec![None; self.config().solver_order];
+        self.lower_order_nums = 0;
+        self.cursor.reset();
+    }
+
     /// `(alpha_t, sigma_t)` of a noise level, in float32 as diffusers computes them.
     fn alpha_sigma(&self, sigma: f64) -> (f32, f32) {
-        let sigma = sigma as f32;
-        if self.config().use_flow_sigmas {
-            (1.0 - sigma, sigma)
-        } else {
-            let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-            (alpha, sigma * alpha)
-        }
+        sigmas::alpha_sigma(sigma, self.config().use_flow_sigmas)
     }
 
     /// `alpha_t`, `sigma_t` and the log-SNR `lambda_t` at schedule position `i`.
@@ -359,58 +376,11 @@ impl DPMSolverMultistepScheduler {
         let c = self.config();
         let n = c.num_train_timesteps;
         schedule::check_num_inference_steps(k, n)?;
-        // torch.searchsorted over the ascending (flipped) log-SNR table.
-        let clipped_idx = self
-            .alphas_cumprod
-            .iter()
-            .rev()
-            .map(|&a| {
-                let a = a as f32;
-                a.sqrt().ln() - (1.0 - a).sqrt().ln()
-            })
-            .take_while(|&l| f64::from(l) < c.lambda_min_clipped)
-            .count();
-        let last = n - clipped_idx;
-        let ts: Vec<f64> = match c.timestep_spacing {
-            TimestepSpacing::Linspace => {
-                let mut v: Vec<f64> = numpy_linspace(0.0, (last as f64) - 1.0, k + 1)
-                    .into_iter()
-                    .map(f64::round_ties_even)
-                    .collect();
-                v.reverse();
-                v.truncate(k);
-                v
-            }
-            TimestepSpacing::Leading => {
-                let ratio = last / (k + 1);
-                if ratio == 0 {
-                    return Err(Error::invalid_argument(
-                        "num_inference_steps",
-                        format!("{k} steps leave no room between leading timesteps below {last}"),
-                    ));
-                }
-                (1..=k)
-                    .rev()
-                    .map(|i| (i * ratio + c.steps_offset) as f64)
-                    .collect()
-            }
-            TimestepSpacing::Trailing => numpy_arange(last as f64, 0.0, -(n as f64 / k as f64))
-                .into_iter()
-                .take(k)
-                .map(|v| v.round_ties_even() - 1.0)
-                .collect(),
-        };
-        if ts.iter().any(|&t| t < 0.0 || t >= n as f64) {
-            return Err(Error::invalid_argument(
-                "steps_offset",
-                format!("the timesteps {ts:?} leave the training range [0, {})", n),
-            ));
-        }
-        Ok(ts)
+        let clipped_idx = clipped_count(&self.alphas_cumprod, c.lambda_min_clipped);
+        sigmas::multistep_timesteps(c.timestep_spacing, n, n - clipped_idx, k, c.steps_offset)
     }
 
-    /// diffusers' `convert_model_output`: the data prediction for `dpmsolver++` variants, the
-    /// noise prediction otherwise (after thresholding where configured).
+    /// diffusers' `convert_model_output` at schedule position `i`.
     fn convert_model_output<const D: usize>(
         &self,
         model_output: Tensor<D>,
@@ -418,18 +388,206 @@ impl DPMSolverMultistepScheduler {
         i: usize,
     ) -> Result<Tensor<D>> {
         let c = self.config();
+        DpmOutput {
+            algorithm: c.algorithm_type,
+            prediction: c.prediction_type,
+            learned_variance: c.variance_type.is_some(),
+            thresholding: c
+                .thresholding
+                .then_some((c.dynamic_thresholding_ratio, c.sample_max_value)),
+            flow: c.use_flow_sigmas,
+        }
+        .convert(model_output, sample, self.sigmas[i])
+    }
+
+    /// The multistep update of `order` from position `i` to `i + 1`, with the newest converted
+    /// output last in `outputs`.
+    fn update<const D: usize>(
+        &self,
+        order: usize,
+        i: usize,
+        outputs: &[Tensor<D>],
+        sample: Tensor<D>,
+        noise: Option<Tensor<D>>,
+    ) -> Tensor<D> {
+        let c = self.config();
+        let heun = c.solver_type == SolverType::Heun;
+        let (alpha_t, sigma_t, lambda_t) = self.point(i + 1);
+        let (alpha_s0, sigma_s0, lambda_s0) = self.point(i);
+        let h = lambda_t - lambda_s0;
+        let k = DpmCoefficients::new(
+            c.algorithm_type,
+            order,
+            heun,
+            (alpha_t, sigma_t),
+            (alpha_s0, sigma_s0),
+            h,
+        );
+        let m0 = outputs[outputs.len() - 1].clone();
+        let terms = match order {
+            1 => vec![(k.c[0], m0)],
+            2 => {
+                let (_, _, lambda_s1) = self.point(i - 1);
+                let m1 = outputs[outputs.len() - 2].clone();
+                let r0 = (lambda_s0 - lambda_s1) / h;
+                let d1 = m0.clone().sub(m1).mul_scalar(1.0 / r0);
+                vec![(k.c[0], m0), (k.c[1], d1)]
+            }
+            _ => {
+                let (_, _, lambda_s1) = self.point(i - 1);
+                let (_, _, lambda_s2) = self.point(i - 2);
+                let m1 = outputs[outputs.len() - 2].clone();
+                let m2 = outputs[outputs.len() - 3].clone();
+                let (h0, h1) = (lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
+                let (r0, r1) = (h0 / h, h1 / h);
+                let d1_0 = m0.clone().sub(m1.clone()).mul_scalar(1.0 / r0);
+                let d1_1 = m1.sub(m2).mul_scalar(1.0 / r1);
+                let diff = d1_0.clone().sub(d1_1);
+                let d1 = d1_0.add(diff.clone().mul_scalar(r0 / (r0 + r1)));
+                let d2 = diff.mul_scalar(1.0 / (r0 + r1));
+                vec![(k.c[0], m0), (k.c[1], d1), (k.c[2], d2)]
+            }
+        };
+        k.apply(sample, terms, noise)
+    }
+}
+
+/// The float32 coefficients of a DPM-Solver(++) update of order 1 to 3 from a noise level `s`
+/// to `t` (`h = lambda_t - lambda_s`): `x_t = sample * sample + sum_k c[k] * D_k + noise *
+/// noise`, where `D_0` is the model output and `D_1`, `D_2` its first and second divided
+/// differences (the multistep and singlestep solvers differ only in how they form those).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DpmCoefficients {
+    pub sample: f32,
+    pub c: [f32; 3],
+    pub noise: f32,
+}
+
+impl DpmCoefficients {
+    /// diffusers' coefficients, in its operation order. `sde-dpmsolver` has no third order
+    /// (configs refuse it); its second-order terms are used there.
+    pub(crate) fn new(
+        algorithm: AlgorithmType,
+        order: usize,
+        heun: bool,
+        (alpha_t, sigma_t): (f32, f32),
+        (alpha_s, sigma_s): (f32, f32),
+        h: f32,
+    ) -> Self {
+        use AlgorithmType::*;
+        let e_mh = (-h).exp() - 1.0; // exp(-h) - 1
+        let e_h = h.exp() - 1.0; // exp(h) - 1
+        let one_m_e2 = 1.0 - (-2.0 * h).exp(); // 1 - exp(-2h)
+        let (sample, noise) = match algorithm {
+            DpmSolverPlusPlus | Deis => (sigma_t / sigma_s, 0.0),
+            DpmSolver => (alpha_t / alpha_s, 0.0),
+            SdeDpmSolverPlusPlus => (sigma_t / sigma_s * (-h).exp(), sigma_t * one_m_e2.sqrt()),
+            SdeDpmSolver => (alpha_t / alpha_s, sigma_t * ((2.0 * h).exp() - 1.0).sqrt()),
+        };
+        let c0 = match algorithm {
+            DpmSolverPlusPlus | Deis => -(alpha_t * e_mh),
+            DpmSolver => -(sigma_t * e_h),
+            SdeDpmSolverPlusPlus => alpha_t * one_m_e2,
+            SdeDpmSolver => -(2.0 * (sigma_t * e_h)),
+        };
+        let (c1, c2) = match (algorithm, order, heun) {
+            (_, 1, _) => (0.0, 0.0),
+            (DpmSolverPlusPlus | Deis, 2, false) => (-(0.5 * (alpha_t * e_mh)), 0.0),
+            (DpmSolver, 2, false) => (-(0.5 * (sigma_t * e_h)), 0.0),
+            (SdeDpmSolverPlusPlus, 2, false) => (0.5 * (alpha_t * one_m_e2), 0.0),
+            (SdeDpmSolver, _, false) => (-(sigma_t * e_h), 0.0),
+            (SdeDpmSolver, _, true) => (-(2.0 * (sigma_t * (e_h / h - 1.0))), 0.0),
+            (DpmSolverPlusPlus | Deis, _, _) => (
+                alpha_t * (e_mh / h + 1.0),
+                -(alpha_t * (((-h).exp() - 1.0 + h) / (h * h) - 0.5)),
+            ),
+            (DpmSolver, _, _) => (
+                -(sigma_t * (e_h / h - 1.0)),
+                -(sigma_t * ((h.exp() - 1.0 - h) / (h * h) - 0.5)),
+            ),
+            (SdeDpmSolverPlusPlus, _, _) => {
+                let two_h = 2.0 * h;
+                (
+                    alpha_t * (one_m_e2 / (-2.0 * h) + 1.0),
+                    alpha_t * ((1.0 - (-2.0 * h).exp() - 2.0 * h) / (two_h * two_h) - 0.5),
+                )
+            }
+        };
+        Self {
+            sample,
+            c: [c0, c1, c2],
+            noise,
+        }
+    }
+
+    /// `sample * self.sample`, plus each term times its coefficient, plus the noise term.
+    pub(crate) fn apply<const D: usize>(
+        &self,
+        sample: Tensor<D>,
+        terms: Vec<(f32, Tensor<D>)>,
+        noise: Option<Tensor<D>>,
+    ) -> Tensor<D> {
+        let mut x = sample.mul_scalar(self.sample);
+        for (coeff, t) in terms {
+            x = x.add(t.mul_scalar(coeff));
+        }
+        match noise {
+            Some(noise) => x.add(noise.mul_scalar(self.noise)),
+            None => x,
+        }
+    }
+}
+
+/// How many of the noisiest training timesteps have a log-SNR below `lambda_min_clipped`
+/// (`torch.searchsorted` over the ascending, flipped float32 log-SNR table).
+pub(crate) fn clipped_count(alphas_cumprod: &[f64], lambda_min_clipped: f64) -> usize {
+    alphas_cumprod
+        .iter()
+        .rev()
+        .map(|&a| {
+            let a = a as f32;
+            a.sqrt().ln() - (1.0 - a).sqrt().ln()
+        })
+        .take_while(|&l| f64::from(l) < lambda_min_clipped)
+        .count()
+}
+
+/// What a DPM-Solver(++) model output is converted with (`convert_model_output`), shared by
+/// the multistep and singlestep solvers.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DpmOutput {
+    pub algorithm: AlgorithmType,
+    pub prediction: PredictionType,
+    /// Drop the variance channels of a learned-variance model output.
+    pub learned_variance: bool,
+    /// Dynamic thresholding `(ratio, max_value)`.
+    pub thresholding: Option<(f64, f64)>,
+    /// Flow-matching sigmas.
+    pub flow: bool,
+}
+
+impl DpmOutput {
+    /// diffusers' `convert_model_output` at noise level `sigma`: the data prediction for
+    /// `dpmsolver++` variants, the noise prediction otherwise (after thresholding where
+    /// configured).
+    pub(crate) fn convert<const D: usize>(
+        &self,
+        model_output: Tensor<D>,
+        sample: &Tensor<D>,
+        sigma: f64,
+    ) -> Result<Tensor<D>> {
         let channels = sample.dims()[1];
         // Learned-variance models: keep the prediction, drop the variance channels.
         let take_prediction = |m: Tensor<D>| {
-            if c.variance_type.is_some() && m.dims()[1] == 2 * channels {
+            if self.learned_variance && m.dims()[1] == 2 * channels {
                 m.narrow(1, 0, channels)
             } else {
                 m
             }
         };
-        let (alpha_t, sigma_t) = self.alpha_sigma(self.sigmas[i]);
-        if c.algorithm_type.is_data_prediction() {
-            let x0 = match c.prediction_type {
+        let (alpha_t, sigma_t) = sigmas::alpha_sigma(sigma, self.flow);
+        if self.algorithm.is_data_prediction() {
+            let x0 = match self.prediction {
                 PredictionType::Epsilon => {
                     let m = take_prediction(model_output);
                     ops::check_same_shape(&m, sample, "model_output", "sample")?;
@@ -444,20 +602,19 @@ impl DPMSolverMultistepScheduler {
                     .mul_scalar(alpha_t)
                     .sub(model_output.mul_scalar(sigma_t)),
                 PredictionType::FlowPrediction => {
-                    let sigma = self.sigmas[i] as f32;
-                    sample.clone().sub(model_output.mul_scalar(sigma))
+                    sample.clone().sub(model_output.mul_scalar(sigma as f32))
                 }
                 other @ PredictionType::OriginalSample => {
                     return Err(unsupported_prediction(other));
                 }
             };
             ops::check_same_shape(&x0, sample, "model_output", "sample")?;
-            if c.thresholding {
-                return ops::threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value);
+            if let Some((ratio, max_value)) = self.thresholding {
+                return ops::threshold_sample(x0, ratio, max_value);
             }
             Ok(x0)
         } else {
-            let eps = match c.prediction_type {
+            let eps = match self.prediction {
                 PredictionType::Epsilon => take_prediction(model_output),
                 PredictionType::Sample => sample
                     .clone()
@@ -469,13 +626,12 @@ impl DPMSolverMultistepScheduler {
                 other => return Err(unsupported_prediction(other)),
             };
             ops::check_same_shape(&eps, sample, "model_output", "sample")?;
-            if c.thresholding {
+            if let Some((ratio, max_value)) = self.thresholding {
                 let x0 = sample
                     .clone()
                     .sub(eps.mul_scalar(sigma_t))
                     .div_scalar(alpha_t);
-                let x0 =
-                    ops::threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)?;
+                let x0 = ops::threshold_sample(x0, ratio, max_value)?;
                 return Ok(sample
                     .clone()
                     .sub(x0.mul_scalar(alpha_t))
@@ -483,132 +639,6 @@ impl DPMSolverMultistepScheduler {
             }
             Ok(eps)
         }
-    }
-
-    /// The multistep update of `order` from position `i` to `i + 1`, with the newest converted
-    /// output last in `outputs`.
-    fn update<const D: usize>(
-        &self,
-        order: usize,
-        i: usize,
-        outputs: &[Tensor<D>],
-        sample: Tensor<D>,
-        noise: Option<Tensor<D>>,
-    ) -> Tensor<D> {
-        let c = self.config();
-        let algorithm = c.algorithm_type;
-        let heun = c.solver_type == SolverType::Heun;
-        let (alpha_t, sigma_t, lambda_t) = self.point(i + 1);
-        let (alpha_s0, sigma_s0, lambda_s0) = self.point(i);
-        let h = lambda_t - lambda_s0;
-        let m0 = outputs[outputs.len() - 1].clone();
-        let e_mh = (-h).exp() - 1.0; // exp(-h) - 1
-        let e_h = h.exp() - 1.0; // exp(h) - 1
-        let one_m_e2 = 1.0 - (-2.0 * h).exp(); // 1 - exp(-2h)
-        // (derivative terms D_k with their coefficients; the sample and noise terms are added
-        // around them in diffusers' order)
-        let (sample_coeff, noise_coeff) = match algorithm {
-            AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis => (sigma_t / sigma_s0, 0.0),
-            AlgorithmType::DpmSolver => (alpha_t / alpha_s0, 0.0),
-            AlgorithmType::SdeDpmSolverPlusPlus => {
-                (sigma_t / sigma_s0 * (-h).exp(), sigma_t * one_m_e2.sqrt())
-            }
-            AlgorithmType::SdeDpmSolver => {
-                (alpha_t / alpha_s0, sigma_t * ((2.0 * h).exp() - 1.0).sqrt())
-            }
-        };
-        let mut terms: Vec<(f32, Tensor<D>)> = Vec::with_capacity(4);
-        match order {
-            1 => {
-                let c0 = match algorithm {
-                    AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis => -(alpha_t * e_mh),
-                    AlgorithmType::DpmSolver => -(sigma_t * e_h),
-                    AlgorithmType::SdeDpmSolverPlusPlus => alpha_t * one_m_e2,
-                    AlgorithmType::SdeDpmSolver => -(2.0 * (sigma_t * e_h)),
-                };
-                terms.push((c0, m0));
-            }
-            2 => {
-                let (_, _, lambda_s1) = self.point(i - 1);
-                let m1 = outputs[outputs.len() - 2].clone();
-                let r0 = (lambda_s0 - lambda_s1) / h;
-                let d1 = m0.clone().sub(m1).mul_scalar(1.0 / r0);
-                let (c0, c1) = match (algorithm, heun) {
-                    (AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis, false) => {
-                        (-(alpha_t * e_mh), -(0.5 * (alpha_t * e_mh)))
-                    }
-                    (AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis, true) => {
-                        (-(alpha_t * e_mh), alpha_t * (e_mh / h + 1.0))
-                    }
-                    (AlgorithmType::DpmSolver, false) => {
-                        (-(sigma_t * e_h), -(0.5 * (sigma_t * e_h)))
-                    }
-                    (AlgorithmType::DpmSolver, true) => {
-                        (-(sigma_t * e_h), -(sigma_t * (e_h / h - 1.0)))
-                    }
-                    (AlgorithmType::SdeDpmSolverPlusPlus, false) => {
-                        (alpha_t * one_m_e2, 0.5 * (alpha_t * one_m_e2))
-                    }
-                    (AlgorithmType::SdeDpmSolverPlusPlus, true) => {
-                        (alpha_t * one_m_e2, alpha_t * (one_m_e2 / (-2.0 * h) + 1.0))
-                    }
-                    (AlgorithmType::SdeDpmSolver, false) => {
-                        (-(2.0 * (sigma_t * e_h)), -(sigma_t * e_h))
-                    }
-                    (AlgorithmType::SdeDpmSolver, true) => (
-                        -(2.0 * (sigma_t * e_h)),
-                        -(2.0 * (sigma_t * (e_h / h - 1.0))),
-                    ),
-                };
-                terms.push((c0, m0));
-                terms.push((c1, d1));
-            }
-            _ => {
-                let (_, _, lambda_s1) = self.point(i - 1);
-                let (_, _, lambda_s2) = self.point(i - 2);
-                let m1 = outputs[outputs.len() - 2].clone();
-                let m2 = outputs[outputs.len() - 3].clone();
-                let (h0, h1) = (lambda_s0 - lambda_s1, lambda_s1 - lambda_s2);
-                let (r0, r1) = (h0 / h, h1 / h);
-                let d1_0 = m0.clone().sub(m1.clone()).mul_scalar(1.0 / r0);
-                let d1_1 = m1.sub(m2).mul_scalar(1.0 / r1);
-                let diff = d1_0.clone().sub(d1_1);
-                let d1 = d1_0.add(diff.clone().mul_scalar(r0 / (r0 + r1)));
-                let d2 = diff.mul_scalar(1.0 / (r0 + r1));
-                let (c0, c1, c2) = match algorithm {
-                    AlgorithmType::DpmSolverPlusPlus | AlgorithmType::Deis => (
-                        -(alpha_t * e_mh),
-                        alpha_t * (e_mh / h + 1.0),
-                        -(alpha_t * (((-h).exp() - 1.0 + h) / (h * h) - 0.5)),
-                    ),
-                    AlgorithmType::DpmSolver => (
-                        -(sigma_t * e_h),
-                        -(sigma_t * (e_h / h - 1.0)),
-                        -(sigma_t * ((h.exp() - 1.0 - h) / (h * h) - 0.5)),
-                    ),
-                    // sde-dpmsolver has no third order; validate refuses it.
-                    AlgorithmType::SdeDpmSolverPlusPlus | AlgorithmType::SdeDpmSolver => {
-                        let two_h = 2.0 * h;
-                        (
-                            alpha_t * one_m_e2,
-                            alpha_t * (one_m_e2 / (-2.0 * h) + 1.0),
-                            alpha_t * ((1.0 - (-2.0 * h).exp() - 2.0 * h) / (two_h * two_h) - 0.5),
-                        )
-                    }
-                };
-                terms.push((c0, m0));
-                terms.push((c1, d1));
-                terms.push((c2, d2));
-            }
-        }
-        let mut x = sample.mul_scalar(sample_coeff);
-        for (coeff, t) in terms {
-            x = x.add(t.mul_scalar(coeff));
-        }
-        if let Some(noise) = noise {
-            x = x.add(noise.mul_scalar(noise_coeff));
-        }
-        x
     }
 }
 
@@ -641,14 +671,7 @@ impl ConfiguredScheduler for DPMSolverMultistepScheduler {
         let c = &file.config;
         c.validate()
             .map_err(|e| config_error(DPMSolverMultistepSchedulerConfig::CLASS_NAME, e))?;
-        let schedule = NoiseSchedule::new(&BetaConfig {
-            num_train_timesteps: c.num_train_timesteps,
-            beta_start: c.beta_start,
-            beta_end: c.beta_end,
-            beta_schedule: c.beta_schedule,
-            trained_betas: c.trained_betas.as_deref(),
-            rescale_betas_zero_snr: c.rescale_betas_zero_snr,
-        })?;
+        let schedule = crate::scheduler::noise_schedule_of!(c, c.rescale_betas_zero_snr)?;
         let alphas_cumprod = sigmas::patched_alphas_cumprod(&schedule, c.rescale_betas_zero_snr);
         let sigma_table = sigmas::sigma_table(&schedule, c.rescale_betas_zero_snr);
         let log_sigmas = sigma_table.iter().map(|s| s.ln()).collect();
@@ -675,29 +698,7 @@ impl ConfiguredScheduler for DPMSolverMultistepScheduler {
 }
 
 impl Scheduler for DPMSolverMultistepScheduler {
-    fn class_name(&self) -> &'static str {
-        DPMSolverMultistepSchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.config().num_train_timesteps
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
+    crate::scheduler::stateful_scheduler_accessors!(unit_noise);
 
     /// A step count or custom integral timesteps (not with Karras, exponential, Lu or flow
     /// sigmas); `mu` sets the flow shift to `exp(mu)` when `use_dynamic_shifting` is on.
@@ -786,16 +787,7 @@ impl Scheduler for DPMSolverMultistepScheduler {
             let s = sigmas::exponential_sigmas(sigma_min, sigma_max, k);
             (s.iter().map(to_t).collect(), s)
         } else if c.use_flow_sigmas {
-            let shift = self.flow_shift;
-            let mut s: Vec<f64> = numpy_linspace(1.0, 1.0 / n as f64, k + 1)
-                .into_iter()
-                .map(|a| {
-                    let s = 1.0 - a;
-                    shift * s / (1.0 + (shift - 1.0) * s)
-                })
-                .collect();
-            s.reverse();
-            s.truncate(k);
+            let s = sigmas::shifted_flow_sigmas(n, k, self.flow_shift);
             (s.iter().map(|s| s * n as f64).collect(), s)
         } else {
             let s = spaced
@@ -822,31 +814,6 @@ impl Scheduler for DPMSolverMultistepScheduler {
         Ok(())
     }
 
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn step_index(&self) -> Option<usize> {
-        self.cursor.step_index
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
-        self.cursor
-            .set_begin_index(begin_index, self.timesteps.len())
-    }
-
-    fn scale_model_input<const D: usize>(
-        &mut self,
-        sample: Tensor<D>,
-        _timestep: f64,
-    ) -> Result<Tensor<D>> {
-        Ok(sample)
-    }
-
     /// One multistep update. SDE variants take `generator` or `variance_noise`.
     fn step<const D: usize>(
         &mut self,
@@ -857,18 +824,7 @@ impl Scheduler for DPMSolverMultistepScheduler {
     ) -> Result<StepOutput<D>> {
         let class = self.class_name();
         options.accept_only(class, &["generator", "variance_noise"])?;
-        if self.num_inference_steps.is_none() {
-            return Err(Error::invalid_argument(
-                "num_inference_steps",
-                format!("{class}.step was called before set_timesteps"),
-            ));
-        }
-        if D < 2 {
-            return Err(Error::invalid_argument(
-                "sample",
-                format!("{class} steps [batch, channels, ...] tensors"),
-            ));
-        }
+        crate::scheduler::check_step_call(class, self.num_inference_steps, D)?;
         let c = self.config().clone();
         let mut cursor = self.cursor.clone();
         let i = cursor.current(&self.timesteps, timestep, MissingTimestep::LastStep)?;
@@ -896,9 +852,7 @@ impl Scheduler for DPMSolverMultistepScheduler {
 
         // Everything that can fail has; now update the state.
         let mut history = std::mem::take(&mut self.model_outputs);
-        history.resize(c.solver_order, None);
-        history.rotate_left(1);
-        history[c.solver_order - 1] = Some(Stored::new(&converted));
+        ops::push_history(&mut history, c.solver_order, Stored::new(&converted));
         let order = if c.solver_order == 1 || self.lower_order_nums < 1 || lower_order_final {
             1
         } else if c.solver_order == 2 || self.lower_order_nums < 2 || lower_order_second {
@@ -906,16 +860,7 @@ impl Scheduler for DPMSolverMultistepScheduler {
         } else {
             3
         };
-        let outputs: Vec<Tensor<D>> = history[c.solver_order - order..]
-            .iter()
-            .map(|s| match s {
-                Some(s) => s.get::<D>(),
-                None => Err(Error::invalid_argument(
-                    "timestep",
-                    "the multistep history is missing an earlier output",
-                )),
-            })
-            .collect::<Result<_>>()?;
+        let outputs: Vec<Tensor<D>> = ops::history_tail(&history, order)?;
         let prev_sample = self.update(order, i, &outputs, sample, noise);
         self.model_outputs = history;
         if self.lower_order_nums < c.solver_order {
@@ -930,27 +875,5 @@ impl Scheduler for DPMSolverMultistepScheduler {
         })
     }
 
-    /// `alpha_t * original + sigma_t * noise` at the noise level of each timestep (or of the
-    /// begin index).
-    fn add_noise<const D: usize>(
-        &self,
-        original: Tensor<D>,
-        noise: Tensor<D>,
-        timesteps: &[f64],
-    ) -> Result<Tensor<D>> {
-        ops::check_same_shape(&noise, &original, "noise", "original_samples")?;
-        let indices =
-            self.cursor
-                .noise_indices(&self.timesteps, timesteps, MissingTimestep::LastStep)?;
-        let (alpha, sigma): (Vec<f64>, Vec<f64>) = indices
-            .iter()
-            .map(|&i| {
-                let (a, s) = self.alpha_sigma(self.sigmas[i]);
-                (f64::from(a), f64::from(s))
-            })
-            .unzip();
-        let alpha = ops::batch_coefficients(&alpha, &original)?;
-        let sigma = ops::batch_coefficients(&sigma, &original)?;
-        Ok(alpha.mul(original).add(sigma.mul(noise)))
-    }
+    crate::scheduler::alpha_sigma_add_noise!();
 }

@@ -14,7 +14,7 @@ use crate::scheduler::{
     ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_error,
 };
 use crate::sigmas::{
-    self, FinalSigmasType, MissingTimestep, StepCursor, check_step_in_range, float_timesteps,
+    self, Churn, FinalSigmasType, MissingTimestep, StepCursor, check_step_in_range, float_timesteps,
 };
 
 /// How sigmas are read off the training table at fractional timesteps (`interpolation_type`).
@@ -406,16 +406,7 @@ impl Scheduler for EulerDiscreteScheduler {
             ],
         )?;
         ops::check_same_shape(&model_output, &sample, "model_output", "sample")?;
-        let s_churn = options.s_churn.unwrap_or(0.0);
-        let s_tmin = options.s_tmin.unwrap_or(0.0);
-        let s_tmax = options.s_tmax.unwrap_or(f64::INFINITY);
-        let s_noise = options.s_noise.unwrap_or(1.0);
-        if s_churn.is_nan() || s_churn < 0.0 {
-            return Err(Error::invalid_argument(
-                "s_churn",
-                format!("{s_churn} must be non-negative"),
-            ));
-        }
+        let churn = Churn::from_options(&options)?;
         let i = self
             .cursor
             .current(&self.timesteps, timestep, MissingTimestep::Error)?;
@@ -423,26 +414,18 @@ impl Scheduler for EulerDiscreteScheduler {
 
         let out_dtype = ops::float_dtype(&model_output, "model_output")?;
         let model_output = model_output.cast(FloatDType::F32);
-        let mut sample = sample.cast(FloatDType::F32);
+        let sample = sample.cast(FloatDType::F32);
 
         // Scalars in float32, as diffusers holds sigmas in a float32 tensor.
         let sigma = self.sigmas[i] as f32;
-        let gamma = if s_tmin <= f64::from(sigma) && f64::from(sigma) <= s_tmax {
-            (s_churn / (self.sigmas.len() - 1) as f64).min(2f64.sqrt() - 1.0)
-        } else {
-            0.0
-        };
-        let sigma_hat = sigma * (gamma + 1.0) as f32;
-        if gamma > 0.0 {
-            let noise = ops::noise_like(
-                &model_output,
-                options.generator,
-                options.variance_noise,
-                class,
-            )?;
-            let eps = noise.mul_scalar(s_noise as f32);
-            sample = sample.add(eps.mul_scalar((sigma_hat * sigma_hat - sigma * sigma).sqrt()));
-        }
+        let (sample, sigma_hat) = churn.apply(
+            sample,
+            sigma,
+            self.sigmas.len() - 1,
+            options.generator,
+            options.variance_noise,
+            class,
+        )?;
 
         let pred_original = match self.config().prediction_type {
             PredictionType::Sample | PredictionType::OriginalSample => model_output.clone(),

@@ -228,8 +228,7 @@ impl ConfiguredScheduler for HeunDiscreteScheduler {
         let sigma_table = sigmas::sigma_table(&schedule, false);
         let log_sigmas = sigma_table.iter().map(|s| s.ln()).collect();
         let n = c.num_train_timesteps;
-        let spacing = c.timestep_spacing;
-        let offset = c.steps_offset;
+        let ts = sigmas::train_float_timesteps(c.timestep_spacing, n, c.steps_offset);
         let mut scheduler = Self {
             file,
             schedule,
@@ -241,10 +240,6 @@ impl ConfiguredScheduler for HeunDiscreteScheduler {
             cursor: StepCursor::default(),
             first_half: None,
         };
-        // diffusers' __init__ calls set_timesteps(num_train_timesteps); with `leading` spacing
-        // and a steps_offset its first timestep lies past the table, where np.interp clamps.
-        let ts = float_timesteps(spacing, n, n, offset)
-            .unwrap_or_else(|_| (0..n).rev().map(|i| (i + offset) as f64).collect());
         scheduler.build(ts, n);
         Ok(scheduler)
     }

@@ -193,6 +193,134 @@ pub fn float_timesteps(
     Ok(ts)
 }
 
+/// Integral timesteps as the multistep solvers (DPM-Solver, UniPC, DEIS) space them: `k + 1`
+/// points over `[0, last)` with the last one dropped, so that the final step lands on the
+/// final sigma rather than on timestep 0. `last` is below `num_train_timesteps` when a
+/// log-SNR clip cuts the schedule short.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `num_inference_steps` when `leading` spacing leaves no
+/// room between timesteps, and `steps_offset` when a timestep leaves `[0, n)`.
+pub(crate) fn multistep_timesteps(
+    spacing: TimestepSpacing,
+    n: usize,
+    last: usize,
+    k: usize,
+    steps_offset: usize,
+) -> Result<Vec<f64>> {
+    crate::schedule::check_num_inference_steps(k, n)?;
+    let ts: Vec<f64> = match spacing {
+        TimestepSpacing::Linspace => {
+            let mut v: Vec<f64> = numpy_linspace(0.0, (last as f64) - 1.0, k + 1)
+                .into_iter()
+                .map(f64::round_ties_even)
+                .collect();
+            v.reverse();
+            v.truncate(k);
+            v
+        }
+        TimestepSpacing::Leading => {
+            let ratio = last / (k + 1);
+            if ratio == 0 {
+                return Err(Error::invalid_argument(
+                    "num_inference_steps",
+                    format!("{k} steps leave no room between leading timesteps below {last}"),
+                ));
+            }
+            (1..=k)
+                .rev()
+                .map(|i| (i * ratio + steps_offset) as f64)
+                .collect()
+        }
+        TimestepSpacing::Trailing => numpy_arange(last as f64, 0.0, -(n as f64 / k as f64))
+            .into_iter()
+            .take(k)
+            .map(|v| v.round_ties_even() - 1.0)
+            .collect(),
+    };
+    if ts.iter().any(|&t| t < 0.0 || t >= n as f64) {
+        return Err(Error::invalid_argument(
+            "steps_offset",
+            format!("the timesteps {ts:?} leave the training range [0, {n})"),
+        ));
+    }
+    Ok(ts)
+}
+
+/// `(alpha_t, sigma_t)` of a noise level in float32 as diffusers computes them: variance
+/// preserving `alpha = 1 / sqrt(sigma^2 + 1)`, `sigma_t = sigma * alpha`, or the flow-matching
+/// pair `(1 - sigma, sigma)`.
+pub(crate) fn alpha_sigma(sigma: f64, flow: bool) -> (f32, f32) {
+    let sigma = sigma as f32;
+    if flow {
+        (1.0 - sigma, sigma)
+    } else {
+        let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+        (alpha, sigma * alpha)
+    }
+}
+
+/// The schedule diffusers' Karras-style `__init__` builds with
+/// `set_timesteps(num_train_timesteps)`: [`float_timesteps`] over every training timestep.
+/// With `leading` spacing and a `steps_offset` the first timestep lies past the table, which
+/// diffusers accepts there (`np.interp` clamps), so it is kept rather than refused.
+pub(crate) fn train_float_timesteps(
+    spacing: TimestepSpacing,
+    n: usize,
+    steps_offset: usize,
+) -> Vec<f64> {
+    float_timesteps(spacing, n, n, steps_offset)
+        .unwrap_or_else(|_| (0..n).rev().map(|i| (i + steps_offset) as f64).collect())
+}
+
+/// Flow-matching sigmas of the multistep/singlestep solvers: `k` values of
+/// `shift * s / (1 + (shift - 1) * s)` for `s` evenly spaced from 1 down to `1/n` (`f64`, as
+/// numpy computes them).
+pub(crate) fn shifted_flow_sigmas(n: usize, k: usize, shift: f64) -> Vec<f64> {
+    let mut s: Vec<f64> = numpy_linspace(1.0, 1.0 / n as f64, k + 1)
+        .into_iter()
+        .map(|a| {
+            let s = 1.0 - a;
+            shift * s / (1.0 + (shift - 1.0) * s)
+        })
+        .collect();
+    s.reverse();
+    s.truncate(k);
+    s
+}
+
+/// Inference timesteps and sigmas from the training sigma table (ascending, float32) of the
+/// solvers that take Karras or exponential sigmas over the whole table: Karras sigmas with
+/// rounded timesteps, exponential sigmas with fractional ones, or the table read at the
+/// `spaced` timesteps.
+pub(crate) fn table_sigmas(
+    karras: bool,
+    exponential: bool,
+    sigma_table: &[f32],
+    log_sigmas: &[f32],
+    spaced: Vec<f64>,
+) -> (Vec<f64>, Vec<f64>) {
+    let k = spaced.len();
+    let (lo, hi) = (
+        f64::from(sigma_table[0]),
+        f64::from(sigma_table[sigma_table.len() - 1]),
+    );
+    let to_t = |s: &f64| sigma_to_t(*s, log_sigmas);
+    if karras {
+        let s = karras_sigmas(lo, hi, k);
+        (s.iter().map(to_t).map(f64::round_ties_even).collect(), s)
+    } else if exponential {
+        let s = exponential_sigmas(lo, hi, k);
+        (s.iter().map(to_t).collect(), s)
+    } else {
+        let s = spaced
+            .iter()
+            .map(|&t| interp_on_grid(t, sigma_table))
+            .collect();
+        (spaced, s)
+    }
+}
+
 /// What [`StepCursor`] does with a timestep that is not in the schedule.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum MissingTimestep {
@@ -312,6 +440,123 @@ impl StepCursor {
             (Some(_), Some(i)) => Ok(vec![i; timesteps.len()]),
             (Some(b), None) => Ok(vec![b; timesteps.len()]),
         }
+    }
+}
+
+/// The forward process of the multistep solvers: `alpha_t * original + sigma_t * noise` at the
+/// schedule sigma of each timestep (or at the current or begin index once one is set, as
+/// diffusers does for image-to-image and inpainting); a timestep not in the schedule uses the
+/// last step.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for mismatched shapes or a timestep count that is neither 1 nor
+/// the batch size.
+pub(crate) fn add_noise_at_sigmas<const D: usize>(
+    cursor: &StepCursor,
+    schedule_timesteps: &[f64],
+    sigmas: &[f64],
+    flow: bool,
+    original: Tensor<D>,
+    noise: Tensor<D>,
+    timesteps: &[f64],
+) -> Result<Tensor<D>> {
+    crate::ops::check_same_shape(&noise, &original, "noise", "original_samples")?;
+    let indices = cursor.noise_indices(schedule_timesteps, timesteps, MissingTimestep::LastStep)?;
+    let (alpha, sigma): (Vec<f64>, Vec<f64>) = indices
+        .iter()
+        .map(|&i| {
+            let (a, s) = alpha_sigma(sigmas[i], flow);
+            (f64::from(a), f64::from(s))
+        })
+        .unzip();
+    let alpha = crate::ops::batch_coefficients(&alpha, &original)?;
+    let sigma = crate::ops::batch_coefficients(&sigma, &original)?;
+    Ok(alpha.mul(original).add(sigma.mul(noise)))
+}
+
+/// The forward process of the variance-exploding (Karras-style) schedulers:
+/// `original + sigma * noise` at the schedule sigma of each timestep (or at the current or
+/// begin index once one is set); a timestep not in the schedule is refused.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for mismatched shapes, a timestep not in the schedule, or a
+/// timestep count that is neither 1 nor the batch size.
+pub(crate) fn add_noise_ve<const D: usize>(
+    cursor: &StepCursor,
+    schedule_timesteps: &[f64],
+    sigmas: &[f64],
+    original: Tensor<D>,
+    noise: Tensor<D>,
+    timesteps: &[f64],
+) -> Result<Tensor<D>> {
+    crate::ops::check_same_shape(&noise, &original, "noise", "original_samples")?;
+    let indices = cursor.noise_indices(schedule_timesteps, timesteps, MissingTimestep::Error)?;
+    let sigma: Vec<f64> = indices.iter().map(|&i| sigmas[i]).collect();
+    let sigma = crate::ops::batch_coefficients(&sigma, &original)?;
+    Ok(original.add(noise.mul(sigma)))
+}
+
+/// Karras et al.'s churn (algorithm 2, the `s_churn`, `s_tmin`, `s_tmax`, `s_noise` step
+/// options of the Euler and Heun samplers): raise the noise level of the current sample from
+/// `sigma` to `sigma_hat = sigma * (1 + gamma)` by adding fresh noise.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Churn {
+    s_churn: f64,
+    s_tmin: f64,
+    s_tmax: f64,
+    s_noise: f64,
+}
+
+impl Churn {
+    /// The churn options, with diffusers' defaults (no churn).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `s_churn` when it is negative or NaN.
+    pub(crate) fn from_options<const D: usize>(
+        options: &crate::StepOptions<'_, D>,
+    ) -> Result<Self> {
+        let s_churn = options.s_churn.unwrap_or(0.0);
+        if s_churn.is_nan() || s_churn < 0.0 {
+            return Err(Error::invalid_argument(
+                "s_churn",
+                format!("{s_churn} must be non-negative"),
+            ));
+        }
+        Ok(Self {
+            s_churn,
+            s_tmin: options.s_tmin.unwrap_or(0.0),
+            s_tmax: options.s_tmax.unwrap_or(f64::INFINITY),
+            s_noise: options.s_noise.unwrap_or(1.0),
+        })
+    }
+
+    /// The churned sample and `sigma_hat` (float32 scalars as diffusers computes them), for a
+    /// schedule of `steps` steps; noise is drawn only when `gamma > 0`.
+    ///
+    /// # Errors
+    /// As [`crate::ops::noise_like`] when noise is needed but not given.
+    pub(crate) fn apply<const D: usize>(
+        &self,
+        sample: Tensor<D>,
+        sigma: f32,
+        steps: usize,
+        generator: Option<diffusion_core::NoiseSource<'_>>,
+        variance_noise: Option<Tensor<D>>,
+        class: &str,
+    ) -> Result<(Tensor<D>, f32)> {
+        let gamma = if self.s_tmin <= f64::from(sigma) && f64::from(sigma) <= self.s_tmax {
+            (self.s_churn / steps as f64).min(2f64.sqrt() - 1.0)
+        } else {
+            0.0
+        };
+        let sigma_hat = sigma * (gamma + 1.0) as f32;
+        if gamma <= 0.0 {
+            return Ok((sample, sigma_hat));
+        }
+        let noise = crate::ops::noise_like(&sample, generator, variance_noise, class)?;
+        let eps = noise.mul_scalar(self.s_noise as f32);
+        let sample = sample.add(eps.mul_scalar((sigma_hat * sigma_hat - sigma * sigma).sqrt()));
+        Ok((sample, sigma_hat))
     }
 }
 

@@ -7,18 +7,34 @@ mod common;
 mod config;
 #[path = "schedulers/ddim_inverse.rs"]
 mod ddim_inverse;
+#[path = "schedulers/deis.rs"]
+mod deis;
+#[path = "schedulers/dpm_inverse.rs"]
+mod dpm_inverse;
+#[path = "schedulers/dpm_single.rs"]
+mod dpm_single;
+#[path = "schedulers/edm_euler.rs"]
+mod edm_euler;
 #[path = "schedulers/errors.rs"]
 mod errors;
+#[path = "schedulers/flow_match.rs"]
+mod flow_match;
 #[path = "schedulers/golden.rs"]
 mod golden;
 #[path = "schedulers/golden_sigma.rs"]
 mod golden_sigma;
 #[path = "schedulers/heun.rs"]
 mod heun;
+#[path = "schedulers/ipndm.rs"]
+mod ipndm;
+#[path = "schedulers/kdpm2.rs"]
+mod kdpm2;
 #[path = "schedulers/lcm.rs"]
 mod lcm;
 #[path = "schedulers/lms.rs"]
 mod lms;
+#[path = "schedulers/more.rs"]
+mod more;
 #[path = "schedulers/parity.rs"]
 mod parity;
 #[path = "schedulers/pndm.rs"]
@@ -27,3 +43,7 @@ mod pndm;
 mod props;
 #[path = "schedulers/stateful.rs"]
 mod stateful;
+#[path = "schedulers/tcd.rs"]
+mod tcd;
+#[path = "schedulers/unipc.rs"]
+mod unipc;

@@ -108,6 +108,22 @@ pub fn max_abs(values: &[f32]) -> f64 {
     values.iter().fold(0f64, |m, &v| m.max(f64::from(v).abs()))
 }
 
+/// The `name` of an `InvalidArgument`, or a description of what came instead.
+pub fn arg_name<T: std::fmt::Debug>(r: diffusion_core::Result<T>) -> String {
+    match r {
+        Err(diffusion_core::Error::InvalidArgument { name, .. }) => name,
+        other => format!("not an InvalidArgument: {other:?}"),
+    }
+}
+
+/// The `field` of a `ConfigField` error, or a description of what came instead.
+pub fn field_name<T: std::fmt::Debug>(r: diffusion_core::Result<T>) -> String {
+    match r {
+        Err(diffusion_core::Error::ConfigField { field, .. }) => field,
+        other => format!("not a ConfigField: {other:?}"),
+    }
+}
+
 /// Build a scheduler of class `class` from a JSON object of config overrides.
 pub fn build(class: &str, config: &Value) -> Result<AnyScheduler> {
     let kind = SchedulerKind::from_class_name(class)?;

@@ -9,28 +9,13 @@ use diffusion_schedulers::{
     Scheduler, SchedulerSpec, SetTimesteps, StepOptions, VarianceType,
 };
 
-use crate::common::tensor;
+use crate::common::{arg_name, field_name, tensor};
 
 fn sample() -> Tensor<4> {
     tensor(
         (0..2 * 3 * 4 * 4).map(|i| i as f32 / 96.0 - 0.5).collect(),
         [2, 3, 4, 4],
     )
-}
-
-/// The `name` of an `InvalidArgument`, or a description of what came instead.
-fn arg_name<T: std::fmt::Debug>(r: diffusion_core::Result<T>) -> String {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => format!("not an InvalidArgument: {other:?}"),
-    }
-}
-
-fn field_name<T: std::fmt::Debug>(r: diffusion_core::Result<T>) -> String {
-    match r {
-        Err(Error::ConfigField { field, .. }) => field,
-        other => format!("not a ConfigField: {other:?}"),
-    }
 }
 
 fn ddpm() -> DDPMScheduler {

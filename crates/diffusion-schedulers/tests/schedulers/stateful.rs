@@ -1,8 +1,8 @@
 //! The stateful (sigma) schedulers: bad input, step cursor, aliases, noise sources and ranks.
 
 use anyhow::{Context, Result, ensure};
+use diffusion_core::TorchGenerator;
 use diffusion_core::burn::tensor::Tensor;
-use diffusion_core::{Error, TorchGenerator};
 use diffusion_schedulers::scheduling_dpmsolver_multistep::AlgorithmType;
 use diffusion_schedulers::{
     AnyScheduler, ConfiguredScheduler, DDIMScheduler, DDIMSchedulerConfig,
@@ -13,7 +13,7 @@ use diffusion_schedulers::{
 };
 use serde_json::json;
 
-use crate::common::{host, tensor};
+use crate::common::{arg_name, field_name, host, tensor};
 
 fn sample() -> Tensor<4> {
     tensor(
@@ -22,20 +22,6 @@ fn sample() -> Tensor<4> {
             .collect(),
         [2, 3, 4, 4],
     )
-}
-
-fn arg_name<T: std::fmt::Debug>(r: diffusion_core::Result<T>) -> String {
-    match r {
-        Err(Error::InvalidArgument { name, .. }) => name,
-        other => format!("not an InvalidArgument: {other:?}"),
-    }
-}
-
-fn field_name<T: std::fmt::Debug>(r: diffusion_core::Result<T>) -> String {
-    match r {
-        Err(Error::ConfigField { field, .. }) => field,
-        other => format!("not a ConfigField: {other:?}"),
-    }
 }
 
 fn euler() -> EulerDiscreteScheduler {
