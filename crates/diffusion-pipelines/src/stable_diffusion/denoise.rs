@@ -151,11 +151,14 @@ pub(crate) fn rescale_noise_cfg(
 /// finds them in the `step` signature: (`eta`, `generator`).
 fn step_kwargs(kind: SchedulerKind) -> (bool, bool) {
     match kind {
-        SchedulerKind::Ddim => (true, true),
+        SchedulerKind::Ddim | SchedulerKind::Tcd => (true, true),
         SchedulerKind::Ddpm
         | SchedulerKind::Euler
         | SchedulerKind::EulerAncestral
         | SchedulerKind::DpmSolverMultistep
+        | SchedulerKind::DpmSolverSinglestep
+        | SchedulerKind::Kdpm2Ancestral
+        | SchedulerKind::EdmEuler
         | SchedulerKind::Lcm => (false, true),
         _ => (false, false),
     }

@@ -1,6 +1,7 @@
 //! Pipeline parity with diffusers on tiny random components (one test binary).
 
 mod common;
+mod every_scheduler;
 mod single_file;
 mod stable_diffusion;
 mod unconditional;

@@ -1,0 +1,43 @@
+//! Every scheduler class runs inside the Stable Diffusion loop: the pipeline passes each one
+//! exactly the step options its `step` takes (diffusers' `prepare_extra_step_kwargs`), so a
+//! stochastic scheduler gets the generator and a deterministic one is not handed options it
+//! refuses. Outputs must be finite images of the right shape.
+
+use diffusion_core::Device;
+use diffusion_core::image::{ImageOutput, OutputType};
+use diffusion_pipelines::{Generators, StableDiffusionArgs, StableDiffusionPipeline};
+use diffusion_schedulers::SchedulerKind;
+
+use crate::common::fixtures;
+
+#[test]
+fn every_scheduler_runs_in_the_stable_diffusion_loop() {
+    let device = Device::flex();
+    let folder = fixtures().join("pipelines/sd/sd1");
+    let base = StableDiffusionPipeline::from_pretrained(folder.to_str().unwrap(), &device).unwrap();
+    for kind in SchedulerKind::ALL {
+        let mut pipe = StableDiffusionPipeline::from_pipe(&base.components);
+        pipe.components
+            .set_scheduler(kind.class_name())
+            .unwrap_or_else(|e| panic!("{}: {e}", kind.class_name()));
+        let out = pipe
+            .call(StableDiffusionArgs {
+                prompt: vec!["a photo of an astronaut riding a horse".into()],
+                num_inference_steps: 4,
+                generator: Generators::Seed(0),
+                output_type: OutputType::Np,
+                progress: false,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", kind.class_name()));
+        let ImageOutput::Array(images) = out.images else {
+            panic!("{}: expected an array", kind.class_name());
+        };
+        assert_eq!(images.shape, vec![1, 32, 32, 3], "{}", kind.class_name());
+        assert!(
+            images.data.iter().all(|v| v.is_finite()),
+            "{}: non-finite output",
+            kind.class_name()
+        );
+    }
+}
