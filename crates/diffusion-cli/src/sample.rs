@@ -23,9 +23,12 @@ pub struct SampleArgs {
     #[arg(long)]
     pub model: Option<String>,
 
-    /// Scheduler to sample with: a diffusers class name (DDPMScheduler, DDIMScheduler,
-    /// EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler) or an
-    /// A1111 name ("DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "DPM++ 2M SDE").
+    /// Scheduler to sample with: any diffusers class name this port has (DDPMScheduler,
+    /// DDIMScheduler, PNDMScheduler, LMSDiscreteScheduler, EulerDiscreteScheduler,
+    /// EulerAncestralDiscreteScheduler, HeunDiscreteScheduler, KDPM2DiscreteScheduler,
+    /// KDPM2AncestralDiscreteScheduler, DPMSolverMultistepScheduler,
+    /// DPMSolverSinglestepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler, ...) or an
+    /// A1111 name ("DDIM", "Euler", "Euler a", "DPM++ 2M Karras", "DPM2 a", "UniPC", ...).
     /// Built from the model's scheduler config, as diffusers' from_config. Defaults to the model's
     /// own scheduler.
     #[arg(long)]

@@ -11,7 +11,7 @@ use diffusion_schedulers::{AnyScheduler, Scheduler, StepOptions};
 
 use crate::pipeline_utils::{
     Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo, noise_source,
-    progress_bar,
+    progress_bar, step_kwargs,
 };
 
 /// Arguments of an unconditional pipeline call, as diffusers' `DDPMPipeline.__call__` and
@@ -102,6 +102,9 @@ pub(crate) fn denoise(
     let timesteps = scheduler.timesteps().to_vec();
     let bar = progress_bar(timesteps.len(), args.progress);
     let mut interrupted = false;
+    // Only schedulers whose `step` takes a generator get one (diffusers' pipelines pass it
+    // unconditionally, which fails for UniPC, Heun, LMS, PNDM, ...).
+    let (_, takes_generator) = step_kwargs(scheduler.kind());
     for (i, &t) in timesteps.iter().enumerate() {
         let timestep = Tensor::<1>::from_floats([t as f32], &device);
         let model_input = scheduler.scale_model_input(image.clone(), t)?;
@@ -114,7 +117,7 @@ pub(crate) fn denoise(
             args.eta
         };
         let options = StepOptions {
-            generator: Some(noise_source(&mut generators)),
+            generator: takes_generator.then(|| noise_source(&mut generators)),
             eta,
             use_clipped_model_output: args.use_clipped_model_output,
             ..StepOptions::default()

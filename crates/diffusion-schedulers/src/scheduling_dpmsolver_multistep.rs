@@ -81,7 +81,7 @@ pub enum SolverType {
 }
 
 /// Learned-variance model outputs (`variance_type`): the extra channels are dropped.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum DpmVarianceType {
     /// The model also predicts its variance.
     #[serde(rename = "learned")]
@@ -89,6 +89,17 @@ pub enum DpmVarianceType {
     /// The model also predicts a variance interpolation value.
     #[serde(rename = "learned_range")]
     LearnedRange,
+    /// Any other value, kept for the round trip and without effect, as in diffusers (a DDPM
+    /// config's `fixed_small` arrives here when the scheduler is built with `from_config`).
+    #[serde(untagged)]
+    Other(String),
+}
+
+impl DpmVarianceType {
+    /// Whether the model output carries learned-variance channels to drop.
+    pub fn is_learned(&self) -> bool {
+        matches!(self, Self::Learned | Self::LearnedRange)
+    }
 }
 
 /// How `mu` shifts flow sigmas (`time_shift_type`).
@@ -391,7 +402,10 @@ impl DPMSolverMultistepScheduler {
         DpmOutput {
             algorithm: c.algorithm_type,
             prediction: c.prediction_type,
-            learned_variance: c.variance_type.is_some(),
+            learned_variance: c
+                .variance_type
+                .as_ref()
+                .is_some_and(DpmVarianceType::is_learned),
             thresholding: c
                 .thresholding
                 .then_some((c.dynamic_thresholding_ratio, c.sample_max_value)),

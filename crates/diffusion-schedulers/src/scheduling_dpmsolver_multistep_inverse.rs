@@ -135,7 +135,7 @@ impl DPMSolverMultistepInverseSchedulerConfig {
             flow_shift: self.flow_shift,
             final_sigmas_type: FinalSigmasType::SigmaMin,
             lambda_min_clipped: self.lambda_min_clipped,
-            variance_type: self.variance_type,
+            variance_type: self.variance_type.clone(),
             timestep_spacing: self.timestep_spacing,
             steps_offset: self.steps_offset,
             ..Default::default()

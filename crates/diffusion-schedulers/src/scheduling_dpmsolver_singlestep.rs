@@ -498,7 +498,10 @@ impl Scheduler for DPMSolverSinglestepScheduler {
         let converted = DpmOutput {
             algorithm: c.algorithm_type,
             prediction: c.prediction_type,
-            learned_variance: c.variance_type.is_some(),
+            learned_variance: c
+                .variance_type
+                .as_ref()
+                .is_some_and(DpmVarianceType::is_learned),
             thresholding: c
                 .thresholding
                 .then_some((c.dynamic_thresholding_ratio, c.sample_max_value)),

@@ -50,19 +50,18 @@ impl Config for TCDSchedulerConfig {
             ],
             PredictionType::as_str,
         )?;
-        // diffusers' TCD step applies neither: refuse rather than silently ignore.
+        // diffusers' TCD step applies neither. They are not refused: a DDPM config
+        // (`clip_sample = true` by default) must convert to TCD as in diffusers' `from_config`,
+        // so say that they have no effect instead.
         for (name, on) in [
             ("clip_sample", c.clip_sample),
             ("thresholding", c.thresholding),
         ] {
             if on {
-                return Err((
-                    name.into(),
-                    format!(
-                        "{} does not apply {name} (diffusers ignores it)",
-                        Self::CLASS_NAME
-                    ),
-                ));
+                log::warn!(
+                    "{}: `{name}` is set but has no effect (diffusers' TCD step does not apply it)",
+                    Self::CLASS_NAME
+                );
             }
         }
         if c.original_inference_steps == 0 || c.original_inference_steps > c.num_train_timesteps {

@@ -7,10 +7,11 @@ use diffusion_core::{Error, NoiseSource, Result, TorchGenerator};
 use diffusion_models::{
     AddedCondKwargs, AutoencoderKL, ModelMixin, UNet2DConditionModel, UNet2DConditionOptions,
 };
-use diffusion_schedulers::{AnyScheduler, Scheduler, SchedulerKind, SetTimesteps, StepOptions};
+use diffusion_schedulers::{AnyScheduler, Scheduler, SetTimesteps, StepOptions};
 
 use crate::pipeline_utils::{
     ImagePipelineOutput, StepCallback, StepControl, StepInfo, noise_source, progress_bar,
+    step_kwargs,
 };
 
 /// diffusers' `retrieve_timesteps`: a step count, or custom `timesteps` / `sigmas` (then the
@@ -145,23 +146,6 @@ pub(crate) fn rescale_noise_cfg(
     rescaled
         .mul_scalar(guidance_rescale)
         .add(noise_cfg.mul_scalar(1.0 - guidance_rescale))
-}
-
-/// Which `step` options a scheduler class takes, as diffusers' `prepare_extra_step_kwargs`
-/// finds them in the `step` signature: (`eta`, `generator`).
-fn step_kwargs(kind: SchedulerKind) -> (bool, bool) {
-    match kind {
-        SchedulerKind::Ddim | SchedulerKind::Tcd => (true, true),
-        SchedulerKind::Ddpm
-        | SchedulerKind::Euler
-        | SchedulerKind::EulerAncestral
-        | SchedulerKind::DpmSolverMultistep
-        | SchedulerKind::DpmSolverSinglestep
-        | SchedulerKind::Kdpm2Ancestral
-        | SchedulerKind::EdmEuler
-        | SchedulerKind::Lcm => (false, true),
-        _ => (false, false),
-    }
 }
 
 /// Extra UNet inputs of the inpainting pipeline.

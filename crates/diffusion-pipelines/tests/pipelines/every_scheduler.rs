@@ -5,8 +5,10 @@
 
 use diffusion_core::Device;
 use diffusion_core::image::{ImageOutput, OutputType};
-use diffusion_pipelines::{Generators, StableDiffusionArgs, StableDiffusionPipeline};
-use diffusion_schedulers::SchedulerKind;
+use diffusion_pipelines::{
+    DDPMPipeline, Generators, StableDiffusionArgs, StableDiffusionPipeline, UnconditionalArgs,
+};
+use diffusion_schedulers::{AnyScheduler, SchedulerKind, SchedulerSpec};
 
 use crate::common::fixtures;
 
@@ -34,6 +36,39 @@ fn every_scheduler_runs_in_the_stable_diffusion_loop() {
             panic!("{}: expected an array", kind.class_name());
         };
         assert_eq!(images.shape, vec![1, 32, 32, 3], "{}", kind.class_name());
+        assert!(
+            images.data.iter().all(|v| v.is_finite()),
+            "{}: non-finite output",
+            kind.class_name()
+        );
+    }
+}
+
+/// The same for the unconditional loop (DDPMPipeline with a swapped scheduler, as `diffusers
+/// sample --scheduler` runs it).
+#[test]
+fn every_scheduler_runs_in_the_unconditional_loop() {
+    let device = Device::flex();
+    let folder = fixtures().join("pipelines/unconditional/ddpm_tiny");
+    for kind in SchedulerKind::ALL {
+        let mut pipe = DDPMPipeline::from_pretrained(&folder, &device).unwrap();
+        let spec = SchedulerSpec::parse(kind.class_name()).unwrap();
+        pipe.scheduler = AnyScheduler::convert(&pipe.scheduler, &spec)
+            .unwrap_or_else(|e| panic!("{}: {e}", kind.class_name()));
+        let out = pipe
+            .call(UnconditionalArgs {
+                batch_size: 2,
+                generator: Generators::Seed(0),
+                num_inference_steps: Some(4),
+                output_type: OutputType::Np,
+                progress: false,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{}: {e}", kind.class_name()));
+        let ImageOutput::Array(images) = out.images else {
+            panic!("{}: expected an array", kind.class_name());
+        };
+        assert_eq!(images.shape[0], 2, "{}", kind.class_name());
         assert!(
             images.data.iter().all(|v| v.is_finite()),
             "{}: non-finite output",

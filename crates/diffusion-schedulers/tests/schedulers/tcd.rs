@@ -45,21 +45,9 @@ fn default_config_file_matches_our_defaults() -> Result<()> {
 
 #[test]
 fn bad_input_is_refused() -> Result<()> {
+    // clip_sample and thresholding have no effect on TCD (as in diffusers) but are accepted,
+    // so a DDPM config (clip_sample = true) converts; see `ignored_options_are_accepted`.
     for (config, field) in [
-        (
-            LCMSchedulerConfig {
-                clip_sample: true,
-                ..Default::default()
-            },
-            "clip_sample",
-        ),
-        (
-            LCMSchedulerConfig {
-                thresholding: true,
-                ..Default::default()
-            },
-            "thresholding",
-        ),
         (
             LCMSchedulerConfig {
                 original_inference_steps: 0,
@@ -121,5 +109,36 @@ fn bad_input_is_refused() -> Result<()> {
         .step(x.clone(), t0, x, StepOptions::default().with_eta(0.0))?
         .prev_sample;
     ensure!(host(&y).iter().all(|v| v.is_finite()));
+    Ok(())
+}
+
+/// diffusers' TCD step ignores `clip_sample` and `thresholding`; a config with them (a DDPM
+/// config converted with `from_config`) builds and steps exactly like one without.
+#[test]
+fn ignored_options_are_accepted_and_change_nothing() -> Result<()> {
+    let x = tensor(
+        (0..16).map(|i| i as f32 / 8.0 - 1.0).collect(),
+        [1, 1, 4, 4],
+    );
+    let mut plain = TCDScheduler::new(Default::default())?;
+    let mut with = TCDScheduler::new(TCDSchedulerConfig(LCMSchedulerConfig {
+        clip_sample: true,
+        thresholding: true,
+        ..Default::default()
+    }))?;
+    plain.set_timesteps(4)?;
+    with.set_timesteps(4)?;
+    let t = plain.timesteps()[0];
+    let options = || StepOptions {
+        eta: Some(0.0),
+        ..StepOptions::default()
+    };
+    let a = plain
+        .step(x.clone().mul_scalar(3.0), t, x.clone(), options())?
+        .prev_sample;
+    let b = with
+        .step(x.clone().mul_scalar(3.0), t, x, options())?
+        .prev_sample;
+    ensure!(a.into_data() == b.into_data());
     Ok(())
 }
