@@ -67,8 +67,11 @@ fn config_from_json<T: diffusion_core::Config>(name: &str, json: serde_json::Val
 /// `sd_tiny` (diffusers' Stable Diffusion pipeline test UNet, 32×32 latents) and `sd15`
 /// (Stable Diffusion 1.5's UNet, 859.5M parameters, 64×64 latents = 512×512 images).
 /// `benches/python/bench_sd_models.py` builds the same ones.
-pub fn unet2d_condition_configs() -> Vec<(&'static str, diffusion_models::UNet2DConditionModelConfig, usize)>
-{
+pub fn unet2d_condition_configs() -> Vec<(
+    &'static str,
+    diffusion_models::UNet2DConditionModelConfig,
+    usize,
+)> {
     let tiny = serde_json::json!({
         "block_out_channels": [32, 64],
         "layers_per_block": 2,

@@ -218,6 +218,73 @@ pub fn load_weights<M: Module>(
     Ok((module, report))
 }
 
+/// A visitor of a module's float parameters by diffusers state-dict key, for code outside this
+/// crate that rewrites chosen parameters in place (LoRA merging in `diffusion-loaders`).
+pub trait KeyedParamMapper {
+    /// Return the parameter stored under `key` (PyTorch layout), changed or not. `transposed`
+    /// is true where burn keeps the transpose of the stored layout (a `Linear` weight: burn
+    /// `[in, out]`, PyTorch `[out, in]`).
+    fn map_param<const D: usize>(
+        &mut self,
+        key: &str,
+        transposed: bool,
+        param: Param<Tensor<D>>,
+    ) -> Param<Tensor<D>>;
+}
+
+struct KeyedMapper<'a, P> {
+    path: KeyPath,
+    inner: &'a mut P,
+}
+
+impl<P: KeyedParamMapper> ModuleMapper for KeyedMapper<'_, P> {
+    fn enter_module(&mut self, name: &str, container_type: &str) {
+        self.path.enter(name, container_type);
+    }
+
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.exit();
+    }
+
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let ParamKey { key, transposed } = self.path.param_key(D);
+        self.inner.map_param(&key, transposed, param)
+    }
+}
+
+/// Hand every float parameter of `module` to `mapper` with its diffusers key, and rebuild the
+/// module from what it returns.
+///
+/// ```
+/// use diffusion_core::Device;
+/// use diffusion_core::burn::module::Param;
+/// use diffusion_core::burn::nn::LinearConfig;
+/// use diffusion_core::burn::tensor::Tensor;
+/// use diffusion_models::state_dict::{KeyedParamMapper, map_params_by_key};
+///
+/// struct Zero(&'static str);
+/// impl KeyedParamMapper for Zero {
+///     fn map_param<const D: usize>(
+///         &mut self,
+///         key: &str,
+///         _transposed: bool,
+///         param: Param<Tensor<D>>,
+///     ) -> Param<Tensor<D>> {
+///         if key == self.0 { param.map(|t| t.zeros_like()) } else { param }
+///     }
+/// }
+/// let linear = LinearConfig::new(2, 3).init(&Device::flex());
+/// let linear = map_params_by_key(linear, &mut Zero("bias"));
+/// let bias = linear.bias.as_ref().unwrap().val();
+/// assert_eq!(diffusion_core::tensor::to_vec(bias), [0.0; 3]);
+/// ```
+pub fn map_params_by_key<M: Module, P: KeyedParamMapper>(module: M, mapper: &mut P) -> M {
+    module.map(&mut KeyedMapper {
+        path: KeyPath::default(),
+        inner: mapper,
+    })
+}
+
 struct Collector {
     path: KeyPath,
     shapes_only: bool,
