@@ -114,6 +114,13 @@ pub struct GenerationArgs {
     #[arg(long)]
     pub variant: Option<String>,
 
+    /// A LoRA to apply, with an optional weight after a colon (style.safetensors:0.8; default
+    /// 1): a .safetensors file in diffusers/PEFT or kohya/A1111 format, or a folder holding
+    /// pytorch_lora_weights.safetensors. Repeat the flag to combine several, as diffusers'
+    /// set_adapters.
+    #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
+    pub loras: Vec<String>,
+
     /// Skip this many final CLIP layers for the prompt embeddings (A1111's "Clip skip" minus 1).
     #[arg(long)]
     pub clip_skip: Option<usize>,
@@ -187,6 +194,20 @@ enum Components {
 }
 
 impl Components {
+    fn load_lora(&mut self, path: &Path, name: &str) -> diffusion_core::Result<()> {
+        match self {
+            Self::Sd(c) => c.load_lora_weights(path, name).map(|_| ()),
+            Self::Xl(c) => c.load_lora_weights(path, name).map(|_| ()),
+        }
+    }
+
+    fn set_adapters(&mut self, names: &[&str], weights: &[f32]) -> diffusion_core::Result<()> {
+        match self {
+            Self::Sd(c) => c.set_adapters(names, weights),
+            Self::Xl(c) => c.set_adapters(names, weights),
+        }
+    }
+
     fn set_scheduler(&mut self, name: &str) -> diffusion_core::Result<()> {
         match self {
             Self::Sd(c) => c.set_scheduler(name),
@@ -245,6 +266,39 @@ fn load_components(args: &GenerationArgs, hub: &HubOptions, device: &Device) -> 
     } else {
         Components::Sd(StableDiffusionComponents::load_dir(&dir, variant, device)?)
     })
+}
+
+/// `--lora FILE[:WEIGHT]` values as (path, adapter name, weight); names are the file stems,
+/// made unique.
+fn parse_loras(values: &[String]) -> Result<Vec<(PathBuf, String, f32)>> {
+    let mut out: Vec<(PathBuf, String, f32)> = Vec::new();
+    for value in values {
+        let (path, weight) = match value.rsplit_once(':') {
+            Some((path, w)) if !path.is_empty() && w.parse::<f32>().is_ok() => {
+                let weight: f32 = w.parse()?;
+                if !weight.is_finite() {
+                    bail!("--lora {value}: the weight must be a finite number");
+                }
+                (PathBuf::from(path), weight)
+            }
+            _ => (PathBuf::from(value), 1.0),
+        };
+        if !path.exists() {
+            bail!("--lora {value}: {} does not exist", path.display());
+        }
+        let stem = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "lora".into());
+        let mut name = stem.clone();
+        let mut n = 1;
+        while out.iter().any(|(_, other, _)| *other == name) {
+            n += 1;
+            name = format!("{stem}_{n}");
+        }
+        out.push((path, name, weight));
+    }
+    Ok(out)
 }
 
 /// What the three commands share once the flags are checked.
@@ -315,8 +369,21 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
         progress: !args.quiet,
         ..HubOptions::default()
     };
+    let loras = parse_loras(&args.loras)?;
     let mut components =
         load_components(args, &hub, &device).with_context(|| format!("--model {}", args.model))?;
+    if !loras.is_empty() {
+        for (path, name, _) in &loras {
+            components
+                .load_lora(path, name)
+                .with_context(|| format!("--lora {}", path.display()))?;
+        }
+        let names: Vec<&str> = loras.iter().map(|(_, n, _)| n.as_str()).collect();
+        let weights: Vec<f32> = loras.iter().map(|(_, _, w)| *w).collect();
+        components
+            .set_adapters(&names, &weights)
+            .context("--lora")?;
+    }
     if let Some(name) = &args.scheduler {
         components
             .set_scheduler(name)
@@ -360,6 +427,10 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
     }
     if let Some(path) = &args.latents {
         params.push("Latents", path.display());
+    }
+    if !loras.is_empty() {
+        let list: Vec<String> = loras.iter().map(|(_, n, w)| format!("{n}:{w}")).collect();
+        params.push("LoRA", format!("\"{}\"", list.join(", ")));
     }
     Ok(Prepared {
         components,

@@ -667,3 +667,56 @@ fn single_file_model_reproduces_diffusers_from_single_file() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--config"));
 }
+
+/// `--lora FILE:WEIGHT` (kohya and PEFT files together) reproduces diffusers'
+/// `load_lora_weights` + `set_adapters`.
+#[test]
+fn lora_flag_reproduces_diffusers() {
+    let model = sd_folder("sd1");
+    let style = fixtures().join("pipelines/lora/style.safetensors");
+    let detail = fixtures().join("pipelines/lora/detail.safetensors");
+    let style = format!("{}:0.8", style.display());
+    let detail = format!("{}:0.5", detail.display());
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("out.png"), dir.path().join("out.npy"));
+    let out = diffusers()
+        .args([
+            "txt2img", "--model", &model, "--lora", &style, "--lora", &detail,
+        ])
+        .args(["--prompt", "a red fox in the snow, oil painting"])
+        .args(["--steps", "3", "--scheduler", "DPMSolverMultistepScheduler"])
+        .args(["--seed", "1", "--quiet"])
+        .arg("--output")
+        .arg(&png)
+        .arg("--output-npy")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = NpyArray::read(&npy).unwrap();
+    let (_, want) = fixture_tensor("pipelines/lora/outputs.safetensors", "style_detail");
+    let diff = max_abs_diff(&got.data, &want);
+    assert!(diff <= 1e-3, "max |diff| = {diff}");
+    let text = read_png_text(&png).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(
+        params.contains("LoRA: \"style:0.8, detail:0.5\""),
+        "{params}"
+    );
+
+    let missing = dir.path().join("missing.png");
+    let out = diffusers()
+        .args(["txt2img", "--model", &model, "--prompt", "a cat"])
+        .args(["--lora", "/no/such/lora.safetensors:0.5", "--quiet"])
+        .arg("--output")
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/lora.safetensors"));
+    assert!(!missing.exists());
+}

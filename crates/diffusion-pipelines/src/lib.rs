@@ -7,6 +7,7 @@
 
 pub mod ddim;
 pub mod ddpm;
+pub mod lora;
 pub mod pipeline_utils;
 pub mod single_file;
 pub mod stable_diffusion;

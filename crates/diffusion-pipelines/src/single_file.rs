@@ -155,6 +155,7 @@ impl StableDiffusionComponents {
             tokenizer,
             unet: checkpoint.unet(device)?,
             scheduler: scheduler(&checkpoint, &config_dir)?,
+            lora: diffusion_loaders::LoraState::new(),
         })
     }
 }
@@ -203,6 +204,7 @@ impl StableDiffusionXLComponents {
             tokenizer_2,
             unet: checkpoint.unet(device)?,
             scheduler: scheduler(&checkpoint, &config_dir)?,
+            lora: diffusion_loaders::LoraState::new(),
             force_zeros_for_empty_prompt: index_flag(
                 &config_dir,
                 "force_zeros_for_empty_prompt",

@@ -63,6 +63,9 @@ pub struct StableDiffusionComponents {
     pub unet: UNet2DConditionModel,
     /// The noise scheduler; swap it with [`Self::set_scheduler`].
     pub scheduler: AnyScheduler,
+    /// LoRA adapters loaded into `unet` and the text encoders (see
+    /// [`Self::load_lora_weights`]); empty by default.
+    pub lora: diffusion_loaders::LoraState,
 }
 
 impl AsRef<StableDiffusionComponents> for StableDiffusionComponents {
@@ -133,6 +136,7 @@ impl StableDiffusionComponents {
             tokenizer,
             unet,
             scheduler,
+            lora: diffusion_loaders::LoraState::new(),
         })
     }
 

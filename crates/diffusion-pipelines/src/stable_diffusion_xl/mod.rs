@@ -56,6 +56,9 @@ pub struct StableDiffusionXLComponents {
     pub unet: UNet2DConditionModel,
     /// The noise scheduler.
     pub scheduler: AnyScheduler,
+    /// LoRA adapters loaded into `unet` and the text encoders (see
+    /// [`Self::load_lora_weights`]); empty by default.
+    pub lora: diffusion_loaders::LoraState,
     /// `force_zeros_for_empty_prompt` from `model_index.json` (default true): without a
     /// negative prompt, the negative embeddings are zeros rather than the empty prompt's.
     pub force_zeros_for_empty_prompt: bool,
@@ -154,6 +157,7 @@ impl StableDiffusionXLComponents {
             tokenizer_2: CLIPTokenizer::from_pretrained(dir.join("tokenizer_2"))?,
             unet,
             scheduler: AnyScheduler::from_config_file(dir.join("scheduler"))?,
+            lora: diffusion_loaders::LoraState::new(),
             force_zeros_for_empty_prompt,
             requires_aesthetics_score,
         })
