@@ -5,6 +5,7 @@
 pub mod hub;
 pub mod lora;
 pub mod single_file;
+pub mod textual_inversion;
 
 pub use hub::{HubOptions, resolve_model_dir};
 pub use lora::{

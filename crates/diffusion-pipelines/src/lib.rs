@@ -12,6 +12,7 @@ pub mod pipeline_utils;
 pub mod single_file;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
+mod textual_inversion;
 mod unconditional;
 
 pub use ddim::DDIMPipeline;

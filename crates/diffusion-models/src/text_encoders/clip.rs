@@ -9,11 +9,11 @@
 use std::path::{Path, PathBuf};
 
 use diffusion_core::burn;
-use diffusion_core::burn::module::Module;
+use diffusion_core::burn::module::{Module, Param};
 use diffusion_core::burn::nn::{
     Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
 };
-use diffusion_core::burn::tensor::{Int, Tensor, TensorData, activation};
+use diffusion_core::burn::tensor::{FloatDType, Int, Tensor, TensorData, activation};
 use diffusion_core::config::{Config, write_atomically};
 use diffusion_core::weights::{
     SaveDtype, TRANSFORMERS_WEIGHTS_STEM, WeightSource, resolve_weights_for, weight_file_names_for,
@@ -364,6 +364,98 @@ impl CLIPTextTransformer {
     /// The config the model was built from.
     pub fn config(&self) -> &CLIPTextConfig {
         &self.config
+    }
+
+    /// transformers' `resize_token_embeddings(new_num_tokens)`: keep the first rows of the
+    /// token embedding, append rows of zeros up to `new_num_tokens` (transformers draws them at
+    /// random; callers such as textual inversion overwrite them with
+    /// [`Self::set_token_embeddings`]), and update `config.vocab_size`. The dtype and device
+    /// stay the model's.
+    ///
+    /// ```
+    /// # fn main() -> diffusion_core::Result<()> {
+    /// use diffusion_models::{CLIPTextConfig, CLIPTextModel};
+    /// let device = diffusion_core::Device::default();
+    /// let config = CLIPTextConfig { vocab_size: 10, hidden_size: 4, intermediate_size: 8,
+    ///     num_hidden_layers: 1, num_attention_heads: 1, ..CLIPTextConfig::default() };
+    /// let mut model = CLIPTextModel::new(&config, &device)?;
+    /// model.text_model.resize_token_embeddings(12)?;
+    /// assert_eq!(model.config().vocab_size, 12);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`new_num_tokens`) for zero.
+    pub fn resize_token_embeddings(&mut self, new_num_tokens: usize) -> Result<()> {
+        if new_num_tokens == 0 {
+            return Err(Error::invalid_argument(
+                "new_num_tokens",
+                "the token embedding needs at least one row",
+            ));
+        }
+        let weight = self.embeddings.token_embedding.weight.val();
+        let [old, hidden] = weight.dims();
+        let resized = if new_num_tokens <= old {
+            weight.narrow(0, 0, new_num_tokens)
+        } else {
+            let zeros = Tensor::<2>::zeros([new_num_tokens - old, hidden], &weight.device())
+                .cast(FloatDType::from(weight.dtype()));
+            Tensor::cat(vec![weight, zeros], 0)
+        };
+        self.embeddings.token_embedding.weight = Param::from_tensor(resized);
+        self.config.vocab_size = new_num_tokens;
+        Ok(())
+    }
+
+    /// Overwrite rows `first_id..first_id + n` of the token embedding with `n` vectors given
+    /// row-major as `f32`, converted to the model's dtype (`input_embeddings.data[id] = e`).
+    ///
+    /// ```
+    /// # fn main() -> diffusion_core::Result<()> {
+    /// use diffusion_models::{CLIPTextConfig, CLIPTextModel};
+    /// let device = diffusion_core::Device::default();
+    /// let config = CLIPTextConfig { vocab_size: 10, hidden_size: 2, intermediate_size: 8,
+    ///     num_hidden_layers: 1, num_attention_heads: 1, ..CLIPTextConfig::default() };
+    /// let mut model = CLIPTextModel::new(&config, &device)?;
+    /// model.text_model.set_token_embeddings(8, &[1.0, 2.0, 3.0, 4.0])?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`values`) when their count is not a multiple of
+    /// `hidden_size`, or the rows reach past `vocab_size`.
+    pub fn set_token_embeddings(&mut self, first_id: usize, values: &[f32]) -> Result<()> {
+        let weight = self.embeddings.token_embedding.weight.val();
+        let [vocab, hidden] = weight.dims();
+        if values.is_empty() || !values.len().is_multiple_of(hidden) {
+            return Err(Error::invalid_argument(
+                "values",
+                format!(
+                    "{} values are not whole rows of {hidden} (the hidden size)",
+                    values.len()
+                ),
+            ));
+        }
+        let rows = values.len() / hidden;
+        if first_id + rows > vocab {
+            return Err(Error::invalid_argument(
+                "values",
+                format!(
+                    "rows {first_id}..{} reach past the {vocab} tokens",
+                    first_id + rows
+                ),
+            ));
+        }
+        let update = Tensor::<2>::from_data(
+            TensorData::new(values.to_vec(), [rows, hidden]),
+            &weight.device(),
+        )
+        .cast(FloatDType::from(weight.dtype()));
+        let weight = weight.slice_assign([first_id..first_id + rows, 0..hidden], update);
+        self.embeddings.token_embedding.weight = Param::from_tensor(weight);
+        Ok(())
     }
 
     /// Run the encoder on token ids.

@@ -373,6 +373,109 @@ impl CLIPTokenizer {
         &self.tokenizer
     }
 
+    /// The id of `token` in the vocabulary or among the added tokens
+    /// (`convert_tokens_to_ids`), `None` when it has none.
+    ///
+    /// ```
+    /// # fn main() -> diffusion_core::Result<()> {
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/pipelines/sd/sd1/tokenizer");
+    /// let tokenizer = diffusion_models::CLIPTokenizer::from_pretrained(dir)?;
+    /// assert_eq!(tokenizer.token_to_id("<|endoftext|>"), Some(tokenizer.eos_token_id()));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// Whether `token` is an added token (transformers' `added_tokens_encoder`: the special
+    /// tokens and those of [`Self::add_tokens`]), matched exactly.
+    ///
+    /// ```
+    /// # fn main() -> diffusion_core::Result<()> {
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/pipelines/sd/sd1/tokenizer");
+    /// let mut tokenizer = diffusion_models::CLIPTokenizer::from_pretrained(dir)?;
+    /// assert!(!tokenizer.is_added_token("<cat-toy>"));
+    /// tokenizer.add_tokens(&["<cat-toy>"])?;
+    /// assert!(tokenizer.is_added_token("<cat-toy>"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn is_added_token(&self, token: &str) -> bool {
+        self.tokenizer
+            .get_added_vocabulary()
+            .get_vocab()
+            .contains_key(token)
+    }
+
+    /// transformers' `add_tokens(tokens)`: each token is matched whole in the (normalised)
+    /// text before BPE runs, and gets the next free id (`vocab_size`, `vocab_size + 1`, ...).
+    /// Returns the ids, in order.
+    ///
+    /// ```
+    /// # fn main() -> diffusion_core::Result<()> {
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/pipelines/sd/sd1/tokenizer");
+    /// let mut tokenizer = diffusion_models::CLIPTokenizer::from_pretrained(dir)?;
+    /// let first = tokenizer.vocab_size() as u32;
+    /// assert_eq!(tokenizer.add_tokens(&["<cat-toy>", "<cat-toy>_1"])?, [first, first + 1]);
+    /// let ids = tokenizer.encode("a <cat-toy>", false)?;
+    /// assert_eq!(ids.last(), Some(&first));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`token`) when a token is empty, repeated, or already in the
+    /// vocabulary (nothing is added then).
+    pub fn add_tokens(&mut self, tokens: &[&str]) -> Result<Vec<u32>> {
+        for (i, token) in tokens.iter().enumerate() {
+            if token.is_empty() {
+                return Err(Error::invalid_argument("token", "an added token is empty"));
+            }
+            if self.token_to_id(token).is_some() || tokens[..i].contains(token) {
+                return Err(Error::invalid_argument(
+                    "token",
+                    format!("{token:?} is already in the tokenizer's vocabulary"),
+                ));
+            }
+        }
+        let added: Vec<tokenizers::AddedToken> = tokens
+            .iter()
+            .map(|t| tokenizers::AddedToken::from(*t, false))
+            .collect();
+        self.tokenizer.add_tokens(&added);
+        tokens
+            .iter()
+            .map(|t| {
+                self.token_to_id(t).ok_or_else(|| {
+                    Error::invalid_argument("token", format!("{t:?} could not be added"))
+                })
+            })
+            .collect()
+    }
+
+    /// transformers' `tokenize(prompt)`: the token strings of one prompt, without special
+    /// tokens (an added token appears as the normalised text it matched).
+    ///
+    /// ```
+    /// # fn main() -> diffusion_core::Result<()> {
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/pipelines/sd/sd1/tokenizer");
+    /// let mut tokenizer = diffusion_models::CLIPTokenizer::from_pretrained(dir)?;
+    /// tokenizer.add_tokens(&["<cat-toy>"])?;
+    /// assert_eq!(tokenizer.tokens("A <Cat-Toy>")?.last().map(String::as_str), Some("<cat-toy>"));
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Self::encode`].
+    pub fn tokens(&self, prompt: &str) -> Result<Vec<String>> {
+        self.tokenizer
+            .encode(prompt, false)
+            .map(|e| e.get_tokens().to_vec())
+            .map_err(|e| Error::invalid_argument("prompt", e.to_string()))
+    }
+
     /// The ids of one prompt without truncation or padding (`tokenizer(prompt).input_ids`),
     /// with bos/eos when `add_special_tokens`.
     ///

@@ -2,6 +2,7 @@
 
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Device, Error, Result};
+use diffusion_loaders::textual_inversion::maybe_convert_prompts;
 use diffusion_models::{CLIPTextModel, CLIPTokenizer, Padding};
 
 /// The text inputs of a call, as the pipelines' `prompt`, `negative_prompt`, `prompt_embeds`,
@@ -78,6 +79,9 @@ fn embed(
     clip_skip: Option<usize>,
     device: &Device,
 ) -> Result<Tensor<3>> {
+    // Multi-vector textual-inversion tokens expand to `<tok> <tok>_1 ...` (diffusers'
+    // `maybe_convert_prompt`); a prompt without them is unchanged.
+    let prompts = &maybe_convert_prompts(prompts, tokenizer)?;
     for prompt in prompts {
         let len = tokenizer.encode(prompt, false)?.len() + 2;
         if len > max_length {

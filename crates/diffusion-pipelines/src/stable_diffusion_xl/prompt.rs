@@ -4,6 +4,7 @@
 
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Device, Error, Result};
+use diffusion_loaders::textual_inversion::maybe_convert_prompts;
 use diffusion_models::{CLIPTokenizer, Padding};
 
 use super::StableDiffusionXLComponents;
@@ -94,8 +95,10 @@ fn ids(
     max_length: usize,
     device: &Device,
 ) -> Result<diffusion_core::burn::tensor::Tensor<2, diffusion_core::burn::tensor::Int>> {
+    // Multi-vector textual-inversion tokens expand per tokenizer, as in diffusers.
+    let prompts = maybe_convert_prompts(prompts, tokenizer)?;
     tokenizer
-        .tokenize(prompts, Padding::MaxLength, Some(max_length), true)?
+        .tokenize(&prompts, Padding::MaxLength, Some(max_length), true)?
         .input_ids_tensor(device)
 }
 
