@@ -121,6 +121,13 @@ pub struct GenerationArgs {
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
 
+    /// A textual-inversion embedding to load (diffusers learned_embeds, A1111 or SDXL
+    /// two-table .safetensors, or a diffusers .bin), optionally with the token to bind it to
+    /// after a colon (style.safetensors:<my-style>); by default the token stored in the file,
+    /// else the file name. Use the token in --prompt or --negative-prompt. Repeatable.
+    #[arg(long = "textual-inversion", value_name = "FILE[:TOKEN]")]
+    pub textual_inversions: Vec<String>,
+
     /// Skip this many final CLIP layers for the prompt embeddings (A1111's "Clip skip" minus 1).
     #[arg(long)]
     pub clip_skip: Option<usize>,
@@ -198,6 +205,18 @@ impl Components {
         match self {
             Self::Sd(c) => c.load_lora_weights(path, name).map(|_| ()),
             Self::Xl(c) => c.load_lora_weights(path, name).map(|_| ()),
+        }
+    }
+
+    fn load_textual_inversion(
+        &mut self,
+        path: &Path,
+        token: Option<&str>,
+    ) -> std::result::Result<Vec<String>, diffusion_loaders::textual_inversion::TextualInversionError>
+    {
+        match self {
+            Self::Sd(c) => c.load_textual_inversion(path, token),
+            Self::Xl(c) => c.load_textual_inversion(path, token),
         }
     }
 
@@ -301,6 +320,29 @@ fn parse_loras(values: &[String]) -> Result<Vec<(PathBuf, String, f32)>> {
     Ok(out)
 }
 
+/// `--textual-inversion FILE[:TOKEN]` values as (path, token); the colon splits only when the
+/// part before it is an existing file.
+fn parse_embeddings(values: &[String]) -> Result<Vec<(PathBuf, Option<String>)>> {
+    values
+        .iter()
+        .map(|value| {
+            let (path, token) = match value.rsplit_once(':') {
+                Some((path, token)) if Path::new(path).exists() && !token.is_empty() => {
+                    (PathBuf::from(path), Some(token.to_string()))
+                }
+                _ => (PathBuf::from(value), None),
+            };
+            if !path.exists() {
+                bail!(
+                    "--textual-inversion {value}: {} does not exist",
+                    path.display()
+                );
+            }
+            Ok((path, token))
+        })
+        .collect()
+}
+
 /// What the three commands share once the flags are checked.
 struct Prepared {
     components: Components,
@@ -370,6 +412,7 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
         ..HubOptions::default()
     };
     let loras = parse_loras(&args.loras)?;
+    let embeddings = parse_embeddings(&args.textual_inversions)?;
     let mut components =
         load_components(args, &hub, &device).with_context(|| format!("--model {}", args.model))?;
     if !loras.is_empty() {
@@ -383,6 +426,13 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
         components
             .set_adapters(&names, &weights)
             .context("--lora")?;
+    }
+    let mut tokens = Vec::new();
+    for (path, token) in &embeddings {
+        let added = components
+            .load_textual_inversion(path, token.as_deref())
+            .with_context(|| format!("--textual-inversion {}", path.display()))?;
+        tokens.extend(added.into_iter().take(1));
     }
     if let Some(name) = &args.scheduler {
         components
@@ -427,6 +477,9 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
     }
     if let Some(path) = &args.latents {
         params.push("Latents", path.display());
+    }
+    if !tokens.is_empty() {
+        params.push("Textual inversion", format!("\"{}\"", tokens.join(", ")));
     }
     if !loras.is_empty() {
         let list: Vec<String> = loras.iter().map(|(_, n, w)| format!("{n}:{w}")).collect();

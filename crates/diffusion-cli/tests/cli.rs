@@ -720,3 +720,58 @@ fn lora_flag_reproduces_diffusers() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/lora.safetensors"));
     assert!(!missing.exists());
 }
+
+/// `--textual-inversion` (four files in diffusers, multi-vector, A1111 and .bin layouts) with the
+/// tokens in the prompt and the negative prompt reproduces diffusers' `load_textual_inversion`
+/// run (fixtures/loaders/textual_inversion, gen_textual_inversion.py).
+#[test]
+fn textual_inversion_flag_reproduces_diffusers() {
+    let root = fixtures().join("loaders/textual_inversion");
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("sd1.json")).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy, latents) = (
+        dir.path().join("out.png"),
+        dir.path().join("out.npy"),
+        dir.path().join("latents.npy"),
+    );
+    let (shape, data) = fixture_tensor("loaders/textual_inversion/sd1.safetensors", "run/latents");
+    NpyArray { shape, data }.write(&latents).unwrap();
+    let mut cmd = diffusers();
+    cmd.args(["txt2img", "--model", &sd_folder("sd1"), "--quiet"]);
+    for file in [
+        "cat_toy.safetensors",
+        "multi.safetensors",
+        "a1111-style.safetensors",
+        "bin_tok.bin",
+    ] {
+        cmd.arg("--textual-inversion").arg(root.join(file));
+    }
+    let out = cmd
+        .args(["--prompt", meta["run"]["prompt"].as_str().unwrap()])
+        .args([
+            "--negative-prompt",
+            meta["negative_prompt"].as_str().unwrap(),
+        ])
+        .args(["--steps", "2"])
+        .arg("--latents")
+        .arg(&latents)
+        .arg("--output")
+        .arg(&png)
+        .arg("--output-npy")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = NpyArray::read(&npy).unwrap();
+    let (_, want) = fixture_tensor("loaders/textual_inversion/sd1.safetensors", "run/images");
+    let diff = max_abs_diff(&got.data, &want);
+    assert!(diff <= 1e-3, "max |diff| = {diff}");
+    let text = read_png_text(&png).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("Textual inversion: \""), "{params}");
+}
