@@ -137,6 +137,11 @@ pub(crate) fn step_kwargs(kind: SchedulerKind) -> (bool, bool) {
         | SchedulerKind::DpmSolverSinglestep
         | SchedulerKind::Kdpm2Ancestral
         | SchedulerKind::EdmEuler
+        | SchedulerKind::EdmDpmSolverMultistep
+        | SchedulerKind::CosineDpmSolverMultistep
+        | SchedulerKind::CmStochasticIterative
+        | SchedulerKind::ScoreSdeVe
+        | SchedulerKind::RePaint
         | SchedulerKind::Lcm => (false, true),
         _ => (false, false),
     }

@@ -12,6 +12,12 @@ use serde_json::{Map, Value};
 use crate::scheduler::{
     ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_path,
 };
+use crate::scheduling_consistency_models::{
+    CMStochasticIterativeScheduler, CMStochasticIterativeSchedulerConfig,
+};
+use crate::scheduling_cosine_dpmsolver_multistep::{
+    CosineDPMSolverMultistepScheduler, CosineDPMSolverMultistepSchedulerConfig,
+};
 use crate::scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 use crate::scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
 use crate::scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig};
@@ -24,6 +30,9 @@ use crate::scheduling_dpmsolver_multistep_inverse::{
 };
 use crate::scheduling_dpmsolver_singlestep::{
     DPMSolverSinglestepScheduler, DPMSolverSinglestepSchedulerConfig,
+};
+use crate::scheduling_edm_dpmsolver_multistep::{
+    EDMDPMSolverMultistepScheduler, EDMDPMSolverMultistepSchedulerConfig,
 };
 use crate::scheduling_edm_euler::{EDMEulerScheduler, EDMEulerSchedulerConfig};
 use crate::scheduling_euler_ancestral_discrete::{
@@ -45,6 +54,8 @@ use crate::scheduling_k_dpm_2_discrete::{KDPM2DiscreteScheduler, KDPM2DiscreteSc
 use crate::scheduling_lcm::{LCMScheduler, LCMSchedulerConfig};
 use crate::scheduling_lms_discrete::{LMSDiscreteScheduler, LMSDiscreteSchedulerConfig};
 use crate::scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};
+use crate::scheduling_repaint::{RePaintScheduler, RePaintSchedulerConfig};
+use crate::scheduling_sde_ve::{ScoreSdeVeScheduler, ScoreSdeVeSchedulerConfig};
 use crate::scheduling_tcd::{TCDScheduler, TCDSchedulerConfig};
 use crate::scheduling_unipc_multistep::{UniPCMultistepScheduler, UniPCMultistepSchedulerConfig};
 
@@ -94,6 +105,16 @@ pub enum SchedulerKind {
     DpmSolverMultistepInverse,
     /// [`TCDScheduler`].
     Tcd,
+    /// [`EDMDPMSolverMultistepScheduler`].
+    EdmDpmSolverMultistep,
+    /// [`CosineDPMSolverMultistepScheduler`].
+    CosineDpmSolverMultistep,
+    /// [`CMStochasticIterativeScheduler`].
+    CmStochasticIterative,
+    /// [`ScoreSdeVeScheduler`].
+    ScoreSdeVe,
+    /// [`RePaintScheduler`].
+    RePaint,
 }
 
 impl SchedulerKind {
@@ -120,6 +141,11 @@ impl SchedulerKind {
         SchedulerKind::EdmEuler,
         SchedulerKind::DpmSolverMultistepInverse,
         SchedulerKind::Tcd,
+        SchedulerKind::EdmDpmSolverMultistep,
+        SchedulerKind::CosineDpmSolverMultistep,
+        SchedulerKind::CmStochasticIterative,
+        SchedulerKind::ScoreSdeVe,
+        SchedulerKind::RePaint,
     ];
 
     /// The diffusers class name.
@@ -146,6 +172,11 @@ impl SchedulerKind {
             Self::EdmEuler => EDMEulerSchedulerConfig::CLASS_NAME,
             Self::DpmSolverMultistepInverse => DPMSolverMultistepInverseSchedulerConfig::CLASS_NAME,
             Self::Tcd => TCDSchedulerConfig::CLASS_NAME,
+            Self::EdmDpmSolverMultistep => EDMDPMSolverMultistepSchedulerConfig::CLASS_NAME,
+            Self::CosineDpmSolverMultistep => CosineDPMSolverMultistepSchedulerConfig::CLASS_NAME,
+            Self::CmStochasticIterative => CMStochasticIterativeSchedulerConfig::CLASS_NAME,
+            Self::ScoreSdeVe => ScoreSdeVeSchedulerConfig::CLASS_NAME,
+            Self::RePaint => RePaintSchedulerConfig::CLASS_NAME,
         }
     }
 
@@ -187,6 +218,11 @@ impl SchedulerKind {
                 DPMSolverMultistepInverseSchedulerConfig::known_keys()
             }
             Self::Tcd => TCDSchedulerConfig::known_keys(),
+            Self::EdmDpmSolverMultistep => EDMDPMSolverMultistepSchedulerConfig::known_keys(),
+            Self::CosineDpmSolverMultistep => CosineDPMSolverMultistepSchedulerConfig::known_keys(),
+            Self::CmStochasticIterative => CMStochasticIterativeSchedulerConfig::known_keys(),
+            Self::ScoreSdeVe => ScoreSdeVeSchedulerConfig::known_keys(),
+            Self::RePaint => RePaintSchedulerConfig::known_keys(),
         }
     }
 }
@@ -424,6 +460,16 @@ pub enum AnyScheduler {
     DpmSolverMultistepInverse(DPMSolverMultistepInverseScheduler),
     /// A [`TCDScheduler`].
     Tcd(TCDScheduler),
+    /// An [`EDMDPMSolverMultistepScheduler`].
+    EdmDpmSolverMultistep(EDMDPMSolverMultistepScheduler),
+    /// A [`CosineDPMSolverMultistepScheduler`].
+    CosineDpmSolverMultistep(CosineDPMSolverMultistepScheduler),
+    /// A [`CMStochasticIterativeScheduler`].
+    CmStochasticIterative(CMStochasticIterativeScheduler),
+    /// A [`ScoreSdeVeScheduler`].
+    ScoreSdeVe(ScoreSdeVeScheduler),
+    /// A [`RePaintScheduler`].
+    RePaint(RePaintScheduler),
 }
 
 macro_rules! dispatch {
@@ -450,6 +496,11 @@ macro_rules! dispatch {
             AnyScheduler::EdmEuler($s) => $body,
             AnyScheduler::DpmSolverMultistepInverse($s) => $body,
             AnyScheduler::Tcd($s) => $body,
+            AnyScheduler::EdmDpmSolverMultistep($s) => $body,
+            AnyScheduler::CosineDpmSolverMultistep($s) => $body,
+            AnyScheduler::CmStochasticIterative($s) => $body,
+            AnyScheduler::ScoreSdeVe($s) => $body,
+            AnyScheduler::RePaint($s) => $body,
         }
     };
 }
@@ -580,6 +631,36 @@ impl From<TCDScheduler> for AnyScheduler {
     }
 }
 
+impl From<EDMDPMSolverMultistepScheduler> for AnyScheduler {
+    fn from(s: EDMDPMSolverMultistepScheduler) -> Self {
+        Self::EdmDpmSolverMultistep(s)
+    }
+}
+
+impl From<CosineDPMSolverMultistepScheduler> for AnyScheduler {
+    fn from(s: CosineDPMSolverMultistepScheduler) -> Self {
+        Self::CosineDpmSolverMultistep(s)
+    }
+}
+
+impl From<CMStochasticIterativeScheduler> for AnyScheduler {
+    fn from(s: CMStochasticIterativeScheduler) -> Self {
+        Self::CmStochasticIterative(s)
+    }
+}
+
+impl From<ScoreSdeVeScheduler> for AnyScheduler {
+    fn from(s: ScoreSdeVeScheduler) -> Self {
+        Self::ScoreSdeVe(s)
+    }
+}
+
+impl From<RePaintScheduler> for AnyScheduler {
+    fn from(s: RePaintScheduler) -> Self {
+        Self::RePaint(s)
+    }
+}
+
 impl AnyScheduler {
     /// Which class this is.
     pub fn kind(&self) -> SchedulerKind {
@@ -605,6 +686,11 @@ impl AnyScheduler {
             Self::EdmEuler(_) => SchedulerKind::EdmEuler,
             Self::DpmSolverMultistepInverse(_) => SchedulerKind::DpmSolverMultistepInverse,
             Self::Tcd(_) => SchedulerKind::Tcd,
+            Self::EdmDpmSolverMultistep(_) => SchedulerKind::EdmDpmSolverMultistep,
+            Self::CosineDpmSolverMultistep(_) => SchedulerKind::CosineDpmSolverMultistep,
+            Self::CmStochasticIterative(_) => SchedulerKind::CmStochasticIterative,
+            Self::ScoreSdeVe(_) => SchedulerKind::ScoreSdeVe,
+            Self::RePaint(_) => SchedulerKind::RePaint,
         }
     }
 
@@ -672,6 +758,17 @@ impl AnyScheduler {
                 Self::DpmSolverMultistepInverse(typed(value, origin)?)
             }
             SchedulerKind::Tcd => Self::Tcd(typed(value, origin)?),
+            SchedulerKind::EdmDpmSolverMultistep => {
+                Self::EdmDpmSolverMultistep(typed(value, origin)?)
+            }
+            SchedulerKind::CosineDpmSolverMultistep => {
+                Self::CosineDpmSolverMultistep(typed(value, origin)?)
+            }
+            SchedulerKind::CmStochasticIterative => {
+                Self::CmStochasticIterative(typed(value, origin)?)
+            }
+            SchedulerKind::ScoreSdeVe => Self::ScoreSdeVe(typed(value, origin)?),
+            SchedulerKind::RePaint => Self::RePaint(typed(value, origin)?),
         })
     }
 
@@ -869,6 +966,46 @@ impl AnyScheduler {
         }
     }
 
+    /// The EDM DPM-Solver multistep scheduler inside, if this is one.
+    pub fn as_edm_dpm_solver_multistep(&self) -> Option<&EDMDPMSolverMultistepScheduler> {
+        match self {
+            Self::EdmDpmSolverMultistep(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The cosine DPM-Solver multistep scheduler inside, if this is one.
+    pub fn as_cosine_dpm_solver_multistep(&self) -> Option<&CosineDPMSolverMultistepScheduler> {
+        match self {
+            Self::CosineDpmSolverMultistep(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The consistency-model scheduler inside, if this is one.
+    pub fn as_cm_stochastic_iterative(&self) -> Option<&CMStochasticIterativeScheduler> {
+        match self {
+            Self::CmStochasticIterative(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The score-SDE (VE) scheduler inside, if this is one.
+    pub fn as_score_sde_ve(&self) -> Option<&ScoreSdeVeScheduler> {
+        match self {
+            Self::ScoreSdeVe(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The RePaint scheduler inside, if this is one.
+    pub fn as_repaint(&self) -> Option<&RePaintScheduler> {
+        match self {
+            Self::RePaint(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The training noise schedule (betas and `alphas_cumprod`); `None` for the flow-matching
     /// schedulers, which have none.
     pub fn noise_schedule(&self) -> Option<&crate::NoiseSchedule> {
@@ -890,10 +1027,15 @@ impl AnyScheduler {
             Self::Kdpm2Ancestral(s) => s.noise_schedule(),
             Self::DpmSolverSinglestep(s) => s.noise_schedule(),
             Self::Deis(s) => s.noise_schedule(),
+            Self::RePaint(s) => s.noise_schedule(),
             Self::FlowMatchEuler(_)
             | Self::FlowMatchHeun(_)
             | Self::Ipndm(_)
-            | Self::EdmEuler(_) => {
+            | Self::EdmEuler(_)
+            | Self::EdmDpmSolverMultistep(_)
+            | Self::CosineDpmSolverMultistep(_)
+            | Self::CmStochasticIterative(_)
+            | Self::ScoreSdeVe(_) => {
                 return None;
             }
         })

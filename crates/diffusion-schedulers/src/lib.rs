@@ -23,7 +23,9 @@
 //! Noise is never drawn from a hidden global generator: a step that needs noise takes a
 //! [`diffusion_core::TorchGenerator`] (or caller-made noise) through [`StepOptions`] and fails
 //! with a typed error without one. Draws follow `torch.randn` on a CPU generator, so a seeded
-//! run reproduces a seeded diffusers run.
+//! run reproduces a seeded diffusers run. The exception is
+//! [`CosineDPMSolverMultistepScheduler`], whose noise diffusers draws from torchsde's Brownian
+//! tree: that sampler is not ported, and the step takes its noise as `variance_noise`.
 //!
 //! ```no_run
 //! use diffusion_core::tensor::randn_tensor;
@@ -55,6 +57,8 @@ pub mod any_scheduler;
 pub mod ops;
 pub mod schedule;
 pub mod scheduler;
+pub mod scheduling_consistency_models;
+pub mod scheduling_cosine_dpmsolver_multistep;
 pub mod scheduling_ddim;
 pub mod scheduling_ddim_inverse;
 pub mod scheduling_ddpm;
@@ -62,6 +66,7 @@ pub mod scheduling_deis_multistep;
 pub mod scheduling_dpmsolver_multistep;
 pub mod scheduling_dpmsolver_multistep_inverse;
 pub mod scheduling_dpmsolver_singlestep;
+pub mod scheduling_edm_dpmsolver_multistep;
 pub mod scheduling_edm_euler;
 pub mod scheduling_euler_ancestral_discrete;
 pub mod scheduling_euler_discrete;
@@ -74,6 +79,8 @@ pub mod scheduling_k_dpm_2_discrete;
 pub mod scheduling_lcm;
 pub mod scheduling_lms_discrete;
 pub mod scheduling_pndm;
+pub mod scheduling_repaint;
+pub mod scheduling_sde_ve;
 pub mod scheduling_tcd;
 pub mod scheduling_unipc_multistep;
 pub mod sigmas;
@@ -81,6 +88,12 @@ pub mod sigmas;
 pub use any_scheduler::{AnyScheduler, SchedulerKind, SchedulerSpec};
 pub use schedule::{BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
 pub use scheduler::{ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput};
+pub use scheduling_consistency_models::{
+    CMStochasticIterativeScheduler, CMStochasticIterativeSchedulerConfig,
+};
+pub use scheduling_cosine_dpmsolver_multistep::{
+    CosineDPMSolverMultistepScheduler, CosineDPMSolverMultistepSchedulerConfig,
+};
 pub use scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 pub use scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
 pub use scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig, VarianceType};
@@ -93,6 +106,9 @@ pub use scheduling_dpmsolver_multistep_inverse::{
 };
 pub use scheduling_dpmsolver_singlestep::{
     DPMSolverSinglestepScheduler, DPMSolverSinglestepSchedulerConfig,
+};
+pub use scheduling_edm_dpmsolver_multistep::{
+    EDMDPMSolverMultistepScheduler, EDMDPMSolverMultistepSchedulerConfig,
 };
 pub use scheduling_edm_euler::{EDMEulerScheduler, EDMEulerSchedulerConfig};
 pub use scheduling_euler_ancestral_discrete::{
@@ -114,5 +130,7 @@ pub use scheduling_k_dpm_2_discrete::{KDPM2DiscreteScheduler, KDPM2DiscreteSched
 pub use scheduling_lcm::{LCMScheduler, LCMSchedulerConfig};
 pub use scheduling_lms_discrete::{LMSDiscreteScheduler, LMSDiscreteSchedulerConfig};
 pub use scheduling_pndm::{PNDMScheduler, PNDMSchedulerConfig};
+pub use scheduling_repaint::{RePaintScheduler, RePaintSchedulerConfig};
+pub use scheduling_sde_ve::{ScoreSdeVeScheduler, ScoreSdeVeSchedulerConfig, SdeVeOutput};
 pub use scheduling_tcd::{TCDScheduler, TCDSchedulerConfig};
 pub use scheduling_unipc_multistep::{UniPCMultistepScheduler, UniPCMultistepSchedulerConfig};

@@ -489,8 +489,32 @@ pub(crate) fn add_noise_ve<const D: usize>(
     noise: Tensor<D>,
     timesteps: &[f64],
 ) -> Result<Tensor<D>> {
+    add_noise_ve_with(
+        cursor,
+        schedule_timesteps,
+        sigmas,
+        original,
+        noise,
+        timesteps,
+        MissingTimestep::Error,
+    )
+}
+
+/// [`add_noise_ve`] with a choice of what a timestep not in the schedule means.
+///
+/// # Errors
+/// As [`add_noise_ve`]; a missing timestep only with [`MissingTimestep::Error`].
+pub(crate) fn add_noise_ve_with<const D: usize>(
+    cursor: &StepCursor,
+    schedule_timesteps: &[f64],
+    sigmas: &[f64],
+    original: Tensor<D>,
+    noise: Tensor<D>,
+    timesteps: &[f64],
+    missing: MissingTimestep,
+) -> Result<Tensor<D>> {
     crate::ops::check_same_shape(&noise, &original, "noise", "original_samples")?;
-    let indices = cursor.noise_indices(schedule_timesteps, timesteps, MissingTimestep::Error)?;
+    let indices = cursor.noise_indices(schedule_timesteps, timesteps, missing)?;
     let sigma: Vec<f64> = indices.iter().map(|&i| sigmas[i]).collect();
     let sigma = crate::ops::batch_coefficients(&sigma, &original)?;
     Ok(original.add(noise.mul(sigma)))

@@ -1,10 +1,14 @@
 //! Scheduler tests, one binary: parity with diffusers on the oracle's fixtures, diffusers' own
 //! test numbers, invariants, config files and bad input.
 
+#[path = "schedulers/cm.rs"]
+mod cm;
 #[path = "schedulers/common.rs"]
 mod common;
 #[path = "schedulers/config.rs"]
 mod config;
+#[path = "schedulers/cosine_dpm.rs"]
+mod cosine_dpm;
 #[path = "schedulers/ddim_inverse.rs"]
 mod ddim_inverse;
 #[path = "schedulers/deis.rs"]
@@ -13,10 +17,14 @@ mod deis;
 mod dpm_inverse;
 #[path = "schedulers/dpm_single.rs"]
 mod dpm_single;
+#[path = "schedulers/edm_dpm.rs"]
+mod edm_dpm;
 #[path = "schedulers/edm_euler.rs"]
 mod edm_euler;
 #[path = "schedulers/errors.rs"]
 mod errors;
+#[path = "schedulers/extra.rs"]
+mod extra;
 #[path = "schedulers/flow_match.rs"]
 mod flow_match;
 #[path = "schedulers/golden.rs"]
@@ -41,6 +49,10 @@ mod parity;
 mod pndm;
 #[path = "schedulers/props.rs"]
 mod props;
+#[path = "schedulers/repaint.rs"]
+mod repaint;
+#[path = "schedulers/sde_ve.rs"]
+mod sde_ve;
 #[path = "schedulers/stateful.rs"]
 mod stateful;
 #[path = "schedulers/tcd.rs"]

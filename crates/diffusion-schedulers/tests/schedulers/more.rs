@@ -41,6 +41,8 @@ fn add_noise_matches_diffusers() -> Result<()> {
 
 /// The oracle's record of one of diffusers' test loops.
 pub(crate) struct Golden {
+    /// The fixture folder (`more` or `extra`).
+    pub dir: &'static str,
     pub name: String,
     pub sum: Option<f64>,
     pub mean: f64,
@@ -50,7 +52,12 @@ pub(crate) struct Golden {
 
 /// diffusers' expected numbers for the loop `name`, as cited in gen_schedulers_more.py.
 pub(crate) fn golden(name: &str) -> Result<Golden> {
-    let all = read_json("more/golden.json")?;
+    golden_in("more", name)
+}
+
+/// diffusers' expected numbers for the loop `name` of the fixture folder `dir`.
+pub(crate) fn golden_in(dir: &'static str, name: &str) -> Result<Golden> {
+    let all = read_json(&format!("{dir}/golden.json"))?;
     let entry = all
         .as_array()
         .context("golden")?
@@ -58,6 +65,7 @@ pub(crate) fn golden(name: &str) -> Result<Golden> {
         .find(|g| g["name"] == name)
         .with_context(|| format!("no golden loop {name}"))?;
     Ok(Golden {
+        dir,
         name: name.to_string(),
         sum: entry["diffusers_test_sum"].as_f64(),
         mean: entry["diffusers_test_mean"]
@@ -93,7 +101,7 @@ pub(crate) fn check_golden(g: &Golden, result: &Tensor<4>, initial_scale: f64) -
         g.name,
         g.mean
     );
-    let oracle = Tensors::load("more/golden.safetensors")?;
+    let oracle = Tensors::load(&format!("{}/golden.safetensors", g.dir))?;
     let err = rel_err_scaled(&v, oracle.values(&g.name)?, initial_scale);
     ensure!(
         err <= 1e-5,
@@ -105,8 +113,14 @@ pub(crate) fn check_golden(g: &Golden, result: &Tensor<4>, initial_scale: f64) -
 
 /// The default config diffusers saved for `class`.
 pub(crate) fn default_config_file(class: &str) -> std::path::PathBuf {
+    default_config_file_in("more", class)
+}
+
+/// The default config diffusers saved for `class` in the fixture folder `dir`.
+pub(crate) fn default_config_file_in(dir: &str, class: &str) -> std::path::PathBuf {
     crate::common::fixtures()
-        .join("more/configs")
+        .join(dir)
+        .join("configs")
         .join(class)
         .join("scheduler_config.json")
 }

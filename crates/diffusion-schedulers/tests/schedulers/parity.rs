@@ -266,7 +266,10 @@ fn scheduler_for(case: &Value) -> Result<AnyScheduler> {
     // EDM's are `ln(sigma) / 4` like Euler's continuous ones.
     let continuous = euler && c["timestep_type"] == "continuous"
         || case["class"] == "IPNDMScheduler"
-        || case["class"] == "EDMEulerScheduler";
+        || case["class"] == "EDMEulerScheduler"
+        || case["class"] == "EDMDPMSolverMultistepScheduler"
+        || case["class"] == "CosineDPMSolverMultistepScheduler"
+        || case["class"] == "CMStochasticIterativeScheduler";
     // KDPM2's interleaved midpoint timesteps are all found from sigmas.
     let kdpm2 = case["class"]
         .as_str()
@@ -443,10 +446,12 @@ fn trajectories_match_diffusers() -> Result<()> {
     // Every class the crate implements is covered, here or by gen_schedulers_more.py's
     // fixtures (checked in more.rs).
     let more = read_json("more/cases.json")?;
+    let extra = read_json("extra/cases.json")?;
     let more: Vec<&str> = more
         .as_array()
         .context("more cases")?
         .iter()
+        .chain(extra.as_array().context("extra cases")?)
         .filter_map(|c| c["class"].as_str())
         .collect();
     for kind in diffusion_schedulers::SchedulerKind::ALL {
@@ -485,6 +490,12 @@ pub(crate) fn check_forward_cases(json: &str, safetensors: &str) -> Result<(usiz
         }
         if let Some(begin) = case["begin_index"].as_u64() {
             scheduler.set_begin_index(begin as usize)?;
+        }
+        // The score-SDE scheduler's noise levels are set apart from its timesteps.
+        if let (Some(k), AnyScheduler::ScoreSdeVe(s)) =
+            (case["set_sigmas"].as_u64(), &mut scheduler)
+        {
+            s.set_sigmas(k as usize)?;
         }
         let mut ts: Vec<f64> = case["timesteps"]
             .as_array()
