@@ -5,9 +5,9 @@
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use diffusion_benches::cpu_devices;
+use diffusion_core::NoiseSource;
 use diffusion_core::TorchGenerator;
 use diffusion_core::burn::tensor::{Distribution, Tensor};
-use diffusion_core::NoiseSource;
 use diffusion_schedulers::{AnyScheduler, Scheduler, SchedulerKind, SchedulerSpec, StepOptions};
 
 const STEPS: usize = 30;
@@ -40,6 +40,10 @@ fn takes_generator(kind: SchedulerKind) -> bool {
             | DpmSolverSinglestep
             | Kdpm2Ancestral
             | EdmEuler
+            | EdmDpmSolverMultistep
+            | CosineDpmSolverMultistep
+            | CmStochasticIterative
+            | ScoreSdeVe
             | Lcm
     )
 }
@@ -50,16 +54,18 @@ fn bench_loops(c: &mut Criterion) {
     let base = AnyScheduler::from_config_value(sd15_config(), std::path::Path::new("sd15"))
         .expect("SD 1.5 scheduler config");
     for (device_name, device) in cpu_devices() {
-        let latents =
-            Tensor::<4>::random([2, 4, 64, 64], Distribution::Normal(0.0, 1.0), &device);
+        let latents = Tensor::<4>::random([2, 4, 64, 64], Distribution::Normal(0.0, 1.0), &device);
         let model_output =
             Tensor::<4>::random([2, 4, 64, 64], Distribution::Normal(0.0, 1.0), &device);
         for kind in SchedulerKind::ALL {
             if matches!(
                 kind,
-                SchedulerKind::FlowMatchEuler | SchedulerKind::FlowMatchHeun
+                SchedulerKind::FlowMatchEuler
+                    | SchedulerKind::FlowMatchHeun
+                    | SchedulerKind::RePaint
             ) {
-                // Flow-matching schedulers belong to flow models, not to this config.
+                // Flow-matching schedulers belong to flow models, not to this config; RePaint
+                // steps need an image and mask (RePaintPipeline).
                 continue;
             }
             let spec = SchedulerSpec::parse(kind.class_name()).expect("known class");
