@@ -549,54 +549,60 @@ fn requested_size(args: &GenerationArgs) -> Result<Option<(usize, usize)>> {
     }
 }
 
+/// Run the SD or the SDXL pipeline of a command on the loaded components. Both arms build their
+/// pipeline's args struct from the same fields (the structs share these field names), apply
+/// `$adjust` to it (defaults that differ between the pipelines) and call the pipeline.
+macro_rules! run_pipeline {
+    (
+        $components:expr,
+        $sd:ident($sd_args:ident),
+        $xl:ident($xl_args:ident),
+        { $($field:ident: $value:expr),* $(,)? },
+        |$call:ident| $adjust:block
+    ) => {
+        match $components {
+            Components::Sd(components) => {
+                let mut $call = $sd_args { $($field: $value,)* ..Default::default() };
+                $adjust
+                $sd::from_parts(components).call($call)?
+            }
+            Components::Xl(components) => {
+                let mut $call = $xl_args { $($field: $value,)* ..Default::default() };
+                $adjust
+                $xl::from_parts(components).call($call)?
+            }
+        }
+    };
+}
+
 pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
     let args = args.common;
     let precision = check_flags(&args, None)?;
     let prepared = prepare(&args, precision)?;
     let mut params = prepared.params;
-    let prompt = vec![args.prompt.clone()];
-    let out = match prepared.components {
-        Components::Sd(components) => {
-            let mut call = StableDiffusionArgs {
-                prompt,
-                negative_prompt: negative(&args),
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.steps,
-                eta: args.eta,
-                generator: prepared.generator,
-                latents: prepared.latents,
-                num_images_per_prompt: args.num_images,
-                output_type: OutputType::Np,
-                clip_skip: args.clip_skip,
-                progress: !args.quiet,
-                ..Default::default()
-            };
+    let out = run_pipeline!(
+        prepared.components,
+        StableDiffusionPipeline(StableDiffusionArgs),
+        StableDiffusionXLPipeline(StableDiffusionXLArgs),
+        {
+            prompt: vec![args.prompt.clone()],
+            negative_prompt: negative(&args),
+            height: args.height,
+            width: args.width,
+            num_inference_steps: args.steps,
+            eta: args.eta,
+            generator: prepared.generator,
+            latents: prepared.latents,
+            num_images_per_prompt: args.num_images,
+            output_type: OutputType::Np,
+            clip_skip: args.clip_skip,
+            progress: !args.quiet,
+        },
+        |call| {
             call.guidance_scale = args.guidance.unwrap_or(call.guidance_scale);
             params.push("CFG scale", call.guidance_scale);
-            StableDiffusionPipeline::from_parts(components).call(call)?
         }
-        Components::Xl(components) => {
-            let mut call = StableDiffusionXLArgs {
-                prompt,
-                negative_prompt: negative(&args),
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.steps,
-                eta: args.eta,
-                generator: prepared.generator,
-                latents: prepared.latents,
-                num_images_per_prompt: args.num_images,
-                output_type: OutputType::Np,
-                clip_skip: args.clip_skip,
-                progress: !args.quiet,
-                ..Default::default()
-            };
-            call.guidance_scale = args.guidance.unwrap_or(call.guidance_scale);
-            params.push("CFG scale", call.guidance_scale);
-            StableDiffusionXLPipeline::from_parts(components).call(call)?
-        }
-    };
+    );
     finish(&args, out, params)
 }
 
@@ -615,58 +621,33 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
     }
     let size = requested_size(&args)?;
     let input = load_input_image(&image, "--image", size)?;
-    let mut prepared = prepare(&args, precision)?;
-    let prompt = vec![args.prompt.clone()];
-    let out = match prepared.components {
-        Components::Sd(components) => {
-            let call = StableDiffusionImg2ImgArgs {
-                prompt,
-                negative_prompt: negative(&args),
-                image: Some(input.into()),
-                num_inference_steps: args.steps,
-                eta: args.eta,
-                generator: prepared.generator,
-                num_images_per_prompt: args.num_images,
-                output_type: OutputType::Np,
-                clip_skip: args.clip_skip,
-                progress: !args.quiet,
-                ..Default::default()
-            };
-            let call = StableDiffusionImg2ImgArgs {
-                strength: strength.unwrap_or(call.strength),
-                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
-                ..call
-            };
-            prepared.params.push("CFG scale", call.guidance_scale);
-            prepared.params.push("Denoising strength", call.strength);
-            StableDiffusionImg2ImgPipeline::from_parts(components).call(call)?
+    let prepared = prepare(&args, precision)?;
+    let mut params = prepared.params;
+    let out = run_pipeline!(
+        prepared.components,
+        StableDiffusionImg2ImgPipeline(StableDiffusionImg2ImgArgs),
+        StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImg2ImgArgs),
+        {
+            prompt: vec![args.prompt.clone()],
+            negative_prompt: negative(&args),
+            image: Some(input.into()),
+            num_inference_steps: args.steps,
+            eta: args.eta,
+            generator: prepared.generator,
+            num_images_per_prompt: args.num_images,
+            output_type: OutputType::Np,
+            clip_skip: args.clip_skip,
+            progress: !args.quiet,
+        },
+        |call| {
+            call.strength = strength.unwrap_or(call.strength);
+            call.guidance_scale = args.guidance.unwrap_or(call.guidance_scale);
+            params.push("CFG scale", call.guidance_scale);
+            params.push("Denoising strength", call.strength);
         }
-        Components::Xl(components) => {
-            let call = StableDiffusionXLImg2ImgArgs {
-                prompt,
-                negative_prompt: negative(&args),
-                image: Some(input.into()),
-                num_inference_steps: args.steps,
-                eta: args.eta,
-                generator: prepared.generator,
-                num_images_per_prompt: args.num_images,
-                output_type: OutputType::Np,
-                clip_skip: args.clip_skip,
-                progress: !args.quiet,
-                ..Default::default()
-            };
-            let call = StableDiffusionXLImg2ImgArgs {
-                strength: strength.unwrap_or(call.strength),
-                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
-                ..call
-            };
-            prepared.params.push("CFG scale", call.guidance_scale);
-            prepared.params.push("Denoising strength", call.strength);
-            StableDiffusionXLImg2ImgPipeline::from_parts(components).call(call)?
-        }
-    };
-    prepared.params.push("Init image", image.display());
-    finish(&args, out, prepared.params)
+    );
+    params.push("Init image", image.display());
+    finish(&args, out, params)
 }
 
 pub fn inpaint(args: InpaintArgs) -> Result<()> {
@@ -690,65 +671,36 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
             input.height()
         );
     }
-    let mut prepared = prepare(&args, precision)?;
-    let prompt = vec![args.prompt.clone()];
-    let out = match prepared.components {
-        Components::Sd(components) => {
-            let call = StableDiffusionInpaintArgs {
-                prompt,
-                negative_prompt: negative(&args),
-                image: Some(input.into()),
-                mask_image: Some(mask_image.into()),
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.steps,
-                eta: args.eta,
-                generator: prepared.generator,
-                latents: prepared.latents,
-                num_images_per_prompt: args.num_images,
-                output_type: OutputType::Np,
-                clip_skip: args.clip_skip,
-                progress: !args.quiet,
-                ..Default::default()
-            };
-            let call = StableDiffusionInpaintArgs {
-                strength: strength.unwrap_or(call.strength),
-                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
-                ..call
-            };
-            prepared.params.push("CFG scale", call.guidance_scale);
-            prepared.params.push("Denoising strength", call.strength);
-            StableDiffusionInpaintPipeline::from_parts(components).call(call)?
+    let prepared = prepare(&args, precision)?;
+    let mut params = prepared.params;
+    let out = run_pipeline!(
+        prepared.components,
+        StableDiffusionInpaintPipeline(StableDiffusionInpaintArgs),
+        StableDiffusionXLInpaintPipeline(StableDiffusionXLInpaintArgs),
+        {
+            prompt: vec![args.prompt.clone()],
+            negative_prompt: negative(&args),
+            image: Some(input.into()),
+            mask_image: Some(mask_image.into()),
+            height: args.height,
+            width: args.width,
+            num_inference_steps: args.steps,
+            eta: args.eta,
+            generator: prepared.generator,
+            latents: prepared.latents,
+            num_images_per_prompt: args.num_images,
+            output_type: OutputType::Np,
+            clip_skip: args.clip_skip,
+            progress: !args.quiet,
+        },
+        |call| {
+            call.strength = strength.unwrap_or(call.strength);
+            call.guidance_scale = args.guidance.unwrap_or(call.guidance_scale);
+            params.push("CFG scale", call.guidance_scale);
+            params.push("Denoising strength", call.strength);
         }
-        Components::Xl(components) => {
-            let call = StableDiffusionXLInpaintArgs {
-                prompt,
-                negative_prompt: negative(&args),
-                image: Some(input.into()),
-                mask_image: Some(mask_image.into()),
-                height: args.height,
-                width: args.width,
-                num_inference_steps: args.steps,
-                eta: args.eta,
-                generator: prepared.generator,
-                latents: prepared.latents,
-                num_images_per_prompt: args.num_images,
-                output_type: OutputType::Np,
-                clip_skip: args.clip_skip,
-                progress: !args.quiet,
-                ..Default::default()
-            };
-            let call = StableDiffusionXLInpaintArgs {
-                strength: strength.unwrap_or(call.strength),
-                guidance_scale: args.guidance.unwrap_or(call.guidance_scale),
-                ..call
-            };
-            prepared.params.push("CFG scale", call.guidance_scale);
-            prepared.params.push("Denoising strength", call.strength);
-            StableDiffusionXLInpaintPipeline::from_parts(components).call(call)?
-        }
-    };
-    prepared.params.push("Init image", image.display());
-    prepared.params.push("Mask", mask.display());
-    finish(&args, out, prepared.params)
+    );
+    params.push("Init image", image.display());
+    params.push("Mask", mask.display());
+    finish(&args, out, params)
 }
