@@ -27,27 +27,6 @@ fn sd15_config() -> serde_json::Value {
     })
 }
 
-/// Whether the class's `step` takes a generator (the pipelines pass one only then).
-fn takes_generator(kind: SchedulerKind) -> bool {
-    use SchedulerKind::*;
-    matches!(
-        kind,
-        Ddpm | Ddim
-            | Tcd
-            | Euler
-            | EulerAncestral
-            | DpmSolverMultistep
-            | DpmSolverSinglestep
-            | Kdpm2Ancestral
-            | EdmEuler
-            | EdmDpmSolverMultistep
-            | CosineDpmSolverMultistep
-            | CmStochasticIterative
-            | ScoreSdeVe
-            | Lcm
-    )
-}
-
 fn bench_loops(c: &mut Criterion) {
     let mut group = c.benchmark_group("scheduler_loop_30_steps");
     group.sample_size(10);
@@ -83,7 +62,7 @@ fn bench_loops(c: &mut Criterion) {
                             generator: Some(NoiseSource::Single(&mut generator)),
                             ..StepOptions::default()
                         };
-                        let options = if takes_generator(*kind) {
+                        let options = if kind.step_takes_generator() {
                             options
                         } else {
                             StepOptions::default()

@@ -3,7 +3,6 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::image::ImageOutput;
 use diffusion_core::{Error, NoiseSource, Result, TorchGenerator};
-use diffusion_schedulers::SchedulerKind;
 
 /// Where a pipeline's randomness comes from, as diffusers' `generator=` argument.
 #[derive(Clone, Debug, Default)]
@@ -123,26 +122,4 @@ pub struct ImagePipelineOutput {
     pub images: ImageOutput,
     /// Whether a callback interrupted the loop before the last step.
     pub interrupted: bool,
-}
-
-/// Which `step` options a scheduler class takes, as diffusers' `prepare_extra_step_kwargs`
-/// finds them in the `step` signature: (`eta`, `generator`).
-pub(crate) fn step_kwargs(kind: SchedulerKind) -> (bool, bool) {
-    match kind {
-        SchedulerKind::Ddim | SchedulerKind::Tcd => (true, true),
-        SchedulerKind::Ddpm
-        | SchedulerKind::Euler
-        | SchedulerKind::EulerAncestral
-        | SchedulerKind::DpmSolverMultistep
-        | SchedulerKind::DpmSolverSinglestep
-        | SchedulerKind::Kdpm2Ancestral
-        | SchedulerKind::EdmEuler
-        | SchedulerKind::EdmDpmSolverMultistep
-        | SchedulerKind::CosineDpmSolverMultistep
-        | SchedulerKind::CmStochasticIterative
-        | SchedulerKind::ScoreSdeVe
-        | SchedulerKind::RePaint
-        | SchedulerKind::Lcm => (false, true),
-        _ => (false, false),
-    }
 }

@@ -11,7 +11,7 @@ use diffusion_schedulers::{AnyScheduler, Scheduler, StepOptions};
 
 use crate::pipeline_utils::{
     Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo, noise_source,
-    progress_bar, step_kwargs,
+    progress_bar,
 };
 
 /// Arguments of an unconditional pipeline call, as diffusers' `DDPMPipeline.__call__` and
@@ -104,7 +104,7 @@ pub(crate) fn denoise(
     let mut interrupted = false;
     // Only schedulers whose `step` takes a generator get one (diffusers' pipelines pass it
     // unconditionally, which fails for UniPC, Heun, LMS, PNDM, ...).
-    let (_, takes_generator) = step_kwargs(scheduler.kind());
+    let takes_generator = scheduler.kind().step_takes_generator();
     for (i, &t) in timesteps.iter().enumerate() {
         let timestep = Tensor::<1>::from_floats([t as f32], &device);
         let model_input = scheduler.scale_model_input(image.clone(), t)?;

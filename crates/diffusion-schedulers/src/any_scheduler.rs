@@ -118,6 +118,36 @@ pub enum SchedulerKind {
 }
 
 impl SchedulerKind {
+    /// Whether this class's `step` takes `eta` (diffusers' `prepare_extra_step_kwargs` looks
+    /// for it in the `step` signature; pipelines pass it only then).
+    pub fn step_takes_eta(self) -> bool {
+        matches!(self, Self::Ddim | Self::Tcd)
+    }
+
+    /// Whether this class's `step` takes a `generator` (draws noise, or may): pipelines pass
+    /// one only then, as diffusers' `prepare_extra_step_kwargs`. Flow-match Euler takes one only
+    /// with `stochastic_sampling`, so it is not listed.
+    pub fn step_takes_generator(self) -> bool {
+        matches!(
+            self,
+            Self::Ddpm
+                | Self::Ddim
+                | Self::Tcd
+                | Self::Euler
+                | Self::EulerAncestral
+                | Self::DpmSolverMultistep
+                | Self::DpmSolverSinglestep
+                | Self::Kdpm2Ancestral
+                | Self::EdmEuler
+                | Self::EdmDpmSolverMultistep
+                | Self::CosineDpmSolverMultistep
+                | Self::CmStochasticIterative
+                | Self::ScoreSdeVe
+                | Self::RePaint
+                | Self::Lcm
+        )
+    }
+
     /// Every kind, in a stable order.
     pub const ALL: &'static [SchedulerKind] = &[
         SchedulerKind::Ddpm,

@@ -11,7 +11,6 @@ use diffusion_schedulers::{AnyScheduler, Scheduler, SetTimesteps, StepOptions};
 
 use crate::pipeline_utils::{
     ImagePipelineOutput, StepCallback, StepControl, StepInfo, noise_source, progress_bar,
-    step_kwargs,
 };
 
 /// diffusers' `retrieve_timesteps`: a step count, or custom `timesteps` / `sigmas` (then the
@@ -200,7 +199,8 @@ impl DenoiseLoop<'_, '_> {
             guidance_scale_embedding(self.guidance_scale, batch, dim, &device)
                 .cast(FloatDType::from(latents.dtype()))
         });
-        let (takes_eta, takes_generator) = step_kwargs(self.scheduler.kind());
+        let kind = self.scheduler.kind();
+        let (takes_eta, takes_generator) = (kind.step_takes_eta(), kind.step_takes_generator());
         let bar = progress_bar(self.timesteps.len(), self.progress);
         let mut interrupted = false;
         let n = self.timesteps.len();
