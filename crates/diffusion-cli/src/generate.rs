@@ -212,8 +212,7 @@ impl Components {
         &mut self,
         path: &Path,
         token: Option<&str>,
-    ) -> std::result::Result<Vec<String>, diffusion_loaders::textual_inversion::TextualInversionError>
-    {
+    ) -> diffusion_core::Result<Vec<String>> {
         match self {
             Self::Sd(c) => c.load_textual_inversion(path, token),
             Self::Xl(c) => c.load_textual_inversion(path, token),

@@ -94,6 +94,32 @@ pub enum Error {
     )]
     UnsafePickle { path: PathBuf, global: String },
 
+    /// A textual-inversion token (or one of its `<tok>_i` expansions) is already a word of the
+    /// tokenizer.
+    #[error(
+        "{path}: token {token:?} is already in the tokenizer's vocabulary; pass another token name"
+    )]
+    TokenInVocabulary { path: PathBuf, token: String },
+
+    /// Textual-inversion vectors whose size is not the text encoder's hidden size.
+    #[error(
+        "{path}: embedding `{table}` has vectors of size {got}, but the text encoder's hidden size is {expected}"
+    )]
+    EmbeddingDim {
+        path: PathBuf,
+        table: String,
+        expected: usize,
+        got: usize,
+    },
+
+    /// A file whose tensors (`keys`: name and shape) match no textual-inversion layout.
+    #[error("{path}: not a textual-inversion embedding: {message} (tensors: {})", keys.join(", "))]
+    UnknownEmbeddingLayout {
+        path: PathBuf,
+        keys: Vec<String>,
+        message: String,
+    },
+
     /// A single-file checkpoint's model type could not be recognised from its keys.
     #[error("{path}: not a recognised single-file checkpoint: {message} (looked for `{key}`)")]
     UnknownModelType {

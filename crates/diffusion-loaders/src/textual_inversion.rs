@@ -30,10 +30,10 @@
 //! # }
 //! ```
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use diffusion_core::weights::SafetensorsFile;
+use diffusion_core::{Error, Result};
 use diffusion_models::CLIPTokenizer;
 use diffusion_models::text_encoders::clip::CLIPTextTransformer;
 
@@ -43,97 +43,6 @@ use crate::single_file::torch_zip::TorchCheckpoint;
 pub const TEXT_INVERSION_NAME_SAFE: &str = "learned_embeds.safetensors";
 /// diffusers' `TEXT_INVERSION_NAME`, the pickle fallback in a folder.
 pub const TEXT_INVERSION_NAME: &str = "learned_embeds.bin";
-
-/// What can go wrong loading a textual-inversion embedding.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum TextualInversionError {
-    /// The token (or one of its `<tok>_i` expansions) is already a word of the tokenizer.
-    TokenInVocabulary {
-        /// The embedding file.
-        path: PathBuf,
-        /// The token that clashes.
-        token: String,
-    },
-    /// The vectors do not have the text encoder's hidden size.
-    EmbeddingDim {
-        /// The embedding file.
-        path: PathBuf,
-        /// The table read (`"clip_l"`, `"clip_g"`, or the file's only tensor key).
-        table: String,
-        /// The text encoder's `hidden_size`.
-        expected: usize,
-        /// The vectors' size.
-        got: usize,
-    },
-    /// The file's tensors match none of the known layouts.
-    UnknownLayout {
-        /// The embedding file.
-        path: PathBuf,
-        /// Its tensor keys with their shapes.
-        keys: Vec<(String, Vec<usize>)>,
-        /// What was expected.
-        message: String,
-    },
-    /// Reading the file, or updating the tokenizer or text encoder, failed.
-    Load(diffusion_core::Error),
-}
-
-impl fmt::Display for TextualInversionError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::TokenInVocabulary { path, token } => write!(
-                f,
-                "{}: token {token:?} is already in the tokenizer's vocabulary; pass another \
-                 token name",
-                path.display()
-            ),
-            Self::EmbeddingDim {
-                path,
-                table,
-                expected,
-                got,
-            } => write!(
-                f,
-                "{}: embedding `{table}` has vectors of size {got}, but the text encoder's \
-                 hidden size is {expected}",
-                path.display()
-            ),
-            Self::UnknownLayout {
-                path,
-                keys,
-                message,
-            } => {
-                let keys: Vec<String> = keys.iter().map(|(k, s)| format!("{k} {s:?}")).collect();
-                write!(
-                    f,
-                    "{}: not a textual-inversion embedding: {message} (tensors: {})",
-                    path.display(),
-                    keys.join(", ")
-                )
-            }
-            Self::Load(e) => e.fmt(f),
-        }
-    }
-}
-
-impl std::error::Error for TextualInversionError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Load(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
-impl From<diffusion_core::Error> for TextualInversionError {
-    fn from(e: diffusion_core::Error) -> Self {
-        Self::Load(e)
-    }
-}
-
-/// `Result` with [`TextualInversionError`].
-pub type Result<T, E = TextualInversionError> = std::result::Result<T, E>;
 
 /// The file layouts [`TextualInversion::open`] recognises.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,7 +83,7 @@ impl TextualInversion {
     ///
     /// ```no_run
     /// use diffusion_loaders::textual_inversion::{TextualInversion, TextualInversionLayout};
-    /// # fn main() -> diffusion_loaders::textual_inversion::Result<()> {
+    /// # fn main() -> diffusion_core::Result<()> {
     /// let file = TextualInversion::open("sdxl-style.safetensors")?;
     /// assert_eq!(file.layout(), TextualInversionLayout::Sdxl);
     /// # Ok(())
@@ -182,17 +91,17 @@ impl TextualInversion {
     /// ```
     ///
     /// # Errors
-    /// [`TextualInversionError::UnknownLayout`] for tensors that fit no layout (several
+    /// [`Error::UnknownEmbeddingLayout`] for tensors that fit no layout (several
     /// unrelated tensors, a rank other than 1 or 2, zero vectors);
-    /// [`TextualInversionError::Load`] for an unreadable or corrupt file (or an unsafe pickle).
+    /// the underlying [`Error`] for an unreadable or corrupt file (or an unsafe pickle).
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = resolve(path.as_ref())?;
         let tensors = read_tensors(&path)?;
-        let shapes: Vec<(String, Vec<usize>)> = tensors
+        let shapes: Vec<String> = tensors
             .iter()
-            .map(|(k, _, s)| (k.clone(), s.clone()))
+            .map(|(k, _, s)| format!("{k} {s:?}"))
             .collect();
-        let unknown = |message: &str| TextualInversionError::UnknownLayout {
+        let unknown = |message: &str| Error::UnknownEmbeddingLayout {
             path: path.clone(),
             keys: shapes.clone(),
             message: message.into(),
@@ -273,7 +182,7 @@ impl TextualInversion {
     ///
     /// ```no_run
     /// # use diffusion_loaders::textual_inversion::TextualInversion;
-    /// # fn main() -> diffusion_loaders::textual_inversion::Result<()> {
+    /// # fn main() -> diffusion_core::Result<()> {
     /// let file = TextualInversion::open("embeddings/bad-hands.safetensors")?;
     /// assert_eq!(file.token_or(Some("<hands>")), "<hands>");
     /// # Ok(())
@@ -295,7 +204,7 @@ impl TextualInversion {
     ///
     /// ```no_run
     /// # use diffusion_loaders::textual_inversion::TextualInversion;
-    /// # fn main() -> diffusion_loaders::textual_inversion::Result<()> {
+    /// # fn main() -> diffusion_core::Result<()> {
     /// let file = TextualInversion::open("learned_embeds.safetensors")?;
     /// println!("{} vectors", file.single_table()?.num_vectors);
     /// # Ok(())
@@ -303,7 +212,7 @@ impl TextualInversion {
     /// ```
     ///
     /// # Errors
-    /// [`TextualInversionError::UnknownLayout`] for an SDXL file (use [`Self::sdxl_tables`]).
+    /// [`Error::UnknownEmbeddingLayout`] for an SDXL file (use [`Self::sdxl_tables`]).
     pub fn single_table(&self) -> Result<&EmbeddingVectors> {
         match (self.layout, self.tables.as_slice()) {
             (TextualInversionLayout::Diffusers | TextualInversionLayout::A1111, [t]) => Ok(t),
@@ -315,7 +224,7 @@ impl TextualInversion {
     ///
     /// ```no_run
     /// # use diffusion_loaders::textual_inversion::TextualInversion;
-    /// # fn main() -> diffusion_loaders::textual_inversion::Result<()> {
+    /// # fn main() -> diffusion_core::Result<()> {
     /// let file = TextualInversion::open("sdxl-style.safetensors")?;
     /// let (clip_l, clip_g) = file.sdxl_tables()?;
     /// assert_eq!(clip_l.num_vectors, clip_g.num_vectors);
@@ -324,7 +233,7 @@ impl TextualInversion {
     /// ```
     ///
     /// # Errors
-    /// [`TextualInversionError::UnknownLayout`] for a single-table file.
+    /// [`Error::UnknownEmbeddingLayout`] for a single-table file.
     pub fn sdxl_tables(&self) -> Result<(&EmbeddingVectors, &EmbeddingVectors)> {
         match (self.layout, self.tables.as_slice()) {
             (TextualInversionLayout::Sdxl, [l, g]) => Ok((l, g)),
@@ -333,13 +242,13 @@ impl TextualInversion {
         }
     }
 
-    fn layout_error(&self, message: &str) -> TextualInversionError {
-        TextualInversionError::UnknownLayout {
+    fn layout_error(&self, message: &str) -> Error {
+        Error::UnknownEmbeddingLayout {
             path: self.path.clone(),
             keys: self
                 .tables
                 .iter()
-                .map(|t| (t.key.clone(), vec![t.num_vectors, t.dim]))
+                .map(|t| format!("{} {:?}", t.key, [t.num_vectors, t.dim]))
                 .collect(),
             message: message.into(),
         }
@@ -355,14 +264,11 @@ fn resolve(path: &Path) -> Result<PathBuf> {
         .iter()
         .map(|name| path.join(name))
         .find(|p| p.is_file())
-        .ok_or_else(|| {
-            diffusion_core::Error::NotFound {
-                path: path.to_path_buf(),
-                message: format!(
-                    "no `{TEXT_INVERSION_NAME_SAFE}` or `{TEXT_INVERSION_NAME}` in the folder"
-                ),
-            }
-            .into()
+        .ok_or_else(|| Error::NotFound {
+            path: path.to_path_buf(),
+            message: format!(
+                "no `{TEXT_INVERSION_NAME_SAFE}` or `{TEXT_INVERSION_NAME}` in the folder"
+            ),
         })
 }
 
@@ -427,8 +333,8 @@ pub fn expanded_tokens(token: &str, num_vectors: usize) -> Vec<String> {
 /// ```
 ///
 /// # Errors
-/// [`TextualInversionError::TokenInVocabulary`] when the token or `token_1` is already a word
-/// (or the token is empty); [`TextualInversionError::EmbeddingDim`] when the vectors' size is
+/// [`Error::TokenInVocabulary`] when the token or `token_1` is already a word
+/// (or the token is empty); [`Error::EmbeddingDim`] when the vectors' size is
 /// not the encoder's `hidden_size`.
 pub fn check(
     tokenizer: &CLIPTokenizer,
@@ -439,7 +345,7 @@ pub fn check(
 ) -> Result<()> {
     for candidate in [token.to_string(), format!("{token}_1")] {
         if token.is_empty() || tokenizer.token_to_id(&candidate).is_some() {
-            return Err(TextualInversionError::TokenInVocabulary {
+            return Err(Error::TokenInVocabulary {
                 path: path.to_path_buf(),
                 token: candidate,
             });
@@ -447,7 +353,7 @@ pub fn check(
     }
     let expected = text_model.config().hidden_size;
     if vectors.dim != expected {
-        return Err(TextualInversionError::EmbeddingDim {
+        return Err(Error::EmbeddingDim {
             path: path.to_path_buf(),
             table: vectors.key.clone(),
             expected,
@@ -480,7 +386,7 @@ pub fn check(
 /// ```
 ///
 /// # Errors
-/// As [`check`]; [`TextualInversionError::Load`] when the tokenizer refuses a token.
+/// As [`check`]; the underlying [`Error`] when the tokenizer refuses a token.
 pub fn load_into(
     tokenizer: &mut CLIPTokenizer,
     text_model: &mut CLIPTextTransformer,

@@ -5,7 +5,8 @@
 
 use std::path::Path;
 
-use diffusion_loaders::textual_inversion::{self, Result, TextualInversion};
+use diffusion_core::Result;
+use diffusion_loaders::textual_inversion::{self, TextualInversion};
 
 use crate::{StableDiffusionComponents, StableDiffusionXLComponents};
 
@@ -27,10 +28,10 @@ impl StableDiffusionComponents {
     /// ```
     ///
     /// # Errors
-    /// [`textual_inversion::TextualInversionError::TokenInVocabulary`] when the token is
-    /// already a word, [`textual_inversion::TextualInversionError::EmbeddingDim`] when the
+    /// [`diffusion_core::Error::TokenInVocabulary`] when the token is
+    /// already a word, [`diffusion_core::Error::EmbeddingDim`] when the
     /// vectors do not fit the text encoder, and
-    /// [`textual_inversion::TextualInversionError::UnknownLayout`] for an unknown file (an
+    /// [`diffusion_core::Error::UnknownEmbeddingLayout`] for an unknown file (an
     /// SDXL two-table file included); nothing is changed then.
     pub fn load_textual_inversion(
         &mut self,
@@ -68,7 +69,7 @@ impl StableDiffusionXLComponents {
     ///
     /// # Errors
     /// As [`StableDiffusionComponents::load_textual_inversion`]; a file without both tables is
-    /// [`textual_inversion::TextualInversionError::UnknownLayout`]. Both pairs are checked
+    /// [`diffusion_core::Error::UnknownEmbeddingLayout`]. Both pairs are checked
     /// before either is changed.
     pub fn load_textual_inversion(
         &mut self,

@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use diffusion_core::Device;
 use diffusion_core::image::{ImageOutput, OutputType};
 use diffusion_core::tensor::from_vec;
+use diffusion_core::{Device, Error};
 use diffusion_loaders::textual_inversion::{
-    TextualInversion, TextualInversionError, TextualInversionLayout, maybe_convert_prompt,
+    TextualInversion, TextualInversionLayout, maybe_convert_prompt,
 };
 use diffusion_models::{CLIPTextModel, CLIPTokenizer, Padding};
 use diffusion_pipelines::{
@@ -302,7 +302,7 @@ fn bad_files_are_typed_errors_and_change_nothing() {
     let before = (c.tokenizer.vocab_size(), c.text_encoder.config().vocab_size);
 
     match c.load_textual_inversion(ti("multi.safetensors"), Some("<cat-toy>")) {
-        Err(TextualInversionError::TokenInVocabulary { token, .. }) => {
+        Err(Error::TokenInVocabulary { token, .. }) => {
             assert_eq!(token, "<cat-toy>")
         }
         other => panic!("expected TokenInVocabulary, got {other:?}"),
@@ -310,13 +310,13 @@ fn bad_files_are_typed_errors_and_change_nothing() {
     // A word of the base vocabulary clashes too.
     assert!(matches!(
         c.load_textual_inversion(ti("multi.safetensors"), Some("<|endoftext|>")),
-        Err(TextualInversionError::TokenInVocabulary { .. })
+        Err(Error::TokenInVocabulary { .. })
     ));
     let err = c
         .load_textual_inversion(ti("bad_dim.safetensors"), None)
         .unwrap_err();
     match &err {
-        TextualInversionError::EmbeddingDim {
+        Error::EmbeddingDim {
             path,
             table,
             expected,
@@ -338,13 +338,13 @@ fn bad_files_are_typed_errors_and_change_nothing() {
         "a1111-style.pt",
     ] {
         match c.load_textual_inversion(ti(file), None) {
-            Err(TextualInversionError::UnknownLayout { path, .. }) => assert!(path.ends_with(file)),
+            Err(Error::UnknownEmbeddingLayout { path, .. }) => assert!(path.ends_with(file)),
             other => panic!("{file}: expected UnknownLayout, got {other:?}"),
         }
     }
     assert!(matches!(
         c.load_textual_inversion(ti("missing.safetensors"), None),
-        Err(TextualInversionError::Load(_))
+        Err(Error::NotFound { .. } | Error::Io { .. })
     ));
     assert_eq!(
         (c.tokenizer.vocab_size(), c.text_encoder.config().vocab_size),
@@ -358,13 +358,13 @@ fn bad_files_are_typed_errors_and_change_nothing() {
         StableDiffusionXLComponents::from_pretrained(dir.to_str().unwrap(), &device).unwrap();
     assert!(matches!(
         xl.load_textual_inversion(ti("multi.safetensors"), None),
-        Err(TextualInversionError::UnknownLayout { .. })
+        Err(Error::UnknownEmbeddingLayout { .. })
     ));
     xl.tokenizer_2.add_tokens(&["<taken>"]).unwrap();
     let first = xl.tokenizer.as_ref().unwrap().vocab_size();
     assert!(matches!(
         xl.load_textual_inversion(ti("sdxl-style.safetensors"), Some("<taken>")),
-        Err(TextualInversionError::TokenInVocabulary { .. })
+        Err(Error::TokenInVocabulary { .. })
     ));
     assert_eq!(xl.tokenizer.as_ref().unwrap().vocab_size(), first);
 }
