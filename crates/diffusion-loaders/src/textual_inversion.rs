@@ -7,9 +7,9 @@
 //! - SDXL files with two tables, `clip_l` (first encoder) and `clip_g` (second encoder).
 //!
 //! `.bin` / `.pt` pickles are read through the restricted reader of
-//! [`crate::single_file::torch_zip`], which executes nothing; it reads top-level tensors, so
-//! a pickle holds the diffusers layout (A1111's nested `string_to_param` dict is refused as an
-//! unknown layout: convert such a file to `.safetensors`).
+//! [`crate::single_file::torch_zip`], which executes nothing; tensors in nested dicts are named
+//! `outer.inner`, so A1111's own `.pt` (`string_to_param: {"*": vectors}`) reads like its
+//! `.safetensors`.
 //!
 //! A token with `n > 1` vectors is added as `<tok> <tok>_1 ... <tok>_{n-1}`, and
 //! [`maybe_convert_prompt`] rewrites prompts to match, as diffusers does.
@@ -37,6 +37,7 @@ use diffusion_core::{Error, Result};
 use diffusion_models::CLIPTokenizer;
 use diffusion_models::text_encoders::clip::CLIPTextTransformer;
 
+use crate::single_file::pickle::StorageDtype;
 use crate::single_file::torch_zip::TorchCheckpoint;
 
 /// diffusers' `TEXT_INVERSION_NAME_SAFE`, looked for first in a folder.
@@ -107,10 +108,7 @@ impl TextualInversion {
             message: message.into(),
         };
         if tensors.is_empty() {
-            return Err(unknown(
-                "no top-level tensors (an A1111 `.pt` keeps its vectors in a nested \
-                 `string_to_param` dict, which is not read: convert it to `.safetensors`)",
-            ));
+            return Err(unknown("the file holds no tensors"));
         }
         let find = |key: &str| tensors.iter().find(|(k, _, _)| k == key);
         let (layout, token, picked) = if let (Some(l), Some(g)) = (find("clip_l"), find("clip_g")) {
@@ -286,6 +284,16 @@ fn read_tensors(path: &Path) -> Result<Vec<NamedValues>> {
     if head == b"PK\x03\x04" {
         let ckpt = TorchCheckpoint::open(path)?;
         for key in ckpt.keys() {
+            // A1111 files also hold integer tensors (`string_to_token.*`): only floats are vectors.
+            let is_float = ckpt.tensor(key).is_some_and(|t| {
+                matches!(
+                    t.dtype,
+                    StorageDtype::F32 | StorageDtype::F64 | StorageDtype::F16 | StorageDtype::BF16
+                )
+            });
+            if !is_float {
+                continue;
+            }
             let (values, shape) = ckpt.read_f32(key)?;
             out.push((key.to_string(), values, shape));
         }

@@ -37,10 +37,39 @@ fn corrupt(path: &Path, message: impl Into<String>) -> Error {
     }
 }
 
+/// How deep nested dicts are searched for tensors (A1111 embeddings keep theirs one level down,
+/// in `string_to_param`).
+const MAX_NESTING: usize = 4;
+
+/// The tensors of a dict's entries under their keys; tensors in nested dicts are named
+/// `outer.inner` (as safetensors files name them). Other values are skipped.
+fn collect_tensors(
+    entries: Vec<(Value, Value)>,
+    prefix: &str,
+    depth: usize,
+    out: &mut BTreeMap<String, TensorRef>,
+) {
+    for (key, value) in entries {
+        let Value::Str(key) = key else { continue };
+        let name = format!("{prefix}{key}");
+        match value {
+            Value::Tensor(t) => {
+                out.insert(name, t);
+            }
+            nested @ Value::Dict(_) if depth < MAX_NESTING => {
+                if let Some(inner) = nested.dict_entries() {
+                    collect_tensors(inner, &format!("{name}."), depth + 1, out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 impl TorchCheckpoint {
     /// Open an archive and parse its pickle. The state dict is the top-level dict, or the
-    /// value under `"state_dict"` (repeatedly, as diffusers unwraps it); non-tensor entries are
-    /// skipped. `global_step` is read from the top level when present.
+    /// value under `"state_dict"` (repeatedly, as diffusers unwraps it); tensors in dicts nested
+    /// inside it are named `outer.inner`; non-tensor entries are skipped. `global_step` is read from the top level when present.
     ///
     /// # Errors
     /// [`Error::Io`] when the file cannot be read; [`Error::Pickle`] naming the path when it is
@@ -110,13 +139,8 @@ impl TorchCheckpoint {
         let entries = dict
             .dict_entries()
             .ok_or_else(|| corrupt(path, "the pickle does not hold a dict of tensors"))?;
-        let tensors = entries
-            .into_iter()
-            .filter_map(|(k, v)| match (k, v) {
-                (Value::Str(k), Value::Tensor(t)) => Some((k, t)),
-                _ => None,
-            })
-            .collect();
+        let mut tensors = BTreeMap::new();
+        collect_tensors(entries, "", 0, &mut tensors);
         Ok(Self {
             path: path.to_path_buf(),
             archive: Mutex::new(archive),

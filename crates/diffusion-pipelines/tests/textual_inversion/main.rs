@@ -150,6 +150,13 @@ fn files_are_read_in_every_layout() {
         assert_eq!(f.single_table().unwrap().num_vectors, n, "{file}");
         assert_eq!(f.single_table().unwrap().dim, 8, "{file}");
     }
+    // A1111's own `.pt` (vectors nested under `string_to_param`, an integer
+    // `string_to_token` beside them) reads as the same A1111 table as its `.safetensors`.
+    let pt = TextualInversion::open(ti("a1111-style.pt")).unwrap();
+    let st = TextualInversion::open(ti("a1111-style.safetensors")).unwrap();
+    assert_eq!(pt.layout(), TextualInversionLayout::A1111);
+    assert_eq!(pt.token_or(None), "a1111-style");
+    assert_eq!(pt.single_table().unwrap(), st.single_table().unwrap());
     let a1111 = TextualInversion::open(ti("a1111-style.safetensors")).unwrap();
     assert_eq!(a1111.token_or(None), "a1111-style");
     assert_eq!(a1111.token_or(Some("<x>")), "<x>");
@@ -332,11 +339,7 @@ fn bad_files_are_typed_errors_and_change_nothing() {
         message.contains("bad_dim.safetensors") && message.contains('4') && message.contains('8'),
         "{message}"
     );
-    for file in [
-        "unknown.safetensors",
-        "sdxl-style.safetensors",
-        "a1111-style.pt",
-    ] {
+    for file in ["unknown.safetensors", "sdxl-style.safetensors"] {
         match c.load_textual_inversion(ti(file), None) {
             Err(Error::UnknownEmbeddingLayout { path, .. }) => assert!(path.ends_with(file)),
             other => panic!("{file}: expected UnknownLayout, got {other:?}"),
