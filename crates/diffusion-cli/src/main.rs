@@ -22,12 +22,15 @@ enum Command {
     ///
     /// With no --model, uses the small digits model trained by this project (models/ddpm-digits).
     Sample(sample::SampleArgs),
-    /// Text to image with a Stable Diffusion 1.x / 2.x pipeline (StableDiffusionPipeline).
+    /// Text to image with Stable Diffusion 1.x / 2.x or SDXL (StableDiffusionPipeline,
+    /// StableDiffusionXLPipeline).
     Txt2img(generate::Txt2ImgArgs),
-    /// Image to image: repaint --image guided by the prompt (StableDiffusionImg2ImgPipeline).
+    /// Image to image: repaint --image guided by the prompt (StableDiffusionImg2ImgPipeline,
+    /// StableDiffusionXLImg2ImgPipeline; SDXL refiners too).
     Img2img(generate::Img2ImgArgs),
-    /// Inpainting: repaint the white part of --mask in --image (StableDiffusionInpaintPipeline;
-    /// 9-channel inpainting checkpoints, or any checkpoint with the legacy method).
+    /// Inpainting: repaint the white part of --mask in --image (StableDiffusionInpaintPipeline,
+    /// StableDiffusionXLInpaintPipeline; 9-channel inpainting checkpoints, or any checkpoint
+    /// with the legacy method).
     Inpaint(generate::InpaintArgs),
     /// Train a model (diffusers' training examples as commands).
     #[command(subcommand)]
