@@ -2,18 +2,19 @@
 
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::image::{OutputType, VaeImageProcessor};
-use diffusion_core::{Device, Error, NoiseSource, Result};
+use diffusion_core::{Device, Error, Result};
 use diffusion_loaders::HubOptions;
 use diffusion_models::ModelMixin;
 use diffusion_schedulers::Scheduler;
 
 use super::StableDiffusionComponents;
 use super::denoise::{
-    DenoiseLoop, InpaintCondition, cast_like_model, check_strength, decode_latents, randn_latents,
-    retrieve_timesteps, tile_to_batch, timesteps_for_strength, unet_dtype, vae_dtype,
+    DenoiseLoop, InpaintCondition, cast_like_model, check_strength, decode_latents,
+    encode_vae_image, randn_latents, retrieve_timesteps, tile_to_batch, timesteps_for_strength,
+    unet_dtype,
 };
 use super::image_input::{PipelineImageInput, preprocess};
-use super::prompt::{PromptInputs, encode_prompt};
+use super::prompt::{GuidedPrompt, PromptInputs, encode_for_unet};
 use crate::pipeline_utils::{Generators, ImagePipelineOutput, StepCallback};
 
 /// Arguments of [`StableDiffusionImg2ImgPipeline::call`], diffusers'
@@ -195,23 +196,19 @@ impl StableDiffusionImg2ImgPipeline {
             negative_prompt_embeds: args.negative_prompt_embeds.take(),
             clip_skip: args.clip_skip,
         };
-        let batch = inputs.batch_size()? * args.num_images_per_prompt;
-        let mut generators = args.generator.instantiate(batch)?;
-        let do_cfg = args.guidance_scale > 1.0 && c.unet.config().time_cond_proj_dim.is_none();
-        let (prompt_embeds, negative) = encode_prompt(
-            &c.tokenizer,
-            &c.text_encoder,
+        let GuidedPrompt {
+            embeds: prompt_embeds,
+            do_cfg,
+            batch,
+        } = encode_for_unet(
+            c,
             inputs,
             args.num_images_per_prompt,
-            do_cfg,
+            args.guidance_scale,
             &device,
         )?;
+        let mut generators = args.generator.instantiate(batch)?;
         let dtype = unet_dtype(&c.unet);
-        let prompt_embeds = match negative {
-            Some(neg) => Tensor::cat(vec![neg, prompt_embeds], 0),
-            None => prompt_embeds,
-        };
-        let prompt_embeds = cast_like_model(prompt_embeds, dtype);
 
         let f = c.vae_scale_factor();
         let latent_channels = c.vae.config().latent_channels;
@@ -237,23 +234,14 @@ impl StableDiffusionImg2ImgPipeline {
         let init_latents = if image.dims()[1] == latent_channels {
             image
         } else {
-            let image = cast_like_model(image, vae_dtype(&c.vae));
-            let latents = if generators.len() > 1 {
-                // One generator per image: the image batch is repeated to the full batch first,
-                // then each image is encoded with its own generator.
-                let image = tile_to_batch(image, batch, "image")?;
-                let mut parts = Vec::with_capacity(batch);
-                for (i, generator) in generators.iter_mut().enumerate() {
-                    let dist = c.vae.encode(image.clone().narrow(0, i, 1))?;
-                    parts.push(dist.sample(Some(NoiseSource::Single(generator)))?);
-                }
-                Tensor::cat(parts, 0)
+            // One generator per image: the image batch is repeated to the full batch first,
+            // then each image is encoded with its own generator.
+            let image = if generators.len() > 1 {
+                tile_to_batch(image, batch, "image")?
             } else {
-                c.vae
-                    .encode(image)?
-                    .sample(Some(NoiseSource::Single(&mut generators[0])))?
+                image
             };
-            latents.mul_scalar(c.vae.config().scaling_factor)
+            encode_vae_image(&c.vae, image, &mut generators)?
         };
         let init_latents = tile_to_batch(cast_like_model(init_latents, dtype), batch, "image")?;
         let noise = randn_latents(init_latents.dims(), &mut generators, &device, dtype)?;

@@ -18,7 +18,7 @@ use super::image_input::{
     PipelineImageInput, interpolate_nearest, mask_out, mask_processor, preprocess,
 };
 use super::mask_crop::MaskCrop;
-use super::prompt::{PromptInputs, encode_prompt};
+use super::prompt::{GuidedPrompt, PromptInputs, encode_for_unet};
 use crate::pipeline_utils::{Generators, ImagePipelineOutput, StepCallback};
 
 /// Arguments of [`StableDiffusionInpaintPipeline::call`], diffusers'
@@ -252,23 +252,19 @@ impl StableDiffusionInpaintPipeline {
             negative_prompt_embeds: args.negative_prompt_embeds.take(),
             clip_skip: args.clip_skip,
         };
-        let batch = inputs.batch_size()? * args.num_images_per_prompt;
-        let mut generators = args.generator.instantiate(batch)?;
-        let do_cfg = args.guidance_scale > 1.0 && c.unet.config().time_cond_proj_dim.is_none();
-        let (prompt_embeds, negative) = encode_prompt(
-            &c.tokenizer,
-            &c.text_encoder,
+        let GuidedPrompt {
+            embeds: prompt_embeds,
+            do_cfg,
+            batch,
+        } = encode_for_unet(
+            c,
             inputs,
             args.num_images_per_prompt,
-            do_cfg,
+            args.guidance_scale,
             &device,
         )?;
+        let mut generators = args.generator.instantiate(batch)?;
         let dtype = unet_dtype(&c.unet);
-        let prompt_embeds = match negative {
-            Some(neg) => Tensor::cat(vec![neg, prompt_embeds], 0),
-            None => prompt_embeds,
-        };
-        let prompt_embeds = cast_like_model(prompt_embeds, dtype);
 
         let steps = retrieve_timesteps(
             &mut c.scheduler,

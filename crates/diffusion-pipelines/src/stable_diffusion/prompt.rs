@@ -3,7 +3,7 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Device, Error, Result};
 use diffusion_loaders::textual_inversion::maybe_convert_prompts;
-use diffusion_models::{CLIPTextModel, CLIPTokenizer, Padding};
+use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, Padding};
 
 /// The text inputs of a call, as the pipelines' `prompt`, `negative_prompt`, `prompt_embeds`,
 /// `negative_prompt_embeds` and `clip_skip` arguments.
@@ -160,4 +160,48 @@ pub(crate) fn encode_prompt(
         None
     };
     Ok((repeat_rows(prompt_embeds, num_images_per_prompt), negative))
+}
+
+/// The UNet's text conditioning of a call, shared by the Stable Diffusion pipelines.
+pub(crate) struct GuidedPrompt {
+    /// `[negative; positive]` under classifier-free guidance, else the positive embeddings,
+    /// in the UNet's dtype.
+    pub embeds: Tensor<3>,
+    /// Whether classifier-free guidance runs (`guidance_scale > 1` and no LCM guidance
+    /// embedding, as diffusers' `do_classifier_free_guidance`).
+    pub do_cfg: bool,
+    /// Images generated: prompts × `num_images_per_prompt`.
+    pub batch: usize,
+}
+
+/// Encode the prompts as every Stable Diffusion pipeline does before denoising.
+///
+/// # Errors
+/// As [`encode_prompt`].
+pub(crate) fn encode_for_unet(
+    c: &super::StableDiffusionComponents,
+    inputs: PromptInputs<'_>,
+    num_images_per_prompt: usize,
+    guidance_scale: f64,
+    device: &Device,
+) -> Result<GuidedPrompt> {
+    let batch = inputs.batch_size()? * num_images_per_prompt;
+    let do_cfg = guidance_scale > 1.0 && c.unet.config().time_cond_proj_dim.is_none();
+    let (positive, negative) = encode_prompt(
+        &c.tokenizer,
+        &c.text_encoder,
+        inputs,
+        num_images_per_prompt,
+        do_cfg,
+        device,
+    )?;
+    let embeds = match negative {
+        Some(negative) => Tensor::cat(vec![negative, positive], 0),
+        None => positive,
+    };
+    Ok(GuidedPrompt {
+        embeds: super::denoise::cast_like_model(embeds, super::denoise::unet_dtype(&c.unet)),
+        do_cfg,
+        batch,
+    })
 }
