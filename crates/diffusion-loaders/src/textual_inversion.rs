@@ -419,6 +419,30 @@ pub fn load_into(
     Ok(tokens)
 }
 
+/// diffusers' `unload_textual_inversion` for one tokenizer / encoder pair: remove `tokens`
+/// (every non-special added token when `None`) from the tokenizer, renumber the added tokens
+/// that stay, and rebuild the encoder's token embedding to match (the rows up to the last
+/// special token, then the rows of the tokens that stay, in order). Returns the ids removed.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`tokens`) when none of `tokens` was added; nothing changes then.
+pub fn unload_from(
+    tokenizer: &mut CLIPTokenizer,
+    text_model: &mut CLIPTextTransformer,
+    tokens: Option<&[&str]>,
+) -> Result<Vec<u32>> {
+    let mut updated = tokenizer.clone();
+    let (removed, last_special) = updated.remove_added_tokens(tokens)?;
+    let rows = text_model.config().vocab_size;
+    let keep: Vec<usize> = (0..rows)
+        .filter(|&r| r <= last_special as usize || !removed.contains(&(r as u32)))
+        .collect();
+    text_model.select_token_embeddings(&keep)?;
+    *tokenizer = updated;
+    log::info!("unloaded {} textual inversion token(s)", removed.len());
+    Ok(removed)
+}
+
 /// diffusers' `maybe_convert_prompt`: every added token of the tokenizer that has
 /// multi-vector companions (`<tok>_1`, `<tok>_2`, ...) and occurs in the prompt is replaced, at
 /// each occurrence, by `<tok> <tok>_1 ...`; other prompts come back unchanged.

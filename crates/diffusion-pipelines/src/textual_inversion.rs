@@ -49,6 +49,33 @@ impl StableDiffusionComponents {
             file.path(),
         )
     }
+
+    /// Remove textual-inversion tokens (diffusers' `unload_textual_inversion`): `tokens`, or
+    /// every token added to the tokenizer when `None`; the text encoder's embedding shrinks to
+    /// match and the tokens that stay keep their vectors. Multi-vector embeddings are several
+    /// tokens (`<tok>`, `<tok>_1`, ...): name them all, or pass `None`.
+    ///
+    /// ```no_run
+    /// use diffusion_pipelines::StableDiffusionComponents;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let device = diffusion_core::Device::default();
+    /// let mut sd = StableDiffusionComponents::from_pretrained("stable-diffusion-v1-5", &device)?;
+    /// sd.load_textual_inversion("cat-toy.safetensors", Some("<cat-toy>"))?;
+    /// sd.unload_textual_inversion(Some(&["<cat-toy>"]))?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`diffusion_core::Error::InvalidArgument`] (`tokens`) when none of `tokens` was added;
+    /// nothing changes then.
+    pub fn unload_textual_inversion(&mut self, tokens: Option<&[&str]>) -> Result<Vec<u32>> {
+        textual_inversion::unload_from(
+            &mut self.tokenizer,
+            &mut self.text_encoder.text_model,
+            tokens,
+        )
+    }
 }
 
 impl StableDiffusionXLComponents {
@@ -105,5 +132,35 @@ impl StableDiffusionXLComponents {
             clip_g,
             file.path(),
         )
+    }
+
+    /// Remove textual-inversion tokens from both tokenizer / encoder pairs (diffusers'
+    /// `unload_textual_inversion`, called for each pair): `tokens`, or every added token when
+    /// `None`. Returns the ids removed from `tokenizer_2`.
+    ///
+    /// # Errors
+    /// [`diffusion_core::Error::InvalidArgument`] (`tokens`) when none of `tokens` was added
+    /// to `tokenizer_2`; nothing changes then.
+    pub fn unload_textual_inversion(&mut self, tokens: Option<&[&str]>) -> Result<Vec<u32>> {
+        let mut tokenizer_2 = self.tokenizer_2.clone();
+        let mut encoder_2 = self.text_encoder_2.text_model.clone();
+        let removed = textual_inversion::unload_from(&mut tokenizer_2, &mut encoder_2, tokens)?;
+        if let (Some(tokenizer), Some(encoder)) = (&mut self.tokenizer, &mut self.text_encoder) {
+            let mut t = tokenizer.clone();
+            let mut e = encoder.text_model.clone();
+            // The first pair may lack tokens the second has (a file loaded before the first
+            // encoder existed); only a real failure stops the unload.
+            match textual_inversion::unload_from(&mut t, &mut e, tokens) {
+                Ok(_) => {
+                    *tokenizer = t;
+                    encoder.text_model = e;
+                }
+                Err(diffusion_core::Error::InvalidArgument { .. }) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        self.tokenizer_2 = tokenizer_2;
+        self.text_encoder_2.text_model = encoder_2;
+        Ok(removed)
     }
 }

@@ -408,6 +408,31 @@ impl CLIPTextTransformer {
         Ok(())
     }
 
+    /// Keep only the token-embedding rows `rows` (in that order) and set `config.vocab_size` to
+    /// their count: diffusers' `unload_textual_inversion` rebuilds the embedding from the rows
+    /// up to the last special token and the added rows that stay.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`rows`) for an empty list or a row out of range.
+    pub fn select_token_embeddings(&mut self, rows: &[usize]) -> Result<()> {
+        let weight = self.embeddings.token_embedding.weight.val();
+        let [n, _] = weight.dims();
+        if rows.is_empty() || rows.iter().any(|&r| r >= n) {
+            return Err(Error::invalid_argument(
+                "rows",
+                format!("{} rows selected from an embedding of {n}", rows.len()),
+            ));
+        }
+        let device = weight.device();
+        let index = Tensor::<1, Int>::from_data(
+            TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            &device,
+        );
+        self.embeddings.token_embedding.weight = Param::from_tensor(weight.select(0, index));
+        self.config.vocab_size = rows.len();
+        Ok(())
+    }
+
     /// Overwrite rows `first_id..first_id + n` of the token embedding with `n` vectors given
     /// row-major as `f32`, converted to the model's dtype (`input_embeddings.data[id] = e`).
     ///

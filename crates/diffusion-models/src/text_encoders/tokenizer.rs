@@ -454,6 +454,78 @@ impl CLIPTokenizer {
             .collect()
     }
 
+    /// Remove added tokens, as diffusers' `unload_textual_inversion` does with a tokenizer:
+    /// `tokens` (every non-special added token when `None`) leave the added vocabulary, and the
+    /// remaining non-special added tokens are renumbered consecutively after the last special
+    /// token, in their order. Returns `(removed ids, last special id)`; the ids are those before
+    /// the change (what a text encoder's rows must follow, see
+    /// [`crate::text_encoders::clip::CLIPTextTransformer::select_token_embeddings`]).
+    ///
+    /// ```
+    /// # fn main() -> diffusion_core::Result<()> {
+    /// # let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../fixtures/pipelines/sd/sd1/tokenizer");
+    /// let mut tokenizer = diffusion_models::CLIPTokenizer::from_pretrained(dir)?;
+    /// let base = tokenizer.vocab_size();
+    /// tokenizer.add_tokens(&["<a>", "<b>"])?;
+    /// let (removed, _) = tokenizer.remove_added_tokens(Some(&["<a>"]))?;
+    /// assert_eq!(removed, [base as u32]);
+    /// assert_eq!(tokenizer.token_to_id("<b>"), Some(base as u32));
+    /// assert_eq!(tokenizer.vocab_size(), base + 1);
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`tokens`) when none of `tokens` is a non-special added token
+    /// (diffusers: "No tokens to remove found"), (`tokenizer`) if the tokenizer cannot be
+    /// rebuilt.
+    pub fn remove_added_tokens(&mut self, tokens: Option<&[&str]>) -> Result<(Vec<u32>, u32)> {
+        let mut added: Vec<(u32, tokenizers::AddedToken)> = self
+            .tokenizer
+            .get_added_tokens_decoder()
+            .into_iter()
+            .collect();
+        added.sort_by_key(|(id, _)| *id);
+        let last_special = added
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| *id)
+            .next_back()
+            .unwrap_or(self.eos_token_id.max(self.bos_token_id));
+        let removed: Vec<(u32, String)> = added
+            .iter()
+            .filter(|(_, t)| !t.special)
+            .filter(|(_, t)| tokens.is_none_or(|list| list.contains(&t.content.as_str())))
+            .map(|(id, t)| (*id, t.content.clone()))
+            .collect();
+        if tokens.is_some() && removed.is_empty() {
+            return Err(Error::invalid_argument(
+                "tokens",
+                format!("no added token to remove among {tokens:?}"),
+            ));
+        }
+        let json = self.tokenizer.to_string(false).map_err(|e| tokenizer_error(&e))?;
+        let mut value: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| tokenizer_error(&e))?;
+        if let Some(list) = value.get_mut("added_tokens").and_then(|v| v.as_array_mut()) {
+            list.retain(|t| {
+                let content = t.get("content").and_then(|c| c.as_str()).unwrap_or_default();
+                !removed.iter().any(|(_, r)| r == content)
+            });
+            let mut next = last_special + 1;
+            for t in list.iter_mut() {
+                if !t.get("special").and_then(|v| v.as_bool()).unwrap_or(false) {
+                    t["id"] = serde_json::Value::from(next);
+                    next += 1;
+                }
+            }
+        }
+        let json = serde_json::to_string(&value).map_err(|e| tokenizer_error(&e))?;
+        self.tokenizer = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&json)
+            .map_err(|e| tokenizer_error(&e))?;
+        Ok((removed.into_iter().map(|(id, _)| id).collect(), last_special))
+    }
+
     /// transformers' `tokenize(prompt)`: the token strings of one prompt, without special
     /// tokens (an added token appears as the normalised text it matched).
     ///
@@ -567,4 +639,11 @@ fn field_error(path: &Path, field: &str, message: impl Into<String>) -> Error {
         field: field.to_string(),
         message: message.into(),
     }
+}
+
+fn tokenizer_error(e: &dyn std::fmt::Display) -> Error {
+    Error::invalid_argument(
+        "tokenizer",
+        format!("could not rebuild the tokenizer without the removed tokens: {e}"),
+    )
 }

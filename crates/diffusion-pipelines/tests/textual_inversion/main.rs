@@ -404,3 +404,80 @@ fn vectors_are_written_in_the_model_dtype() {
         .unwrap();
     assert_eq!(rows, want);
 }
+
+/// `unload_textual_inversion`: removing some tokens leaves exactly the state of loading only
+/// the others (ids renumbered, their vectors kept); removing all restores the base model.
+#[test]
+fn unload_renumbers_the_rest_and_restores_the_base() {
+    let device = Device::default();
+    let prompt = "a <cat-toy> next to <bin-tok>, a1111-style";
+    let mut c = sd1_with_embeddings(&device);
+    let multi = ["<multi>", "<multi>_1", "<multi>_2"];
+    let removed = c.unload_textual_inversion(Some(&multi)).unwrap();
+    assert_eq!(removed.len(), 3);
+
+    let mut only_rest = sd1(&device);
+    for file in ["cat_toy.safetensors", "a1111-style.safetensors", "bin_tok.bin"] {
+        only_rest.load_textual_inversion(ti(file), None).unwrap();
+    }
+    for token in ["<cat-toy>", "a1111-style", "a1111-style_1", "<bin-tok>"] {
+        assert_eq!(
+            c.tokenizer.token_to_id(token),
+            only_rest.tokenizer.token_to_id(token),
+            "{token}"
+        );
+    }
+    assert_eq!(c.tokenizer.token_to_id("<multi>"), None);
+    assert_eq!(
+        c.text_encoder.config().vocab_size,
+        only_rest.text_encoder.config().vocab_size
+    );
+    let got = embed(&c.tokenizer, &c.text_encoder, prompt, &device);
+    let want = embed(&only_rest.tokenizer, &only_rest.text_encoder, prompt, &device);
+    assert_eq!(max_abs_diff(&got, &want), 0.0);
+
+    // A token that was never added: a typed error, nothing changes.
+    let before = c.tokenizer.vocab_size();
+    assert!(matches!(
+        c.unload_textual_inversion(Some(&["<never-added>"])),
+        Err(Error::InvalidArgument { .. })
+    ));
+    assert_eq!(c.tokenizer.vocab_size(), before);
+
+    // Everything: the base tokenizer and embedding again.
+    c.unload_textual_inversion(None).unwrap();
+    let base = sd1(&device);
+    assert_eq!(c.tokenizer.vocab_size(), base.tokenizer.vocab_size());
+    assert_eq!(
+        c.text_encoder.config().vocab_size,
+        base.text_encoder.config().vocab_size
+    );
+    let plain = "a photo of a cat-toy";
+    let got = embed(&c.tokenizer, &c.text_encoder, plain, &device);
+    let want = embed(&base.tokenizer, &base.text_encoder, plain, &device);
+    assert_eq!(max_abs_diff(&got, &want), 0.0);
+}
+
+#[test]
+fn sdxl_unload_clears_both_encoders() {
+    let device = Device::default();
+    let dir = fixtures().join("pipelines/sd/sdxl");
+    let base =
+        StableDiffusionXLComponents::from_pretrained(dir.to_str().unwrap(), &device).unwrap();
+    let mut c = base.clone();
+    c.load_textual_inversion(ti("sdxl-style.safetensors"), None)
+        .unwrap();
+    c.unload_textual_inversion(None).unwrap();
+    assert_eq!(
+        c.tokenizer_2.vocab_size(),
+        base.tokenizer_2.vocab_size()
+    );
+    assert_eq!(
+        c.tokenizer.as_ref().unwrap().vocab_size(),
+        base.tokenizer.as_ref().unwrap().vocab_size()
+    );
+    assert_eq!(
+        c.text_encoder_2.config().vocab_size,
+        base.text_encoder_2.config().vocab_size
+    );
+}
