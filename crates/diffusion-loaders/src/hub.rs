@@ -159,6 +159,146 @@ fn fetch_snapshot(repo_id: &str, options: &HubOptions, with_weights: bool) -> Re
     root.ok_or_else(|| hub_err("could not locate the downloaded snapshot".into()))
 }
 
+/// One weight file of an adapter (LoRA, IP-Adapter): `name` is a file, a folder, or a Hub
+/// repository id; `subfolder` / `weight_name` locate the file inside a folder or repository
+/// (diffusers' `load_lora_weights(repo, weight_name=...)`, `load_ip_adapter(repo, subfolder,
+/// weight_name)`). Without `weight_name`, `default_name` is used when present, else the
+/// folder's only `.safetensors` file.
+///
+/// # Errors
+/// [`Error::NotFound`] for a missing file, a name that is neither a path nor a repository id,
+/// or (no `weight_name`) a folder where the file cannot be told: none or several candidates;
+/// [`Error::Hub`] when the repository or file cannot be fetched or (offline) is not cached.
+pub fn resolve_weight_file(
+    name: &str,
+    subfolder: Option<&str>,
+    weight_name: Option<&str>,
+    default_name: &str,
+    options: &HubOptions,
+) -> Result<PathBuf> {
+    let path = Path::new(name);
+    if path.is_file() {
+        if subfolder.is_some() || weight_name.is_some() {
+            return Err(Error::invalid_argument(
+                "weight_name",
+                format!(
+                    "{} is a file; subfolder and weight_name only apply to folders and \
+                     repositories",
+                    path.display()
+                ),
+            ));
+        }
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        let dir = match subfolder {
+            Some(sub) => path.join(sub),
+            None => path.to_path_buf(),
+        };
+        let file = match weight_name {
+            Some(w) => dir.join(w),
+            None => {
+                let names: Vec<String> = std::fs::read_dir(&dir)
+                    .map_err(|e| Error::io(&dir, e))?
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                dir.join(guess_weight_name(
+                    &names,
+                    default_name,
+                    &dir.display().to_string(),
+                )?)
+            }
+        };
+        if !file.is_file() {
+            return Err(Error::NotFound {
+                path: file,
+                message: "no such weight file".into(),
+            });
+        }
+        return Ok(file);
+    }
+    if !looks_like_repo_id(name) {
+        return Err(Error::NotFound {
+            path: path.to_path_buf(),
+            message: "no such file or folder, and not a Hub repository id (owner/name)".into(),
+        });
+    }
+    let hub_err = |message: String| Error::Hub {
+        repo: name.to_string(),
+        message,
+    };
+    let join = |file: &str| match subfolder {
+        Some(sub) => format!("{}/{file}", sub.trim_end_matches('/')),
+        None => file.to_string(),
+    };
+    let repo = Repo::with_revision(name.to_string(), RepoType::Model, options.revision.clone());
+    if options.offline {
+        let cached = cache(options).repo(repo);
+        let wanted = join(weight_name.unwrap_or(default_name));
+        return cached.get(&wanted).ok_or_else(|| {
+            hub_err(format!(
+                "`{wanted}` is not in the cache at {} and offline mode is on (HF_HUB_OFFLINE)",
+                cache(options).path().display()
+            ))
+        });
+    }
+    let api = ApiBuilder::from_cache(cache(options))
+        .with_progress(options.progress)
+        .build()
+        .map_err(|e| hub_err(e.to_string()))?;
+    let remote = api.repo(repo);
+    let relative = match weight_name {
+        Some(w) => join(w),
+        None => {
+            let info = remote.info().map_err(|e| hub_err(e.to_string()))?;
+            let prefix = subfolder.map(|s| format!("{}/", s.trim_end_matches('/')));
+            let names: Vec<String> = info
+                .siblings
+                .into_iter()
+                .filter_map(|s| match &prefix {
+                    Some(p) => s.rfilename.strip_prefix(p.as_str()).map(str::to_string),
+                    None => Some(s.rfilename),
+                })
+                .filter(|n| !n.contains('/'))
+                .collect();
+            join(&guess_weight_name(&names, default_name, name)?)
+        }
+    };
+    remote
+        .get(&relative)
+        .map_err(|e| hub_err(format!("{relative}: {e}")))
+}
+
+/// diffusers' `_best_guess_weight_name`: `default_name` if present, else the only
+/// `.safetensors` file.
+fn guess_weight_name(names: &[String], default_name: &str, origin: &str) -> Result<String> {
+    if names.iter().any(|n| n == default_name) {
+        return Ok(default_name.to_string());
+    }
+    let candidates: Vec<&String> = names
+        .iter()
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
+    match candidates.as_slice() {
+        [one] => Ok((*one).clone()),
+        [] => Err(Error::NotFound {
+            path: PathBuf::from(origin),
+            message: format!("no `{default_name}` and no other .safetensors file"),
+        }),
+        many => Err(Error::NotFound {
+            path: PathBuf::from(origin),
+            message: format!(
+                "several weight files ({}); say which with weight_name",
+                many.iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
 /// The snapshot root given one file in it and that file's repository-relative name.
 fn snapshot_root(file: &Path, relative: &str) -> Option<PathBuf> {
     let depth = Path::new(relative).components().count();
@@ -287,5 +427,67 @@ mod tests {
         );
         let err = resolve_model_dir("no-such-folder", &options).unwrap_err();
         assert!(matches!(err, Error::NotFound { .. }));
+    }
+
+    #[test]
+    fn weight_files_from_folders_and_the_cache() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--org--tiny-lora");
+        let snap = repo.join("snapshots/feed");
+        std::fs::create_dir_all(snap.join("models")).unwrap();
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "feed").unwrap();
+        std::fs::write(snap.join("pytorch_lora_weights.safetensors"), "x").unwrap();
+        std::fs::write(snap.join("models/ip.safetensors"), "x").unwrap();
+        let options = HubOptions {
+            offline: true,
+            cache_dir: Some(cache.path().to_path_buf()),
+            ..HubOptions::default()
+        };
+        let default = "pytorch_lora_weights.safetensors";
+        // Hub id, offline: the default name, or the named file in a subfolder.
+        assert_eq!(
+            resolve_weight_file("org/tiny-lora", None, None, default, &options).unwrap(),
+            snap.join(default)
+        );
+        assert_eq!(
+            resolve_weight_file(
+                "org/tiny-lora",
+                Some("models"),
+                Some("ip.safetensors"),
+                default,
+                &options
+            )
+            .unwrap(),
+            snap.join("models/ip.safetensors")
+        );
+        let err = resolve_weight_file(
+            "org/tiny-lora",
+            None,
+            Some("absent.safetensors"),
+            default,
+            &options,
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Hub { .. }), "{err}");
+        // A folder: default, the only .safetensors file, or an error naming the candidates.
+        let snap_str = snap.to_str().unwrap();
+        assert_eq!(
+            resolve_weight_file(snap_str, None, None, default, &options).unwrap(),
+            snap.join(default)
+        );
+        assert_eq!(
+            resolve_weight_file(snap_str, Some("models"), None, default, &options).unwrap(),
+            snap.join("models/ip.safetensors")
+        );
+        std::fs::write(snap.join("models/other.safetensors"), "x").unwrap();
+        let err =
+            resolve_weight_file(snap_str, Some("models"), None, default, &options).unwrap_err();
+        assert!(err.to_string().contains("several weight files"), "{err}");
+        // A file with a weight name is a mistake.
+        let file = snap.join(default);
+        let err = resolve_weight_file(file.to_str().unwrap(), None, Some("x"), default, &options)
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument { .. }), "{err}");
     }
 }

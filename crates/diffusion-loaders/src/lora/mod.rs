@@ -183,21 +183,32 @@ impl<'a> LoraModels<'a> {
 ///
 /// # fn f(unet: &mut diffusion_models::UNet2DConditionModel) -> diffusion_core::Result<()> {
 /// // A LoRA with text-encoder layers, used on the UNet alone.
-/// let options = LoraLoadOptions { mode: LoadMode::Lenient };
+/// let options = LoraLoadOptions { mode: LoadMode::Lenient, ..Default::default() };
 /// let mut lora = LoraState::new();
 /// let mut models = LoraModels::new().unet(unet);
 /// let report = lora.load_lora_weights_with(&mut models, "style.safetensors", "style", options)?;
 /// for key in &report.unmatched_keys {
 ///     eprintln!("not loaded: {key}");
 /// }
+/// // A Hub repository with several files: name the one to load.
+/// let options = LoraLoadOptions {
+///     weight_name: Some("pixel-art-xl.safetensors".into()),
+///     ..Default::default()
+/// };
+/// lora.load_lora_weights_with(&mut models, "nerijs/pixel-art-xl", "pixel", options)?;
 /// # Ok(())
 /// # }
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct LoraLoadOptions {
     /// [`LoadMode::Strict`] (default): keys that match no module are an error;
     /// [`LoadMode::Lenient`]: they are listed in the report and the rest is loaded.
     pub mode: LoadMode,
+    /// The file inside a folder or Hub repository (diffusers' `weight_name`); default:
+    /// `pytorch_lora_weights.safetensors`, else the only `.safetensors` file there.
+    pub weight_name: Option<String>,
+    /// How to reach the Hub when the name given is a repository id.
+    pub hub: crate::hub::HubOptions,
 }
 
 /// What [`LoraState::load_lora_weights`] did.
@@ -433,8 +444,10 @@ impl LoraState {
     }
 
     /// Load a LoRA file as adapter `adapter_name` (strict) and make it the only active adapter,
-    /// with weight 1, as diffusers' `load_lora_weights` does. `path` is a `.safetensors` file
-    /// or a folder holding [`LORA_WEIGHT_NAME_SAFE`].
+    /// with weight 1, as diffusers' `load_lora_weights` does. `path` is a `.safetensors` file,
+    /// a folder, or a Hub repository id; in a folder or repository the file is
+    /// [`LORA_WEIGHT_NAME_SAFE`], else the only `.safetensors` file (name another one with
+    /// [`LoraLoadOptions::weight_name`]).
     ///
     /// # Errors
     /// As [`Self::load_lora_weights_with`].
@@ -462,12 +475,19 @@ impl LoraState {
         adapter_name: &str,
         options: LoraLoadOptions,
     ) -> Result<LoraLoadReport> {
-        let path = &resolve_file(path.as_ref());
         if self.adapters.contains_key(adapter_name) {
             return Err(lora_error(format!(
                 "adapter `{adapter_name}` is already loaded; delete it or choose another name"
             )));
         }
+        let name = path.as_ref().to_string_lossy();
+        let path = &crate::hub::resolve_weight_file(
+            &name,
+            None,
+            options.weight_name.as_deref(),
+            LORA_WEIGHT_NAME_SAFE,
+            &options.hub,
+        )?;
         self.check_unfused("load_lora_weights")?;
         let raw = read_lora(path)?;
         let mut unmatched = raw.unknown.clone();

@@ -43,6 +43,7 @@ fn lora_for_another_unet_names_the_keys_that_do_not_match() -> Result<()> {
     let mut models = LoraModels::new().unet(&mut unet).text_encoder(&mut te);
     let options = LoraLoadOptions {
         mode: LoadMode::Lenient,
+        ..Default::default()
     };
     let err = lora
         .load_lora_weights_with(&mut models, lora_file("a_peft.safetensors"), "a", options)
@@ -78,6 +79,7 @@ fn lenient_load_without_the_text_encoder_reports_its_keys() -> Result<()> {
     ));
     let options = LoraLoadOptions {
         mode: LoadMode::Lenient,
+        ..Default::default()
     };
     let report = lora.load_lora_weights_with(&mut models, &file, "b", options)?;
     // Four attention projections in five layers, each with down, up and alpha.
@@ -149,6 +151,7 @@ fn dora_and_half_layers_are_refused() -> Result<()> {
     )?;
     let options = LoraLoadOptions {
         mode: LoadMode::Lenient,
+        ..Default::default()
     };
     let err = lora
         .load_lora_weights_with(&mut models, &dora, "dora", options)

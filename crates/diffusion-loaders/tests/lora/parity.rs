@@ -193,3 +193,49 @@ fn half_precision_models_take_lora_in_their_dtype() -> Result<()> {
     assert_same_parameters("unloaded f16 text encoder", &te, &base_te);
     Ok(())
 }
+
+/// A LoRA named by Hub repository id, read from the standard cache (offline, no network here):
+/// the same adapter as from the file.
+#[test]
+fn hub_repository_id_from_the_cache() -> Result<()> {
+    let io = Io::open()?;
+    let cache = tempfile::tempdir()?;
+    let repo = cache.path().join("models--someone--tiny-lora");
+    let snapshot = repo.join("snapshots/c0ffee");
+    std::fs::create_dir_all(&snapshot)?;
+    std::fs::create_dir_all(repo.join("refs"))?;
+    std::fs::write(repo.join("refs/main"), "c0ffee")?;
+    std::fs::copy(
+        lora_file("a_peft.safetensors"),
+        snapshot.join("style.safetensors"),
+    )?;
+    let hub = diffusion_loaders::HubOptions {
+        offline: true,
+        cache_dir: Some(cache.path().to_path_buf()),
+        ..Default::default()
+    };
+    let (mut unet, mut te) = base_models()?;
+    let mut lora = LoraState::new();
+    let mut models = LoraModels::new().unet(&mut unet).text_encoder(&mut te);
+    // Offline, the file must be named (no listing of the repository without the network).
+    let err = lora
+        .load_lora_weights_with(
+            &mut models,
+            "someone/tiny-lora",
+            "a",
+            diffusion_loaders::LoraLoadOptions {
+                hub: hub.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+    assert!(matches!(err, Error::Hub { .. }), "{err}");
+    let options = diffusion_loaders::LoraLoadOptions {
+        weight_name: Some("style.safetensors".into()),
+        hub,
+        ..Default::default()
+    };
+    lora.load_lora_weights_with(&mut models, "someone/tiny-lora", "a", options)?;
+    io.check("a_scale1", &unet, &te)?;
+    Ok(())
+}
