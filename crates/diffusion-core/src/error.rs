@@ -120,8 +120,8 @@ pub enum Error {
         message: String,
     },
 
-    /// A single-file checkpoint's model type could not be recognised from its keys.
-    #[error("{path}: not a recognised single-file checkpoint: {message} (looked for `{key}`)")]
+    /// A checkpoint (single-file model, adapter) whose kind could not be recognised from its keys.
+    #[error("{path}: not a recognised checkpoint layout: {message} (looked for `{key}`)")]
     UnknownModelType {
         path: PathBuf,
         key: String,

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod hub;
+pub mod ip_adapter;
 pub mod lora;
 pub mod single_file;
 pub mod textual_inversion;

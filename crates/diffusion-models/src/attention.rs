@@ -8,7 +8,7 @@ use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Device, Result};
 
 use crate::activations::GEGLU;
-use crate::attention_processor::{Attention, AttentionConfig, AttentionHook};
+use crate::attention_processor::{Attention, AttentionConfig, AttentionHook, IPAdapterAttnInputs};
 use crate::layers;
 
 /// One entry of [`FeedForward::net`]; the entries are numbered as in diffusers' `nn.ModuleList`
@@ -170,6 +170,8 @@ pub struct CrossAttentionInputs<'a> {
     pub encoder_attention_bias: Option<&'a Tensor<4>>,
     /// The hook every attention layer calls.
     pub hook: Option<&'a dyn AttentionHook>,
+    /// IP-Adapter image tokens for the cross-attention layers that have image projections.
+    pub ip_adapter: Option<IPAdapterAttnInputs<'a>>,
 }
 
 /// Self-attention, cross-attention and a GEGLU feed-forward, each pre-normed with a layer norm
@@ -208,11 +210,12 @@ impl BasicTransformerBlock {
         );
         let mut x = h.add(x);
         if let (Some(norm2), Some(attn2)) = (&self.norm2, &self.attn2) {
-            let h = attn2.forward_tokens(
+            let h = attn2.forward_tokens_with_ip(
                 norm2.forward(x.clone()),
                 Some(context.clone()),
                 inputs.encoder_attention_bias,
                 inputs.hook,
+                inputs.ip_adapter.as_ref(),
             );
             x = h.add(x);
         }

@@ -28,6 +28,10 @@ use diffusion_core::{Device, Result};
 
 use crate::layers;
 
+mod ip_adapter;
+
+pub use ip_adapter::{IPAdapterAttnInputs, IPAdapterAttnProcessor, IPAdapterMask};
+
 /// `Attention.__init__` arguments.
 #[derive(Clone, Debug, PartialEq)]
 pub struct AttentionConfig {
@@ -154,6 +158,7 @@ impl AttentionConfig {
             is_cross_attention: self.cross_attention_dim.is_some(),
             upcast_attention: self.upcast_attention,
             path: String::new(),
+            processor: None,
         })
     }
 }
@@ -179,6 +184,10 @@ pub struct Attention {
     is_cross_attention: bool,
     upcast_attention: bool,
     path: String,
+    /// IP-Adapter's image key/value projections on a cross-attention layer (diffusers'
+    /// `IPAdapterAttnProcessor2_0`, state-dict path `<layer>.processor.to_k_ip.<i>.weight`);
+    /// `None` without IP-Adapter.
+    pub processor: Option<IPAdapterAttnProcessor>,
 }
 
 impl Attention {
@@ -230,7 +239,7 @@ impl Attention {
             None => x,
         };
         let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
-        let out = self.attend_tokens(tokens, None, None, None);
+        let out = self.attend_tokens(tokens, None, None, None, None);
         let out = out.swap_dims(1, 2).reshape([b, c, h, w]);
         self.finish(out, residual)
     }
@@ -253,6 +262,27 @@ impl Attention {
         encoder_attention_bias: Option<&Tensor<4>>,
         hook: Option<&dyn AttentionHook>,
     ) -> Tensor<3> {
+        self.forward_tokens_with_ip(
+            hidden_states,
+            encoder_hidden_states,
+            encoder_attention_bias,
+            hook,
+            None,
+        )
+    }
+
+    /// [`Self::forward_tokens`] with IP-Adapter image tokens: when the layer has an
+    /// [`IPAdapterAttnProcessor`] and `ip` is given, the queries also attend to each adapter's
+    /// image tokens through its own key/value projections, and the results, weighted by the
+    /// adapter's scale (and mask), are added before `to_out` (decoupled cross-attention).
+    pub fn forward_tokens_with_ip(
+        &self,
+        hidden_states: Tensor<3>,
+        encoder_hidden_states: Option<Tensor<3>>,
+        encoder_attention_bias: Option<&Tensor<4>>,
+        hook: Option<&dyn AttentionHook>,
+        ip: Option<&IPAdapterAttnInputs<'_>>,
+    ) -> Tensor<3> {
         if let Some(out) =
             hook.and_then(|h| h.replace(self, &hidden_states, encoder_hidden_states.as_ref()))
         {
@@ -263,7 +293,13 @@ impl Attention {
             Some(norm) => norm.forward(hidden_states.swap_dims(1, 2)).swap_dims(1, 2),
             None => hidden_states,
         };
-        let out = self.attend_tokens(normed, encoder_hidden_states, encoder_attention_bias, hook);
+        let out = self.attend_tokens(
+            normed,
+            encoder_hidden_states,
+            encoder_attention_bias,
+            hook,
+            ip,
+        );
         self.finish(out, residual)
     }
 
@@ -286,6 +322,7 @@ impl Attention {
         encoder_hidden_states: Option<Tensor<3>>,
         bias: Option<&Tensor<4>>,
         hook: Option<&dyn AttentionHook>,
+        ip: Option<&IPAdapterAttnInputs<'_>>,
     ) -> Tensor<3> {
         let context = encoder_hidden_states.unwrap_or_else(|| tokens.clone());
         let mut q = self.split_heads(self.to_q.forward(tokens));
@@ -297,6 +334,10 @@ impl Attention {
         let [b, heads, s_q, _] = q.dims();
         let s_kv = k.dims()[2];
         let bias = bias.map(|t| t.clone().expand([b, heads, s_q, s_kv]));
+        let ip_query = match (&self.processor, ip) {
+            (Some(_), Some(_)) => Some(q.clone()),
+            _ => None,
+        };
         let attended = match hook {
             Some(hook) if hook.wants_probabilities(self) => {
                 let dtype = q.dtype();
@@ -308,6 +349,9 @@ impl Attention {
             _ => scaled_dot_product_attention(q, k, v, bias),
         };
         let mut out = self.merge_heads(attended);
+        if let (Some(processor), Some(ip), Some(q)) = (&self.processor, ip, ip_query) {
+            out = processor.add_image_attention(self, out, q, ip);
+        }
         for layer in &self.to_out {
             out = layer.forward(out);
         }

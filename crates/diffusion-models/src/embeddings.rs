@@ -1,4 +1,5 @@
-//! Timestep features and embeddings (`diffusers.models.embeddings`).
+//! Timestep features and embeddings (`diffusers.models.embeddings`); IP-Adapter's image
+//! projections are in [`ip_adapter`].
 
 use diffusion_core::Device;
 use diffusion_core::burn;
@@ -8,6 +9,14 @@ use diffusion_core::burn::tensor::{Distribution, Tensor, TensorData};
 
 use crate::activations::Activation;
 use crate::layers::linear;
+
+pub mod ip_adapter;
+
+pub use ip_adapter::{
+    IPAdapterFaceIDImageProjection, IPAdapterFaceIDPlusImageProjection,
+    IPAdapterFullImageProjection, IPAdapterImageProjection, IPAdapterPlusImageProjection,
+    ImageProjection, MultiIPAdapterImageProjection,
+};
 
 /// The default `max_period` of sinusoidal embeddings.
 pub const MAX_PERIOD: f64 = 10_000.0;

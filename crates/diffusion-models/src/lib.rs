@@ -11,6 +11,7 @@ pub mod attention_processor;
 pub mod autoencoders;
 pub mod downsampling;
 pub mod embeddings;
+pub mod image_encoders;
 pub(crate) mod layers;
 pub mod modeling_utils;
 pub mod resnet;
@@ -22,6 +23,9 @@ pub mod upsampling;
 
 pub use attention_processor::AttentionHook;
 pub use autoencoders::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution};
+pub use image_encoders::{
+    CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection,
+};
 pub use modeling_utils::{ModelMixin, PretrainedOptions};
 pub use state_dict::{LoadMode, LoadReport, load_weights, save_weights, state_dict};
 pub use text_encoders::{

@@ -7,6 +7,7 @@
 
 pub mod ddim;
 pub mod ddpm;
+pub mod ip_adapter;
 pub mod lora;
 pub mod pipeline_utils;
 pub mod single_file;
@@ -17,6 +18,7 @@ mod unconditional;
 
 pub use ddim::DDIMPipeline;
 pub use ddpm::DDPMPipeline;
+pub use ip_adapter::{IPAdapterArgs, ip_adapter_masks};
 pub use pipeline_utils::{Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo};
 pub use single_file::SingleFilePipelineOptions;
 pub use stable_diffusion::{

@@ -156,6 +156,8 @@ impl StableDiffusionComponents {
             unet: checkpoint.unet(device)?,
             scheduler: scheduler(&checkpoint, &config_dir)?,
             lora: diffusion_loaders::LoraState::new(),
+            image_encoder: None,
+            feature_extractor: None,
         })
     }
 }
@@ -205,6 +207,8 @@ impl StableDiffusionXLComponents {
             unet: checkpoint.unet(device)?,
             scheduler: scheduler(&checkpoint, &config_dir)?,
             lora: diffusion_loaders::LoraState::new(),
+            image_encoder: None,
+            feature_extractor: None,
             force_zeros_for_empty_prompt: index_flag(
                 &config_dir,
                 "force_zeros_for_empty_prompt",

@@ -52,6 +52,22 @@ use infer::TextLayout;
 
 pub use infer::{InferenceHints, ModelType};
 
+/// A whole state dict as a [`WeightSource`], from a `.safetensors` file or a PyTorch pickle
+/// (`.bin` / `.pt` / `.ckpt`, read without running code; tensors of nested dicts are named
+/// `outer.inner`), keys unchanged: what adapter files (IP-Adapter `.bin`) need.
+///
+/// # Errors
+/// As the readers: unreadable or corrupt files and unsafe pickles, naming the file.
+pub fn open_state_dict(path: impl AsRef<Path>) -> Result<WeightSource> {
+    let raw = Arc::new(RawCheckpoint::open(path.as_ref())?);
+    let plan = raw
+        .shapes()
+        .into_keys()
+        .map(|k| Planned::new(k.clone(), k, checkpoint::Transform::Identity))
+        .collect();
+    converted_source(&raw, plan)
+}
+
 /// Configs to use instead of inferring them (diffusers' `config=` argument), and the hints
 /// inference uses otherwise. An explicit config wins over `config_dir`, which wins over
 /// inference. For a Hub repository id as `config=`, resolve it to a folder first with

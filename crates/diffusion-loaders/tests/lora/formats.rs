@@ -108,6 +108,7 @@ fn sdxl_kohya_file_with_sgm_names_and_two_text_encoders() -> Result<()> {
         added_cond_kwargs: Some(AddedCondKwargs {
             text_embeds: Some(io.tensor("xl/text_embeds")?),
             time_ids: Some(io.tensor("xl/time_ids")?),
+            image_embeds: None,
         }),
         ..Default::default()
     };

@@ -42,6 +42,7 @@ fn unet_out(unet: &UNet2DConditionModel, io: &Io) -> Result<Tensor<4>> {
             added_cond_kwargs: Some(AddedCondKwargs {
                 text_embeds: Some(io.tensor("unet/text_embeds")?),
                 time_ids: Some(io.tensor("unet/time_ids")?),
+                image_embeds: None,
             }),
             ..UNet2DConditionOptions::default()
         }

@@ -156,7 +156,7 @@ impl CLIPActivation {
             other => Err(unsupported(
                 "hidden_act",
                 other,
-                "CLIP text encoders here support \"quick_gelu\" and \"gelu\"",
+                "CLIP encoders here support \"quick_gelu\" and \"gelu\"",
             )),
         }
     }
@@ -175,6 +175,42 @@ fn layer_norm(config: &CLIPTextConfig, device: &Device) -> LayerNorm {
         .init(device)
 }
 
+/// The widths of a CLIP encoder, shared by the text and vision towers (transformers builds both
+/// from the same `CLIPEncoderLayer`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EncoderDims {
+    pub(crate) hidden_size: usize,
+    pub(crate) intermediate_size: usize,
+    pub(crate) num_attention_heads: usize,
+    pub(crate) num_hidden_layers: usize,
+    pub(crate) layer_norm_eps: f64,
+    pub(crate) act: CLIPActivation,
+}
+
+impl CLIPEncoder {
+    /// Fresh layers of the given widths (the caller has checked that heads divide the width).
+    pub(crate) fn new(dims: EncoderDims, device: &Device) -> Self {
+        let norm = || {
+            LayerNormConfig::new(dims.hidden_size)
+                .with_epsilon(dims.layer_norm_eps)
+                .init(device)
+        };
+        let layers = (0..dims.num_hidden_layers)
+            .map(|_| CLIPEncoderLayer {
+                self_attn: CLIPAttention::new(dims.hidden_size, dims.num_attention_heads, device),
+                layer_norm1: norm(),
+                mlp: CLIPMLP {
+                    fc1: layers::linear(dims.hidden_size, dims.intermediate_size, device),
+                    fc2: layers::linear(dims.intermediate_size, dims.hidden_size, device),
+                    act: dims.act,
+                },
+                layer_norm2: norm(),
+            })
+            .collect();
+        Self { layers }
+    }
+}
+
 /// `CLIPAttention`: multi-head self-attention with biased q/k/v/out projections.
 #[derive(Module, Debug)]
 pub struct CLIPAttention {
@@ -191,14 +227,13 @@ pub struct CLIPAttention {
 }
 
 impl CLIPAttention {
-    fn new(config: &CLIPTextConfig, device: &Device) -> Self {
-        let h = config.hidden_size;
+    fn new(h: usize, heads: usize, device: &Device) -> Self {
         Self {
             q_proj: layers::linear(h, h, device),
             k_proj: layers::linear(h, h, device),
             v_proj: layers::linear(h, h, device),
             out_proj: layers::linear(h, h, device),
-            heads: config.num_attention_heads,
+            heads,
         }
     }
 
@@ -206,6 +241,18 @@ impl CLIPAttention {
     /// - `x`: `[B, S, hidden]`, `bias`: `[B, heads, S, S]` (additive mask)
     /// - output: `[B, S, hidden]`
     pub fn forward(&self, x: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
+        self.attend(x, Some(bias))
+    }
+
+    /// Attention without a mask (the vision tower's).
+    ///
+    /// # Shapes
+    /// - input and output: `[B, S, hidden]`
+    pub fn forward_unmasked(&self, x: Tensor<3>) -> Tensor<3> {
+        self.attend(x, None)
+    }
+
+    fn attend(&self, x: Tensor<3>, bias: Option<Tensor<4>>) -> Tensor<3> {
         let [b, s, h] = x.dims();
         let split = |t: Tensor<3>| {
             t.reshape([b, s, self.heads, h / self.heads])
@@ -214,7 +261,7 @@ impl CLIPAttention {
         let q = split(self.q_proj.forward(x.clone()));
         let k = split(self.k_proj.forward(x.clone()));
         let v = split(self.v_proj.forward(x));
-        let out = scaled_dot_product_attention(q, k, v, Some(bias));
+        let out = scaled_dot_product_attention(q, k, v, bias);
         self.out_proj
             .forward(out.swap_dims(1, 2).reshape([b, s, h]))
     }
@@ -258,6 +305,15 @@ impl CLIPEncoderLayer {
     /// - output: `[B, S, hidden]`
     pub fn forward(&self, x: Tensor<3>, bias: Tensor<4>) -> Tensor<3> {
         let x = x.clone() + self.self_attn.forward(self.layer_norm1.forward(x), bias);
+        x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
+    }
+
+    /// As [`Self::forward`] without an attention mask (the vision tower's layers).
+    ///
+    /// # Shapes
+    /// - input and output: `[B, S, hidden]`
+    pub fn forward_unmasked(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = x.clone() + self.self_attn.forward_unmasked(self.layer_norm1.forward(x));
         x.clone() + self.mlp.forward(self.layer_norm2.forward(x))
     }
 }
@@ -333,18 +389,14 @@ impl CLIPTextTransformer {
             .validate()
             .map_err(|(field, message)| config_error(&field, message))?;
         let act = CLIPActivation::from_name(&config.hidden_act)?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|_| CLIPEncoderLayer {
-                self_attn: CLIPAttention::new(config, device),
-                layer_norm1: layer_norm(config, device),
-                mlp: CLIPMLP {
-                    fc1: layers::linear(config.hidden_size, config.intermediate_size, device),
-                    fc2: layers::linear(config.intermediate_size, config.hidden_size, device),
-                    act,
-                },
-                layer_norm2: layer_norm(config, device),
-            })
-            .collect();
+        let dims = EncoderDims {
+            hidden_size: config.hidden_size,
+            intermediate_size: config.intermediate_size,
+            num_attention_heads: config.num_attention_heads,
+            num_hidden_layers: config.num_hidden_layers,
+            layer_norm_eps: config.layer_norm_eps,
+            act,
+        };
         Ok(Self {
             embeddings: CLIPTextEmbeddings {
                 token_embedding: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
@@ -355,7 +407,7 @@ impl CLIPTextTransformer {
                 )
                 .init(device),
             },
-            encoder: CLIPEncoder { layers },
+            encoder: CLIPEncoder::new(dims, device),
             final_layer_norm: layer_norm(config, device),
             config: config.clone(),
         })
@@ -425,7 +477,10 @@ impl CLIPTextTransformer {
         }
         let device = weight.device();
         let index = Tensor::<1, Int>::from_data(
-            TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]),
+            TensorData::new(
+                rows.iter().map(|&r| r as i64).collect::<Vec<_>>(),
+                [rows.len()],
+            ),
             &device,
         );
         self.embeddings.token_embedding.weight = Param::from_tensor(weight.select(0, index));
@@ -720,6 +775,7 @@ impl CLIPTextModel {
             self,
             self.config(),
             "CLIPTextModel",
+            MODEL_TYPE,
             dir.as_ref(),
             variant,
             dtype,
@@ -754,10 +810,11 @@ impl CLIPTextModel {
 
 /// Write a transformers folder: `config.json` (with `architectures` and `model_type`, as
 /// transformers' `save_pretrained` writes it) and `model[.variant].safetensors`.
-fn save_folder<M: Module>(
+pub(crate) fn save_folder<M: Module, C: Serialize>(
     module: &M,
-    config: &CLIPTextConfig,
+    config: &C,
     architecture: &str,
+    model_type: &str,
     dir: &Path,
     variant: Option<&str>,
     dtype: SaveDtype,
@@ -772,10 +829,10 @@ fn save_folder<M: Module>(
     };
     let mut json = match serde_json::to_value(config).map_err(json_error)? {
         serde_json::Value::Object(map) => map,
-        other => unreachable!("CLIPTextConfig serialises to an object, not {other}"),
+        other => unreachable!("CLIP configs serialise to an object, not {other}"),
     };
     json.insert("architectures".into(), serde_json::json!([architecture]));
-    json.insert("model_type".into(), MODEL_TYPE.into());
+    json.insert("model_type".into(), model_type.into());
     let dtype_name = match dtype {
         SaveDtype::F32 => "float32",
         SaveDtype::F16 => "float16",
@@ -878,6 +935,7 @@ impl CLIPTextModelWithProjection {
             self,
             self.config(),
             "CLIPTextModelWithProjection",
+            MODEL_TYPE,
             dir.as_ref(),
             variant,
             dtype,

@@ -504,12 +504,18 @@ impl CLIPTokenizer {
                 format!("no added token to remove among {tokens:?}"),
             ));
         }
-        let json = self.tokenizer.to_string(false).map_err(|e| tokenizer_error(&e))?;
+        let json = self
+            .tokenizer
+            .to_string(false)
+            .map_err(|e| tokenizer_error(&e))?;
         let mut value: serde_json::Value =
             serde_json::from_str(&json).map_err(|e| tokenizer_error(&e))?;
         if let Some(list) = value.get_mut("added_tokens").and_then(|v| v.as_array_mut()) {
             list.retain(|t| {
-                let content = t.get("content").and_then(|c| c.as_str()).unwrap_or_default();
+                let content = t
+                    .get("content")
+                    .and_then(|c| c.as_str())
+                    .unwrap_or_default();
                 !removed.iter().any(|(_, r)| r == content)
             });
             let mut next = last_special + 1;
@@ -523,7 +529,10 @@ impl CLIPTokenizer {
         let json = serde_json::to_string(&value).map_err(|e| tokenizer_error(&e))?;
         self.tokenizer = <tokenizers::Tokenizer as std::str::FromStr>::from_str(&json)
             .map_err(|e| tokenizer_error(&e))?;
-        Ok((removed.into_iter().map(|(id, _)| id).collect(), last_special))
+        Ok((
+            removed.into_iter().map(|(id, _)| id).collect(),
+            last_special,
+        ))
     }
 
     /// transformers' `tokenize(prompt)`: the token strings of one prompt, without special

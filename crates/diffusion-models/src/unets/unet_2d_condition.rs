@@ -20,12 +20,14 @@
 
 mod config;
 mod embeddings;
+mod ip_adapter;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 pub use config::{PerBlock, ResolvedBlocks, TransformerLayers, UNet2DConditionModelConfig};
 pub use embeddings::{ClassEmbedding, TimeProjection};
+pub use ip_adapter::{IPAdapterBlockScales, IPAdapterScale, ImageEmbeds};
 
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
@@ -36,7 +38,7 @@ use diffusion_core::{Device, Error, Result};
 
 use crate::activations::Activation;
 use crate::attention::CrossAttentionInputs;
-use crate::attention_processor::{AttentionHook, AttentionHookSlot};
+use crate::attention_processor::{AttentionHook, AttentionHookSlot, IPAdapterAttnInputs};
 use crate::embeddings::{TimestepEmbedding, Timesteps};
 use crate::layers;
 use crate::modeling_utils::ModelMixin;
@@ -100,6 +102,9 @@ pub struct AddedCondKwargs {
     pub text_embeds: Option<Tensor<2>>,
     /// Size and crop conditioning (original size, crop top-left, target size), `[B, 6]`.
     pub time_ids: Option<Tensor<2>>,
+    /// IP-Adapter image embeddings, one entry per loaded adapter (required once an adapter is
+    /// loaded, see [`UNet2DConditionModel::load_ip_adapter_weights`]).
+    pub image_embeds: Option<Vec<ImageEmbeds>>,
 }
 
 /// The rare inputs of [`UNet2DConditionModel::forward_with`]; `Default` passes none.
@@ -125,6 +130,9 @@ pub struct UNet2DConditionOptions {
     pub down_block_additional_residuals: Option<Vec<Tensor<4>>>,
     /// ControlNet residual added to the mid block's output.
     pub mid_block_additional_residual: Option<Tensor<4>>,
+    /// IP-Adapter masks, one entry per loaded adapter (`None` leaves that adapter unmasked);
+    /// empty for none (diffusers' `cross_attention_kwargs["ip_adapter_masks"]`).
+    pub ip_adapter_masks: Vec<Option<crate::attention_processor::IPAdapterMask>>,
     /// T2I-Adapter features, one per down block in order: added to the last
     /// (resnet, transformer) pair's output of a cross-attention block, or to the output of a
     /// plain block; one left over is added to the mid block's output when its shape matches.
@@ -154,6 +162,9 @@ pub struct UNet2DConditionModel {
     pub mid_block: Option<MidBlock>,
     /// Up path.
     pub up_blocks: Vec<UpBlock>,
+    /// The loaded IP-Adapters' image projections (diffusers' `encoder_hid_proj` with
+    /// `encoder_hid_dim_type = "ip_image_proj"`).
+    pub ip_image_proj: Option<crate::embeddings::ip_adapter::MultiIPAdapterImageProjection>,
     /// Output norm (absent with `norm_num_groups = null`).
     pub conv_norm_out: Option<GroupNorm>,
     /// Output convolution.
@@ -412,6 +423,7 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
+            ip_image_proj: None,
             conv_norm_out,
             conv_out: conv(c0, config.out_channels, config.conv_out_kernel),
             time_embed_act: emb.time_embed_act,
@@ -512,7 +524,13 @@ impl UNet2DConditionModel {
                 emb.add(class_emb)
             };
         }
-        if let Some(aug) = self.embed_addition(options.added_cond_kwargs, b, dtype)? {
+        let mut added_cond_kwargs = options.added_cond_kwargs;
+        let image_embeds = added_cond_kwargs
+            .as_mut()
+            .and_then(|kwargs| kwargs.image_embeds.take());
+        let ip_states =
+            self.ip_adapter_states(image_embeds, &options.ip_adapter_masks, b, dtype)?;
+        if let Some(aug) = self.embed_addition(added_cond_kwargs, b, dtype)? {
             emb = emb.add(aug);
         }
         if let Some(act) = self.time_embed_act {
@@ -523,6 +541,12 @@ impl UNet2DConditionModel {
             encoder_hidden_states: &encoder_hidden_states,
             encoder_attention_bias: encoder_attention_bias.as_ref(),
             hook: self.attention_hook.get(),
+            ip_adapter: ip_states
+                .as_deref()
+                .map(|image_states| IPAdapterAttnInputs {
+                    image_states,
+                    masks: &options.ip_adapter_masks,
+                }),
         };
         let (controlnet, mut adapter) = split_residuals(
             options.down_block_additional_residuals,

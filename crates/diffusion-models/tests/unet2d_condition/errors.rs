@@ -78,6 +78,7 @@ fn sdxl_without_added_cond_kwargs_is_refused() -> Result<()> {
     let (name, message) = invalid_argument(run(Some(AddedCondKwargs {
         text_embeds: Some(text_embeds.clone()),
         time_ids: None,
+        image_embeds: None,
     })));
     assert_eq!(name, "added_cond_kwargs");
     assert!(message.contains("time_ids"), "{message}");
@@ -85,6 +86,7 @@ fn sdxl_without_added_cond_kwargs_is_refused() -> Result<()> {
     let (name, message) = invalid_argument(run(Some(AddedCondKwargs {
         text_embeds: Some(text_embeds),
         time_ids: Some(time_ids.narrow(1, 0, 5)),
+        image_embeds: None,
     })));
     assert_eq!(name, "added_cond_kwargs");
     assert!(

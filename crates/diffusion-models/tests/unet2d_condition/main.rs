@@ -4,6 +4,7 @@
 
 mod errors;
 mod hooks;
+mod ip_adapter;
 mod loading;
 mod parity;
 mod precision;
@@ -120,6 +121,7 @@ impl Io {
             (text_embeds.is_some() || time_ids.is_some()).then(|| AddedCondKwargs {
                 text_embeds,
                 time_ids,
+                image_embeds: None,
             });
         Ok(UNet2DConditionOptions {
             class_labels,
@@ -129,6 +131,7 @@ impl Io {
             down_block_additional_residuals: self.list(run, "down_residual")?,
             mid_block_additional_residual: self.optional::<4>(run, "mid_residual")?,
             down_intrablock_additional_residuals: self.list(run, "adapter")?,
+            ip_adapter_masks: Vec::new(),
         })
     }
 

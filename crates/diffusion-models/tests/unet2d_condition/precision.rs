@@ -64,6 +64,7 @@ fn half_options(options: &UNet2DConditionOptions, dtype: FloatDType) -> UNet2DCo
         added_cond_kwargs: options.added_cond_kwargs.clone().map(|a| AddedCondKwargs {
             text_embeds: a.text_embeds.map(|t| t.cast(dtype)),
             time_ids: a.time_ids,
+            image_embeds: None,
         }),
         encoder_attention_mask: options.encoder_attention_mask.clone(),
         down_block_additional_residuals: options.down_block_additional_residuals.clone().map(all),
@@ -75,6 +76,7 @@ fn half_options(options: &UNet2DConditionOptions, dtype: FloatDType) -> UNet2DCo
             .down_intrablock_additional_residuals
             .clone()
             .map(all),
+        ip_adapter_masks: Vec::new(),
     }
 }
 

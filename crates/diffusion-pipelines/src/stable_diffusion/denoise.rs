@@ -182,6 +182,10 @@ pub(crate) struct DenoiseLoop<'a, 'cb> {
     pub condition: InpaintCondition,
     /// SDXL's pooled text embeddings and size conditioning, batched like `prompt_embeds`.
     pub added_cond: Option<AddedCondKwargs>,
+    /// IP-Adapter image embeddings per adapter, batched like `prompt_embeds`.
+    pub image_embeds: Option<Vec<diffusion_models::unets::unet_2d_condition::ImageEmbeds>>,
+    /// IP-Adapter masks per adapter (empty: none).
+    pub ip_adapter_masks: Vec<Option<diffusion_models::attention_processor::IPAdapterMask>>,
     pub generators: &'a mut [TorchGenerator],
     pub callback: Option<&'a mut StepCallback<'cb>>,
     pub progress: bool,
@@ -222,9 +226,16 @@ impl DenoiseLoop<'_, '_> {
                 );
             }
             let timestep = Tensor::<1>::from_floats([t as f32], &device);
+            let mut added_cond_kwargs = self.added_cond.clone();
+            if let Some(embeds) = &self.image_embeds {
+                added_cond_kwargs
+                    .get_or_insert_with(Default::default)
+                    .image_embeds = Some(embeds.clone());
+            }
             let options = UNet2DConditionOptions {
                 timestep_cond: timestep_cond.clone(),
-                added_cond_kwargs: self.added_cond.clone(),
+                added_cond_kwargs,
+                ip_adapter_masks: self.ip_adapter_masks.clone(),
                 ..Default::default()
             };
             let noise_pred = self.unet.forward_with(

@@ -44,8 +44,8 @@ const PIPELINE_CLASSES: &[&str] = &[
     "StableDiffusionInpaintPipeline",
 ];
 
-/// Optional components diffusers' Stable Diffusion folders may name; none of them takes part in
-/// generation here (there is no safety checker, and no IP-Adapter image encoder yet).
+/// Optional components diffusers' Stable Diffusion folders may name: the IP-Adapter image encoder
+/// and its feature extractor are loaded when present; there is no safety checker.
 const OPTIONAL: &[&str] = &["safety_checker", "feature_extractor", "image_encoder"];
 
 /// The models and scheduler every Stable Diffusion 1.x / 2.x pipeline runs on.
@@ -63,6 +63,11 @@ pub struct StableDiffusionComponents {
     pub unet: UNet2DConditionModel,
     /// The noise scheduler; swap it with [`Self::set_scheduler`].
     pub scheduler: AnyScheduler,
+    /// The IP-Adapter image encoder (`image_encoder`), loaded by `load_ip_adapter` or from the
+    /// folder; `None` without one.
+    pub image_encoder: Option<diffusion_models::CLIPVisionModelWithProjection>,
+    /// The image encoder's preprocessing (`feature_extractor`); `None` without one.
+    pub feature_extractor: Option<diffusion_models::CLIPImageProcessor>,
     /// LoRA adapters loaded into `unet` and the text encoders (see
     /// [`Self::load_lora_weights`]); empty by default.
     pub lora: diffusion_loaders::LoraState,
@@ -130,6 +135,8 @@ impl StableDiffusionComponents {
         )?;
         let tokenizer = CLIPTokenizer::from_pretrained(dir.join("tokenizer"))?;
         let scheduler = AnyScheduler::from_config_file(dir.join("scheduler"))?;
+        let (image_encoder, feature_extractor) =
+            load_image_encoder(dir, &opts("image_encoder"), device)?;
         Ok(Self {
             vae,
             text_encoder,
@@ -137,6 +144,8 @@ impl StableDiffusionComponents {
             unet,
             scheduler,
             lora: diffusion_loaders::LoraState::new(),
+            image_encoder,
+            feature_extractor,
         })
     }
 
@@ -294,4 +303,41 @@ fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
         });
     }
     Ok(())
+}
+
+/// The optional IP-Adapter image encoder and its preprocessing of a pipeline folder
+/// (`image_encoder/`, `feature_extractor/`), when the folder has them.
+///
+/// # Errors
+/// The loaders' errors for folders that exist but do not load.
+pub(crate) fn load_image_encoder(
+    dir: &Path,
+    opts: &PretrainedOptions,
+    device: &Device,
+) -> Result<(
+    Option<diffusion_models::CLIPVisionModelWithProjection>,
+    Option<diffusion_models::CLIPImageProcessor>,
+)> {
+    let encoder_dir = dir.join("image_encoder");
+    let image_encoder = if encoder_dir.join("config.json").is_file() {
+        Some(
+            diffusion_models::CLIPVisionModelWithProjection::from_pretrained_with(
+                &encoder_dir,
+                opts,
+                device,
+            )?
+            .0,
+        )
+    } else {
+        None
+    };
+    let extractor_dir = dir.join("feature_extractor");
+    let feature_extractor = if extractor_dir.join("preprocessor_config.json").is_file() {
+        Some(diffusion_models::CLIPImageProcessor::from_pretrained(
+            &extractor_dir,
+        )?)
+    } else {
+        None
+    };
+    Ok((image_encoder, feature_extractor))
 }

@@ -54,6 +54,9 @@ pub struct StableDiffusionArgs<'a> {
     pub output_type: OutputType,
     /// Skip this many final CLIP layers for the prompt embeddings (`clip_skip`).
     pub clip_skip: Option<usize>,
+    /// IP-Adapter images, embeddings and masks (`ip_adapter_image`, `ip_adapter_image_embeds`,
+    /// `ip_adapter_masks`); none by default.
+    pub ip_adapter: crate::IPAdapterArgs,
     /// `callback_on_step_end`: sees the latents after every step, may replace them or stop.
     pub callback: Option<StepCallback<'a>>,
     /// Show a progress bar.
@@ -80,6 +83,7 @@ impl Default for StableDiffusionArgs<'_> {
             num_images_per_prompt: 1,
             output_type: OutputType::Pil,
             clip_skip: None,
+            ip_adapter: crate::IPAdapterArgs::default(),
             callback: None,
             progress: true,
         }
@@ -256,6 +260,15 @@ impl StableDiffusionPipeline {
         };
         let latents = latents.mul_scalar(c.scheduler.init_noise_sigma());
 
+        let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
+            &c.unet,
+            c.image_encoder.as_ref(),
+            c.feature_extractor.as_ref(),
+            &args.ip_adapter,
+            batch,
+            do_cfg,
+            &device,
+        )?;
         let (latents, interrupted) = DenoiseLoop {
             unet: &c.unet,
             scheduler: &mut c.scheduler,
@@ -267,6 +280,8 @@ impl StableDiffusionPipeline {
             eta: args.eta,
             condition: InpaintCondition::None,
             added_cond: None,
+            image_embeds: ip_adapter_image_embeds,
+            ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
             generators: &mut generators,
             callback: args.callback.as_mut(),
             progress: args.progress,

@@ -52,6 +52,9 @@ pub struct StableDiffusionImg2ImgArgs<'a> {
     pub output_type: OutputType,
     /// Skip this many final CLIP layers for the prompt embeddings.
     pub clip_skip: Option<usize>,
+    /// IP-Adapter images, embeddings and masks (`ip_adapter_image`, `ip_adapter_image_embeds`,
+    /// `ip_adapter_masks`); none by default.
+    pub ip_adapter: crate::IPAdapterArgs,
     /// `callback_on_step_end`.
     pub callback: Option<StepCallback<'a>>,
     /// Show a progress bar.
@@ -76,6 +79,7 @@ impl Default for StableDiffusionImg2ImgArgs<'_> {
             negative_prompt_embeds: None,
             output_type: OutputType::Pil,
             clip_skip: None,
+            ip_adapter: crate::IPAdapterArgs::default(),
             callback: None,
             progress: true,
         }
@@ -249,6 +253,15 @@ impl StableDiffusionImg2ImgPipeline {
             .scheduler
             .add_noise(init_latents, noise, &latent_timestep)?;
 
+        let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
+            &c.unet,
+            c.image_encoder.as_ref(),
+            c.feature_extractor.as_ref(),
+            &args.ip_adapter,
+            batch,
+            do_cfg,
+            &device,
+        )?;
         let (latents, interrupted) = DenoiseLoop {
             unet: &c.unet,
             scheduler: &mut c.scheduler,
@@ -260,6 +273,8 @@ impl StableDiffusionImg2ImgPipeline {
             eta: args.eta,
             condition: InpaintCondition::None,
             added_cond: None,
+            image_embeds: ip_adapter_image_embeds,
+            ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
             generators: &mut generators,
             callback: args.callback.as_mut(),
             progress: args.progress,

@@ -56,6 +56,11 @@ pub struct StableDiffusionXLComponents {
     pub unet: UNet2DConditionModel,
     /// The noise scheduler.
     pub scheduler: AnyScheduler,
+    /// The IP-Adapter image encoder (`image_encoder`), loaded by `load_ip_adapter` or from the
+    /// folder; `None` without one.
+    pub image_encoder: Option<diffusion_models::CLIPVisionModelWithProjection>,
+    /// The image encoder's preprocessing (`feature_extractor`); `None` without one.
+    pub feature_extractor: Option<diffusion_models::CLIPImageProcessor>,
     /// LoRA adapters loaded into `unet` and the text encoders (see
     /// [`Self::load_lora_weights`]); empty by default.
     pub lora: diffusion_loaders::LoraState,
@@ -149,6 +154,8 @@ impl StableDiffusionXLComponents {
             &opts("text_encoder_2"),
             device,
         )?;
+        let (image_encoder, feature_extractor) =
+            crate::stable_diffusion::load_image_encoder(dir, &opts("image_encoder"), device)?;
         Ok(Self {
             vae,
             text_encoder,
@@ -158,6 +165,8 @@ impl StableDiffusionXLComponents {
             unet,
             scheduler: AnyScheduler::from_config_file(dir.join("scheduler"))?,
             lora: diffusion_loaders::LoraState::new(),
+            image_encoder,
+            feature_extractor,
             force_zeros_for_empty_prompt,
             requires_aesthetics_score,
         })

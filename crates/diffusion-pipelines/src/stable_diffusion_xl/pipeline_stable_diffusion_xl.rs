@@ -77,6 +77,9 @@ pub struct StableDiffusionXLArgs<'a> {
     pub negative_target_size: Option<(usize, usize)>,
     /// Skip this many more final layers of both encoders (the penultimate one is the default).
     pub clip_skip: Option<usize>,
+    /// IP-Adapter images, embeddings and masks (`ip_adapter_image`, `ip_adapter_image_embeds`,
+    /// `ip_adapter_masks`); none by default.
+    pub ip_adapter: crate::IPAdapterArgs,
     /// `callback_on_step_end`.
     pub callback: Option<StepCallback<'a>>,
     /// Show a progress bar.
@@ -114,6 +117,7 @@ impl Default for StableDiffusionXLArgs<'_> {
             negative_crops_coords_top_left: (0, 0),
             negative_target_size: None,
             clip_skip: None,
+            ip_adapter: crate::IPAdapterArgs::default(),
             callback: None,
             progress: true,
         }
@@ -341,6 +345,7 @@ impl StableDiffusionXLPipeline {
         let added_cond = AddedCondKwargs {
             text_embeds: Some(cast_like_model(text_embeds, dtype)),
             time_ids: Some(cast_like_model(time_ids, dtype)),
+            image_embeds: None,
         };
 
         if let Some(end) = args.denoising_end {
@@ -350,6 +355,15 @@ impl StableDiffusionXLPipeline {
             timesteps.truncate(keep);
         }
 
+        let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
+            &c.unet,
+            c.image_encoder.as_ref(),
+            c.feature_extractor.as_ref(),
+            &args.ip_adapter,
+            batch,
+            do_cfg,
+            &device,
+        )?;
         let (latents, interrupted) = DenoiseLoop {
             unet: &c.unet,
             scheduler: &mut c.scheduler,
@@ -361,6 +375,8 @@ impl StableDiffusionXLPipeline {
             eta: args.eta,
             condition: InpaintCondition::None,
             added_cond: Some(added_cond),
+            image_embeds: ip_adapter_image_embeds,
+            ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
             generators: &mut generators,
             callback: args.callback.as_mut(),
             progress: args.progress,

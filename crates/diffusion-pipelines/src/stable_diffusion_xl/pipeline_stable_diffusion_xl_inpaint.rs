@@ -104,6 +104,9 @@ pub struct StableDiffusionXLInpaintArgs<'a> {
     pub negative_aesthetic_score: f64,
     /// Skip this many more final layers of the encoders.
     pub clip_skip: Option<usize>,
+    /// IP-Adapter images, embeddings and masks (`ip_adapter_image`, `ip_adapter_image_embeds`,
+    /// `ip_adapter_masks`); none by default.
+    pub ip_adapter: crate::IPAdapterArgs,
     /// `callback_on_step_end`.
     pub callback: Option<StepCallback<'a>>,
     /// Show a progress bar.
@@ -149,6 +152,7 @@ impl Default for StableDiffusionXLInpaintArgs<'_> {
             aesthetic_score: 6.0,
             negative_aesthetic_score: 2.5,
             clip_skip: None,
+            ip_adapter: crate::IPAdapterArgs::default(),
             callback: None,
             progress: true,
         }
@@ -511,6 +515,15 @@ impl StableDiffusionXLInpaintPipeline {
             timesteps.truncate(keep);
         }
 
+        let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
+            &c.unet,
+            c.image_encoder.as_ref(),
+            c.feature_extractor.as_ref(),
+            &args.ip_adapter,
+            batch,
+            do_cfg,
+            &device,
+        )?;
         let (latents, interrupted) = DenoiseLoop {
             unet: &c.unet,
             scheduler: &mut c.scheduler,
@@ -522,6 +535,8 @@ impl StableDiffusionXLInpaintPipeline {
             eta: args.eta,
             condition,
             added_cond: Some(added_cond),
+            image_embeds: ip_adapter_image_embeds,
+            ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
             generators: &mut generators,
             callback: args.callback.as_mut(),
             progress: args.progress,

@@ -2,6 +2,7 @@
 
 mod common;
 mod every_scheduler;
+mod ip_adapter;
 mod lora;
 mod single_file;
 mod stable_diffusion;

@@ -417,7 +417,11 @@ fn unload_renumbers_the_rest_and_restores_the_base() {
     assert_eq!(removed.len(), 3);
 
     let mut only_rest = sd1(&device);
-    for file in ["cat_toy.safetensors", "a1111-style.safetensors", "bin_tok.bin"] {
+    for file in [
+        "cat_toy.safetensors",
+        "a1111-style.safetensors",
+        "bin_tok.bin",
+    ] {
         only_rest.load_textual_inversion(ti(file), None).unwrap();
     }
     for token in ["<cat-toy>", "a1111-style", "a1111-style_1", "<bin-tok>"] {
@@ -433,7 +437,12 @@ fn unload_renumbers_the_rest_and_restores_the_base() {
         only_rest.text_encoder.config().vocab_size
     );
     let got = embed(&c.tokenizer, &c.text_encoder, prompt, &device);
-    let want = embed(&only_rest.tokenizer, &only_rest.text_encoder, prompt, &device);
+    let want = embed(
+        &only_rest.tokenizer,
+        &only_rest.text_encoder,
+        prompt,
+        &device,
+    );
     assert_eq!(max_abs_diff(&got, &want), 0.0);
 
     // A token that was never added: a typed error, nothing changes.
@@ -468,10 +477,7 @@ fn sdxl_unload_clears_both_encoders() {
     c.load_textual_inversion(ti("sdxl-style.safetensors"), None)
         .unwrap();
     c.unload_textual_inversion(None).unwrap();
-    assert_eq!(
-        c.tokenizer_2.vocab_size(),
-        base.tokenizer_2.vocab_size()
-    );
+    assert_eq!(c.tokenizer_2.vocab_size(), base.tokenizer_2.vocab_size());
     assert_eq!(
         c.tokenizer.as_ref().unwrap().vocab_size(),
         base.tokenizer.as_ref().unwrap().vocab_size()
