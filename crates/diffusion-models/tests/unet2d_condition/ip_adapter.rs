@@ -189,3 +189,33 @@ fn bad_inputs_are_typed_errors() -> Result<()> {
     );
     Ok(())
 }
+
+/// A FaceID checkpoint with LoRA layers is refused by name rather than loaded half.
+#[test]
+fn faceid_lora_layers_are_refused() -> Result<()> {
+    use diffusion_core::weights::NamedTensor;
+    let plain = adapter("ip-adapter_sd15.safetensors")?;
+    let mut tensors = Vec::new();
+    for key in plain.keys() {
+        let (values, shape) = plain.read_f32(key)?;
+        tensors.push(NamedTensor {
+            key: key.to_string(),
+            shape,
+            values,
+        });
+    }
+    tensors.push(NamedTensor {
+        key: "ip_adapter.1.to_k_lora.down.weight".into(),
+        shape: vec![4, 8],
+        values: vec![0.0; 32],
+    });
+    let faceid = WeightSource::from_tensors("faceid.bin", tensors)?;
+    let mut unet = sd1_unet()?;
+    let err = unet.load_ip_adapter_weights(&[&faceid]).unwrap_err();
+    assert!(
+        matches!(&err, Error::Unsupported { field, .. } if field.contains("to_k_lora")),
+        "{err}"
+    );
+    assert_eq!(unet.num_ip_adapters(), 0);
+    Ok(())
+}

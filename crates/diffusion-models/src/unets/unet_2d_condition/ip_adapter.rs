@@ -174,7 +174,8 @@ impl UNet2DConditionModel {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] (`ip_adapter`) for an empty list or a model without
-    /// cross-attention; [`Error::MissingTensor`] / [`Error::TensorShape`] naming the checkpoint
+    /// cross-attention; [`Error::Unsupported`] naming the key for FaceID checkpoints with LoRA
+    /// layers; [`Error::MissingTensor`] / [`Error::TensorShape`] naming the checkpoint
     /// and key when a layer's projection is missing or its shape does not fit this UNet (an
     /// adapter for another base model); the image projection's errors.
     pub fn load_ip_adapter_weights(&mut self, adapters: &[&WeightSource]) -> Result<()> {
@@ -189,6 +190,25 @@ impl UNet2DConditionModel {
                 "ip_adapter",
                 "this UNet has no cross-attention layers to adapt",
             ));
+        }
+        // FaceID checkpoints carry LoRA layers (`ip_adapter.<n>.to_k_lora.down.weight`) that
+        // diffusers loads as a separate LoRA adapter; silently skipping them would give wrong
+        // images.
+        for source in adapters {
+            if let Some(key) = source
+                .keys()
+                .find(|k| k.starts_with("ip_adapter.") && k.contains("_lora."))
+            {
+                return Err(Error::Unsupported {
+                    path: source.origin().to_path_buf(),
+                    field: key.to_string(),
+                    value: "IP-Adapter LoRA layers".into(),
+                    reason: "IP-Adapter FaceID checkpoints with built-in LoRA layers are not \
+                             supported yet; the image projection and attention layers alone \
+                             would not reproduce the adapter"
+                        .into(),
+                });
+            }
         }
         let mut projections = Vec::with_capacity(adapters.len());
         for source in adapters {
