@@ -13,7 +13,7 @@ use diffusion_core::{Device, ModelIndex, Precision, parse_device};
 use diffusion_loaders::single_file::SingleFileCheckpoint;
 use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_pipelines::{
-    Generators, ImagePipelineOutput, SingleFilePipelineOptions, StableDiffusionArgs,
+    Generators, IPAdapterArgs, ImagePipelineOutput, SingleFilePipelineOptions, StableDiffusionArgs,
     StableDiffusionComponents, StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintArgs, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
     StableDiffusionXLArgs, StableDiffusionXLComponents, StableDiffusionXLImg2ImgArgs,
@@ -128,6 +128,29 @@ pub struct GenerationArgs {
     #[arg(long = "textual-inversion", value_name = "FILE[:TOKEN]")]
     pub textual_inversions: Vec<String>,
 
+    /// An IP-Adapter to condition on --ip-adapter-image: a folder or Hub id laid out like
+    /// h94/IP-Adapter (checkpoint in --ip-adapter-subfolder, image encoder in its
+    /// image_encoder folder), or one checkpoint file when the pipeline has an image encoder.
+    #[arg(long, value_name = "FOLDER|REPO|FILE")]
+    pub ip_adapter: Option<String>,
+
+    /// The IP-Adapter checkpoint's file name in the folder (ip-adapter_sd15.safetensors).
+    #[arg(long, value_name = "NAME")]
+    pub ip_adapter_weight: Option<String>,
+
+    /// The folder of the IP-Adapter repository holding the checkpoint (models, sdxl_models).
+    #[arg(long, value_name = "DIR")]
+    pub ip_adapter_subfolder: Option<String>,
+
+    /// An image for the IP-Adapter (PNG or JPEG); repeat to give several.
+    #[arg(long = "ip-adapter-image", value_name = "IMAGE")]
+    pub ip_adapter_images: Vec<PathBuf>,
+
+    /// How strongly the IP-Adapter image acts (diffusers' set_ip_adapter_scale; 1 by default,
+    /// 0.5 is a common choice to keep the prompt in charge).
+    #[arg(long, default_value_t = 1.0)]
+    pub ip_adapter_scale: f32,
+
     /// Skip this many final CLIP layers for the prompt embeddings (A1111's "Clip skip" minus 1).
     #[arg(long)]
     pub clip_skip: Option<usize>,
@@ -216,6 +239,26 @@ impl Components {
         match self {
             Self::Sd(c) => c.load_textual_inversion(path, token),
             Self::Xl(c) => c.load_textual_inversion(path, token),
+        }
+    }
+
+    fn load_ip_adapter(
+        &mut self,
+        name: &str,
+        subfolder: Option<&str>,
+        weight: Option<&str>,
+        scale: f32,
+    ) -> diffusion_core::Result<()> {
+        let weights: Vec<&str> = weight.into_iter().collect();
+        match self {
+            Self::Sd(c) => {
+                c.load_ip_adapter(name, subfolder, &weights)?;
+                c.set_ip_adapter_scale(&[scale.into()])
+            }
+            Self::Xl(c) => {
+                c.load_ip_adapter(name, subfolder, &weights)?;
+                c.set_ip_adapter_scale(&[scale.into()])
+            }
         }
     }
 
@@ -348,10 +391,34 @@ struct Prepared {
     latents: Option<Tensor<4>>,
     generator: Generators,
     params: GenerationParameters,
+    ip_adapter: IPAdapterArgs,
 }
 
 /// Check every flag that can be checked without loading a model, so a mistake costs nothing.
 fn check_flags(args: &GenerationArgs, strength: Option<f64>) -> Result<Precision> {
+    match (&args.ip_adapter, args.ip_adapter_images.is_empty()) {
+        (Some(name), true) => {
+            bail!("--ip-adapter {name}: give the image(s) with --ip-adapter-image")
+        }
+        (None, false) => bail!("--ip-adapter-image needs --ip-adapter (the adapter to use)"),
+        _ => {}
+    }
+    if args.ip_adapter.is_none()
+        && (args.ip_adapter_weight.is_some() || args.ip_adapter_subfolder.is_some())
+    {
+        bail!("--ip-adapter-weight / --ip-adapter-subfolder need --ip-adapter");
+    }
+    if !args.ip_adapter_scale.is_finite() {
+        bail!(
+            "--ip-adapter-scale {}: must be a finite number",
+            args.ip_adapter_scale
+        );
+    }
+    for path in &args.ip_adapter_images {
+        if !path.is_file() {
+            bail!("--ip-adapter-image {}: no such file", path.display());
+        }
+    }
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -426,6 +493,23 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
             .set_adapters(&names, &weights)
             .context("--lora")?;
     }
+    let mut ip_adapter = IPAdapterArgs::default();
+    if let Some(name) = &args.ip_adapter {
+        components
+            .load_ip_adapter(
+                name,
+                args.ip_adapter_subfolder.as_deref(),
+                args.ip_adapter_weight.as_deref(),
+                args.ip_adapter_scale,
+            )
+            .with_context(|| format!("--ip-adapter {name}"))?;
+        let images = args
+            .ip_adapter_images
+            .iter()
+            .map(|p| load_image(p).with_context(|| format!("--ip-adapter-image {}", p.display())))
+            .collect::<Result<Vec<_>>>()?;
+        ip_adapter.image = Some(vec![images]);
+    }
     let mut tokens = Vec::new();
     for (path, token) in &embeddings {
         let added = components
@@ -484,11 +568,26 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
         let list: Vec<String> = loras.iter().map(|(_, n, w)| format!("{n}:{w}")).collect();
         params.push("LoRA", format!("\"{}\"", list.join(", ")));
     }
+    if let Some(name) = &args.ip_adapter {
+        let adapter = match &args.ip_adapter_weight {
+            Some(weight) => format!("{name} {weight}"),
+            None => name.clone(),
+        };
+        params.push("IP-Adapter", format!("\"{adapter}\""));
+        params.push("IP-Adapter scale", args.ip_adapter_scale);
+        let images: Vec<String> = args
+            .ip_adapter_images
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        params.push("IP-Adapter image", format!("\"{}\"", images.join(", ")));
+    }
     Ok(Prepared {
         components,
         latents,
         generator,
         params,
+        ip_adapter,
     })
 }
 
@@ -596,6 +695,7 @@ pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
             output_type: OutputType::Np,
             clip_skip: args.clip_skip,
             progress: !args.quiet,
+            ip_adapter: prepared.ip_adapter,
         },
         |call| {
             call.guidance_scale = args.guidance.unwrap_or(call.guidance_scale);
@@ -637,6 +737,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
             output_type: OutputType::Np,
             clip_skip: args.clip_skip,
             progress: !args.quiet,
+            ip_adapter: prepared.ip_adapter,
         },
         |call| {
             call.strength = strength.unwrap_or(call.strength);
@@ -691,6 +792,7 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
             output_type: OutputType::Np,
             clip_skip: args.clip_skip,
             progress: !args.quiet,
+            ip_adapter: prepared.ip_adapter,
         },
         |call| {
             call.strength = strength.unwrap_or(call.strength);

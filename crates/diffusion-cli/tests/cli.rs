@@ -775,3 +775,65 @@ fn textual_inversion_flag_reproduces_diffusers() {
     let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
     assert!(params.contains("Textual inversion: \""), "{params}");
 }
+
+/// `--ip-adapter` with an h94/IP-Adapter-like folder (image encoder included) and
+/// `--ip-adapter-scale` reproduces diffusers' `load_ip_adapter` + `set_ip_adapter_scale(0.6)` run
+/// (fixtures/pipelines/ip_adapter, gen_pipelines_ip_adapter.py, case `plain_scale`).
+#[test]
+fn ip_adapter_flags_reproduce_diffusers() {
+    let model = sd_folder("sd1");
+    let root = fixtures().join("pipelines/ip_adapter");
+    let image = fixtures().join("pipelines/sd/image.png");
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("out.png"), dir.path().join("out.npy"));
+    let out = diffusers()
+        .args(["txt2img", "--model", &model])
+        .arg("--ip-adapter")
+        .arg(&root)
+        .args(["--ip-adapter-subfolder", "models"])
+        .args(["--ip-adapter-weight", "ip-adapter_sd15.safetensors"])
+        .arg("--ip-adapter-image")
+        .arg(&image)
+        .args(["--ip-adapter-scale", "0.6"])
+        .args(["--prompt", "a photo of a cat sitting on a sofa"])
+        .args(["--steps", "3", "--seed", "0", "--quiet"])
+        .arg("--output")
+        .arg(&png)
+        .arg("--output-npy")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = NpyArray::read(&npy).unwrap();
+    let (_, want) = fixture_tensor("pipelines/ip_adapter/outputs.safetensors", "plain_scale");
+    let diff = max_abs_diff(&got.data, &want);
+    assert!(diff <= 1e-3, "max |diff| = {diff}");
+    let text = read_png_text(&png).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    assert!(params.contains("IP-Adapter scale: 0.6"), "{params}");
+
+    // An image without an adapter, and an adapter without an image: refused before loading.
+    for extra in [
+        vec![
+            "--ip-adapter-image".to_string(),
+            image.display().to_string(),
+        ],
+        vec!["--ip-adapter".to_string(), root.display().to_string()],
+    ] {
+        let missing = dir.path().join("missing.png");
+        let out = diffusers()
+            .args(["txt2img", "--model", &model, "--prompt", "a cat", "--quiet"])
+            .args(&extra)
+            .arg("--output")
+            .arg(&missing)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains("--ip-adapter"));
+        assert!(!missing.exists());
+    }
+}
