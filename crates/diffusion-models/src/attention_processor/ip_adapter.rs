@@ -297,16 +297,28 @@ mod tests {
 
     #[test]
     fn bicubic_matches_torch() {
-        // torch: F.interpolate((arange(64).reshape(1, 1, 8, 8) ** 1.5 / 10), size=(3, 5),
-        // mode="bicubic").
-        let src: Vec<f32> = (0..64).map(|v| (v as f32).powf(1.5) / 10.0).collect();
+        // torch: F.interpolate(arange(64).reshape(1, 1, 8, 8) ** 1.5 / 1000, size=(3, 5),
+        // mode="bicubic"), values in a mask's range; f32 agrees to a few ulps (1e-6).
+        let src: Vec<f32> = (0..64).map(|v| (v as f32).powf(1.5) / 1000.0).collect();
         let want: [f32; 15] = [
-            1.663_914, 2.303_185, 3.023_574, 3.814_288, 4.664_005, 14.942_56, 16.263_237,
-            17.623_467, 19.020_744, 20.449_387, 35.433_876, 37.18, 38.958_015, 40.764_606,
-            42.593_998,
+            0.016_639_143,
+            0.023_031_848,
+            0.030_235_736,
+            0.038_142_875,
+            0.046_640_046,
+            0.149_425_61,
+            0.162_632_36,
+            0.176_234_66,
+            0.190_207_44,
+            0.204_493_88,
+            0.354_338_74,
+            0.371_800_04,
+            0.389_580_16,
+            0.407_646,
+            0.425_939_95,
         ];
         for (got, want) in bicubic_resize(&src, 8, 8, 3, 5).iter().zip(want) {
-            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
         }
     }
 
