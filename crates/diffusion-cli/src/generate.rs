@@ -115,8 +115,8 @@ pub struct GenerationArgs {
     pub variant: Option<String>,
 
     /// A LoRA to apply, with an optional weight after a colon (style.safetensors:0.8; default
-    /// 1): a .safetensors file in diffusers/PEFT or kohya/A1111 format, or a folder holding
-    /// pytorch_lora_weights.safetensors. Repeat the flag to combine several, as diffusers'
+    /// 1): a .safetensors file in diffusers/PEFT or kohya/A1111 format, or a folder or Hub id
+    /// (owner/name) holding pytorch_lora_weights.safetensors or a single .safetensors file. Repeat the flag to combine several, as diffusers'
     /// set_adapters.
     #[arg(long = "lora", value_name = "FILE[:WEIGHT]")]
     pub loras: Vec<String>,
@@ -344,8 +344,14 @@ fn parse_loras(values: &[String]) -> Result<Vec<(PathBuf, String, f32)>> {
             }
             _ => (PathBuf::from(value), 1.0),
         };
-        if !path.exists() {
-            bail!("--lora {value}: {} does not exist", path.display());
+        let repo_id = path
+            .to_str()
+            .is_some_and(diffusion_loaders::hub::looks_like_repo_id);
+        if !path.exists() && !repo_id {
+            bail!(
+                "--lora {value}: {} does not exist (and is not a Hub id owner/name)",
+                path.display()
+            );
         }
         let stem = path
             .file_stem()

@@ -183,6 +183,28 @@ impl TorchGenerator {
         }
         data
     }
+
+    /// `torch.randint(low, high, [], generator=g).item()`: one integer in `[low, high)`. Ranges
+    /// of `2^32` or more take 64 random bits (high word first), smaller ones 32, reduced modulo
+    /// the range, as torch's CPU `random_from_to`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `high` when `high <= low`.
+    pub fn randint(&mut self, low: i64, high: i64) -> Result<i64> {
+        if high <= low {
+            return Err(Error::InvalidArgument {
+                name: "high".into(),
+                message: format!("randint needs low < high, got [{low}, {high})"),
+            });
+        }
+        let range = (i128::from(high) - i128::from(low)) as u64;
+        let bits = if range >= 1 << 32 {
+            self.engine.next_u64()
+        } else {
+            u64::from(self.engine.next_u32())
+        };
+        Ok((bits % range).wrapping_add(low as u64) as i64)
+    }
 }
 
 fn box_muller_16(x: &mut [f32]) {
@@ -248,6 +270,14 @@ pub fn randn_batch(shape: &[usize], source: NoiseSource<'_>) -> Result<Vec<f32>>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn randint_takes_64_bits_for_wide_ranges() {
+        // torch.manual_seed(0); torch.randint(0, 2**63 - 1, []).item()
+        let mut g = TorchGenerator::new(0);
+        assert_eq!(g.randint(0, i64::MAX).unwrap(), 900_450_186_894_289_456);
+        assert!(g.randint(3, 3).is_err());
+    }
 
     #[test]
     fn mt19937_matches_the_reference_sequence() {

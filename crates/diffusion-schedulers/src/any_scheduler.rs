@@ -20,7 +20,9 @@ use crate::scheduling_cosine_dpmsolver_multistep::{
 };
 use crate::scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 use crate::scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
+use crate::scheduling_ddim_parallel::{DDIMParallelScheduler, DDIMParallelSchedulerConfig};
 use crate::scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig};
+use crate::scheduling_ddpm_parallel::{DDPMParallelScheduler, DDPMParallelSchedulerConfig};
 use crate::scheduling_deis_multistep::{DEISMultistepScheduler, DEISMultistepSchedulerConfig};
 use crate::scheduling_dpmsolver_multistep::{
     DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
@@ -28,6 +30,7 @@ use crate::scheduling_dpmsolver_multistep::{
 use crate::scheduling_dpmsolver_multistep_inverse::{
     DPMSolverMultistepInverseScheduler, DPMSolverMultistepInverseSchedulerConfig,
 };
+use crate::scheduling_dpmsolver_sde::{DPMSolverSDEScheduler, DPMSolverSDESchedulerConfig};
 use crate::scheduling_dpmsolver_singlestep::{
     DPMSolverSinglestepScheduler, DPMSolverSinglestepSchedulerConfig,
 };
@@ -115,18 +118,26 @@ pub enum SchedulerKind {
     ScoreSdeVe,
     /// [`RePaintScheduler`].
     RePaint,
+    /// [`DPMSolverSDEScheduler`].
+    DpmSolverSde,
+    /// [`DDIMParallelScheduler`].
+    DdimParallel,
+    /// [`DDPMParallelScheduler`].
+    DdpmParallel,
 }
 
 impl SchedulerKind {
     /// Whether this class's `step` takes `eta` (diffusers' `prepare_extra_step_kwargs` looks
     /// for it in the `step` signature; pipelines pass it only then).
     pub fn step_takes_eta(self) -> bool {
-        matches!(self, Self::Ddim | Self::Tcd)
+        matches!(self, Self::Ddim | Self::DdimParallel | Self::Tcd)
     }
 
     /// Whether this class's `step` takes a `generator` (draws noise, or may): pipelines pass
     /// one only then, as diffusers' `prepare_extra_step_kwargs`. Flow-match Euler takes one only
-    /// with `stochastic_sampling`, so it is not listed.
+    /// with `stochastic_sampling`, so it is not listed. DPM++ SDE is listed although diffusers'
+    /// `step` has no `generator`: without `noise_sampler_seed` it seeds its Brownian tree from
+    /// the generator where diffusers uses torch's global one.
     pub fn step_takes_generator(self) -> bool {
         matches!(
             self,
@@ -145,6 +156,9 @@ impl SchedulerKind {
                 | Self::ScoreSdeVe
                 | Self::RePaint
                 | Self::Lcm
+                | Self::DpmSolverSde
+                | Self::DdimParallel
+                | Self::DdpmParallel
         )
     }
 
@@ -176,6 +190,9 @@ impl SchedulerKind {
         SchedulerKind::CmStochasticIterative,
         SchedulerKind::ScoreSdeVe,
         SchedulerKind::RePaint,
+        SchedulerKind::DpmSolverSde,
+        SchedulerKind::DdimParallel,
+        SchedulerKind::DdpmParallel,
     ];
 
     /// The diffusers class name.
@@ -207,6 +224,9 @@ impl SchedulerKind {
             Self::CmStochasticIterative => CMStochasticIterativeSchedulerConfig::CLASS_NAME,
             Self::ScoreSdeVe => ScoreSdeVeSchedulerConfig::CLASS_NAME,
             Self::RePaint => RePaintSchedulerConfig::CLASS_NAME,
+            Self::DpmSolverSde => DPMSolverSDESchedulerConfig::CLASS_NAME,
+            Self::DdimParallel => DDIMParallelSchedulerConfig::CLASS_NAME,
+            Self::DdpmParallel => DDPMParallelSchedulerConfig::CLASS_NAME,
         }
     }
 
@@ -253,6 +273,9 @@ impl SchedulerKind {
             Self::CmStochasticIterative => CMStochasticIterativeSchedulerConfig::known_keys(),
             Self::ScoreSdeVe => ScoreSdeVeSchedulerConfig::known_keys(),
             Self::RePaint => RePaintSchedulerConfig::known_keys(),
+            Self::DpmSolverSde => DPMSolverSDESchedulerConfig::known_keys(),
+            Self::DdimParallel => DDIMParallelSchedulerConfig::known_keys(),
+            Self::DdpmParallel => DDPMParallelSchedulerConfig::known_keys(),
         }
     }
 }
@@ -342,7 +365,9 @@ const ALIASES: &[Alias] = &[
         kind: SchedulerKind::UniPc,
         overrides: Map::new,
     },
-    // diffusers' table maps A1111's "DPM++ SDE" to the singlestep solver.
+    // diffusers' table of A1111 names maps "DPM++ SDE" to the singlestep solver, and the names
+    // follow that table; k-diffusion's own `sample_dpmpp_sde` is DPMSolverSDEScheduler, which
+    // is chosen by its class name.
     Alias {
         name: "DPM++ SDE",
         kind: SchedulerKind::DpmSolverSinglestep,
@@ -500,6 +525,12 @@ pub enum AnyScheduler {
     ScoreSdeVe(ScoreSdeVeScheduler),
     /// A [`RePaintScheduler`].
     RePaint(RePaintScheduler),
+    /// A [`DPMSolverSDEScheduler`].
+    DpmSolverSde(DPMSolverSDEScheduler),
+    /// A [`DDIMParallelScheduler`].
+    DdimParallel(DDIMParallelScheduler),
+    /// A [`DDPMParallelScheduler`].
+    DdpmParallel(DDPMParallelScheduler),
 }
 
 macro_rules! dispatch {
@@ -531,6 +562,9 @@ macro_rules! dispatch {
             AnyScheduler::CmStochasticIterative($s) => $body,
             AnyScheduler::ScoreSdeVe($s) => $body,
             AnyScheduler::RePaint($s) => $body,
+            AnyScheduler::DpmSolverSde($s) => $body,
+            AnyScheduler::DdimParallel($s) => $body,
+            AnyScheduler::DdpmParallel($s) => $body,
         }
     };
 }
@@ -691,6 +725,24 @@ impl From<RePaintScheduler> for AnyScheduler {
     }
 }
 
+impl From<DPMSolverSDEScheduler> for AnyScheduler {
+    fn from(s: DPMSolverSDEScheduler) -> Self {
+        Self::DpmSolverSde(s)
+    }
+}
+
+impl From<DDIMParallelScheduler> for AnyScheduler {
+    fn from(s: DDIMParallelScheduler) -> Self {
+        Self::DdimParallel(s)
+    }
+}
+
+impl From<DDPMParallelScheduler> for AnyScheduler {
+    fn from(s: DDPMParallelScheduler) -> Self {
+        Self::DdpmParallel(s)
+    }
+}
+
 impl AnyScheduler {
     /// Which class this is.
     pub fn kind(&self) -> SchedulerKind {
@@ -721,6 +773,9 @@ impl AnyScheduler {
             Self::CmStochasticIterative(_) => SchedulerKind::CmStochasticIterative,
             Self::ScoreSdeVe(_) => SchedulerKind::ScoreSdeVe,
             Self::RePaint(_) => SchedulerKind::RePaint,
+            Self::DpmSolverSde(_) => SchedulerKind::DpmSolverSde,
+            Self::DdimParallel(_) => SchedulerKind::DdimParallel,
+            Self::DdpmParallel(_) => SchedulerKind::DdpmParallel,
         }
     }
 
@@ -799,6 +854,9 @@ impl AnyScheduler {
             }
             SchedulerKind::ScoreSdeVe => Self::ScoreSdeVe(typed(value, origin)?),
             SchedulerKind::RePaint => Self::RePaint(typed(value, origin)?),
+            SchedulerKind::DpmSolverSde => Self::DpmSolverSde(typed(value, origin)?),
+            SchedulerKind::DdimParallel => Self::DdimParallel(typed(value, origin)?),
+            SchedulerKind::DdpmParallel => Self::DdpmParallel(typed(value, origin)?),
         })
     }
 
@@ -1036,6 +1094,30 @@ impl AnyScheduler {
         }
     }
 
+    /// The DPM-Solver++ (SDE) scheduler inside, if this is one.
+    pub fn as_dpm_solver_sde(&self) -> Option<&DPMSolverSDEScheduler> {
+        match self {
+            Self::DpmSolverSde(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The parallel DDIM scheduler inside, if this is one.
+    pub fn as_ddim_parallel(&self) -> Option<&DDIMParallelScheduler> {
+        match self {
+            Self::DdimParallel(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The parallel DDPM scheduler inside, if this is one.
+    pub fn as_ddpm_parallel(&self) -> Option<&DDPMParallelScheduler> {
+        match self {
+            Self::DdpmParallel(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The training noise schedule (betas and `alphas_cumprod`); `None` for the flow-matching
     /// schedulers, which have none.
     pub fn noise_schedule(&self) -> Option<&crate::NoiseSchedule> {
@@ -1058,6 +1140,9 @@ impl AnyScheduler {
             Self::DpmSolverSinglestep(s) => s.noise_schedule(),
             Self::Deis(s) => s.noise_schedule(),
             Self::RePaint(s) => s.noise_schedule(),
+            Self::DpmSolverSde(s) => s.noise_schedule(),
+            Self::DdimParallel(s) => s.noise_schedule(),
+            Self::DdpmParallel(s) => s.noise_schedule(),
             Self::FlowMatchEuler(_)
             | Self::FlowMatchHeun(_)
             | Self::Ipndm(_)

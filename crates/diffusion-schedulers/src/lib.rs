@@ -25,7 +25,9 @@
 //! with a typed error without one. Draws follow `torch.randn` on a CPU generator, so a seeded
 //! run reproduces a seeded diffusers run. The exception is
 //! [`CosineDPMSolverMultistepScheduler`], whose noise diffusers draws from torchsde's Brownian
-//! tree: that sampler is not ported, and the step takes its noise as `variance_noise`.
+//! tree: there the step takes its noise as `variance_noise`. [`DPMSolverSDEScheduler`] draws
+//! from a port of that tree ([`brownian_tree`]) seeded by `noise_sampler_seed`, or by an
+//! integer drawn from the step's generator where diffusers draws it from torch's global one.
 //!
 //! ```no_run
 //! use diffusion_core::tensor::randn_tensor;
@@ -54,6 +56,7 @@
 #![warn(missing_docs)]
 
 pub mod any_scheduler;
+pub mod brownian_tree;
 pub mod ops;
 pub mod schedule;
 pub mod scheduler;
@@ -61,10 +64,13 @@ pub mod scheduling_consistency_models;
 pub mod scheduling_cosine_dpmsolver_multistep;
 pub mod scheduling_ddim;
 pub mod scheduling_ddim_inverse;
+pub mod scheduling_ddim_parallel;
 pub mod scheduling_ddpm;
+pub mod scheduling_ddpm_parallel;
 pub mod scheduling_deis_multistep;
 pub mod scheduling_dpmsolver_multistep;
 pub mod scheduling_dpmsolver_multistep_inverse;
+pub mod scheduling_dpmsolver_sde;
 pub mod scheduling_dpmsolver_singlestep;
 pub mod scheduling_edm_dpmsolver_multistep;
 pub mod scheduling_edm_euler;
@@ -96,7 +102,9 @@ pub use scheduling_cosine_dpmsolver_multistep::{
 };
 pub use scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig};
 pub use scheduling_ddim_inverse::{DDIMInverseScheduler, DDIMInverseSchedulerConfig};
+pub use scheduling_ddim_parallel::{DDIMParallelScheduler, DDIMParallelSchedulerConfig};
 pub use scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig, VarianceType};
+pub use scheduling_ddpm_parallel::{DDPMParallelScheduler, DDPMParallelSchedulerConfig};
 pub use scheduling_deis_multistep::{DEISMultistepScheduler, DEISMultistepSchedulerConfig};
 pub use scheduling_dpmsolver_multistep::{
     DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
@@ -104,6 +112,7 @@ pub use scheduling_dpmsolver_multistep::{
 pub use scheduling_dpmsolver_multistep_inverse::{
     DPMSolverMultistepInverseScheduler, DPMSolverMultistepInverseSchedulerConfig,
 };
+pub use scheduling_dpmsolver_sde::{DPMSolverSDEScheduler, DPMSolverSDESchedulerConfig};
 pub use scheduling_dpmsolver_singlestep::{
     DPMSolverSinglestepScheduler, DPMSolverSinglestepSchedulerConfig,
 };

@@ -70,6 +70,36 @@ pub(crate) fn batch_coefficients<const D: usize>(
     ))
 }
 
+/// A step coefficient: one float32 value for the whole batch, or one per sample as a
+/// `[B, 1, ..., 1]` tensor from [`batch_coefficients`]. Lets a scheduler write its update once
+/// for `step` (one timestep) and for batched steps with a timestep per sample.
+pub(crate) trait Coefficient<const D: usize> {
+    /// `x * c`.
+    fn times(&self, x: Tensor<D>) -> Tensor<D>;
+    /// `x / c`.
+    fn divide(&self, x: Tensor<D>) -> Tensor<D>;
+}
+
+impl<const D: usize> Coefficient<D> for f32 {
+    fn times(&self, x: Tensor<D>) -> Tensor<D> {
+        x.mul_scalar(*self)
+    }
+
+    fn divide(&self, x: Tensor<D>) -> Tensor<D> {
+        x.div_scalar(*self)
+    }
+}
+
+impl<const D: usize> Coefficient<D> for Tensor<D> {
+    fn times(&self, x: Tensor<D>) -> Tensor<D> {
+        x.mul(self.clone())
+    }
+
+    fn divide(&self, x: Tensor<D>) -> Tensor<D> {
+        x.div(self.clone())
+    }
+}
+
 /// `sqrt(alpha_bar) * original + sqrt(1 - alpha_bar) * noise`, the forward process, with one
 /// `alpha_bar` per batch element (or one for all). The coefficients are computed in float32
 /// from the float32 `alpha_bar`, as diffusers computes them in the sample's dtype.

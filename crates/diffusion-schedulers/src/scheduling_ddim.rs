@@ -120,6 +120,8 @@ impl Config for DDIMSchedulerConfig {
 /// always the next listed timestep; this is kept for parity.
 #[derive(Clone, Debug)]
 pub struct DDIMScheduler {
+    /// The class named in errors (DDIMParallelScheduler reuses this one).
+    class: &'static str,
     file: ConfigFile<DDIMSchedulerConfig>,
     schedule: NoiseSchedule,
     final_alpha_cumprod: f64,
@@ -187,6 +189,91 @@ impl DDIMScheduler {
     }
 }
 
+/// The float32 quantities of one DDIM update (eq. 12 of the paper): one value for the whole
+/// batch in `step`, one per sample in DDIMParallelScheduler's `batch_step_no_noise`.
+pub(crate) struct DdimCoefficients<C> {
+    /// `sqrt(alpha_bar_t)`.
+    pub sqrt_alpha: C,
+    /// `sqrt(1 - alpha_bar_t)`.
+    pub sqrt_beta: C,
+    /// `sqrt(alpha_bar_prev)`.
+    pub sqrt_alpha_prev: C,
+    /// `sqrt(1 - alpha_bar_prev - sigma_t^2)`: the weight of the direction pointing to `x_t`.
+    pub direction: C,
+}
+
+impl DDIMScheduler {
+    /// The same scheduler reporting itself (in errors) as `class`.
+    pub(crate) fn with_class_name(mut self, class: &'static str) -> Self {
+        self.class = class;
+        self
+    }
+
+    /// The noise-free part of a DDIM update: the predicted `x_0` (clipped or thresholded as
+    /// configured) and `sqrt(alpha_bar_prev) x_0 + direction * eps`, with `eps` re-derived
+    /// from the clipped `x_0` when `use_clipped_model_output` (Glide). Returns `(x_prev, x_0)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a prediction type DDIM does not take; as
+    /// [`ops::threshold_sample`].
+    pub(crate) fn denoise<C: ops::Coefficient<D>, const D: usize>(
+        &self,
+        model_output: Tensor<D>,
+        sample: Tensor<D>,
+        k: &DdimCoefficients<C>,
+        use_clipped_model_output: bool,
+    ) -> Result<(Tensor<D>, Tensor<D>)> {
+        let c = &self.file.config;
+        let (mut pred_original, mut pred_epsilon) = match c.prediction_type {
+            PredictionType::Epsilon => (
+                k.sqrt_alpha
+                    .divide(sample.clone().sub(k.sqrt_beta.times(model_output.clone()))),
+                model_output,
+            ),
+            PredictionType::Sample => (
+                model_output.clone(),
+                k.sqrt_beta
+                    .divide(sample.clone().sub(k.sqrt_alpha.times(model_output))),
+            ),
+            PredictionType::VPrediction => (
+                k.sqrt_alpha
+                    .times(sample.clone())
+                    .sub(k.sqrt_beta.times(model_output.clone())),
+                k.sqrt_alpha
+                    .times(model_output)
+                    .add(k.sqrt_beta.times(sample.clone())),
+            ),
+            other @ (PredictionType::FlowPrediction | PredictionType::OriginalSample) => {
+                return Err(Error::invalid_argument(
+                    "prediction_type",
+                    format!("{} does not support {}", self.class, other.as_str()),
+                ));
+            }
+        };
+        if c.thresholding {
+            pred_original = ops::threshold_sample(
+                pred_original,
+                c.dynamic_thresholding_ratio,
+                c.sample_max_value,
+            )?;
+        } else if c.clip_sample {
+            pred_original = ops::clip_sample(pred_original, c.clip_sample_range);
+        }
+        if use_clipped_model_output {
+            // Re-derive the noise from the clipped x_0 (Glide).
+            pred_epsilon = k
+                .sqrt_beta
+                .divide(sample.sub(k.sqrt_alpha.times(pred_original.clone())));
+        }
+        let direction = k.direction.times(pred_epsilon);
+        let prev_sample = k
+            .sqrt_alpha_prev
+            .times(pred_original.clone())
+            .add(direction);
+        Ok((prev_sample, pred_original))
+    }
+}
+
 impl ConfiguredScheduler for DDIMScheduler {
     type Config = DDIMSchedulerConfig;
 
@@ -209,6 +296,7 @@ impl ConfiguredScheduler for DDIMScheduler {
         };
         let timesteps = (0..c.num_train_timesteps).rev().map(|t| t as f64).collect();
         Ok(Self {
+            class: DDIMSchedulerConfig::CLASS_NAME,
             file,
             schedule,
             final_alpha_cumprod,
@@ -224,7 +312,7 @@ impl ConfiguredScheduler for DDIMScheduler {
 
 impl Scheduler for DDIMScheduler {
     fn class_name(&self) -> &'static str {
-        DDIMSchedulerConfig::CLASS_NAME
+        self.class
     }
 
     fn config_value(&self) -> Value {
@@ -251,7 +339,10 @@ impl Scheduler for DDIMScheduler {
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
         request.accept_only(self.class_name(), &["num_inference_steps"])?;
         let k = request.num_inference_steps.ok_or_else(|| {
-            Error::invalid_argument("num_inference_steps", "DDIMScheduler needs a step count")
+            Error::invalid_argument(
+                "num_inference_steps",
+                format!("{} needs a step count", self.class),
+            )
         })?;
         let c = self.config();
         let ts = schedule::spaced_timesteps(
@@ -300,7 +391,7 @@ impl Scheduler for DDIMScheduler {
         let k = self.num_inference_steps.ok_or_else(|| {
             Error::invalid_argument(
                 "num_inference_steps",
-                "DDIMScheduler.step was called before set_timesteps",
+                format!("{}.step was called before set_timesteps", self.class),
             )
         })?;
         let eta = options.eta.unwrap_or(0.0);
@@ -317,49 +408,6 @@ impl Scheduler for DDIMScheduler {
         let alpha_prod_t = self.schedule.alpha_cumprod_at(timestep)? as f32;
         let alpha_prod_prev = self.alpha_prod_prev(prev_t)?;
         let beta_prod_t = 1.0 - alpha_prod_t;
-        let (sqrt_alpha, sqrt_beta) = (alpha_prod_t.sqrt(), beta_prod_t.sqrt());
-
-        let (mut pred_original, mut pred_epsilon) = match c.prediction_type {
-            PredictionType::Epsilon => (
-                sample
-                    .clone()
-                    .sub(model_output.clone().mul_scalar(sqrt_beta))
-                    .div_scalar(sqrt_alpha),
-                model_output.clone(),
-            ),
-            PredictionType::Sample => (
-                model_output.clone(),
-                sample
-                    .clone()
-                    .sub(model_output.clone().mul_scalar(sqrt_alpha))
-                    .div_scalar(sqrt_beta),
-            ),
-            PredictionType::VPrediction => (
-                sample
-                    .clone()
-                    .mul_scalar(sqrt_alpha)
-                    .sub(model_output.clone().mul_scalar(sqrt_beta)),
-                model_output
-                    .clone()
-                    .mul_scalar(sqrt_alpha)
-                    .add(sample.clone().mul_scalar(sqrt_beta)),
-            ),
-            other @ (PredictionType::FlowPrediction | PredictionType::OriginalSample) => {
-                return Err(Error::invalid_argument(
-                    "prediction_type",
-                    format!("DDIMScheduler does not support {}", other.as_str()),
-                ));
-            }
-        };
-        if c.thresholding {
-            pred_original = ops::threshold_sample(
-                pred_original,
-                c.dynamic_thresholding_ratio,
-                c.sample_max_value,
-            )?;
-        } else if c.clip_sample {
-            pred_original = ops::clip_sample(pred_original, c.clip_sample_range);
-        }
 
         let variance = self.variance_f32(timestep, prev_t)?;
         let std_dev = eta as f32 * variance.sqrt();
@@ -373,18 +421,18 @@ impl Scheduler for DDIMScheduler {
                 ),
             ));
         }
-        if options.use_clipped_model_output.unwrap_or(false) {
-            // Re-derive the noise from the clipped x_0 (Glide).
-            pred_epsilon = sample
-                .clone()
-                .sub(pred_original.clone().mul_scalar(sqrt_alpha))
-                .div_scalar(sqrt_beta);
-        }
-        let direction = pred_epsilon.mul_scalar(direction_coeff_sq.sqrt());
-        let mut prev_sample = pred_original
-            .clone()
-            .mul_scalar(alpha_prod_prev.sqrt())
-            .add(direction);
+        let coefficients = DdimCoefficients {
+            sqrt_alpha: alpha_prod_t.sqrt(),
+            sqrt_beta: beta_prod_t.sqrt(),
+            sqrt_alpha_prev: alpha_prod_prev.sqrt(),
+            direction: direction_coeff_sq.sqrt(),
+        };
+        let (mut prev_sample, pred_original) = self.denoise(
+            model_output.clone(),
+            sample,
+            &coefficients,
+            options.use_clipped_model_output.unwrap_or(false),
+        )?;
 
         if eta > 0.0 {
             let noise = ops::noise_like(

@@ -52,7 +52,7 @@ impl VarianceType {
         }
     }
 
-    fn is_learned(self) -> bool {
+    pub(crate) fn is_learned(self) -> bool {
         matches!(self, Self::Learned | Self::LearnedRange)
     }
 }
@@ -160,6 +160,8 @@ impl Config for DDPMSchedulerConfig {
 /// reproduces diffusers' noise bit for bit.
 #[derive(Clone, Debug)]
 pub struct DDPMScheduler {
+    /// The class named in errors (DDPMParallelScheduler reuses this one).
+    class: &'static str,
     file: ConfigFile<DDPMSchedulerConfig>,
     schedule: NoiseSchedule,
     timesteps: Vec<f64>,
@@ -299,7 +301,7 @@ impl DDPMScheduler {
             VarianceType::FixedSmallLog => Ok(NoiseScale::Std((0.5 * small.ln()).exp())),
             VarianceType::FixedLarge => Ok(NoiseScale::Std(large.sqrt())),
             VarianceType::FixedLargeLog => Err(Error::Unsupported {
-                path: "<DDPMScheduler>".into(),
+                path: format!("<{}>", self.class).into(),
                 field: "variance_type".into(),
                 value: "fixed_large_log".into(),
                 reason: "diffusers scales the noise by the square root of log(beta_t), which is \
@@ -320,6 +322,90 @@ impl DDPMScheduler {
     }
 }
 
+/// The float32 quantities of one DDPM posterior mean (eq. 7 of the paper): one value for the
+/// whole batch in `step`, one per sample in DDPMParallelScheduler's `batch_step_no_noise`.
+pub(crate) struct DdpmCoefficients<C> {
+    /// `sqrt(alpha_bar_t)`.
+    pub sqrt_alpha: C,
+    /// `sqrt(1 - alpha_bar_t)`.
+    pub sqrt_beta: C,
+    /// The weight of the predicted `x_0`.
+    pub original: C,
+    /// The weight of the current sample.
+    pub current: C,
+}
+
+impl DdpmCoefficients<f32> {
+    /// The coefficients of the step from `alpha_bar_t` to `alpha_bar_prev`, in float32 in
+    /// diffusers' order of operations.
+    pub(crate) fn new(alpha_prod_t: f32, alpha_prod_prev: f32) -> Self {
+        let beta_prod_t = 1.0 - alpha_prod_t;
+        let beta_prod_prev = 1.0 - alpha_prod_prev;
+        let current_alpha = alpha_prod_t / alpha_prod_prev;
+        let current_beta = 1.0 - current_alpha;
+        Self {
+            sqrt_alpha: alpha_prod_t.sqrt(),
+            sqrt_beta: beta_prod_t.sqrt(),
+            original: alpha_prod_prev.sqrt() * current_beta / beta_prod_t,
+            current: current_alpha.sqrt() * beta_prod_prev / beta_prod_t,
+        }
+    }
+}
+
+impl DDPMScheduler {
+    /// The same scheduler reporting itself (in errors) as `class`.
+    pub(crate) fn with_class_name(mut self, class: &'static str) -> Self {
+        self.class = class;
+        self
+    }
+
+    /// The noise-free part of a DDPM step: the predicted `x_0` (clipped or thresholded as
+    /// configured) and the posterior mean `original * x_0 + current * x_t`. Returns
+    /// `(mean, x_0)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for a prediction type DDPM does not take; as
+    /// [`ops::threshold_sample`].
+    pub(crate) fn posterior_mean<C: ops::Coefficient<D>, const D: usize>(
+        &self,
+        model_output: Tensor<D>,
+        sample: Tensor<D>,
+        k: &DdpmCoefficients<C>,
+    ) -> Result<(Tensor<D>, Tensor<D>)> {
+        let c = &self.file.config;
+        let mut pred_original = match c.prediction_type {
+            PredictionType::Epsilon => k
+                .sqrt_alpha
+                .divide(sample.clone().sub(k.sqrt_beta.times(model_output))),
+            PredictionType::Sample => model_output,
+            PredictionType::VPrediction => k
+                .sqrt_alpha
+                .times(sample.clone())
+                .sub(k.sqrt_beta.times(model_output)),
+            other @ (PredictionType::FlowPrediction | PredictionType::OriginalSample) => {
+                return Err(Error::invalid_argument(
+                    "prediction_type",
+                    format!("{} does not support {}", self.class, other.as_str()),
+                ));
+            }
+        };
+        if c.thresholding {
+            pred_original = ops::threshold_sample(
+                pred_original,
+                c.dynamic_thresholding_ratio,
+                c.sample_max_value,
+            )?;
+        } else if c.clip_sample {
+            pred_original = ops::clip_sample(pred_original, c.clip_sample_range);
+        }
+        let mean = k
+            .original
+            .times(pred_original.clone())
+            .add(k.current.times(sample));
+        Ok((mean, pred_original))
+    }
+}
+
 impl ConfiguredScheduler for DDPMScheduler {
     type Config = DDPMSchedulerConfig;
 
@@ -337,6 +423,7 @@ impl ConfiguredScheduler for DDPMScheduler {
         })?;
         let timesteps = (0..c.num_train_timesteps).rev().map(|t| t as f64).collect();
         Ok(Self {
+            class: DDPMSchedulerConfig::CLASS_NAME,
             file,
             schedule,
             timesteps,
@@ -352,7 +439,7 @@ impl ConfiguredScheduler for DDPMScheduler {
 
 impl Scheduler for DDPMScheduler {
     fn class_name(&self) -> &'static str {
-        DDPMSchedulerConfig::CLASS_NAME
+        self.class
     }
 
     fn config_value(&self) -> Value {
@@ -461,45 +548,9 @@ impl Scheduler for DDPMScheduler {
         // full-loop test sums by more than their tolerance relative to an f64 evaluation.
         let alpha_prod_t = self.schedule.alpha_cumprod_at(t)? as f32;
         let alpha_prod_prev = self.alpha_prod_prev(prev_t)?;
-        let beta_prod_t = 1.0 - alpha_prod_t;
-        let beta_prod_prev = 1.0 - alpha_prod_prev;
-        let current_alpha = alpha_prod_t / alpha_prod_prev;
-        let current_beta = 1.0 - current_alpha;
-
-        let mut pred_original = match c.prediction_type {
-            PredictionType::Epsilon => sample
-                .clone()
-                .sub(model_output.clone().mul_scalar(beta_prod_t.sqrt()))
-                .div_scalar(alpha_prod_t.sqrt()),
-            PredictionType::Sample => model_output.clone(),
-            PredictionType::VPrediction => sample
-                .clone()
-                .mul_scalar(alpha_prod_t.sqrt())
-                .sub(model_output.clone().mul_scalar(beta_prod_t.sqrt())),
-            other @ (PredictionType::FlowPrediction | PredictionType::OriginalSample) => {
-                return Err(Error::invalid_argument(
-                    "prediction_type",
-                    format!("DDPMScheduler does not support {}", other.as_str()),
-                ));
-            }
-        };
-        if c.thresholding {
-            pred_original = ops::threshold_sample(
-                pred_original,
-                c.dynamic_thresholding_ratio,
-                c.sample_max_value,
-            )?;
-        } else if c.clip_sample {
-            pred_original = ops::clip_sample(pred_original, c.clip_sample_range);
-        }
-
-        // Posterior mean, eq. (7) of the DDPM paper.
-        let original_coeff = alpha_prod_prev.sqrt() * current_beta / beta_prod_t;
-        let sample_coeff = current_alpha.sqrt() * beta_prod_prev / beta_prod_t;
-        let mut prev_sample = pred_original
-            .clone()
-            .mul_scalar(original_coeff)
-            .add(sample.mul_scalar(sample_coeff));
+        let coefficients = DdpmCoefficients::new(alpha_prod_t, alpha_prod_prev);
+        let (mut prev_sample, pred_original) =
+            self.posterior_mean(model_output.clone(), sample, &coefficients)?;
 
         if let Some(scale) = noise_scale {
             let noise = ops::noise_like(

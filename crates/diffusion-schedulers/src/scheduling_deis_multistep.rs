@@ -52,7 +52,7 @@ pub struct DEISMultistepSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// Use flow-matching sigmas.
     pub use_flow_sigmas: bool,
@@ -136,18 +136,11 @@ impl Config for DEISMultistepSchedulerConfig {
         if !(1..=3).contains(&self.solver_order) {
             return field("solver_order", "must be 1, 2 or 3");
         }
-        if self.use_beta_sigmas {
-            return field(
-                "use_beta_sigmas",
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port",
-            );
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return field(
-                "use_exponential_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            );
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         schedule::check_common(
             self.num_train_timesteps,
             self.thresholding,
@@ -186,7 +179,7 @@ fn ind_fn(t: f32, b: f32, c: f32, d: Option<f32>) -> f32 {
 /// first `step` after `set_timesteps` finds its place from the timestep (the last step when
 /// the timestep is not in the schedule, as in diffusers) or the begin index. Deterministic:
 /// `step` takes no options. [`StepOutput::pred_original_sample`] is `None`, as in diffusers.
-/// With Karras, exponential or flow sigmas diffusers repeats the last sigma as the final one,
+/// With Karras, exponential, beta or flow sigmas diffusers repeats the last sigma as the final one,
 /// so the last step returns its input.
 #[derive(Clone, Debug)]
 pub struct DEISMultistepScheduler {
@@ -325,19 +318,22 @@ impl Scheduler for DEISMultistepScheduler {
         if let Some(mu) = request.mu {
             self.file.config.flow_shift = mu.exp();
         }
-        let (timesteps, mut sigmas) = if c.use_flow_sigmas {
+        // diffusers tries the Karras, exponential and beta spacings before flow sigmas.
+        let table_respaced = c.use_karras_sigmas || c.use_exponential_sigmas || c.use_beta_sigmas;
+        let (timesteps, mut sigmas) = if c.use_flow_sigmas && !table_respaced {
             let s = sigmas::shifted_flow_sigmas(n, k, self.config().flow_shift);
             (s.iter().map(|s| s * n as f64).collect(), s)
         } else {
             sigmas::table_sigmas(
                 c.use_karras_sigmas,
                 c.use_exponential_sigmas,
+                c.use_beta_sigmas,
                 &self.sigma_table,
                 &self.log_sigmas,
                 spaced,
             )
         };
-        let respaced = c.use_karras_sigmas || c.use_exponential_sigmas || c.use_flow_sigmas;
+        let respaced = table_respaced || c.use_flow_sigmas;
         let last = if respaced {
             sigmas[k - 1]
         } else {

@@ -146,7 +146,7 @@ pub struct DPMSolverMultistepSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// Use log-SNR values evenly spaced between the schedule's extremes.
     pub use_lu_lambdas: bool,
@@ -285,19 +285,11 @@ impl Config for DPMSolverMultistepSchedulerConfig {
                 ),
             );
         }
-        if self.use_beta_sigmas {
-            return field(
-                "use_beta_sigmas",
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port"
-                    .into(),
-            );
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return field(
-                "use_exponential_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set".into(),
-            );
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         schedule::check_common(
             self.num_train_timesteps,
             self.thresholding,
@@ -714,8 +706,8 @@ impl ConfiguredScheduler for DPMSolverMultistepScheduler {
 impl Scheduler for DPMSolverMultistepScheduler {
     crate::scheduler::stateful_scheduler_accessors!(unit_noise);
 
-    /// A step count or custom integral timesteps (not with Karras, exponential, Lu or flow
-    /// sigmas); `mu` sets the flow shift to `exp(mu)` when `use_dynamic_shifting` is on.
+    /// A step count or custom integral timesteps (not with Karras, exponential, beta, Lu or
+    /// flow sigmas); `mu` sets the flow shift to `exp(mu)` when `use_dynamic_shifting` is on.
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
         let class = self.class_name();
         request.accept_only(class, &["num_inference_steps", "timesteps", "mu"])?;
@@ -732,6 +724,7 @@ impl Scheduler for DPMSolverMultistepScheduler {
         }
         let respaced = c.use_karras_sigmas
             || c.use_exponential_sigmas
+            || c.use_beta_sigmas
             || c.use_lu_lambdas
             || c.use_flow_sigmas;
         let (k, spaced) = match (request.num_inference_steps, request.timesteps) {
@@ -740,8 +733,8 @@ impl Scheduler for DPMSolverMultistepScheduler {
                 if respaced {
                     return Err(Error::invalid_argument(
                         "timesteps",
-                        "custom timesteps cannot be combined with Karras, exponential, Lu or \
-                         flow sigmas",
+                        "custom timesteps cannot be combined with Karras, exponential, beta, Lu \
+                         or flow sigmas",
                     ));
                 }
                 if custom.is_empty()
@@ -799,6 +792,9 @@ impl Scheduler for DPMSolverMultistepScheduler {
             (s.iter().map(to_t).map(round).collect(), s)
         } else if c.use_exponential_sigmas {
             let s = sigmas::exponential_sigmas(sigma_min, sigma_max, k);
+            (s.iter().map(to_t).collect(), s)
+        } else if c.use_beta_sigmas {
+            let s = sigmas::beta_sigmas(sigma_min, sigma_max, k);
             (s.iter().map(to_t).collect(), s)
         } else if c.use_flow_sigmas {
             let s = sigmas::shifted_flow_sigmas(n, k, self.flow_shift);

@@ -56,7 +56,7 @@ pub struct DPMSolverMultistepInverseSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma (ascending).
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// Use flow-matching sigmas.
     pub use_flow_sigmas: bool,
@@ -318,6 +318,9 @@ impl Scheduler for DPMSolverMultistepInverseScheduler {
         } else if c.use_exponential_sigmas {
             let s = sigmas::exponential_sigmas(largest, smallest, k);
             (s.iter().map(to_t).collect(), s)
+        } else if c.use_beta_sigmas {
+            let s = sigmas::beta_sigmas(largest, smallest, k);
+            (s.iter().map(to_t).collect(), s)
         } else if c.use_flow_sigmas {
             let s = sigmas::shifted_flow_sigmas(n, k, c.flow_shift);
             (s.iter().map(|s| s * n as f64).collect(), s)
@@ -328,20 +331,25 @@ impl Scheduler for DPMSolverMultistepInverseScheduler {
                 .collect();
             (spaced, s)
         };
-        let respaced = c.use_karras_sigmas || c.use_exponential_sigmas || c.use_flow_sigmas;
+        let respaced = c.use_karras_sigmas
+            || c.use_exponential_sigmas
+            || c.use_beta_sigmas
+            || c.use_flow_sigmas;
         let last = if respaced {
             s[s.len() - 1]
         } else {
             f64::from(table[noisiest])
         };
         s.push(last);
-        // Timesteps become int64; repeats are dropped (np.unique, first occurrences in order).
+        // Repeats are dropped (np.unique, first occurrences in order) before the timesteps
+        // become int64, so fractional ones that truncate alike are all kept, as in diffusers.
         let mut unique: Vec<f64> = Vec::with_capacity(timesteps.len());
-        for t in timesteps.iter().map(|t| t.trunc()) {
+        for &t in &timesteps {
             if !unique.contains(&t) {
                 unique.push(t);
             }
         }
+        let unique: Vec<f64> = unique.iter().map(|t| t.trunc()).collect();
         let s = s.iter().map(|&v| f64::from(v as f32)).collect();
         self.inner.set_schedule(unique, s);
         Ok(())

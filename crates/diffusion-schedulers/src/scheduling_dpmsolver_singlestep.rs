@@ -58,7 +58,7 @@ pub struct DPMSolverSinglestepSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// Use flow-matching sigmas.
     pub use_flow_sigmas: bool,
@@ -178,18 +178,11 @@ impl Config for DPMSolverSinglestepSchedulerConfig {
                  schedule with no timestep); use dpmsolver++",
             );
         }
-        if self.use_beta_sigmas {
-            return field(
-                "use_beta_sigmas",
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port",
-            );
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return field(
-                "use_exponential_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            );
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         schedule::check_common(
             self.num_train_timesteps,
             self.thresholding,
@@ -379,7 +372,7 @@ impl ConfiguredScheduler for DPMSolverSinglestepScheduler {
 impl Scheduler for DPMSolverSinglestepScheduler {
     crate::scheduler::stateful_scheduler_accessors!(unit_noise);
 
-    /// A step count or custom integral timesteps (not with Karras, exponential or flow
+    /// A step count or custom integral timesteps (not with Karras, exponential, beta or flow
     /// sigmas); `mu` sets `flow_shift` to `exp(mu)` in the config when `use_dynamic_shifting`
     /// is on. Like diffusers, this turns `lower_order_final` on in the config when the step
     /// count is not a multiple of `solver_order` or the schedule ends at sigma 0.
@@ -401,11 +394,15 @@ impl Scheduler for DPMSolverSinglestepScheduler {
                 (k, ts)
             }
             (None, Some(custom)) => {
-                if c.use_karras_sigmas || c.use_exponential_sigmas || c.use_flow_sigmas {
+                if c.use_karras_sigmas
+                    || c.use_exponential_sigmas
+                    || c.use_beta_sigmas
+                    || c.use_flow_sigmas
+                {
                     return Err(Error::invalid_argument(
                         "timesteps",
-                        "custom timesteps cannot be combined with Karras, exponential or flow \
-                         sigmas",
+                        "custom timesteps cannot be combined with Karras, exponential, beta or \
+                         flow sigmas",
                     ));
                 }
                 if custom.is_empty()
@@ -436,13 +433,16 @@ impl Scheduler for DPMSolverSinglestepScheduler {
         if let Some(mu) = request.mu {
             self.file.config.flow_shift = mu.exp();
         }
-        let (timesteps, sigmas) = if c.use_flow_sigmas {
+        // diffusers tries the Karras, exponential and beta spacings before flow sigmas.
+        let table_respaced = c.use_karras_sigmas || c.use_exponential_sigmas || c.use_beta_sigmas;
+        let (timesteps, sigmas) = if c.use_flow_sigmas && !table_respaced {
             let s = sigmas::shifted_flow_sigmas(n, k, self.config().flow_shift);
             (s.iter().map(|s| s * n as f64).collect(), s)
         } else {
             sigmas::table_sigmas(
                 c.use_karras_sigmas,
                 c.use_exponential_sigmas,
+                c.use_beta_sigmas,
                 &self.sigma_table,
                 &self.log_sigmas,
                 spaced,

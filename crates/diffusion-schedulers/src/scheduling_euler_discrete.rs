@@ -61,11 +61,11 @@ pub struct EulerDiscreteSchedulerConfig {
     pub use_karras_sigmas: Option<bool>,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: Option<bool>,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: Option<bool>,
-    /// Smallest sigma of the Karras/exponential spacings (default: the schedule's).
+    /// Smallest sigma of the Karras/exponential/beta spacings (default: the schedule's).
     pub sigma_min: Option<f64>,
-    /// Largest sigma of the Karras/exponential spacings (default: the schedule's).
+    /// Largest sigma of the Karras/exponential/beta spacings (default: the schedule's).
     pub sigma_max: Option<f64>,
     /// How inference timesteps are spaced.
     pub timestep_spacing: TimestepSpacing,
@@ -114,6 +114,10 @@ impl EulerDiscreteSchedulerConfig {
         self.use_exponential_sigmas.unwrap_or(false)
     }
 
+    fn beta(&self) -> bool {
+        self.use_beta_sigmas.unwrap_or(false)
+    }
+
     fn continuous_v(&self) -> bool {
         self.timestep_type == TimestepType::Continuous
             && self.prediction_type == PredictionType::VPrediction
@@ -146,19 +150,7 @@ impl Config for EulerDiscreteSchedulerConfig {
             ],
             PredictionType::as_str,
         )?;
-        if self.use_beta_sigmas.unwrap_or(false) {
-            return Err((
-                "use_beta_sigmas".into(),
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port"
-                    .into(),
-            ));
-        }
-        if self.karras() && self.exponential() {
-            return Err((
-                "use_exponential_sigmas".into(),
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set".into(),
-            ));
-        }
+        sigmas::check_one_respacing(self.karras(), self.exponential(), self.beta())?;
         schedule::check_common(self.num_train_timesteps, false, 0.0, 1.0, false, 0.0)
     }
 }
@@ -278,7 +270,7 @@ impl Scheduler for EulerDiscreteScheduler {
         self.num_inference_steps
     }
 
-    /// A step count, custom timesteps (not with Karras or exponential sigmas, nor continuous
+    /// A step count, custom timesteps (not with Karras, exponential or beta sigmas, nor continuous
     /// v-prediction) or custom sigmas (noisiest first, ending with the final sigma).
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
         let class = self.class_name();
@@ -296,11 +288,11 @@ impl Scheduler for EulerDiscreteScheduler {
                 (k, ts, sigmas)
             }
             (None, Some(ts), None) => {
-                if c.karras() || c.exponential() || c.continuous_v() {
+                if c.karras() || c.exponential() || c.beta() || c.continuous_v() {
                     return Err(Error::invalid_argument(
                         "timesteps",
-                        "custom timesteps cannot be combined with Karras or exponential sigmas \
-                         or continuous v-prediction timesteps",
+                        "custom timesteps cannot be combined with Karras, exponential or beta \
+                         sigmas or continuous v-prediction timesteps",
                     ));
                 }
                 if ts.is_empty()
@@ -504,6 +496,8 @@ impl EulerDiscreteScheduler {
             Some(sigmas::karras_sigmas(sigma_min, sigma_max, k))
         } else if c.exponential() {
             Some(sigmas::exponential_sigmas(sigma_min, sigma_max, k))
+        } else if c.beta() {
+            Some(sigmas::beta_sigmas(sigma_min, sigma_max, k))
         } else {
             None
         };

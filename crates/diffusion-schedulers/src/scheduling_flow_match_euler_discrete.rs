@@ -54,7 +54,8 @@ pub struct FlowMatchEulerDiscreteSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Space the flow times evenly in log between the first and last.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution spacing (not supported by this port).
+    /// Place the flow times at the quantiles of a Beta(0.6, 0.6) distribution between the
+    /// first and last shifted flow time.
     pub use_beta_sigmas: bool,
     /// How `mu` shifts the flow times.
     pub time_shift_type: FlowTimeShiftType,
@@ -97,18 +98,11 @@ impl Config for FlowMatchEulerDiscreteSchedulerConfig {
         if !(self.shift.is_finite() && self.shift > 0.0) {
             return field("shift", "must be positive");
         }
-        if self.use_beta_sigmas {
-            return field(
-                "use_beta_sigmas",
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port",
-            );
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return field(
-                "use_exponential_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            );
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         if self
             .shift_terminal
             .is_some_and(|t| t.partial_cmp(&1.0) != Some(std::cmp::Ordering::Less))
@@ -386,6 +380,8 @@ impl Scheduler for FlowMatchEulerDiscreteScheduler {
             s = sigmas::karras_sigmas(s[k - 1], s[0], k);
         } else if c.use_exponential_sigmas {
             s = sigmas::exponential_sigmas(s[k - 1], s[0], k);
+        } else if c.use_beta_sigmas {
+            s = sigmas::beta_sigmas(s[k - 1], s[0], k);
         }
         let mut s: Vec<f32> = s.iter().map(|&v| v as f32).collect();
         let nf = n as f32;

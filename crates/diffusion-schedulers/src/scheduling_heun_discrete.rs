@@ -35,7 +35,7 @@ pub struct HeunDiscreteSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// Clamp the predicted `x_0` to `[-clip_sample_range, clip_sample_range]`.
     pub clip_sample: bool,
@@ -94,19 +94,11 @@ impl Config for HeunDiscreteSchedulerConfig {
             ],
             PredictionType::as_str,
         )?;
-        if self.use_beta_sigmas {
-            return Err((
-                "use_beta_sigmas".into(),
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port"
-                    .into(),
-            ));
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return Err((
-                "use_exponential_sigmas".into(),
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set".into(),
-            ));
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         schedule::check_common(
             self.num_train_timesteps,
             false,
@@ -178,6 +170,8 @@ impl HeunDiscreteScheduler {
             Some(sigmas::karras_sigmas(last, first, k))
         } else if c.use_exponential_sigmas {
             Some(sigmas::exponential_sigmas(last, first, k))
+        } else if c.use_beta_sigmas {
+            Some(sigmas::beta_sigmas(last, first, k))
         } else {
             None
         };
@@ -274,7 +268,7 @@ impl Scheduler for HeunDiscreteScheduler {
         self.num_inference_steps
     }
 
-    /// A step count or custom timesteps (not with Karras or exponential sigmas).
+    /// A step count or custom timesteps (not with Karras, exponential or beta sigmas).
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
         let class = self.class_name();
         request.accept_only(class, &["num_inference_steps", "timesteps"])?;
@@ -286,10 +280,11 @@ impl Scheduler for HeunDiscreteScheduler {
                 float_timesteps(c.timestep_spacing, n, k, c.steps_offset)?,
             ),
             (None, Some(ts)) => {
-                if c.use_karras_sigmas || c.use_exponential_sigmas {
+                if c.use_karras_sigmas || c.use_exponential_sigmas || c.use_beta_sigmas {
                     return Err(Error::invalid_argument(
                         "timesteps",
-                        "custom timesteps cannot be combined with Karras or exponential sigmas",
+                        "custom timesteps cannot be combined with Karras, exponential or beta \
+                         sigmas",
                     ));
                 }
                 if ts.is_empty()

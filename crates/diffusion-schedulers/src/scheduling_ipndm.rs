@@ -23,8 +23,9 @@ pub struct IPNDMSchedulerConfig {
     /// Number of diffusion steps the model was trained with (and the schedule before
     /// `set_timesteps`).
     pub num_train_timesteps: usize,
-    /// Explicit noise levels (not supported by this port: diffusers uses them whatever the
-    /// step count, which only works for one count).
+    /// Explicit noise levels, one per step plus the final one (0 ends fully denoised). As in
+    /// diffusers they replace the schedule whatever step count `set_timesteps` asks for: the
+    /// schedule then has one step fewer than there are values.
     pub trained_betas: Option<Vec<f64>>,
 }
 
@@ -45,12 +46,16 @@ impl Config for IPNDMSchedulerConfig {
         if self.num_train_timesteps == 0 {
             return Err(("num_train_timesteps".into(), "must be at least 1".into()));
         }
-        if self.trained_betas.is_some() {
+        if let Some(betas) = &self.trained_betas
+            && (betas.len() < 2 || betas.iter().any(|b| !(0.0..=1.0).contains(b)))
+        {
+            // Past 1 diffusers' alphas are sqrt of a negative number (NaN).
             return Err((
                 "trained_betas".into(),
-                "IPNDM's trained_betas replace the noise levels of every schedule whatever its \
-                 step count; not supported by this port"
-                    .into(),
+                format!(
+                    "need at least two noise levels (one step and the end), each in [0, 1]; \
+                     got {betas:?}"
+                ),
             ));
         }
         Ok(())
@@ -84,7 +89,8 @@ impl IPNDMScheduler {
         Self::from_config(config)
     }
 
-    /// The noise level `sin(s pi / 2)^2` of every step and of the end (diffusers' `betas`).
+    /// The noise level `sin(s pi / 2)^2` (or the config's `trained_betas`) of every step and
+    /// of the end (diffusers' `betas`).
     pub fn betas(&self) -> &[f64] {
         &self.betas
     }
@@ -95,21 +101,27 @@ impl IPNDMScheduler {
         &self.alphas
     }
 
-    /// Build the schedule of `k` steps, in float32 as torch does.
+    /// Build the schedule of `k` steps (or of the trained betas, whatever `k`), in float32 as
+    /// torch does.
     fn build(&mut self, k: usize) {
         let half_pi = (std::f64::consts::PI / 2.0) as f32;
         let pi = std::f64::consts::PI as f32;
-        let mut steps = torch_linspace_f32(1.0, 0.0, k + 1);
-        steps[k] = 0.0;
-        let betas: Vec<f32> = steps
-            .iter()
-            .map(|&s| {
-                let b = (s * half_pi).sin();
-                b * b
-            })
-            .collect();
+        let betas: Vec<f32> = match &self.file.config.trained_betas {
+            Some(trained) => trained.iter().map(|&b| b as f32).collect(),
+            None => {
+                let mut steps = torch_linspace_f32(1.0, 0.0, k + 1);
+                steps[k] = 0.0;
+                steps
+                    .iter()
+                    .map(|&s| {
+                        let b = (s * half_pi).sin();
+                        b * b
+                    })
+                    .collect()
+            }
+        };
         let alphas: Vec<f32> = betas.iter().map(|&b| (1.0 - b * b).sqrt()).collect();
-        self.timesteps = betas[..k]
+        self.timesteps = betas[..betas.len() - 1]
             .iter()
             .zip(&alphas)
             .map(|(&b, &a)| f64::from(b.atan2(a) / pi * 2.0))
@@ -175,6 +187,8 @@ impl Scheduler for IPNDMScheduler {
     }
 
     /// A step count (any positive number: the schedule does not depend on the training one).
+    /// With `trained_betas` the schedule is those noise levels whatever the count, as in
+    /// diffusers.
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
         request.accept_only(self.class_name(), &["num_inference_steps"])?;
         match request.num_inference_steps {

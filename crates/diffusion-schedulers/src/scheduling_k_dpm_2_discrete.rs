@@ -32,7 +32,7 @@ pub struct KDPM2DiscreteSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// What the model predicts (`epsilon` or `v_prediction`).
     pub prediction_type: PredictionType,
@@ -85,19 +85,11 @@ impl KDPM2DiscreteSchedulerConfig {
             &[PredictionType::Epsilon, PredictionType::VPrediction],
             PredictionType::as_str,
         )?;
-        if self.use_beta_sigmas {
-            return Err((
-                "use_beta_sigmas".into(),
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port"
-                    .into(),
-            ));
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return Err((
-                "use_exponential_sigmas".into(),
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set".into(),
-            ));
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         schedule::check_common(self.num_train_timesteps, false, 0.0, 1.0, false, 0.0)
     }
 
@@ -111,8 +103,8 @@ impl KDPM2DiscreteSchedulerConfig {
 
     /// The inference sigmas `s_0 > ... > s_{k-1}` and their timesteps, as diffusers'
     /// `set_timesteps` builds them before interleaving from its float32 `timesteps`: sigmas read
-    /// off the table, or Karras (timesteps rounded) / exponential sigmas between the first and
-    /// last of them, mapped back to fractional timesteps.
+    /// off the table, or Karras (timesteps rounded) / exponential / beta sigmas between the
+    /// first and last of them, mapped back to fractional timesteps.
     pub(crate) fn base_schedule(
         &self,
         timesteps: Vec<f64>,
@@ -131,6 +123,9 @@ impl KDPM2DiscreteSchedulerConfig {
             (s.iter().map(to_t).map(f64::round_ties_even).collect(), s)
         } else if self.use_exponential_sigmas {
             let s = sigmas::exponential_sigmas(lo, hi, k);
+            (s.iter().map(to_t).collect(), s)
+        } else if self.use_beta_sigmas {
+            let s = sigmas::beta_sigmas(lo, hi, k);
             (s.iter().map(to_t).collect(), s)
         } else {
             (timesteps, read)

@@ -35,7 +35,7 @@ pub struct LMSDiscreteSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// How inference timesteps are spaced.
     pub timestep_spacing: TimestepSpacing,
@@ -88,19 +88,11 @@ impl Config for LMSDiscreteSchedulerConfig {
             ],
             PredictionType::as_str,
         )?;
-        if self.use_beta_sigmas {
-            return Err((
-                "use_beta_sigmas".into(),
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port"
-                    .into(),
-            ));
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return Err((
-                "use_exponential_sigmas".into(),
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set".into(),
-            ));
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         schedule::check_common(self.num_train_timesteps, false, 0.0, 1.0, false, 0.0)
     }
 }
@@ -237,6 +229,8 @@ impl LMSDiscreteScheduler {
             Some(sigmas::karras_sigmas(last, first, k))
         } else if c.use_exponential_sigmas {
             Some(sigmas::exponential_sigmas(last, first, k))
+        } else if c.use_beta_sigmas {
+            Some(sigmas::beta_sigmas(last, first, k))
         } else {
             None
         };

@@ -61,7 +61,7 @@ pub struct UniPCMultistepSchedulerConfig {
     pub use_karras_sigmas: bool,
     /// Use noise levels evenly spaced in log-sigma.
     pub use_exponential_sigmas: bool,
-    /// Use beta-distribution noise levels (not supported by this port).
+    /// Use noise levels at the quantiles of a Beta(0.6, 0.6) distribution.
     pub use_beta_sigmas: bool,
     /// Use flow-matching sigmas.
     pub use_flow_sigmas: bool,
@@ -79,9 +79,9 @@ pub struct UniPCMultistepSchedulerConfig {
     pub use_dynamic_shifting: bool,
     /// How `mu` shifts flow sigmas.
     pub time_shift_type: TimeShiftType,
-    /// Lower end of Karras/exponential sigmas (the schedule's smallest sigma when `None`).
+    /// Lower end of Karras/exponential/beta sigmas (the schedule's smallest sigma when `None`).
     pub sigma_min: Option<f64>,
-    /// Upper end of Karras/exponential sigmas (the schedule's largest sigma when `None`).
+    /// Upper end of Karras/exponential/beta sigmas (the schedule's largest sigma when `None`).
     pub sigma_max: Option<f64>,
     /// Stretch flow sigmas so that the last one equals this.
     pub shift_terminal: Option<f64>,
@@ -164,18 +164,11 @@ impl Config for UniPCMultistepSchedulerConfig {
                 "an external predictor scheduler is not supported by this port",
             );
         }
-        if self.use_beta_sigmas {
-            return field(
-                "use_beta_sigmas",
-                "beta-distribution sigmas (scipy.stats.beta.ppf) are not supported by this port",
-            );
-        }
-        if self.use_karras_sigmas && self.use_exponential_sigmas {
-            return field(
-                "use_exponential_sigmas",
-                "only one of use_karras_sigmas and use_exponential_sigmas can be set",
-            );
-        }
+        sigmas::check_one_respacing(
+            self.use_karras_sigmas,
+            self.use_exponential_sigmas,
+            self.use_beta_sigmas,
+        )?;
         if self.shift_terminal.is_some() && !self.use_flow_sigmas {
             return field(
                 "shift_terminal",
@@ -530,11 +523,15 @@ impl Scheduler for UniPCMultistepScheduler {
         let (k, custom) = match (request.num_inference_steps, request.sigmas) {
             (Some(k), None) => (k, None),
             (None, Some(custom)) => {
-                if !c.use_flow_sigmas || c.use_karras_sigmas || c.use_exponential_sigmas {
+                if !c.use_flow_sigmas
+                    || c.use_karras_sigmas
+                    || c.use_exponential_sigmas
+                    || c.use_beta_sigmas
+                {
                     return Err(Error::invalid_argument(
                         "sigmas",
-                        "custom sigmas need use_flow_sigmas = true (without Karras or \
-                         exponential sigmas)",
+                        "custom sigmas need use_flow_sigmas = true (without Karras, \
+                         exponential or beta sigmas)",
                     ));
                 }
                 if custom.is_empty() || custom.iter().any(|s| !(*s > 0.0 && *s <= 1.0)) {
@@ -582,6 +579,10 @@ impl Scheduler for UniPCMultistepScheduler {
             }
         } else if c.use_exponential_sigmas {
             let s = sigmas::exponential_sigmas(sigma_min, sigma_max, k);
+            let last = s[k - 1];
+            (s.iter().map(to_t).collect(), s, last)
+        } else if c.use_beta_sigmas {
+            let s = sigmas::beta_sigmas(sigma_min, sigma_max, k);
             let last = s[k - 1];
             (s.iter().map(to_t).collect(), s, last)
         } else if c.use_flow_sigmas {

@@ -1,6 +1,6 @@
 //! Host maths shared by the sigma-parameterised (Karras-style) schedulers: the training sigma
-//! table, numpy's `interp`, sigma-to-timestep inversion, Karras/exponential/Lu spacings, and the
-//! step cursor of stateful schedulers.
+//! table, numpy's `interp`, sigma-to-timestep inversion, Karras/exponential/beta/Lu spacings,
+//! and the step cursor of stateful schedulers.
 //!
 //! diffusers mixes precisions here and we follow it: the sigma table is float32 (torch ops on
 //! `alphas_cumprod`), `np.interp` and the Karras ramp are float64 numpy maths, and the final
@@ -125,6 +125,51 @@ pub fn lu_lambdas(lambda_min: f64, lambda_max: f64, n: usize) -> Vec<f64> {
         .into_iter()
         .map(|ramp| lambda_max + ramp * (lambda_min - lambda_max))
         .collect()
+}
+
+/// The shape parameters diffusers' `_convert_to_beta` uses, `alpha = beta = 0.6` (the paper's
+/// recommended values; diffusers does not expose them in any config).
+const BETA_SIGMAS_SHAPE: (f64, f64) = (0.6, 0.6);
+
+/// Noise levels placed at the quantiles of a Beta(0.6, 0.6) distribution ("Beta Sampling is
+/// All You Need", Lee et al. 2024; diffusers' `_convert_to_beta`): `n` values from
+/// `sigma_max` down to `sigma_min`, denser at both ends of the schedule than in the middle.
+///
+/// Quantile `i` is the inverse regularised incomplete beta function at `1 - i / (n - 1)`
+/// (numpy's `linspace`), as `scipy.stats.beta.ppf` computes it; `statrs` agrees with scipy to
+/// about 1e-15 absolute on these points.
+pub fn beta_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
+    let (a, b) = BETA_SIGMAS_SHAPE;
+    numpy_linspace(0.0, 1.0, n)
+        .into_iter()
+        .map(|ramp| {
+            let q = statrs::function::beta::inv_beta_reg(a, b, (1.0 - ramp).clamp(0.0, 1.0));
+            sigma_min + q * (sigma_max - sigma_min)
+        })
+        .collect()
+}
+
+/// diffusers' check that at most one respacing of the noise levels is chosen among
+/// `use_karras_sigmas`, `use_exponential_sigmas` and `use_beta_sigmas`, as a config
+/// validation error.
+pub(crate) fn check_one_respacing(
+    karras: bool,
+    exponential: bool,
+    beta: bool,
+) -> std::result::Result<(), (String, String)> {
+    if [karras, exponential, beta].iter().filter(|&&on| on).count() > 1 {
+        let key = if beta {
+            "use_beta_sigmas"
+        } else {
+            "use_exponential_sigmas"
+        };
+        return Err((
+            key.into(),
+            "only one of use_karras_sigmas, use_exponential_sigmas and use_beta_sigmas can be set"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// diffusers' `init_noise_sigma` of the Euler family: the largest sigma for `linspace` and
@@ -290,12 +335,13 @@ pub(crate) fn shifted_flow_sigmas(n: usize, k: usize, shift: f64) -> Vec<f64> {
 }
 
 /// Inference timesteps and sigmas from the training sigma table (ascending, float32) of the
-/// solvers that take Karras or exponential sigmas over the whole table: Karras sigmas with
-/// rounded timesteps, exponential sigmas with fractional ones, or the table read at the
-/// `spaced` timesteps.
+/// solvers that take Karras, exponential or beta sigmas over the whole table: Karras sigmas
+/// with rounded timesteps, exponential or beta sigmas with fractional ones, or the table read
+/// at the `spaced` timesteps.
 pub(crate) fn table_sigmas(
     karras: bool,
     exponential: bool,
+    beta: bool,
     sigma_table: &[f32],
     log_sigmas: &[f32],
     spaced: Vec<f64>,
@@ -311,6 +357,9 @@ pub(crate) fn table_sigmas(
         (s.iter().map(to_t).map(f64::round_ties_even).collect(), s)
     } else if exponential {
         let s = exponential_sigmas(lo, hi, k);
+        (s.iter().map(to_t).collect(), s)
+    } else if beta {
+        let s = beta_sigmas(lo, hi, k);
         (s.iter().map(to_t).collect(), s)
     } else {
         let s = spaced
@@ -633,6 +682,28 @@ mod tests {
         assert!((s[0] - 14.6).abs() < 1e-12);
         assert!((s[9] - 0.03).abs() < 1e-12);
         assert!(s.windows(2).all(|w| w[0] > w[1]));
+    }
+
+    #[test]
+    fn beta_sigmas_match_scipy_quantiles() {
+        // scipy.stats.beta.ppf(x, 0.6, 0.6) (scipy 1.17.1) at x = 1 - linspace(0, 1, 5).
+        let ppf = [
+            1.0,
+            0.824_319_621_347_305,
+            0.5,
+            0.175_680_378_652_694_98,
+            0.0,
+        ];
+        let s = beta_sigmas(0.5, 2.5, 5);
+        for (got, q) in s.iter().zip(ppf) {
+            assert!((got - (0.5 + 2.0 * q)).abs() < 1e-14, "{got} vs {q}");
+        }
+        assert!(check_one_respacing(true, false, false).is_ok());
+        assert_eq!(
+            check_one_respacing(true, false, true).unwrap_err().0,
+            "use_beta_sigmas"
+        );
+        assert!(check_one_respacing(true, true, false).is_err());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Scheduler tests, one binary: parity with diffusers on the oracle's fixtures, diffusers' own
 //! test numbers, invariants, config files and bad input.
 
+#[path = "schedulers/beta_parallel.rs"]
+mod beta_parallel;
 #[path = "schedulers/cm.rs"]
 mod cm;
 #[path = "schedulers/common.rs"]
@@ -15,6 +17,8 @@ mod ddim_inverse;
 mod deis;
 #[path = "schedulers/dpm_inverse.rs"]
 mod dpm_inverse;
+#[path = "schedulers/dpm_sde.rs"]
+mod dpm_sde;
 #[path = "schedulers/dpm_single.rs"]
 mod dpm_single;
 #[path = "schedulers/edm_dpm.rs"]

@@ -175,6 +175,7 @@ fn bad_configs_are_refused() {
         (
             DPMSolverSinglestepSchedulerConfig {
                 use_beta_sigmas: true,
+                use_karras_sigmas: true,
                 ..Default::default()
             },
             "use_beta_sigmas",

@@ -27,13 +27,18 @@ fn default_config_file_and_initial_schedule() -> Result<()> {
 
 #[test]
 fn bad_input_is_refused() -> Result<()> {
-    assert_eq!(
-        field_name(IPNDMScheduler::new(IPNDMSchedulerConfig {
-            trained_betas: Some(vec![0.5; 11]),
-            ..Default::default()
-        })),
-        "trained_betas"
-    );
+    // Trained noise levels need a step and an end, each in [0, 1] (diffusers' alphas are
+    // NaN past 1).
+    for betas in [vec![0.5], vec![1.5, 0.0], vec![0.9, f64::NAN, 0.0]] {
+        assert_eq!(
+            field_name(IPNDMScheduler::new(IPNDMSchedulerConfig {
+                trained_betas: Some(betas.clone()),
+                ..Default::default()
+            })),
+            "trained_betas",
+            "{betas:?}"
+        );
+    }
     assert_eq!(
         field_name(IPNDMScheduler::new(IPNDMSchedulerConfig {
             num_train_timesteps: 0,

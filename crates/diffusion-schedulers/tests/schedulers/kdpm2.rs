@@ -169,6 +169,7 @@ fn bad_configs_are_refused() {
         (
             KDPM2DiscreteSchedulerConfig {
                 use_beta_sigmas: true,
+                use_karras_sigmas: true,
                 ..Default::default()
             },
             "use_beta_sigmas",

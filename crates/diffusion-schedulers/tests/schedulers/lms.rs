@@ -171,7 +171,6 @@ fn lms_bad_input() {
     let r = s.step(sample(), 0.0, sample(), StepOptions::default());
     assert_eq!(name(r.map(|_| ())), "timestep");
     for (key, value) in [
-        ("use_beta_sigmas", serde_json::json!(true)),
         ("beta_schedule", serde_json::json!("exp")),
         ("prediction_type", serde_json::json!("flow_prediction")),
     ] {

@@ -212,7 +212,7 @@ impl Noise {
             options = options.with_generators(gens);
         }
         let step = &case["step"];
-        if case["class"] == "DDIMScheduler" {
+        if case["class"] == "DDIMScheduler" || case["class"] == "DDIMParallelScheduler" {
             options.eta = Some(step["eta"].as_f64().unwrap_or(0.0));
             options.use_clipped_model_output =
                 Some(step["use_clipped_model_output"].as_bool().unwrap_or(false));
@@ -278,6 +278,7 @@ fn scheduler_for(case: &Value) -> Result<AnyScheduler> {
         || euler
             && (c["use_karras_sigmas"] == true
                 || c["use_exponential_sigmas"] == true
+                || c["use_beta_sigmas"] == true
                 || case["custom_sigmas"].is_array());
     // (Flow-matching schedulers have no table: their timesteps are compared exactly.)
     let log_sigmas: Vec<f64> = scheduler
@@ -447,11 +448,15 @@ fn trajectories_match_diffusers() -> Result<()> {
     // fixtures (checked in more.rs).
     let more = read_json("more/cases.json")?;
     let extra = read_json("extra/cases.json")?;
+    let beta_parallel = read_json("beta_parallel/cases.json")?;
+    let sde = read_json("sde/cases.json")?;
     let more: Vec<&str> = more
         .as_array()
         .context("more cases")?
         .iter()
         .chain(extra.as_array().context("extra cases")?)
+        .chain(beta_parallel.as_array().context("beta_parallel cases")?)
+        .chain(sde.as_array().context("sde cases")?)
         .filter_map(|c| c["class"].as_str())
         .collect();
     for kind in diffusion_schedulers::SchedulerKind::ALL {

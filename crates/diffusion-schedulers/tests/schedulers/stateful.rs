@@ -172,6 +172,7 @@ fn configs_diffusers_refuses_are_refused() {
         (
             DPMSolverMultistepSchedulerConfig {
                 use_beta_sigmas: true,
+                use_karras_sigmas: true,
                 ..Default::default()
             },
             "use_beta_sigmas",
@@ -195,6 +196,7 @@ fn configs_diffusers_refuses_are_refused() {
     assert_eq!(field_name(r), "prediction_type");
     let r = EulerDiscreteScheduler::new(EulerDiscreteSchedulerConfig {
         use_beta_sigmas: Some(true),
+        use_exponential_sigmas: Some(true),
         ..Default::default()
     });
     assert_eq!(field_name(r), "use_beta_sigmas");

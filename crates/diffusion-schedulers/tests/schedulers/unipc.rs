@@ -153,6 +153,7 @@ fn configs_that_fail_in_diffusers_are_refused() {
         (
             UniPCMultistepSchedulerConfig {
                 use_beta_sigmas: true,
+                use_karras_sigmas: true,
                 ..test_config()
             },
             "use_beta_sigmas",
