@@ -494,6 +494,90 @@ impl BrownianInterval {
     }
 }
 
+/// diffusers' `BrownianTreeNoiseSampler` over a `BatchedBrownianTree`: increments of a
+/// Brownian motion shaped like the sample between two noise levels, divided by the square root
+/// of their distance, from one tree (one seed, the whole sample) or one tree per batch element
+/// (a seed per image, each tree shaped like one element; the results stacked).
+#[derive(Clone, Debug)]
+pub(crate) struct BrownianTreeNoiseSampler {
+    trees: Vec<BrownianInterval>,
+    dims: Vec<usize>,
+    /// -1 when the tree was built from reversed ends (`BatchedBrownianTree.sign`).
+    sign: f32,
+}
+
+impl BrownianTreeNoiseSampler {
+    /// Trees over `[min(sigma_a, sigma_b), max(..)]` for a sample of shape `dims`: one tree
+    /// for one seed, else one per batch element (`seeds.len() == dims[0]`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`generator`) for no seed or a seed count that is neither 1
+    /// nor the batch size; as [`BrownianInterval::diffusers`].
+    pub(crate) fn new(sigma_a: f32, sigma_b: f32, dims: &[usize], seeds: &[u64]) -> Result<Self> {
+        let (lo, hi, sign) = sort(sigma_a, sigma_b);
+        let (lo, hi) = (f64::from(lo), f64::from(hi));
+        let trees = match seeds {
+            [] => {
+                return Err(Error::invalid_argument(
+                    "generator",
+                    "no seed for the Brownian tree",
+                ));
+            }
+            [seed] => vec![BrownianInterval::diffusers(
+                lo,
+                hi,
+                dims,
+                u128::from(*seed),
+            )?],
+            many if dims.first() == Some(&many.len()) => many
+                .iter()
+                .map(|&seed| BrownianInterval::diffusers(lo, hi, &dims[1..], u128::from(seed)))
+                .collect::<Result<_>>()?,
+            many => {
+                return Err(Error::invalid_argument(
+                    "generator",
+                    format!(
+                        "{} generators for a batch of {:?}: give one, or one per image",
+                        many.len(),
+                        dims.first()
+                    ),
+                ));
+            }
+        };
+        Ok(Self {
+            trees,
+            dims: dims.to_vec(),
+            sign,
+        })
+    }
+
+    /// The sample shape the trees were built for.
+    pub(crate) fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// `W(sigma, sigma_next) / sqrt(|sigma_next - sigma|)` in float32, row-major.
+    ///
+    /// # Errors
+    /// As [`BrownianInterval::increment`].
+    pub(crate) fn sample(&mut self, sigma: f32, sigma_next: f32) -> Result<Vec<f32>> {
+        let (lo, hi, sign) = sort(sigma, sigma_next);
+        let scale = self.sign * sign;
+        let denom = (sigma_next - sigma).abs().sqrt();
+        let mut out = Vec::with_capacity(self.dims.iter().product());
+        for tree in &mut self.trees {
+            let w = tree.increment(f64::from(lo), f64::from(hi))?;
+            out.extend(w.into_iter().map(|v| (v * scale) / denom));
+        }
+        Ok(out)
+    }
+}
+
+/// `BatchedBrownianTree.sort`: the ends in order and -1 when they were swapped.
+fn sort(a: f32, b: f32) -> (f32, f32, f32) {
+    if a < b { (a, b, 1.0) } else { (b, a, -1.0) }
+}
+
 /// `torch.randn(size, generator=torch.Generator().manual_seed(seed))` in float32.
 fn normals(size: &[usize], seed: u32) -> Vec<f32> {
     TorchGenerator::new(u64::from(seed)).randn(size)

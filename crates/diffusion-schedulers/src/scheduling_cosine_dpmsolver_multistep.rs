@@ -2,19 +2,18 @@
 //! `schedulers/scheduling_cosine_dpmsolver_multistep.py`; Stable Audio Open).
 //!
 //! The maths is [`EDMDPMSolverMultistepScheduler`](crate::EDMDPMSolverMultistepScheduler)'s
-//! `sde-dpmsolver++` with `atan`-based timesteps. diffusers draws the noise of every step from
-//! torchsde's `BrownianTree` (`BrownianTreeNoiseSampler`, seeded from the generator's initial
-//! seed): the normalised Brownian increment `W(sigma_next) - W(sigma)` over
-//! `sqrt(|sigma_next - sigma|)`. That sampler is not ported (torchsde's Brownian interval and
-//! its seeding are a PRNG of their own). Over one pass of consecutive steps the increments are
-//! independent standard normals, so `step` takes them as `variance_noise`, or draws them from a
-//! `generator` (torch-compatible `randn`): a correct sampler of the same SDE in both cases, but
-//! a seeded run is not bit-equal to diffusers' torchsde-seeded one.
+//! `sde-dpmsolver++` with `atan`-based timesteps. As in diffusers, the noise of every step comes
+//! from torchsde's Brownian tree (`BrownianTreeNoiseSampler` over `[sigma_min, sigma_max]`,
+//! [`crate::brownian_tree`]), built at the first step from the generator's `initial_seed()`
+//! (one tree, or one per image for a list of generators): the normalised Brownian increment
+//! `W(sigma_next) - W(sigma)` over `sqrt(|sigma_next - sigma|)`. A seeded run equals diffusers'.
+//! `step` also takes the increments directly as `variance_noise`.
 
 use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
 
+use crate::brownian_tree::BrownianTreeNoiseSampler;
 use crate::ops::{self, Stored};
 use crate::schedule::PredictionType;
 use crate::scheduler::{
@@ -124,8 +123,8 @@ impl Config for CosineDPMSolverMultistepSchedulerConfig {
 ///
 /// Stateful like [`EDMDPMSolverMultistepScheduler`](crate::EDMDPMSolverMultistepScheduler);
 /// timesteps are `2 atan(sigma) / pi`, `scale_model_input` applies EDM's `c_in`. Every `step`
-/// needs the step's normalised Brownian increment as `variance_noise`, or a `generator` to
-/// draw it from (see the module documentation on torchsde). [`StepOutput::pred_original_sample`] is
+/// needs a `generator` (whose initial seed seeds the Brownian tree at the first step, see the
+/// module documentation) or the step's normalised Brownian increment as `variance_noise`. [`StepOutput::pred_original_sample`] is
 /// `None`, as in diffusers.
 #[derive(Clone, Debug)]
 pub struct CosineDPMSolverMultistepScheduler {
@@ -136,6 +135,8 @@ pub struct CosineDPMSolverMultistepScheduler {
     model_outputs: Vec<Option<Stored>>,
     lower_order_nums: usize,
     cursor: StepCursor,
+    /// The Brownian tree, built at the first `step` of a schedule.
+    noise_sampler: Option<Box<BrownianTreeNoiseSampler>>,
 }
 
 impl CosineDPMSolverMultistepScheduler {
@@ -162,6 +163,63 @@ impl CosineDPMSolverMultistepScheduler {
         self.model_outputs = vec![None; self.config().solver_order];
         self.lower_order_nums = 0;
         self.cursor.reset();
+        self.noise_sampler = None;
+    }
+
+    /// The step's normalised Brownian increment from the schedule's tree, built on first use
+    /// from the generator's initial seed(s) as diffusers does.
+    fn brownian_noise<const D: usize>(
+        &mut self,
+        like: &Tensor<D>,
+        generator: Option<diffusion_core::NoiseSource<'_>>,
+        i: usize,
+    ) -> Result<Tensor<D>> {
+        let class = self.class_name();
+        let dims = like.dims().to_vec();
+        if self.noise_sampler.is_none() {
+            let seeds: Vec<u64> = match generator {
+                Some(diffusion_core::NoiseSource::Single(g)) => vec![g.initial_seed()],
+                Some(diffusion_core::NoiseSource::PerImage(gens)) => {
+                    gens.iter().map(|g| g.initial_seed()).collect()
+                }
+                None => {
+                    return Err(Error::invalid_argument(
+                        "generator",
+                        format!(
+                            "{class} draws its noise from a Brownian tree seeded by the \
+                             generator: pass a generator (or the increments as variance_noise)"
+                        ),
+                    ));
+                }
+            };
+            let c = self.config();
+            self.noise_sampler = Some(Box::new(BrownianTreeNoiseSampler::new(
+                c.sigma_min as f32,
+                c.sigma_max as f32,
+                &dims,
+                &seeds,
+            )?));
+        }
+        let sampler = self
+            .noise_sampler
+            .as_deref_mut()
+            .ok_or_else(|| Error::invalid_argument("sample", "no noise sampler"))?;
+        if sampler.dims() != dims.as_slice() {
+            return Err(Error::invalid_argument(
+                "sample",
+                format!(
+                    "has shape {dims:?} but the Brownian tree was built for {:?}; call \
+                     set_timesteps to start again",
+                    sampler.dims()
+                ),
+            ));
+        }
+        let values = sampler.sample(self.sigmas[i] as f32, self.sigmas[i + 1] as f32)?;
+        let shape: [usize; D] = like.dims();
+        Ok(Tensor::<D>::from_data(
+            diffusion_core::burn::tensor::TensorData::new(values, shape),
+            &like.device(),
+        ))
     }
 }
 
@@ -191,6 +249,7 @@ impl ConfiguredScheduler for CosineDPMSolverMultistepScheduler {
             model_outputs: Vec::new(),
             lower_order_nums: 0,
             cursor: StepCursor::default(),
+            noise_sampler: None,
         };
         // diffusers' __init__ always ends this schedule at zero.
         scheduler.install(n, 0.0);
@@ -270,13 +329,15 @@ impl Scheduler for CosineDPMSolverMultistepScheduler {
         options.accept_only(class, &["generator", "variance_noise"])?;
         crate::scheduler::check_step_call(class, self.num_inference_steps, D)?;
         ops::check_same_shape(&model_output, &sample, "model_output", "sample")?;
-        // Independent standard normals: the increments of one pass over disjoint intervals.
-        let noise = ops::noise_like(&sample, options.generator, options.variance_noise, class)?;
-        ops::check_same_shape(&noise, &sample, "variance_noise", "sample")?;
         let c = self.config().clone();
         let mut cursor = self.cursor.clone();
         let i = cursor.current(&self.timesteps, timestep, MissingTimestep::LastStep)?;
         check_step_in_range(i, &self.sigmas, class)?;
+        let noise = match options.variance_noise {
+            Some(noise) => noise,
+            None => self.brownian_noise(&sample, options.generator, i)?,
+        };
+        ops::check_same_shape(&noise, &sample, "variance_noise", "sample")?;
         let len = self.timesteps.len();
         let short = c.lower_order_final && len < 15;
         let lower_order_final = i == len - 1

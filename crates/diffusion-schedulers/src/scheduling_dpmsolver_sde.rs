@@ -7,7 +7,7 @@ use diffusion_core::{Config, ConfigFile, Error, NoiseSource, Result};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::brownian_tree::BrownianInterval;
+use crate::brownian_tree::BrownianTreeNoiseSampler as NoiseSampler;
 use crate::ops::{self, Stored};
 use crate::schedule::{self, BetaSchedule, NoiseSchedule, PredictionType, TimestepSpacing};
 use crate::scheduler::{
@@ -112,39 +112,6 @@ fn exp32(x: f32) -> f32 {
 
 fn expm1_32(x: f32) -> f32 {
     f64::from(x).exp_m1() as f32
-}
-
-/// diffusers' `BrownianTreeNoiseSampler` over one seed: increments of a Brownian motion
-/// shaped like the sample between two sigmas, divided by the square root of their distance.
-#[derive(Clone, Debug)]
-struct NoiseSampler {
-    tree: BrownianInterval,
-    /// -1 when the tree was built from reversed ends (`BatchedBrownianTree.sign`).
-    sign: f32,
-}
-
-impl NoiseSampler {
-    /// The tree over `[sigma_min, sigma_max]` (diffusers sorts the ends).
-    fn new(sigma_min: f32, sigma_max: f32, dims: &[usize], seed: u64) -> Result<Self> {
-        let (lo, hi, sign) = sort(sigma_min, sigma_max);
-        let tree =
-            BrownianInterval::diffusers(f64::from(lo), f64::from(hi), dims, u128::from(seed))?;
-        Ok(Self { tree, sign })
-    }
-
-    /// `W(sigma, sigma_next) / sqrt(|sigma_next - sigma|)`, float32, row-major.
-    fn sample(&mut self, sigma: f32, sigma_next: f32) -> Result<Vec<f32>> {
-        let (lo, hi, sign) = sort(sigma, sigma_next);
-        let scale = self.sign * sign;
-        let denom = (sigma_next - sigma).abs().sqrt();
-        let w = self.tree.increment(f64::from(lo), f64::from(hi))?;
-        Ok(w.into_iter().map(|v| (v * scale) / denom).collect())
-    }
-}
-
-/// `BatchedBrownianTree.sort`: the ends in order and -1 when they were swapped.
-fn sort(a: f32, b: f32) -> (f32, f32, f32) {
-    if a < b { (a, b, 1.0) } else { (b, a, -1.0) }
 }
 
 /// The first evaluation of a step, kept for the second.
@@ -340,19 +307,19 @@ impl DPMSolverSDEScheduler {
                     ));
                 }
             };
-            self.noise_sampler = Some(Box::new(NoiseSampler::new(positive, max, dims, seed)?));
+            self.noise_sampler = Some(Box::new(NoiseSampler::new(positive, max, dims, &[seed])?));
         }
         let sampler = self
             .noise_sampler
             .as_deref_mut()
             .ok_or_else(|| Error::invalid_argument("sample", "no noise sampler"))?;
-        if sampler.tree.size() != dims {
+        if sampler.dims() != dims {
             return Err(Error::invalid_argument(
                 "sample",
                 format!(
                     "has shape {dims:?} but the noise sampler was built for {:?}; call \
                      set_timesteps to start again",
-                    sampler.tree.size()
+                    sampler.dims()
                 ),
             ));
         }

@@ -11,6 +11,8 @@ mod common;
 mod config;
 #[path = "schedulers/cosine_dpm.rs"]
 mod cosine_dpm;
+#[path = "schedulers/cosine_tree.rs"]
+mod cosine_tree;
 #[path = "schedulers/ddim_inverse.rs"]
 mod ddim_inverse;
 #[path = "schedulers/deis.rs"]

@@ -1,6 +1,6 @@
 //! CosineDPMSolverMultistepScheduler: default config file, conversion from other configs and
-//! bad input. Trajectories (with the Brownian increments given as `variance_noise`) are checked
-//! in extra.rs. diffusers' own test (tests/schedulers/test_scheduler_cosine_dpmsolver_multistep.py)
+//! bad input. Trajectories with the Brownian increments given as `variance_noise` are checked
+//! in extra.rs, with the torchsde-exact tree in cosine_tree.rs. diffusers' own test (tests/schedulers/test_scheduler_cosine_dpmsolver_multistep.py)
 //! has no golden numbers: it only checks that a torchsde-seeded loop ends without NaN.
 
 use anyhow::{Result, ensure};
@@ -125,31 +125,34 @@ fn bad_input_is_refused() -> Result<()> {
     );
     s.set_timesteps(2)?;
     let t0 = s.timesteps()[0];
-    // The Brownian tree is not ported: with a generator the increments are drawn from it as
-    // standard normals, the same as passing those draws as variance_noise; without either
-    // the step is refused.
-    let mut generator = TorchGenerator::new(0);
-    let drawn = s
-        .clone()
-        .step(
-            x.clone(),
-            t0,
-            x.clone(),
-            StepOptions::default().with_generator(&mut generator),
-        )?
-        .prev_sample;
-    let mut same_seed = TorchGenerator::new(0);
-    let increments = same_seed.randn(&[1, 1, 4, 4]);
-    let given = s
-        .clone()
-        .step(
-            x.clone(),
-            t0,
-            x.clone(),
-            StepOptions::default().with_variance_noise(tensor(increments, [1, 1, 4, 4])),
-        )?
-        .prev_sample;
-    ensure!(host(&drawn) == host(&given));
+    // With a generator the increments come from a Brownian tree seeded by its initial seed
+    // (cosine_tree.rs checks them against torchsde): the same seed gives the same step, another
+    // seed another one; a generator list must have one generator per image. Without a
+    // generator or variance_noise the step is refused.
+    let with_seed = |seed: u64| -> Result<Vec<f32>> {
+        let mut generator = TorchGenerator::new(seed);
+        Ok(host(
+            &s.clone()
+                .step(
+                    x.clone(),
+                    t0,
+                    x.clone(),
+                    StepOptions::default().with_generator(&mut generator),
+                )?
+                .prev_sample,
+        ))
+    };
+    ensure!(with_seed(0)? == with_seed(0)?);
+    ensure!(with_seed(0)? != with_seed(1)?);
+    let mut two = vec![TorchGenerator::new(0), TorchGenerator::new(1)];
+    let options = StepOptions {
+        generator: Some(diffusion_core::NoiseSource::PerImage(&mut two)),
+        ..StepOptions::default()
+    };
+    assert_eq!(
+        arg_name(s.clone().step(x.clone(), t0, x.clone(), options)),
+        "generator"
+    );
     assert_eq!(
         arg_name(s.step(x.clone(), t0, x.clone(), StepOptions::default())),
         "generator"
