@@ -6,8 +6,8 @@ use diffusion_core::ConfigFile;
 use diffusion_schedulers::{
     BetaSchedule, ConfiguredScheduler, DDIMScheduler, DDIMSchedulerConfig, DDPMScheduler,
     DDPMSchedulerConfig, DPMSolverMultistepScheduler, DPMSolverMultistepSchedulerConfig,
-    EulerDiscreteScheduler, EulerDiscreteSchedulerConfig, PredictionType, Scheduler,
-    TimestepSpacing, VarianceType,
+    DPMSolverSDEScheduler, DPMSolverSDESchedulerConfig, EulerDiscreteScheduler,
+    EulerDiscreteSchedulerConfig, PredictionType, Scheduler, TimestepSpacing, VarianceType,
 };
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
@@ -213,5 +213,32 @@ proptest! {
         prop_assert!(timesteps.windows(2).all(|w| w[0] > w[1] || (!strict && w[0] == w[1])), "{:?}", timesteps);
         prop_assert!(sigmas.windows(2).all(|w| w[0] > w[1]), "{:?}", sigmas);
         prop_assert_eq!(sigmas[k], 0.0);
+    }
+
+    /// DPM-Solver SDE interleaves each step's timestep with its midpoint's (`2k - 1`
+    /// timesteps), over positive non-increasing sigmas ending at 0, whatever the sigma spacing
+    /// (plain, Karras, exponential or beta).
+    #[test]
+    fn dpm_sde_schedules_interleave_and_decrease(
+        k in 1usize..60,
+        spacing in spacing(),
+        sigma_kind in 0usize..4,
+    ) {
+        let mut s = DPMSolverSDEScheduler::new(DPMSolverSDESchedulerConfig {
+            timestep_spacing: spacing,
+            use_karras_sigmas: sigma_kind == 1,
+            use_exponential_sigmas: sigma_kind == 2,
+            use_beta_sigmas: sigma_kind == 3,
+            ..Default::default()
+        }).unwrap();
+        s.set_timesteps(k).unwrap();
+        let timesteps = s.timesteps().to_vec();
+        let sigmas = s.sigmas().unwrap().to_vec();
+        prop_assert_eq!(timesteps.len(), 2 * k - 1);
+        prop_assert_eq!(sigmas.len(), 2 * k);
+        prop_assert!(timesteps.iter().all(|t| t.is_finite() && (0.0..1000.0).contains(t)), "{:?}", timesteps);
+        prop_assert_eq!(sigmas[2 * k - 1], 0.0);
+        prop_assert!(sigmas[..2 * k - 1].iter().all(|&v| v > 0.0), "{:?}", sigmas);
+        prop_assert!(sigmas.windows(2).all(|w| w[0] >= w[1]), "{:?}", sigmas);
     }
 }
