@@ -13,7 +13,8 @@ use diffusion_core::{Device, ModelIndex, Precision, parse_device};
 use diffusion_loaders::single_file::SingleFileCheckpoint;
 use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_pipelines::{
-    Generators, IPAdapterArgs, ImagePipelineOutput, SingleFilePipelineOptions, StableDiffusionArgs,
+    AltDiffusionComponents, AltDiffusionImg2ImgPipeline, AltDiffusionPipeline, Generators,
+    IPAdapterArgs, ImagePipelineOutput, SingleFilePipelineOptions, StableDiffusionArgs,
     StableDiffusionComponents, StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintArgs, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
     StableDiffusionXLArgs, StableDiffusionXLComponents, StableDiffusionXLImg2ImgArgs,
@@ -215,12 +216,21 @@ pub struct InpaintArgs {
     pub strength: Option<f64>,
 }
 
-/// The loaded pipeline components: Stable Diffusion 1.x / 2.x, or SDXL.
+/// The loaded pipeline components: Stable Diffusion 1.x / 2.x, SDXL, or AltDiffusion.
 // One value per run, moved into its pipeline: boxing would only add an indirection.
 #[allow(clippy::large_enum_variant)]
 enum Components {
     Sd(StableDiffusionComponents),
     Xl(StableDiffusionXLComponents),
+    Alt(AltDiffusionComponents),
+}
+
+/// The error of an adapter flag on an AltDiffusion model (its pipelines load no adapters).
+fn no_alt_adapters(flag: &str) -> diffusion_core::Error {
+    diffusion_core::Error::invalid_argument(
+        flag,
+        "AltDiffusion models take no LoRA, textual inversion or IP-Adapter here",
+    )
 }
 
 impl Components {
@@ -228,6 +238,7 @@ impl Components {
         match self {
             Self::Sd(c) => c.load_lora_weights(path, name).map(|_| ()),
             Self::Xl(c) => c.load_lora_weights(path, name).map(|_| ()),
+            Self::Alt(_) => Err(no_alt_adapters("--lora")),
         }
     }
 
@@ -239,6 +250,7 @@ impl Components {
         match self {
             Self::Sd(c) => c.load_textual_inversion(path, token),
             Self::Xl(c) => c.load_textual_inversion(path, token),
+            Self::Alt(_) => Err(no_alt_adapters("--textual-inversion")),
         }
     }
 
@@ -259,6 +271,7 @@ impl Components {
                 c.load_ip_adapter(name, subfolder, &weights)?;
                 c.set_ip_adapter_scale(&[scale.into()])
             }
+            Self::Alt(_) => Err(no_alt_adapters("--ip-adapter")),
         }
     }
 
@@ -266,6 +279,7 @@ impl Components {
         match self {
             Self::Sd(c) => c.set_adapters(names, weights),
             Self::Xl(c) => c.set_adapters(names, weights),
+            Self::Alt(_) => Err(no_alt_adapters("--lora")),
         }
     }
 
@@ -273,6 +287,7 @@ impl Components {
         match self {
             Self::Sd(c) => c.set_scheduler(name),
             Self::Xl(c) => c.set_scheduler(name),
+            Self::Alt(c) => c.set_scheduler(name),
         }
     }
 
@@ -281,6 +296,7 @@ impl Components {
         Ok(match self {
             Self::Sd(c) => Self::Sd(c.to_dtype(dtype)?),
             Self::Xl(c) => Self::Xl(c.to_dtype(dtype)?),
+            Self::Alt(c) => Self::Alt(c.to_dtype(dtype)?),
         })
     }
 
@@ -288,6 +304,7 @@ impl Components {
         match self {
             Self::Sd(c) => c.scheduler.kind().class_name(),
             Self::Xl(c) => c.scheduler.kind().class_name(),
+            Self::Alt(c) => c.scheduler.kind().class_name(),
         }
     }
 }
@@ -318,8 +335,18 @@ fn load_components(args: &GenerationArgs, hub: &HubOptions, device: &Device) -> 
     }
     let dir = resolve_model_dir(&args.model, hub)?;
     let index = dir.join("model_index.json");
-    let is_xl = index.is_file() && ModelIndex::load(&index)?.class_name.contains("XL");
+    let class_name = if index.is_file() {
+        ModelIndex::load(&index)?.class_name
+    } else {
+        String::new()
+    };
+    let is_xl = class_name.contains("XL");
     let variant = args.variant.as_deref();
+    if class_name.starts_with("AltDiffusion") {
+        return Ok(Components::Alt(AltDiffusionComponents::load_dir(
+            &dir, variant, device,
+        )?));
+    }
     Ok(if is_xl {
         Components::Xl(StableDiffusionXLComponents::load_dir(
             &dir, variant, device,
@@ -653,14 +680,30 @@ fn requested_size(args: &GenerationArgs) -> Result<Option<(usize, usize)>> {
     }
 }
 
-/// Run the SD or the SDXL pipeline of a command on the loaded components. Both arms build their
-/// pipeline's args struct from the same fields (the structs share these field names), apply
-/// `$adjust` to it (defaults that differ between the pipelines) and call the pipeline.
+/// The AltDiffusion arm of [`run_pipeline!`]: its pipelines take Stable Diffusion's args; a
+/// command without an AltDiffusion pipeline (inpainting) is an error.
+macro_rules! run_alt_pipeline {
+    ($components:ident, $sd_args:ident, { $($field:ident: $value:expr),* }, |$call:ident| $adjust:block, $alt:ident) => {{
+        let mut $call = $sd_args { $($field: $value,)* ..Default::default() };
+        $adjust
+        $alt::from_parts($components).call($call)?
+    }};
+    ($components:ident, $sd_args:ident, { $($field:ident: $value:expr),* }, |$call:ident| $adjust:block) => {{
+        drop($components);
+        bail!("AltDiffusion has no pipeline for this command (diffusers has only text-to-image and image-to-image)")
+    }};
+}
+
+/// Run the SD, SDXL or AltDiffusion pipeline of a command on the loaded components. The arms
+/// build their pipeline's args struct from the same fields (the structs share these field
+/// names), apply `$adjust` to it (defaults that differ between the pipelines) and call the
+/// pipeline.
 macro_rules! run_pipeline {
     (
         $components:expr,
         $sd:ident($sd_args:ident),
         $xl:ident($xl_args:ident),
+        $(alt: $alt:ident,)?
         { $($field:ident: $value:expr),* $(,)? },
         |$call:ident| $adjust:block
     ) => {
@@ -675,6 +718,9 @@ macro_rules! run_pipeline {
                 $adjust
                 $xl::from_parts(components).call($call)?
             }
+            Components::Alt(components) => run_alt_pipeline!(
+                components, $sd_args, { $($field: $value),* }, |$call| $adjust $(, $alt)?
+            ),
         }
     };
 }
@@ -688,6 +734,7 @@ pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
         prepared.components,
         StableDiffusionPipeline(StableDiffusionArgs),
         StableDiffusionXLPipeline(StableDiffusionXLArgs),
+        alt: AltDiffusionPipeline,
         {
             prompt: vec![args.prompt.clone()],
             negative_prompt: negative(&args),
@@ -732,6 +779,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         prepared.components,
         StableDiffusionImg2ImgPipeline(StableDiffusionImg2ImgArgs),
         StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImg2ImgArgs),
+        alt: AltDiffusionImg2ImgPipeline,
         {
             prompt: vec![args.prompt.clone()],
             negative_prompt: negative(&args),

@@ -1,5 +1,6 @@
 //! `diffusers`: generate and train diffusion models from the terminal.
 
+mod edit_cycle;
 mod generate;
 mod metadata;
 mod output;
@@ -32,6 +33,9 @@ enum Command {
     /// StableDiffusionXLInpaintPipeline; 9-channel inpainting checkpoints, or any checkpoint
     /// with the legacy method).
     Inpaint(generate::InpaintArgs),
+    /// Edit an image by rewording its description (CycleDiffusionPipeline, DDIM): --source-prompt
+    /// says what --image shows, --prompt what it should show; what they share is kept.
+    EditCycle(edit_cycle::EditCycleArgs),
     /// Train a model (diffusers' training examples as commands).
     #[command(subcommand)]
     Train(train::TrainCommand),
@@ -45,6 +49,7 @@ fn main() {
         Command::Txt2img(args) => generate::txt2img(args),
         Command::Img2img(args) => generate::img2img(args),
         Command::Inpaint(args) => generate::inpaint(args),
+        Command::EditCycle(args) => edit_cycle::run(args),
         Command::Train(command) => train::run(command),
     };
     if let Err(e) = result {

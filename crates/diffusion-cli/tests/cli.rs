@@ -837,3 +837,286 @@ fn ip_adapter_flags_reproduce_diffusers() {
         assert!(!missing.exists());
     }
 }
+
+#[test]
+fn edit_cycle_reproduces_diffusers_cycle_diffusion() {
+    // Case `strength08_eta01` of fixtures/oracle/gen_pipelines_cycle_diffusion.py.
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("edit.png"), dir.path().join("edit.npy"));
+    let image = fixtures().join("pipelines/sd/image.png");
+    let out = diffusers()
+        .args(["edit-cycle", "--model", &sd_folder("sd1"), "--image"])
+        .arg(&image)
+        .args([
+            "--source-prompt",
+            "a photo of an astronaut riding a horse",
+            "--prompt",
+            "a photo of an astronaut riding an elephant",
+            "--strength",
+            "0.8",
+            "--steps",
+            "5",
+            "--guidance",
+            "3",
+            "--source-guidance",
+            "1",
+            "--eta",
+            "0.1",
+            "--seed",
+            "0",
+            "--quiet",
+            "--output",
+        ])
+        .arg(&png)
+        .arg("--output-npy")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = NpyArray::read(&npy).unwrap();
+    let (shape, want) = fixture_tensor(
+        "pipelines/cycle_diffusion/outputs.safetensors",
+        "strength08_eta01",
+    );
+    assert_eq!(got.shape, shape);
+    let diff = max_abs_diff(&got.data, &want);
+    eprintln!("edit-cycle strength08_eta01: max |diff| = {diff:.2e}");
+    assert!(diff <= 1e-3, "max |diff| = {diff}");
+    let text = read_png_text(&png).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    for needle in [
+        "a photo of an astronaut riding an elephant\n",
+        "Source prompt: \"a photo of an astronaut riding a horse\"",
+        "Sampler: DDIMScheduler",
+        "Eta: 0.1",
+        "Denoising strength: 0.8",
+        "Seed: 0",
+    ] {
+        assert!(params.contains(needle), "no {needle:?} in {params}");
+    }
+}
+
+#[test]
+fn edit_cycle_rejects_bad_flags_before_loading_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("out.png"), dir.path().join("out.npy"));
+    let image = fixtures().join("pipelines/sd/image.png");
+    let image = image.to_str().unwrap();
+    let not_an_image = fixtures().join("pipelines/sd/cases.json");
+    let not_an_image = not_an_image.to_str().unwrap();
+    let missing_dir = dir.path().join("no/such/dir/out.npy");
+    let missing_dir = missing_dir.to_str().unwrap();
+    // A model folder that does not exist: every refusal below must come before loading.
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--eta", "0"], "--eta 0"),
+        (vec!["--eta=-1"], "--eta -1"),
+        (vec!["--strength", "0"], "--strength 0"),
+        (vec!["--strength", "1.5"], "--strength 1.5"),
+        (
+            vec!["--strength", "0.1", "--steps", "5"],
+            "no denoising step",
+        ),
+        (vec!["--steps", "0"], "--steps"),
+        (vec!["--num-images", "0"], "--num-images"),
+        (vec!["--guidance", "inf"], "--guidance inf"),
+        (vec!["--source-guidance", "NaN"], "--source-guidance"),
+        (vec!["--height", "32"], "both --height and --width"),
+        (vec!["--height", "30", "--width", "32"], "--height 30"),
+        (vec!["--dtype", "f8"], "--dtype f8"),
+        (vec!["--output-npy", missing_dir], "--output-npy"),
+        (vec!["--config", "x"], "--config"),
+    ];
+    let run = |image: &str, extra: &[&str], output: &std::path::Path| {
+        diffusers()
+            .args(["edit-cycle", "--model"])
+            .arg(dir.path().join("no-model"))
+            .args(["--image", image, "--prompt", "b", "--source-prompt", "a"])
+            .args(extra)
+            .arg("--quiet")
+            .arg("--output")
+            .arg(output)
+            .output()
+            .unwrap()
+    };
+    for (extra, needle) in cases {
+        let out = run(image, &extra, &png);
+        assert!(!out.status.success(), "{extra:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("no-model"), "{extra:?} loaded: {stderr}");
+        assert!(!png.exists() && !npy.exists(), "{extra:?} left a file");
+    }
+    let out = run(not_an_image, &[], &png);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--image"));
+    let out = run(image, &[], &dir.path().join("out.jpg"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only .png"));
+    // --source-prompt is required.
+    let out = diffusers()
+        .args([
+            "edit-cycle",
+            "--model",
+            "m",
+            "--image",
+            image,
+            "--prompt",
+            "b",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--source-prompt"));
+    let help = diffusers().args(["edit-cycle", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--source-prompt",
+        "--source-guidance",
+        "--eta",
+        "--strength",
+        "DDIM",
+    ] {
+        assert!(
+            help.contains(flag),
+            "edit-cycle --help lacks {flag}: {help}"
+        );
+    }
+    // Once the flags pass, a model that does not exist is reported as such.
+    let out = run(image, &[], &png);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model"));
+    assert!(!png.exists() && !npy.exists());
+}
+
+/// An AltDiffusion folder (model_index.json `AltDiffusionPipeline`, XLM-R text encoder) runs
+/// through `txt2img` and `img2img` and reproduces diffusers' arrays
+/// (fixtures/pipelines/alt_diffusion, gen_pipelines_alt_diffusion.py); inpainting, adapters and
+/// `--clip-skip` are clear errors.
+#[test]
+fn alt_diffusion_folder_runs_txt2img_and_img2img() {
+    let root = fixtures().join("pipelines/alt_diffusion");
+    let model = root.join("alt");
+    let model = model.to_str().unwrap();
+    let image = root.join("image.png");
+    let image = image.to_str().unwrap();
+    let prompt = "黑暗精灵公主，非常详细，幻想，数字绘画";
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("out.png"), dir.path().join("out.npy"));
+    let run = |args: &[&str]| {
+        diffusers()
+            .args(args)
+            .arg("--quiet")
+            .arg("--output")
+            .arg(&png)
+            .arg("--output-npy")
+            .arg(&npy)
+            .output()
+            .unwrap()
+    };
+    let cases: [(&str, Vec<&str>); 2] = [
+        (
+            "txt2img_dpm_no_guidance",
+            vec![
+                "txt2img",
+                "--model",
+                model,
+                "--prompt",
+                prompt,
+                "--guidance",
+                "1.0",
+                "--steps",
+                "3",
+                "--scheduler",
+                "DPM++ 2M",
+                "--seed",
+                "1",
+            ],
+        ),
+        (
+            "img2img_ddim_seed",
+            vec![
+                "img2img",
+                "--model",
+                model,
+                "--prompt",
+                prompt,
+                "--image",
+                image,
+                "--strength",
+                "0.75",
+                "--steps",
+                "4",
+                "--scheduler",
+                "DDIMScheduler",
+                "--seed",
+                "2",
+            ],
+        ),
+    ];
+    for (case, args) in cases {
+        let out = run(&args);
+        assert!(
+            out.status.success(),
+            "{case}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got = NpyArray::read(&npy).unwrap();
+        let (shape, want) = fixture_tensor("pipelines/alt_diffusion/outputs.safetensors", case);
+        assert_eq!(got.shape, shape, "{case}");
+        let diff = max_abs_diff(&got.data, &want);
+        eprintln!("{case}: max |diff| = {diff:.2e}");
+        assert!(diff <= 1e-3, "{case}: max |diff| = {diff}");
+        let text = read_png_text(&png).unwrap();
+        let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        assert!(params.contains(prompt), "{case}: {params}");
+        std::fs::remove_file(&png).unwrap();
+        std::fs::remove_file(&npy).unwrap();
+    }
+    let mask = fixtures().join("pipelines/sd/mask.png");
+    let failures: [(Vec<&str>, &str); 3] = [
+        (
+            vec![
+                "inpaint", "--model", model, "--prompt", "a", "--image", image, "--mask",
+            ],
+            "AltDiffusion has no pipeline",
+        ),
+        (
+            vec![
+                "txt2img",
+                "--model",
+                model,
+                "--prompt",
+                "a",
+                "--clip-skip",
+                "1",
+            ],
+            "clip_skip",
+        ),
+        (
+            vec![
+                "txt2img",
+                "--model",
+                model,
+                "--prompt",
+                "a",
+                "--lora",
+                "x.safetensors",
+            ],
+            "--lora",
+        ),
+    ];
+    for (mut args, needle) in failures {
+        if args[0] == "inpaint" {
+            args.push(mask.to_str().unwrap());
+        }
+        args.extend(["--steps", "1"]);
+        let out = run(&args);
+        assert!(!out.status.success(), "{args:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!png.exists() && !npy.exists(), "{args:?} left a file");
+    }
+}

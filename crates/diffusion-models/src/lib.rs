@@ -32,6 +32,9 @@ pub use text_encoders::{
     CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Padding,
     TokenizerOutput,
 };
+pub use text_encoders::{
+    RobertaSeriesConfig, RobertaSeriesModelWithTransformation, XLMRobertaTokenizer,
+};
 pub use unets::unet_2d::{ClassLabels, UNet2DModel, UNet2DModelConfig};
 pub use unets::unet_2d_condition::{
     AddedCondKwargs, UNet2DConditionModel, UNet2DConditionModelConfig, UNet2DConditionOptions,

@@ -5,6 +5,8 @@
 //! fields and defaults are diffusers' `__call__` keyword arguments.
 #![warn(missing_docs)]
 
+pub mod alt_diffusion;
+pub mod cycle_diffusion;
 pub mod ddim;
 pub mod ddpm;
 pub mod ip_adapter;
@@ -16,6 +18,11 @@ pub mod stable_diffusion_xl;
 mod textual_inversion;
 mod unconditional;
 
+pub use alt_diffusion::{
+    AltDiffusionArgs, AltDiffusionComponents, AltDiffusionImg2ImgArgs, AltDiffusionImg2ImgPipeline,
+    AltDiffusionPipeline,
+};
+pub use cycle_diffusion::{CycleDiffusionArgs, CycleDiffusionPipeline};
 pub use ddim::DDIMPipeline;
 pub use ddpm::DDPMPipeline;
 pub use ip_adapter::{IPAdapterArgs, ip_adapter_masks};
@@ -37,3 +44,12 @@ pub use unconditional::UnconditionalArgs;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/stable-diffusion.md")]
 pub struct StableDiffusionGuide;
+
+/// The examples of docs/cycle-diffusion.md, compiled as doctests so the guide stays correct.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/cycle-diffusion.md")]
+pub struct CycleDiffusionGuide;
+
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/alt-diffusion.md")]
+pub struct AltDiffusionGuide;

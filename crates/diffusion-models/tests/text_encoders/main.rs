@@ -3,6 +3,7 @@
 //! `clip_skip`, and the errors around loading and inputs. One test binary with modules, because
 //! linking burn is slow.
 
+mod alt_diffusion;
 mod clip;
 mod tokenizer;
 

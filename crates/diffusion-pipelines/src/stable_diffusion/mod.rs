@@ -207,6 +207,45 @@ impl StableDiffusionComponents {
     }
 }
 
+/// The models and scheduler a Stable Diffusion call runs on, borrowed from a pipeline's
+/// components: what the pipelines share with those whose text encoder differs (AltDiffusion).
+pub(crate) struct SdModels<'a> {
+    pub vae: &'a AutoencoderKL,
+    pub unet: &'a UNet2DConditionModel,
+    pub scheduler: &'a mut AnyScheduler,
+    pub image_encoder: Option<&'a diffusion_models::CLIPVisionModelWithProjection>,
+    pub feature_extractor: Option<&'a diffusion_models::CLIPImageProcessor>,
+}
+
+impl SdModels<'_> {
+    /// As [`StableDiffusionComponents::vae_scale_factor`].
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+    }
+
+    /// As [`StableDiffusionComponents::default_size`].
+    pub fn default_size(&self) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        match self.unet.config().sample_size {
+            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
+            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
+            None => Err(Error::invalid_argument(
+                "height",
+                "the UNet config has no sample_size: give height and width",
+            )),
+        }
+    }
+
+    /// As [`StableDiffusionComponents::device`].
+    pub fn device(&self) -> Result<Device> {
+        self.unet
+            .devices()
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))
+    }
+}
+
 /// The variant to ask a component folder for: the requested one where the folder has such
 /// files, else none (with a warning), as diffusers falls back per component.
 pub(crate) fn variant_for(dir: &Path, variant: Option<&str>) -> Option<String> {

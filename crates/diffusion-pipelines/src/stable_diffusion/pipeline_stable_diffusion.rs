@@ -7,12 +7,14 @@ use diffusion_loaders::HubOptions;
 use diffusion_models::ModelMixin;
 use diffusion_schedulers::Scheduler;
 
-use super::StableDiffusionComponents;
 use super::denoise::{
     DenoiseLoop, InpaintCondition, cast_like_model, check_size, decode_latents, randn_latents,
     retrieve_timesteps, unet_dtype,
 };
-use super::prompt::{GuidedPrompt, PromptInputs, encode_for_unet};
+use super::prompt::{
+    ClipPromptEncoder, GuidedPrompt, PromptEncoder, PromptInputs, encode_for_unet_with,
+};
+use super::{SdModels, StableDiffusionComponents};
 use crate::pipeline_utils::{Generators, ImagePipelineOutput, StepCallback};
 
 /// Arguments of [`StableDiffusionPipeline::call`], diffusers' `StableDiffusionPipeline.__call__`
@@ -201,92 +203,114 @@ impl StableDiffusionPipeline {
     /// `sigmas` (or ones the scheduler does not take), a seed list that does not match
     /// `prompts * num_images_per_prompt` (`generator`), latents of the wrong shape, a bad
     /// `clip_skip`; as the models.
-    pub fn call(&mut self, mut args: StableDiffusionArgs<'_>) -> Result<ImagePipelineOutput> {
+    pub fn call(&mut self, args: StableDiffusionArgs<'_>) -> Result<ImagePipelineOutput> {
         let c = &mut self.components;
-        let device = c.device()?;
-        let (default_h, default_w) = match (args.height, args.width) {
-            (Some(h), Some(w)) => (h, w),
-            _ => c.default_size()?,
+        let encoder = ClipPromptEncoder {
+            tokenizer: &c.tokenizer,
+            text_encoder: &c.text_encoder,
         };
-        let height = args.height.unwrap_or(default_h);
-        let width = args.width.unwrap_or(default_w);
-        check_size(height, width)?;
-        if args.num_images_per_prompt == 0 {
-            return Err(Error::invalid_argument(
-                "num_images_per_prompt",
-                "must be at least 1",
-            ));
-        }
-        let inputs = PromptInputs {
-            prompt: &args.prompt,
-            negative_prompt: args.negative_prompt.as_deref(),
-            prompt_embeds: args.prompt_embeds.take(),
-            negative_prompt_embeds: args.negative_prompt_embeds.take(),
-            clip_skip: args.clip_skip,
-        };
-        let GuidedPrompt {
-            embeds: prompt_embeds,
-            do_cfg,
-            batch,
-        } = encode_for_unet(
-            c,
-            inputs,
-            args.num_images_per_prompt,
-            args.guidance_scale,
-            &device,
-        )?;
-        let mut generators = args.generator.instantiate(batch)?;
-        let dtype = unet_dtype(&c.unet);
-
-        retrieve_timesteps(
-            &mut c.scheduler,
-            args.num_inference_steps,
-            args.timesteps.as_deref(),
-            args.sigmas.as_deref(),
-        )?;
-        let timesteps = c.scheduler.timesteps().to_vec();
-
-        let f = c.vae_scale_factor();
-        let shape = [batch, c.unet.config().in_channels, height / f, width / f];
-        let latents = match args.latents.take() {
-            Some(l) if l.dims() != shape => {
-                return Err(Error::invalid_argument(
-                    "latents",
-                    format!("shape {:?}, expected {shape:?}", l.dims()),
-                ));
-            }
-            Some(l) => cast_like_model(l, dtype),
-            None => randn_latents(shape, &mut generators, &device, dtype)?,
-        };
-        let latents = latents.mul_scalar(c.scheduler.init_noise_sigma());
-
-        let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
-            &c.unet,
-            c.image_encoder.as_ref(),
-            c.feature_extractor.as_ref(),
-            &args.ip_adapter,
-            batch,
-            do_cfg,
-            &device,
-        )?;
-        let (latents, interrupted) = DenoiseLoop {
+        let models = SdModels {
+            vae: &c.vae,
             unet: &c.unet,
             scheduler: &mut c.scheduler,
-            timesteps,
-            prompt_embeds,
-            do_classifier_free_guidance: do_cfg,
-            guidance_scale: args.guidance_scale,
-            guidance_rescale: args.guidance_rescale,
-            eta: args.eta,
-            condition: InpaintCondition::None,
-            added_cond: None,
-            image_embeds: ip_adapter_image_embeds,
-            ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
-            generators: &mut generators,
-            callback: args.callback.as_mut(),
-            progress: args.progress,
-        }
-        .run(latents)?;
-        decode_latents(&c.vae, f, latents, args.output_type, interrupted)
+            image_encoder: c.image_encoder.as_ref(),
+            feature_extractor: c.feature_extractor.as_ref(),
+        };
+        text_to_image(models, &encoder, args)
     }
+}
+
+/// [`StableDiffusionPipeline::call`] on borrowed models with any [`PromptEncoder`] (shared with
+/// AltDiffusion).
+pub(crate) fn text_to_image(
+    c: SdModels<'_>,
+    encoder: &impl PromptEncoder,
+    mut args: StableDiffusionArgs<'_>,
+) -> Result<ImagePipelineOutput> {
+    let device = c.device()?;
+    let (default_h, default_w) = match (args.height, args.width) {
+        (Some(h), Some(w)) => (h, w),
+        _ => c.default_size()?,
+    };
+    let height = args.height.unwrap_or(default_h);
+    let width = args.width.unwrap_or(default_w);
+    check_size(height, width)?;
+    if args.num_images_per_prompt == 0 {
+        return Err(Error::invalid_argument(
+            "num_images_per_prompt",
+            "must be at least 1",
+        ));
+    }
+    let inputs = PromptInputs {
+        prompt: &args.prompt,
+        negative_prompt: args.negative_prompt.as_deref(),
+        prompt_embeds: args.prompt_embeds.take(),
+        negative_prompt_embeds: args.negative_prompt_embeds.take(),
+        clip_skip: args.clip_skip,
+    };
+    let GuidedPrompt {
+        embeds: prompt_embeds,
+        do_cfg,
+        batch,
+    } = encode_for_unet_with(
+        encoder,
+        c.unet,
+        inputs,
+        args.num_images_per_prompt,
+        args.guidance_scale,
+        &device,
+    )?;
+    let mut generators = args.generator.instantiate(batch)?;
+    let dtype = unet_dtype(c.unet);
+
+    retrieve_timesteps(
+        c.scheduler,
+        args.num_inference_steps,
+        args.timesteps.as_deref(),
+        args.sigmas.as_deref(),
+    )?;
+    let timesteps = c.scheduler.timesteps().to_vec();
+
+    let f = c.vae_scale_factor();
+    let shape = [batch, c.unet.config().in_channels, height / f, width / f];
+    let latents = match args.latents.take() {
+        Some(l) if l.dims() != shape => {
+            return Err(Error::invalid_argument(
+                "latents",
+                format!("shape {:?}, expected {shape:?}", l.dims()),
+            ));
+        }
+        Some(l) => cast_like_model(l, dtype),
+        None => randn_latents(shape, &mut generators, &device, dtype)?,
+    };
+    let latents = latents.mul_scalar(c.scheduler.init_noise_sigma());
+
+    let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
+        c.unet,
+        c.image_encoder,
+        c.feature_extractor,
+        &args.ip_adapter,
+        batch,
+        do_cfg,
+        &device,
+    )?;
+    let (latents, interrupted) = DenoiseLoop {
+        unet: c.unet,
+        scheduler: c.scheduler,
+        timesteps,
+        prompt_embeds,
+        do_classifier_free_guidance: do_cfg,
+        guidance_scale: args.guidance_scale,
+        guidance_rescale: args.guidance_rescale,
+        eta: args.eta,
+        condition: InpaintCondition::None,
+        added_cond: None,
+        image_embeds: ip_adapter_image_embeds,
+        ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
+        generators: &mut generators,
+        callback: args.callback.as_mut(),
+        progress: args.progress,
+    }
+    .run(latents)?;
+    decode_latents(c.vae, f, latents, args.output_type, interrupted)
 }

@@ -7,14 +7,16 @@ use diffusion_loaders::HubOptions;
 use diffusion_models::ModelMixin;
 use diffusion_schedulers::Scheduler;
 
-use super::StableDiffusionComponents;
 use super::denoise::{
     DenoiseLoop, InpaintCondition, cast_like_model, check_strength, decode_latents,
     encode_vae_image, randn_latents, retrieve_timesteps, tile_to_batch, timesteps_for_strength,
     unet_dtype,
 };
 use super::image_input::{PipelineImageInput, preprocess};
-use super::prompt::{GuidedPrompt, PromptInputs, encode_for_unet};
+use super::prompt::{
+    ClipPromptEncoder, GuidedPrompt, PromptEncoder, PromptInputs, encode_for_unet_with,
+};
+use super::{SdModels, StableDiffusionComponents};
 use crate::pipeline_utils::{Generators, ImagePipelineOutput, StepCallback};
 
 /// Arguments of [`StableDiffusionImg2ImgPipeline::call`], diffusers'
@@ -176,110 +178,129 @@ impl StableDiffusionImg2ImgPipeline {
     /// outside (0, 1] or leaving no step, zero steps, a seed list that does not match the
     /// batch (`generator`), an image batch that cannot be repeated to the batch; as
     /// [`super::StableDiffusionPipeline::call`] for the text arguments.
-    pub fn call(
-        &mut self,
-        mut args: StableDiffusionImg2ImgArgs<'_>,
-    ) -> Result<ImagePipelineOutput> {
+    pub fn call(&mut self, args: StableDiffusionImg2ImgArgs<'_>) -> Result<ImagePipelineOutput> {
         let c = &mut self.components;
-        let device = c.device()?;
-        check_strength(args.strength)?;
-        let image = args
-            .image
-            .take()
-            .ok_or_else(|| Error::invalid_argument("image", "image-to-image needs an image"))?;
-        if args.num_images_per_prompt == 0 {
-            return Err(Error::invalid_argument(
-                "num_images_per_prompt",
-                "must be at least 1",
-            ));
-        }
-        let inputs = PromptInputs {
-            prompt: &args.prompt,
-            negative_prompt: args.negative_prompt.as_deref(),
-            prompt_embeds: args.prompt_embeds.take(),
-            negative_prompt_embeds: args.negative_prompt_embeds.take(),
-            clip_skip: args.clip_skip,
+        let encoder = ClipPromptEncoder {
+            tokenizer: &c.tokenizer,
+            text_encoder: &c.text_encoder,
         };
-        let GuidedPrompt {
-            embeds: prompt_embeds,
-            do_cfg,
-            batch,
-        } = encode_for_unet(
-            c,
-            inputs,
-            args.num_images_per_prompt,
-            args.guidance_scale,
-            &device,
-        )?;
-        let mut generators = args.generator.instantiate(batch)?;
-        let dtype = unet_dtype(&c.unet);
-
-        let f = c.vae_scale_factor();
-        let latent_channels = c.vae.config().latent_channels;
-        let image = preprocess(
-            &VaeImageProcessor::new(f),
-            &image,
-            None,
-            Some(latent_channels),
-            "image",
-            &device,
-        )?;
-
-        let steps = retrieve_timesteps(
-            &mut c.scheduler,
-            args.num_inference_steps,
-            args.timesteps.as_deref(),
-            args.sigmas.as_deref(),
-        )?;
-        let timesteps = timesteps_for_strength(&mut c.scheduler, steps, args.strength)?;
-        let latent_timestep = vec![timesteps[0]; batch];
-
-        // prepare_latents
-        let init_latents = if image.dims()[1] == latent_channels {
-            image
-        } else {
-            // One generator per image: the image batch is repeated to the full batch first,
-            // then each image is encoded with its own generator.
-            let image = if generators.len() > 1 {
-                tile_to_batch(image, batch, "image")?
-            } else {
-                image
-            };
-            encode_vae_image(&c.vae, image, &mut generators)?
-        };
-        let init_latents = tile_to_batch(cast_like_model(init_latents, dtype), batch, "image")?;
-        let noise = randn_latents(init_latents.dims(), &mut generators, &device, dtype)?;
-        let latents = c
-            .scheduler
-            .add_noise(init_latents, noise, &latent_timestep)?;
-
-        let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
-            &c.unet,
-            c.image_encoder.as_ref(),
-            c.feature_extractor.as_ref(),
-            &args.ip_adapter,
-            batch,
-            do_cfg,
-            &device,
-        )?;
-        let (latents, interrupted) = DenoiseLoop {
+        let models = SdModels {
+            vae: &c.vae,
             unet: &c.unet,
             scheduler: &mut c.scheduler,
-            timesteps,
-            prompt_embeds,
-            do_classifier_free_guidance: do_cfg,
-            guidance_scale: args.guidance_scale,
-            guidance_rescale: 0.0,
-            eta: args.eta,
-            condition: InpaintCondition::None,
-            added_cond: None,
-            image_embeds: ip_adapter_image_embeds,
-            ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
-            generators: &mut generators,
-            callback: args.callback.as_mut(),
-            progress: args.progress,
-        }
-        .run(latents)?;
-        decode_latents(&c.vae, f, latents, args.output_type, interrupted)
+            image_encoder: c.image_encoder.as_ref(),
+            feature_extractor: c.feature_extractor.as_ref(),
+        };
+        image_to_image(models, &encoder, args)
     }
+}
+
+/// [`StableDiffusionImg2ImgPipeline::call`] on borrowed models with any [`PromptEncoder`]
+/// (shared with AltDiffusion).
+pub(crate) fn image_to_image(
+    c: SdModels<'_>,
+    encoder: &impl PromptEncoder,
+    mut args: StableDiffusionImg2ImgArgs<'_>,
+) -> Result<ImagePipelineOutput> {
+    let device = c.device()?;
+    check_strength(args.strength)?;
+    let image = args
+        .image
+        .take()
+        .ok_or_else(|| Error::invalid_argument("image", "image-to-image needs an image"))?;
+    if args.num_images_per_prompt == 0 {
+        return Err(Error::invalid_argument(
+            "num_images_per_prompt",
+            "must be at least 1",
+        ));
+    }
+    let inputs = PromptInputs {
+        prompt: &args.prompt,
+        negative_prompt: args.negative_prompt.as_deref(),
+        prompt_embeds: args.prompt_embeds.take(),
+        negative_prompt_embeds: args.negative_prompt_embeds.take(),
+        clip_skip: args.clip_skip,
+    };
+    let GuidedPrompt {
+        embeds: prompt_embeds,
+        do_cfg,
+        batch,
+    } = encode_for_unet_with(
+        encoder,
+        c.unet,
+        inputs,
+        args.num_images_per_prompt,
+        args.guidance_scale,
+        &device,
+    )?;
+    let mut generators = args.generator.instantiate(batch)?;
+    let dtype = unet_dtype(c.unet);
+
+    let f = c.vae_scale_factor();
+    let latent_channels = c.vae.config().latent_channels;
+    let image = preprocess(
+        &VaeImageProcessor::new(f),
+        &image,
+        None,
+        Some(latent_channels),
+        "image",
+        &device,
+    )?;
+
+    let steps = retrieve_timesteps(
+        c.scheduler,
+        args.num_inference_steps,
+        args.timesteps.as_deref(),
+        args.sigmas.as_deref(),
+    )?;
+    let timesteps = timesteps_for_strength(c.scheduler, steps, args.strength)?;
+    let latent_timestep = vec![timesteps[0]; batch];
+
+    // prepare_latents
+    let init_latents = if image.dims()[1] == latent_channels {
+        image
+    } else {
+        // One generator per image: the image batch is repeated to the full batch first,
+        // then each image is encoded with its own generator.
+        let image = if generators.len() > 1 {
+            tile_to_batch(image, batch, "image")?
+        } else {
+            image
+        };
+        encode_vae_image(c.vae, image, &mut generators)?
+    };
+    let init_latents = tile_to_batch(cast_like_model(init_latents, dtype), batch, "image")?;
+    let noise = randn_latents(init_latents.dims(), &mut generators, &device, dtype)?;
+    let latents = c
+        .scheduler
+        .add_noise(init_latents, noise, &latent_timestep)?;
+
+    let ip_adapter_image_embeds = crate::ip_adapter::prepare_ip_adapter_image_embeds(
+        c.unet,
+        c.image_encoder,
+        c.feature_extractor,
+        &args.ip_adapter,
+        batch,
+        do_cfg,
+        &device,
+    )?;
+    let (latents, interrupted) = DenoiseLoop {
+        unet: c.unet,
+        scheduler: c.scheduler,
+        timesteps,
+        prompt_embeds,
+        do_classifier_free_guidance: do_cfg,
+        guidance_scale: args.guidance_scale,
+        guidance_rescale: 0.0,
+        eta: args.eta,
+        condition: InpaintCondition::None,
+        added_cond: None,
+        image_embeds: ip_adapter_image_embeds,
+        ip_adapter_masks: std::mem::take(&mut args.ip_adapter.masks),
+        generators: &mut generators,
+        callback: args.callback.as_mut(),
+        progress: args.progress,
+    }
+    .run(latents)?;
+    decode_latents(c.vae, f, latents, args.output_type, interrupted)
 }

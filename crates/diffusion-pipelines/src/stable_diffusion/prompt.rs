@@ -3,7 +3,7 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Device, Error, Result};
 use diffusion_loaders::textual_inversion::maybe_convert_prompts;
-use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, Padding};
+use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, Padding, UNet2DConditionModel};
 
 /// The text inputs of a call, as the pipelines' `prompt`, `negative_prompt`, `prompt_embeds`,
 /// `negative_prompt_embeds` and `clip_skip` arguments.
@@ -103,6 +103,55 @@ fn embed(
     }
 }
 
+/// A tokenizer + text encoder pair that turns prompts into the UNet's text conditioning, so the
+/// Stable Diffusion machinery runs on other encoders (AltDiffusion's XLM-R) unchanged.
+pub(crate) trait PromptEncoder {
+    /// The tokenizer's `model_max_length`: the positive prompts' padded length.
+    fn model_max_length(&self) -> usize;
+
+    /// Embed `prompts` padded and truncated to `max_length`, taking the hidden state
+    /// `clip_skip` layers before the last where the encoder supports it.
+    ///
+    /// # Shapes
+    /// - output: `[prompts, max_length, cross_attention_dim]`
+    fn embed(
+        &self,
+        prompts: &[String],
+        max_length: usize,
+        clip_skip: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor<3>>;
+}
+
+/// Stable Diffusion's CLIP tokenizer and text encoder as a [`PromptEncoder`].
+pub(crate) struct ClipPromptEncoder<'a> {
+    pub tokenizer: &'a CLIPTokenizer,
+    pub text_encoder: &'a CLIPTextModel,
+}
+
+impl PromptEncoder for ClipPromptEncoder<'_> {
+    fn model_max_length(&self) -> usize {
+        self.tokenizer.model_max_length()
+    }
+
+    fn embed(
+        &self,
+        prompts: &[String],
+        max_length: usize,
+        clip_skip: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
+        embed(
+            self.tokenizer,
+            self.text_encoder,
+            prompts,
+            max_length,
+            clip_skip,
+            device,
+        )
+    }
+}
+
 /// `[B, ...]` to `[B * n, ...]`, each row repeated `n` times in place (`repeat(1, n, 1).view`).
 pub(crate) fn repeat_rows<const D: usize>(x: Tensor<D>, n: usize) -> Tensor<D> {
     if n == 1 {
@@ -128,18 +177,35 @@ pub(crate) fn encode_prompt(
     do_classifier_free_guidance: bool,
     device: &Device,
 ) -> Result<(Tensor<3>, Option<Tensor<3>>)> {
+    let encoder = ClipPromptEncoder {
+        tokenizer,
+        text_encoder,
+    };
+    encode_prompt_with(
+        &encoder,
+        inputs,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        device,
+    )
+}
+
+/// [`encode_prompt`] with any [`PromptEncoder`].
+///
+/// # Errors
+/// As [`PromptInputs::batch_size`] and the encoder.
+pub(crate) fn encode_prompt_with(
+    encoder: &impl PromptEncoder,
+    inputs: PromptInputs<'_>,
+    num_images_per_prompt: usize,
+    do_classifier_free_guidance: bool,
+    device: &Device,
+) -> Result<(Tensor<3>, Option<Tensor<3>>)> {
     let batch = inputs.batch_size()?;
-    let max_length = tokenizer.model_max_length();
+    let max_length = encoder.model_max_length();
     let prompt_embeds = match inputs.prompt_embeds {
         Some(e) => e,
-        None => embed(
-            tokenizer,
-            text_encoder,
-            inputs.prompt,
-            max_length,
-            inputs.clip_skip,
-            device,
-        )?,
+        None => encoder.embed(inputs.prompt, max_length, inputs.clip_skip, device)?,
     };
     let seq = prompt_embeds.dims()[1];
     let negative = if do_classifier_free_guidance {
@@ -152,7 +218,7 @@ pub(crate) fn encode_prompt(
                 };
                 // The negative prompt is padded to the prompt embeddings' length and never
                 // clip-skipped (diffusers' behaviour).
-                embed(tokenizer, text_encoder, &uncond, seq, None, device)?
+                encoder.embed(&uncond, seq, None, device)?
             }
         };
         Some(repeat_rows(negative, num_images_per_prompt))
@@ -185,22 +251,42 @@ pub(crate) fn encode_for_unet(
     guidance_scale: f64,
     device: &Device,
 ) -> Result<GuidedPrompt> {
-    let batch = inputs.batch_size()? * num_images_per_prompt;
-    let do_cfg = guidance_scale > 1.0 && c.unet.config().time_cond_proj_dim.is_none();
-    let (positive, negative) = encode_prompt(
-        &c.tokenizer,
-        &c.text_encoder,
+    let encoder = ClipPromptEncoder {
+        tokenizer: &c.tokenizer,
+        text_encoder: &c.text_encoder,
+    };
+    encode_for_unet_with(
+        &encoder,
+        &c.unet,
         inputs,
         num_images_per_prompt,
-        do_cfg,
+        guidance_scale,
         device,
-    )?;
+    )
+}
+
+/// [`encode_for_unet`] with any [`PromptEncoder`] and the UNet it conditions.
+///
+/// # Errors
+/// As [`encode_prompt_with`].
+pub(crate) fn encode_for_unet_with(
+    encoder: &impl PromptEncoder,
+    unet: &UNet2DConditionModel,
+    inputs: PromptInputs<'_>,
+    num_images_per_prompt: usize,
+    guidance_scale: f64,
+    device: &Device,
+) -> Result<GuidedPrompt> {
+    let batch = inputs.batch_size()? * num_images_per_prompt;
+    let do_cfg = guidance_scale > 1.0 && unet.config().time_cond_proj_dim.is_none();
+    let (positive, negative) =
+        encode_prompt_with(encoder, inputs, num_images_per_prompt, do_cfg, device)?;
     let embeds = match negative {
         Some(negative) => Tensor::cat(vec![negative, positive], 0),
         None => positive,
     };
     Ok(GuidedPrompt {
-        embeds: super::denoise::cast_like_model(embeds, super::denoise::unet_dtype(&c.unet)),
+        embeds: super::denoise::cast_like_model(embeds, super::denoise::unet_dtype(unet)),
         do_cfg,
         batch,
     })

@@ -1,6 +1,8 @@
 //! Pipeline parity with diffusers on tiny random components (one test binary).
 
+mod alt_diffusion;
 mod common;
+mod cycle_diffusion;
 mod every_scheduler;
 mod ip_adapter;
 mod lora;

@@ -1,0 +1,341 @@
+//! AltDiffusion (`diffusers.pipelines.deprecated.alt_diffusion`): Stable Diffusion with the CLIP
+//! text encoder replaced by the multilingual XLM-R encoder of AltCLIP
+//! ([`RobertaSeriesModelWithTransformation`]) and its [`XLMRobertaTokenizer`].
+//!
+//! Everything after the prompt embeddings is Stable Diffusion's: the pipelines run the same
+//! denoising and image-to-image code through a [`PromptEncoder`] for the XLM-R encoder, so the
+//! results match diffusers' `AltDiffusionPipeline` / `AltDiffusionImg2ImgPipeline` wherever they
+//! match the Stable Diffusion ones.
+//!
+//! `clip_skip` is rejected with [`Error::InvalidArgument`]: diffusers 0.42.1 takes
+//! `hidden_states[-(clip_skip + 1)]` and then calls `text_encoder.text_model.final_layer_norm`,
+//! which this encoder does not have (an `AttributeError`); its hidden states are also
+//! `hidden_size` wide and not projected to the UNet's width, and XLM-R has no final norm to
+//! apply, so there is no result to reproduce.
+
+use std::path::{Path, PathBuf};
+
+use diffusion_core::burn::module::Module;
+use diffusion_core::burn::tensor::{FloatDType, Tensor};
+use diffusion_core::{ComponentSpec, Device, Error, ModelIndex, Result};
+use diffusion_loaders::{HubOptions, resolve_model_dir};
+use diffusion_models::modeling_utils::to_dtype;
+use diffusion_models::unets::unet_2d::SampleSize;
+use diffusion_models::{
+    AutoencoderKL, LoadMode, ModelMixin, Padding, PretrainedOptions,
+    RobertaSeriesModelWithTransformation, UNet2DConditionModel, XLMRobertaTokenizer,
+};
+use diffusion_schedulers::{AnyScheduler, SchedulerSpec};
+
+use crate::stable_diffusion::prompt::PromptEncoder;
+use crate::stable_diffusion::{SdModels, load_image_encoder, variant_for};
+
+pub mod pipeline_alt_diffusion;
+pub mod pipeline_alt_diffusion_img2img;
+
+pub use pipeline_alt_diffusion::{AltDiffusionArgs, AltDiffusionPipeline};
+pub use pipeline_alt_diffusion_img2img::{AltDiffusionImg2ImgArgs, AltDiffusionImg2ImgPipeline};
+
+/// The pipeline classes whose folders hold these components.
+pub const PIPELINE_CLASSES: &[&str] = &["AltDiffusionPipeline", "AltDiffusionImg2ImgPipeline"];
+
+/// The models and scheduler of the AltDiffusion pipelines.
+///
+/// Clone it to share the weights between pipelines (burn parameters are reference counted).
+#[derive(Clone, Debug)]
+pub struct AltDiffusionComponents {
+    /// Image <-> latent autoencoder.
+    pub vae: AutoencoderKL,
+    /// XLM-R text encoder with its projection to the UNet's width.
+    pub text_encoder: RobertaSeriesModelWithTransformation,
+    /// XLM-R sentencepiece tokenizer.
+    pub tokenizer: XLMRobertaTokenizer,
+    /// The conditional denoiser.
+    pub unet: UNet2DConditionModel,
+    /// The noise scheduler; swap it with [`Self::set_scheduler`].
+    pub scheduler: AnyScheduler,
+    /// The IP-Adapter image encoder (`image_encoder`) when the folder has one.
+    pub image_encoder: Option<diffusion_models::CLIPVisionModelWithProjection>,
+    /// The image encoder's preprocessing (`feature_extractor`) when the folder has one.
+    pub feature_extractor: Option<diffusion_models::CLIPImageProcessor>,
+}
+
+impl AsRef<AltDiffusionComponents> for AltDiffusionComponents {
+    fn as_ref(&self) -> &AltDiffusionComponents {
+        self
+    }
+}
+
+impl AltDiffusionComponents {
+    /// Load a diffusers folder or Hub repository id (default [`HubOptions`]).
+    ///
+    /// # Errors
+    /// As [`Self::from_pretrained_with`].
+    pub fn from_pretrained(name_or_path: &str, device: &Device) -> Result<Self> {
+        Self::from_pretrained_with(name_or_path, &HubOptions::default(), device)
+    }
+
+    /// Load a diffusers folder or Hub repository id; `options.variant` picks `*.fp16.*` weights
+    /// where a component folder has them.
+    ///
+    /// # Errors
+    /// As [`resolve_model_dir`] and [`Self::load_dir`].
+    pub fn from_pretrained_with(
+        name_or_path: &str,
+        options: &HubOptions,
+        device: &Device,
+    ) -> Result<Self> {
+        let dir = resolve_model_dir(name_or_path, options)?;
+        Self::load_dir(&dir, options.variant.as_deref(), device)
+    }
+
+    /// Load a local AltDiffusion pipeline folder.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] without `model_index.json`; [`Error::Unsupported`] /
+    /// [`Error::ConfigField`] naming `model_index.json` and the component for another pipeline
+    /// class, a missing required component or one of an unexpected class; as the component
+    /// loaders (strict weights).
+    pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+        let index_path = dir.join("model_index.json");
+        if !index_path.is_file() {
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+                message: "no `model_index.json`: not a diffusers pipeline folder".into(),
+            });
+        }
+        let index = ModelIndex::load(&index_path)?;
+        check_index(&index, &index_path)?;
+        let opts = |component: &str| PretrainedOptions {
+            variant: variant_for(&dir.join(component), variant),
+            mode: LoadMode::default(),
+        };
+        let (unet, _) =
+            UNet2DConditionModel::from_pretrained_with(dir.join("unet"), &opts("unet"), device)?;
+        let (vae, _) = AutoencoderKL::from_pretrained_with(dir.join("vae"), &opts("vae"), device)?;
+        let (text_encoder, _) = RobertaSeriesModelWithTransformation::from_pretrained_with(
+            dir.join("text_encoder"),
+            &opts("text_encoder"),
+            device,
+        )?;
+        let tokenizer = XLMRobertaTokenizer::from_pretrained(dir.join("tokenizer"))?;
+        let scheduler = AnyScheduler::from_config_file(dir.join("scheduler"))?;
+        let (image_encoder, feature_extractor) =
+            load_image_encoder(dir, &opts("image_encoder"), device)?;
+        Ok(Self {
+            vae,
+            text_encoder,
+            tokenizer,
+            unet,
+            scheduler,
+            image_encoder,
+            feature_extractor,
+        })
+    }
+
+    /// Replace the scheduler by another class built from the current one's config; `name` is a
+    /// diffusers class name or an A1111 alias (`"DPM++ 2M Karras"`).
+    ///
+    /// # Errors
+    /// [`Error::UnknownName`] for an unknown name; as [`AnyScheduler::convert`].
+    pub fn set_scheduler(&mut self, name: &str) -> Result<()> {
+        self.scheduler = AnyScheduler::convert(&self.scheduler, &SchedulerSpec::parse(name)?)?;
+        Ok(())
+    }
+
+    /// Cast every model to `dtype` (`pipe.to(torch.float16)`).
+    ///
+    /// # Errors
+    /// As [`to_dtype`].
+    pub fn to_dtype(self, dtype: FloatDType) -> Result<Self> {
+        Ok(Self {
+            vae: to_dtype(self.vae, dtype)?,
+            text_encoder: to_dtype(self.text_encoder, dtype)?,
+            unet: to_dtype(self.unet, dtype)?,
+            ..self
+        })
+    }
+
+    /// Pixels per latent along each side.
+    pub fn vae_scale_factor(&self) -> usize {
+        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+    }
+
+    /// `unet.config.sample_size * vae_scale_factor` as `(height, width)`.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`height`) when the UNet config has no `sample_size`.
+    pub fn default_size(&self) -> Result<(usize, usize)> {
+        let f = self.vae_scale_factor();
+        match self.unet.config().sample_size {
+            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
+            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
+            None => Err(Error::invalid_argument(
+                "height",
+                "the UNet config has no sample_size: give height and width",
+            )),
+        }
+    }
+
+    /// The device the models live on.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`unet`) for a model without parameters.
+    pub fn device(&self) -> Result<Device> {
+        self.unet
+            .devices()
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))
+    }
+
+    /// The prompt encoder and the Stable Diffusion models, borrowed for one call.
+    pub(crate) fn split(&mut self) -> (SdModels<'_>, AltPromptEncoder<'_>) {
+        (
+            SdModels {
+                vae: &self.vae,
+                unet: &self.unet,
+                scheduler: &mut self.scheduler,
+                image_encoder: self.image_encoder.as_ref(),
+                feature_extractor: self.feature_extractor.as_ref(),
+            },
+            AltPromptEncoder {
+                tokenizer: &self.tokenizer,
+                text_encoder: &self.text_encoder,
+            },
+        )
+    }
+}
+
+/// AltDiffusion's `encode_prompt` text path: XLM-R ids padded to `max_length`, the tokenizer's
+/// attention mask when the encoder's config sets `use_attention_mask`, and `projection_state`
+/// as the prompt embeddings.
+pub(crate) struct AltPromptEncoder<'a> {
+    pub tokenizer: &'a XLMRobertaTokenizer,
+    pub text_encoder: &'a RobertaSeriesModelWithTransformation,
+}
+
+impl PromptEncoder for AltPromptEncoder<'_> {
+    fn model_max_length(&self) -> usize {
+        self.tokenizer.model_max_length()
+    }
+
+    fn embed(
+        &self,
+        prompts: &[String],
+        max_length: usize,
+        clip_skip: Option<usize>,
+        device: &Device,
+    ) -> Result<Tensor<3>> {
+        if let Some(skip) = clip_skip {
+            return Err(Error::invalid_argument(
+                "clip_skip",
+                format!(
+                    "{skip}: AltDiffusion's XLM-R text encoder has no clip_skip (diffusers fails \
+                     on it too: its hidden states are neither normed nor projected to the UNet's \
+                     width)"
+                ),
+            ));
+        }
+        for prompt in prompts {
+            let len = self.tokenizer.encode(prompt, true)?.len();
+            if len > max_length {
+                log::warn!("prompt of {len} tokens truncated to {max_length}: {prompt:?}");
+            }
+        }
+        let tokens =
+            self.tokenizer
+                .tokenize(prompts, Padding::MaxLength, Some(max_length), true)?;
+        let mask = if self.text_encoder.config().use_attention_mask {
+            Some(tokens.attention_mask_tensor(device)?)
+        } else {
+            None
+        };
+        let out = self
+            .text_encoder
+            .forward(tokens.input_ids_tensor(device)?, mask)?;
+        Ok(out.projection_state)
+    }
+}
+
+fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
+    let field_err = |field: &str, message: String| Error::ConfigField {
+        path: PathBuf::from(path),
+        field: field.to_string(),
+        message,
+    };
+    if !PIPELINE_CLASSES.contains(&index.class_name.as_str()) {
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            field: "_class_name".into(),
+            value: index.class_name.clone(),
+            reason: format!(
+                "the AltDiffusion pipelines load {} folders",
+                PIPELINE_CLASSES.join(" / ")
+            ),
+        });
+    }
+    let required: &[(&str, &[&str])] = &[
+        ("unet", &["UNet2DConditionModel"]),
+        ("vae", &["AutoencoderKL"]),
+        ("text_encoder", &["RobertaSeriesModelWithTransformation"]),
+        (
+            "tokenizer",
+            &["XLMRobertaTokenizer", "XLMRobertaTokenizerFast"],
+        ),
+    ];
+    for (name, classes) in required {
+        match index.components.get(*name) {
+            Some(ComponentSpec {
+                class_name: Some(class),
+                ..
+            }) if classes.contains(&class.as_str()) => {}
+            Some(ComponentSpec {
+                class_name: Some(class),
+                ..
+            }) => {
+                return Err(Error::Unsupported {
+                    path: path.to_path_buf(),
+                    field: (*name).into(),
+                    value: class.clone(),
+                    reason: format!("expected {}", classes.join(" or ")),
+                });
+            }
+            _ => return Err(field_err(name, "required component is missing".into())),
+        }
+    }
+    if !matches!(
+        index.components.get("scheduler"),
+        Some(ComponentSpec {
+            class_name: Some(_),
+            ..
+        })
+    ) {
+        return Err(field_err(
+            "scheduler",
+            "required component is missing".into(),
+        ));
+    }
+    for (name, spec) in &index.components {
+        let known = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
+        if known.contains(&name.as_str()) || spec.class_name.is_none() {
+            continue;
+        }
+        if ["safety_checker", "feature_extractor", "image_encoder"].contains(&name.as_str()) {
+            if name == "safety_checker" {
+                log::warn!(
+                    "{}: `safety_checker` is not loaded; this port runs no safety checker",
+                    path.display()
+                );
+            }
+            continue;
+        }
+        return Err(Error::Unsupported {
+            path: path.to_path_buf(),
+            field: name.clone(),
+            value: spec.class_name.clone().unwrap_or_default(),
+            reason: "not an AltDiffusion component".into(),
+        });
+    }
+    Ok(())
+}
