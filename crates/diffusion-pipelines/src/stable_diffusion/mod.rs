@@ -42,6 +42,7 @@ const PIPELINE_CLASSES: &[&str] = &[
     "StableDiffusionPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
+    "CycleDiffusionPipeline",
 ];
 
 /// Optional components diffusers' Stable Diffusion folders may name: the IP-Adapter image encoder

@@ -278,3 +278,37 @@ fn cycle_diffusion_rejects_bad_input_with_typed_errors() {
     let mut pipe = CycleDiffusionPipeline::from_parts(euler);
     expect_invalid(pipe.call(base()), "scheduler", "EulerDiscreteScheduler");
 }
+
+/// A folder saved by diffusers' `CycleDiffusionPipeline.save_pretrained` (the Stable Diffusion
+/// components under `_class_name: "CycleDiffusionPipeline"`) loads.
+#[test]
+fn a_cycle_diffusion_folder_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd1 = fixtures().join("pipelines/sd/sd1");
+    for entry in walk(&sd1) {
+        let rel = entry.strip_prefix(&sd1).unwrap();
+        let to = dir.path().join(rel);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(&entry, &to).unwrap();
+    }
+    let index = dir.path().join("model_index.json");
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    json["_class_name"] = Value::from("CycleDiffusionPipeline");
+    std::fs::write(&index, serde_json::to_string(&json).unwrap()).unwrap();
+    let pipe =
+        CycleDiffusionPipeline::from_pretrained(dir.path().to_str().unwrap(), &Device::flex());
+    assert!(pipe.is_ok(), "{:?}", pipe.err());
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
