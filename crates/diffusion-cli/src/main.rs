@@ -1,6 +1,7 @@
 //! `diffusers`: generate and train diffusion models from the terminal.
 
 mod edit_cycle;
+mod edit_pix2pix_zero;
 mod generate;
 mod metadata;
 mod output;
@@ -36,6 +37,10 @@ enum Command {
     /// Edit an image by rewording its description (CycleDiffusionPipeline, DDIM): --source-prompt
     /// says what --image shows, --prompt what it should show; what they share is kept.
     EditCycle(edit_cycle::EditCycleArgs),
+    /// Edit an image along a text direction, keeping its structure (Pix2Pix Zero,
+    /// StableDiffusionPix2PixZeroPipeline): the mean of the --target-prompt captions minus that
+    /// of the --source-prompt captions; --image is inverted under its --caption first.
+    EditPix2pixZero(edit_pix2pix_zero::EditPix2PixZeroArgs),
     /// Train a model (diffusers' training examples as commands).
     #[command(subcommand)]
     Train(train::TrainCommand),
@@ -50,6 +55,7 @@ fn main() {
         Command::Img2img(args) => generate::img2img(args),
         Command::Inpaint(args) => generate::inpaint(args),
         Command::EditCycle(args) => edit_cycle::run(args),
+        Command::EditPix2pixZero(args) => edit_pix2pix_zero::run(args),
         Command::Train(command) => train::run(command),
     };
     if let Err(e) = result {

@@ -1120,3 +1120,338 @@ fn alt_diffusion_folder_runs_txt2img_and_img2img() {
         assert!(!png.exists() && !npy.exists(), "{args:?} left a file");
     }
 }
+
+/// The real-image flow of Pix2Pix Zero: invert under the caption, then edit along the caption
+/// direction with cross-attention guidance (cases `invert_reg` and `edit_inverted_guided` of
+/// fixtures/oracle/gen_pipelines_pix2pix_zero.py); then `--invert-only` and `--latents`.
+#[test]
+fn edit_pix2pix_zero_reproduces_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("edit.png"), dir.path().join("edit.npy"));
+    let inv = dir.path().join("inverted.npy");
+    let targets = dir.path().join("targets.txt");
+    std::fs::write(
+        &targets,
+        "# target captions\na dog sitting on the street\n\na dog playing in the field\n\
+         a face of a dog\n",
+    )
+    .unwrap();
+    let image = fixtures().join("pipelines/sd/image.png");
+    let outputs = "pipelines/pix2pix_zero/outputs.safetensors";
+    let caption = "a photo of a cat";
+    let out = diffusers()
+        .args(["edit-pix2pix-zero", "--model", &sd_folder("sd1"), "--image"])
+        .arg(&image)
+        .args([
+            "--caption",
+            caption,
+            "--negative-prompt",
+            caption,
+            "--source-prompt",
+            "a cat sitting on the street",
+            "--source-prompt",
+            "a cat playing in the field",
+            "--source-prompt",
+            "a face of a cat",
+            "--target-prompts-file",
+        ])
+        .arg(&targets)
+        .args([
+            "--cross-attention-guidance",
+            "5",
+            "--steps",
+            "3",
+            "--seed",
+            "0",
+            "--quiet",
+            "--output",
+        ])
+        .arg(&png)
+        .arg("--output-npy")
+        .arg(&npy)
+        .arg("--output-latents")
+        .arg(&inv)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (file, name) in [(&inv, "invert_reg/latents"), (&npy, "edit_inverted_guided")] {
+        let got = NpyArray::read(file).unwrap();
+        let (shape, want) = fixture_tensor(outputs, name);
+        assert_eq!(got.shape, shape, "{name}");
+        let diff = max_abs_diff(&got.data, &want);
+        eprintln!("edit-pix2pix-zero {name}: max |diff| = {diff:.2e}");
+        assert!(diff <= 1e-3, "{name}: max |diff| = {diff}");
+    }
+    let text = read_png_text(&png).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    for needle in [
+        "a photo of a cat\n",
+        "Caption: \"a photo of a cat\"",
+        "Target prompts: \"a dog sitting on the street | a dog playing in the field | a face of \
+         a dog\"",
+        "Cross-attention guidance: 5",
+        "Seed: 0",
+    ] {
+        assert!(params.contains(needle), "no {needle:?} in {params}");
+    }
+
+    // --invert-only: the inverted latents and their decoding, nothing else needed.
+    let (inv_png, inv_npy, inv2) = (
+        dir.path().join("inv.png"),
+        dir.path().join("inv_image.npy"),
+        dir.path().join("inv2.npy"),
+    );
+    let out = diffusers()
+        .args(["edit-pix2pix-zero", "--model", &sd_folder("sd1"), "--image"])
+        .arg(&image)
+        .args(["--caption", caption, "--invert-only", "--steps", "3"])
+        .args(["--seed", "0", "--quiet", "--output"])
+        .arg(&inv_png)
+        .arg("--output-npy")
+        .arg(&inv_npy)
+        .arg("--output-latents")
+        .arg(&inv2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (file, name) in [
+        (&inv2, "invert_reg/latents"),
+        (&inv_npy, "invert_reg/images"),
+    ] {
+        let diff = max_abs_diff(
+            &NpyArray::read(file).unwrap().data,
+            &fixture_tensor(outputs, name).1,
+        );
+        assert!(diff <= 1e-3, "--invert-only {name}: {diff}");
+    }
+
+    // --latents: the edit from saved latents equals the one-shot flow.
+    let (png2, npy2) = (dir.path().join("edit2.png"), dir.path().join("edit2.npy"));
+    let out = diffusers()
+        .args([
+            "edit-pix2pix-zero",
+            "--model",
+            &sd_folder("sd1"),
+            "--latents",
+        ])
+        .arg(&inv2)
+        .args(["--prompt", caption, "--negative-prompt", caption])
+        .args(["--source-prompt", "a cat sitting on the street"])
+        .args(["--source-prompt", "a cat playing in the field"])
+        .args([
+            "--source-prompt",
+            "a face of a cat",
+            "--target-prompts-file",
+        ])
+        .arg(&targets)
+        .args(["--cross-attention-guidance", "5", "--steps", "3"])
+        .args(["--seed", "0", "--quiet", "--output"])
+        .arg(&png2)
+        .arg("--output-npy")
+        .arg(&npy2)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let diff = max_abs_diff(
+        &NpyArray::read(&npy2).unwrap().data,
+        &NpyArray::read(&npy).unwrap().data,
+    );
+    assert!(diff <= 1e-5, "--latents vs one-shot: {diff}");
+}
+
+#[test]
+fn edit_pix2pix_zero_rejects_bad_flags_before_loading_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (png, npy) = (dir.path().join("out.png"), dir.path().join("out.npy"));
+    let lat = dir.path().join("lat.npy");
+    let image = fixtures().join("pipelines/sd/image.png");
+    let image = image.to_str().unwrap();
+    let not_npy = fixtures().join("pipelines/sd/cases.json");
+    let not_npy = not_npy.to_str().unwrap();
+    let empty = dir.path().join("empty.txt");
+    std::fs::write(&empty, "# nothing\n\n").unwrap();
+    let empty = empty.to_str().unwrap();
+    let missing_dir = dir.path().join("no/such/dir/out.npy");
+    let missing_dir = missing_dir.to_str().unwrap();
+    let lat_arg = lat.to_str().unwrap();
+    let direction = [
+        "--source-prompt",
+        "a cat",
+        "--target-prompt",
+        "a dog",
+        "--prompt",
+        "a photo of a cat",
+    ];
+    // A model folder that does not exist: every refusal below must come before loading.
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["--steps", "0"], "--steps"),
+        (
+            [&direction[..], &["--invert-steps", "0"]].concat(),
+            "--invert-steps",
+        ),
+        (
+            [&direction[..], &["--cross-attention-guidance", "NaN"]].concat(),
+            "--cross-attention-guidance",
+        ),
+        (
+            [&direction[..], &["--lambda-kl=-1"]].concat(),
+            "--lambda-kl",
+        ),
+        (
+            [&direction[..], &["--guidance", "inf"]].concat(),
+            "--guidance inf",
+        ),
+        (
+            [&direction[..], &["--height", "32"]].concat(),
+            "both --height and --width",
+        ),
+        (
+            [&direction[..], &["--height", "30", "--width", "32"]].concat(),
+            "--height 30",
+        ),
+        ([&direction[..], &["--dtype", "f8"]].concat(), "--dtype f8"),
+        (
+            [&direction[..], &["--output-npy", missing_dir]].concat(),
+            "--output-npy",
+        ),
+        // The direction needs both sides; captions files must hold captions.
+        (
+            vec!["--source-prompt", "a cat", "--prompt", "a cat"],
+            "--target-prompt",
+        ),
+        (
+            vec!["--target-prompt", "a dog", "--prompt", "a cat"],
+            "--source-prompt",
+        ),
+        (
+            vec![
+                "--source-prompts-file",
+                empty,
+                "--target-prompt",
+                "a dog",
+                "--prompt",
+                "a cat",
+            ],
+            "no captions",
+        ),
+        (
+            vec!["--source-prompt", "a cat", "--target-prompt", "a dog"],
+            "--prompt is required",
+        ),
+        // Real-image flags.
+        ([&direction[..], &["--image", image]].concat(), "--caption"),
+        ([&direction[..], &["--caption", "x"]].concat(), "--image"),
+        (
+            [
+                &direction[..],
+                &["--image", image, "--caption", "x", "--latents", lat_arg],
+            ]
+            .concat(),
+            "--latents and --image",
+        ),
+        (
+            [&direction[..], &["--output-latents", lat_arg]].concat(),
+            "--output-latents",
+        ),
+        (
+            vec!["--invert-only", "--image", image, "--caption", "x"],
+            "--invert-only needs",
+        ),
+        (
+            vec![
+                "--invert-only",
+                "--image",
+                image,
+                "--caption",
+                "x",
+                "--output-latents",
+                lat_arg,
+                "--target-prompt",
+                "a dog",
+            ],
+            "not used with --invert-only",
+        ),
+        (
+            [&direction[..], &["--latents", not_npy]].concat(),
+            "--latents",
+        ),
+        (
+            [
+                &direction[..],
+                &[
+                    "--image",
+                    image,
+                    "--caption",
+                    "x",
+                    "--output-latents",
+                    "x.png",
+                ],
+            ]
+            .concat(),
+            ".npy",
+        ),
+    ];
+    for (extra, needle) in cases {
+        let out = diffusers()
+            .args(["edit-pix2pix-zero", "--model"])
+            .arg(dir.path().join("no-model"))
+            .args(&extra)
+            .arg("--quiet")
+            .arg("--output")
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{extra:?} should fail");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("no-model"), "{extra:?} loaded: {stderr}");
+        assert!(
+            !png.exists() && !npy.exists() && !lat.exists(),
+            "{extra:?} left a file"
+        );
+    }
+    let help = diffusers()
+        .args(["edit-pix2pix-zero", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--source-prompt",
+        "--target-prompts-file",
+        "--cross-attention-guidance",
+        "--caption",
+        "--invert-only",
+        "--output-latents",
+        "--lambda-auto-corr",
+    ] {
+        assert!(
+            help.contains(flag),
+            "edit-pix2pix-zero --help lacks {flag}: {help}"
+        );
+    }
+    // Once the flags pass, a model that does not exist is reported as such.
+    let out = diffusers()
+        .args(["edit-pix2pix-zero", "--model"])
+        .arg(dir.path().join("no-model"))
+        .args(direction)
+        .arg("--quiet")
+        .arg("--output")
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--model"));
+    assert!(!png.exists());
+}

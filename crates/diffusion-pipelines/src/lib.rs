@@ -12,6 +12,7 @@ pub mod ddpm;
 pub mod ip_adapter;
 pub mod lora;
 pub mod pipeline_utils;
+pub mod pix2pix_zero;
 pub mod single_file;
 pub mod stable_diffusion;
 pub mod stable_diffusion_xl;
@@ -27,6 +28,10 @@ pub use ddim::DDIMPipeline;
 pub use ddpm::DDPMPipeline;
 pub use ip_adapter::{IPAdapterArgs, ip_adapter_masks};
 pub use pipeline_utils::{Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo};
+pub use pix2pix_zero::{
+    Captioner, Pix2PixInversionPipelineOutput, Pix2PixZeroInvertArgs,
+    StableDiffusionPix2PixZeroArgs, StableDiffusionPix2PixZeroPipeline,
+};
 pub use single_file::SingleFilePipelineOptions;
 pub use stable_diffusion::{
     PipelineImageInput, StableDiffusionArgs, StableDiffusionComponents, StableDiffusionImg2ImgArgs,
@@ -53,3 +58,8 @@ pub struct CycleDiffusionGuide;
 #[cfg(doctest)]
 #[doc = include_str!("../../../docs/alt-diffusion.md")]
 pub struct AltDiffusionGuide;
+
+/// The examples of docs/pix2pix-zero.md, compiled as doctests so the guide stays correct.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/pix2pix-zero.md")]
+pub struct Pix2PixZeroGuide;

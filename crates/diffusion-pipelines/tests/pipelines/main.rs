@@ -6,6 +6,7 @@ mod cycle_diffusion;
 mod every_scheduler;
 mod ip_adapter;
 mod lora;
+mod pix2pix_zero;
 mod single_file;
 mod stable_diffusion;
 mod unconditional;
