@@ -288,7 +288,14 @@ impl StableDiffusionPix2PixZeroPipeline {
         let mut components =
             StableDiffusionComponents::from_pretrained_with(name_or_path, options, device)?;
         components.set_scheduler("DDIMScheduler")?;
-        Self::from_parts(components)
+        let mut pipe = Self::from_parts(components)?;
+        // A saved Pix2Pix Zero folder carries its own inverse scheduler config.
+        let dir = diffusion_loaders::resolve_model_dir(name_or_path, options)?;
+        let inverse = dir.join("inverse_scheduler");
+        if inverse.join("scheduler_config.json").is_file() {
+            pipe.inverse_scheduler = AnyScheduler::from_config_file(&inverse)?;
+        }
+        Ok(pipe)
     }
 
     /// Build from loaded components, keeping their scheduler; the inverse scheduler is a

@@ -43,11 +43,21 @@ const PIPELINE_CLASSES: &[&str] = &[
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "CycleDiffusionPipeline",
+    "StableDiffusionPix2PixZeroPipeline",
 ];
 
 /// Optional components diffusers' Stable Diffusion folders may name: the IP-Adapter image encoder
 /// and its feature extractor are loaded when present; there is no safety checker.
-const OPTIONAL: &[&str] = &["safety_checker", "feature_extractor", "image_encoder"];
+const OPTIONAL: &[&str] = &[
+    "safety_checker",
+    "feature_extractor",
+    "image_encoder",
+    // Pix2Pix Zero folders: the inverse scheduler is read by that pipeline; the BLIP captioner is
+    // not ported (captions are given, or come from a `Captioner`).
+    "inverse_scheduler",
+    "caption_generator",
+    "caption_processor",
+];
 
 /// The models and scheduler every Stable Diffusion 1.x / 2.x pipeline runs on.
 ///
@@ -329,10 +339,15 @@ fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
             continue;
         }
         if OPTIONAL.contains(&name.as_str()) {
-            log::warn!(
-                "{}: `{name}` is not loaded; this port runs no safety checker or image encoder",
-                path.display()
-            );
+            if matches!(
+                name.as_str(),
+                "safety_checker" | "caption_generator" | "caption_processor"
+            ) {
+                log::warn!(
+                    "{}: `{name}` is not loaded; this port runs no safety checker or BLIP captioner",
+                    path.display()
+                );
+            }
             continue;
         }
         return Err(Error::Unsupported {

@@ -246,3 +246,46 @@ fn pix2pix_zero_bad_inputs_are_errors() {
         "caption_generator"
     );
 }
+
+/// A folder laid out as diffusers' `StableDiffusionPix2PixZeroPipeline.save_pretrained` writes it
+/// (no captioner, an `inverse_scheduler` config) loads, and its inverse scheduler config is used.
+#[test]
+fn a_pix2pix_zero_folder_loads_with_its_inverse_scheduler() {
+    let dir = tempfile::tempdir().unwrap();
+    let sd1 = fixtures().join("pipelines/sd/sd1");
+    copy_tree(&sd1, dir.path());
+    let index = dir.path().join("model_index.json");
+    let mut json: Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+    json["_class_name"] = Value::from("StableDiffusionPix2PixZeroPipeline");
+    json["inverse_scheduler"] = serde_json::json!(["diffusers", "DDIMInverseScheduler"]);
+    json["caption_generator"] = serde_json::json!([null, null]);
+    json["caption_processor"] = serde_json::json!([null, null]);
+    std::fs::write(&index, serde_json::to_string(&json).unwrap()).unwrap();
+    std::fs::create_dir_all(dir.path().join("inverse_scheduler")).unwrap();
+    std::fs::write(
+        dir.path().join("inverse_scheduler/scheduler_config.json"),
+        r#"{"_class_name": "DDIMInverseScheduler", "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 777}"#,
+    )
+    .unwrap();
+    let pipe = StableDiffusionPix2PixZeroPipeline::from_pretrained(
+        dir.path().to_str().unwrap(),
+        &Device::flex(),
+    )
+    .unwrap();
+    let config = diffusion_schedulers::Scheduler::config_value(&pipe.inverse_scheduler);
+    assert_eq!(config["num_train_timesteps"], 777, "{config}");
+}
+
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    for entry in std::fs::read_dir(from).unwrap() {
+        let path = entry.unwrap().path();
+        let target = to.join(path.file_name().unwrap());
+        if path.is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
