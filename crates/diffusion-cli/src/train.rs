@@ -1,17 +1,195 @@
-//! `diffusers train unconditional`: diffusers' train_unconditional.py as a command.
+//! `diffusers train unconditional|text-to-image|lora`: diffusers' train_unconditional.py,
+//! train_text_to_image.py and train_text_to_image_lora.py as commands.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand, ValueEnum};
 use diffusion_core::parse_device;
-use diffusion_train::{FolderOptions, ImageDataset, TrainConfig, train_unconditional};
+use diffusion_schedulers::PredictionType;
+use diffusion_train::{
+    FolderOptions, ImageDataset, Interpolation, LrScheduleKind, TextToImageConfig, TrainConfig,
+    train_text_to_image, train_unconditional,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum TrainCommand {
     /// Train a UNet2DModel from scratch (or from --pretrained-model) to denoise images, and save a
     /// DDPMPipeline folder that `diffusers sample --model` and diffusers' DDPMPipeline load.
     Unconditional(UnconditionalArgs),
+    /// Fine-tune a Stable Diffusion UNet on captioned images (train_text_to_image.py) and save
+    /// the pipeline folder.
+    TextToImage(TextToImageArgs),
+    /// Train a LoRA of a Stable Diffusion UNet's attention projections on captioned images
+    /// (train_text_to_image_lora.py) and save pytorch_lora_weights.safetensors.
+    Lora(LoraArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LrSchedulerArg {
+    Linear,
+    Cosine,
+    CosineWithRestarts,
+    Polynomial,
+    Constant,
+    ConstantWithWarmup,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum PredictionArg {
+    Epsilon,
+    VPrediction,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum InterpolationArg {
+    Bilinear,
+    Lanczos,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum MixedPrecisionArg {
+    No,
+    Fp16,
+    Bf16,
+}
+
+/// Options shared by `train text-to-image` and `train lora` (train_text_to_image.py's names).
+#[derive(Args, Debug)]
+pub struct TextToImageArgs {
+    /// A JSON config (TextToImageConfig); the flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+
+    /// A diffusers Stable Diffusion folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+
+    /// An imagefolder dataset: images plus metadata.jsonl with `file_name` and a caption column.
+    #[arg(long)]
+    pub train_data_dir: Option<PathBuf>,
+
+    /// The caption column of metadata.jsonl.
+    #[arg(long)]
+    pub caption_column: Option<String>,
+
+    /// Output folder: checkpoints, logs/train_log.jsonl and the result.
+    #[arg(long)]
+    pub output_dir: Option<PathBuf>,
+
+    /// Side of the square training images.
+    #[arg(long)]
+    pub resolution: Option<usize>,
+
+    /// Center crop (default: random crop).
+    #[arg(long)]
+    pub center_crop: bool,
+
+    /// Random horizontal flips.
+    #[arg(long)]
+    pub random_flip: bool,
+
+    /// Resize filter.
+    #[arg(long, value_enum)]
+    pub image_interpolation_mode: Option<InterpolationArg>,
+
+    /// Images per micro-batch.
+    #[arg(long)]
+    pub train_batch_size: Option<usize>,
+
+    /// Micro-batches per optimizer step.
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+
+    /// Passes over the data (when --max-train-steps is not given).
+    #[arg(long)]
+    pub num_train_epochs: Option<usize>,
+
+    /// Optimizer steps.
+    #[arg(long)]
+    pub max_train_steps: Option<usize>,
+
+    /// Peak learning rate.
+    #[arg(long)]
+    pub learning_rate: Option<f64>,
+
+    /// Learning-rate schedule.
+    #[arg(long, value_enum)]
+    pub lr_scheduler: Option<LrSchedulerArg>,
+
+    /// Warmup steps of the schedule.
+    #[arg(long)]
+    pub lr_warmup_steps: Option<usize>,
+
+    /// Clip the global gradient norm to this (0 disables clipping).
+    #[arg(long)]
+    pub max_grad_norm: Option<f64>,
+
+    /// Override the scheduler's prediction type.
+    #[arg(long, value_enum)]
+    pub prediction_type: Option<PredictionArg>,
+
+    /// Min-SNR loss weighting gamma (5 is the recommended value).
+    #[arg(long)]
+    pub snr_gamma: Option<f64>,
+
+    /// Noise offset scale.
+    #[arg(long)]
+    pub noise_offset: Option<f64>,
+
+    /// Input perturbation scale.
+    #[arg(long)]
+    pub input_perturbation: Option<f64>,
+
+    /// Encode the images through the VAE once before training.
+    #[arg(long)]
+    pub cache_latents: bool,
+
+    /// Mixed precision (only `no` is implemented).
+    #[arg(long, value_enum, default_value = "no")]
+    pub mixed_precision: MixedPrecisionArg,
+
+    /// Seed of everything random.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Save a resumable checkpoint every N optimizer steps.
+    #[arg(long)]
+    pub checkpointing_steps: Option<usize>,
+
+    /// Keep at most this many checkpoints.
+    #[arg(long)]
+    pub checkpoints_total_limit: Option<usize>,
+
+    /// Resume from a checkpoint folder, or "latest".
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
+
+    /// Keep an EMA of the UNet and save it (full fine-tuning only).
+    #[arg(long)]
+    pub use_ema: bool,
+
+    /// Device: cpu, or a GPU backend compiled into this build.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LoraArgs {
+    #[command(flatten)]
+    pub common: TextToImageArgs,
+
+    /// LoRA rank.
+    #[arg(long)]
+    pub rank: Option<usize>,
+
+    /// LoRA alpha (default: the rank, as train_text_to_image_lora.py sets it).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -94,6 +272,8 @@ pub struct UnconditionalArgs {
 pub fn run(command: TrainCommand) -> Result<()> {
     match command {
         TrainCommand::Unconditional(args) => unconditional(args),
+        TrainCommand::TextToImage(args) => text_to_image(args, None),
+        TrainCommand::Lora(args) => text_to_image(args.common, Some((args.rank, args.lora_alpha))),
     }
 }
 
@@ -158,6 +338,121 @@ fn unconditional(args: UnconditionalArgs) -> Result<()> {
     let losses = report.losses();
     eprintln!(
         "done: {} steps, {:.2} steps/s, final loss {:.5}; pipeline saved to {}",
+        losses.len(),
+        report.steps_per_second(),
+        losses.last().copied().unwrap_or(f32::NAN),
+        config.output_dir.display()
+    );
+    Ok(())
+}
+
+/// Build the config from --config or the script's defaults and the flags, validate it and
+/// the folders before anything is loaded, then train.
+fn text_to_image(args: TextToImageArgs, lora: Option<(Option<usize>, Option<f64>)>) -> Result<()> {
+    let mut config = match &args.config {
+        Some(path) => TextToImageConfig::load(path)?,
+        None if lora.is_some() => TextToImageConfig::lora_defaults(),
+        None => TextToImageConfig::default(),
+    };
+    if let Some((rank, alpha)) = lora {
+        let mut l = config.lora.clone().unwrap_or_default();
+        if let Some(r) = rank {
+            l.rank = r;
+        }
+        if alpha.is_some() {
+            l.alpha = alpha;
+        }
+        config.lora = Some(l);
+    } else if config.lora.is_some() {
+        bail!("the config trains a LoRA: use `diffusers train lora`");
+    }
+    macro_rules! set {
+        ($($flag:ident => $field:ident),*) => {$(
+            if let Some(v) = args.$flag.clone() {
+                config.$field = v;
+            }
+        )*};
+    }
+    set!(model => pretrained_model, train_data_dir => train_data_dir,
+        caption_column => caption_column, output_dir => output_dir, resolution => resolution,
+        train_batch_size => train_batch_size,
+        gradient_accumulation_steps => gradient_accumulation_steps,
+        num_train_epochs => num_train_epochs, learning_rate => learning_rate,
+        lr_warmup_steps => lr_warmup_steps, noise_offset => noise_offset,
+        input_perturbation => input_perturbation, seed => seed,
+        checkpointing_steps => checkpointing_steps);
+    if args.max_train_steps.is_some() {
+        config.max_train_steps = args.max_train_steps;
+    }
+    if args.snr_gamma.is_some() {
+        config.snr_gamma = args.snr_gamma;
+    }
+    if args.checkpoints_total_limit.is_some() {
+        config.checkpoints_total_limit = args.checkpoints_total_limit;
+    }
+    if args.resume_from_checkpoint.is_some() {
+        config.resume_from_checkpoint = args.resume_from_checkpoint.clone();
+    }
+    if let Some(norm) = args.max_grad_norm {
+        config.max_grad_norm = (norm > 0.0).then_some(norm);
+    }
+    if let Some(kind) = args.lr_scheduler {
+        config.lr_scheduler = match kind {
+            LrSchedulerArg::Linear => LrScheduleKind::Linear,
+            LrSchedulerArg::Cosine => LrScheduleKind::Cosine,
+            LrSchedulerArg::CosineWithRestarts => LrScheduleKind::CosineWithRestarts,
+            LrSchedulerArg::Polynomial => LrScheduleKind::Polynomial,
+            LrSchedulerArg::Constant => LrScheduleKind::Constant,
+            LrSchedulerArg::ConstantWithWarmup => LrScheduleKind::ConstantWithWarmup,
+        };
+    }
+    if let Some(p) = args.prediction_type {
+        config.prediction_type = Some(match p {
+            PredictionArg::Epsilon => PredictionType::Epsilon,
+            PredictionArg::VPrediction => PredictionType::VPrediction,
+        });
+    }
+    if let Some(i) = args.image_interpolation_mode {
+        config.image_interpolation_mode = match i {
+            InterpolationArg::Bilinear => Interpolation::Bilinear,
+            InterpolationArg::Lanczos => Interpolation::Lanczos,
+        };
+    }
+    config.center_crop |= args.center_crop;
+    config.random_flip |= args.random_flip;
+    config.cache_latents |= args.cache_latents;
+    config.use_ema |= args.use_ema;
+    config.mixed_precision = match args.mixed_precision {
+        MixedPrecisionArg::No => "no",
+        MixedPrecisionArg::Fp16 => "fp16",
+        MixedPrecisionArg::Bf16 => "bf16",
+    }
+    .into();
+    config.show_progress = !args.quiet;
+    if config.pretrained_model.as_os_str().is_empty() {
+        bail!("give the model: --model <Stable Diffusion folder>");
+    }
+    if config.train_data_dir.as_os_str().is_empty() {
+        bail!("give the data: --train-data-dir <folder with metadata.jsonl>");
+    }
+    config.validate()?;
+    config.check_paths()?;
+    let device = parse_device(&args.device)?;
+    eprintln!(
+        "{} {} on {} into {}",
+        if config.lora.is_some() {
+            "LoRA training of"
+        } else {
+            "fine-tuning"
+        },
+        config.pretrained_model.display(),
+        config.train_data_dir.display(),
+        config.output_dir.display()
+    );
+    let report = train_text_to_image(&config, &device)?;
+    let losses = report.losses();
+    eprintln!(
+        "done: {} steps, {:.2} steps/s, final loss {:.5}; saved to {}",
         losses.len(),
         report.steps_per_second(),
         losses.last().copied().unwrap_or(f32::NAN),

@@ -24,22 +24,33 @@
 //! parity tests drive it.
 #![warn(missing_docs)]
 
+pub mod caption_data;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod ema;
+pub mod lora;
 pub mod lr_schedule;
+pub mod objective;
 pub mod optimizer;
 mod params;
 pub mod resize;
 pub mod run;
+pub mod text_to_image;
+pub mod text_to_image_run;
 pub mod trainer;
 
+pub use caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokenize_captions};
 pub use checkpoint::{TrainingState, load_checkpoint, save_checkpoint, save_pipeline};
 pub use config::TrainConfig;
 pub use data::{FolderOptions, ImageDataset};
 pub use ema::{EmaConfig, EmaModel};
+pub use lora::{LoraFactors, LoraTrainConfig, UNetLora};
 pub use lr_schedule::{LrSchedule, LrScheduleKind};
+pub use objective::{NoiseDraws, Objective, compute_snr, conditional_loss, min_snr_weights};
 pub use optimizer::{AdamW, AdamWConfig, FlatGradients};
+pub use resize::Interpolation;
 pub use run::{LogEntry, TrainReport, train_unconditional};
+pub use text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
+pub use text_to_image_run::train_text_to_image;
 pub use trainer::{StepStats, Trainer, training_loss};

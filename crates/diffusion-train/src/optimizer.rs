@@ -118,6 +118,31 @@ impl FlatGradients {
         self.grads.is_empty()
     }
 
+    /// Add `other`'s gradients to these, as successive `backward()` calls add into `.grad`
+    /// (gradient accumulation); a parameter keeps `None` only when both lack a gradient.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `gradients` when the parameter counts differ.
+    pub fn accumulate(&mut self, other: FlatGradients) -> Result<()> {
+        if other.grads.len() != self.grads.len() {
+            return Err(Error::invalid_argument(
+                "gradients",
+                format!(
+                    "{} gradients added to {}",
+                    other.grads.len(),
+                    self.grads.len()
+                ),
+            ));
+        }
+        for (mine, theirs) in self.grads.iter_mut().zip(other.grads) {
+            *mine = match (mine.take(), theirs) {
+                (Some(a), Some(b)) => Some(a.add(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        Ok(())
+    }
+
     /// The global L2 norm over all gradients, as `clip_grad_norm_` computes it: the norm of the
     /// per-tensor norms.
     pub fn total_norm(&self) -> f32 {

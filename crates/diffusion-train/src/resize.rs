@@ -1,7 +1,8 @@
-//! PIL's antialiased bilinear resize (`Image.resize(size, Image.BILINEAR)`), on float planes.
+//! PIL's antialiased bilinear and Lanczos resizes (`Image.resize(size, Image.BILINEAR)`,
+//! `Image.LANCZOS`), on float planes.
 //!
 //! torchvision's `transforms.Resize` on a PIL image, which diffusers' training scripts use, calls
-//! this. PIL resamples in two separable passes (horizontal, then vertical), each a weighted sum
+//! this (train_text_to_image.py's default `--image_interpolation_mode` is `lanczos`). PIL resamples in two separable passes (horizontal, then vertical), each a weighted sum
 //! with a triangle filter whose support grows with the downscaling factor (the antialiasing), with
 //! weights normalised over the taps that fall inside the image. On `"F"` images the sums are taken
 //! in `f64` and each pass is stored as `f32`; this is the same arithmetic.
@@ -12,11 +13,74 @@ fn triangle(x: f64) -> f64 {
     if x < 1.0 { 1.0 - x } else { 0.0 }
 }
 
+/// PIL's `sinc`.
+fn sinc(x: f64) -> f64 {
+    if x == 0.0 {
+        1.0
+    } else {
+        let x = x * std::f64::consts::PI;
+        x.sin() / x
+    }
+}
+
+/// PIL's Lanczos filter: a sinc truncated by a 3-lobed sinc window.
+fn lanczos(x: f64) -> f64 {
+    if (-3.0..3.0).contains(&x) {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// The resampling filter of a resize (torchvision's `InterpolationMode` for PIL images).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    /// Triangle filter, support 1 (`BILINEAR`).
+    Bilinear,
+    /// Lanczos-3 (`LANCZOS`), train_text_to_image.py's default.
+    #[default]
+    Lanczos,
+}
+
+impl Interpolation {
+    /// The name diffusers' `--image_interpolation_mode` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Bilinear => "bilinear",
+            Self::Lanczos => "lanczos",
+        }
+    }
+
+    /// Parse `bilinear` or `lanczos` (case-insensitive).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "bilinear" => Some(Self::Bilinear),
+            "lanczos" => Some(Self::Lanczos),
+            _ => None,
+        }
+    }
+
+    fn support(self) -> f64 {
+        match self {
+            Self::Bilinear => 1.0,
+            Self::Lanczos => 3.0,
+        }
+    }
+
+    fn weight(self, x: f64) -> f64 {
+        match self {
+            Self::Bilinear => triangle(x),
+            Self::Lanczos => lanczos(x),
+        }
+    }
+}
+
 /// For every output position, the first input tap and the normalised weights.
-fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64>)> {
+fn coefficients(in_size: usize, out_size: usize, filter: Interpolation) -> Vec<(usize, Vec<f64>)> {
     let scale = in_size as f64 / out_size as f64;
     let filterscale = scale.max(1.0);
-    let support = filterscale; // the triangle's support is 1
+    let support = filterscale * filter.support();
     let inverse = 1.0 / filterscale;
     (0..out_size)
         .map(|xx| {
@@ -25,7 +89,7 @@ fn coefficients(in_size: usize, out_size: usize) -> Vec<(usize, Vec<f64>)> {
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).clamp(0, in_size as i64) as usize;
             let mut weights: Vec<f64> = (xmin..xmax)
-                .map(|x| triangle((x as f64 - center + 0.5) * inverse))
+                .map(|x| filter.weight((x as f64 - center + 0.5) * inverse))
                 .collect();
             let total: f64 = weights.iter().sum();
             if total != 0.0 {
@@ -49,13 +113,32 @@ pub fn resize_bilinear(
     new_width: usize,
     new_height: usize,
 ) -> Vec<f32> {
+    resize(
+        plane,
+        [width, height],
+        [new_width, new_height],
+        Interpolation::Bilinear,
+    )
+}
+
+/// Resize a row-major `height x width` plane to `new_height x new_width` with `filter`
+/// (sizes as `[width, height]`).
+///
+/// # Panics
+/// When `plane.len() != width * height` or a size is 0 (callers check user input first).
+pub fn resize(
+    plane: &[f32],
+    [width, height]: [usize; 2],
+    [new_width, new_height]: [usize; 2],
+    filter: Interpolation,
+) -> Vec<f32> {
     assert_eq!(plane.len(), width * height, "plane size");
     assert!(
         width > 0 && height > 0 && new_width > 0 && new_height > 0,
         "empty image"
     );
     let horizontal = if new_width != width {
-        let coeffs = coefficients(width, new_width);
+        let coeffs = coefficients(width, new_width, filter);
         let mut out = Vec::with_capacity(new_width * height);
         for row in plane.chunks_exact(width) {
             for (start, weights) in &coeffs {
@@ -74,7 +157,7 @@ pub fn resize_bilinear(
     if new_height == height {
         return horizontal;
     }
-    let coeffs = coefficients(height, new_height);
+    let coeffs = coefficients(height, new_height, filter);
     let mut out = Vec::with_capacity(new_width * new_height);
     for (start, weights) in &coeffs {
         for x in 0..new_width {

@@ -97,7 +97,7 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 /// The seed of stream `index` of kind `domain` (0: steps, 1: epochs) of a run.
-fn derived_seed(seed: u64, domain: u64, index: u64) -> u64 {
+pub(crate) fn derived_seed(seed: u64, domain: u64, index: u64) -> u64 {
     splitmix64(splitmix64(seed ^ domain.wrapping_mul(0xd6e8_feb8_6659_fd93)) ^ index)
 }
 
@@ -186,7 +186,7 @@ pub fn resolve_resume(config: &TrainConfig) -> Result<Option<PathBuf>> {
 }
 
 /// Keep the log's entries up to `step` (a resumed run rewrites what came after).
-fn truncate_log(path: &Path, step: usize) -> Result<()> {
+pub(crate) fn truncate_log(path: &Path, step: usize) -> Result<()> {
     if !path.is_file() {
         return Ok(());
     }

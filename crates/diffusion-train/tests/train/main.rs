@@ -5,6 +5,7 @@ mod convergence;
 mod data;
 mod oracle;
 mod resume;
+mod text_to_image;
 
 use std::path::PathBuf;
 
