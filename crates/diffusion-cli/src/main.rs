@@ -7,6 +7,7 @@ mod metadata;
 mod output;
 mod sample;
 mod train;
+mod train_concepts;
 
 use clap::{Parser, Subcommand};
 

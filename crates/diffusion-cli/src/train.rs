@@ -23,6 +23,12 @@ pub enum TrainCommand {
     /// Train a LoRA of a Stable Diffusion UNet's attention projections on captioned images
     /// (train_text_to_image_lora.py) and save pytorch_lora_weights.safetensors.
     Lora(LoraArgs),
+    /// DreamBooth (train_dreambooth.py, or train_dreambooth_lora.py with --lora): teach the
+    /// UNet a subject from instance images, optionally with prior preservation on class images.
+    Dreambooth(crate::train_concepts::DreamBoothArgs),
+    /// Textual inversion (textual_inversion.py): learn a new token's embedding from images and
+    /// save learned_embeds.safetensors.
+    TextualInversion(crate::train_concepts::TextualInversionArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -274,6 +280,8 @@ pub fn run(command: TrainCommand) -> Result<()> {
         TrainCommand::Unconditional(args) => unconditional(args),
         TrainCommand::TextToImage(args) => text_to_image(args, None),
         TrainCommand::Lora(args) => text_to_image(args.common, Some((args.rank, args.lora_alpha))),
+        TrainCommand::Dreambooth(args) => crate::train_concepts::dreambooth(args),
+        TrainCommand::TextualInversion(args) => crate::train_concepts::textual_inversion(args),
     }
 }
 

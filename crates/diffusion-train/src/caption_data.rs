@@ -83,6 +83,50 @@ fn caption_error(path: &Path, line: usize, message: impl Into<String>) -> Error 
 }
 
 impl CaptionDataset {
+    /// Every image of `dir` (`.png`, `.jpg`, `.jpeg`, `.webp`, `.bmp`, sorted by name), each
+    /// captioned `caption`: DreamBooth's instance / class folders and textual inversion's
+    /// training folder, which have no metadata.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `resolution` when it is 0; [`Error::NotFound`] when
+    /// the folder holds no image; [`Error::Io`].
+    pub fn from_image_folder(
+        dir: impl AsRef<Path>,
+        caption: &str,
+        options: CaptionDatasetOptions,
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        if options.resolution == 0 {
+            return Err(Error::invalid_argument("resolution", "must be positive"));
+        }
+        let mut images: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension().and_then(|e| e.to_str()).is_some_and(|e| {
+                        ["png", "jpg", "jpeg", "webp", "bmp"]
+                            .contains(&e.to_ascii_lowercase().as_str())
+                    })
+            })
+            .collect();
+        images.sort();
+        if images.is_empty() {
+            return Err(Error::NotFound {
+                path: dir.to_path_buf(),
+                message: "no image (.png, .jpg, .jpeg, .webp, .bmp) in the folder".into(),
+            });
+        }
+        let examples = images
+            .into_iter()
+            .map(|image| CaptionExample {
+                image,
+                captions: vec![caption.to_string()],
+            })
+            .collect();
+        Ok(Self { examples, options })
+    }
+
     /// Read `dir/metadata.jsonl`. Every line must name an existing image in `file_name` and
     /// hold a string or a non-empty list of strings in the caption column.
     ///

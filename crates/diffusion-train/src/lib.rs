@@ -28,6 +28,7 @@ pub mod caption_data;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dreambooth;
 pub mod ema;
 pub mod lora;
 pub mod lr_schedule;
@@ -38,19 +39,28 @@ pub mod resize;
 pub mod run;
 pub mod text_to_image;
 pub mod text_to_image_run;
+pub mod textual_inversion;
+pub mod textual_inversion_run;
 pub mod trainer;
 
 pub use caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokenize_captions};
 pub use checkpoint::{TrainingState, load_checkpoint, save_checkpoint, save_pipeline};
 pub use config::TrainConfig;
 pub use data::{FolderOptions, ImageDataset};
+pub use dreambooth::{DreamBoothConfig, DreamBoothTrainer, dreambooth_loss, train_dreambooth};
 pub use ema::{EmaConfig, EmaModel};
 pub use lora::{LoraFactors, LoraTrainConfig, UNetLora};
 pub use lr_schedule::{LrSchedule, LrScheduleKind};
-pub use objective::{NoiseDraws, Objective, compute_snr, conditional_loss, min_snr_weights};
+pub use objective::{
+    NoiseDraws, Objective, compute_snr, conditional_loss, conditional_prediction, min_snr_weights,
+};
 pub use optimizer::{AdamW, AdamWConfig, FlatGradients};
 pub use resize::Interpolation;
 pub use run::{LogEntry, TrainReport, train_unconditional};
 pub use text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 pub use text_to_image_run::train_text_to_image;
+pub use textual_inversion::{
+    LearnableProperty, TextualInversionConfig, TextualInversionTrainer, add_placeholder_tokens,
+};
+pub use textual_inversion_run::train_textual_inversion;
 pub use trainer::{StepStats, Trainer, training_loss};

@@ -180,6 +180,51 @@ pub fn conditional_loss(
     encoder_hidden_states: Tensor<3>,
     draws: &NoiseDraws,
 ) -> Result<Tensor<1>> {
+    let b = latents.dims()[0];
+    let device = latents.device();
+    let (pred, target) = conditional_prediction(
+        unet,
+        scheduler,
+        objective,
+        latents,
+        encoder_hidden_states,
+        draws,
+    )?;
+    let error = pred.sub(target).square();
+    let loss = match objective.snr_gamma {
+        None => error.mean(),
+        Some(gamma) => {
+            let w = min_snr_weights(
+                scheduler,
+                &draws.timesteps,
+                gamma,
+                objective.prediction_type,
+            );
+            let w = Tensor::<2>::from_data(TensorData::new(w, [b, 1]), &device);
+            let per_sample: Tensor<2> = error.reshape([b as i32, -1]).mean_dim(1);
+            per_sample.mul(w).mean()
+        }
+    };
+    Ok(loss)
+}
+
+/// The model's prediction on the noised `latents` and the target it is trained towards, the
+/// part of [`conditional_loss`] before the reduction (DreamBooth's prior preservation splits
+/// them per half of the batch).
+///
+/// # Shapes
+/// - `latents`: `[B, C, H, W]`, `encoder_hidden_states`: `[B, S, D]`; both outputs `[B, C, H, W]`
+///
+/// # Errors
+/// As [`conditional_loss`].
+pub fn conditional_prediction(
+    unet: &UNet2DConditionModel,
+    scheduler: &DDPMScheduler,
+    objective: &Objective,
+    latents: Tensor<4>,
+    encoder_hidden_states: Tensor<3>,
+    draws: &NoiseDraws,
+) -> Result<(Tensor<4>, Tensor<4>)> {
     objective.validate()?;
     check_draws(draws, &latents, scheduler.num_train_timesteps())?;
     let dims = latents.dims();
@@ -230,20 +275,5 @@ pub fn conditional_loss(
         &device,
     );
     let pred = unet.forward(noisy, t, encoder_hidden_states)?;
-    let error = pred.sub(target).square();
-    let loss = match objective.snr_gamma {
-        None => error.mean(),
-        Some(gamma) => {
-            let w = min_snr_weights(
-                scheduler,
-                &draws.timesteps,
-                gamma,
-                objective.prediction_type,
-            );
-            let w = Tensor::<2>::from_data(TensorData::new(w, [b, 1]), &device);
-            let per_sample: Tensor<2> = error.reshape([b as i32, -1]).mean_dim(1);
-            per_sample.mul(w).mean()
-        }
-    };
-    Ok(loss)
+    Ok((pred, target))
 }

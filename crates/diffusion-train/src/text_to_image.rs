@@ -505,8 +505,18 @@ impl TextToImageTrainer {
         encoder_hidden_states: Tensor<3>,
         draws: &NoiseDraws,
     ) -> Result<Option<StepStats>> {
-        let k = self.config.gradient_accumulation_steps;
         let loss = self.loss(latents, encoder_hidden_states, draws)?;
+        self.step_loss(loss)
+    }
+
+    /// [`Self::step`] on a loss the caller computed from [`Self::effective_unet`] (DreamBooth's
+    /// prior-preservation loss): backward of `loss / gradient_accumulation_steps`, accumulate,
+    /// and the optimizer step after the last micro-batch.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the gradients do not fit the accumulated ones.
+    pub fn step_loss(&mut self, loss: Tensor<1>) -> Result<Option<StepStats>> {
+        let k = self.config.gradient_accumulation_steps;
         let loss = if k > 1 {
             loss.div_scalar(k as f64)
         } else {

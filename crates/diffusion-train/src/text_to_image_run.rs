@@ -274,7 +274,11 @@ pub fn load_text_to_image_checkpoint(
 /// Copy the pretrained pipeline folder into `out` without its `unet/`, then save `unet` there:
 /// the folder `StableDiffusionPipeline.save_pretrained` writes at the end of
 /// train_text_to_image.py.
-fn save_pipeline(pretrained: &Path, unet: &UNet2DConditionModel, out: &Path) -> Result<()> {
+pub(crate) fn save_pipeline(
+    pretrained: &Path,
+    unet: &UNet2DConditionModel,
+    out: &Path,
+) -> Result<()> {
     fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         std::fs::create_dir_all(to).map_err(|e| Error::io(to, e))?;
         for entry in std::fs::read_dir(from).map_err(|e| Error::io(from, e))? {
@@ -306,7 +310,7 @@ fn save_pipeline(pretrained: &Path, unet: &UNet2DConditionModel, out: &Path) -> 
     unet.save_pretrained(out.join("unet"))
 }
 
-fn progress_bar(show: bool, total: usize, start: usize) -> ProgressBar {
+pub(crate) fn progress_bar(show: bool, total: usize, start: usize) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
     }
@@ -320,7 +324,7 @@ fn progress_bar(show: bool, total: usize, start: usize) -> ProgressBar {
     bar
 }
 
-fn image_draws(g: &mut TorchGenerator, b: usize) -> Vec<ImageDraws> {
+pub(crate) fn image_draws(g: &mut TorchGenerator, b: usize) -> Vec<ImageDraws> {
     let crops = g.rand(&[b, 2]);
     let flips = g.rand(&[b]);
     (0..b)
@@ -530,7 +534,7 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
 }
 
 /// The checkpoint to resume from (as [`crate::run::resolve_resume`]).
-fn resolve_resume(config: &TextToImageConfig) -> Result<Option<std::path::PathBuf>> {
+pub(crate) fn resolve_resume(config: &TextToImageConfig) -> Result<Option<std::path::PathBuf>> {
     let Some(name) = config.resume_from_checkpoint.as_deref() else {
         return Ok(None);
     };

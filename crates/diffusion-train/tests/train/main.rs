@@ -3,9 +3,11 @@
 
 mod convergence;
 mod data;
+mod dreambooth;
 mod oracle;
 mod resume;
 mod text_to_image;
+mod textual_inversion;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,184 @@
+//! The loop of textual_inversion.py around [`TextualInversionTrainer`]: the images of a folder
+//! repeated `repeats` times per epoch, a template prompt per example, images through the
+//! frozen VAE, `learned_embeds-steps-{step}.safetensors` every `save_steps`, and
+//! `learned_embeds.safetensors` at the end.
+//!
+//! Micro-batch `m` draws, from a generator seeded with `(seed, m)` (see [`crate::run`]), the
+//! crops and flips, the template picks (`rand([B])`), the VAE posterior noise, the noise and
+//! the timesteps, in that order. Resuming is not implemented.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::{Device, Error, Result, TorchGenerator};
+use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, UNet2DConditionModel};
+use diffusion_schedulers::Scheduler;
+
+use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
+use crate::objective::NoiseDraws;
+use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order};
+use crate::text_to_image::load_noise_scheduler;
+use crate::text_to_image_run::{FrozenComponents, image_draws, progress_bar};
+use crate::textual_inversion::{
+    LEARNED_EMBEDS_NAME, TextualInversionConfig, TextualInversionTrainer, add_placeholder_tokens,
+    placeholder_string,
+};
+
+/// Train as textual_inversion.py does, on `device`; writes `logs/train_log.jsonl` and the
+/// learned embeddings into `config.output_dir`.
+///
+/// # Errors
+/// As [`TextualInversionConfig::validate`] and [`TextualInversionConfig::check_paths`];
+/// [`add_placeholder_tokens`]'s errors; dataset, model and I/O errors;
+/// [`Error::InvalidArgument`] (`learning_rate`) for a non-finite loss.
+pub fn train_textual_inversion(
+    config: &TextualInversionConfig,
+    device: &Device,
+) -> Result<TrainReport> {
+    config.validate()?;
+    config.check_paths()?;
+    let inner = device.clone().without_autodiff();
+    let model = &config.pretrained_model;
+    let data = CaptionDataset::from_image_folder(
+        &config.train_data_dir,
+        "",
+        CaptionDatasetOptions {
+            resolution: config.resolution,
+            center_crop: config.center_crop,
+            random_flip: config.random_flip,
+            interpolation: config.interpolation,
+            caption_column: "text".into(),
+        },
+    )?;
+    let frozen = FrozenComponents::load(model, &inner)?;
+    let mut tokenizer = CLIPTokenizer::from_pretrained(model.join("tokenizer"))?;
+    let mut text_encoder = CLIPTextModel::from_pretrained(model.join("text_encoder"), &inner)?;
+    let ids = add_placeholder_tokens(
+        &mut tokenizer,
+        &mut text_encoder,
+        &config.placeholder_token,
+        config.num_vectors,
+        &config.initializer_token,
+    )?;
+    let unet = UNet2DConditionModel::from_pretrained(model.join("unet"), &inner)?;
+    let scheduler = load_noise_scheduler(model)?;
+    let n = data.len();
+    let len = n * config.repeats;
+    let total = config.num_training_steps(n);
+    let batches_per_epoch = config.batches_per_epoch(n);
+    let k = config.gradient_accumulation_steps;
+    let mut trainer =
+        TextualInversionTrainer::new(config, text_encoder, unet, scheduler, &ids, total, device)?;
+    let out = &config.output_dir;
+    std::fs::create_dir_all(out.join("logs")).map_err(|e| Error::io(out, e))?;
+    let text = serde_json::to_string_pretty(config).unwrap_or_default();
+    diffusion_core::config::write_atomically(&out.join("train_config.json"), text.as_bytes())?;
+    let log_path = out.join(LOG_FILE);
+    let mut log = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, e))?;
+    let num_train = trainer.scheduler().num_train_timesteps();
+    let templates = config.learnable_property.templates();
+    let placeholder = placeholder_string(&config.placeholder_token, config.num_vectors);
+    let r = config.resolution;
+    let bar = progress_bar(config.show_progress, total, 0);
+    let mut report = TrainReport {
+        start_step: 0,
+        global_step: 0,
+        num_training_steps: total,
+        steps: Vec::new(),
+        checkpoints: Vec::new(),
+        pipeline_dir: out.clone(),
+        elapsed: Duration::ZERO,
+    };
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    let began = Instant::now();
+    for step in 0..total {
+        let mut stats = None;
+        let mut epoch = 0;
+        for j in 0..k {
+            let m = step * k + j;
+            epoch = m / batches_per_epoch;
+            let position = m % batches_per_epoch;
+            if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
+                order = None;
+            }
+            let (_, indices) =
+                order.get_or_insert_with(|| (epoch, epoch_order(config.seed, epoch, len)));
+            let begin = position * config.train_batch_size;
+            let batch: Vec<usize> = indices
+                [begin..(begin + config.train_batch_size).min(indices.len())]
+                .iter()
+                .map(|&i| i % n)
+                .collect();
+            let b = batch.len();
+            let mut g = TorchGenerator::new(derived_seed(config.seed, 0, m as u64));
+            let draws = image_draws(&mut g, b);
+            let prompts: Vec<String> = g
+                .rand(&[b])
+                .into_iter()
+                .map(|u| {
+                    let t = ((u as f64 * templates.len() as f64) as usize).min(templates.len() - 1);
+                    templates[t].replace("{}", &placeholder)
+                })
+                .collect();
+            let input_ids = tokenize_captions(&tokenizer, &prompts)?.input_ids_tensor(&inner)?;
+            let pixels = data.pixel_values(&batch, &draws)?;
+            let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [b, 3, r, r]), &inner);
+            let latents = frozen.encode_images(pixels, &mut g)?;
+            let dims = latents.dims();
+            let noise = Tensor::<4>::from_data(TensorData::new(g.randn(&dims), dims), &inner);
+            let timesteps = g
+                .rand(&[b])
+                .into_iter()
+                .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
+                .collect();
+            let noise_draws = NoiseDraws {
+                noise,
+                offset_noise: None,
+                perturbation: None,
+                timesteps,
+            };
+            stats = trainer.step(latents, input_ids, &noise_draws)?;
+        }
+        let stats = match stats {
+            Some(s) => s,
+            None => trainer.finish_step()?,
+        };
+        if !stats.loss.is_finite() {
+            return Err(Error::invalid_argument(
+                "learning_rate",
+                format!("the loss became {} at step {}", stats.loss, stats.step),
+            ));
+        }
+        let entry = LogEntry {
+            step: stats.step,
+            epoch,
+            loss: stats.loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            ema_decay: None,
+        };
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        writeln!(log, "{line}")
+            .and_then(|_| log.flush())
+            .map_err(|e| Error::io(&log_path, e))?;
+        bar.inc(1);
+        report.steps.push(stats);
+        report.global_step = step + 1;
+        if (step + 1).is_multiple_of(config.save_steps) {
+            let path = out.join(format!("learned_embeds-steps-{}.safetensors", step + 1));
+            trainer.save_learned_embeds(&path)?;
+            report.checkpoints.push(path);
+        }
+    }
+    report.elapsed = began.elapsed();
+    bar.finish_and_clear();
+    trainer.save_learned_embeds(out.join(LEARNED_EMBEDS_NAME))?;
+    Ok(report)
+}
