@@ -29,6 +29,9 @@ pub enum TrainCommand {
     /// Textual inversion (textual_inversion.py): learn a new token's embedding from images and
     /// save learned_embeds.safetensors.
     TextualInversion(crate::train_concepts::TextualInversionArgs),
+    /// InstructPix2Pix (train_instruct_pix2pix.py): widen the UNet's conv_in to 8 channels and
+    /// learn to apply edit instructions to images; save the pipeline folder.
+    InstructPix2pix(crate::train_instruct_pix2pix::InstructPix2PixArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -282,6 +285,9 @@ pub fn run(command: TrainCommand) -> Result<()> {
         TrainCommand::Lora(args) => text_to_image(args.common, Some((args.rank, args.lora_alpha))),
         TrainCommand::Dreambooth(args) => crate::train_concepts::dreambooth(args),
         TrainCommand::TextualInversion(args) => crate::train_concepts::textual_inversion(args),
+        TrainCommand::InstructPix2pix(args) => {
+            crate::train_instruct_pix2pix::instruct_pix2pix(args)
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod activations;
 pub mod attention;
 pub mod attention_processor;
 pub mod autoencoders;
+pub mod controlnets;
 pub mod downsampling;
 pub mod embeddings;
 pub mod image_encoders;
@@ -23,6 +24,9 @@ pub mod upsampling;
 
 pub use attention_processor::AttentionHook;
 pub use autoencoders::{AutoencoderKL, AutoencoderKLConfig, DiagonalGaussianDistribution};
+pub use controlnets::controlnet::{
+    ControlNetModel, ControlNetModelConfig, ControlNetOptions, ControlNetOutput, FromUNetOptions,
+};
 pub use image_encoders::{
     CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection,
 };

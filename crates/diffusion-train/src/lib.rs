@@ -27,9 +27,12 @@
 pub mod caption_data;
 pub mod checkpoint;
 pub mod config;
+pub mod controlnet;
 pub mod data;
 pub mod dreambooth;
 pub mod ema;
+pub mod instruct_pix2pix;
+pub mod instruct_pix2pix_run;
 pub mod lora;
 pub mod lr_schedule;
 pub mod objective;
@@ -46,9 +49,15 @@ pub mod trainer;
 pub use caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokenize_captions};
 pub use checkpoint::{TrainingState, load_checkpoint, save_checkpoint, save_pipeline};
 pub use config::TrainConfig;
+pub use controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
 pub use data::{FolderOptions, ImageDataset};
 pub use dreambooth::{DreamBoothConfig, DreamBoothTrainer, dreambooth_loss, train_dreambooth};
 pub use ema::{EmaConfig, EmaModel};
+pub use instruct_pix2pix::{
+    EditBatch, EditDataset, InstructPix2PixConfig, InstructPix2PixTrainer, conditioning_masks,
+    instruct_pix2pix_loss, widen_conv_in,
+};
+pub use instruct_pix2pix_run::train_instruct_pix2pix;
 pub use lora::{LoraFactors, LoraTrainConfig, UNetLora};
 pub use lr_schedule::{LrSchedule, LrScheduleKind};
 pub use objective::{

@@ -1,9 +1,11 @@
 //! Integration tests of diffusion-train: parity with PyTorch/diffusers on a few exact steps,
 //! data loading, convergence on a tiny model, and exact resumption from checkpoints.
 
+mod controlnet;
 mod convergence;
 mod data;
 mod dreambooth;
+mod instruct_pix2pix;
 mod oracle;
 mod resume;
 mod text_to_image;

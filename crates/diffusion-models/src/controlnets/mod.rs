@@ -1,0 +1,3 @@
+//! ControlNets (`diffusers.models.controlnets`).
+
+pub mod controlnet;

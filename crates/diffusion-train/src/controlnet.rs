@@ -1,0 +1,311 @@
+//! ControlNet training: diffusers' examples/controlnet/train_controlnet.py. The UNet, the VAE
+//! and the text encoder stay frozen; a [`ControlNetModel`] (usually
+//! [`ControlNetModel::from_unet`]) learns, through the frozen UNet, to make its residuals help
+//! the UNet predict the noise: the loss is the MSE between the UNet's prediction with the
+//! ControlNet's residuals and the target of the scheduler's prediction type. AdamW on the
+//! ControlNet's parameters, a learning-rate schedule and global-norm clipping, as in the script.
+//!
+//! [`ControlNetTrainer`] takes steps on caller-supplied latents, text states, conditioning
+//! images and noise, which is how the parity test drives it. Conditioning images are in
+//! `[0, 1]` (the script's `Resize`, `CenterCrop`, `ToTensor`, no normalisation):
+//! [`conditioning_pixel_values`].
+
+use std::path::Path;
+
+use diffusion_core::burn::module::Module;
+use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::{Device, Error, Result};
+use diffusion_models::{ControlNetModel, ControlNetOptions, UNet2DConditionModel};
+use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType, Scheduler};
+
+use crate::lr_schedule::{LrSchedule, LrScheduleKind};
+use crate::objective::NoiseDraws;
+use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
+use crate::params;
+use crate::resize::{Interpolation, center_crop_offsets, resize, resized_size};
+use crate::trainer::StepStats;
+
+/// The optimisation settings of train_controlnet.py; `Default` is the script's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlNetTrainConfig {
+    /// Peak learning rate (`--learning_rate`, 5e-6).
+    pub learning_rate: f64,
+    /// Learning-rate schedule (`--lr_scheduler`, constant).
+    pub lr_scheduler: LrScheduleKind,
+    /// Warmup steps of the schedule (`--lr_warmup_steps`, 500).
+    pub lr_warmup_steps: usize,
+    /// AdamW `betas[0]`.
+    pub adam_beta1: f64,
+    /// AdamW `betas[1]`.
+    pub adam_beta2: f64,
+    /// AdamW decoupled weight decay.
+    pub adam_weight_decay: f64,
+    /// AdamW `eps`.
+    pub adam_epsilon: f64,
+    /// Clip the global gradient norm of the ControlNet's parameters; `None` disables it.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl Default for ControlNetTrainConfig {
+    fn default() -> Self {
+        Self {
+            learning_rate: 5e-6,
+            lr_scheduler: LrScheduleKind::Constant,
+            lr_warmup_steps: 500,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_weight_decay: 1e-2,
+            adam_epsilon: 1e-8,
+            max_grad_norm: Some(1.0),
+        }
+    }
+}
+
+impl ControlNetTrainConfig {
+    /// The AdamW hyperparameters.
+    pub fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta1: self.adam_beta1,
+            beta2: self.adam_beta2,
+            weight_decay: self.adam_weight_decay,
+            epsilon: self.adam_epsilon,
+        }
+    }
+
+    /// Check the settings.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the first offending field.
+    pub fn validate(&self) -> Result<()> {
+        if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
+            return Err(Error::invalid_argument(
+                "learning_rate",
+                format!("{} is not positive", self.learning_rate),
+            ));
+        }
+        if let Some(norm) = self.max_grad_norm
+            && !(norm > 0.0 && norm.is_finite())
+        {
+            return Err(Error::invalid_argument(
+                "max_grad_norm",
+                format!("{norm} is not positive"),
+            ));
+        }
+        self.adamw().validate()
+    }
+}
+
+/// The ControlNet being trained, the frozen UNet, optimizer and schedule.
+#[derive(Debug)]
+pub struct ControlNetTrainer {
+    config: ControlNetTrainConfig,
+    /// On the autodiff device, trained.
+    controlnet: ControlNetModel,
+    /// On the autodiff device, frozen.
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    optimizer: AdamW,
+    lr_schedule: LrSchedule,
+    global_step: usize,
+}
+
+impl ControlNetTrainer {
+    /// Start training `controlnet` through the frozen `unet`; both are moved onto `device` with
+    /// autodiff. `scheduler` is the noise scheduler (its prediction type is the target).
+    ///
+    /// # Errors
+    /// As [`ControlNetTrainConfig::validate`]; [`Error::InvalidArgument`] (`prediction_type`)
+    /// for a prediction type the script cannot train (only epsilon and v_prediction).
+    pub fn new(
+        config: &ControlNetTrainConfig,
+        controlnet: ControlNetModel,
+        unet: UNet2DConditionModel,
+        scheduler: DDPMScheduler,
+        num_training_steps: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        match scheduler.config().prediction_type {
+            PredictionType::Epsilon | PredictionType::VPrediction => {}
+            other => {
+                return Err(Error::invalid_argument(
+                    "prediction_type",
+                    format!(
+                        "train_controlnet.py trains epsilon or v_prediction, not `{}`",
+                        other.as_str()
+                    ),
+                ));
+            }
+        }
+        let ad = device.clone().autodiff();
+        let controlnet = controlnet.fork(&ad).train();
+        // Row-major weights, as the other trainers keep them (see trainer.rs).
+        let controlnet = params::replace(
+            controlnet.clone(),
+            params::values(&controlnet).into_iter().map(Some).collect(),
+        );
+        let unet = unet.fork(&ad).no_grad();
+        Ok(Self {
+            config: config.clone(),
+            controlnet,
+            unet,
+            scheduler,
+            optimizer: AdamW::new(config.adamw())?,
+            lr_schedule: LrSchedule::new(
+                config.lr_scheduler,
+                config.learning_rate,
+                config.lr_warmup_steps,
+                num_training_steps,
+            )?,
+            global_step: 0,
+        })
+    }
+
+    /// The loss of the current ControlNet on one batch, as train_controlnet.py computes it:
+    /// noise the latents at the drawn timesteps, run the ControlNet on them with the
+    /// conditioning image, the UNet with its residuals, MSE against the target.
+    ///
+    /// # Shapes
+    /// - `latents`: `[B, C, H, W]` (scaled by the VAE's `scaling_factor`)
+    /// - `encoder_hidden_states`: `[B, S, D]`
+    /// - `controlnet_image`: `[B, 3, H * f, W * f]` in `[0, 1]` (`f` the VAE's downsampling)
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] for draws that do not fit the latents; model errors.
+    pub fn loss(
+        &self,
+        latents: Tensor<4>,
+        encoder_hidden_states: Tensor<3>,
+        controlnet_image: Tensor<4>,
+        draws: &NoiseDraws,
+    ) -> Result<Tensor<1>> {
+        let device = crate::optimizer::module_device(&self.controlnet);
+        let latents = latents.to_device(&device);
+        let states = encoder_hidden_states.to_device(&device);
+        let image = controlnet_image.to_device(&device);
+        let noise = draws.noise.clone().to_device(&device);
+        let b = latents.dims()[0];
+        let num_train = self.scheduler.num_train_timesteps();
+        if draws.timesteps.len() != b || noise.dims() != latents.dims() {
+            return Err(Error::invalid_argument(
+                "draws",
+                format!(
+                    "{} timesteps and noise {:?} for latents {:?}",
+                    draws.timesteps.len(),
+                    noise.dims(),
+                    latents.dims()
+                ),
+            ));
+        }
+        if let Some(t) = draws.timesteps.iter().find(|&&t| t >= num_train) {
+            return Err(Error::invalid_argument(
+                "timesteps",
+                format!("{t} is not below num_train_timesteps ({num_train})"),
+            ));
+        }
+        let ts: Vec<f64> = draws.timesteps.iter().map(|&t| t as f64).collect();
+        let noisy = self
+            .scheduler
+            .add_noise(latents.clone(), noise.clone(), &ts)?;
+        let target = match self.scheduler.config().prediction_type {
+            PredictionType::VPrediction => self.scheduler.get_velocity(latents, noise, &ts)?,
+            _ => noise,
+        };
+        let t = Tensor::<1>::from_data(
+            TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<f32>>(), [b]),
+            &device,
+        );
+        let residuals = self.controlnet.forward_with(
+            noisy.clone(),
+            t.clone(),
+            states.clone(),
+            image,
+            ControlNetOptions::default(),
+        )?;
+        let pred = self
+            .unet
+            .forward_with(noisy, t, states, residuals.into_unet_options())?;
+        Ok(pred.sub(target).square().mean())
+    }
+
+    /// The gradients of `loss` with respect to the ControlNet's parameters, in visit order.
+    pub fn gradients(&self, loss: Tensor<1>) -> FlatGradients {
+        FlatGradients::from_backward(&self.controlnet, loss.backward())
+    }
+
+    /// One optimizer step: loss, backward, clipping, AdamW at the scheduled rate.
+    ///
+    /// # Errors
+    /// As [`Self::loss`].
+    pub fn step(
+        &mut self,
+        latents: Tensor<4>,
+        encoder_hidden_states: Tensor<3>,
+        controlnet_image: Tensor<4>,
+        draws: &NoiseDraws,
+    ) -> Result<StepStats> {
+        let loss = self.loss(latents, encoder_hidden_states, controlnet_image, draws)?;
+        let value = loss.clone().inner().into_scalar::<f32>();
+        let mut grads = self.gradients(loss);
+        let lr = self.lr_schedule.lr(self.global_step);
+        let grad_norm = match self.config.max_grad_norm {
+            Some(max_norm) => grads.clip_grad_norm(max_norm),
+            None => grads.total_norm(),
+        };
+        self.controlnet = self.optimizer.step(lr, self.controlnet.clone(), grads)?;
+        self.global_step += 1;
+        Ok(StepStats {
+            step: self.global_step,
+            loss: value,
+            grad_norm,
+            lr,
+            ema_decay: None,
+        })
+    }
+
+    /// The ControlNet on the autodiff device.
+    pub fn controlnet(&self) -> &ControlNetModel {
+        &self.controlnet
+    }
+
+    /// The trained ControlNet without autodiff (to save or run).
+    pub fn inference_controlnet(&self) -> ControlNetModel {
+        self.controlnet.valid()
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn global_step(&self) -> usize {
+        self.global_step
+    }
+}
+
+/// A conditioning image as train_controlnet.py prepares it: `Resize(resolution)` (bilinear,
+/// shorter side), `CenterCrop(resolution)`, `ToTensor()` (values in `[0, 1]`, no
+/// normalisation). Returns `[3, resolution, resolution]` values, channel-major.
+///
+/// # Errors
+/// Image reading errors.
+pub fn conditioning_pixel_values(path: &Path, resolution: usize) -> Result<Vec<f32>> {
+    image_values(path, resolution, Interpolation::Bilinear)
+}
+
+fn image_values(path: &Path, resolution: usize, filter: Interpolation) -> Result<Vec<f32>> {
+    let img = diffusion_core::image::load_image(path)?;
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let (nw, nh) = resized_size(w, h, resolution);
+    let (left, top) = center_crop_offsets(nw, nh, resolution);
+    let mut out = Vec::with_capacity(3 * resolution * resolution);
+    for c in 0..3 {
+        // ToTensor divides the bytes by 255 in float32; resized as caption_data does.
+        let plane: Vec<f32> = img.pixels().map(|p| f32::from(p.0[c]) / 255.0).collect();
+        let plane = if (nw, nh) == (w, h) {
+            plane
+        } else {
+            resize(&plane, [w, h], [nw, nh], filter)
+        };
+        for y in top..top + resolution {
+            out.extend_from_slice(&plane[y * nw + left..y * nw + left + resolution]);
+        }
+    }
+    Ok(out)
+}
