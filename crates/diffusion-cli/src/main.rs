@@ -8,6 +8,7 @@ mod output;
 mod sample;
 mod train;
 mod train_concepts;
+mod train_controlnet;
 mod train_instruct_pix2pix;
 
 use clap::{Parser, Subcommand};

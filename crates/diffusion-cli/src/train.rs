@@ -32,6 +32,9 @@ pub enum TrainCommand {
     /// InstructPix2Pix (train_instruct_pix2pix.py): widen the UNet's conv_in to 8 channels and
     /// learn to apply edit instructions to images; save the pipeline folder.
     InstructPix2pix(crate::train_instruct_pix2pix::InstructPix2PixArgs),
+    /// ControlNet (train_controlnet.py): train a ControlNet through the frozen UNet on
+    /// (image, conditioning image, caption) rows; save the ControlNet folder.
+    Controlnet(crate::train_controlnet::ControlNetArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -288,6 +291,7 @@ pub fn run(command: TrainCommand) -> Result<()> {
         TrainCommand::InstructPix2pix(args) => {
             crate::train_instruct_pix2pix::instruct_pix2pix(args)
         }
+        TrainCommand::Controlnet(args) => crate::train_controlnet::controlnet(args),
     }
 }
 

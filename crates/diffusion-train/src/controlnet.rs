@@ -309,3 +309,21 @@ fn image_values(path: &Path, resolution: usize, filter: Interpolation) -> Result
     }
     Ok(out)
 }
+
+impl ControlNetTrainer {
+    /// The optimizer (its moments are saved in checkpoints).
+    pub fn optimizer(&self) -> &AdamW {
+        &self.optimizer
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ControlNetTrainConfig {
+        &self.config
+    }
+
+    /// Continue from a checkpoint: its optimizer state and step count.
+    pub(crate) fn resume(&mut self, optimizer: AdamW, global_step: usize) {
+        self.optimizer = optimizer;
+        self.global_step = global_step;
+    }
+}

@@ -28,6 +28,7 @@ pub mod caption_data;
 pub mod checkpoint;
 pub mod config;
 pub mod controlnet;
+pub mod controlnet_run;
 pub mod data;
 pub mod dreambooth;
 pub mod ema;
@@ -50,6 +51,7 @@ pub use caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokeni
 pub use checkpoint::{TrainingState, load_checkpoint, save_checkpoint, save_pipeline};
 pub use config::TrainConfig;
 pub use controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
+pub use controlnet_run::{ControlNetRunConfig, train_controlnet};
 pub use data::{FolderOptions, ImageDataset};
 pub use dreambooth::{DreamBoothConfig, DreamBoothTrainer, dreambooth_loss, train_dreambooth};
 pub use ema::{EmaConfig, EmaModel};
