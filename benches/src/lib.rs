@@ -9,6 +9,8 @@ use diffusion_models::unets::unet_2d::SampleSize;
 // Each push depends on a feature, so a `vec![]` literal cannot express it.
 #[allow(clippy::vec_init_then_push)]
 pub fn cpu_devices() -> Vec<(&'static str, Device)> {
+    // Stays empty (and unmutated) in a GPU-only build such as `sd_gpu`'s.
+    #[allow(unused_mut)]
     let mut out = Vec::new();
     #[cfg(feature = "flex")]
     out.push(("flex", Device::flex()));
@@ -120,5 +122,61 @@ pub fn vae_configs() -> Vec<(&'static str, diffusion_models::AutoencoderKLConfig
     vec![
         ("sd_tiny", config_from_json("sd_tiny", tiny), 32),
         ("sd15", config_from_json("sd15", sd15), 32),
+    ]
+}
+
+/// The UNet2DConditionModel configs of the GPU benchmark (`src/bin/sd_gpu.rs`), with the latent
+/// size and text tokens of one step: `sd15` (64×64 latents, 512×512 images) and `sdxl`
+/// (SDXL base's UNet, 2.6B parameters, 128×128 latents, 1024×1024 images, with its pooled text
+/// embedding and time ids). `benches/python/bench_sd_gpu.py` builds the same ones.
+pub fn gpu_unet_configs() -> Vec<(
+    &'static str,
+    diffusion_models::UNet2DConditionModelConfig,
+    usize,
+)> {
+    let sd15 = unet2d_condition_configs()
+        .into_iter()
+        .find(|(name, _, _)| *name == "sd15")
+        .expect("sd15 config")
+        .1;
+    let sdxl = serde_json::json!({
+        "sample_size": 128,
+        "block_out_channels": [320, 640, 1280],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "transformer_layers_per_block": [1, 2, 10],
+        "attention_head_dim": [5, 10, 20],
+        "cross_attention_dim": 2048,
+        "use_linear_projection": true,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    });
+    vec![
+        ("sd15", sd15, 64),
+        ("sdxl", config_from_json("sdxl", sdxl), 128),
+    ]
+}
+
+/// The AutoencoderKL configs of the GPU benchmark, with the latent size decoded: full-size
+/// decodes, `sd15` 64×64 latents to 512×512 and `sdxl` 128×128 latents to 1024×1024.
+pub fn gpu_vae_configs() -> Vec<(&'static str, diffusion_models::AutoencoderKLConfig, usize)> {
+    let sd15 = vae_configs()
+        .into_iter()
+        .find(|(name, _, _)| *name == "sd15")
+        .expect("sd15 config")
+        .1;
+    let sdxl = serde_json::json!({
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "sample_size": 1024,
+        "scaling_factor": 0.13025,
+    });
+    vec![
+        ("sd15", sd15, 64),
+        ("sdxl", config_from_json("sdxl", sdxl), 128),
     ]
 }

@@ -1,4 +1,4 @@
-//! Project automation: `cargo xtask <check|test|fixtures|bench|setup-llvm>`.
+//! Project automation: `cargo xtask <check|test|test-kernels|fixtures|bench|setup-llvm>`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -13,6 +13,11 @@ cargo xtask <command>
   check [--backends]   fmt, clippy -D warnings, crate dependency direction;
                        --backends also runs `cargo check` with each backend feature
   test                 fixture hashes, then `cargo test --workspace` (what CI runs)
+  test-kernels [BACKEND..]
+                       the fused GroupNorm/attention kernels against their references on
+                       CubeCL devices without a GPU: `cpu` (CubeCL on LLVM, the default) and/or
+                       `wgpu` (lavapipe), or `cuda`; builds in target/kernels-BACKEND (or
+                       $CARGO_TARGET_DIR) so the default build is left alone
   fixtures [SCRIPT..]  regenerate fixtures with the Python oracle (creates the venv);
                        all gen_*.py scripts, or the ones named (e.g. gen_unet2d)
   fixtures --check     verify committed fixtures against fixtures/MANIFEST.sha256
@@ -38,6 +43,7 @@ fn main() -> Result<()> {
             .args(["bench", "-p", "diffusion-benches", "--"])
             .args(&args[1..])),
         Some("setup-llvm") => run(Command::new("bash").arg("scripts/setup-llvm.sh")),
+        Some("test-kernels") => test_kernels(&root, &args[1..]),
         _ => {
             eprint!("{USAGE}");
             bail!("unknown or missing command")
@@ -162,6 +168,66 @@ fn check(backends: bool) -> Result<()> {
                 feature,
             ]))?;
         }
+    }
+    Ok(())
+}
+
+/// `cargo xtask test-kernels [cpu] [wgpu] [cuda]`: prepare what each backend needs, then run
+/// `crates/diffusion-core/tests/kernels.rs` on it, each in its own target folder.
+fn test_kernels(root: &Path, backends: &[String]) -> Result<()> {
+    let backends: Vec<&str> = if backends.is_empty() {
+        vec!["cpu"]
+    } else {
+        backends.iter().map(String::as_str).collect()
+    };
+    // One folder per backend feature set, so switching backends rebuilds nothing; a
+    // CARGO_TARGET_DIR given by the caller is used as it is.
+    let given = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from);
+    for backend in backends {
+        match backend {
+            // cubecl-llvm would download LLVM; point it at Debian's first.
+            "cpu" | "cuda" => run(Command::new("bash").arg("scripts/setup-llvm.sh"))?,
+            "wgpu" => ensure_lavapipe()?,
+            other => bail!("test-kernels: unknown backend `{other}` (cpu, wgpu, cuda)"),
+        }
+        run(Command::new("cargo")
+            .env(
+                "CARGO_TARGET_DIR",
+                given
+                    .clone()
+                    .unwrap_or_else(|| root.join(format!("target/kernels-{backend}"))),
+            )
+            .env("KERNEL_TEST_DEVICE", backend)
+            .args(["test", "-p", "diffusion-core", "--features", backend])
+            .args([
+                "--test",
+                "kernels",
+                "--",
+                "--nocapture",
+                "--test-threads",
+                "1",
+            ]))?;
+    }
+    Ok(())
+}
+
+/// wgpu needs a Vulkan driver; lavapipe (Mesa's CPU Vulkan) is enough for kernel tests.
+fn ensure_lavapipe() -> Result<()> {
+    let icd = Path::new("/usr/share/vulkan/icd.d");
+    let has_lavapipe = std::fs::read_dir(icd).is_ok_and(|entries| {
+        entries
+            .filter_map(|e| e.ok())
+            .any(|e| e.file_name().to_string_lossy().starts_with("lvp_icd"))
+    });
+    if !has_lavapipe {
+        eprintln!("installing lavapipe (mesa-vulkan-drivers) for wgpu without a GPU");
+        run(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "-qq",
+            "mesa-vulkan-drivers",
+            "libvulkan1",
+        ]))?;
     }
     Ok(())
 }

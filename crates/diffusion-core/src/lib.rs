@@ -1,5 +1,5 @@
 //! Core of the diffusers port: errors, configs, the torch-compatible generator, image I/O,
-//! `.npy` exchange and backend selection.
+//! `.npy` exchange, backend selection and fused kernels (GroupNorm, attention).
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -7,6 +7,7 @@ pub mod config;
 pub mod error;
 pub mod generator;
 pub mod image;
+pub mod kernels;
 pub mod npy;
 pub mod python_json;
 pub mod tensor;

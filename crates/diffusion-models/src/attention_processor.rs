@@ -21,8 +21,6 @@ use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::{GroupNorm, Linear};
 use diffusion_core::burn::tensor::activation::softmax;
-use diffusion_core::burn::tensor::module::attention;
-use diffusion_core::burn::tensor::ops::AttentionModuleOptions;
 use diffusion_core::burn::tensor::{DType, FloatDType, Tensor};
 use diffusion_core::{Device, Result};
 
@@ -235,7 +233,7 @@ impl Attention {
         let residual = x.clone();
         // GroupNorm over [B, C, H*W] equals GroupNorm over [B, C, H, W].
         let x = match &self.group_norm {
-            Some(norm) => norm.forward(x),
+            Some(norm) => layers::group_norm_act(norm, x, None),
             None => x,
         };
         let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
@@ -290,7 +288,9 @@ impl Attention {
         }
         let residual = hidden_states.clone();
         let normed = match &self.group_norm {
-            Some(norm) => norm.forward(hidden_states.swap_dims(1, 2)).swap_dims(1, 2),
+            Some(norm) => {
+                layers::group_norm_act(norm, hidden_states.swap_dims(1, 2), None).swap_dims(1, 2)
+            }
             None => hidden_states,
         };
         let out = self.attend_tokens(
@@ -409,7 +409,8 @@ pub fn attention_probabilities(q: Tensor<4>, k: Tensor<4>, bias: Option<Tensor<4
     softmax(scores, 3)
 }
 
-/// Softmax attention with scale `1/sqrt(dim_head)` through burn's fused attention op,
+/// Softmax attention with scale `1/sqrt(dim_head)` ([`diffusion_core::kernels::attention`]):
+/// this crate's flash-style kernel on CubeCL devices, elsewhere burn's fused attention op,
 /// computed in f32 for half-precision inputs and cast back: the scores of large activations
 /// overflow f16 (diffusers' `upcast_softmax` / `upcast_attention`; some backends upcast
 /// internally, doing it here holds for all).
@@ -423,16 +424,7 @@ pub fn scaled_dot_product_attention(
     v: Tensor<4>,
     bias: Option<Tensor<4>>,
 ) -> Tensor<4> {
-    let dtype = q.dtype();
-    let out = attention(
-        upcast(q),
-        upcast(k),
-        upcast(v),
-        None,
-        bias.map(upcast),
-        AttentionModuleOptions::default(),
-    );
-    cast_back(out, dtype)
+    diffusion_core::kernels::attention(q, k, v, bias)
 }
 
 /// Observe or change what transformer attention layers compute (diffusers' attention
@@ -522,6 +514,7 @@ impl fmt::Debug for AttentionHookSlot {
 mod tests {
     use super::*;
     use diffusion_core::burn::tensor::Distribution;
+    use diffusion_core::burn::tensor::ops::AttentionModuleOptions;
     use diffusion_core::tensor::to_vec;
 
     fn normal<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {

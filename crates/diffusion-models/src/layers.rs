@@ -7,7 +7,10 @@ use diffusion_core::burn::nn::conv::{Conv2d, Conv2dConfig};
 use diffusion_core::burn::nn::{
     Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
-use diffusion_core::{Device, Error, Result};
+use diffusion_core::burn::tensor::Tensor;
+use diffusion_core::{Device, Error, Result, kernels};
+
+use crate::activations::Activation;
 
 /// Placeholder path for errors raised while building from an in-memory config; loaders replace
 /// it with the real `config.json` path through [`with_config_path`].
@@ -83,6 +86,37 @@ pub(crate) fn group_norm(
     Ok(GroupNormConfig::new(num_groups, channels)
         .with_epsilon(eps)
         .init(device))
+}
+
+/// `act(norm(x))`: on devices where [`kernels::uses_kernel`] holds, one fused GroupNorm (+ SiLU)
+/// kernel; elsewhere exactly `GroupNorm::forward` followed by the activation, as before the
+/// kernels existed (so CPU results do not change).
+///
+/// # Shapes
+/// - `x`: `[B, C, *]`; output: the same
+pub(crate) fn group_norm_act<const D: usize>(
+    norm: &GroupNorm,
+    x: Tensor<D>,
+    act: Option<Activation>,
+) -> Tensor<D> {
+    if matches!(act, None | Some(Activation::Silu))
+        && kernels::uses_kernel(kernels::Kernel::GroupNorm, &x.device())
+        && let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta)
+    {
+        return kernels::group_norm(
+            x,
+            gamma.val(),
+            beta.val(),
+            norm.num_groups,
+            norm.epsilon,
+            act.is_some(),
+        );
+    }
+    let y = norm.forward(x);
+    match act {
+        Some(act) => act.forward(y),
+        None => y,
+    }
 }
 
 /// `torch.nn.Conv2d(in, out, kernel, stride, padding)` with a bias.

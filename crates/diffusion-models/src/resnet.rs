@@ -207,7 +207,7 @@ impl ResnetBlock2D {
     /// # Panics
     /// With scale-shift conditioning and no `temb` (diffusers raises there too).
     pub fn forward(&self, input: Tensor<4>, temb: Option<Tensor<2>>) -> Tensor<4> {
-        let hidden = self.act.forward(self.norm1.forward(input.clone()));
+        let hidden = layers::group_norm_act(&self.norm1, input.clone(), Some(self.act));
         let input = self.resample.apply(input);
         let hidden = self.resample.apply(hidden);
         let mut hidden = self.conv1.forward(hidden);
@@ -226,23 +226,26 @@ impl ResnetBlock2D {
             _ => None,
         };
         hidden = match (self.time_embedding_norm, temb) {
-            (TimeEmbeddingNorm::Default, Some(temb)) => self.norm2.forward(hidden.add(temb)),
-            (TimeEmbeddingNorm::Default, None) => self.norm2.forward(hidden),
+            (TimeEmbeddingNorm::Default, Some(temb)) => {
+                layers::group_norm_act(&self.norm2, hidden.add(temb), Some(self.act))
+            }
+            (TimeEmbeddingNorm::Default, None) => {
+                layers::group_norm_act(&self.norm2, hidden, Some(self.act))
+            }
             (TimeEmbeddingNorm::ScaleShift, Some(temb)) => {
                 let [_, width, _, _] = temb.dims();
                 let half = width / 2;
                 let scale = temb.clone().narrow(1, 0, half);
                 let shift = temb.narrow(1, half, half);
-                self.norm2
-                    .forward(hidden)
+                let hidden = layers::group_norm_act(&self.norm2, hidden, None)
                     .mul(scale.add_scalar(1.0))
-                    .add(shift)
+                    .add(shift);
+                self.act.forward(hidden)
             }
             (TimeEmbeddingNorm::ScaleShift, None) => {
                 panic!("ResnetBlock2D with scale_shift conditioning needs a time embedding")
             }
         };
-        let hidden = self.act.forward(hidden);
         let hidden = self.conv2.forward(self.dropout.forward(hidden));
         let residual = match &self.conv_shortcut {
             Some(conv) => conv.forward(input),

@@ -4,7 +4,6 @@ use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::GroupNorm;
 use diffusion_core::burn::nn::conv::Conv2d;
-use diffusion_core::burn::tensor::activation::silu;
 use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor};
 use diffusion_core::tensor::randn_tensor;
 use diffusion_core::{Device, Error, NoiseSource, Result};
@@ -151,7 +150,11 @@ impl Encoder {
             x = block.forward(x);
         }
         let x = self.mid_block.forward(x, None);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(layers::group_norm_act(
+            &self.conv_norm_out,
+            x,
+            Some(Activation::Silu),
+        ))
     }
 }
 
@@ -225,7 +228,11 @@ impl Decoder {
         for block in &self.up_blocks {
             x = block.forward(x);
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(layers::group_norm_act(
+            &self.conv_norm_out,
+            x,
+            Some(Activation::Silu),
+        ))
     }
 }
 

@@ -169,7 +169,7 @@ impl Transformer2DModel {
     pub fn forward(&self, x: Tensor<4>, inputs: &CrossAttentionInputs<'_>) -> Tensor<4> {
         let [b, c, h, w] = x.dims();
         let residual = x.clone();
-        let x = self.norm.forward(x);
+        let x = layers::group_norm_act(&self.norm, x, None);
         let to_tokens = |t: Tensor<4>| {
             let [_, inner, _, _] = t.dims();
             t.permute([0, 2, 3, 1]).reshape([b, h * w, inner])

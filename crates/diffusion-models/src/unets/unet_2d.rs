@@ -9,7 +9,6 @@ use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::conv::Conv2d;
 use diffusion_core::burn::nn::{Embedding, EmbeddingConfig, GroupNorm};
-use diffusion_core::burn::tensor::activation::silu;
 use diffusion_core::burn::tensor::{Int, Tensor, TensorData};
 use diffusion_core::{Device, Error, Result};
 
@@ -384,7 +383,11 @@ impl UNet2DModel {
                 }
             };
         }
-        let mut out = self.conv_out.forward(silu(self.conv_norm_out.forward(x)));
+        let mut out = self.conv_out.forward(layers::group_norm_act(
+            &self.conv_norm_out,
+            x,
+            Some(Activation::Silu),
+        ));
         if let Some(skip) = skip {
             out = out.add(skip);
         }

@@ -22,7 +22,6 @@ use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::GroupNorm;
 use diffusion_core::burn::nn::conv::Conv2d;
 use diffusion_core::burn::tensor::Tensor;
-use diffusion_core::burn::tensor::activation::silu;
 use diffusion_core::{Device, Result};
 
 use crate::activations::Activation;
@@ -561,7 +560,11 @@ impl SkipUpBlock2D {
         if let (Some(resnet_up), Some(skip_conv), Some(skip_norm)) =
             (&self.resnet_up, &self.skip_conv, &self.skip_norm)
         {
-            let states = skip_conv.forward(silu(skip_norm.forward(x.clone())));
+            let states = skip_conv.forward(layers::group_norm_act(
+                skip_norm,
+                x.clone(),
+                Some(Activation::Silu),
+            ));
             skip = Some(match skip {
                 Some(previous) => previous.add(states),
                 None => states,

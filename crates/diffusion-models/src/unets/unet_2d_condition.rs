@@ -652,7 +652,7 @@ impl UNet2DConditionModel {
         }
 
         if let Some(norm) = &self.conv_norm_out {
-            x = self.conv_act.forward(norm.forward(x));
+            x = layers::group_norm_act(norm, x, Some(self.conv_act));
         }
         let out = self.conv_out.forward(x);
         Ok(out)

@@ -1,0 +1,548 @@
+//! The CubeCL kernels behind [`super::group_norm`] and [`super::attention`], registered with
+//! burn's dispatch through `#[backend_extension]` (the `Fusion` selector makes them work on the
+//! fused CubeCL backend burn uses by default: they run as opaque operations in a fused stream).
+//!
+//! Every kernel reads its input dtype and computes in f32. Sizes that depend on the hardware
+//! (units per cube, shared memory) are read from the device, so the same kernels run on CUDA,
+//! wgpu and the CubeCL CPU runtime (which has as many units per cube as host threads).
+
+use burn::backend::cubecl::dtype_to_storage_type;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, backend_extension};
+use burn::tensor::{DType, FloatDType, Shape, Tensor as BurnTensor};
+use burn_cubecl::CubeBackend;
+use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::tensor::CubeTensor;
+use cubecl::prelude::*;
+use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
+
+/// Elements of one group that one cube reduces in the statistics pass: large groups (a VAE
+/// decoder at 512² has a million elements per group) are split over many cubes and the partial
+/// (count, mean, M2) triples are merged with Chan's formula.
+const GROUP_NORM_CHUNK: usize = 8192;
+/// Preferred units per cube for the reductions and for attention query rows.
+const PREFERRED_UNITS: u32 = 256;
+const ATTENTION_UNITS: u32 = 64;
+/// Largest head dim the attention kernel keeps per unit (q row and accumulator in registers).
+const MAX_HEAD_DIM: usize = 512;
+
+#[backend_extension(Cube, Fusion)]
+pub trait DiffusionKernels: Backend {
+    /// GroupNorm (+ SiLU) of a `[B, C, *]` tensor with `[C]` affine parameters.
+    #[fusion(dtype = x, shape = x)]
+    fn fused_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self>;
+
+    /// `softmax(q kᵀ / sqrt(D)) v` on `[B, H, S, D]` tensors.
+    #[fusion(dtype = q, shape = attention_shape(q, v))]
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+
+    /// `softmax(q kᵀ / sqrt(D) + bias) v`, `bias` `[B, H, S_q, S_kv]`.
+    #[fusion(dtype = q, shape = attention_shape(q, v))]
+    fn fused_attention_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+}
+
+fn attention_shape(q: &Shape, v: &Shape) -> Shape {
+    Shape::new([q[0], q[1], q[2], v[3]])
+}
+
+impl DiffusionKernels for CubeBackend {
+    fn fused_group_norm(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        groups: usize,
+        eps: f64,
+        silu: bool,
+    ) -> FloatTensor<Self> {
+        launch_group_norm(x, gamma, beta, groups, eps, silu)
+    }
+
+    fn fused_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        launch_attention(q, k, v, None)
+    }
+
+    fn fused_attention_bias(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self> {
+        launch_attention(q, k, v, Some(bias))
+    }
+}
+
+/// The tensor-level entry of the GroupNorm kernel (the device was checked by the caller).
+pub(super) fn group_norm<const D: usize>(
+    x: BurnTensor<D>,
+    gamma: BurnTensor<1>,
+    beta: BurnTensor<1>,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> BurnTensor<D> {
+    let dtype = x.dtype();
+    let out = Dispatch::fused_group_norm(
+        x.into_dispatch(),
+        same_dtype(gamma, dtype).into_dispatch(),
+        same_dtype(beta, dtype).into_dispatch(),
+        groups,
+        eps,
+        silu,
+    );
+    BurnTensor::from_dispatch(out)
+}
+
+/// Whether the attention kernel takes these inputs (float dtypes, head dims it holds).
+pub(super) fn attention_supported(q: &BurnTensor<4>, v: &BurnTensor<4>) -> bool {
+    matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && q.dims()[3] <= MAX_HEAD_DIM
+        && v.dims()[3] <= MAX_HEAD_DIM
+}
+
+/// The tensor-level entry of the attention kernel (the device was checked by the caller).
+pub(super) fn attention(
+    q: BurnTensor<4>,
+    k: BurnTensor<4>,
+    v: BurnTensor<4>,
+    bias: Option<BurnTensor<4>>,
+) -> BurnTensor<4> {
+    let dtype = q.dtype();
+    let k = same_dtype(k, dtype).into_dispatch();
+    let v = same_dtype(v, dtype).into_dispatch();
+    let out = match bias {
+        Some(bias) => Dispatch::fused_attention_bias(
+            q.into_dispatch(),
+            k,
+            v,
+            same_dtype(bias, dtype).into_dispatch(),
+        ),
+        None => Dispatch::fused_attention(q.into_dispatch(), k, v),
+    };
+    BurnTensor::from_dispatch(out)
+}
+
+fn same_dtype<const D: usize>(t: BurnTensor<D>, dtype: DType) -> BurnTensor<D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(FloatDType::from(dtype))
+    }
+}
+
+/// Units per cube: `preferred` clamped to the device, rounded down to a power of two (the
+/// reductions halve it).
+fn units_per_cube(tensor: &CubeTensor, preferred: u32) -> u32 {
+    let hardware = &tensor.client.properties().hardware;
+    let max = preferred
+        .min(hardware.max_units_per_cube)
+        .min(hardware.max_cube_dim.0)
+        .max(1);
+    1 << (31 - max.leading_zeros())
+}
+
+fn empty_contiguous(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor {
+    let bytes = shape.num_elements() * dtype.size();
+    let handle = like.client.empty(bytes.max(dtype.size()));
+    CubeTensor::new_contiguous(
+        like.client.clone(),
+        like.device.clone(),
+        shape,
+        handle,
+        dtype,
+    )
+}
+
+fn launch_group_norm(
+    x: CubeTensor,
+    gamma: CubeTensor,
+    beta: CubeTensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> CubeTensor {
+    let x = into_contiguous(x);
+    let gamma = into_contiguous(gamma);
+    let beta = into_contiguous(beta);
+    let shape = x.meta.shape().clone();
+    let numel = shape.num_elements();
+    let (batch, channels) = (shape[0], shape[1]);
+    let spatial = numel / (batch * channels);
+    let group_size = channels / groups * spatial;
+    let n_groups = batch * groups;
+    let splits = group_size.div_ceil(GROUP_NORM_CHUNK);
+    let dtype = x.dtype;
+    let client = x.client.clone();
+
+    let partials = empty_contiguous(&x, Shape::new([n_groups * splits * 3]), DType::F32);
+    let stats = empty_contiguous(&x, Shape::new([n_groups * 2]), DType::F32);
+    let out = empty_contiguous(&x, shape, dtype);
+
+    let units = units_per_cube(&x, PREFERRED_UNITS);
+    group_norm_partial_kernel::launch(
+        &client,
+        CubeCount::Static(splits as u32, n_groups as u32, 1),
+        CubeDim::new_1d(units),
+        x.clone().into_tensor_arg(),
+        partials.clone().into_tensor_arg(),
+        group_size as u32,
+        GROUP_NORM_CHUNK as u32,
+        units as usize,
+        dtype_to_storage_type(dtype),
+    );
+
+    let combine_units = units_per_cube(&x, 64);
+    group_norm_combine_kernel::launch(
+        &client,
+        CubeCount::Static((n_groups as u32).div_ceil(combine_units), 1, 1),
+        CubeDim::new_1d(combine_units),
+        partials.into_tensor_arg(),
+        stats.clone().into_tensor_arg(),
+        n_groups as u32,
+        splits as u32,
+        eps as f32,
+    );
+
+    let cube_dim = CubeDim::new_1d(units);
+    group_norm_apply_kernel::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, numel, cube_dim),
+        cube_dim,
+        x.into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        beta.into_tensor_arg(),
+        stats.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        spatial as u32,
+        channels as u32,
+        (channels / groups) as u32,
+        silu,
+        dtype_to_storage_type(dtype),
+    );
+    out
+}
+
+/// One cube per (chunk, group): the chunk's element count, mean and sum of squared deviations
+/// (two passes over the chunk, so no cancellation), reduced over the cube in shared memory.
+#[cube(launch)]
+fn group_norm_partial_kernel<F: Float>(
+    x: &Tensor<F>,
+    partials: &mut Tensor<f32>,
+    group_size: u32,
+    chunk: u32,
+    #[comptime] units: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let split = CUBE_POS_X as usize;
+    let group = CUBE_POS_Y as usize;
+    let splits = CUBE_COUNT_X as usize;
+    let size = group_size as usize;
+    let start = split * chunk as usize;
+    let mut end = start + chunk as usize;
+    if end > size {
+        end = size;
+    }
+    let base = group * size;
+    let unit = UNIT_POS_X as usize;
+    let mut shared = Shared::<[f32]>::new_slice(units);
+
+    let mut sum = 0.0f32;
+    let mut i = start + unit;
+    while i < end {
+        sum += f32::cast_from(x[base + i]);
+        i += units;
+    }
+    shared[unit] = sum;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if unit < stride {
+            shared[unit] += shared[unit + stride];
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let count = f32::cast_from(end - start);
+    let mean = shared[0] / count;
+    sync_cube();
+
+    let mut m2 = 0.0f32;
+    let mut j = start + unit;
+    while j < end {
+        let d = f32::cast_from(x[base + j]) - mean;
+        m2 += d * d;
+        j += units;
+    }
+    shared[unit] = m2;
+    sync_cube();
+    let mut stride2 = CUBE_DIM_X as usize / 2;
+    while stride2 > 0 {
+        if unit < stride2 {
+            shared[unit] += shared[unit + stride2];
+        }
+        sync_cube();
+        stride2 /= 2;
+    }
+    if unit == 0 {
+        let o = (group * splits + split) * 3;
+        partials[o] = count;
+        partials[o + 1] = mean;
+        partials[o + 2] = shared[0];
+    }
+}
+
+/// One unit per group: merge the chunks' (count, mean, M2) (Chan et al.) into the group's mean
+/// and `sqrt(var + eps)` (biased variance, as `torch.nn.GroupNorm`).
+#[cube(launch)]
+fn group_norm_combine_kernel(
+    partials: &Tensor<f32>,
+    stats: &mut Tensor<f32>,
+    n_groups: u32,
+    splits: u32,
+    eps: f32,
+) {
+    let g = ABSOLUTE_POS;
+    if g >= n_groups as usize {
+        terminate!();
+    }
+    let s = splits as usize;
+    let base = g * s * 3;
+    let mut n = partials[base];
+    let mut mean = partials[base + 1];
+    let mut m2 = partials[base + 2];
+    for j in 1..s {
+        let nb = partials[base + 3 * j];
+        let mb = partials[base + 3 * j + 1];
+        let m2b = partials[base + 3 * j + 2];
+        let total = n + nb;
+        let delta = mb - mean;
+        mean += delta * nb / total;
+        m2 += m2b + delta * delta * n * nb / total;
+        n = total;
+    }
+    stats[2 * g] = mean;
+    stats[2 * g + 1] = (m2 / n + eps).sqrt();
+}
+
+/// Element-wise: normalise with the group's statistics, apply the affine and the SiLU in f32.
+#[cube(launch)]
+fn group_norm_apply_kernel<F: Float>(
+    x: &Tensor<F>,
+    gamma: &Tensor<F>,
+    beta: &Tensor<F>,
+    stats: &Tensor<f32>,
+    out: &mut Tensor<F>,
+    spatial: u32,
+    channels: u32,
+    channels_per_group: u32,
+    #[comptime] silu: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= out.len() {
+        terminate!();
+    }
+    let c_all = channels as usize;
+    let cpg = channels_per_group as usize;
+    let nc = i / spatial as usize;
+    let c = nc % c_all;
+    let n = nc / c_all;
+    let g = n * (c_all / cpg) + c / cpg;
+    let mean = stats[2 * g];
+    let std = stats[2 * g + 1];
+    let mut y =
+        (f32::cast_from(x[i]) - mean) / std * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]);
+    if silu {
+        y = y / (1.0f32 + (0.0f32 - y).exp());
+    }
+    out[i] = F::cast_from(y);
+}
+
+fn launch_attention(
+    q: CubeTensor,
+    k: CubeTensor,
+    v: CubeTensor,
+    bias: Option<CubeTensor>,
+) -> CubeTensor {
+    let q_shape = q.meta.shape().clone();
+    let v_shape = v.meta.shape().clone();
+    let (batch, heads, seq_q, head_dim) = (q_shape[0], q_shape[1], q_shape[2], q_shape[3]);
+    let val_dim = v_shape[3];
+    let dtype = q.dtype;
+    let client = q.client.clone();
+    let out = empty_contiguous(&q, attention_shape(&q_shape, &v_shape), dtype);
+
+    // Key/value tiles in shared memory (f32): as many keys as fit in half the shared memory.
+    let max_shared = client.properties().hardware.max_shared_memory_size;
+    let mut tile = 32usize;
+    while tile > 1 && tile * (head_dim + val_dim) * 4 > max_shared / 2 {
+        tile /= 2;
+    }
+    let units = units_per_cube(&q, ATTENTION_UNITS);
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let has_bias = bias.is_some();
+    // Without a bias the kernel never reads it; any tensor fills the slot.
+    let bias = bias.unwrap_or_else(|| q.clone());
+
+    flash_attention_kernel::launch(
+        &client,
+        CubeCount::Static((seq_q as u32).div_ceil(units), (batch * heads) as u32, 1),
+        CubeDim::new_1d(units),
+        q.into_tensor_arg(),
+        k.into_tensor_arg(),
+        v.into_tensor_arg(),
+        bias.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        scale,
+        head_dim,
+        val_dim,
+        tile,
+        units as usize,
+        has_bias,
+        dtype_to_storage_type(dtype),
+    );
+    out
+}
+
+/// Flash-style attention: one unit per query row, key/value tiles staged in shared memory by
+/// the whole cube, online softmax (running max and sum rescaled once per tile), f32 throughout.
+/// Inputs are read through their strides (head-split views and expanded biases need no copy).
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn flash_attention_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    bias: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] head_dim: usize,
+    #[comptime] val_dim: usize,
+    #[comptime] tile: usize,
+    #[comptime] units: usize,
+    #[comptime] has_bias: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let heads = q.shape(1);
+    let seq_q = q.shape(2);
+    let seq_kv = k.shape(2);
+    let bh = CUBE_POS_Y as usize;
+    let b = bh / heads;
+    let h = bh % heads;
+    let unit = UNIT_POS_X as usize;
+    let row = CUBE_POS_X as usize * units + unit;
+    let active = row < seq_q;
+    let mut row_c = row;
+    if !active {
+        row_c = seq_q - 1;
+    }
+
+    let q_base = b * q.stride(0) + h * q.stride(1) + row_c * q.stride(2);
+    let k_base = b * k.stride(0) + h * k.stride(1);
+    let v_base = b * v.stride(0) + h * v.stride(1);
+    let bias_base = b * bias.stride(0) + h * bias.stride(1) + row_c * bias.stride(2);
+
+    let mut q_row = Array::<f32>::new(head_dim);
+    for d in 0..head_dim {
+        q_row[d] = f32::cast_from(q[q_base + d * q.stride(3)]) * scale;
+    }
+    let mut acc = Array::<f32>::new(val_dim);
+    for d in 0..val_dim {
+        acc[d] = 0.0f32;
+    }
+    let mut scores = Array::<f32>::new(tile);
+    let mut k_tile = Shared::<[f32]>::new_slice(tile * head_dim);
+    let mut v_tile = Shared::<[f32]>::new_slice(tile * val_dim);
+
+    let mut m = f32::new(-3.0e38);
+    let mut l = f32::new(0.0);
+    // `div_ceil` has no CubeCL expansion.
+    #[allow(clippy::manual_div_ceil)]
+    let n_tiles = (seq_kv + tile - 1) / tile;
+    for t in 0..n_tiles {
+        let start = t * tile;
+        let mut count = seq_kv - start;
+        if count > tile {
+            count = tile;
+        }
+        let mut idx = unit;
+        while idx < tile * head_dim {
+            let j = idx / head_dim;
+            let mut val = f32::new(0.0);
+            if j < count {
+                val = f32::cast_from(
+                    k[k_base + (start + j) * k.stride(2) + (idx % head_dim) * k.stride(3)],
+                );
+            }
+            k_tile[idx] = val;
+            idx += units;
+        }
+        let mut idv = unit;
+        while idv < tile * val_dim {
+            let j = idv / val_dim;
+            let mut val = f32::new(0.0);
+            if j < count {
+                val = f32::cast_from(
+                    v[v_base + (start + j) * v.stride(2) + (idv % val_dim) * v.stride(3)],
+                );
+            }
+            v_tile[idv] = val;
+            idv += units;
+        }
+        sync_cube();
+
+        let mut tile_max = f32::new(-3.0e38);
+        for j in 0..count {
+            let mut s = 0.0f32;
+            for d in 0..head_dim {
+                s += q_row[d] * k_tile[j * head_dim + d];
+            }
+            if has_bias {
+                s += f32::cast_from(bias[bias_base + (start + j) * bias.stride(3)]);
+            }
+            scores[j] = s;
+            tile_max = max(tile_max, s);
+        }
+        let m_new = max(m, tile_max);
+        let correction = (m - m_new).exp();
+        l *= correction;
+        for d in 0..val_dim {
+            acc[d] *= correction;
+        }
+        for j in 0..count {
+            let p = (scores[j] - m_new).exp();
+            l += p;
+            for d in 0..val_dim {
+                acc[d] += p * v_tile[j * val_dim + d];
+            }
+        }
+        m = m_new;
+        sync_cube();
+    }
+
+    if active {
+        let o = ((b * heads + h) * seq_q + row) * val_dim;
+        for d in 0..val_dim {
+            out[o + d] = F::cast_from(acc[d] / l);
+        }
+    }
+}

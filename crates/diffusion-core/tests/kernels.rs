@@ -1,0 +1,176 @@
+//! The fused GroupNorm and attention kernels against their tensor-op references, on a CubeCL
+//! device: the CubeCL CPU runtime (`--features cpu`, LLVM), wgpu (`--features wgpu`, lavapipe
+//! without a GPU) or CUDA. `cargo xtask test-kernels` sets up and runs these.
+//!
+//! `KERNEL_TEST_DEVICE=cpu|wgpu|cuda` picks the device when several are compiled in.
+//! Errors are relative to the largest reference magnitude: `max |kernel - ref| / max |ref|`.
+#![cfg(feature = "cubecl-kernels")]
+
+use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
+use diffusion_core::kernels::{
+    attention, attention_reference, group_norm, group_norm_reference, uses_kernels,
+};
+use diffusion_core::tensor::to_vec;
+
+fn device() -> Device {
+    if let Ok(name) = std::env::var("KERNEL_TEST_DEVICE") {
+        return wanted_device(&name);
+    }
+    if cfg!(feature = "cpu") {
+        wanted_device("cpu")
+    } else if cfg!(feature = "wgpu") {
+        wanted_device("wgpu")
+    } else {
+        wanted_device("cuda")
+    }
+}
+
+fn wanted_device(name: &str) -> Device {
+    match name {
+        #[cfg(feature = "cpu")]
+        "cpu" => Device::cpu(),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Device::wgpu(Default::default()),
+        #[cfg(feature = "cuda")]
+        "cuda" => Device::cuda(0),
+        other => panic!("KERNEL_TEST_DEVICE={other} is not compiled into this build"),
+    }
+}
+
+/// The float dtypes this device runs (bf16 is broken on the CubeCL CPU runtime, see
+/// shared/STACK_NOTES.md, and missing on lavapipe).
+fn dtypes(device: &Device) -> Vec<(FloatDType, f32)> {
+    let mut out = vec![(FloatDType::F32, 1e-5)];
+    if device.supports_dtype(DType::F16) {
+        out.push((FloatDType::F16, 1e-2));
+    }
+    let cpu = std::env::var("KERNEL_TEST_DEVICE").map_or(cfg!(feature = "cpu"), |d| d == "cpu");
+    if device.supports_dtype(DType::BF16) && !cpu {
+        out.push((FloatDType::BF16, 1e-2));
+    }
+    out
+}
+
+fn relative_error<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    assert_eq!(got.dtype(), want.dtype());
+    let got = to_vec(got.cast(FloatDType::F32));
+    let want = to_vec(want.cast(FloatDType::F32));
+    let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+    let diff = got
+        .iter()
+        .zip(&want)
+        .fold(0f32, |m, (g, w)| m.max((g - w).abs()));
+    assert!(diff.is_finite(), "non-finite output");
+    diff / scale
+}
+
+fn random<const D: usize>(shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::random(shape, Distribution::Normal(0.3, 1.5), device)
+}
+
+#[test]
+fn the_test_device_runs_the_kernels() {
+    assert!(uses_kernels(&device()));
+}
+
+#[test]
+fn group_norm_matches_reference() {
+    let device = device();
+    // (shape, groups): odd sizes, SD-like 32 groups, and one group of 8/2 * 97 * 181 = 70228
+    // elements (more than 65536, split over several statistics cubes).
+    let cases: [([usize; 4], usize); 4] = [
+        ([2, 6, 5, 7], 3),
+        ([1, 5, 3, 3], 5),
+        ([2, 64, 8, 8], 32),
+        ([1, 8, 97, 181], 2),
+    ];
+    for (dtype, tolerance) in dtypes(&device) {
+        for (shape, groups) in cases {
+            for silu in [false, true] {
+                let x = random(shape, &device).cast(dtype);
+                let gamma = random([shape[1]], &device).cast(dtype);
+                let beta = random([shape[1]], &device).cast(dtype);
+                let got = group_norm(x.clone(), gamma.clone(), beta.clone(), groups, 1e-6, silu);
+                let want = group_norm_reference(x, gamma, beta, groups, 1e-6, silu);
+                let err = relative_error(got, want);
+                println!("group_norm {dtype:?} {shape:?} groups {groups} silu {silu}: {err:.2e}");
+                assert!(err <= tolerance, "{dtype:?} {shape:?} silu {silu}: {err:e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn group_norm_of_rank_3_and_a_large_offset() {
+    // [B, C, H*W] as the attention blocks use it, with a mean well away from zero (two-pass
+    // statistics keep the variance exact; at offsets near 100 the f32 rounding of the mean in
+    // kernel and reference alone differs by about 1e-5 of the output).
+    let device = device();
+    let x = random([2, 12, 41], &device).add_scalar(10.0);
+    let gamma = random([12], &device);
+    let beta = random([12], &device);
+    let got = group_norm(x.clone(), gamma.clone(), beta.clone(), 4, 1e-5, true);
+    let want = group_norm_reference(x, gamma, beta, 4, 1e-5, true);
+    let err = relative_error(got, want);
+    println!("group_norm rank 3, offset 10: {err:.2e}");
+    assert!(err <= 1e-5, "{err:e}");
+}
+
+fn attention_case(
+    device: &Device,
+    dtype: FloatDType,
+    tolerance: f32,
+    [b, h, s_q, s_kv, d]: [usize; 5],
+    with_bias: bool,
+) {
+    let q = random([b, h, s_q, d], device).cast(dtype);
+    let k = random([b, h, s_kv, d], device).cast(dtype);
+    let v = random([b, h, s_kv, d], device).cast(dtype);
+    // diffusers' keep-mask bias `(1 - m) * -10000`, expanded from [B, 1, 1, S_kv].
+    let bias = with_bias.then(|| {
+        let keep = Tensor::<4>::random([b, 1, 1, s_kv], Distribution::Bernoulli(0.8), device);
+        keep.sub_scalar(1.0)
+            .mul_scalar(10000.0)
+            .cast(dtype)
+            .expand([b, h, s_q, s_kv])
+    });
+    let got = attention(q.clone(), k.clone(), v.clone(), bias.clone());
+    let want = attention_reference(q, k, v, bias);
+    let err = relative_error(got, want);
+    println!(
+        "attention {dtype:?} [b {b}, h {h}, s_q {s_q}, s_kv {s_kv}, d {d}] bias {with_bias}: {err:.2e}"
+    );
+    assert!(err <= tolerance, "{dtype:?} d {d} s_kv {s_kv}: {err:e}");
+}
+
+#[test]
+fn attention_matches_reference_for_sd_head_dims() {
+    let device = device();
+    for (dtype, tolerance) in dtypes(&device) {
+        for d in [40, 64, 80, 128, 160] {
+            // Self-attention with an odd token count.
+            attention_case(&device, dtype, tolerance, [2, 2, 37, 37, d], false);
+            // Cross-attention to 77 (one CLIP prompt) and 154 keys (two, SDXL long prompts).
+            attention_case(&device, dtype, tolerance, [2, 2, 19, 77, d], false);
+            attention_case(&device, dtype, tolerance, [1, 3, 11, 154, d], true);
+        }
+    }
+}
+
+#[test]
+fn attention_single_head_vae_width_and_head_split_views() {
+    let device = device();
+    // The VAE mid-block attends with one head of 512 channels.
+    attention_case(&device, FloatDType::F32, 1e-5, [1, 1, 9, 9, 512], false);
+    // Views as `Attention::split_heads` makes them ([B, S, H, D] swapped): read by stride.
+    let t = random([2, 13, 3, 40], &device);
+    let q = t.clone().swap_dims(1, 2);
+    let k = t.clone().mul_scalar(0.5).swap_dims(1, 2);
+    let v = t.swap_dims(1, 2);
+    let got = attention(q.clone(), k.clone(), v.clone(), None);
+    let want = attention_reference(q, k, v, None);
+    let err = relative_error(got, want);
+    println!("attention head-split views: {err:.2e}");
+    assert!(err <= 1e-5, "{err:e}");
+}
