@@ -4,6 +4,9 @@
 //! scale (and optionally masked to a region of the image), are added to the text attention's
 //! result before `to_out`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::Linear;
@@ -148,13 +151,26 @@ pub struct IPAdapterAttnInputs<'a> {
 /// Where on the image an adapter's images act: one mask per image, values in `[0, 1]`
 /// (diffusers' `IPAdapterMaskProcessor` output for one adapter, `[1, num_images, H, W]`).
 /// Each attention layer resizes it to its own token grid with torch's bicubic interpolation,
-/// as diffusers' `IPAdapterMaskProcessor.downsample` does.
-#[derive(Clone, Debug, PartialEq)]
+/// as diffusers' `IPAdapterMaskProcessor.downsample` does; each (image, token count) is resized
+/// once and reused by every layer of that size at every step.
+#[derive(Clone, Debug)]
 pub struct IPAdapterMask {
     data: Vec<f32>,
     num_images: usize,
     height: usize,
     width: usize,
+    /// `(image, num_queries)` → the resized, padded row (shared by clones).
+    resized: Arc<Mutex<ResizedRows>>,
+}
+
+/// `(image, num_queries)` → a mask resized to that token grid.
+type ResizedRows = HashMap<(usize, usize), Arc<Vec<f32>>>;
+
+impl PartialEq for IPAdapterMask {
+    fn eq(&self, other: &Self) -> bool {
+        (self.num_images, self.height, self.width, &self.data)
+            == (other.num_images, other.height, other.width, &other.data)
+    }
 }
 
 impl IPAdapterMask {
@@ -184,6 +200,7 @@ impl IPAdapterMask {
             num_images,
             height,
             width,
+            resized: Arc::default(),
         })
     }
 
@@ -226,9 +243,16 @@ impl IPAdapterMask {
         device: &Device,
     ) -> Tensor<3> {
         let (mask_h, mask_w) = token_grid(self.height, self.width, num_queries);
-        let plane = &self.data[image * self.height * self.width..][..self.height * self.width];
-        let mut row = bicubic_resize(plane, self.height, self.width, mask_h, mask_w);
-        row.resize(num_queries, 0.0);
+        let row = {
+            let mut cache = self.resized.lock().unwrap_or_else(|e| e.into_inner());
+            Arc::clone(cache.entry((image, num_queries)).or_insert_with(|| {
+                let n = self.height * self.width;
+                let plane = &self.data[image * n..][..n];
+                let mut row = bicubic_resize(plane, self.height, self.width, mask_h, mask_w);
+                row.resize(num_queries, 0.0);
+                Arc::new(row)
+            }))
+        };
         let data: Vec<f32> = (0..batch).flat_map(|_| row.iter().copied()).collect();
         Tensor::from_data(TensorData::new(data, [batch, num_queries, 1]), device)
     }
