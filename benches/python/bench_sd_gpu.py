@@ -1,11 +1,14 @@
 """The forwards of benches/src/bin/sd_gpu.rs in PyTorch/diffusers on a CUDA GPU, for the same
 random-weight configs: one UNet2DConditionModel step at batch 2 (classifier-free guidance's
 batch; 77 text tokens, timestep 500; SDXL with its pooled embedding and time ids) and one
-AutoencoderKL decode at batch 1, in f16, bf16 and f32. Prints one JSON object per line with
+AutoencoderKL decode at batch 1, and (`--kinds ...,pipeline`) one whole text-to-image call of
+StableDiffusionPipeline / StableDiffusionXLPipeline (30 Euler steps, guidance 7.5, decode to
+an output_type="pt" image; prompt_embeds given, so no text encoder runs), in f16, bf16 and f32. Prints one JSON object per line with
 the time per forward (ms), peak GPU memory (torch.cuda.max_memory_allocated and _reserved),
 the FLOPs of one forward (torch.utils.flop_counter) and the achieved TFLOP/s.
 
   python benches/python/bench_sd_gpu.py [--models sd15,sdxl] [--dtypes f16,bf16,f32]
+                                        [--kinds unet,vae_decode,pipeline]
                                         [--iters 10] [--attention sdpa|math]
   python benches/python/bench_sd_gpu.py --flops-only > benches/python/sd_gpu_flops.json
 
@@ -17,7 +20,8 @@ import json
 import time
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                       StableDiffusionXLPipeline, UNet2DConditionModel)
 from torch.utils.flop_counter import FlopCounterMode
 
 # Keep in step with benches/src/lib.rs `gpu_unet_configs` / `gpu_vae_configs`.
@@ -60,11 +64,55 @@ def unet_inputs(name, cfg, size, tokens, device, dtype):
     return (x, t, states), kwargs
 
 
-def forwards(models, device, dtype):
+# Stable Diffusion 1.5's scheduler config, with the Euler scheduler (sd_gpu.rs `euler_scheduler`).
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1)
+
+
+def pipeline(name, device, dtype, steps):
+    """(build, run) of one text-to-image call with precomputed text embeddings. The VAE is
+    built with force_upcast=False so the decode runs in the pipeline's dtype, as sd_gpu.rs does
+    (SDXL's pipeline would otherwise upcast an f16 VAE to f32)."""
+    ucfg, size, tokens = UNETS[name]
+    vcfg, _ = VAES[name]
+
+    def build():
+        unet = UNet2DConditionModel(**ucfg).to(device=device, dtype=dtype).eval()
+        vae = AutoencoderKL(**vcfg, force_upcast=False).to(device=device, dtype=dtype).eval()
+        scheduler = EulerDiscreteScheduler(**SCHEDULER)
+        if name == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=None, text_encoder_2=None,
+                                             tokenizer=None, tokenizer_2=None, unet=unet,
+                                             scheduler=scheduler)
+        else:
+            pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet,
+                                           scheduler=scheduler, safety_checker=None,
+                                           feature_extractor=None,
+                                           requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def run(pipe):
+        embeds = torch.randn(2, tokens, ucfg["cross_attention_dim"], device=device, dtype=dtype)
+        kwargs = dict(prompt_embeds=embeds[1:], negative_prompt_embeds=embeds[:1],
+                      num_inference_steps=steps, guidance_scale=7.5, output_type="pt",
+                      height=size * 8, width=size * 8)
+        if name == "sdxl":
+            pooled = torch.randn(2, 1280, device=device, dtype=dtype)
+            kwargs.update(pooled_prompt_embeds=pooled[1:], negative_pooled_prompt_embeds=pooled[:1])
+        return lambda: pipe(**kwargs).images
+
+    return build, run
+
+
+def forwards(models, device, dtype, kinds=("unet", "vae_decode"), steps=30):
     """(kind, name, build, run) for every selected config."""
     out = []
     for name in models:
-        if name in UNETS:
+        if "pipeline" in kinds and name in UNETS and name in VAES:
+            build, run = pipeline(name, device, dtype, steps)
+            out.append(("pipeline", name, build, run))
+        if "unet" in kinds and name in UNETS:
             cfg, size, tokens = UNETS[name]
 
             def build(cfg=cfg):
@@ -75,7 +123,7 @@ def forwards(models, device, dtype):
                 return lambda: model(*args, **kwargs).sample
 
             out.append(("unet", name, build, run))
-        if name in VAES:
+        if "vae_decode" in kinds and name in VAES:
             cfg, size = VAES[name]
 
             def build(cfg=cfg):
@@ -110,6 +158,9 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", default="sd15,sdxl")
     parser.add_argument("--dtypes", default="f16,bf16,f32")
+    parser.add_argument("--kinds", default="unet,vae_decode")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--pipeline-iters", type=int, default=3)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--attention", choices=["sdpa", "math"], default="sdpa",
@@ -117,6 +168,7 @@ def main():
     parser.add_argument("--flops-only", action="store_true")
     args = parser.parse_args()
     models = args.models.split(",")
+    kinds = args.kinds.split(",")
 
     if args.flops_only:
         table = {}
@@ -130,17 +182,27 @@ def main():
     gpu = torch.cuda.get_device_name()
     for dtype_name in args.dtypes.split(","):
         dtype = DTYPES[dtype_name]
-        for kind, name, build, run in forwards(models, device, dtype):
+        for kind, name, build, run in forwards(models, device, dtype, kinds, args.steps):
             with torch.no_grad():
                 model = build()
-                if args.attention == "math":
+                if args.attention == "math" and kind == "pipeline":
+                    from diffusers.models.attention_processor import AttnProcessor
+                    model.unet.set_attn_processor(AttnProcessor())
+                    model.vae.set_attn_processor(AttnProcessor())
+                elif args.attention == "math":
                     from diffusers.models.attention_processor import AttnProcessor
                     model.set_attn_processor(AttnProcessor())
                 fn = run(model)
-                flops = count_flops(fn)
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                ms = timed(fn, args.iters, args.warmup)
+                if kind == "pipeline":
+                    flops = None
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    ms = timed(fn, args.pipeline_iters, 1)
+                else:
+                    flops = count_flops(fn)
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    ms = timed(fn, args.iters, args.warmup)
                 row = {
                     "impl": f"diffusers-{args.attention}",
                     "torch": torch.__version__,
@@ -151,9 +213,12 @@ def main():
                     "ms": round(ms, 3),
                     "peak_allocated_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
                     "peak_reserved_mib": round(torch.cuda.max_memory_reserved() / 2**20, 1),
-                    "gflop": round(flops / 1e9, 1),
-                    "tflops": round(flops / (ms * 1e-3) / 1e12, 2),
                 }
+                if flops is not None:
+                    row.update(gflop=round(flops / 1e9, 1),
+                               tflops=round(flops / (ms * 1e-3) / 1e12, 2))
+                else:
+                    row["steps"] = args.steps
                 print(json.dumps(row), flush=True)
             del model, fn
             torch.cuda.empty_cache()

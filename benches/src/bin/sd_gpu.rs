@@ -1,15 +1,24 @@
 //! Stable Diffusion 1.5 and SDXL on a GPU, random weights: one UNet2DConditionModel step at
-//! batch 2 (classifier-free guidance's batch, 77 text tokens) and one full-size VAE decode at
-//! batch 1, per dtype, with this crate's fused kernels (`diffusion_core::kernels`) and with
+//! batch 2 (classifier-free guidance's batch, 77 text tokens), one full-size VAE decode at
+//! batch 1, and a whole text-to-image generation (`pipeline`: 30 Euler steps with guidance 7.5,
+//! then the VAE decode to a `[0, 1]` image; text embeddings given, as `prompt_embeds`), per dtype, with this crate's fused kernels (`diffusion_core::kernels`) and with
 //! burn's own ops (`--kernels`: `on` both kernels, `off` none, `group_norm` or `attention` one),
 //! so they are compared in one run. One JSON object per line, with the same
 //! keys as `benches/python/bench_sd_gpu.py` prints for diffusers:
 //!
 //! ```text
 //! cargo build --release -p diffusion-benches --no-default-features --features cuda --bin sd_gpu
-//! sd_gpu [--device cuda|wgpu|cubecl-cpu] [--models sd15,sdxl] [--kinds unet,vae_decode]
-//!        [--dtypes f16,bf16,f32] [--kernels on,off,group_norm,attention] [--iters 10]
-//!        [--warmup 3]
+//! sd_gpu [--device cuda|wgpu|cubecl-cpu] [--models sd15,sdxl]
+//!        [--kinds unet,vae_decode,pipeline] [--dtypes f16,bf16,f32]
+//!        [--kernels on,off,group_norm,attention] [--iters 10] [--warmup 3]
+//!        [--pipeline-iters 3] [--steps 30]
+//! ```
+//!
+//! `--kinds ops` times single operators at SD 1.5 shapes (3×3 convolutions, linear layers,
+//! self- and cross-attention, GroupNorm+SiLU, an add), one line each with its own FLOPs, to see
+//! where a model's time goes; `benches/python/bench_ops_gpu.py` times the same in PyTorch.
+//!
+//! ```text
 //! python benches/python/bench_sd_gpu.py        # diffusers on the same configs
 //! ```
 //!
@@ -31,6 +40,7 @@ use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{
     AddedCondKwargs, AutoencoderKL, ModelMixin, UNet2DConditionModel, UNet2DConditionOptions,
 };
+use diffusion_schedulers::{AnyScheduler, Scheduler, StepOptions};
 
 const FLOPS: &str = include_str!("../../python/sd_gpu_flops.json");
 
@@ -42,6 +52,8 @@ struct Args {
     kernels: Vec<String>,
     iters: usize,
     warmup: usize,
+    pipeline_iters: usize,
+    steps: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -53,6 +65,8 @@ fn parse_args() -> Result<Args> {
         kernels: vec!["on".into(), "off".into()],
         iters: 10,
         warmup: 3,
+        pipeline_iters: 3,
+        steps: 30,
     };
     let list = |v: String| v.split(',').map(str::to_string).collect::<Vec<_>>();
     let mut it = std::env::args().skip(1);
@@ -61,7 +75,16 @@ fn parse_args() -> Result<Args> {
         match flag.as_str() {
             "--device" => args.device = value,
             "--models" => args.models = list(value),
-            "--kinds" => args.kinds = list(value),
+            "--kinds" => {
+                args.kinds = list(value);
+                if let Some(bad) = args
+                    .kinds
+                    .iter()
+                    .find(|k| !matches!(k.as_str(), "unet" | "vae_decode" | "pipeline" | "ops"))
+                {
+                    bail!("--kinds takes unet, vae_decode, pipeline, ops; not {bad}");
+                }
+            }
             "--dtypes" => args.dtypes = list(value),
             "--kernels" => {
                 args.kernels = list(value);
@@ -75,6 +98,8 @@ fn parse_args() -> Result<Args> {
             }
             "--iters" => args.iters = value.parse()?,
             "--warmup" => args.warmup = value.parse()?,
+            "--pipeline-iters" => args.pipeline_iters = value.parse()?,
+            "--steps" => args.steps = value.parse()?,
             other => bail!("unknown flag {other} (see the doc comment of sd_gpu.rs)"),
         }
     }
@@ -109,6 +134,19 @@ struct Row<'a> {
     dtype: &'a str,
     kernels: &'a str,
     ms: f64,
+    /// Denoising steps of a `pipeline` row.
+    steps: usize,
+    /// MiB in use once the model(s) were built, cast and synchronised (the weights).
+    loaded_mib: Option<f64>,
+}
+
+/// Synchronise, release the pools' free pages and return the MiB in use.
+fn settled_in_use_mib(device: &Device) -> Option<f64> {
+    device.sync().ok()?;
+    device.memory_cleanup();
+    device
+        .memory_pool_usage()
+        .map(|u| (u.bytes_in_use as f64 / 1048576.0 * 10.0).round() / 10.0)
 }
 
 /// Switch the kernels as `--kernels` names them.
@@ -121,9 +159,15 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
     let reserved = device.memory_pool_usage().map(|u| u.bytes_reserved);
     let in_use = device.memory_pool_usage().map(|u| u.bytes_in_use);
     let mib = |b: Option<u64>| b.map(|b| (b as f64 / 1048576.0 * 10.0).round() / 10.0);
-    let gflop = flops[format!("{}/{}", row.kind, row.model)]
-        .as_f64()
-        .map(|f| f / 1e9);
+    let count = |kind: &str| flops[format!("{kind}/{}", row.model)].as_f64();
+    let gflop = match row.kind {
+        // Every step's UNet forward plus the decode (the scheduler's arithmetic is negligible).
+        "pipeline" => count("unet")
+            .zip(count("vae_decode"))
+            .map(|(unet, vae)| unet * row.steps as f64 + vae),
+        kind => count(kind),
+    }
+    .map(|f| f / 1e9);
     let json = serde_json::json!({
         "impl": format!("burn-kernels-{}", row.kernels),
         "device": format!("{device:?}"),
@@ -131,8 +175,10 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
         "model": row.model,
         "dtype": row.dtype,
         "ms": (row.ms * 1000.0).round() / 1000.0,
+        "steps": (row.kind == "pipeline").then_some(row.steps),
         "peak_reserved_mib": mib(reserved),
         "in_use_mib": mib(in_use),
+        "loaded_mib": row.loaded_mib,
         "gflop": gflop.map(|g| g.round()),
         "tflops": gflop.map(|g| (g / row.ms * 100.0).round() / 100.0),
     });
@@ -141,6 +187,174 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
 
 fn randn<const D: usize>(shape: [usize; D], dtype: FloatDType, device: &Device) -> Tensor<D> {
     Tensor::<D>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(dtype)
+}
+
+/// Random UNet inputs for classifier-free guidance's batch of 2: latents, 77 text-token states
+/// and, for SDXL's `text_time` conditioning, pooled embeddings and 1024² time ids.
+fn unet_inputs(
+    config: &diffusion_models::UNet2DConditionModelConfig,
+    size: usize,
+    dtype: FloatDType,
+    device: &Device,
+) -> (Tensor<4>, Tensor<3>, Option<AddedCondKwargs>) {
+    let x = randn([2, config.in_channels, size, size], dtype, device);
+    let cross = config
+        .cross_attention_dim
+        .resolve(config.down_block_types.len())
+        .expect("one value per block")[0];
+    let states = randn([2, 77, cross], dtype, device);
+    let added =
+        (config.addition_embed_type.as_deref() == Some("text_time")).then(|| AddedCondKwargs {
+            text_embeds: Some(randn([2, 1280], dtype, device)),
+            time_ids: Some(
+                Tensor::<2>::from_floats([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]; 2], device)
+                    .cast(dtype),
+            ),
+            image_embeds: None,
+        });
+    (x, states, added)
+}
+
+/// Stable Diffusion 1.5's scheduler config with the Euler scheduler, as
+/// `EulerDiscreteScheduler.from_config(pipe.scheduler.config)` gives it.
+fn euler_scheduler() -> Result<AnyScheduler> {
+    let config = serde_json::json!({
+        "_class_name": "EulerDiscreteScheduler",
+        "num_train_timesteps": 1000,
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "timestep_spacing": "leading",
+        "steps_offset": 1,
+    });
+    Ok(AnyScheduler::from_config_value(
+        config,
+        std::path::Path::new("sd_gpu scheduler"),
+    )?)
+}
+
+/// One text-to-image generation as the Stable Diffusion pipelines run it once the prompt is
+/// encoded: latents scaled by `init_noise_sigma`, `steps` guided UNet steps (uncond and cond in
+/// one batch of 2), the scheduler's step, then `decode(latents / scaling_factor)` mapped to
+/// `[0, 1]`.
+#[allow(clippy::too_many_arguments)]
+fn generate(
+    unet: &UNet2DConditionModel,
+    vae: &AutoencoderKL,
+    states: &Tensor<3>,
+    added: &Option<AddedCondKwargs>,
+    size: usize,
+    steps: usize,
+    dtype: FloatDType,
+    device: &Device,
+) -> Result<Tensor<4>> {
+    let mut scheduler = euler_scheduler()?;
+    scheduler.set_timesteps(steps)?;
+    let timesteps = scheduler.timesteps().to_vec();
+    let mut latents =
+        randn([1, 4, size, size], dtype, device).mul_scalar(scheduler.init_noise_sigma());
+    for t in timesteps {
+        let input = Tensor::cat(vec![latents.clone(), latents.clone()], 0);
+        let input = scheduler.scale_model_input(input, t)?;
+        let timestep = Tensor::<1>::from_floats([t as f32], device);
+        let options = UNet2DConditionOptions {
+            added_cond_kwargs: added.clone(),
+            ..Default::default()
+        };
+        let noise = unet.forward_with(input, timestep, states.clone(), options)?;
+        let uncond = noise.clone().narrow(0, 0, 1);
+        let text = noise.narrow(0, 1, 1);
+        let guided = uncond.clone().add(text.sub(uncond).mul_scalar(7.5));
+        latents = scheduler
+            .step(guided, t, latents, StepOptions::default())?
+            .prev_sample;
+    }
+    let scaling = vae.config().scaling_factor;
+    let image = vae.decode(latents.div_scalar(scaling))?;
+    Ok(image.div_scalar(2.0).add_scalar(0.5).clamp(0.0, 1.0))
+}
+
+/// One operator at SD 1.5 shapes (batch 2, 64×64 latents): name, FLOPs, and the call.
+type Op = (&'static str, f64, Box<dyn Fn()>);
+
+fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
+    use diffusion_core::burn::nn::conv::Conv2dConfig;
+    use diffusion_core::burn::nn::{LinearConfig, PaddingConfig2d};
+    let mut out: Vec<Op> = Vec::new();
+    for (c, hw) in [(320usize, 64usize), (640, 32), (1280, 16), (1280, 8)] {
+        let conv = to_dtype(
+            Conv2dConfig::new([c, c], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+            dtype,
+        )
+        .expect("conv dtype");
+        let x = randn([2, c, hw, hw], dtype, device);
+        let flops = 2.0 * 2.0 * (hw * hw * c * c * 9) as f64;
+        let name: &'static str = Box::leak(format!("conv3x3_{c}x{hw}").into_boxed_str());
+        out.push((name, flops, Box::new(move || drop(conv.forward(x.clone())))));
+    }
+    for (rows, k, n) in [
+        (8192usize, 320usize, 2560usize),
+        (8192, 1280, 320),
+        (8192, 320, 320),
+    ] {
+        let linear = to_dtype(LinearConfig::new(k, n).init(device), dtype).expect("dtype");
+        let x = randn([rows, k], dtype, device);
+        let name: &'static str = Box::leak(format!("linear_{rows}x{k}x{n}").into_boxed_str());
+        let flops = 2.0 * (rows * k * n) as f64;
+        out.push((
+            name,
+            flops,
+            Box::new(move || drop(linear.forward(x.clone()))),
+        ));
+    }
+    for (name, kv) in [
+        ("attn_self_4096x40", 4096usize),
+        ("attn_cross_4096x77x40", 77),
+    ] {
+        let q = randn([2, 8, 4096, 40], dtype, device);
+        let k = randn([2, 8, kv, 40], dtype, device);
+        let v = randn([2, 8, kv, 40], dtype, device);
+        let flops = 4.0 * (2 * 8 * 4096 * kv * 40) as f64;
+        out.push((
+            name,
+            flops,
+            Box::new(move || {
+                drop(diffusion_core::kernels::attention(
+                    q.clone(),
+                    k.clone(),
+                    v.clone(),
+                    None,
+                ))
+            }),
+        ));
+    }
+    let x = randn([2, 320, 64, 64], dtype, device);
+    let gamma = Tensor::<1>::ones([320], device).cast(dtype);
+    let beta = Tensor::<1>::zeros([320], device).cast(dtype);
+    let y = x.clone();
+    out.push((
+        "group_norm_silu_320x64",
+        0.0,
+        Box::new(move || {
+            drop(diffusion_core::kernels::group_norm(
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                32,
+                1e-5,
+                true,
+            ))
+        }),
+    ));
+    let x = y.clone();
+    out.push((
+        "add_320x64",
+        0.0,
+        Box::new(move || drop(x.clone().add(y.clone()))),
+    ));
+    out
 }
 
 fn main() -> Result<()> {
@@ -164,27 +378,9 @@ fn main() -> Result<()> {
                 }
                 device.memory_cleanup();
                 let model = to_dtype(UNet2DConditionModel::from_config(&config, &device)?, dtype)?;
-                let x = randn([2, config.in_channels, size, size], dtype, &device);
-                let cross = config
-                    .cross_attention_dim
-                    .resolve(config.down_block_types.len())
-                    .expect("one value per block")[0];
-                let states = randn([2, 77, cross], dtype, &device);
+                let loaded_mib = settled_in_use_mib(&device);
+                let (x, states, added) = unet_inputs(&config, size, dtype, &device);
                 let t = Tensor::<1>::from_floats([500.0], &device);
-                let added =
-                    (config.addition_embed_type.as_deref() == Some("text_time")).then(|| {
-                        AddedCondKwargs {
-                            text_embeds: Some(randn([2, 1280], dtype, &device)),
-                            time_ids: Some(
-                                Tensor::<2>::from_floats(
-                                    [[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]; 2],
-                                    &device,
-                                )
-                                .cast(dtype),
-                            ),
-                            image_embeds: None,
-                        }
-                    });
                 for kernels in &args.kernels {
                     select_kernels(kernels);
                     device.memory_cleanup();
@@ -204,6 +400,8 @@ fn main() -> Result<()> {
                         dtype: dtype_name,
                         kernels,
                         ms,
+                        steps: args.steps,
+                        loaded_mib,
                     };
                     report(&device, row, &flops);
                 }
@@ -216,6 +414,7 @@ fn main() -> Result<()> {
                 }
                 device.memory_cleanup();
                 let model = to_dtype(AutoencoderKL::from_config(&config, &device)?, dtype)?;
+                let loaded_mib = settled_in_use_mib(&device);
                 let z = randn([1, config.latent_channels, size, size], dtype, &device);
                 for kernels in &args.kernels {
                     select_kernels(kernels);
@@ -229,6 +428,63 @@ fn main() -> Result<()> {
                         dtype: dtype_name,
                         kernels,
                         ms,
+                        steps: args.steps,
+                        loaded_mib,
+                    };
+                    report(&device, row, &flops);
+                }
+            }
+        }
+        if args.kinds.iter().any(|k| k == "ops") {
+            let ops = ops(dtype, &device);
+            for kernels in &args.kernels {
+                select_kernels(kernels);
+                for (name, flops, op) in &ops {
+                    let ms = time_ms(&device, args.warmup, args.iters, op);
+                    let json = serde_json::json!({
+                        "impl": format!("burn-kernels-{kernels}"),
+                        "kind": "op",
+                        "op": name,
+                        "dtype": dtype_name,
+                        "ms": (ms * 1e4).round() / 1e4,
+                        "tflops": (*flops > 0.0).then(|| (flops / ms / 1e9 * 100.0).round() / 100.0),
+                    });
+                    println!("{json}");
+                }
+            }
+        }
+        if args.kinds.iter().any(|k| k == "pipeline") {
+            let vaes = gpu_vae_configs();
+            for (name, config, size) in gpu_unet_configs() {
+                if !args.models.iter().any(|m| m == name) {
+                    continue;
+                }
+                let Some((_, vae_config, _)) = vaes.iter().find(|(v, _, _)| *v == name) else {
+                    continue;
+                };
+                device.memory_cleanup();
+                let unet = to_dtype(UNet2DConditionModel::from_config(&config, &device)?, dtype)?;
+                let vae = to_dtype(AutoencoderKL::from_config(vae_config, &device)?, dtype)?;
+                let loaded_mib = settled_in_use_mib(&device);
+                let (_, states, added) = unet_inputs(&config, size, dtype, &device);
+                for kernels in &args.kernels {
+                    select_kernels(kernels);
+                    device.memory_cleanup();
+                    let ms = time_ms(&device, 1, args.pipeline_iters, || {
+                        let image = generate(
+                            &unet, &vae, &states, &added, size, args.steps, dtype, &device,
+                        )
+                        .expect("generation");
+                        drop(image);
+                    });
+                    let row = Row {
+                        kind: "pipeline",
+                        model: name,
+                        dtype: dtype_name,
+                        kernels,
+                        ms,
+                        steps: args.steps,
+                        loaded_mib,
                     };
                     report(&device, row, &flops);
                 }

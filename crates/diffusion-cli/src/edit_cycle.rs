@@ -1,20 +1,19 @@
 //! `diffusers edit-cycle`: CycleDiffusionPipeline from the terminal. Describe the input image
 //! with --source-prompt and the edit with --prompt; what the prompts share is kept.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
-use diffusion_core::image::{ImageOutput, OutputType, RgbImage, load_image, nhwc_to_images};
-use diffusion_core::{Precision, parse_device};
-use diffusion_loaders::HubOptions;
-use diffusion_pipelines::{
-    CycleDiffusionArgs, CycleDiffusionPipeline, Generators, SingleFilePipelineOptions,
-    StableDiffusionComponents,
-};
+use diffusion_core::Precision;
+use diffusion_core::image::OutputType;
+use diffusion_pipelines::{CycleDiffusionArgs, CycleDiffusionPipeline, Generators};
 
+use crate::generate::{
+    AdapterArgs, AdapterPlan, OutputArgs, RuntimeArgs, check_config, check_size_flags,
+    load_input_image, load_sd_for_edit, push_common_params, requested_size, save_images,
+};
 use crate::metadata::GenerationParameters;
-use crate::output;
 
 /// `diffusers edit-cycle`.
 #[derive(Args, Debug)]
@@ -85,42 +84,33 @@ pub struct EditCycleArgs {
     #[arg(long)]
     pub clip_skip: Option<usize>,
 
-    /// Where to write the PNG, with every generation parameter in its text metadata.
-    #[arg(long, default_value = "output.png")]
-    pub output: PathBuf,
-
-    /// Also write the images as float32 NHWC in [0, 1] to this .npy file (diffusers'
-    /// output_type="np").
-    #[arg(long)]
-    pub output_npy: Option<PathBuf>,
+    #[command(flatten)]
+    pub files: OutputArgs,
 
     /// Columns of the grid when --num-images > 1; near-square by default.
     #[arg(long)]
     pub grid_cols: Option<usize>,
 
-    /// Device: cpu, or a GPU backend compiled into this build (cuda, cuda:1, wgpu).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 
-    /// Compute precision of the models: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
+    // LoRA and textual inversion act on the UNet and text encoder; CycleDiffusion takes no
+    // image embeddings, so the IP-Adapter flags are refused.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+}
 
-    /// Weight variant to load where a component has it (fp16 reads *.fp16.safetensors).
-    #[arg(long)]
-    pub variant: Option<String>,
-
-    /// Hub revision (branch, tag or commit) when --model is a Hub id.
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-
-    /// Hide the progress bars.
-    #[arg(long)]
-    pub quiet: bool,
+/// What the flags ask for, checked before any model is loaded.
+struct Checked {
+    precision: Precision,
+    size: Option<(usize, usize)>,
+    adapters: AdapterPlan,
 }
 
 /// Every check that needs no model, so a mistake costs nothing and writes nothing.
-fn check_flags(args: &EditCycleArgs) -> Result<(Precision, Option<(usize, usize)>)> {
+fn check_flags(args: &EditCycleArgs) -> Result<Checked> {
+    args.adapters.refuse_ip_adapter("CycleDiffusionPipeline")?;
+    let adapters = args.adapters.check()?;
     if args.steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -152,87 +142,34 @@ fn check_flags(args: &EditCycleArgs) -> Result<(Precision, Option<(usize, usize)
             bail!("{flag} {value}: must be a finite number");
         }
     }
-    for (flag, value) in [("--height", args.height), ("--width", args.width)] {
-        if let Some(v) = value
-            && (v == 0 || v % 8 != 0)
-        {
-            bail!("{flag} {v}: must be a positive multiple of 8");
-        }
-    }
-    let size = match (args.height, args.width) {
-        (Some(h), Some(w)) => Some((h, w)),
-        (None, None) => None,
-        _ => bail!("give both --height and --width, or neither"),
-    };
-    if args.config.is_some() && !Path::new(&args.model).is_file() {
-        bail!(
-            "--config {}: only used with a single-file --model",
-            args.config.as_deref().unwrap_or_default()
-        );
-    }
-    output::check_png_path(&args.output)?;
-    if let Some(npy) = &args.output_npy {
-        output::check_parent(npy, "--output-npy")?;
-    }
-    let precision = args
-        .dtype
-        .parse::<Precision>()
-        .with_context(|| format!("--dtype {}", args.dtype))?;
-    Ok((precision, size))
-}
-
-fn load_input_image(path: &Path, size: Option<(usize, usize)>) -> Result<RgbImage> {
-    let image = load_image(path).with_context(|| format!("--image {}", path.display()))?;
-    Ok(match size {
-        Some((h, w)) if (image.height() as usize, image.width() as usize) != (h, w) => {
-            image::imageops::resize(
-                &image,
-                w as u32,
-                h as u32,
-                image::imageops::FilterType::Lanczos3,
-            )
-        }
-        _ => image,
+    check_size_flags(args.height, args.width)?;
+    let size = requested_size(args.height, args.width)?;
+    check_config(&args.model, args.config.as_deref())?;
+    args.files.check()?;
+    Ok(Checked {
+        precision: args.runtime.precision()?,
+        size,
+        adapters,
     })
-}
-
-fn load_components(args: &EditCycleArgs) -> Result<StableDiffusionComponents> {
-    let device = parse_device(&args.device).with_context(|| format!("--device {}", args.device))?;
-    let hub = HubOptions {
-        revision: args.revision.clone(),
-        variant: args.variant.clone(),
-        progress: !args.quiet,
-        ..HubOptions::default()
-    };
-    let path = Path::new(&args.model);
-    let mut components = if path.is_file() {
-        let options = SingleFilePipelineOptions {
-            config: args.config.clone(),
-            hub,
-            ..Default::default()
-        };
-        StableDiffusionComponents::from_single_file(path, &options, &device)
-    } else {
-        StableDiffusionComponents::from_pretrained_with(&args.model, &hub, &device)
-    }
-    .with_context(|| format!("--model {}", args.model))?;
-    if components.scheduler.as_ddim().is_none() {
-        // diffusers' recipe: DDIMScheduler.from_pretrained(model, subfolder="scheduler").
-        components
-            .set_scheduler("DDIMScheduler")
-            .context("the model's scheduler config as a DDIMScheduler")?;
-    }
-    Ok(components)
 }
 
 /// Run `diffusers edit-cycle`.
 pub fn run(args: EditCycleArgs) -> Result<()> {
-    let (precision, size) = check_flags(&args)?;
-    let input = load_input_image(&args.image, size)?;
-    let mut components = load_components(&args)?;
-    if precision != Precision::F32 {
-        components = components.to_dtype(precision.float_dtype())?;
-    }
+    let Checked {
+        precision,
+        size,
+        adapters: plan,
+    } = check_flags(&args)?;
+    let input = load_input_image(&args.image, "--image", size)?;
+    // diffusers' recipe: DDIMScheduler.from_pretrained(model, subfolder="scheduler").
+    let (components, adapters) = load_sd_for_edit(
+        &args.model,
+        args.config.as_deref(),
+        &args.runtime,
+        (&args.adapters, plan),
+        precision,
+        "edit-cycle",
+    )?;
     let out = CycleDiffusionPipeline::from_parts(components).call(CycleDiffusionArgs {
         prompt: vec![args.prompt.clone()],
         source_prompt: vec![args.source_prompt.clone()],
@@ -246,12 +183,9 @@ pub fn run(args: EditCycleArgs) -> Result<()> {
         generator: args.seed.map(Generators::Seed).unwrap_or_default(),
         output_type: OutputType::Np,
         clip_skip: args.clip_skip,
-        progress: !args.quiet,
+        progress: !args.runtime.quiet,
         ..Default::default()
     })?;
-    let ImageOutput::Array(array) = out.images else {
-        bail!("the pipeline did not return an array");
-    };
 
     let mut params = GenerationParameters {
         prompt: Some(args.prompt.clone()),
@@ -264,37 +198,11 @@ pub fn run(args: EditCycleArgs) -> Result<()> {
     params.push("Source CFG scale", args.source_guidance);
     params.push("Eta", args.eta);
     params.push("Denoising strength", args.strength);
-    params.push(
-        "Seed",
-        args.seed
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "random".into()),
-    );
-    params.push("Model", &args.model);
-    if let Some(skip) = args.clip_skip {
-        // A1111 counts the last layer as clip skip 1.
-        params.push("Clip skip", skip + 1);
-    }
+    push_common_params(&mut params, args.seed, &args.model, args.clip_skip);
     if precision != Precision::F32 {
-        params.push("Dtype", &args.dtype);
+        params.push("Dtype", &args.runtime.dtype);
     }
+    adapters.push_params(&args.adapters, &mut params);
     params.push("Init image", args.image.display());
-    let images = nhwc_to_images(&array);
-    if let [_, h, w, _] = array.shape[..] {
-        params.push("Size", format!("{w}x{h}"));
-    }
-    if images.len() > 1 {
-        params.push("Batch size", images.len());
-    }
-    if out.interrupted {
-        params.push("Interrupted", "true");
-    }
-    let image = output::grid(&images, args.grid_cols)?;
-    output::write(
-        &args.output,
-        &image,
-        args.output_npy.as_deref().map(|p| (p, &array)),
-        &params,
-        images.len(),
-    )
+    save_images(&args.files, args.grid_cols, out, params)
 }

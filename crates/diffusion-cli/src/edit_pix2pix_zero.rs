@@ -7,17 +7,20 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
+use diffusion_core::Precision;
 use diffusion_core::burn::tensor::Tensor;
-use diffusion_core::image::{ImageOutput, OutputType, RgbImage, load_image, nhwc_to_images};
+use diffusion_core::image::{ImageOutput, OutputType, RgbImage, nhwc_to_images};
 use diffusion_core::npy::NpyArray;
 use diffusion_core::tensor::{from_vec, to_vec};
-use diffusion_core::{Precision, parse_device};
-use diffusion_loaders::HubOptions;
 use diffusion_pipelines::{
-    Generators, Pix2PixZeroInvertArgs, SingleFilePipelineOptions, StableDiffusionComponents,
-    StableDiffusionPix2PixZeroArgs, StableDiffusionPix2PixZeroPipeline,
+    Generators, Pix2PixZeroInvertArgs, StableDiffusionPix2PixZeroArgs,
+    StableDiffusionPix2PixZeroPipeline,
 };
 
+use crate::generate::{
+    AdapterArgs, AdapterPlan, OutputArgs, RuntimeArgs, check_config, check_size_flags,
+    load_input_image, load_sd_for_edit, push_common_params, requested_size,
+};
 use crate::metadata::GenerationParameters;
 use crate::output;
 
@@ -140,39 +143,22 @@ pub struct EditPix2PixZeroArgs {
     #[arg(long)]
     pub output_latents: Option<PathBuf>,
 
-    /// Where to write the PNG, with every generation parameter in its text metadata.
-    #[arg(long, default_value = "output.png")]
-    pub output: PathBuf,
+    #[command(flatten)]
+    pub files: OutputArgs,
 
-    /// Also write the image as float32 NHWC in [0, 1] to this .npy file (diffusers'
-    /// output_type="np").
-    #[arg(long)]
-    pub output_npy: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
 
-    /// Device: cpu, or a GPU backend compiled into this build (cuda, cuda:1, wgpu).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-
-    /// Compute precision of the models: f32, f16 or bf16.
-    #[arg(long, default_value = "f32")]
-    pub dtype: String,
-
-    /// Weight variant to load where a component has it (fp16 reads *.fp16.safetensors).
-    #[arg(long)]
-    pub variant: Option<String>,
-
-    /// Hub revision (branch, tag or commit) when --model is a Hub id.
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-
-    /// Hide the progress bars.
-    #[arg(long)]
-    pub quiet: bool,
+    // LoRA and textual inversion act on the UNet and text encoder; Pix2Pix Zero takes no image
+    // embeddings, so the IP-Adapter flags are refused.
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
 }
 
 /// What the flags ask for, checked and read before any model is loaded.
 struct Plan {
     precision: Precision,
+    adapters: AdapterPlan,
     size: Option<(usize, usize)>,
     input: Option<RgbImage>,
     latents: Option<NpyArray>,
@@ -214,6 +200,9 @@ fn check_extension(path: &Path, ext: &str, flag: &str) -> Result<()> {
 
 /// Every check that needs no model, so a mistake costs nothing and writes nothing.
 fn check_flags(args: &EditPix2PixZeroArgs) -> Result<Plan> {
+    args.adapters
+        .refuse_ip_adapter("StableDiffusionPix2PixZeroPipeline")?;
+    let adapters = args.adapters.check()?;
     if args.steps == 0 || args.invert_steps == Some(0) {
         bail!("--steps and --invert-steps must be at least 1");
     }
@@ -234,24 +223,9 @@ fn check_flags(args: &EditPix2PixZeroArgs) -> Result<Plan> {
             bail!("{flag} {value}: must be a finite weight >= 0");
         }
     }
-    for (flag, value) in [("--height", args.height), ("--width", args.width)] {
-        if let Some(v) = value
-            && (v == 0 || v % 8 != 0)
-        {
-            bail!("{flag} {v}: must be a positive multiple of 8");
-        }
-    }
-    let size = match (args.height, args.width) {
-        (Some(h), Some(w)) => Some((h, w)),
-        (None, None) => None,
-        _ => bail!("give both --height and --width, or neither"),
-    };
-    if args.config.is_some() && !Path::new(&args.model).is_file() {
-        bail!(
-            "--config {}: only used with a single-file --model",
-            args.config.as_deref().unwrap_or_default()
-        );
-    }
+    check_size_flags(args.height, args.width)?;
+    let size = requested_size(args.height, args.width)?;
+    check_config(&args.model, args.config.as_deref())?;
     if args.image.is_some() && args.caption.is_none() {
         bail!(
             "--image needs --caption, what the image shows (it is inverted under that caption; \
@@ -283,17 +257,14 @@ fn check_flags(args: &EditPix2PixZeroArgs) -> Result<Plan> {
             bail!("{flag}: not used with --invert-only");
         }
     }
-    output::check_png_path(&args.output)?;
-    if let Some(npy) = &args.output_npy {
+    args.files.check()?;
+    if let Some(npy) = &args.files.output_npy {
         check_extension(npy, "npy", "--output-npy")?;
     }
     if let Some(npy) = &args.output_latents {
         check_extension(npy, "npy", "--output-latents")?;
     }
-    let precision = args
-        .dtype
-        .parse::<Precision>()
-        .with_context(|| format!("--dtype {}", args.dtype))?;
+    let precision = args.runtime.precision()?;
 
     let (source, target, prompt) = if args.invert_only {
         (Vec::new(), Vec::new(), None)
@@ -323,7 +294,7 @@ fn check_flags(args: &EditPix2PixZeroArgs) -> Result<Plan> {
     let input = args
         .image
         .as_deref()
-        .map(|path| load_input_image(path, size))
+        .map(|path| load_input_image(path, "--image", size))
         .transpose()?;
     let latents = match &args.latents {
         Some(path) => {
@@ -343,6 +314,7 @@ fn check_flags(args: &EditPix2PixZeroArgs) -> Result<Plan> {
     };
     Ok(Plan {
         precision,
+        adapters,
         size,
         input,
         latents,
@@ -350,56 +322,6 @@ fn check_flags(args: &EditPix2PixZeroArgs) -> Result<Plan> {
         source,
         target,
     })
-}
-
-fn load_input_image(path: &Path, size: Option<(usize, usize)>) -> Result<RgbImage> {
-    let image = load_image(path).with_context(|| format!("--image {}", path.display()))?;
-    Ok(match size {
-        Some((h, w)) if (image.height() as usize, image.width() as usize) != (h, w) => {
-            image::imageops::resize(
-                &image,
-                w as u32,
-                h as u32,
-                image::imageops::FilterType::Lanczos3,
-            )
-        }
-        _ => image,
-    })
-}
-
-fn load_pipeline(
-    args: &EditPix2PixZeroArgs,
-    precision: Precision,
-) -> Result<StableDiffusionPix2PixZeroPipeline> {
-    let device = parse_device(&args.device).with_context(|| format!("--device {}", args.device))?;
-    let hub = HubOptions {
-        revision: args.revision.clone(),
-        variant: args.variant.clone(),
-        progress: !args.quiet,
-        ..HubOptions::default()
-    };
-    let path = Path::new(&args.model);
-    let mut components = if path.is_file() {
-        let options = SingleFilePipelineOptions {
-            config: args.config.clone(),
-            hub,
-            ..Default::default()
-        };
-        StableDiffusionComponents::from_single_file(path, &options, &device)
-    } else {
-        StableDiffusionComponents::from_pretrained_with(&args.model, &hub, &device)
-    }
-    .with_context(|| format!("--model {}", args.model))?;
-    if components.scheduler.as_ddim().is_none() {
-        // diffusers' recipe: DDIMScheduler.from_config(pipeline.scheduler.config).
-        components
-            .set_scheduler("DDIMScheduler")
-            .context("the model's scheduler config as a DDIMScheduler")?;
-    }
-    if precision != Precision::F32 {
-        components = components.to_dtype(precision.float_dtype())?;
-    }
-    Ok(StableDiffusionPix2PixZeroPipeline::from_parts(components)?)
 }
 
 fn latents_array(latents: Tensor<4>) -> NpyArray {
@@ -411,14 +333,32 @@ fn latents_array(latents: Tensor<4>) -> NpyArray {
 
 /// Run `diffusers edit-pix2pix-zero`.
 pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
-    let plan = check_flags(&args)?;
-    let mut pipe = load_pipeline(&args, plan.precision)?;
+    let Plan {
+        precision,
+        adapters: adapter_plan,
+        size,
+        input,
+        latents: latents_in,
+        prompt,
+        source,
+        target,
+    } = check_flags(&args)?;
+    // diffusers' recipe: DDIMScheduler.from_config(pipeline.scheduler.config).
+    let (components, adapters) = load_sd_for_edit(
+        &args.model,
+        args.config.as_deref(),
+        &args.runtime,
+        (&args.adapters, adapter_plan),
+        precision,
+        "edit-pix2pix-zero",
+    )?;
+    let mut pipe = StableDiffusionPix2PixZeroPipeline::from_parts(components)?;
     let device = pipe.components.device()?;
     let generator = || args.seed.map(Generators::Seed).unwrap_or_default();
     let mut params = GenerationParameters::default();
 
     let mut inverted = None;
-    if let (Some(image), Some(caption)) = (plan.input.clone(), &args.caption) {
+    if let (Some(image), Some(caption)) = (input, &args.caption) {
         let out = pipe.invert(Pix2PixZeroInvertArgs {
             prompt: vec![caption.clone()],
             image: Some(image.into()),
@@ -434,7 +374,7 @@ pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
             lambda_kl: args.lambda_kl,
             num_reg_steps: args.num_reg_steps,
             num_auto_corr_rolls: args.num_auto_corr_rolls,
-            progress: !args.quiet,
+            progress: !args.runtime.quiet,
             ..Default::default()
         })?;
         params.push("Caption", format!("\"{caption}\""));
@@ -460,7 +400,7 @@ pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
         (array, Some(latents_array(out.latents)))
     } else {
         let latents_out = inverted.as_ref().map(|o| latents_array(o.latents.clone()));
-        let latents = match (inverted, plan.latents) {
+        let latents = match (inverted, latents_in) {
             (Some(out), _) => Some(out.latents),
             (None, Some(array)) => {
                 let shape: [usize; 4] = array.shape.as_slice().try_into()?;
@@ -468,17 +408,17 @@ pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
             }
             (None, None) => None,
         };
-        let prompt = plan.prompt.clone().unwrap_or_default();
-        let source = pipe.get_embeds(&plan.source, 16)?;
-        let target = pipe.get_embeds(&plan.target, 16)?;
-        let (height, width) = match plan.size {
+        let prompt = prompt.unwrap_or_default();
+        let source_embeds = pipe.get_embeds(&source, 16)?;
+        let target_embeds = pipe.get_embeds(&target, 16)?;
+        let (height, width) = match size {
             Some((h, w)) => (Some(h), Some(w)),
             None => (None, None),
         };
         let out = pipe.call(StableDiffusionPix2PixZeroArgs {
             prompt: vec![prompt.clone()],
-            source_embeds: Some(source),
-            target_embeds: Some(target),
+            source_embeds: Some(source_embeds),
+            target_embeds: Some(target_embeds),
             height,
             width,
             num_inference_steps: args.steps,
@@ -488,7 +428,7 @@ pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
             latents,
             cross_attention_guidance_amount: args.cross_attention_guidance,
             output_type: OutputType::Np,
-            progress: !args.quiet,
+            progress: !args.runtime.quiet,
             ..Default::default()
         })?;
         let ImageOutput::Array(array) = out.images else {
@@ -496,8 +436,8 @@ pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
         };
         params.prompt = Some(prompt);
         params.negative_prompt = args.negative_prompt.clone();
-        params.push("Source prompts", format!("\"{}\"", plan.source.join(" | ")));
-        params.push("Target prompts", format!("\"{}\"", plan.target.join(" | ")));
+        params.push("Source prompts", format!("\"{}\"", source.join(" | ")));
+        params.push("Target prompts", format!("\"{}\"", target.join(" | ")));
         params.push("Steps", args.steps);
         params.push("Sampler", "DDIMScheduler");
         params.push("CFG scale", args.guidance);
@@ -507,16 +447,11 @@ pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
         }
         (array, latents_out)
     };
-    params.push(
-        "Seed",
-        args.seed
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "random".into()),
-    );
-    params.push("Model", &args.model);
-    if plan.precision != Precision::F32 {
-        params.push("Dtype", &args.dtype);
+    push_common_params(&mut params, args.seed, &args.model, None);
+    if precision != Precision::F32 {
+        params.push("Dtype", &args.runtime.dtype);
     }
+    adapters.push_params(&args.adapters, &mut params);
     let images = nhwc_to_images(&array);
     if let [_, h, w, _] = array.shape[..] {
         params.push("Size", format!("{w}x{h}"));
@@ -527,9 +462,9 @@ pub fn run(args: EditPix2PixZeroArgs) -> Result<()> {
         eprintln!("wrote {}", path.display());
     }
     output::write(
-        &args.output,
+        &args.files.output,
         &image,
-        args.output_npy.as_deref().map(|p| (p, &array)),
+        args.files.output_npy.as_deref().map(|p| (p, &array)),
         &params,
         images.len(),
     )

@@ -93,8 +93,33 @@ pub struct GenerationArgs {
     #[arg(long)]
     pub latents: Option<PathBuf>,
 
-    /// Where to write the PNG (a grid when --num-images > 1), with every generation parameter in
-    /// its text metadata (an A1111-style "parameters" chunk).
+    #[command(flatten)]
+    pub files: OutputArgs,
+
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+
+    /// Skip this many final CLIP layers for the prompt embeddings (A1111's "Clip skip" minus 1).
+    #[arg(long)]
+    pub clip_skip: Option<usize>,
+
+    /// DDIM's eta (0 is deterministic); used only by schedulers that take it.
+    #[arg(long, default_value_t = 0.0)]
+    pub eta: f64,
+
+    /// Columns of the grid when --num-images > 1; near-square by default.
+    #[arg(long)]
+    pub grid_cols: Option<usize>,
+}
+
+/// Where a command writes what it generated.
+#[derive(Args, Debug)]
+pub struct OutputArgs {
+    /// Where to write the PNG (a grid when there are several images), with every generation
+    /// parameter in its text metadata (an A1111-style "parameters" chunk).
     #[arg(long, default_value = "output.png")]
     pub output: PathBuf,
 
@@ -102,7 +127,23 @@ pub struct GenerationArgs {
     /// output_type="np".
     #[arg(long)]
     pub output_npy: Option<PathBuf>,
+}
 
+impl OutputArgs {
+    /// Fail before any model is loaded when `--output` or `--output-npy` cannot be written.
+    pub(crate) fn check(&self) -> Result<()> {
+        output::check_png_path(&self.output)?;
+        if let Some(npy) = &self.output_npy {
+            output::check_parent(npy, "--output-npy")?;
+        }
+        Ok(())
+    }
+}
+
+/// How a model is fetched and run: the flags every command that loads a Stable Diffusion model
+/// shares.
+#[derive(Args, Debug)]
+pub struct RuntimeArgs {
     /// Device: cpu, or a GPU backend compiled into this build (cuda, cuda:1, wgpu).
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -115,6 +156,19 @@ pub struct GenerationArgs {
     #[arg(long)]
     pub variant: Option<String>,
 
+    /// Hub revision (branch, tag or commit) when --model is a Hub id.
+    #[arg(long, default_value = "main")]
+    pub revision: String,
+
+    /// Hide the progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The adapter flags (LoRA, textual inversion, IP-Adapter) of every command that runs a Stable
+/// Diffusion pipeline.
+#[derive(Args, Debug)]
+pub struct AdapterArgs {
     /// A LoRA to apply, with an optional weight after a colon (style.safetensors:0.8; default
     /// 1): a .safetensors file in diffusers/PEFT or kohya/A1111 format, or a folder or Hub id
     /// (owner/name) holding pytorch_lora_weights.safetensors or a single .safetensors file. Repeat the flag to combine several, as diffusers'
@@ -151,26 +205,6 @@ pub struct GenerationArgs {
     /// 0.5 is a common choice to keep the prompt in charge).
     #[arg(long, default_value_t = 1.0)]
     pub ip_adapter_scale: f32,
-
-    /// Skip this many final CLIP layers for the prompt embeddings (A1111's "Clip skip" minus 1).
-    #[arg(long)]
-    pub clip_skip: Option<usize>,
-
-    /// DDIM's eta (0 is deterministic); used only by schedulers that take it.
-    #[arg(long, default_value_t = 0.0)]
-    pub eta: f64,
-
-    /// Columns of the grid when --num-images > 1; near-square by default.
-    #[arg(long)]
-    pub grid_cols: Option<usize>,
-
-    /// Hub revision (branch, tag or commit) when --model is a Hub id.
-    #[arg(long, default_value = "main")]
-    pub revision: String,
-
-    /// Hide the progress bars.
-    #[arg(long)]
-    pub quiet: bool,
 }
 
 /// `diffusers txt2img`.
@@ -307,15 +341,31 @@ impl Components {
             Self::Alt(c) => c.scheduler.kind().class_name(),
         }
     }
+
+    /// The Stable Diffusion 1.x / 2.x components, for a command whose pipeline runs on nothing
+    /// else (`command` names it in the error).
+    fn into_sd(self, model: &str, command: &str) -> Result<StableDiffusionComponents> {
+        let kind = match self {
+            Self::Sd(c) => return Ok(c),
+            Self::Xl(_) => "an SDXL model",
+            Self::Alt(_) => "an AltDiffusion model",
+        };
+        bail!("--model {model}: {kind}; {command} runs Stable Diffusion 1.x / 2.x models only")
+    }
 }
 
 /// Load `--model`: a single checkpoint file (SDXL or not, from its keys), or a folder / Hub id
 /// (SDXL or not, from `model_index.json`'s class).
-fn load_components(args: &GenerationArgs, hub: &HubOptions, device: &Device) -> Result<Components> {
-    let path = Path::new(&args.model);
+fn load_components(
+    model: &str,
+    config: Option<&str>,
+    hub: &HubOptions,
+    device: &Device,
+) -> Result<Components> {
+    let path = Path::new(model);
     if path.is_file() {
         let options = SingleFilePipelineOptions {
-            config: args.config.clone(),
+            config: config.map(String::from),
             hub: hub.clone(),
             ..Default::default()
         };
@@ -330,10 +380,8 @@ fn load_components(args: &GenerationArgs, hub: &HubOptions, device: &Device) -> 
             )?)
         });
     }
-    if let Some(config) = &args.config {
-        bail!("--config {config}: only used with a single-file --model");
-    }
-    let dir = resolve_model_dir(&args.model, hub)?;
+    check_config(model, config)?;
+    let dir = resolve_model_dir(model, hub)?;
     let index = dir.join("model_index.json");
     let class_name = if index.is_file() {
         ModelIndex::load(&index)?.class_name
@@ -341,7 +389,7 @@ fn load_components(args: &GenerationArgs, hub: &HubOptions, device: &Device) -> 
         String::new()
     };
     let is_xl = class_name.contains("XL");
-    let variant = args.variant.as_deref();
+    let variant = hub.variant.as_deref();
     if class_name.starts_with("AltDiffusion") {
         return Ok(Components::Alt(AltDiffusionComponents::load_dir(
             &dir, variant, device,
@@ -354,6 +402,16 @@ fn load_components(args: &GenerationArgs, hub: &HubOptions, device: &Device) -> 
     } else {
         Components::Sd(StableDiffusionComponents::load_dir(&dir, variant, device)?)
     })
+}
+
+/// `--config` completes a single-file `--model` only.
+pub(crate) fn check_config(model: &str, config: Option<&str>) -> Result<()> {
+    match config {
+        Some(config) if !Path::new(model).is_file() => {
+            bail!("--config {config}: only used with a single-file --model")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `--lora FILE[:WEIGHT]` values as (path, adapter name, weight); names are the file stems,
@@ -418,102 +476,133 @@ fn parse_embeddings(values: &[String]) -> Result<Vec<(PathBuf, Option<String>)>>
         .collect()
 }
 
-/// What the three commands share once the flags are checked.
-struct Prepared {
-    components: Components,
-    latents: Option<Tensor<4>>,
-    generator: Generators,
-    params: GenerationParameters,
+impl RuntimeArgs {
+    /// `--dtype` as a precision.
+    pub(crate) fn precision(&self) -> Result<Precision> {
+        self.dtype
+            .parse::<Precision>()
+            .with_context(|| format!("--dtype {}", self.dtype))
+    }
+
+    fn device(&self) -> Result<Device> {
+        parse_device(&self.device).with_context(|| format!("--device {}", self.device))
+    }
+
+    fn hub(&self) -> HubOptions {
+        HubOptions {
+            revision: self.revision.clone(),
+            variant: self.variant.clone(),
+            progress: !self.quiet,
+            ..HubOptions::default()
+        }
+    }
+}
+
+/// The `--lora` and `--textual-inversion` values, read and checked before any model is loaded.
+pub(crate) struct AdapterPlan {
+    loras: Vec<(PathBuf, String, f32)>,
+    embeddings: Vec<(PathBuf, Option<String>)>,
+}
+
+impl AdapterArgs {
+    /// Every check of the adapter flags that needs no model.
+    pub(crate) fn check(&self) -> Result<AdapterPlan> {
+        match (&self.ip_adapter, self.ip_adapter_images.is_empty()) {
+            (Some(name), true) => {
+                bail!("--ip-adapter {name}: give the image(s) with --ip-adapter-image")
+            }
+            (None, false) => bail!("--ip-adapter-image needs --ip-adapter (the adapter to use)"),
+            _ => {}
+        }
+        if self.ip_adapter.is_none()
+            && (self.ip_adapter_weight.is_some() || self.ip_adapter_subfolder.is_some())
+        {
+            bail!("--ip-adapter-weight / --ip-adapter-subfolder need --ip-adapter");
+        }
+        if !self.ip_adapter_scale.is_finite() {
+            bail!(
+                "--ip-adapter-scale {}: must be a finite number",
+                self.ip_adapter_scale
+            );
+        }
+        for path in &self.ip_adapter_images {
+            if !path.is_file() {
+                bail!("--ip-adapter-image {}: no such file", path.display());
+            }
+        }
+        Ok(AdapterPlan {
+            loras: parse_loras(&self.loras)?,
+            embeddings: parse_embeddings(&self.textual_inversions)?,
+        })
+    }
+
+    /// For a pipeline that takes no image embeddings: an IP-Adapter flag is an error rather
+    /// than an adapter loaded and never used.
+    pub(crate) fn refuse_ip_adapter(&self, pipeline: &str) -> Result<()> {
+        if self.ip_adapter.is_some()
+            || !self.ip_adapter_images.is_empty()
+            || self.ip_adapter_weight.is_some()
+            || self.ip_adapter_subfolder.is_some()
+        {
+            bail!(
+                "--ip-adapter: {pipeline} takes no image embeddings (diffusers' pipeline has no \
+                 ip_adapter_image), so an IP-Adapter would have no effect"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// What the adapter flags loaded into the components.
+pub(crate) struct LoadedAdapters {
+    loras: Vec<(PathBuf, String, f32)>,
+    /// The first token of each textual inversion.
+    tokens: Vec<String>,
     ip_adapter: IPAdapterArgs,
 }
 
-/// Check every flag that can be checked without loading a model, so a mistake costs nothing.
-fn check_flags(args: &GenerationArgs, strength: Option<f64>) -> Result<Precision> {
-    match (&args.ip_adapter, args.ip_adapter_images.is_empty()) {
-        (Some(name), true) => {
-            bail!("--ip-adapter {name}: give the image(s) with --ip-adapter-image")
+impl LoadedAdapters {
+    /// The adapters in the PNG's generation parameters.
+    pub(crate) fn push_params(&self, args: &AdapterArgs, params: &mut GenerationParameters) {
+        if !self.tokens.is_empty() {
+            params.push(
+                "Textual inversion",
+                format!("\"{}\"", self.tokens.join(", ")),
+            );
         }
-        (None, false) => bail!("--ip-adapter-image needs --ip-adapter (the adapter to use)"),
-        _ => {}
-    }
-    if args.ip_adapter.is_none()
-        && (args.ip_adapter_weight.is_some() || args.ip_adapter_subfolder.is_some())
-    {
-        bail!("--ip-adapter-weight / --ip-adapter-subfolder need --ip-adapter");
-    }
-    if !args.ip_adapter_scale.is_finite() {
-        bail!(
-            "--ip-adapter-scale {}: must be a finite number",
-            args.ip_adapter_scale
-        );
-    }
-    for path in &args.ip_adapter_images {
-        if !path.is_file() {
-            bail!("--ip-adapter-image {}: no such file", path.display());
+        if !self.loras.is_empty() {
+            let list: Vec<String> = self
+                .loras
+                .iter()
+                .map(|(_, n, w)| format!("{n}:{w}"))
+                .collect();
+            params.push("LoRA", format!("\"{}\"", list.join(", ")));
         }
-    }
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    if args.num_images == 0 {
-        bail!("--num-images must be at least 1");
-    }
-    for (flag, value) in [("--height", args.height), ("--width", args.width)] {
-        if let Some(v) = value
-            && (v == 0 || v % 8 != 0)
-        {
-            bail!("{flag} {v}: must be a positive multiple of 8");
+        if let Some(name) = &args.ip_adapter {
+            let adapter = match &args.ip_adapter_weight {
+                Some(weight) => format!("{name} {weight}"),
+                None => name.clone(),
+            };
+            params.push("IP-Adapter", format!("\"{adapter}\""));
+            params.push("IP-Adapter scale", args.ip_adapter_scale);
+            let images: Vec<String> = args
+                .ip_adapter_images
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            params.push("IP-Adapter image", format!("\"{}\"", images.join(", ")));
         }
     }
-    if let Some(s) = strength
-        && !(s > 0.0 && s <= 1.0)
-    {
-        bail!("--strength {s}: must be in (0, 1]");
-    }
-    if let Some(g) = args.guidance
-        && !g.is_finite()
-    {
-        bail!("--guidance {g}: must be a finite number");
-    }
-    output::check_png_path(&args.output)?;
-    if let Some(npy) = &args.output_npy {
-        output::check_parent(npy, "--output-npy")?;
-    }
-    args.dtype
-        .parse::<Precision>()
-        .with_context(|| format!("--dtype {}", args.dtype))
 }
 
-fn read_latents(path: &Path, device: &Device) -> Result<Tensor<4>> {
-    let array = NpyArray::read(path).with_context(|| format!("--latents {}", path.display()))?;
-    let shape: [usize; 4] = array.shape.as_slice().try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "--latents {}: expected a 4-D array [num_images, channels, height/8, width/8], got \
-             shape {:?}",
-            path.display(),
-            array.shape
-        )
-    })?;
-    Ok(from_vec(array.data, shape, device))
-}
-
-fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
-    let device = parse_device(&args.device).with_context(|| format!("--device {}", args.device))?;
-    let latents = args
-        .latents
-        .as_deref()
-        .map(|p| read_latents(p, &device))
-        .transpose()?;
-    let hub = HubOptions {
-        revision: args.revision.clone(),
-        variant: args.variant.clone(),
-        progress: !args.quiet,
-        ..HubOptions::default()
-    };
-    let loras = parse_loras(&args.loras)?;
-    let embeddings = parse_embeddings(&args.textual_inversions)?;
-    let mut components =
-        load_components(args, &hub, &device).with_context(|| format!("--model {}", args.model))?;
+/// Load the LoRAs (weighted as diffusers' set_adapters), the IP-Adapter and the textual
+/// inversions of the flags into `components`.
+fn load_adapters(
+    components: &mut Components,
+    args: &AdapterArgs,
+    plan: AdapterPlan,
+) -> Result<LoadedAdapters> {
+    let AdapterPlan { loras, embeddings } = plan;
     if !loras.is_empty() {
         for (path, name, _) in &loras {
             components
@@ -550,6 +639,132 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
             .with_context(|| format!("--textual-inversion {}", path.display()))?;
         tokens.extend(added.into_iter().take(1));
     }
+    Ok(LoadedAdapters {
+        loras,
+        tokens,
+        ip_adapter,
+    })
+}
+
+/// Load a Stable Diffusion 1.x / 2.x `--model` for an edit command (`command`), whose pipeline
+/// runs a DDIMScheduler built from the model's scheduler config (diffusers' recipe), with the
+/// adapter flags applied and cast to `precision`.
+pub(crate) fn load_sd_for_edit(
+    model: &str,
+    config: Option<&str>,
+    runtime: &RuntimeArgs,
+    adapters: (&AdapterArgs, AdapterPlan),
+    precision: Precision,
+    command: &str,
+) -> Result<(StableDiffusionComponents, LoadedAdapters)> {
+    let device = runtime.device()?;
+    let components = load_components(model, config, &runtime.hub(), &device)
+        .with_context(|| format!("--model {model}"))?
+        .into_sd(model, command)?;
+    // Refused above before any adapter loads; the adapters load through `Components`.
+    let mut components = Components::Sd(components);
+    let loaded = load_adapters(&mut components, adapters.0, adapters.1)?;
+    let mut components = components.into_sd(model, command)?;
+    if components.scheduler.as_ddim().is_none() {
+        components
+            .set_scheduler("DDIMScheduler")
+            .context("the model's scheduler config as a DDIMScheduler")?;
+    }
+    if precision != Precision::F32 {
+        components = components.to_dtype(precision.float_dtype())?;
+    }
+    Ok((components, loaded))
+}
+
+/// What the three commands share once the flags are checked.
+struct Prepared {
+    components: Components,
+    latents: Option<Tensor<4>>,
+    generator: Generators,
+    params: GenerationParameters,
+    ip_adapter: IPAdapterArgs,
+}
+
+/// `--height` / `--width`, when given, must be positive multiples of 8.
+pub(crate) fn check_size_flags(height: Option<usize>, width: Option<usize>) -> Result<()> {
+    for (flag, value) in [("--height", height), ("--width", width)] {
+        if let Some(v) = value
+            && (v == 0 || v % 8 != 0)
+        {
+            bail!("{flag} {v}: must be a positive multiple of 8");
+        }
+    }
+    Ok(())
+}
+
+/// Check every flag that can be checked without loading a model, so a mistake costs nothing.
+fn check_flags(args: &GenerationArgs, strength: Option<f64>) -> Result<(Precision, AdapterPlan)> {
+    let plan = args.adapters.check()?;
+    if args.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    if args.num_images == 0 {
+        bail!("--num-images must be at least 1");
+    }
+    check_size_flags(args.height, args.width)?;
+    if let Some(s) = strength
+        && !(s > 0.0 && s <= 1.0)
+    {
+        bail!("--strength {s}: must be in (0, 1]");
+    }
+    if let Some(g) = args.guidance
+        && !g.is_finite()
+    {
+        bail!("--guidance {g}: must be a finite number");
+    }
+    args.files.check()?;
+    Ok((args.runtime.precision()?, plan))
+}
+
+fn read_latents(path: &Path, device: &Device) -> Result<Tensor<4>> {
+    let array = NpyArray::read(path).with_context(|| format!("--latents {}", path.display()))?;
+    let shape: [usize; 4] = array.shape.as_slice().try_into().map_err(|_| {
+        anyhow::anyhow!(
+            "--latents {}: expected a 4-D array [num_images, channels, height/8, width/8], got \
+             shape {:?}",
+            path.display(),
+            array.shape
+        )
+    })?;
+    Ok(from_vec(array.data, shape, device))
+}
+
+/// The generation parameters every command writes: the seed, the model, the clip skip and a
+/// dtype other than f32.
+pub(crate) fn push_common_params(
+    params: &mut GenerationParameters,
+    seed: Option<u64>,
+    model: &str,
+    clip_skip: Option<usize>,
+) {
+    params.push(
+        "Seed",
+        seed.map(|s| s.to_string())
+            .unwrap_or_else(|| "random".into()),
+    );
+    params.push("Model", model);
+    if let Some(skip) = clip_skip {
+        // A1111 counts the last layer as clip skip 1.
+        params.push("Clip skip", skip + 1);
+    }
+}
+
+fn prepare(args: &GenerationArgs, precision: Precision, plan: AdapterPlan) -> Result<Prepared> {
+    let device = args.runtime.device()?;
+    let latents = args
+        .latents
+        .as_deref()
+        .map(|p| read_latents(p, &device))
+        .transpose()?;
+    let hub = args.runtime.hub();
+    let mut components = load_components(&args.model, args.config.as_deref(), &hub, &device)
+        .with_context(|| format!("--model {}", args.model))?;
+    let adapters = load_adapters(&mut components, &args.adapters, plan)?;
     if let Some(name) = &args.scheduler {
         components
             .set_scheduler(name)
@@ -574,53 +789,23 @@ fn prepare(args: &GenerationArgs, precision: Precision) -> Result<Prepared> {
             .clone()
             .unwrap_or_else(|| components.scheduler_name().to_string()),
     );
-    params.push(
-        "Seed",
-        args.seed
-            .map(|s| s.to_string())
-            .unwrap_or_else(|| "random".into()),
-    );
-    params.push("Model", &args.model);
-    if let Some(skip) = args.clip_skip {
-        // A1111 counts the last layer as clip skip 1.
-        params.push("Clip skip", skip + 1);
-    }
+    push_common_params(&mut params, args.seed, &args.model, args.clip_skip);
     if args.eta != 0.0 {
         params.push("Eta", args.eta);
     }
     if precision != Precision::F32 {
-        params.push("Dtype", &args.dtype);
+        params.push("Dtype", &args.runtime.dtype);
     }
     if let Some(path) = &args.latents {
         params.push("Latents", path.display());
     }
-    if !tokens.is_empty() {
-        params.push("Textual inversion", format!("\"{}\"", tokens.join(", ")));
-    }
-    if !loras.is_empty() {
-        let list: Vec<String> = loras.iter().map(|(_, n, w)| format!("{n}:{w}")).collect();
-        params.push("LoRA", format!("\"{}\"", list.join(", ")));
-    }
-    if let Some(name) = &args.ip_adapter {
-        let adapter = match &args.ip_adapter_weight {
-            Some(weight) => format!("{name} {weight}"),
-            None => name.clone(),
-        };
-        params.push("IP-Adapter", format!("\"{adapter}\""));
-        params.push("IP-Adapter scale", args.ip_adapter_scale);
-        let images: Vec<String> = args
-            .ip_adapter_images
-            .iter()
-            .map(|p| p.display().to_string())
-            .collect();
-        params.push("IP-Adapter image", format!("\"{}\"", images.join(", ")));
-    }
+    adapters.push_params(&args.adapters, &mut params);
     Ok(Prepared {
         components,
         latents,
         generator,
         params,
-        ip_adapter,
+        ip_adapter: adapters.ip_adapter,
     })
 }
 
@@ -628,9 +813,12 @@ fn negative(args: &GenerationArgs) -> Option<Vec<String>> {
     args.negative_prompt.clone().map(|n| vec![n])
 }
 
-/// Save what a pipeline returned with `output_type="np"`.
-fn finish(
-    args: &GenerationArgs,
+/// Save what a pipeline returned with `output_type="np"` as `--output` (a grid of `grid_cols`
+/// columns for several images) and `--output-npy`, with the size, batch size and interruption
+/// added to `params`.
+pub(crate) fn save_images(
+    files: &OutputArgs,
+    grid_cols: Option<usize>,
     out: ImagePipelineOutput,
     mut params: GenerationParameters,
 ) -> Result<()> {
@@ -647,17 +835,31 @@ fn finish(
     if out.interrupted {
         params.push("Interrupted", "true");
     }
-    let image = output::grid(&images, args.grid_cols)?;
+    let image = output::grid(&images, grid_cols)?;
     output::write(
-        &args.output,
+        &files.output,
         &image,
-        args.output_npy.as_deref().map(|p| (p, &array)),
+        files.output_npy.as_deref().map(|p| (p, &array)),
         &params,
         images.len(),
     )
 }
 
-fn load_input_image(path: &Path, flag: &str, size: Option<(usize, usize)>) -> Result<RgbImage> {
+fn finish(
+    args: &GenerationArgs,
+    out: ImagePipelineOutput,
+    params: GenerationParameters,
+) -> Result<()> {
+    save_images(&args.files, args.grid_cols, out, params)
+}
+
+/// Read an input image (`flag` names it in errors), resized with Lanczos3 to `size` (height,
+/// width) when given.
+pub(crate) fn load_input_image(
+    path: &Path,
+    flag: &str,
+    size: Option<(usize, usize)>,
+) -> Result<RgbImage> {
     let image = load_image(path).with_context(|| format!("{flag} {}", path.display()))?;
     Ok(match size {
         Some((h, w)) if (image.height() as usize, image.width() as usize) != (h, w) => {
@@ -672,8 +874,12 @@ fn load_input_image(path: &Path, flag: &str, size: Option<(usize, usize)>) -> Re
     })
 }
 
-fn requested_size(args: &GenerationArgs) -> Result<Option<(usize, usize)>> {
-    match (args.height, args.width) {
+/// `--height` and `--width` as one size: both or neither.
+pub(crate) fn requested_size(
+    height: Option<usize>,
+    width: Option<usize>,
+) -> Result<Option<(usize, usize)>> {
+    match (height, width) {
         (Some(h), Some(w)) => Ok(Some((h, w))),
         (None, None) => Ok(None),
         _ => bail!("give both --height and --width, or neither"),
@@ -727,8 +933,8 @@ macro_rules! run_pipeline {
 
 pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
     let args = args.common;
-    let precision = check_flags(&args, None)?;
-    let prepared = prepare(&args, precision)?;
+    let (precision, plan) = check_flags(&args, None)?;
+    let prepared = prepare(&args, precision, plan)?;
     let mut params = prepared.params;
     let out = run_pipeline!(
         prepared.components,
@@ -747,7 +953,7 @@ pub fn txt2img(args: Txt2ImgArgs) -> Result<()> {
             num_images_per_prompt: args.num_images,
             output_type: OutputType::Np,
             clip_skip: args.clip_skip,
-            progress: !args.quiet,
+            progress: !args.runtime.quiet,
             ip_adapter: prepared.ip_adapter,
         },
         |call| {
@@ -764,16 +970,16 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
         image,
         strength,
     } = args;
-    let precision = check_flags(&args, strength)?;
+    let (precision, plan) = check_flags(&args, strength)?;
     if args.latents.is_some() {
         bail!(
             "--latents: img2img starts from the encoded --image, not from given latents \
              (diffusers' image-to-image pipelines take no latents= either)"
         );
     }
-    let size = requested_size(&args)?;
+    let size = requested_size(args.height, args.width)?;
     let input = load_input_image(&image, "--image", size)?;
-    let prepared = prepare(&args, precision)?;
+    let prepared = prepare(&args, precision, plan)?;
     let mut params = prepared.params;
     let out = run_pipeline!(
         prepared.components,
@@ -790,7 +996,7 @@ pub fn img2img(args: Img2ImgArgs) -> Result<()> {
             num_images_per_prompt: args.num_images,
             output_type: OutputType::Np,
             clip_skip: args.clip_skip,
-            progress: !args.quiet,
+            progress: !args.runtime.quiet,
             ip_adapter: prepared.ip_adapter,
         },
         |call| {
@@ -811,8 +1017,8 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
         mask,
         strength,
     } = args;
-    let precision = check_flags(&args, strength)?;
-    requested_size(&args)?;
+    let (precision, plan) = check_flags(&args, strength)?;
+    requested_size(args.height, args.width)?;
     let input = load_input_image(&image, "--image", None)?;
     let mask_image = load_input_image(&mask, "--mask", None)?;
     if input.dimensions() != mask_image.dimensions() {
@@ -825,7 +1031,7 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
             input.height()
         );
     }
-    let prepared = prepare(&args, precision)?;
+    let prepared = prepare(&args, precision, plan)?;
     let mut params = prepared.params;
     let out = run_pipeline!(
         prepared.components,
@@ -845,7 +1051,7 @@ pub fn inpaint(args: InpaintArgs) -> Result<()> {
             num_images_per_prompt: args.num_images,
             output_type: OutputType::Np,
             clip_skip: args.clip_skip,
-            progress: !args.quiet,
+            progress: !args.runtime.quiet,
             ip_adapter: prepared.ip_adapter,
         },
         |call| {

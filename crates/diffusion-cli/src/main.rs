@@ -10,6 +10,7 @@ mod train;
 mod train_concepts;
 mod train_controlnet;
 mod train_instruct_pix2pix;
+mod train_sdxl;
 
 use clap::{Parser, Subcommand};
 

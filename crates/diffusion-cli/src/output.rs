@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Result, bail};
-use diffusion_core::image::{RgbImage, make_image_grid, save_png};
+use diffusion_core::image::{RgbImage, padded_image_grid, save_png};
 use diffusion_core::npy::NpyArray;
 
 use crate::metadata::GenerationParameters;
@@ -38,19 +38,10 @@ pub fn check_parent(path: &Path, flag: &str) -> Result<()> {
 /// The images in a grid of `cols` columns (near-square by default); the last row is padded
 /// with black tiles.
 pub fn grid(images: &[RgbImage], cols: Option<usize>) -> Result<RgbImage> {
-    let Some(first) = images.first() else {
+    if images.is_empty() {
         bail!("no images were generated");
-    };
-    if images.len() == 1 {
-        return Ok(first.clone());
     }
-    let cols = cols
-        .unwrap_or_else(|| (images.len() as f64).sqrt().ceil() as usize)
-        .clamp(1, images.len());
-    let rows = images.len().div_ceil(cols);
-    let mut tiles = images.to_vec();
-    tiles.resize(rows * cols, RgbImage::new(first.width(), first.height()));
-    Ok(make_image_grid(&tiles, rows, cols)?)
+    Ok(padded_image_grid(images, cols)?)
 }
 
 /// Write the `.npy` (when asked) and the PNG, each atomically (a failed run leaves no partial

@@ -9,7 +9,7 @@ use diffusion_core::parse_device;
 use diffusion_schedulers::PredictionType;
 use diffusion_train::{
     FolderOptions, ImageDataset, Interpolation, LrScheduleKind, TextToImageConfig, TrainConfig,
-    train_text_to_image, train_unconditional,
+    ValidationSampler, train_text_to_image, train_unconditional,
 };
 
 #[derive(Subcommand, Debug)]
@@ -188,6 +188,74 @@ pub struct TextToImageArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+
+    #[command(flatten)]
+    pub validation: PromptValidationArgs,
+
+    #[command(flatten)]
+    pub sdxl: crate::train_sdxl::SdxlFlags,
+}
+
+/// Validation images of `train text-to-image` and `train lora` (the scripts' names).
+#[derive(Args, Debug)]
+pub struct PromptValidationArgs {
+    /// Generate validation images for this prompt with the weights being trained (repeat for
+    /// several; one grid row each), into <output-dir>/validation/step-NNNNNN.png.
+    #[arg(long = "validation-prompt")]
+    pub validation_prompts: Vec<String>,
+
+    /// Images per validation prompt (default 4).
+    #[arg(long)]
+    pub num_validation_images: Option<usize>,
+
+    /// Generate validation images every N optimizer steps (and after the last step).
+    #[arg(long)]
+    pub validation_steps: Option<usize>,
+
+    /// Generate validation images after every N-th epoch (epochs 0, N, 2N, ...).
+    #[arg(long)]
+    pub validation_epochs: Option<usize>,
+
+    /// Denoising steps of the validation images (default 30).
+    #[arg(long)]
+    pub validation_inference_steps: Option<usize>,
+
+    /// Seed of the validation images (default: --seed).
+    #[arg(long)]
+    pub validation_seed: Option<u64>,
+}
+
+impl PromptValidationArgs {
+    /// Apply the flags to `config`; an interval or count without a prompt is refused.
+    pub fn apply(&self, config: &mut diffusion_train::PromptValidationConfig) -> Result<()> {
+        if !self.validation_prompts.is_empty() {
+            config.validation_prompts = self.validation_prompts.clone();
+        }
+        let given = self.num_validation_images.is_some()
+            || self.validation_steps.is_some()
+            || self.validation_epochs.is_some()
+            || self.validation_inference_steps.is_some()
+            || self.validation_seed.is_some();
+        if given && !config.is_enabled() {
+            bail!("the validation options need --validation-prompt");
+        }
+        if let Some(v) = self.num_validation_images {
+            config.num_validation_images = v;
+        }
+        if self.validation_steps.is_some() {
+            config.validation_steps = self.validation_steps;
+        }
+        if self.validation_epochs.is_some() {
+            config.validation_epochs = self.validation_epochs;
+        }
+        if let Some(v) = self.validation_inference_steps {
+            config.num_inference_steps = v;
+        }
+        if self.validation_seed.is_some() {
+            config.seed = self.validation_seed;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -228,9 +296,18 @@ pub struct UnconditionalArgs {
     #[arg(long, conflicts_with = "data_dir")]
     pub digits: Option<PathBuf>,
 
+    /// With --digits: train on these digit classes only (e.g. `--digits-class 3`, or `1,7`).
+    #[arg(long, value_delimiter = ',', requires = "digits")]
+    pub digits_class: Vec<u32>,
+
     /// Train on a folder of .png/.jpg images (resized and center-cropped to --resolution).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
+
+    /// Start from trained weights instead of a new model (fine-tuning): a UNet2DModel folder, or
+    /// a DDPMPipeline folder such as models/ddpm-digits (its unet/ is used).
+    #[arg(long)]
+    pub pretrained_model: Option<PathBuf>,
 
     /// Side of the square training images.
     #[arg(long, default_value_t = 16)]
@@ -272,6 +349,40 @@ pub struct UnconditionalArgs {
     #[arg(long)]
     pub use_ema: bool,
 
+    /// Warmup steps of the learning-rate schedule.
+    #[arg(long)]
+    pub lr_warmup_steps: Option<usize>,
+
+    /// Save a validation grid after every N-th epoch (epochs 0, N, 2N, ..., and the last step),
+    /// into <output-dir>/validation/step-NNNNNN.png (train_unconditional.py's option).
+    #[arg(long)]
+    pub save_images_epochs: Option<usize>,
+
+    /// Save a validation grid every N optimizer steps (and after the last step).
+    #[arg(long)]
+    pub save_images_steps: Option<usize>,
+
+    /// Images per validation grid (default 16).
+    #[arg(long)]
+    pub eval_batch_size: Option<usize>,
+
+    /// Denoising steps of the validation grids (default 1000).
+    #[arg(long)]
+    pub ddpm_num_inference_steps: Option<usize>,
+
+    /// Sampler of the validation grids: the training DDPM scheduler, or DDIM from its config.
+    #[arg(long, value_enum)]
+    pub validation_sampler: Option<ValidationSamplerArg>,
+
+    /// Seed of the validation grids (default 0, as train_unconditional.py).
+    #[arg(long)]
+    pub validation_seed: Option<u64>,
+
+    /// Enlarge each validation image N times (nearest neighbour); by default the smallest
+    /// factor that makes images at least 64 pixels wide.
+    #[arg(long)]
+    pub validation_upscale: Option<u32>,
+
     /// Device: cpu, or a GPU backend compiled into this build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -279,6 +390,12 @@ pub struct UnconditionalArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum ValidationSamplerArg {
+    Ddpm,
+    Ddim,
 }
 
 pub fn run(command: TrainCommand) -> Result<()> {
@@ -327,12 +444,53 @@ fn unconditional(args: UnconditionalArgs) -> Result<()> {
     if args.use_ema {
         config.use_ema = true;
     }
+    if let Some(dir) = &args.pretrained_model {
+        let unet = dir.join("unet");
+        let is_pipeline = !dir.join("config.json").is_file() && unet.join("config.json").is_file();
+        config.pretrained_model = Some(if is_pipeline { unet } else { dir.clone() });
+    }
+    if let Some(v) = args.lr_warmup_steps {
+        config.lr_warmup_steps = v;
+    }
+    let v = &mut config.validation;
+    if args.save_images_epochs.is_some() {
+        v.save_images_epochs = args.save_images_epochs;
+    }
+    if args.save_images_steps.is_some() {
+        v.save_images_steps = args.save_images_steps;
+    }
+    if let Some(n) = args.eval_batch_size {
+        v.eval_batch_size = n;
+    }
+    if let Some(n) = args.ddpm_num_inference_steps {
+        v.num_inference_steps = n;
+    }
+    if let Some(s) = args.validation_sampler {
+        v.sampler = match s {
+            ValidationSamplerArg::Ddpm => ValidationSampler::Ddpm,
+            ValidationSamplerArg::Ddim => ValidationSampler::Ddim,
+        };
+    }
+    if let Some(seed) = args.validation_seed {
+        v.seed = seed;
+    }
+    if args.validation_upscale.is_some() {
+        v.upscale = args.validation_upscale;
+    }
     config.show_progress = !args.quiet;
     config.validate()?;
 
     let dataset = match (&args.digits, &args.data_dir) {
-        (Some(csv), None) => ImageDataset::from_digits_csv_gz(csv, args.resolution)
-            .with_context(|| format!("--digits {}", csv.display()))?,
+        (Some(csv), None) => {
+            let all = ImageDataset::from_digits_csv_gz(csv, args.resolution)
+                .with_context(|| format!("--digits {}", csv.display()))?;
+            if args.digits_class.is_empty() {
+                all
+            } else {
+                all.only_labels(&args.digits_class)
+                    .with_context(|| format!("--digits-class {:?}", args.digits_class))?
+            }
+        }
         (None, Some(dir)) => {
             let options = FolderOptions {
                 grayscale: args.grayscale,
@@ -361,6 +519,12 @@ fn unconditional(args: UnconditionalArgs) -> Result<()> {
         losses.last().copied().unwrap_or(f32::NAN),
         config.output_dir.display()
     );
+    if config.validation.is_enabled() {
+        eprintln!(
+            "validation grids in {}",
+            diffusion_train::validation::validation_dir(&config.output_dir).display()
+        );
+    }
     Ok(())
 }
 
@@ -447,12 +611,17 @@ fn text_to_image(args: TextToImageArgs, lora: Option<(Option<usize>, Option<f64>
     }
     .into();
     config.show_progress = !args.quiet;
+    args.validation.apply(&mut config.validation)?;
     if config.pretrained_model.as_os_str().is_empty() {
         bail!("give the model: --model <Stable Diffusion folder>");
     }
     if config.train_data_dir.as_os_str().is_empty() {
         bail!("give the data: --train-data-dir <folder with metadata.jsonl>");
     }
+    if crate::train_sdxl::is_sdxl(&config.pretrained_model)? {
+        return crate::train_sdxl::train(config, &args);
+    }
+    crate::train_sdxl::refuse_flags(&args.sdxl)?;
     config.validate()?;
     config.check_paths()?;
     let device = parse_device(&args.device)?;

@@ -35,15 +35,24 @@ pub struct DreamBoothArgs {
     /// Weight of the prior-preservation loss.
     #[arg(long)]
     pub prior_loss_weight: Option<f64>,
-    /// Use at most this many class images.
+    /// Use this many class images, generating the missing ones with the pipeline of --model.
     #[arg(long)]
     pub num_class_images: Option<usize>,
+    /// Prompts per pipeline call when generating class images.
+    #[arg(long)]
+    pub sample_batch_size: Option<usize>,
+    /// Denoising steps when generating class images (default 50).
+    #[arg(long)]
+    pub class_num_inference_steps: Option<usize>,
     /// Train a LoRA (train_dreambooth_lora.py) instead of the whole UNet.
     #[arg(long)]
     pub lora: bool,
     /// LoRA rank.
     #[arg(long)]
     pub rank: Option<usize>,
+    /// Also train a LoRA of the text encoder (needs --lora; same rank and learning rate).
+    #[arg(long)]
+    pub train_text_encoder: bool,
     /// Output folder.
     #[arg(long)]
     pub output_dir: Option<PathBuf>,
@@ -71,6 +80,12 @@ pub struct DreamBoothArgs {
     /// Save a resumable checkpoint every N steps.
     #[arg(long)]
     pub checkpointing_steps: Option<usize>,
+    /// Keep at most this many checkpoints.
+    #[arg(long)]
+    pub checkpoints_total_limit: Option<usize>,
+    /// Resume from a checkpoint folder, or "latest" for the newest in --output-dir.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
     /// Seed of everything random.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -136,6 +151,15 @@ pub struct TextualInversionArgs {
     /// Write learned_embeds-steps-N.safetensors every N steps.
     #[arg(long)]
     pub save_steps: Option<usize>,
+    /// Save a resumable checkpoint every N steps.
+    #[arg(long)]
+    pub checkpointing_steps: Option<usize>,
+    /// Keep at most this many checkpoints.
+    #[arg(long)]
+    pub checkpoints_total_limit: Option<usize>,
+    /// Resume from a checkpoint folder, or "latest" for the newest in --output-dir.
+    #[arg(long)]
+    pub resume_from_checkpoint: Option<String>,
     /// Seed of everything random.
     #[arg(long)]
     pub seed: Option<u64>,
@@ -156,6 +180,9 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     if args.rank.is_some() && !args.lora {
         bail!("--rank needs --lora");
     }
+    if args.train_text_encoder && !args.lora {
+        bail!("train_text_encoder: --train-text-encoder needs --lora");
+    }
     if let (Some(rank), Some(l)) = (args.rank, c.train.lora.as_mut()) {
         *l = LoraTrainConfig { rank, ..l.clone() };
     }
@@ -167,6 +194,11 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     c.with_prior_preservation = args.with_prior_preservation;
     c.prior_loss_weight = args.prior_loss_weight.unwrap_or(c.prior_loss_weight);
     c.num_class_images = args.num_class_images.unwrap_or(c.num_class_images);
+    c.sample_batch_size = args.sample_batch_size.unwrap_or(c.sample_batch_size);
+    c.class_num_inference_steps = args
+        .class_num_inference_steps
+        .unwrap_or(c.class_num_inference_steps);
+    c.train_text_encoder = args.train_text_encoder;
     let t = &mut c.train;
     t.output_dir = args.output_dir.unwrap_or(t.output_dir.clone());
     t.resolution = args.resolution.unwrap_or(t.resolution);
@@ -179,6 +211,8 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     t.learning_rate = args.learning_rate.unwrap_or(t.learning_rate);
     t.lr_warmup_steps = args.lr_warmup_steps.unwrap_or(t.lr_warmup_steps);
     t.checkpointing_steps = args.checkpointing_steps.unwrap_or(t.checkpointing_steps);
+    t.checkpoints_total_limit = args.checkpoints_total_limit.or(t.checkpoints_total_limit);
+    t.resume_from_checkpoint = args.resume_from_checkpoint;
     t.seed = args.seed.unwrap_or(t.seed);
     t.show_progress = !args.quiet;
     c.validate()?;
@@ -221,6 +255,9 @@ pub fn textual_inversion(args: TextualInversionArgs) -> Result<()> {
     c.scale_lr = !args.no_scale_lr;
     c.lr_warmup_steps = args.lr_warmup_steps.unwrap_or(c.lr_warmup_steps);
     c.save_steps = args.save_steps.unwrap_or(c.save_steps);
+    c.checkpointing_steps = args.checkpointing_steps.unwrap_or(c.checkpointing_steps);
+    c.checkpoints_total_limit = args.checkpoints_total_limit.or(c.checkpoints_total_limit);
+    c.resume_from_checkpoint = args.resume_from_checkpoint;
     c.seed = args.seed.unwrap_or(c.seed);
     c.show_progress = !args.quiet;
     c.validate()?;

@@ -1455,3 +1455,224 @@ fn edit_pix2pix_zero_rejects_bad_flags_before_loading_and_writes_nothing() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--model"));
     assert!(!png.exists());
 }
+
+/// Run `diffusers <command> --model sd1 <args> --quiet` writing `dir/<name>.png` and `.npy`;
+/// returns the images and the PNG's parameters text.
+fn run_edit(
+    dir: &std::path::Path,
+    command: &str,
+    args: &[String],
+    name: &str,
+) -> (Vec<f32>, String) {
+    let (png, npy) = (
+        dir.join(format!("{name}.png")),
+        dir.join(format!("{name}.npy")),
+    );
+    let out = diffusers()
+        .args([command, "--model", &sd_folder("sd1"), "--quiet"])
+        .args(args)
+        .arg("--output")
+        .arg(&png)
+        .arg("--output-npy")
+        .arg(&npy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{command} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = read_png_text(&png).unwrap();
+    let params = text
+        .iter()
+        .find(|(k, _)| k == "parameters")
+        .unwrap()
+        .1
+        .clone();
+    (NpyArray::read(&npy).unwrap().data, params)
+}
+
+/// `edit-cycle` takes txt2img's `--lora` / `--textual-inversion`: a LoRA at weight 0 leaves the
+/// edit at diffusers' (case `strength08_eta01` of gen_pipelines_cycle_diffusion.py), at 0.8 it
+/// changes it, and a textual inversion's token changes it too (fixtures/pipelines/lora,
+/// fixtures/loaders/textual_inversion).
+#[test]
+fn edit_cycle_applies_lora_and_textual_inversion() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures().join("pipelines/sd/image.png");
+    let style = fixtures().join("pipelines/lora/style.safetensors");
+    let multi = fixtures().join("loaders/textual_inversion/multi.safetensors");
+    let cycle = |prompt: &str, extra: &[String], name: &str| {
+        let mut args: Vec<String> = vec!["--image".into(), image.display().to_string()];
+        for flag in [
+            "--source-prompt",
+            "a photo of an astronaut riding a horse",
+            "--prompt",
+            prompt,
+            "--strength",
+            "0.8",
+            "--steps",
+            "5",
+            "--guidance",
+            "3",
+            "--eta",
+            "0.1",
+            "--seed",
+            "0",
+        ] {
+            args.push(flag.into());
+        }
+        args.extend_from_slice(extra);
+        run_edit(dir.path(), "edit-cycle", &args, name)
+    };
+    let elephant = "a photo of an astronaut riding an elephant";
+    let (_, want) = fixture_tensor(
+        "pipelines/cycle_diffusion/outputs.safetensors",
+        "strength08_eta01",
+    );
+    let lora = |weight: &str| vec!["--lora".into(), format!("{}:{weight}", style.display())];
+
+    let (unweighted, params) = cycle(elephant, &lora("0"), "lora0");
+    let diff = max_abs_diff(&unweighted, &want);
+    assert!(diff <= 1e-3, "LoRA at weight 0: max |diff| = {diff}");
+    assert!(params.contains("LoRA: \"style:0\""), "{params}");
+    let (styled, params) = cycle(elephant, &lora("0.8"), "lora08");
+    let change = max_abs_diff(&styled, &want);
+    eprintln!("edit-cycle --lora style:0.8 changes the edit by max |diff| = {change:.2e}");
+    assert!(change > 1e-2, "the LoRA did not change the edit: {change}");
+    assert!(params.contains("LoRA: \"style:0.8\""), "{params}");
+
+    let prompt = "a photo of an astronaut riding a <multi>";
+    let (plain, _) = cycle(prompt, &[], "plain");
+    let ti = vec!["--textual-inversion".into(), multi.display().to_string()];
+    let (embedded, params) = cycle(prompt, &ti, "ti");
+    let change = max_abs_diff(&plain, &embedded);
+    eprintln!("edit-cycle --textual-inversion changes the edit by max |diff| = {change:.2e}");
+    assert!(
+        change > 1e-2,
+        "the embedding did not change the edit: {change}"
+    );
+    assert!(
+        params.contains("Textual inversion: \"<multi>\""),
+        "{params}"
+    );
+}
+
+/// `edit-pix2pix-zero` takes the same adapter flags: a LoRA at weight 0 changes nothing, at 0.8
+/// it changes the edit, a textual inversion's token changes the direction's captions; both edit
+/// commands refuse an IP-Adapter before loading (their pipelines take no image embeddings), and
+/// their help lists the flags.
+#[test]
+fn edit_pix2pix_zero_applies_adapters_and_edit_commands_refuse_ip_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let style = fixtures().join("pipelines/lora/style.safetensors");
+    let multi = fixtures().join("loaders/textual_inversion/multi.safetensors");
+    let edit = |source: &str, extra: &[String], name: &str| {
+        let mut args: Vec<String> = [
+            "--prompt",
+            "a photo of a cat",
+            "--source-prompt",
+            source,
+            "--target-prompt",
+            "a dog",
+            "--cross-attention-guidance",
+            "0",
+            "--steps",
+            "3",
+            "--seed",
+            "0",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend_from_slice(extra);
+        run_edit(dir.path(), "edit-pix2pix-zero", &args, name)
+    };
+    let lora = |weight: &str| vec!["--lora".into(), format!("{}:{weight}", style.display())];
+    let (plain, _) = edit("a cat", &[], "plain");
+    let (unweighted, params) = edit("a cat", &lora("0"), "lora0");
+    let diff = max_abs_diff(&plain, &unweighted);
+    assert!(diff <= 1e-5, "LoRA at weight 0: max |diff| = {diff}");
+    assert!(params.contains("LoRA: \"style:0\""), "{params}");
+    let (styled, _) = edit("a cat", &lora("0.8"), "lora08");
+    let change = max_abs_diff(&plain, &styled);
+    eprintln!("edit-pix2pix-zero --lora style:0.8 changes the edit by max |diff| = {change:.2e}");
+    assert!(change > 1e-2, "the LoRA did not change the edit: {change}");
+
+    let (untokened, _) = edit("a <multi>", &[], "plain_multi");
+    let ti = vec!["--textual-inversion".into(), multi.display().to_string()];
+    let (embedded, params) = edit("a <multi>", &ti, "ti");
+    let change = max_abs_diff(&untokened, &embedded);
+    eprintln!(
+        "edit-pix2pix-zero --textual-inversion changes the edit by max |diff| = {change:.2e}"
+    );
+    assert!(
+        change > 1e-3,
+        "the embedding did not change the edit: {change}"
+    );
+    assert!(
+        params.contains("Textual inversion: \"<multi>\""),
+        "{params}"
+    );
+
+    let image = fixtures().join("pipelines/sd/image.png");
+    let image = image.to_str().unwrap();
+    let ip = fixtures().join("pipelines/ip_adapter");
+    let ip = ip.to_str().unwrap();
+    for (command, required) in [
+        (
+            "edit-cycle",
+            vec!["--image", image, "--prompt", "b", "--source-prompt", "a"],
+        ),
+        (
+            "edit-pix2pix-zero",
+            vec![
+                "--prompt",
+                "a",
+                "--source-prompt",
+                "a",
+                "--target-prompt",
+                "b",
+            ],
+        ),
+    ] {
+        let png = dir.path().join("refused.png");
+        let out = diffusers()
+            .args([command, "--model"])
+            .arg(dir.path().join("no-model"))
+            .args(&required)
+            .args(["--ip-adapter", ip, "--ip-adapter-image", image, "--quiet"])
+            .arg("--output")
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{command} took --ip-adapter");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains("--ip-adapter") && stderr.contains("no image embeddings"),
+            "{command}: {stderr}"
+        );
+        assert!(!stderr.contains("no-model"), "{command} loaded: {stderr}");
+        assert!(!png.exists());
+
+        // A LoRA that does not exist is refused before loading too.
+        let out = diffusers()
+            .args([command, "--model"])
+            .arg(dir.path().join("no-model"))
+            .args(&required)
+            .args(["--lora", "/no/such/lora.safetensors:0.5", "--quiet"])
+            .arg("--output")
+            .arg(&png)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("/no/such/lora.safetensors"), "{stderr}");
+        assert!(!stderr.contains("no-model"), "{command} loaded: {stderr}");
+
+        let help = diffusers().args([command, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        for flag in ["--lora", "--textual-inversion", "--ip-adapter"] {
+            assert!(help.contains(flag), "{command} --help lacks {flag}");
+        }
+    }
+}

@@ -45,6 +45,9 @@ fn dreambooth_with_prior_preservation_full_and_lora() {
         "--class-prompt",
         "a photo of dog",
         "--with-prior-preservation",
+        // The fixture folder already has 4 images (5 entries): nothing is generated into it.
+        "--num-class-images",
+        "4",
         "--train-batch-size",
         "1",
         "--learning-rate",
@@ -129,4 +132,134 @@ fn textual_inversion_two_steps() {
             .unwrap();
     assert_eq!(file.keys(), ["<cat-toy>"]);
     assert_eq!(file.read_f32("<cat-toy>").unwrap().1, [2, 8]);
+}
+
+fn log_text(out: &std::path::Path) -> String {
+    std::fs::read_to_string(out.join("logs/train_log.jsonl")).unwrap()
+}
+
+#[test]
+fn textual_inversion_exact_resume() {
+    let data = fixtures().join("train/text_to_image/data");
+    let dir = tempfile::tempdir().unwrap();
+    let args = |out: &std::path::Path, steps: &'static str| {
+        [
+            "--train-data-dir",
+            data.to_str().unwrap(),
+            "--placeholder-token",
+            "<cat-toy>",
+            "--initializer-token",
+            "red",
+            "--repeats",
+            "1",
+            "--train-batch-size",
+            "2",
+            "--learning-rate",
+            "5e-3",
+            "--lr-warmup-steps",
+            "0",
+            "--checkpointing-steps",
+            "1",
+            "--max-train-steps",
+            steps,
+            "--output-dir",
+            out.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let call = |extra: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_diffusers"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args([
+                "train",
+                "textual-inversion",
+                "--resolution",
+                "32",
+                "--quiet",
+            ])
+            .arg("--model")
+            .arg(fixtures().join("pipelines/sd/sd1"))
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let straight = dir.path().join("straight");
+    ok(&call(args(&straight, "3")));
+    assert!(straight.join("checkpoint-1/training_state.json").is_file());
+    assert_eq!(log_text(&straight).lines().count(), 3);
+
+    // One step, then resume for the other two: the same log and the same embeddings.
+    let resumed = dir.path().join("resumed");
+    ok(&call(args(&resumed, "1")));
+    let mut again = args(&resumed, "3");
+    again.extend(["--resume-from-checkpoint".into(), "latest".into()]);
+    ok(&call(again));
+    assert_eq!(log_text(&resumed), log_text(&straight));
+    assert_eq!(
+        std::fs::read(resumed.join("learned_embeds.safetensors")).unwrap(),
+        std::fs::read(straight.join("learned_embeds.safetensors")).unwrap()
+    );
+}
+
+#[test]
+fn dreambooth_lora_with_text_encoder_and_generated_class_images() {
+    let data = fixtures().join("train/text_to_image/data");
+    let data = data.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("class");
+    let out = dir.path().join("out");
+    let common = [
+        "--instance-data-dir",
+        data,
+        "--instance-prompt",
+        "a photo of sks dog",
+        "--class-data-dir",
+        class.to_str().unwrap(),
+        "--class-prompt",
+        "a photo of dog",
+        "--with-prior-preservation",
+        "--num-class-images",
+        "3",
+        "--sample-batch-size",
+        "2",
+        "--class-num-inference-steps",
+        "2",
+        "--train-batch-size",
+        "1",
+        "--lr-warmup-steps",
+        "0",
+        "--output-dir",
+        out.to_str().unwrap(),
+    ];
+    // Refused before anything is loaded or written: the text encoder needs --lora.
+    let mut args = common.to_vec();
+    args.push("--train-text-encoder");
+    let bad = run(&["dreambooth"], &args);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("train_text_encoder"));
+    assert!(!class.exists() && !out.exists());
+
+    args.extend(["--lora", "--rank", "2"]);
+    ok(&run(&["dreambooth"], &args));
+    let mut names: Vec<String> = std::fs::read_dir(&class)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3);
+    for (i, name) in names.iter().enumerate() {
+        assert!(
+            name.starts_with(&format!("{i}-")) && name.ends_with(".png"),
+            "{name}"
+        );
+    }
+    let file = diffusion_core::weights::SafetensorsFile::open(
+        out.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    let keys = file.keys();
+    assert!(keys.iter().any(|k| k.starts_with("unet.")));
+    assert!(keys.iter().any(|k| k.starts_with("text_encoder.")));
+    assert_eq!(log_text(&out).lines().count(), 2);
 }

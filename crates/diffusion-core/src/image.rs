@@ -125,6 +125,30 @@ pub fn make_image_grid(images: &[RgbImage], rows: usize, cols: usize) -> Result<
     Ok(grid)
 }
 
+/// Tile equally sized images into a grid of `cols` columns (near-square when `None`), padding
+/// the last row with black tiles; a single image is returned as it is.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for no images or images of different sizes.
+pub fn padded_image_grid(images: &[RgbImage], cols: Option<usize>) -> Result<RgbImage> {
+    let Some(first) = images.first() else {
+        return Err(Error::invalid_argument(
+            "images",
+            "no images to put in a grid",
+        ));
+    };
+    if images.len() == 1 {
+        return Ok(first.clone());
+    }
+    let cols = cols
+        .unwrap_or_else(|| (images.len() as f64).sqrt().ceil() as usize)
+        .clamp(1, images.len());
+    let rows = images.len().div_ceil(cols);
+    let mut tiles = images.to_vec();
+    tiles.resize(rows * cols, RgbImage::new(first.width(), first.height()));
+    make_image_grid(&tiles, rows, cols)
+}
+
 /// What a pipeline returns, as diffusers' `output_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum OutputType {

@@ -8,6 +8,7 @@ pub mod error;
 pub mod generator;
 pub mod image;
 pub mod kernels;
+pub mod metadata;
 pub mod npy;
 pub mod python_json;
 pub mod tensor;

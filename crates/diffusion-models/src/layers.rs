@@ -25,6 +25,28 @@ pub(crate) fn config_error(field: &str, message: impl Into<String>) -> Error {
     }
 }
 
+/// The config checks every transformer encoder shares: each `(field, value)` of `positive` is
+/// above zero, and `hidden_size` splits evenly into `num_attention_heads`.
+///
+/// # Errors
+/// `(field, message)` naming the first zero field or `num_attention_heads`.
+pub(crate) fn check_transformer_dims(
+    positive: &[(&str, usize)],
+    hidden_size: usize,
+    num_attention_heads: usize,
+) -> std::result::Result<(), (String, String)> {
+    if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
+        return Err((field.to_string(), "must be positive".into()));
+    }
+    if !hidden_size.is_multiple_of(num_attention_heads) {
+        return Err((
+            "num_attention_heads".into(),
+            format!("hidden_size {hidden_size} is not divisible into {num_attention_heads} heads"),
+        ));
+    }
+    Ok(())
+}
+
 /// A [`Error::Unsupported`] about an in-memory config.
 pub(crate) fn unsupported(
     field: &str,

@@ -39,8 +39,8 @@ pub use stable_diffusion::{
     StableDiffusionPipeline,
 };
 pub use stable_diffusion_xl::{
-    StableDiffusionXLArgs, StableDiffusionXLComponents, StableDiffusionXLImg2ImgArgs,
-    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintArgs,
+    MicroConditioning, StableDiffusionXLArgs, StableDiffusionXLComponents,
+    StableDiffusionXLImg2ImgArgs, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintArgs,
     StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
 };
 pub use unconditional::UnconditionalArgs;

@@ -90,6 +90,22 @@ impl SetTimesteps {
         }
         Ok(())
     }
+
+    /// The step count of a scheduler that takes nothing else (`set_timesteps(k)` only).
+    ///
+    /// # Errors
+    /// As [`Self::accept_only`]; [`Error::InvalidArgument`] naming `num_inference_steps` when it
+    /// is missing or 0.
+    pub fn step_count_only(&self, class: &str) -> Result<usize> {
+        self.accept_only(class, &["num_inference_steps"])?;
+        match self.num_inference_steps {
+            Some(k) if k > 0 => Ok(k),
+            _ => Err(Error::invalid_argument(
+                "num_inference_steps",
+                "pass a step count of at least 1",
+            )),
+        }
+    }
 }
 
 /// Optional arguments of [`Scheduler::step`], mirroring diffusers' keyword arguments.
@@ -423,7 +439,9 @@ pub(crate) fn config_error(file: &str, (field, message): (String, String)) -> Er
 /// same way from its `file`, `timesteps`, `sigmas`, `num_inference_steps` and `cursor`
 /// fields; `identity_input` adds a `scale_model_input` that leaves the sample as it is, and
 /// `unit_noise` also `order` 1, `init_noise_sigma` 1 and `num_train_timesteps` from the config
-/// (the multistep solvers and flow matching).
+/// (the multistep solvers and flow matching); `sigma_scaled_input` adds the Karras-style
+/// `scale_model_input` that divides by `sqrt(sigma^2 + 1)` at the current step (Euler, Heun,
+/// LMS).
 macro_rules! stateful_scheduler_accessors {
     () => {
         fn class_name(&self) -> &'static str {
@@ -457,17 +475,18 @@ macro_rules! stateful_scheduler_accessors {
     };
     (unit_noise) => {
         $crate::scheduler::stateful_scheduler_accessors!(identity_input);
+        $crate::scheduler::unit_noise_basics!();
+    };
+    (sigma_scaled_input) => {
+        $crate::scheduler::stateful_scheduler_accessors!();
 
-        fn order(&self) -> usize {
-            1
-        }
-
-        fn init_noise_sigma(&self) -> f64 {
-            1.0
-        }
-
-        fn num_train_timesteps(&self) -> usize {
-            self.config().num_train_timesteps
+        fn scale_model_input<const D: usize>(
+            &mut self,
+            sample: diffusion_core::burn::tensor::Tensor<D>,
+            timestep: f64,
+        ) -> diffusion_core::Result<diffusion_core::burn::tensor::Tensor<D>> {
+            self.cursor
+                .scale_by_current_sigma(&self.timesteps, &self.sigmas, sample, timestep)
         }
     };
     (identity_input) => {
@@ -484,6 +503,148 @@ macro_rules! stateful_scheduler_accessors {
     };
 }
 pub(crate) use stateful_scheduler_accessors;
+
+/// The [`Scheduler`] methods of a first-order scheduler on unit-variance noise: `order` 1,
+/// `init_noise_sigma` 1 and `num_train_timesteps` from the config; `with_state` adds
+/// `config_value` from the `file` field and `num_inference_steps` from the field of that name
+/// (the alpha-bar schedulers: DDIM, DDPM, LCM, PNDM).
+macro_rules! unit_noise_basics {
+    () => {
+        fn order(&self) -> usize {
+            1
+        }
+
+        fn init_noise_sigma(&self) -> f64 {
+            1.0
+        }
+
+        fn num_train_timesteps(&self) -> usize {
+            self.config().num_train_timesteps
+        }
+    };
+    (with_state) => {
+        $crate::scheduler::unit_noise_basics!();
+
+        fn config_value(&self) -> serde_json::Value {
+            self.file.to_value()
+        }
+
+        fn num_inference_steps(&self) -> Option<usize> {
+            self.num_inference_steps
+        }
+    };
+}
+pub(crate) use unit_noise_basics;
+
+/// The [`ConfiguredScheduler`] and [`Scheduler`] impls of a scheduler that wraps another one
+/// (`inner`, built from the wrapped config `file.config.0` under the wrapper's class name) and
+/// keeps its own `file`: every step and schedule call is the inner scheduler's (the parallel
+/// DDIM / DDPM variants). The docs of `set_timesteps_with` and `step` are given.
+macro_rules! wrapped_scheduler_impls {
+    (
+        $scheduler:ident($config:ident) wraps $inner:ident,
+        set_timesteps: $set_timesteps_doc:literal,
+        step: $step_doc:literal $(,)?
+    ) => {
+        impl $crate::scheduler::ConfiguredScheduler for $scheduler {
+            type Config = $config;
+
+            fn from_config_file(
+                file: diffusion_core::ConfigFile<$config>,
+            ) -> diffusion_core::Result<Self> {
+                diffusion_core::Config::validate(&file.config).map_err(|e| {
+                    $crate::scheduler::config_error(
+                        <$config as diffusion_core::Config>::CLASS_NAME,
+                        e,
+                    )
+                })?;
+                let inner = $inner::new(file.config.0.clone())?
+                    .with_class_name(<$config as diffusion_core::Config>::CLASS_NAME);
+                Ok(Self { file, inner })
+            }
+
+            fn config_file(&self) -> &diffusion_core::ConfigFile<$config> {
+                &self.file
+            }
+        }
+
+        impl $crate::scheduler::Scheduler for $scheduler {
+            fn class_name(&self) -> &'static str {
+                <$config as diffusion_core::Config>::CLASS_NAME
+            }
+
+            fn config_value(&self) -> serde_json::Value {
+                self.file.to_value()
+            }
+
+            fn order(&self) -> usize {
+                self.inner.order()
+            }
+
+            fn init_noise_sigma(&self) -> f64 {
+                self.inner.init_noise_sigma()
+            }
+
+            fn num_train_timesteps(&self) -> usize {
+                self.inner.num_train_timesteps()
+            }
+
+            fn num_inference_steps(&self) -> Option<usize> {
+                self.inner.num_inference_steps()
+            }
+
+            #[doc = $set_timesteps_doc]
+            fn set_timesteps_with(
+                &mut self,
+                request: $crate::scheduler::SetTimesteps,
+            ) -> diffusion_core::Result<()> {
+                self.inner.set_timesteps_with(request)
+            }
+
+            fn timesteps(&self) -> &[f64] {
+                self.inner.timesteps()
+            }
+
+            fn scale_model_input<const D: usize>(
+                &mut self,
+                sample: diffusion_core::burn::tensor::Tensor<D>,
+                timestep: f64,
+            ) -> diffusion_core::Result<diffusion_core::burn::tensor::Tensor<D>> {
+                self.inner.scale_model_input(sample, timestep)
+            }
+
+            #[doc = $step_doc]
+            fn step<const D: usize>(
+                &mut self,
+                model_output: diffusion_core::burn::tensor::Tensor<D>,
+                timestep: f64,
+                sample: diffusion_core::burn::tensor::Tensor<D>,
+                options: $crate::scheduler::StepOptions<'_, D>,
+            ) -> diffusion_core::Result<$crate::scheduler::StepOutput<D>> {
+                self.inner.step(model_output, timestep, sample, options)
+            }
+
+            fn add_noise<const D: usize>(
+                &self,
+                original: diffusion_core::burn::tensor::Tensor<D>,
+                noise: diffusion_core::burn::tensor::Tensor<D>,
+                timesteps: &[f64],
+            ) -> diffusion_core::Result<diffusion_core::burn::tensor::Tensor<D>> {
+                self.inner.add_noise(original, noise, timesteps)
+            }
+
+            fn get_velocity<const D: usize>(
+                &self,
+                sample: diffusion_core::burn::tensor::Tensor<D>,
+                noise: diffusion_core::burn::tensor::Tensor<D>,
+                timesteps: &[f64],
+            ) -> diffusion_core::Result<diffusion_core::burn::tensor::Tensor<D>> {
+                self.inner.get_velocity(sample, noise, timesteps)
+            }
+        }
+    };
+}
+pub(crate) use wrapped_scheduler_impls;
 
 /// Refuse a multistep `step` before `set_timesteps` or on a tensor without a channel axis.
 ///

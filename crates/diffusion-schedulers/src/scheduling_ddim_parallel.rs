@@ -4,13 +4,10 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ops;
 use crate::schedule::NoiseSchedule;
-use crate::scheduler::{
-    ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_error,
-};
+use crate::scheduler::{ConfiguredScheduler, Scheduler};
 use crate::scheduling_ddim::{DDIMScheduler, DDIMSchedulerConfig, DdimCoefficients};
 
 /// The config of [`DDIMParallelScheduler`]: the same keys and `__init__` defaults as
@@ -153,92 +150,8 @@ impl DDIMParallelScheduler {
     }
 }
 
-impl ConfiguredScheduler for DDIMParallelScheduler {
-    type Config = DDIMParallelSchedulerConfig;
-
-    fn from_config_file(file: ConfigFile<DDIMParallelSchedulerConfig>) -> Result<Self> {
-        file.config
-            .validate()
-            .map_err(|e| config_error(DDIMParallelSchedulerConfig::CLASS_NAME, e))?;
-        let inner = DDIMScheduler::new(file.config.0.clone())?
-            .with_class_name(DDIMParallelSchedulerConfig::CLASS_NAME);
-        Ok(Self { file, inner })
-    }
-
-    fn config_file(&self) -> &ConfigFile<DDIMParallelSchedulerConfig> {
-        &self.file
-    }
-}
-
-impl Scheduler for DDIMParallelScheduler {
-    fn class_name(&self) -> &'static str {
-        DDIMParallelSchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
-
-    fn order(&self) -> usize {
-        self.inner.order()
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.inner.init_noise_sigma()
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.inner.num_train_timesteps()
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.inner.num_inference_steps()
-    }
-
-    /// As [`DDIMScheduler`]: evenly spaced steps per `timestep_spacing`.
-    fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
-        self.inner.set_timesteps_with(request)
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        self.inner.timesteps()
-    }
-
-    fn scale_model_input<const D: usize>(
-        &mut self,
-        sample: Tensor<D>,
-        timestep: f64,
-    ) -> Result<Tensor<D>> {
-        self.inner.scale_model_input(sample, timestep)
-    }
-
-    /// DDIM's step: takes `eta`, `use_clipped_model_output`, and for `eta > 0` a `generator`
-    /// or `variance_noise`.
-    fn step<const D: usize>(
-        &mut self,
-        model_output: Tensor<D>,
-        timestep: f64,
-        sample: Tensor<D>,
-        options: StepOptions<'_, D>,
-    ) -> Result<StepOutput<D>> {
-        self.inner.step(model_output, timestep, sample, options)
-    }
-
-    fn add_noise<const D: usize>(
-        &self,
-        original: Tensor<D>,
-        noise: Tensor<D>,
-        timesteps: &[f64],
-    ) -> Result<Tensor<D>> {
-        self.inner.add_noise(original, noise, timesteps)
-    }
-
-    fn get_velocity<const D: usize>(
-        &self,
-        sample: Tensor<D>,
-        noise: Tensor<D>,
-        timesteps: &[f64],
-    ) -> Result<Tensor<D>> {
-        self.inner.get_velocity(sample, noise, timesteps)
-    }
-}
+crate::scheduler::wrapped_scheduler_impls!(
+    DDIMParallelScheduler(DDIMParallelSchedulerConfig) wraps DDIMScheduler,
+    set_timesteps: " As [`DDIMScheduler`]: evenly spaced steps per `timestep_spacing`.",
+    step: " DDIM's step: takes `eta`, `use_clipped_model_output`, and for `eta > 0` a `generator` or `variance_noise`.",
+);

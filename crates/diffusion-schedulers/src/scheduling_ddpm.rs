@@ -4,7 +4,6 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ops;
 use crate::schedule::{
@@ -438,28 +437,10 @@ impl ConfiguredScheduler for DDPMScheduler {
 }
 
 impl Scheduler for DDPMScheduler {
+    crate::scheduler::unit_noise_basics!(with_state);
+
     fn class_name(&self) -> &'static str {
         self.class
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.config().num_train_timesteps
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
     }
 
     /// Evenly spaced steps per `timestep_spacing`, or custom integral timesteps in strictly

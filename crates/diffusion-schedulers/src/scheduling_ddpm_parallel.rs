@@ -4,13 +4,10 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ops;
 use crate::schedule::NoiseSchedule;
-use crate::scheduler::{
-    ConfiguredScheduler, Scheduler, SetTimesteps, StepOptions, StepOutput, config_error,
-};
+use crate::scheduler::{ConfiguredScheduler, Scheduler};
 use crate::scheduling_ddpm::{DDPMScheduler, DDPMSchedulerConfig, DdpmCoefficients};
 
 /// The config of [`DDPMParallelScheduler`]: the same keys and `__init__` defaults as
@@ -152,93 +149,8 @@ impl DDPMParallelScheduler {
     }
 }
 
-impl ConfiguredScheduler for DDPMParallelScheduler {
-    type Config = DDPMParallelSchedulerConfig;
-
-    fn from_config_file(file: ConfigFile<DDPMParallelSchedulerConfig>) -> Result<Self> {
-        file.config
-            .validate()
-            .map_err(|e| config_error(DDPMParallelSchedulerConfig::CLASS_NAME, e))?;
-        let inner = DDPMScheduler::new(file.config.0.clone())?
-            .with_class_name(DDPMParallelSchedulerConfig::CLASS_NAME);
-        Ok(Self { file, inner })
-    }
-
-    fn config_file(&self) -> &ConfigFile<DDPMParallelSchedulerConfig> {
-        &self.file
-    }
-}
-
-impl Scheduler for DDPMParallelScheduler {
-    fn class_name(&self) -> &'static str {
-        DDPMParallelSchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
-
-    fn order(&self) -> usize {
-        self.inner.order()
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        self.inner.init_noise_sigma()
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.inner.num_train_timesteps()
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.inner.num_inference_steps()
-    }
-
-    /// As [`DDPMScheduler`]: evenly spaced steps per `timestep_spacing`, or custom integral
-    /// timesteps in strictly decreasing order.
-    fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
-        self.inner.set_timesteps_with(request)
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        self.inner.timesteps()
-    }
-
-    fn scale_model_input<const D: usize>(
-        &mut self,
-        sample: Tensor<D>,
-        timestep: f64,
-    ) -> Result<Tensor<D>> {
-        self.inner.scale_model_input(sample, timestep)
-    }
-
-    /// DDPM's ancestral step: takes `generator` (or `variance_noise`); noise is needed, and
-    /// drawn, only when `timestep > 0`.
-    fn step<const D: usize>(
-        &mut self,
-        model_output: Tensor<D>,
-        timestep: f64,
-        sample: Tensor<D>,
-        options: StepOptions<'_, D>,
-    ) -> Result<StepOutput<D>> {
-        self.inner.step(model_output, timestep, sample, options)
-    }
-
-    fn add_noise<const D: usize>(
-        &self,
-        original: Tensor<D>,
-        noise: Tensor<D>,
-        timesteps: &[f64],
-    ) -> Result<Tensor<D>> {
-        self.inner.add_noise(original, noise, timesteps)
-    }
-
-    fn get_velocity<const D: usize>(
-        &self,
-        sample: Tensor<D>,
-        noise: Tensor<D>,
-        timesteps: &[f64],
-    ) -> Result<Tensor<D>> {
-        self.inner.get_velocity(sample, noise, timesteps)
-    }
-}
+crate::scheduler::wrapped_scheduler_impls!(
+    DDPMParallelScheduler(DDPMParallelSchedulerConfig) wraps DDPMScheduler,
+    set_timesteps: " As [`DDPMScheduler`]: evenly spaced steps per `timestep_spacing`, or custom integral timesteps in strictly decreasing order.",
+    step: " DDPM's ancestral step: takes `generator` (or `variance_noise`); noise is needed, and drawn, only when `timestep > 0`.",
+);

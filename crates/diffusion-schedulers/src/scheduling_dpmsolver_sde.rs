@@ -5,7 +5,6 @@
 use diffusion_core::burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use diffusion_core::{Config, ConfigFile, Error, NoiseSource, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::brownian_tree::BrownianTreeNoiseSampler as NoiseSampler;
 use crate::ops::{self, Stored};
@@ -360,13 +359,7 @@ impl ConfiguredScheduler for DPMSolverSDEScheduler {
 }
 
 impl Scheduler for DPMSolverSDEScheduler {
-    fn class_name(&self) -> &'static str {
-        DPMSolverSDESchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
+    crate::scheduler::stateful_scheduler_accessors!();
 
     fn order(&self) -> usize {
         2
@@ -380,10 +373,6 @@ impl Scheduler for DPMSolverSDEScheduler {
         self.config().num_train_timesteps
     }
 
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
-    }
-
     /// A step count (diffusers' `set_timesteps` takes nothing else). Forgets the noise
     /// sampler: the next schedule gets a new Brownian tree.
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
@@ -395,23 +384,6 @@ impl Scheduler for DPMSolverSDEScheduler {
         self.build(ts);
         self.num_inference_steps = Some(k);
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn step_index(&self) -> Option<usize> {
-        self.cursor.step_index
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
-        self.cursor
-            .set_begin_index(begin_index, self.timesteps.len())
     }
 
     /// Divide by `sqrt(sigma^2 + 1)` at the step's sigma, or at the midpoint's sigma for the

@@ -402,16 +402,7 @@ impl Scheduler for EDMDPMSolverMultistepScheduler {
 
     /// A step count.
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
-        request.accept_only(self.class_name(), &["num_inference_steps"])?;
-        let k = match request.num_inference_steps {
-            Some(k) if k > 0 => k,
-            _ => {
-                return Err(Error::invalid_argument(
-                    "num_inference_steps",
-                    "pass a step count of at least 1",
-                ));
-            }
-        };
+        let k = request.step_count_only(self.class_name())?;
         let last = match self.config().final_sigmas_type {
             FinalSigmasType::Zero => 0.0,
             FinalSigmasType::SigmaMin => self.config().sigma_min as f32,

@@ -4,7 +4,6 @@
 use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ops;
 use crate::schedule::{
@@ -246,13 +245,7 @@ impl ConfiguredScheduler for EulerDiscreteScheduler {
 }
 
 impl Scheduler for EulerDiscreteScheduler {
-    fn class_name(&self) -> &'static str {
-        EulerDiscreteSchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
+    crate::scheduler::stateful_scheduler_accessors!(sigma_scaled_input);
 
     fn order(&self) -> usize {
         1
@@ -264,10 +257,6 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn num_train_timesteps(&self) -> usize {
         self.config().num_train_timesteps
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
     }
 
     /// A step count, custom timesteps (not with Karras, exponential or beta sigmas, nor continuous
@@ -347,32 +336,6 @@ impl Scheduler for EulerDiscreteScheduler {
         self.num_inference_steps = Some(k);
         self.cursor.reset();
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn step_index(&self) -> Option<usize> {
-        self.cursor.step_index
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
-        self.cursor
-            .set_begin_index(begin_index, self.timesteps.len())
-    }
-
-    fn scale_model_input<const D: usize>(
-        &mut self,
-        sample: Tensor<D>,
-        timestep: f64,
-    ) -> Result<Tensor<D>> {
-        self.cursor
-            .scale_by_current_sigma(&self.timesteps, &self.sigmas, sample, timestep)
     }
 
     /// One Euler step (with churn when `s_churn > 0`, which draws noise). Takes `s_churn`

@@ -190,17 +190,9 @@ impl Scheduler for IPNDMScheduler {
     /// With `trained_betas` the schedule is those noise levels whatever the count, as in
     /// diffusers.
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
-        request.accept_only(self.class_name(), &["num_inference_steps"])?;
-        match request.num_inference_steps {
-            Some(k) if k > 0 => {
-                self.build(k);
-                Ok(())
-            }
-            _ => Err(Error::invalid_argument(
-                "num_inference_steps",
-                "pass a step count of at least 1",
-            )),
-        }
+        let k = request.step_count_only(self.class_name())?;
+        self.build(k);
+        Ok(())
     }
 
     fn timesteps(&self) -> &[f64] {

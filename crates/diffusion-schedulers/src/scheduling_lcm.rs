@@ -4,7 +4,6 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ops;
 use crate::schedule::{
@@ -233,28 +232,10 @@ impl ConfiguredScheduler for LCMScheduler {
 }
 
 impl Scheduler for LCMScheduler {
+    crate::scheduler::unit_noise_basics!(with_state);
+
     fn class_name(&self) -> &'static str {
         LCMSchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.config().num_train_timesteps
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
     }
 
     /// A step count (evenly drawn from the `original_inference_steps` distillation schedule)

@@ -4,7 +4,6 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ops::{self, Stored};
 use crate::schedule::{
@@ -299,13 +298,7 @@ impl ConfiguredScheduler for LMSDiscreteScheduler {
 }
 
 impl Scheduler for LMSDiscreteScheduler {
-    fn class_name(&self) -> &'static str {
-        LMSDiscreteSchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
+    crate::scheduler::stateful_scheduler_accessors!(sigma_scaled_input);
 
     fn order(&self) -> usize {
         1
@@ -317,10 +310,6 @@ impl Scheduler for LMSDiscreteScheduler {
 
     fn num_train_timesteps(&self) -> usize {
         self.config().num_train_timesteps
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
     }
 
     /// Evenly spaced steps per `timestep_spacing`; LMS takes no custom timesteps or sigmas.
@@ -338,32 +327,6 @@ impl Scheduler for LMSDiscreteScheduler {
         self.build(ts, k);
         self.num_inference_steps = Some(k);
         Ok(())
-    }
-
-    fn timesteps(&self) -> &[f64] {
-        &self.timesteps
-    }
-
-    fn sigmas(&self) -> Option<&[f64]> {
-        Some(&self.sigmas)
-    }
-
-    fn step_index(&self) -> Option<usize> {
-        self.cursor.step_index
-    }
-
-    fn set_begin_index(&mut self, begin_index: usize) -> Result<()> {
-        self.cursor
-            .set_begin_index(begin_index, self.timesteps.len())
-    }
-
-    fn scale_model_input<const D: usize>(
-        &mut self,
-        sample: Tensor<D>,
-        timestep: f64,
-    ) -> Result<Tensor<D>> {
-        self.cursor
-            .scale_by_current_sigma(&self.timesteps, &self.sigmas, sample, timestep)
     }
 
     /// One linear multistep step of order up to [`LMS_ORDER`] (lower for the first steps).

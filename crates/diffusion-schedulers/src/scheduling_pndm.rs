@@ -5,7 +5,6 @@
 use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Config, ConfigFile, Error, Result};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::ops::{self, Stored};
 use crate::schedule::{
@@ -348,28 +347,10 @@ impl ConfiguredScheduler for PNDMScheduler {
 }
 
 impl Scheduler for PNDMScheduler {
+    crate::scheduler::unit_noise_basics!(with_state);
+
     fn class_name(&self) -> &'static str {
         PNDMSchedulerConfig::CLASS_NAME
-    }
-
-    fn config_value(&self) -> Value {
-        self.file.to_value()
-    }
-
-    fn order(&self) -> usize {
-        1
-    }
-
-    fn init_noise_sigma(&self) -> f64 {
-        1.0
-    }
-
-    fn num_train_timesteps(&self) -> usize {
-        self.config().num_train_timesteps
-    }
-
-    fn num_inference_steps(&self) -> Option<usize> {
-        self.num_inference_steps
     }
 
     /// Evenly spaced steps per `timestep_spacing`; PNDM takes no custom timesteps. Without

@@ -316,16 +316,7 @@ impl Scheduler for ScoreSdeVeScheduler {
     /// A step count: `k` continuous timesteps from 1 down to `sampling_eps` (float32). The
     /// noise levels are left as they were; call [`ScoreSdeVeScheduler::set_sigmas`] too.
     fn set_timesteps_with(&mut self, request: SetTimesteps) -> Result<()> {
-        request.accept_only(self.class_name(), &["num_inference_steps"])?;
-        let k = match request.num_inference_steps {
-            Some(k) if k > 0 => k,
-            _ => {
-                return Err(Error::invalid_argument(
-                    "num_inference_steps",
-                    "pass a step count of at least 1",
-                ));
-            }
-        };
+        let k = request.step_count_only(self.class_name())?;
         self.timesteps = torch_linspace_f32(1.0, self.config().sampling_eps, k)
             .into_iter()
             .map(f64::from)

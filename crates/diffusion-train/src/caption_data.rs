@@ -264,14 +264,7 @@ impl CaptionDataset {
         let raw = rgb.as_raw();
         let (new_w, new_h) = resized_size(width, height, o.resolution);
         let r = o.resolution;
-        let (left, top) = if o.center_crop {
-            center_crop_offsets(new_w, new_h, r)
-        } else {
-            // RandomCrop: offsets uniform over 0..=dim - size.
-            let pick =
-                |u: f32, dim: usize| ((u as f64 * (dim - r + 1) as f64) as usize).min(dim - r);
-            (pick(draws.crop[0], new_w), pick(draws.crop[1], new_h))
-        };
+        let (left, top) = crop_origin(o, new_w, new_h, draws);
         let flip = o.random_flip && draws.flip;
         let mut out = Vec::with_capacity(3 * r * r);
         for c in 0..3 {
@@ -295,6 +288,60 @@ impl CaptionDataset {
             }
         }
         Ok(out)
+    }
+}
+
+/// Where an image's transform cuts its window: the sizes before and after the resize and the
+/// crop's top-left corner, in the resized image before any flip.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CropGeometry {
+    /// The image file's `(width, height)`.
+    pub original_size: (usize, usize),
+    /// `(width, height)` after `Resize(resolution)`.
+    pub resized_size: (usize, usize),
+    /// `(left, top)` of the `resolution`-sided window.
+    pub crop_origin: (usize, usize),
+}
+
+impl CaptionDataset {
+    /// The [`CropGeometry`] that [`Self::pixel_values`] applies to example `i` with `draws`
+    /// (SDXL's `original_sizes` and `crop_top_lefts`); reads only the image header.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`draws`) for an index out of range; [`Error::Image`] naming
+    /// a file whose size cannot be read.
+    pub fn crop_geometry(&self, i: usize, draws: &ImageDraws) -> Result<CropGeometry> {
+        let example = self.examples.get(i).ok_or_else(|| {
+            Error::invalid_argument("draws", format!("index {i} of {}", self.len()))
+        })?;
+        let (w, h) = image::image_dimensions(&example.image).map_err(|e| Error::Image {
+            path: example.image.clone(),
+            message: e.to_string(),
+        })?;
+        let (width, height) = (w as usize, h as usize);
+        let (new_w, new_h) = resized_size(width, height, self.options.resolution);
+        Ok(CropGeometry {
+            original_size: (width, height),
+            resized_size: (new_w, new_h),
+            crop_origin: crop_origin(&self.options, new_w, new_h, draws),
+        })
+    }
+}
+
+/// `(left, top)` of the crop: `CenterCrop`'s, or `RandomCrop`'s with offsets uniform over
+/// `0..=dim - size`.
+fn crop_origin(
+    o: &CaptionDatasetOptions,
+    new_w: usize,
+    new_h: usize,
+    draws: &ImageDraws,
+) -> (usize, usize) {
+    let r = o.resolution;
+    if o.center_crop {
+        center_crop_offsets(new_w, new_h, r)
+    } else {
+        let pick = |u: f32, dim: usize| ((u as f64 * (dim - r + 1) as f64) as usize).min(dim - r);
+        (pick(draws.crop[0], new_w), pick(draws.crop[1], new_h))
     }
 }
 

@@ -13,6 +13,7 @@ use crate::data::ImageDataset;
 use crate::ema::EmaConfig;
 use crate::lr_schedule::LrScheduleKind;
 use crate::optimizer::AdamWConfig;
+use crate::validation::ImageValidationConfig;
 
 /// Settings of [`crate::train_unconditional`]. Field names are train_unconditional.py's
 /// command-line options where it has one; `Default` is its defaults (`--use_ema` is off there too).
@@ -76,6 +77,8 @@ pub struct TrainConfig {
     pub save_model_epochs: usize,
     /// Show a progress bar on the terminal.
     pub show_progress: bool,
+    /// Validation grids during training (off by default).
+    pub validation: ImageValidationConfig,
 }
 
 impl Default for TrainConfig {
@@ -132,6 +135,7 @@ impl Default for TrainConfig {
             resume_from_checkpoint: None,
             save_model_epochs: 10,
             show_progress: true,
+            validation: ImageValidationConfig::default(),
         }
     }
 }
@@ -288,7 +292,7 @@ impl TrainConfig {
         if self.use_ema {
             self.ema().validate()?;
         }
-        Ok(())
+        self.validation.validate()
     }
 
     /// Check that `dataset` fits `model` (channels, a size the UNet's downsampling divides).

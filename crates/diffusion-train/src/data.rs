@@ -72,6 +72,37 @@ impl ImageDataset {
         Ok(self)
     }
 
+    /// Keep only the images whose label is in `classes` (in their original order): fine-tuning
+    /// on one digit, for instance.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `labels` when the dataset has no labels or no image has
+    /// one of `classes`.
+    pub fn only_labels(&self, classes: &[u32]) -> Result<Self> {
+        let Some(labels) = &self.labels else {
+            return Err(Error::invalid_argument(
+                "labels",
+                "this dataset has no class labels to select by",
+            ));
+        };
+        let keep: Vec<usize> = (0..self.len())
+            .filter(|&i| classes.contains(&labels[i]))
+            .collect();
+        if keep.is_empty() {
+            return Err(Error::invalid_argument(
+                "labels",
+                format!("no image has a label in {classes:?}"),
+            ));
+        }
+        let data = keep
+            .iter()
+            .flat_map(|&i| self.image(i).iter().copied())
+            .collect();
+        let [_, c, h, w] = self.dims;
+        Self::new(data, [keep.len(), c, h, w])?
+            .with_labels(keep.iter().map(|&i| labels[i]).collect())
+    }
+
     /// Number of images.
     pub fn len(&self) -> usize {
         self.dims[0]
@@ -356,6 +387,30 @@ mod tests {
         assert!(ds.batch(&[2], &[]).is_err());
         assert!(ds.batch(&[0], &[true, true]).is_err());
         assert!(ImageDataset::new(vec![0.0; 5], [1, 1, 2, 3]).is_err());
+    }
+
+    #[test]
+    fn label_selection_keeps_order_and_checks_labels() {
+        let data: Vec<f32> = (0..4).map(|v| v as f32).collect();
+        let ds = ImageDataset::new(data.clone(), [4, 1, 1, 1]).unwrap();
+        assert!(
+            ds.only_labels(&[3])
+                .unwrap_err()
+                .to_string()
+                .contains("labels")
+        );
+        let ds = ds.with_labels(vec![3, 1, 3, 2]).unwrap();
+        let threes = ds.only_labels(&[3]).unwrap();
+        assert_eq!(threes.dims(), [2, 1, 1, 1]);
+        assert_eq!((threes.image(0), threes.image(1)), (&[0.0][..], &[2.0][..]));
+        assert_eq!(threes.labels(), Some(&[3u32, 3][..]));
+        assert_eq!(ds.only_labels(&[1, 2]).unwrap().len(), 2);
+        assert!(
+            ds.only_labels(&[7])
+                .unwrap_err()
+                .to_string()
+                .contains("labels")
+        );
     }
 
     #[test]

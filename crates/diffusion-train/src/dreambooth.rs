@@ -6,9 +6,17 @@
 //! compute it.
 //!
 //! The optimisation (AdamW, schedule, accumulation, clipping, checkpoints) is
-//! [`TextToImageTrainer`]'s; only the loss differs. Class images come from a folder
-//! (generating missing ones with the pipeline is not implemented). The text encoder is not
-//! trained (`--train_text_encoder` is refused).
+//! [`TextToImageTrainer`]'s; only the loss differs. Class images come from a folder; when it
+//! holds fewer than `num_class_images`, the missing ones are generated with the pretrained
+//! pipeline first ([`crate::class_images`]).
+//!
+//! With `train_text_encoder` (LoRA runs only, train_dreambooth_lora.py's
+//! `--train_text_encoder`), a LoRA of the CLIP text encoder's `q_proj`, `k_proj`, `v_proj` and
+//! `out_proj` ([`LoraTrainConfig::text_encoder`], same rank) trains with the UNet's: every
+//! micro-batch runs the adapted text encoder on the prompt ids, gradients are clipped by their
+//! global norm over both LoRAs, and one AdamW (the script's single parameter group, one learning
+//! rate) steps the UNet factors then the text-encoder factors ([`DreamBoothLoraFactors`]). Both
+//! are saved into one `pytorch_lora_weights.safetensors`, as `save_lora_weights` writes them.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -17,22 +25,27 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::burn;
+use diffusion_core::burn::module::Module;
+use diffusion_core::burn::tensor::{Int, Tensor, TensorData};
+use diffusion_core::weights::{NamedTensor, SafetensorsFile};
 use diffusion_core::{Device, Error, Result, TorchGenerator};
-use diffusion_models::{ModelMixin, UNet2DConditionModel};
+use diffusion_models::{CLIPTextModel, ModelMixin, UNet2DConditionModel};
 use diffusion_schedulers::{DDPMScheduler, Scheduler};
 
-use crate::caption_data::{CaptionDataset, CaptionDatasetOptions};
-use crate::checkpoint::{CHECKPOINT_PREFIX, prune_checkpoints};
-use crate::lora::{LORA_WEIGHT_NAME, LoraTrainConfig, UNetLora};
+use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
+use crate::checkpoint::{CHECKPOINT_PREFIX, RNG_SCHEME, prune_checkpoints};
+use crate::class_images::generate_class_images;
+use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 use crate::lr_schedule::LrScheduleKind;
 use crate::objective::{NoiseDraws, conditional_prediction};
+use crate::optimizer::{AdamW, FlatGradients};
 use crate::resize::Interpolation;
 use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
 use crate::text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 use crate::text_to_image_run::{
-    FrozenComponents, image_draws, load_text_to_image_checkpoint, progress_bar, resolve_resume,
-    save_pipeline, save_text_to_image_checkpoint,
+    FrozenComponents, TextToImageState, image_draws, load_text_to_image_checkpoint, progress_bar,
+    resolve_resume, save_pipeline, save_text_to_image_checkpoint,
 };
 use crate::trainer::StepStats;
 
@@ -54,8 +67,15 @@ pub struct DreamBoothConfig {
     pub with_prior_preservation: bool,
     /// Its weight.
     pub prior_loss_weight: f64,
-    /// Use at most this many class images (`--num_class_images`).
+    /// Use at most this many class images, generating the missing ones
+    /// (`--num_class_images`).
     pub num_class_images: usize,
+    /// Prompts per pipeline call when generating class images (`--sample_batch_size`).
+    pub sample_batch_size: usize,
+    /// Denoising steps of that generation (the pipeline's default, 50, in the scripts).
+    pub class_num_inference_steps: usize,
+    /// Also train a LoRA of the text encoder (`--train_text_encoder`; LoRA runs only).
+    pub train_text_encoder: bool,
     /// Optimisation, model, output and checkpoint settings.
     pub train: TextToImageConfig,
 }
@@ -71,6 +91,9 @@ impl Default for DreamBoothConfig {
             with_prior_preservation: false,
             prior_loss_weight: 1.0,
             num_class_images: 100,
+            sample_batch_size: 4,
+            class_num_inference_steps: 50,
+            train_text_encoder: false,
             train: TextToImageConfig {
                 output_dir: PathBuf::from("text-inversion-model"),
                 resolution: 512,
@@ -114,6 +137,7 @@ impl DreamBoothConfig {
     /// (`snr_gamma` with prior preservation: the script's weights would not fit the halves).
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        self.train.validation.refuse_in("DreamBooth")?;
         if self.instance_prompt.trim().is_empty() {
             return Err(Error::invalid_argument("instance_prompt", "is empty"));
         }
@@ -121,6 +145,12 @@ impl DreamBoothConfig {
             return Err(Error::invalid_argument(
                 "use_ema",
                 "the DreamBooth scripts keep no EMA",
+            ));
+        }
+        if self.train_text_encoder && self.train.lora.is_none() {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "is supported with a LoRA (train_dreambooth_lora.py), not full fine-tuning",
             ));
         }
         if self.train.input_perturbation != 0.0 {
@@ -152,11 +182,14 @@ impl DreamBoothConfig {
                     format!("{} is not a non-negative number", self.prior_loss_weight),
                 ));
             }
-            if self.num_class_images == 0 {
-                return Err(Error::invalid_argument(
-                    "num_class_images",
-                    "must be positive",
-                ));
+            for (name, value) in [
+                ("num_class_images", self.num_class_images),
+                ("sample_batch_size", self.sample_batch_size),
+                ("class_num_inference_steps", self.class_num_inference_steps),
+            ] {
+                if value == 0 {
+                    return Err(Error::invalid_argument(name, "must be positive"));
+                }
             }
             if self.train.snr_gamma.is_some() {
                 return Err(Error::invalid_argument(
@@ -168,7 +201,8 @@ impl DreamBoothConfig {
         Ok(())
     }
 
-    /// Check that the model folder and the image folders exist.
+    /// Check that the model folder and the instance folder exist, and that the class folder is
+    /// a folder when it exists (a missing one is created and filled by generation).
     ///
     /// # Errors
     /// [`Error::NotFound`] naming the missing folder.
@@ -185,7 +219,7 @@ impl DreamBoothConfig {
         }
         let mut dirs = vec![&self.instance_data_dir];
         if self.with_prior_preservation {
-            dirs.extend(self.class_data_dir.as_ref());
+            dirs.extend(self.class_data_dir.as_ref().filter(|d| d.exists()));
         }
         for dir in dirs {
             if !dir.is_dir() {
@@ -256,18 +290,44 @@ pub fn dreambooth_loss(
     Ok(instance.add(prior.mul_scalar(weight)))
 }
 
-/// A [`TextToImageTrainer`] whose loss is [`dreambooth_loss`].
+/// The factors one AdamW trains with `train_text_encoder`: the UNet LoRA's, then the text
+/// encoder LoRA's (the script's `params_to_optimize` order).
+#[derive(Module, Debug)]
+pub struct DreamBoothLoraFactors {
+    /// The UNet LoRA.
+    pub unet: LoraFactors,
+    /// The text-encoder LoRA.
+    pub text_encoder: LoraFactors,
+}
+
+/// The text-encoder side of a `train_text_encoder` run.
+#[derive(Debug)]
+struct TextEncoderTraining {
+    /// The frozen base encoder on the autodiff device.
+    encoder: CLIPTextModel,
+    lora: UNetLora,
+    /// AdamW over [`DreamBoothLoraFactors`] (the inner trainer's optimizer stays unused).
+    optimizer: AdamW,
+    pending: Option<(FlatGradients, f32)>,
+    pending_micro: usize,
+}
+
+/// A [`TextToImageTrainer`] whose loss is [`dreambooth_loss`], optionally with a trained
+/// text-encoder LoRA.
 #[derive(Debug)]
 pub struct DreamBoothTrainer {
     inner: TextToImageTrainer,
     prior_loss_weight: Option<f64>,
+    text: Option<TextEncoderTraining>,
 }
 
 impl DreamBoothTrainer {
     /// Start training `unet` (or `lora`, as [`TextToImageTrainer::new`]).
     ///
     /// # Errors
-    /// As [`DreamBoothConfig::validate`] and [`TextToImageTrainer::new`].
+    /// As [`DreamBoothConfig::validate`] and [`TextToImageTrainer::new`];
+    /// [`Error::InvalidArgument`] (`train_text_encoder`) when the config trains the text
+    /// encoder (use [`Self::with_text_encoder`]).
     pub fn new(
         config: &DreamBoothConfig,
         unet: UNet2DConditionModel,
@@ -277,6 +337,12 @@ impl DreamBoothTrainer {
         device: &Device,
     ) -> Result<Self> {
         config.validate()?;
+        if config.train_text_encoder {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "is set: build the trainer with DreamBoothTrainer::with_text_encoder",
+            ));
+        }
         Ok(Self {
             inner: TextToImageTrainer::new(
                 &config.train,
@@ -287,6 +353,60 @@ impl DreamBoothTrainer {
                 device,
             )?,
             prior_loss_weight: config.prior(),
+            text: None,
+        })
+    }
+
+    /// Start training `unet_lora` on the frozen `unet` and `text_lora` (from
+    /// [`UNetLora::new_text_encoder`]) on the frozen `text_encoder`, as train_dreambooth_lora.py
+    /// does with `--train_text_encoder`; everything is moved onto `device` with autodiff.
+    ///
+    /// # Errors
+    /// As [`Self::new`]; [`Error::InvalidArgument`] (`train_text_encoder`) when the config does
+    /// not train the text encoder, (`lora`) when `text_lora` is not a text-encoder LoRA.
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_text_encoder(
+        config: &DreamBoothConfig,
+        unet: UNet2DConditionModel,
+        unet_lora: UNetLora,
+        text_encoder: CLIPTextModel,
+        text_lora: UNetLora,
+        scheduler: DDPMScheduler,
+        num_training_steps: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        config.validate()?;
+        if !config.train_text_encoder {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "is not set in the config",
+            ));
+        }
+        if text_lora.component() != crate::lora::LoraComponent::TextEncoder {
+            return Err(Error::invalid_argument(
+                "lora",
+                "the text-encoder LoRA must be built with UNetLora::new_text_encoder",
+            ));
+        }
+        let inner = TextToImageTrainer::new(
+            &config.train,
+            unet,
+            Some(unet_lora),
+            scheduler,
+            num_training_steps,
+            device,
+        )?;
+        let ad = device.clone().autodiff();
+        Ok(Self {
+            inner,
+            prior_loss_weight: config.prior(),
+            text: Some(TextEncoderTraining {
+                encoder: text_encoder.fork(&ad).no_grad(),
+                lora: text_lora.fork(&ad),
+                optimizer: AdamW::new(config.train.adamw())?,
+                pending: None,
+                pending_micro: 0,
+            }),
         })
     }
 
@@ -309,18 +429,205 @@ impl DreamBoothTrainer {
         )
     }
 
+    /// The loss with the text encoder in the graph: the adapted encoder's last hidden state of
+    /// `input_ids` (no attention mask, the script's default) as the UNet's conditioning.
+    ///
+    /// # Shapes
+    /// - `latents`: `[B, C, H, W]`, `input_ids`: `[B, S]`
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`train_text_encoder`) when the text encoder is not trained;
+    /// as [`dreambooth_loss`] and the text encoder.
+    pub fn loss_with_ids(
+        &self,
+        latents: Tensor<4>,
+        input_ids: Tensor<2, Int>,
+        draws: &NoiseDraws,
+    ) -> Result<Tensor<1>> {
+        let text = self.text_training()?;
+        let device = crate::optimizer::module_device(self.inner.unet());
+        let encoder = text.lora.apply_to(&text.encoder);
+        let states = encoder
+            .forward(input_ids.to_device(&device))?
+            .last_hidden_state;
+        self.loss(latents, states, draws)
+    }
+
+    fn text_training(&self) -> Result<&TextEncoderTraining> {
+        self.text.as_ref().ok_or_else(|| {
+            Error::invalid_argument("train_text_encoder", "the text encoder is not trained")
+        })
+    }
+
+    /// Both LoRAs' factors (with `train_text_encoder`), on the autodiff device.
+    pub fn lora_factors(&self) -> Option<DreamBoothLoraFactors> {
+        let text = self.text.as_ref()?;
+        Some(DreamBoothLoraFactors {
+            unet: self.inner.lora()?.factors().clone(),
+            text_encoder: text.lora.factors().clone(),
+        })
+    }
+
+    /// The gradients of `loss` with respect to what is trained: [`DreamBoothLoraFactors`] with
+    /// `train_text_encoder`, else as [`TextToImageTrainer::gradients`].
+    pub fn gradients(&self, loss: Tensor<1>) -> FlatGradients {
+        match self.lora_factors() {
+            Some(factors) => FlatGradients::from_backward(&factors, loss.backward()),
+            None => self.inner.gradients(loss),
+        }
+    }
+
+    /// Gradients from [`Self::gradients`] of a `train_text_encoder` run under peft's names:
+    /// `(UNet LoRA, text-encoder LoRA)`, each as [`UNetLora::state_dict`] names the factors.
+    pub fn lora_gradient_state_dicts(
+        &self,
+        grads: &FlatGradients,
+    ) -> Option<(Vec<NamedTensor>, Vec<NamedTensor>)> {
+        let factors = self.lora_factors()?;
+        let (mut unet, mut text) = (Vec::new(), Vec::new());
+        for mut t in grads.state_dict(&factors) {
+            let (side, rest) = t.key.split_once('.')?;
+            let (is_unet, rest) = (side == "unet", rest.to_string());
+            t.key = rest;
+            if is_unet {
+                unet.push(t);
+            } else {
+                text.push(t);
+            }
+        }
+        let text_lora = &self.text.as_ref()?.lora;
+        Some((
+            self.inner.lora()?.name_factor_tensors(unet),
+            text_lora.name_factor_tensors(text),
+        ))
+    }
+
     /// One micro-batch (see [`TextToImageTrainer::step_loss`]).
     ///
     /// # Errors
-    /// As [`Self::loss`].
+    /// As [`Self::loss`]; [`Error::InvalidArgument`] (`train_text_encoder`) when the text
+    /// encoder is trained (its micro-batches go through [`Self::step_with_ids`]).
     pub fn step(
         &mut self,
         latents: Tensor<4>,
         encoder_hidden_states: Tensor<3>,
         draws: &NoiseDraws,
     ) -> Result<Option<StepStats>> {
+        if self.text.is_some() {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the text encoder is trained: pass prompt ids to step_with_ids",
+            ));
+        }
         let loss = self.loss(latents, encoder_hidden_states, draws)?;
         self.inner.step_loss(loss)
+    }
+
+    /// One micro-batch of a `train_text_encoder` run: [`Self::loss_with_ids`], backward of
+    /// `loss / gradient_accumulation_steps`, accumulate, and after the last micro-batch of a
+    /// step the optimizer step ([`Self::finish_step`]).
+    ///
+    /// # Errors
+    /// As [`Self::loss_with_ids`].
+    pub fn step_with_ids(
+        &mut self,
+        latents: Tensor<4>,
+        input_ids: Tensor<2, Int>,
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        let k = self.inner.config().gradient_accumulation_steps;
+        let loss = self.loss_with_ids(latents, input_ids, draws)?;
+        let loss = if k > 1 {
+            loss.div_scalar(k as f64)
+        } else {
+            loss
+        };
+        let value = loss.clone().inner().into_scalar::<f32>();
+        let grads = self.gradients(loss);
+        let text = self
+            .text
+            .as_mut()
+            .ok_or_else(|| Error::invalid_argument("train_text_encoder", "not trained"))?;
+        text.pending = Some(match text.pending.take() {
+            Some((mut sum, total)) => {
+                sum.accumulate(grads)?;
+                (sum, total + value)
+            }
+            None => (grads, value),
+        });
+        text.pending_micro += 1;
+        if text.pending_micro < k {
+            return Ok(None);
+        }
+        self.finish_step().map(Some)
+    }
+
+    /// Take the optimizer step on what was accumulated: clip over both LoRAs, AdamW at the
+    /// scheduled rate (or [`TextToImageTrainer::finish_step`] without a trained text encoder).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
+    pub fn finish_step(&mut self) -> Result<StepStats> {
+        let Some(factors) = self.lora_factors() else {
+            return self.inner.finish_step();
+        };
+        let Some(text) = self.text.as_mut() else {
+            return self.inner.finish_step();
+        };
+        let (mut grads, loss) = text
+            .pending
+            .take()
+            .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))?;
+        text.pending_micro = 0;
+        let inner = &mut self.inner;
+        let lr = inner.lr_schedule.lr(inner.global_step);
+        let grad_norm = match inner.config.max_grad_norm {
+            Some(max_norm) => grads.clip_grad_norm(max_norm),
+            None => grads.total_norm(),
+        };
+        let factors = text.optimizer.step(lr, factors, grads)?;
+        if let Some(lora) = inner.lora.as_mut() {
+            lora.set_factors(factors.unet);
+        }
+        text.lora.set_factors(factors.text_encoder);
+        inner.global_step += 1;
+        Ok(StepStats {
+            step: inner.global_step,
+            loss,
+            grad_norm,
+            lr,
+            ema_decay: None,
+        })
+    }
+
+    /// Whether micro-batches of an unfinished optimizer step are pending.
+    pub fn has_pending(&self) -> bool {
+        match &self.text {
+            Some(text) => text.pending.is_some(),
+            None => self.inner.has_pending(),
+        }
+    }
+
+    /// The text-encoder LoRA, with `train_text_encoder`.
+    pub fn text_encoder_lora(&self) -> Option<&UNetLora> {
+        self.text.as_ref().map(|t| &t.lora)
+    }
+
+    /// Write the LoRA file of the run (UNet, and text encoder when trained), as
+    /// train_dreambooth_lora.py's `save_lora_weights` call does.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`lora`) for a full fine-tuning run; as
+    /// [`save_lora_weights`].
+    pub fn save_lora_weights(&self, path: impl AsRef<std::path::Path>) -> Result<()> {
+        let unet = self
+            .inner
+            .lora()
+            .ok_or_else(|| Error::invalid_argument("lora", "this run trains no LoRA"))?;
+        match self.text_encoder_lora() {
+            Some(text) => save_lora_weights(path, &[unet, text]),
+            None => save_lora_weights(path, &[unet]),
+        }
     }
 
     /// The optimisation underneath (weights, LoRA, optimizer, gradients).
@@ -332,6 +639,126 @@ impl DreamBoothTrainer {
     pub fn inner_mut(&mut self) -> &mut TextToImageTrainer {
         &mut self.inner
     }
+}
+
+/// Write a `train_text_encoder` checkpoint: both LoRAs in `pytorch_lora_weights.safetensors`,
+/// the AdamW state of [`DreamBoothLoraFactors`] in `optimizer/`, `training_state.json`; through
+/// a temporary sibling renamed at the end.
+fn save_text_encoder_checkpoint(trainer: &DreamBoothTrainer, dir: &std::path::Path) -> Result<()> {
+    let (Some(text), Some(factors)) = (&trainer.text, trainer.lora_factors()) else {
+        return save_text_to_image_checkpoint(&trainer.inner, dir);
+    };
+    let parent = dir.parent().unwrap_or(std::path::Path::new("."));
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    trainer.save_lora_weights(tmp.join(LORA_WEIGHT_NAME))?;
+    text.optimizer.save(&factors, &tmp.join("optimizer"))?;
+    let inner = &trainer.inner;
+    let state = TextToImageState {
+        global_step: inner.global_step(),
+        num_training_steps: inner.num_training_steps(),
+        seed: inner.config().seed,
+        rng_scheme: RNG_SCHEME.into(),
+        config: inner.config().clone(),
+    };
+    let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+    diffusion_core::config::write_atomically(&tmp.join("training_state.json"), text.as_bytes())?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    }
+    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+}
+
+/// Rebuild a `train_text_encoder` trainer from a checkpoint [`save_text_encoder_checkpoint`]
+/// wrote.
+fn load_text_encoder_checkpoint(
+    config: &DreamBoothConfig,
+    dir: &std::path::Path,
+    num_training_steps: usize,
+    device: &Device,
+) -> Result<DreamBoothTrainer> {
+    let path = dir.join("training_state.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let value = diffusion_core::config::parse_json(&text, &path)?;
+    let state: TextToImageState =
+        serde_json::from_value(value).map_err(|e| Error::ConfigField {
+            path: path.clone(),
+            field: "<root>".into(),
+            message: e.to_string(),
+        })?;
+    let refuse = |m: String| Error::invalid_argument("resume_from_checkpoint", m);
+    if state.rng_scheme != RNG_SCHEME {
+        return Err(refuse(format!(
+            "{} was written with RNG scheme `{}`",
+            dir.display(),
+            state.rng_scheme
+        )));
+    }
+    if state.global_step > num_training_steps {
+        return Err(refuse(format!(
+            "{} is at step {}, past the planned {num_training_steps}",
+            dir.display(),
+            state.global_step
+        )));
+    }
+    let file = SafetensorsFile::open(dir.join(LORA_WEIGHT_NAME))?;
+    let mut trainer = new_text_encoder_trainer(config, num_training_steps, device, Some(&file))?;
+    let factors = trainer
+        .lora_factors()
+        .ok_or_else(|| refuse("no LoRA factors".into()))?;
+    if let Some(text) = trainer.text.as_mut() {
+        text.optimizer = AdamW::load(config.train.adamw(), &factors, &dir.join("optimizer"))?;
+    }
+    trainer.inner.global_step = state.global_step;
+    Ok(trainer)
+}
+
+/// A `train_text_encoder` trainer from the pretrained folder, its LoRAs initialised from the
+/// run's seed (the text encoder's from the seed + 1) or read from a checkpoint's LoRA file.
+fn new_text_encoder_trainer(
+    config: &DreamBoothConfig,
+    num_training_steps: usize,
+    device: &Device,
+    from: Option<&SafetensorsFile>,
+) -> Result<DreamBoothTrainer> {
+    let t = &config.train;
+    let inner = device.clone().without_autodiff();
+    let lora_config = t
+        .lora
+        .as_ref()
+        .ok_or_else(|| Error::invalid_argument("train_text_encoder", "needs a LoRA run"))?;
+    let unet = UNet2DConditionModel::from_pretrained(t.pretrained_model.join("unet"), &inner)?;
+    let mut unet_lora = UNetLora::new(&unet, lora_config, t.seed, &inner)?;
+    let text_encoder =
+        CLIPTextModel::from_pretrained(t.pretrained_model.join("text_encoder"), &inner)?;
+    let text_config = LoraTrainConfig {
+        alpha: lora_config.alpha,
+        ..LoraTrainConfig::text_encoder(lora_config.rank)
+    };
+    let mut text_lora =
+        UNetLora::new_text_encoder(&text_encoder, &text_config, t.seed.wrapping_add(1), &inner)?;
+    if let Some(file) = from {
+        unet_lora.load_factors(file, "unet.")?;
+        text_lora.load_factors(file, "text_encoder.")?;
+    }
+    let scheduler = load_noise_scheduler(&t.pretrained_model)?;
+    DreamBoothTrainer::with_text_encoder(
+        config,
+        unet,
+        unet_lora,
+        text_encoder,
+        text_lora,
+        scheduler,
+        num_training_steps,
+        device,
+    )
 }
 
 /// Train as train_dreambooth.py (or, with `config.train.lora`, train_dreambooth_lora.py) does.
@@ -350,6 +777,10 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
     config.check_paths()?;
     let t = &config.train;
     let inner = device.clone().without_autodiff();
+    let generated = generate_class_images(config, &inner)?;
+    if !generated.is_empty() {
+        log::info!("generated {} class images", generated.len());
+    }
     let options = CaptionDatasetOptions {
         resolution: t.resolution,
         center_crop: t.center_crop,
@@ -375,10 +806,15 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
     let out = &t.output_dir;
     std::fs::create_dir_all(out.join("logs")).map_err(|e| Error::io(out, e))?;
     let mut trainer = match resolve_resume(t)? {
+        Some(dir) if config.train_text_encoder => {
+            load_text_encoder_checkpoint(config, &dir, total, device)?
+        }
         Some(dir) => DreamBoothTrainer {
             inner: load_text_to_image_checkpoint(t, &dir, total, device)?,
             prior_loss_weight: config.prior(),
+            text: None,
         },
+        None if config.train_text_encoder => new_text_encoder_trainer(config, total, device, None)?,
         None => {
             let unet =
                 UNet2DConditionModel::from_pretrained(t.pretrained_model.join("unet"), &inner)?;
@@ -413,7 +849,14 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
-    // The instance and class prompts never change: encode them once.
+    // The instance and class prompts never change: tokenize them once, and encode them once
+    // when the text encoder is frozen.
+    let ids = |p: &str| tokenize_captions(&frozen.tokenizer, &[p])?.input_ids_tensor(&inner);
+    let instance_ids = ids(&config.instance_prompt)?;
+    let class_ids = match &config.class_prompt {
+        Some(p) if classes.is_some() => Some(ids(p)?),
+        _ => None,
+    };
     let instance_state = frozen.encode_captions(&[config.instance_prompt.as_str()])?;
     let class_state = match &config.class_prompt {
         Some(p) if classes.is_some() => Some(frozen.encode_captions(&[p.as_str()])?),
@@ -442,10 +885,14 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
             let inst: Vec<usize> = batch.iter().map(|&i| i % n_instance).collect();
             let mut pixels = instances.pixel_values(&inst, &draws[..b])?;
             let mut states = vec![instance_state.clone(); b];
-            if let (Some(classes), Some(n), Some(cs)) = (&classes, n_class, &class_state) {
+            let mut prompt_ids = vec![instance_ids.clone(); b];
+            if let (Some(classes), Some(n), Some(cs), Some(ci)) =
+                (&classes, n_class, &class_state, &class_ids)
+            {
                 let cls: Vec<usize> = batch.iter().map(|&i| i % n).collect();
                 pixels.extend(classes.pixel_values(&cls, &draws[b..])?);
                 states.extend(std::iter::repeat_n(cs.clone(), b));
+                prompt_ids.extend(std::iter::repeat_n(ci.clone(), b));
             }
             let pixels =
                 Tensor::<4>::from_data(TensorData::new(pixels, [total_b, 3, r, r]), &inner);
@@ -468,11 +915,15 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
                 perturbation: None,
                 timesteps,
             };
-            stats = trainer.step(latents, states, &noise_draws)?;
+            stats = if config.train_text_encoder {
+                trainer.step_with_ids(latents, Tensor::cat(prompt_ids, 0), &noise_draws)?
+            } else {
+                trainer.step(latents, states, &noise_draws)?
+            };
         }
         let stats = match stats {
             Some(s) => s,
-            None => trainer.inner.finish_step()?,
+            None => trainer.finish_step()?,
         };
         if !stats.loss.is_finite() {
             return Err(Error::invalid_argument(
@@ -504,14 +955,14 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
                 prune_checkpoints(out, limit - 1)?;
             }
             let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
-            save_text_to_image_checkpoint(&trainer.inner, &dir)?;
+            save_text_encoder_checkpoint(&trainer, &dir)?;
             report.checkpoints.push(dir);
         }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
     match trainer.inner.lora() {
-        Some(lora) => lora.save(out.join(LORA_WEIGHT_NAME))?,
+        Some(_) => trainer.save_lora_weights(out.join(LORA_WEIGHT_NAME))?,
         None => save_pipeline(&t.pretrained_model, &trainer.inner.inference_unet(), out)?,
     }
     Ok(report)

@@ -26,6 +26,7 @@
 
 pub mod caption_data;
 pub mod checkpoint;
+pub mod class_images;
 pub mod config;
 pub mod controlnet;
 pub mod controlnet_run;
@@ -41,26 +42,32 @@ pub mod optimizer;
 mod params;
 pub mod resize;
 pub mod run;
+pub mod sdxl;
+pub mod sdxl_run;
 pub mod text_to_image;
 pub mod text_to_image_run;
 pub mod textual_inversion;
 pub mod textual_inversion_run;
 pub mod trainer;
+pub mod validation;
 
 pub use caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokenize_captions};
 pub use checkpoint::{TrainingState, load_checkpoint, save_checkpoint, save_pipeline};
+pub use class_images::generate_class_images;
 pub use config::TrainConfig;
 pub use controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
 pub use controlnet_run::{ControlNetRunConfig, train_controlnet};
 pub use data::{FolderOptions, ImageDataset};
-pub use dreambooth::{DreamBoothConfig, DreamBoothTrainer, dreambooth_loss, train_dreambooth};
+pub use dreambooth::{
+    DreamBoothConfig, DreamBoothLoraFactors, DreamBoothTrainer, dreambooth_loss, train_dreambooth,
+};
 pub use ema::{EmaConfig, EmaModel};
 pub use instruct_pix2pix::{
     EditBatch, EditDataset, InstructPix2PixConfig, InstructPix2PixTrainer, conditioning_masks,
     instruct_pix2pix_loss, widen_conv_in,
 };
 pub use instruct_pix2pix_run::train_instruct_pix2pix;
-pub use lora::{LoraFactors, LoraTrainConfig, UNetLora};
+pub use lora::{LoraComponent, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 pub use lr_schedule::{LrSchedule, LrScheduleKind};
 pub use objective::{
     NoiseDraws, Objective, compute_snr, conditional_loss, conditional_prediction, min_snr_weights,
@@ -68,6 +75,11 @@ pub use objective::{
 pub use optimizer::{AdamW, AdamWConfig, FlatGradients};
 pub use resize::Interpolation;
 pub use run::{LogEntry, TrainReport, train_unconditional};
+pub use sdxl::{
+    SdxlConditioning, SdxlTextEncoders, SdxlTrainConfig, SdxlTrainer, TimestepBias,
+    TimestepBiasStrategy, compute_time_ids,
+};
+pub use sdxl_run::train_text_to_image_sdxl;
 pub use text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 pub use text_to_image_run::train_text_to_image;
 pub use textual_inversion::{
@@ -75,3 +87,6 @@ pub use textual_inversion::{
 };
 pub use textual_inversion_run::train_textual_inversion;
 pub use trainer::{StepStats, Trainer, training_loss};
+pub use validation::{
+    ImageValidationConfig, PromptValidationConfig, ValidationSampler, write_validation_strip,
+};

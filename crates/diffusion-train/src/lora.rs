@@ -20,6 +20,10 @@
 //! `alpha = r` (the script always trains with `lora_alpha = rank`); when `alpha != r` the file
 //! also gets diffusers' `lora_adapter_metadata` (`unet.r`, `unet.lora_alpha`, ...), as
 //! `save_lora_weights(..., unet_lora_adapter_metadata=...)` writes it.
+//!
+//! The same type adapts a CLIP text encoder ([`UNetLora::new_text_encoder`],
+//! train_dreambooth_lora.py's `--train_text_encoder`); [`save_lora_weights`] writes both into
+//! one file, the text encoder's as `text_encoder.<module>.lora_linear_layer.{down,up}.weight`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -31,8 +35,8 @@ use diffusion_core::burn::module::{Module, Param};
 use diffusion_core::burn::tensor::{Tensor, TensorData};
 use diffusion_core::weights::{NamedTensor, SafetensorsFile};
 use diffusion_core::{Device, Error, Result, TorchGenerator};
-use diffusion_models::UNet2DConditionModel;
 use diffusion_models::state_dict::{KeyedParamMapper, map_params_by_key, param_shapes};
+use diffusion_models::{CLIPTextModel, UNet2DConditionModel};
 
 /// The file name diffusers' `save_lora_weights` uses.
 pub const LORA_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
@@ -67,6 +71,18 @@ impl Default for LoraTrainConfig {
 }
 
 impl LoraTrainConfig {
+    /// train_dreambooth_lora.py's text-encoder `LoraConfig` (`--train_text_encoder`): rank
+    /// `rank`, `lora_alpha = rank`, the CLIP attention projections.
+    pub fn text_encoder(rank: usize) -> Self {
+        Self {
+            rank,
+            alpha: None,
+            target_modules: ["q_proj", "k_proj", "v_proj", "out_proj"]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+
     /// `lora_alpha`.
     pub fn alpha(&self) -> f64 {
         self.alpha.unwrap_or(self.rank as f64)
@@ -107,10 +123,47 @@ pub struct LoraFactors {
 /// A LoRA on a UNet's linear layers: module paths, their factors and the scale.
 #[derive(Clone, Debug)]
 pub struct UNetLora {
+    component: LoraComponent,
     modules: Vec<String>,
     factors: LoraFactors,
     rank: usize,
     alpha: f64,
+}
+
+/// Which model a [`UNetLora`] adapts; it names the keys of the saved file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LoraComponent {
+    /// The UNet (`unet.<module>.lora.down.weight`).
+    Unet,
+    /// The CLIP text encoder (`text_encoder.<module>.lora_linear_layer.down.weight`, the module
+    /// path without CLIP's `text_model.` level, as diffusers 0.42 writes it with transformers 5).
+    TextEncoder,
+}
+
+impl LoraComponent {
+    /// The key prefix of the component in a diffusers LoRA file (`unet`, `text_encoder`).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Self::Unet => "unet",
+            Self::TextEncoder => "text_encoder",
+        }
+    }
+
+    /// The module path as peft and diffusers name it: CLIP's without `text_model.`.
+    fn module_name(self, module: &str) -> &str {
+        match self {
+            Self::Unet => module,
+            Self::TextEncoder => module.strip_prefix("text_model.").unwrap_or(module),
+        }
+    }
+
+    /// The names of the down and up factors in a diffusers file.
+    fn file_parts(self) -> [&'static str; 2] {
+        match self {
+            Self::Unet => ["lora.down", "lora.up"],
+            Self::TextEncoder => ["lora_linear_layer.down", "lora_linear_layer.up"],
+        }
+    }
 }
 
 fn param(t: Tensor<2>, trainable: bool) -> Param<Tensor<2>> {
@@ -139,14 +192,52 @@ impl UNetLora {
         seed: u64,
         device: &Device,
     ) -> Result<Self> {
+        Self::build(
+            LoraComponent::Unet,
+            param_shapes(unet),
+            config,
+            seed,
+            device,
+        )
+    }
+
+    /// A LoRA on the linear layers of a CLIP text encoder, as train_dreambooth_lora.py's
+    /// `--train_text_encoder` adds it (target modules `q_proj`, `k_proj`, `v_proj`, `out_proj`
+    /// in [`LoraTrainConfig::text_encoder`]), initialised as [`Self::new`] initialises.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn new_text_encoder(
+        text_encoder: &CLIPTextModel,
+        config: &LoraTrainConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(
+            LoraComponent::TextEncoder,
+            param_shapes(text_encoder),
+            config,
+            seed,
+            device,
+        )
+    }
+
+    fn build(
+        component: LoraComponent,
+        shapes: BTreeMap<String, Vec<usize>>,
+        config: &LoraTrainConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
         config.validate()?;
-        let targets = target_shapes(unet, &config.target_modules);
+        let targets = target_shapes(shapes, &config.target_modules);
         if targets.is_empty() {
             return Err(Error::invalid_argument(
                 "target_modules",
                 format!(
-                    "{:?} match no linear layer of the UNet",
-                    config.target_modules
+                    "{:?} match no linear layer of the {}",
+                    config.target_modules,
+                    component.prefix()
                 ),
             ));
         }
@@ -166,11 +257,17 @@ impl UNetLora {
             modules.push(module);
         }
         Ok(Self {
+            component,
             modules,
             factors: LoraFactors { down, up },
             rank: r,
             alpha: config.alpha(),
         })
+    }
+
+    /// The model this LoRA adapts.
+    pub fn component(&self) -> LoraComponent {
+        self.component
     }
 
     /// The adapted module paths (`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`).
@@ -217,7 +314,9 @@ impl UNetLora {
 
     /// Overwrite the factors with tensors of `source` named `{prefix}{module}.lora_A.weight` /
     /// `.lora_B.weight` (peft) or `{prefix}{module}.lora.down.weight` / `.lora.up.weight`
-    /// (diffusers), e.g. a file this type saved (`prefix = "unet."`).
+    /// (diffusers; `.lora_linear_layer.down.weight` / `.up.weight` for text encoders), e.g. a
+    /// file this type saved (`prefix = "unet."` or `"text_encoder."`). A text encoder's
+    /// modules are looked up with and without CLIP's `text_model.` level.
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] (`lora`) naming a module with no factors; [`Error::TensorShape`] for a factor of the wrong shape; read errors.
@@ -227,11 +326,12 @@ impl UNetLora {
         let mut down = Vec::new();
         let mut up = Vec::new();
         for (i, module) in self.modules.iter().enumerate() {
-            let pick = |parts: [&str; 2],
+            let pick = |parts: [&str; 3],
                         old: &Param<Tensor<2>>|
              -> Result<Option<Param<Tensor<2>>>> {
-                for part in parts {
-                    let key = format!("{prefix}{module}.{part}");
+                let names = [module.as_str(), self.component.module_name(module)];
+                for (part, name) in parts.iter().flat_map(|p| names.map(|n| (p, n))) {
+                    let key = format!("{prefix}{name}.{part}");
                     if keys.contains(&key) {
                         let (values, shape) = source.read_f32(&key)?;
                         let want = old.val().dims().to_vec();
@@ -250,8 +350,22 @@ impl UNetLora {
                 }
                 Ok(None)
             };
-            let a = pick(["lora_A.weight", "lora.down.weight"], &self.factors.down[i])?;
-            let b = pick(["lora_B.weight", "lora.up.weight"], &self.factors.up[i])?;
+            let a = pick(
+                [
+                    "lora_A.weight",
+                    "lora.down.weight",
+                    "lora_linear_layer.down.weight",
+                ],
+                &self.factors.down[i],
+            )?;
+            let b = pick(
+                [
+                    "lora_B.weight",
+                    "lora.up.weight",
+                    "lora_linear_layer.up.weight",
+                ],
+                &self.factors.up[i],
+            )?;
             match (a, b) {
                 (Some(a), Some(b)) => {
                     down.push(a);
@@ -283,6 +397,12 @@ impl UNetLora {
     /// `base` with every adapted weight replaced by `W0 + scale · B A`, built in the autodiff
     /// graph of the factors when they are on an autodiff device.
     pub fn apply(&self, base: &UNet2DConditionModel) -> UNet2DConditionModel {
+        self.apply_to(base)
+    }
+
+    /// [`Self::apply`] for any model whose parameter keys hold the adapted modules (the text
+    /// encoder of a [`LoraComponent::TextEncoder`] LoRA).
+    pub fn apply_to<M: Module>(&self, base: &M) -> M {
         let scale = self.scale();
         let deltas: HashMap<String, Tensor<2>> = self
             .modules
@@ -301,8 +421,8 @@ impl UNetLora {
         map_params_by_key(base.clone(), &mut AddDelta { deltas })
     }
 
-    /// The factors as peft names them (`<module>.lora_A.weight`, `<module>.lora_B.weight`),
-    /// PyTorch layout, sorted by key.
+    /// The factors as peft names them (`<module>.lora_A.weight`, `<module>.lora_B.weight`;
+    /// a text encoder's modules without `text_model.`), PyTorch layout, sorted by key.
     pub fn state_dict(&self) -> Vec<NamedTensor> {
         let mut out = Vec::new();
         for (m, (a, b)) in self
@@ -310,6 +430,7 @@ impl UNetLora {
             .iter()
             .zip(self.factors.down.iter().zip(&self.factors.up))
         {
+            let m = self.component.module_name(m);
             for (part, t) in [("lora_A", a), ("lora_B", b)] {
                 let t = t.val();
                 out.push(NamedTensor {
@@ -326,13 +447,23 @@ impl UNetLora {
     /// Gradients of the factors (taken with [`crate::FlatGradients::from_backward`] on
     /// [`Self::factors`]) under peft's names, as [`Self::state_dict`] names the factors.
     pub fn gradient_state_dict(&self, grads: &crate::FlatGradients) -> Vec<NamedTensor> {
-        let mut out: Vec<NamedTensor> = grads
-            .state_dict(&self.factors)
+        self.name_factor_tensors(grads.state_dict(&self.factors))
+    }
+
+    /// Rename tensors keyed as [`LoraFactors`]' own state dict (`down.3`, `up.3`) to peft's
+    /// names, as [`Self::state_dict`] names the factors; other keys are dropped.
+    pub fn name_factor_tensors(&self, tensors: Vec<NamedTensor>) -> Vec<NamedTensor> {
+        let mut out: Vec<NamedTensor> = tensors
             .into_iter()
             .filter_map(|mut t| {
                 let (part, index) = t.key.split_once('.')?;
                 let module = self.modules.get(index.parse::<usize>().ok()?)?;
-                let name = if part == "down" { "lora_A" } else { "lora_B" };
+                let module = self.component.module_name(module);
+                let name = match part {
+                    "down" => "lora_A",
+                    "up" => "lora_B",
+                    _ => return None,
+                };
                 t.key = format!("{module}.{name}.weight");
                 Some(t)
             })
@@ -345,64 +476,44 @@ impl UNetLora {
     /// file, or a folder that gets [`LORA_WEIGHT_NAME`].
     ///
     /// # Errors
-    /// [`Error::Io`], [`Error::Safetensors`].
+    /// As [`save_lora_weights`].
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let path = if path.is_dir() {
-            path.join(LORA_WEIGHT_NAME)
-        } else {
-            path.to_path_buf()
-        };
-        if let Some(parent) = path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
-        let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+        save_lora_weights(path, &[self])
+    }
+
+    /// The factors under the keys of a diffusers LoRA file, PyTorch layout, little-endian f32.
+    fn file_tensors(&self) -> Vec<(String, Vec<usize>, Vec<u8>)> {
+        let prefix = self.component.prefix();
+        let [down, up] = self.component.file_parts();
+        let mut tensors = Vec::new();
         for (m, (a, b)) in self
             .modules
             .iter()
             .zip(self.factors.down.iter().zip(&self.factors.up))
         {
-            for (part, t) in [("lora.down", a), ("lora.up", b)] {
+            let m = self.component.module_name(m);
+            for (part, t) in [(down, a), (up, b)] {
                 let t = t.val();
                 let shape = t.dims().to_vec();
                 let bytes = diffusion_core::tensor::to_vec(t)
                     .iter()
                     .flat_map(|v| v.to_le_bytes())
                     .collect();
-                tensors.push((format!("unet.{m}.{part}.weight"), shape, bytes));
+                tensors.push((format!("{prefix}.{m}.{part}.weight"), shape, bytes));
             }
         }
-        let mut info = HashMap::from([("format".to_string(), "pt".to_string())]);
-        if self.alpha != self.rank as f64 {
-            info.insert(
-                ADAPTER_METADATA_KEY.to_string(),
-                self.adapter_metadata().to_string(),
-            );
-        }
-        let views = tensors
-            .iter()
-            .map(|(key, shape, data)| {
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
-                    .map(|view| (key.as_str(), view))
-                    .map_err(|e| Error::Safetensors {
-                        path: path.clone(),
-                        message: format!("`{key}`: {e}"),
-                    })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let data = safetensors::serialize(views, Some(info)).map_err(|e| Error::Safetensors {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
-        diffusion_core::config::write_atomically(&path, &data)
+        tensors
     }
 
-    /// diffusers' packed `LoraConfig` fields of the UNet (`unet.r`, `unet.lora_alpha`, ...).
-    fn adapter_metadata(&self) -> serde_json::Value {
+    /// diffusers' packed `LoraConfig` fields of the component (`unet.r`, `unet.lora_alpha`,
+    /// ...).
+    fn adapter_metadata(&self) -> serde_json::Map<String, serde_json::Value> {
         let targets: Vec<&str> = {
-            let mut t: Vec<&str> = self.modules.iter().map(String::as_str).collect();
+            let mut t: Vec<&str> = self
+                .modules
+                .iter()
+                .map(|m| self.component.module_name(m))
+                .collect();
             t.sort();
             t
         };
@@ -413,24 +524,93 @@ impl UNetLora {
                 serde_json::json!(v)
             }
         };
-        serde_json::json!({
-            "unet.r": self.rank,
-            "unet.lora_alpha": number(self.alpha),
-            "unet.rank_pattern": {},
-            "unet.alpha_pattern": {},
-            "unet.target_modules": targets,
-            "unet.lora_bias": false,
-            "unet.use_dora": false,
-            "unet.use_rslora": false,
-            "unet.peft_type": "LORA",
-        })
+        let p = self.component.prefix();
+        let fields = [
+            ("r", serde_json::json!(self.rank)),
+            ("lora_alpha", number(self.alpha)),
+            ("rank_pattern", serde_json::json!({})),
+            ("alpha_pattern", serde_json::json!({})),
+            ("target_modules", serde_json::json!(targets)),
+            ("lora_bias", serde_json::json!(false)),
+            ("use_dora", serde_json::json!(false)),
+            ("use_rslora", serde_json::json!(false)),
+            ("peft_type", serde_json::json!("LORA")),
+        ];
+        fields
+            .into_iter()
+            .map(|(k, v)| (format!("{p}.{k}"), v))
+            .collect()
     }
+}
+
+/// Write LoRAs into one file as diffusers' `save_lora_weights(unet_lora_layers=...,
+/// text_encoder_lora_layers=...)` does, which is what train_dreambooth_lora.py writes with
+/// `--train_text_encoder`: `unet.<module>.lora.{down,up}.weight` and
+/// `text_encoder.<module>.lora_linear_layer.{down,up}.weight`, metadata `{"format": "pt"}`, plus
+/// `lora_adapter_metadata` when some LoRA has `alpha != r`. `path` is the file, or a folder that
+/// gets [`LORA_WEIGHT_NAME`]; the file is written atomically.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`lora`) for two LoRAs of one component; [`Error::Io`],
+/// [`Error::Safetensors`].
+pub fn save_lora_weights(path: impl AsRef<Path>, loras: &[&UNetLora]) -> Result<()> {
+    let path = path.as_ref();
+    let path = if path.is_dir() {
+        path.join(LORA_WEIGHT_NAME)
+    } else {
+        path.to_path_buf()
+    };
+    for (i, l) in loras.iter().enumerate() {
+        if loras[..i].iter().any(|o| o.component == l.component) {
+            return Err(Error::invalid_argument(
+                "lora",
+                format!("two LoRAs of the {}", l.component.prefix()),
+            ));
+        }
+    }
+    if let Some(parent) = path.parent()
+        && !parent.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> =
+        loras.iter().flat_map(|l| l.file_tensors()).collect();
+    let mut info = HashMap::from([("format".to_string(), "pt".to_string())]);
+    if loras.iter().any(|l| l.alpha != l.rank as f64) {
+        let mut all = serde_json::Map::new();
+        for l in loras {
+            all.extend(l.adapter_metadata());
+        }
+        info.insert(
+            ADAPTER_METADATA_KEY.to_string(),
+            serde_json::Value::Object(all).to_string(),
+        );
+    }
+    let views = tensors
+        .iter()
+        .map(|(key, shape, data)| {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), data)
+                .map(|view| (key.as_str(), view))
+                .map_err(|e| Error::Safetensors {
+                    path: path.clone(),
+                    message: format!("`{key}`: {e}"),
+                })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let data = safetensors::serialize(views, Some(info)).map_err(|e| Error::Safetensors {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    diffusion_core::config::write_atomically(&path, &data)
 }
 
 /// The linear layers (2-D `<module>.weight`) whose module path matches a target, with their
 /// PyTorch shapes `[out, in]`, sorted by path.
-fn target_shapes(unet: &UNet2DConditionModel, targets: &[String]) -> BTreeMap<String, [usize; 2]> {
-    param_shapes(unet)
+fn target_shapes(
+    shapes: BTreeMap<String, Vec<usize>>,
+    targets: &[String],
+) -> BTreeMap<String, [usize; 2]> {
+    shapes
         .into_iter()
         .filter_map(|(key, shape)| {
             let module = key.strip_suffix(".weight")?;

@@ -9,7 +9,7 @@
 
 use diffusion_core::burn::tensor::{Tensor, TensorData};
 use diffusion_core::{Error, Result};
-use diffusion_models::UNet2DConditionModel;
+use diffusion_models::{UNet2DConditionModel, UNet2DConditionOptions};
 use diffusion_schedulers::{DDPMScheduler, PredictionType, Scheduler};
 
 /// What the loss asks of the model. `Default` is the scripts' defaults (epsilon, no SNR
@@ -190,22 +190,38 @@ pub fn conditional_loss(
         encoder_hidden_states,
         draws,
     )?;
+    Ok(mse_loss(
+        pred,
+        target,
+        scheduler,
+        objective,
+        &draws.timesteps,
+        b,
+        &device,
+    ))
+}
+
+/// The scripts' reduction: the mean squared error, or with Min-SNR weighting the per-sample
+/// means weighted by [`min_snr_weights`] and averaged.
+pub(crate) fn mse_loss(
+    pred: Tensor<4>,
+    target: Tensor<4>,
+    scheduler: &DDPMScheduler,
+    objective: &Objective,
+    timesteps: &[usize],
+    b: usize,
+    device: &diffusion_core::Device,
+) -> Tensor<1> {
     let error = pred.sub(target).square();
-    let loss = match objective.snr_gamma {
+    match objective.snr_gamma {
         None => error.mean(),
         Some(gamma) => {
-            let w = min_snr_weights(
-                scheduler,
-                &draws.timesteps,
-                gamma,
-                objective.prediction_type,
-            );
-            let w = Tensor::<2>::from_data(TensorData::new(w, [b, 1]), &device);
+            let w = min_snr_weights(scheduler, timesteps, gamma, objective.prediction_type);
+            let w = Tensor::<2>::from_data(TensorData::new(w, [b, 1]), device);
             let per_sample: Tensor<2> = error.reshape([b as i32, -1]).mean_dim(1);
             per_sample.mul(w).mean()
         }
-    };
-    Ok(loss)
+    }
 }
 
 /// The model's prediction on the noised `latents` and the target it is trained towards, the
@@ -224,6 +240,33 @@ pub fn conditional_prediction(
     latents: Tensor<4>,
     encoder_hidden_states: Tensor<3>,
     draws: &NoiseDraws,
+) -> Result<(Tensor<4>, Tensor<4>)> {
+    conditional_prediction_with(
+        unet,
+        scheduler,
+        objective,
+        latents,
+        encoder_hidden_states,
+        draws,
+        UNet2DConditionOptions::default(),
+    )
+}
+
+/// [`conditional_prediction`] with the UNet's rare inputs (SDXL's `added_cond_kwargs`).
+///
+/// # Shapes
+/// As [`conditional_prediction`].
+///
+/// # Errors
+/// As [`conditional_prediction`].
+pub fn conditional_prediction_with(
+    unet: &UNet2DConditionModel,
+    scheduler: &DDPMScheduler,
+    objective: &Objective,
+    latents: Tensor<4>,
+    encoder_hidden_states: Tensor<3>,
+    draws: &NoiseDraws,
+    options: UNet2DConditionOptions,
 ) -> Result<(Tensor<4>, Tensor<4>)> {
     objective.validate()?;
     check_draws(draws, &latents, scheduler.num_train_timesteps())?;
@@ -274,6 +317,6 @@ pub fn conditional_prediction(
         ),
         &device,
     );
-    let pred = unet.forward(noisy, t, encoder_hidden_states)?;
+    let pred = unet.forward_with(noisy, t, encoder_hidden_states, options)?;
     Ok((pred, target))
 }

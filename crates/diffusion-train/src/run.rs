@@ -30,6 +30,7 @@ use crate::checkpoint::{self, CHECKPOINT_PREFIX};
 use crate::config::TrainConfig;
 use crate::data::ImageDataset;
 use crate::trainer::{StepStats, Trainer};
+use crate::validation::{ValidationPoint, save_unconditional_validation, write_validation_strip};
 
 /// The log file inside `output_dir`.
 pub const LOG_FILE: &str = "logs/train_log.jsonl";
@@ -246,11 +247,14 @@ pub fn build_model(
 
 /// Train a `UNet2DModel` on `dataset` as diffusers' train_unconditional.py does, on `device`
 /// (autodiff is turned on here). Writes checkpoints, `logs/train_log.jsonl` and a `DDPMPipeline`
-/// folder into `config.output_dir`; resumes when `resume_from_checkpoint` says so.
+/// folder into `config.output_dir`; resumes when `resume_from_checkpoint` says so. With
+/// `config.validation` on, also writes validation grids (at step 0 of a fresh run, when due, and
+/// after the last step) and their strip into `output_dir/validation/` (see [`crate::validation`]).
 ///
 /// # Errors
 /// As [`TrainConfig::validate`] and [`TrainConfig::check_data`]; model, checkpoint and I/O
-/// errors; [`Error::InvalidArgument`] naming `learning_rate` when the loss becomes non-finite.
+/// errors; [`Error::InvalidArgument`] naming `learning_rate` when the loss becomes non-finite;
+/// [`Error::Io`] when a validation image cannot be written.
 pub fn train_unconditional(
     config: &TrainConfig,
     dataset: &ImageDataset,
@@ -293,6 +297,22 @@ pub fn train_unconditional(
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
+    let validation = &config.validation;
+    let validate = |trainer: &Trainer, at: ValidationPoint| -> Result<()> {
+        let path = save_unconditional_validation(
+            trainer.inference_model(),
+            trainer.scheduler(),
+            validation,
+            out,
+            at,
+        )?;
+        bar.println(format!("validation images: {}", path.display()));
+        Ok(())
+    };
+    if validation.is_enabled() && start == 0 {
+        // The starting weights, for comparison with the grids that follow.
+        validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
+    }
     let mut order: Option<(usize, Vec<usize>)> = None;
     let mut exported_at = None;
     let began = Instant::now();
@@ -363,12 +383,22 @@ pub fn train_unconditional(
             checkpoint::save_pipeline(&trainer.inference_model(), trainer.scheduler(), out)?;
             exported_at = Some(step + 1);
         }
+        if validation.is_due(step + 1, epoch, end_of_epoch, last) {
+            let at = ValidationPoint {
+                step: step + 1,
+                epoch,
+            };
+            validate(&trainer, at)?;
+        }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
     if exported_at != Some(total) {
         // Resumed at the very end: still leave a loadable pipeline.
         checkpoint::save_pipeline(&trainer.inference_model(), trainer.scheduler(), out)?;
+    }
+    if validation.is_enabled() {
+        write_validation_strip(out, total)?;
     }
     Ok(report)
 }

@@ -29,6 +29,7 @@ use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
+use crate::validation::PromptValidationConfig;
 
 /// Settings of a text-to-image run. Field names are the scripts' command-line options;
 /// `Default` is train_text_to_image.py's defaults (LoRA off; `lora: Some(..)` is
@@ -106,6 +107,10 @@ pub struct TextToImageConfig {
     pub resume_from_checkpoint: Option<String>,
     /// Show a progress bar.
     pub show_progress: bool,
+    /// Validation images with the Stable Diffusion pipeline during training (off by default;
+    /// [`crate::train_text_to_image`] generates them, the other loops sharing this config do
+    /// not).
+    pub validation: PromptValidationConfig,
 }
 
 impl Default for TextToImageConfig {
@@ -144,6 +149,7 @@ impl Default for TextToImageConfig {
             checkpoints_total_limit: None,
             resume_from_checkpoint: None,
             show_progress: true,
+            validation: PromptValidationConfig::default(),
         }
     }
 }
@@ -291,7 +297,7 @@ impl TextToImageConfig {
         }
         self.objective(PredictionType::Epsilon).validate()?;
         self.adamw().validate()?;
-        Ok(())
+        self.validation.validate()
     }
 
     /// Check that the model folder and the dataset folder look right (before loading them).

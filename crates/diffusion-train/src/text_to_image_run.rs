@@ -32,7 +32,7 @@ use diffusion_models::{
     AutoencoderKL, CLIPTextModel, CLIPTokenizer, ModelMixin, UNet2DConditionModel,
     UNet2DConditionModelConfig,
 };
-use diffusion_schedulers::Scheduler;
+use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokenize_captions};
 use crate::checkpoint::{CHECKPOINT_PREFIX, RNG_SCHEME, list_checkpoints, prune_checkpoints};
@@ -42,6 +42,9 @@ use crate::objective::NoiseDraws;
 use crate::optimizer::AdamW;
 use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
 use crate::text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
+use crate::validation::{
+    FrozenParts, ValidationPoint, save_prompt_validation, write_validation_strip,
+};
 
 const STATE_FILE: &str = "training_state.json";
 /// Seed domain of cached latents (0: steps, 1: epochs in [`crate::run`]).
@@ -356,7 +359,9 @@ fn cache_latents(
 
 /// Train as train_text_to_image.py (or, with `config.lora`, train_text_to_image_lora.py) does,
 /// on `device` (autodiff is turned on here). Writes checkpoints, `logs/train_log.jsonl` and
-/// the result into `config.output_dir`.
+/// the result into `config.output_dir`. With `config.validation` prompts, also writes
+/// validation images (at step 0 of a fresh run, when due, and after the last step) and their
+/// strip into `output_dir/validation/` (see [`crate::validation`]).
 ///
 /// # Errors
 /// As [`TextToImageConfig::validate`] and [`TextToImageConfig::check_paths`]; dataset, model,
@@ -429,6 +434,39 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
+    let validation = &config.validation;
+    let validation_scheduler = if validation.is_enabled() {
+        Some(AnyScheduler::from_config_file(
+            config.pretrained_model.join("scheduler"),
+        )?)
+    } else {
+        None
+    };
+    let validate = |trainer: &TextToImageTrainer, at: ValidationPoint| -> Result<()> {
+        let Some(scheduler) = &validation_scheduler else {
+            return Ok(());
+        };
+        let frozen = FrozenParts {
+            tokenizer: &frozen.tokenizer,
+            text_encoder: &frozen.text_encoder,
+            vae: &frozen.vae,
+            scheduler,
+        };
+        let path = save_prompt_validation(
+            trainer.inference_unet(),
+            frozen,
+            validation,
+            config.seed,
+            out,
+            at,
+        )?;
+        bar.println(format!("validation images: {}", path.display()));
+        Ok(())
+    };
+    if start == 0 {
+        // The starting weights, for comparison with the images that follow.
+        validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
+    }
     let mut order: Option<(usize, Vec<usize>)> = None;
     let began = Instant::now();
     for step in start..total {
@@ -523,12 +561,24 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);
         }
+        // The epoch ends with this step when the next step's first micro-batch is in a later one.
+        let end_of_epoch = (step + 1) * k / batches_per_epoch > epoch;
+        if validation.is_due(step + 1, epoch, end_of_epoch, step + 1 == total) {
+            let at = ValidationPoint {
+                step: step + 1,
+                epoch,
+            };
+            validate(&trainer, at)?;
+        }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
     match trainer.lora() {
         Some(lora) => lora.save(out.join(LORA_WEIGHT_NAME))?,
         None => save_pipeline(&config.pretrained_model, &trainer.inference_unet(), out)?,
+    }
+    if validation.is_enabled() {
+        write_validation_strip(out, total)?;
     }
     Ok(report)
 }

@@ -30,6 +30,24 @@ use crate::trainer::StepStats;
 /// The file the script writes at the end (`learned_embeds.safetensors`).
 pub const LEARNED_EMBEDS_NAME: &str = "learned_embeds.safetensors";
 
+/// The state file of a checkpoint folder.
+const STATE_FILE: &str = "training_state.json";
+
+/// `training_state.json` of a textual-inversion checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TextualInversionState {
+    /// Optimizer steps taken.
+    pub global_step: usize,
+    /// The planned total.
+    pub num_training_steps: usize,
+    /// The run's seed.
+    pub seed: u64,
+    /// [`crate::checkpoint::RNG_SCHEME`] at the time of saving.
+    pub rng_scheme: String,
+    /// The settings of the run that wrote the checkpoint.
+    pub config: TextualInversionConfig,
+}
+
 /// textual_inversion.py's `imagenet_templates_small` (`--learnable_property object`).
 pub const OBJECT_TEMPLATES: &[&str] = &[
     "a photo of a {}",
@@ -171,6 +189,13 @@ pub struct TextualInversionConfig {
     pub adam_epsilon: f64,
     /// Write `learned_embeds-steps-{step}.safetensors` every this many steps.
     pub save_steps: usize,
+    /// Write a resumable `checkpoint-{step}/` every this many steps.
+    pub checkpointing_steps: usize,
+    /// Keep at most this many checkpoints (the oldest are deleted).
+    pub checkpoints_total_limit: Option<usize>,
+    /// Resume from this checkpoint folder (a name inside `output_dir` or a path), or the
+    /// newest one with `"latest"` (a new run when there is none).
+    pub resume_from_checkpoint: Option<String>,
     /// Seed of everything random.
     pub seed: u64,
     /// Show a progress bar.
@@ -205,6 +230,9 @@ impl Default for TextualInversionConfig {
             adam_weight_decay: 1e-2,
             adam_epsilon: 1e-8,
             save_steps: 500,
+            checkpointing_steps: 500,
+            checkpoints_total_limit: None,
+            resume_from_checkpoint: None,
             seed: 0,
             show_progress: true,
         }
@@ -261,6 +289,11 @@ impl TextualInversionConfig {
                 self.gradient_accumulation_steps,
             ),
             ("save_steps", self.save_steps),
+            ("checkpointing_steps", self.checkpointing_steps),
+            (
+                "checkpoints_total_limit",
+                self.checkpoints_total_limit.unwrap_or(1),
+            ),
         ];
         for (name, value) in positive {
             if value == 0 {
@@ -566,21 +599,13 @@ impl TextualInversionTrainer {
             .clone();
         let embedding = self.optimizer.step(lr, embedding, grads)?;
         // index_no_updates: every row outside the placeholders gets its original value back.
-        let updated = embedding.weight.val().inner();
-        let [vocab, _] = updated.dims();
         let (first, last) = self.rows;
-        let mut parts = Vec::with_capacity(3);
-        if first > 0 {
-            parts.push(self.original.clone().narrow(0, 0, first));
-        }
-        parts.push(updated.narrow(0, first, last + 1 - first));
-        if last + 1 < vocab {
-            parts.push(self.original.clone().narrow(0, last + 1, vocab - last - 1));
-        }
-        let restored: Tensor<2> = Tensor::cat(parts, 0);
-        let n = restored.dims().iter().product::<usize>();
-        let embedding = params::replace(embedding, vec![Some(restored.reshape([n]))]);
-        self.text_encoder.text_model.embeddings.token_embedding = embedding;
+        let updated = embedding
+            .weight
+            .val()
+            .inner()
+            .narrow(0, first, last + 1 - first);
+        self.set_learned_rows(embedding, updated);
         self.global_step += 1;
         Ok(StepStats {
             step: self.global_step,
@@ -589,6 +614,128 @@ impl TextualInversionTrainer {
             lr,
             ema_decay: None,
         })
+    }
+
+    /// Put `embedding` back into the text encoder with the original table everywhere but the
+    /// placeholder rows, which become `rows` (`[num_vectors, hidden]`, without autodiff).
+    fn set_learned_rows(
+        &mut self,
+        embedding: diffusion_core::burn::nn::Embedding,
+        rows: Tensor<2>,
+    ) {
+        let [vocab, _] = self.original.dims();
+        let (first, last) = self.rows;
+        let mut parts = Vec::with_capacity(3);
+        if first > 0 {
+            parts.push(self.original.clone().narrow(0, 0, first));
+        }
+        parts.push(rows);
+        if last + 1 < vocab {
+            parts.push(self.original.clone().narrow(0, last + 1, vocab - last - 1));
+        }
+        let restored: Tensor<2> = Tensor::cat(parts, 0);
+        let n = restored.dims().iter().product::<usize>();
+        let embedding = params::replace(embedding, vec![Some(restored.reshape([n]))]);
+        self.text_encoder.text_model.embeddings.token_embedding = embedding;
+    }
+
+    /// Write a resumable checkpoint into folder `dir` (through a temporary sibling renamed at
+    /// the end): `learned_embeds.safetensors` (the placeholder rows), `optimizer/` (AdamW's
+    /// moments of the token-embedding table and its step count) and `training_state.json`
+    /// (global step, plan, seed, RNG scheme, settings). The other rows need no saving: they
+    /// are the pretrained table's, restored after every step. The random draws of a step
+    /// derive from the seed and the step, so no generator state is kept.
+    ///
+    /// # Errors
+    /// [`Error::Io`] and serialisation errors.
+    pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
+        let parent = dir.parent().unwrap_or(Path::new("."));
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+        self.save_learned_embeds(tmp.join(LEARNED_EMBEDS_NAME))?;
+        let embedding = &self.text_encoder.text_model.embeddings.token_embedding;
+        self.optimizer.save(embedding, &tmp.join("optimizer"))?;
+        let state = TextualInversionState {
+            global_step: self.global_step,
+            num_training_steps: self.num_training_steps,
+            seed: self.config.seed,
+            rng_scheme: crate::checkpoint::RNG_SCHEME.into(),
+            config: self.config.clone(),
+        };
+        let text = serde_json::to_string_pretty(&state).unwrap_or_default();
+        diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+    }
+
+    /// Continue from a checkpoint [`Self::save_checkpoint`] wrote: its placeholder rows, AdamW
+    /// state and step replace this (freshly built) trainer's.
+    ///
+    /// # Errors
+    /// [`Error::Io`], [`Error::Json`], [`Error::ConfigField`] for unreadable files;
+    /// [`Error::InvalidArgument`] (`resume_from_checkpoint`) for another RNG scheme, a step past
+    /// the plan, or rows that do not fit the placeholders; the optimizer loader's errors naming
+    /// the key.
+    pub fn restore_checkpoint(&mut self, dir: &Path) -> Result<()> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let value = diffusion_core::config::parse_json(&text, &path)?;
+        let state: TextualInversionState =
+            serde_json::from_value(value).map_err(|e| Error::ConfigField {
+                path: path.clone(),
+                field: "<root>".into(),
+                message: e.to_string(),
+            })?;
+        let refuse = |m: String| Error::invalid_argument("resume_from_checkpoint", m);
+        if state.rng_scheme != crate::checkpoint::RNG_SCHEME {
+            return Err(refuse(format!(
+                "{} was written with RNG scheme `{}`",
+                dir.display(),
+                state.rng_scheme
+            )));
+        }
+        if state.global_step > self.num_training_steps {
+            return Err(refuse(format!(
+                "{} is at step {}, past the planned {}",
+                dir.display(),
+                state.global_step,
+                self.num_training_steps
+            )));
+        }
+        let file = diffusion_core::weights::SafetensorsFile::open(dir.join(LEARNED_EMBEDS_NAME))?;
+        let (values, shape) = file.read_f32(&self.config.placeholder_token)?;
+        let want = self.learned_embeds().dims().to_vec();
+        if shape != want {
+            return Err(refuse(format!(
+                "{}: `{}` has shape {shape:?}, the placeholders need {want:?}",
+                file.path().display(),
+                self.config.placeholder_token
+            )));
+        }
+        let device = self.original.device();
+        let rows = Tensor::<2>::from_data(
+            diffusion_core::burn::tensor::TensorData::new(values, [want[0], want[1]]),
+            &device,
+        );
+        let embedding = self
+            .text_encoder
+            .text_model
+            .embeddings
+            .token_embedding
+            .clone();
+        self.optimizer = AdamW::load(self.config.adamw(), &embedding, &dir.join("optimizer"))?;
+        self.set_learned_rows(embedding, rows);
+        self.global_step = state.global_step;
+        Ok(())
     }
 
     /// The whole token-embedding table, without autodiff.

@@ -5,10 +5,14 @@
 //!
 //! Micro-batch `m` draws, from a generator seeded with `(seed, m)` (see [`crate::run`]), the
 //! crops and flips, the template picks (`rand([B])`), the VAE posterior noise, the noise and
-//! the timesteps, in that order. Resuming is not implemented.
+//! the timesteps, in that order. Because every draw derives from the seed and the step,
+//! a run resumed from `checkpoint-{step}/` (every `checkpointing_steps`, see
+//! [`TextualInversionTrainer::save_checkpoint`]) continues exactly as the uninterrupted run:
+//! the same log lines and the same learned embeddings.
 
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use diffusion_core::burn::tensor::{Tensor, TensorData};
@@ -17,8 +21,9 @@ use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, UNet2DCondition
 use diffusion_schedulers::Scheduler;
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
+use crate::checkpoint::{CHECKPOINT_PREFIX, list_checkpoints, prune_checkpoints};
 use crate::objective::NoiseDraws;
-use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order};
+use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
 use crate::text_to_image::load_noise_scheduler;
 use crate::text_to_image_run::{FrozenComponents, image_draws, progress_bar};
 use crate::textual_inversion::{
@@ -71,25 +76,29 @@ pub fn train_textual_inversion(
     let k = config.gradient_accumulation_steps;
     let mut trainer =
         TextualInversionTrainer::new(config, text_encoder, unet, scheduler, &ids, total, device)?;
+    if let Some(dir) = resolve_resume(config)? {
+        trainer.restore_checkpoint(&dir)?;
+    }
+    let start = trainer.global_step();
     let out = &config.output_dir;
     std::fs::create_dir_all(out.join("logs")).map_err(|e| Error::io(out, e))?;
     let text = serde_json::to_string_pretty(config).unwrap_or_default();
     diffusion_core::config::write_atomically(&out.join("train_config.json"), text.as_bytes())?;
     let log_path = out.join(LOG_FILE);
+    truncate_log(&log_path, start)?;
     let mut log = OpenOptions::new()
         .create(true)
-        .write(true)
-        .truncate(true)
+        .append(true)
         .open(&log_path)
         .map_err(|e| Error::io(&log_path, e))?;
     let num_train = trainer.scheduler().num_train_timesteps();
     let templates = config.learnable_property.templates();
     let placeholder = placeholder_string(&config.placeholder_token, config.num_vectors);
     let r = config.resolution;
-    let bar = progress_bar(config.show_progress, total, 0);
+    let bar = progress_bar(config.show_progress, total, start);
     let mut report = TrainReport {
-        start_step: 0,
-        global_step: 0,
+        start_step: start,
+        global_step: start,
         num_training_steps: total,
         steps: Vec::new(),
         checkpoints: Vec::new(),
@@ -98,7 +107,7 @@ pub fn train_textual_inversion(
     };
     let mut order: Option<(usize, Vec<usize>)> = None;
     let began = Instant::now();
-    for step in 0..total {
+    for step in start..total {
         let mut stats = None;
         let mut epoch = 0;
         for j in 0..k {
@@ -174,11 +183,48 @@ pub fn train_textual_inversion(
         if (step + 1).is_multiple_of(config.save_steps) {
             let path = out.join(format!("learned_embeds-steps-{}.safetensors", step + 1));
             trainer.save_learned_embeds(&path)?;
-            report.checkpoints.push(path);
+        }
+        if (step + 1).is_multiple_of(config.checkpointing_steps) {
+            if let Some(limit) = config.checkpoints_total_limit {
+                prune_checkpoints(out, limit - 1)?;
+            }
+            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+            trainer.save_checkpoint(&dir)?;
+            report.checkpoints.push(dir);
         }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
     trainer.save_learned_embeds(out.join(LEARNED_EMBEDS_NAME))?;
     Ok(report)
+}
+
+/// The checkpoint to resume from: the named folder (looked up in `output_dir` first), the
+/// newest one for `"latest"`, or none.
+///
+/// # Errors
+/// [`Error::NotFound`] for a named checkpoint that does not exist.
+fn resolve_resume(config: &TextualInversionConfig) -> Result<Option<PathBuf>> {
+    let Some(name) = config.resume_from_checkpoint.as_deref() else {
+        return Ok(None);
+    };
+    if name == "latest" {
+        let latest = list_checkpoints(&config.output_dir)?.pop().map(|(_, p)| p);
+        if latest.is_none() {
+            log::info!(
+                "no checkpoint in {}; starting a new run",
+                config.output_dir.display()
+            );
+        }
+        return Ok(latest);
+    }
+    for candidate in [config.output_dir.join(name), PathBuf::from(name)] {
+        if candidate.join("training_state.json").is_file() {
+            return Ok(Some(candidate));
+        }
+    }
+    Err(Error::NotFound {
+        path: PathBuf::from(name),
+        message: "not a checkpoint folder (no training_state.json)".into(),
+    })
 }

@@ -2,7 +2,7 @@
 
 use diffusion_core::image::{
     ImageOutput, OutputType, RgbImage, VaeImageProcessor, load_image, make_image_grid,
-    read_png_text, save_png,
+    padded_image_grid, read_png_text, save_png,
 };
 use diffusion_core::npy::NpyArray;
 use diffusion_core::{Device, Error};
@@ -88,6 +88,12 @@ fn grid_and_npy_files() {
     let grid = make_image_grid(&imgs, 2, 3).unwrap();
     assert_eq!(grid.dimensions(), (12, 8));
     assert!(make_image_grid(&imgs, 4, 4).is_err());
+    // Five tiles: near-square 3 columns, the sixth tile black; a lone image comes back as is.
+    let padded = padded_image_grid(&imgs[..5], None).unwrap();
+    assert_eq!(padded.dimensions(), (12, 8));
+    assert_eq!(padded.get_pixel(11, 7).0, [0, 0, 0]);
+    assert_eq!(padded_image_grid(&imgs[..1], None).unwrap(), imgs[0]);
+    assert!(padded_image_grid(&[], None).is_err());
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("latents.npy");

@@ -16,21 +16,19 @@ use std::path::{Path, PathBuf};
 use diffusion_core::burn;
 use diffusion_core::burn::module::{Module, Param};
 use diffusion_core::burn::nn::conv::{Conv2d, Conv2dConfig};
-use diffusion_core::burn::nn::{
-    Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig,
-};
+use diffusion_core::burn::nn::{Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear};
 use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor};
 use diffusion_core::config::{Config, ConfigFile, read_json};
-use diffusion_core::weights::{
-    SaveDtype, TRANSFORMERS_WEIGHTS_STEM, WeightSource, resolve_weights_for,
-};
+use diffusion_core::weights::{TRANSFORMERS_WEIGHTS_STEM, WeightSource, resolve_weights_for};
 use diffusion_core::{Device, Error, Result};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{self, config_error};
 use crate::modeling_utils::{CONFIG_NAME, PretrainedOptions};
 use crate::state_dict::{LoadMode, LoadReport, load_weights};
-use crate::text_encoders::clip::{CLIPActivation, CLIPEncoder, EncoderDims, save_folder};
+use crate::text_encoders::clip::{
+    CLIPActivation, CLIPEncoder, EncoderDims, projection, transformers_folder_methods,
+};
 
 /// transformers' `model_type` of a CLIP vision config.
 const MODEL_TYPE: &str = "clip_vision_model";
@@ -122,18 +120,7 @@ impl Config for CLIPVisionConfig {
             ("image_size", self.image_size),
             ("patch_size", self.patch_size),
         ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err((field.to_string(), "must be positive".into()));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err((
-                "num_attention_heads".into(),
-                format!(
-                    "hidden_size {} is not divisible into {} heads",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
+        layers::check_transformer_dims(&positive, self.hidden_size, self.num_attention_heads)?;
         if self.patch_size > self.image_size {
             return Err((
                 "patch_size".into(),
@@ -463,14 +450,6 @@ impl CLIPVisionModel {
         })
     }
 
-    /// Load a transformers folder: `config.json` and `model.safetensors` (strict).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained_with`].
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
-    }
-
     /// As [`Self::from_pretrained`], with the weight variant (`model.fp16.safetensors`) and
     /// load mode of `options`. A full `CLIPModel` folder loads its vision tower.
     ///
@@ -491,41 +470,6 @@ impl CLIPVisionModel {
         // transformers skips when loading the bare model.
         let composite = nested || source.contains("visual_projection.weight");
         load_vision(model, &source, options.mode, composite)
-    }
-
-    /// The config the model was built from.
-    pub fn config(&self) -> &CLIPVisionConfig {
-        self.vision_model.config()
-    }
-
-    /// Write `config.json` and `model.safetensors` (f32) into `dir`, as transformers'
-    /// `save_pretrained` does.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        self.save_pretrained_with(dir, None, SaveDtype::F32)
-    }
-
-    /// As [`Self::save_pretrained`], with a weight variant and storage dtype.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(
-        &self,
-        dir: impl AsRef<Path>,
-        variant: Option<&str>,
-        dtype: SaveDtype,
-    ) -> Result<()> {
-        save_folder(
-            self,
-            self.config(),
-            "CLIPVisionModel",
-            MODEL_TYPE,
-            dir.as_ref(),
-            variant,
-            dtype,
-        )
     }
 
     /// # Shapes
@@ -554,23 +498,11 @@ impl CLIPVisionModelWithProjection {
     /// # Errors
     /// As [`CLIPVisionTransformer::new`]; [`Error::ConfigField`] (`projection_dim`) when zero.
     pub fn new(config: &CLIPVisionConfig, device: &Device) -> Result<Self> {
-        if config.projection_dim == 0 {
-            return Err(config_error("projection_dim", "must be positive"));
-        }
+        let visual_projection = projection(config.hidden_size, config.projection_dim, device)?;
         Ok(Self {
             vision_model: CLIPVisionTransformer::new(config, device)?,
-            visual_projection: LinearConfig::new(config.hidden_size, config.projection_dim)
-                .with_bias(false)
-                .init(device),
+            visual_projection,
         })
-    }
-
-    /// Load a transformers folder: `config.json` and `model.safetensors` (strict).
-    ///
-    /// # Errors
-    /// As [`CLIPVisionModel::from_pretrained_with`].
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
     }
 
     /// As [`Self::from_pretrained`], with the weight variant and load mode of `options`. A full
@@ -590,42 +522,6 @@ impl CLIPVisionModelWithProjection {
         load_vision(model, &source, options.mode, nested)
     }
 
-    /// The config the model was built from.
-    pub fn config(&self) -> &CLIPVisionConfig {
-        self.vision_model.config()
-    }
-
-    /// Write `config.json` and `model.safetensors` (f32) into `dir`, as transformers'
-    /// `save_pretrained` does.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        self.save_pretrained_with(dir, None, SaveDtype::F32)
-    }
-
-    /// As [`Self::save_pretrained`], with a weight variant and storage dtype
-    /// (`Some("fp16")` with [`SaveDtype::F16`] writes `model.fp16.safetensors`).
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(
-        &self,
-        dir: impl AsRef<Path>,
-        variant: Option<&str>,
-        dtype: SaveDtype,
-    ) -> Result<()> {
-        save_folder(
-            self,
-            self.config(),
-            "CLIPVisionModelWithProjection",
-            MODEL_TYPE,
-            dir.as_ref(),
-            variant,
-            dtype,
-        )
-    }
-
     /// # Shapes
     /// - `pixel_values`: `[B, num_channels, image_size, image_size]`; output: see
     ///   [`CLIPVisionModelWithProjectionOutput`]
@@ -641,3 +537,11 @@ impl CLIPVisionModelWithProjection {
         })
     }
 }
+
+transformers_folder_methods!(CLIPVisionModel, CLIPVisionConfig, vision_model, MODEL_TYPE);
+transformers_folder_methods!(
+    CLIPVisionModelWithProjection,
+    CLIPVisionConfig,
+    vision_model,
+    MODEL_TYPE
+);

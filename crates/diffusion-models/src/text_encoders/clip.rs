@@ -119,18 +119,7 @@ impl Config for CLIPTextConfig {
             ("num_attention_heads", self.num_attention_heads),
             ("max_position_embeddings", self.max_position_embeddings),
         ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err((field.to_string(), "must be positive".into()));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err((
-                "num_attention_heads".into(),
-                format!(
-                    "hidden_size {} is not divisible into {} heads",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
+        layers::check_transformer_dims(&positive, self.hidden_size, self.num_attention_heads)?;
         Ok(())
     }
 }
@@ -719,14 +708,6 @@ impl CLIPTextModel {
         })
     }
 
-    /// Load a transformers folder: `config.json` and `model.safetensors` (strict).
-    ///
-    /// # Errors
-    /// As [`Self::from_pretrained_with`].
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
-    }
-
     /// As [`Self::from_pretrained`], with the load mode of `options` (`variant` is not used by
     /// transformers folders and must be `None`).
     ///
@@ -744,42 +725,6 @@ impl CLIPTextModel {
         let model =
             Self::new(&config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
         load_weights(model, &source, options.mode)
-    }
-
-    /// The config the model was built from.
-    pub fn config(&self) -> &CLIPTextConfig {
-        self.text_model.config()
-    }
-
-    /// Write `config.json` and `model.safetensors` (f32) into `dir`, as transformers'
-    /// `save_pretrained` does.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        self.save_pretrained_with(dir, None, SaveDtype::F32)
-    }
-
-    /// As [`Self::save_pretrained`], with a weight variant and storage dtype
-    /// (`Some("fp16")` with [`SaveDtype::F16`] writes `model.fp16.safetensors`).
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(
-        &self,
-        dir: impl AsRef<Path>,
-        variant: Option<&str>,
-        dtype: SaveDtype,
-    ) -> Result<()> {
-        save_folder(
-            self,
-            self.config(),
-            "CLIPTextModel",
-            MODEL_TYPE,
-            dir.as_ref(),
-            variant,
-            dtype,
-        )
     }
 
     /// # Shapes
@@ -806,6 +751,96 @@ impl CLIPTextModel {
         self.text_model
             .forward_with_attention_mask(input_ids, attention_mask)
     }
+}
+
+/// The methods every transformers model here shares around its own `from_pretrained_with`:
+/// `from_pretrained`, `config` (the tower's), `save_pretrained` and `save_pretrained_with`
+/// (`config.json` with `architectures: [$architecture]` and `model_type: $model_type`).
+macro_rules! transformers_folder_methods {
+    ($model:ident, $config:ty, $tower:ident, $model_type:expr) => {
+        impl $model {
+            /// Load a transformers folder: `config.json` and `model.safetensors` (strict).
+            ///
+            /// # Errors
+            /// As [`Self::from_pretrained_with`].
+            pub fn from_pretrained(
+                dir: impl AsRef<std::path::Path>,
+                device: &diffusion_core::Device,
+            ) -> diffusion_core::Result<Self> {
+                Self::from_pretrained_with(
+                    dir,
+                    &$crate::modeling_utils::PretrainedOptions::default(),
+                    device,
+                )
+                .map(|(m, _)| m)
+            }
+
+            /// The config the model was built from.
+            pub fn config(&self) -> &$config {
+                self.$tower.config()
+            }
+
+            /// Write `config.json` and `model.safetensors` (f32) into `dir`, as transformers'
+            /// `save_pretrained` does.
+            ///
+            /// # Errors
+            /// [`diffusion_core::Error::Io`] when writing fails.
+            pub fn save_pretrained(
+                &self,
+                dir: impl AsRef<std::path::Path>,
+            ) -> diffusion_core::Result<()> {
+                self.save_pretrained_with(dir, None, diffusion_core::weights::SaveDtype::F32)
+            }
+
+            /// As [`Self::save_pretrained`], with a weight variant and storage dtype
+            /// (`Some("fp16")` with `SaveDtype::F16` writes `model.fp16.safetensors`).
+            ///
+            /// # Errors
+            /// [`diffusion_core::Error::Io`] when writing fails.
+            pub fn save_pretrained_with(
+                &self,
+                dir: impl AsRef<std::path::Path>,
+                variant: Option<&str>,
+                dtype: diffusion_core::weights::SaveDtype,
+            ) -> diffusion_core::Result<()> {
+                $crate::text_encoders::clip::save_folder(
+                    self,
+                    self.config(),
+                    stringify!($model),
+                    $model_type,
+                    dir.as_ref(),
+                    variant,
+                    dtype,
+                )
+            }
+        }
+    };
+}
+pub(crate) use transformers_folder_methods;
+
+transformers_folder_methods!(CLIPTextModel, CLIPTextConfig, text_model, MODEL_TYPE);
+transformers_folder_methods!(
+    CLIPTextModelWithProjection,
+    CLIPTextConfig,
+    text_model,
+    MODEL_TYPE
+);
+
+/// A CLIP projection head, `hidden_size -> projection_dim` without bias.
+///
+/// # Errors
+/// [`Error::ConfigField`] (`projection_dim`) when it is zero.
+pub(crate) fn projection(
+    hidden_size: usize,
+    projection_dim: usize,
+    device: &Device,
+) -> Result<Linear> {
+    if projection_dim == 0 {
+        return Err(config_error("projection_dim", "must be positive"));
+    }
+    Ok(LinearConfig::new(hidden_size, projection_dim)
+        .with_bias(false)
+        .init(device))
 }
 
 /// Write a transformers folder: `config.json` (with `architectures` and `model_type`, as
@@ -872,23 +907,11 @@ impl CLIPTextModelWithProjection {
     /// # Errors
     /// As [`CLIPTextTransformer::new`]; [`Error::ConfigField`] (`projection_dim`) when zero.
     pub fn new(config: &CLIPTextConfig, device: &Device) -> Result<Self> {
-        if config.projection_dim == 0 {
-            return Err(config_error("projection_dim", "must be positive"));
-        }
+        let text_projection = projection(config.hidden_size, config.projection_dim, device)?;
         Ok(Self {
             text_model: CLIPTextTransformer::new(config, device)?,
-            text_projection: LinearConfig::new(config.hidden_size, config.projection_dim)
-                .with_bias(false)
-                .init(device),
+            text_projection,
         })
-    }
-
-    /// Load a transformers folder: `config.json` and `model.safetensors` (strict).
-    ///
-    /// # Errors
-    /// As [`CLIPTextModel::from_pretrained_with`].
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &Device) -> Result<Self> {
-        Self::from_pretrained_with(dir, &PretrainedOptions::default(), device).map(|(m, _)| m)
     }
 
     /// As [`Self::from_pretrained`], with the load mode of `options`.
@@ -904,42 +927,6 @@ impl CLIPTextModelWithProjection {
         let model =
             Self::new(&config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
         load_weights(model, &source, options.mode)
-    }
-
-    /// The config the model was built from.
-    pub fn config(&self) -> &CLIPTextConfig {
-        self.text_model.config()
-    }
-
-    /// Write `config.json` and `model.safetensors` (f32) into `dir`, as transformers'
-    /// `save_pretrained` does.
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
-        self.save_pretrained_with(dir, None, SaveDtype::F32)
-    }
-
-    /// As [`Self::save_pretrained`], with a weight variant and storage dtype
-    /// (`Some("fp16")` with [`SaveDtype::F16`] writes `model.fp16.safetensors`).
-    ///
-    /// # Errors
-    /// [`Error::Io`] when writing fails.
-    pub fn save_pretrained_with(
-        &self,
-        dir: impl AsRef<Path>,
-        variant: Option<&str>,
-        dtype: SaveDtype,
-    ) -> Result<()> {
-        save_folder(
-            self,
-            self.config(),
-            "CLIPTextModelWithProjection",
-            MODEL_TYPE,
-            dir.as_ref(),
-            variant,
-            dtype,
-        )
     }
 
     /// # Shapes

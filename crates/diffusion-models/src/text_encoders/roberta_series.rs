@@ -156,18 +156,7 @@ impl Config for RobertaSeriesConfig {
             ("type_vocab_size", self.type_vocab_size),
             ("project_dim", self.project_dim),
         ];
-        if let Some((field, _)) = positive.iter().find(|(_, v)| *v == 0) {
-            return Err((field.to_string(), "must be positive".into()));
-        }
-        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Err((
-                "num_attention_heads".into(),
-                format!(
-                    "hidden_size {} is not divisible into {} heads",
-                    self.hidden_size, self.num_attention_heads
-                ),
-            ));
-        }
+        layers::check_transformer_dims(&positive, self.hidden_size, self.num_attention_heads)?;
         match self.pad_token_id {
             Some(p) if p >= 0 && (p as usize) < self.max_position_embeddings => {}
             other => {

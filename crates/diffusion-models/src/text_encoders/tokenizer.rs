@@ -27,7 +27,7 @@ const DEFAULT_UNK: &str = "<|endoftext|>";
 const DEFAULT_PAD: &str = "<|endoftext|>";
 
 /// transformers' `VERY_LARGE_INTEGER`-style values (`1e30`) mean "no limit".
-const NO_LIMIT: usize = usize::MAX;
+pub(crate) const NO_LIMIT: usize = usize::MAX;
 
 /// How prompts are padded (transformers' `padding=` argument).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -78,61 +78,17 @@ impl CLIPTokenizerConfig {
     /// or `model_max_length` of the wrong type.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let mut config = Self::default();
-        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
-            let path = dir.join(name);
-            if !path.is_file() {
-                continue;
-            }
-            let value = read_json(&path)?;
-            for (field, slot) in [
+        read_special_tokens(
+            dir,
+            &mut [
                 ("bos_token", &mut config.bos_token),
                 ("eos_token", &mut config.eos_token),
                 ("unk_token", &mut config.unk_token),
                 ("pad_token", &mut config.pad_token),
-            ] {
-                match value.get(field) {
-                    None | Some(Value::Null) => {}
-                    Some(Value::String(s)) => *slot = s.clone(),
-                    // An `AddedToken` serialised as an object.
-                    Some(Value::Object(map)) => match map.get("content") {
-                        Some(Value::String(s)) => *slot = s.clone(),
-                        _ => return Err(field_error(&path, field, "token without `content`")),
-                    },
-                    Some(other) => {
-                        return Err(field_error(&path, field, format!("not a token: {other}")));
-                    }
-                }
-            }
-            match value.get("model_max_length") {
-                None | Some(Value::Null) => {}
-                Some(Value::Number(n)) => {
-                    config.model_max_length = match (n.as_u64(), n.as_f64()) {
-                        (Some(v), _) => usize::try_from(v).unwrap_or(NO_LIMIT),
-                        (None, Some(v)) if v >= 1.0 => {
-                            if v >= usize::MAX as f64 {
-                                NO_LIMIT
-                            } else {
-                                v as usize
-                            }
-                        }
-                        _ => {
-                            return Err(field_error(
-                                &path,
-                                "model_max_length",
-                                format!("{n} is not a positive length"),
-                            ));
-                        }
-                    }
-                }
-                Some(other) => {
-                    return Err(field_error(
-                        &path,
-                        "model_max_length",
-                        format!("not a number: {other}"),
-                    ));
-                }
-            }
-        }
+            ],
+            &mut config.model_max_length,
+            0,
+        )?;
         Ok(config)
     }
 }
@@ -191,9 +147,7 @@ fn rows_to_tensor(rows: &[Vec<u32>], name: &str, device: &Device) -> Result<Tens
 pub struct CLIPTokenizer {
     tokenizer: tokenizers::Tokenizer,
     config: CLIPTokenizerConfig,
-    bos_token_id: u32,
-    eos_token_id: u32,
-    pad_token_id: u32,
+    ids: SpecialTokenIds,
 }
 
 impl CLIPTokenizer {
@@ -324,15 +278,12 @@ impl CLIPTokenizer {
         config: CLIPTokenizerConfig,
         origin: &Path,
     ) -> Result<Self> {
-        let id = |field: &str, token: &str| {
-            tokenizer.token_to_id(token).ok_or_else(|| {
-                field_error(origin, field, format!("{token:?} is not in the vocabulary"))
-            })
-        };
         Ok(Self {
-            bos_token_id: id("bos_token", &config.bos_token)?,
-            eos_token_id: id("eos_token", &config.eos_token)?,
-            pad_token_id: id("pad_token", &config.pad_token)?,
+            ids: SpecialTokenIds::resolve(
+                &tokenizer,
+                origin,
+                [&config.bos_token, &config.eos_token, &config.pad_token],
+            )?,
             tokenizer,
             config,
         })
@@ -350,17 +301,17 @@ impl CLIPTokenizer {
 
     /// `bos_token_id` (`<|startoftext|>`, 49406 in the real vocabulary).
     pub fn bos_token_id(&self) -> u32 {
-        self.bos_token_id
+        self.ids.bos
     }
 
     /// `eos_token_id` (`<|endoftext|>`, 49407 in the real vocabulary).
     pub fn eos_token_id(&self) -> u32 {
-        self.eos_token_id
+        self.ids.eos
     }
 
     /// `pad_token_id` (the eos id for SD 1.x, 0 for OpenCLIP folders).
     pub fn pad_token_id(&self) -> u32 {
-        self.pad_token_id
+        self.ids.pad
     }
 
     /// The vocabulary size including added tokens.
@@ -491,7 +442,7 @@ impl CLIPTokenizer {
             .filter(|(_, t)| t.special)
             .map(|(id, _)| *id)
             .next_back()
-            .unwrap_or(self.eos_token_id.max(self.bos_token_id));
+            .unwrap_or(self.ids.eos.max(self.ids.bos));
         let removed: Vec<(u32, String)> = added
             .iter()
             .filter(|(_, t)| !t.special)
@@ -587,6 +538,138 @@ impl CLIPTokenizer {
         truncation: bool,
     ) -> Result<TokenizerOutput> {
         let max_length = max_length.unwrap_or(self.config.model_max_length);
+        self.ids.tokenize(
+            prompts,
+            |prompt| self.encode(prompt, false),
+            padding,
+            max_length,
+            truncation,
+        )
+    }
+}
+
+/// Read `special_tokens_map.json`, then `tokenizer_config.json`, of a tokenizer folder (both
+/// optional; the later file wins) into the named token slots and `model_max_length`; a length
+/// below `min_length` is refused.
+///
+/// # Errors
+/// [`Error::Io`] / [`Error::Json`] for unreadable files, [`Error::ConfigField`] naming the file
+/// and key for a token or `model_max_length` of the wrong type.
+pub(crate) fn read_special_tokens(
+    dir: &Path,
+    tokens: &mut [(&str, &mut String)],
+    model_max_length: &mut usize,
+    min_length: u64,
+) -> Result<()> {
+    for name in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let path = dir.join(name);
+        if !path.is_file() {
+            continue;
+        }
+        let value = read_json(&path)?;
+        for (field, slot) in tokens.iter_mut() {
+            match value.get(*field) {
+                None | Some(Value::Null) => {}
+                Some(Value::String(s)) => **slot = s.clone(),
+                // An `AddedToken` serialised as an object.
+                Some(Value::Object(map)) => match map.get("content") {
+                    Some(Value::String(s)) => **slot = s.clone(),
+                    _ => return Err(field_error(&path, field, "token without `content`")),
+                },
+                Some(other) => {
+                    return Err(field_error(&path, field, format!("not a token: {other}")));
+                }
+            }
+        }
+        match value.get("model_max_length") {
+            None | Some(Value::Null) => {}
+            Some(Value::Number(n)) => {
+                *model_max_length = match (n.as_u64(), n.as_f64()) {
+                    (Some(v), _) if v >= min_length => usize::try_from(v).unwrap_or(NO_LIMIT),
+                    // transformers writes its "no limit" as 1e30.
+                    (None, Some(v)) if v >= 1.0 => {
+                        if v >= usize::MAX as f64 {
+                            NO_LIMIT
+                        } else {
+                            v as usize
+                        }
+                    }
+                    _ => {
+                        return Err(field_error(
+                            &path,
+                            "model_max_length",
+                            format!("{n} is not a positive length"),
+                        ));
+                    }
+                }
+            }
+            Some(other) => {
+                return Err(field_error(
+                    &path,
+                    "model_max_length",
+                    format!("not a number: {other}"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The ids a tokenizer puts around each prompt (bos, eos) and pads rows with.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SpecialTokenIds {
+    pub bos: u32,
+    pub eos: u32,
+    pub pad: u32,
+}
+
+impl SpecialTokenIds {
+    /// Look up `bos`, `eos` and `pad` in `tokenizer`'s vocabulary.
+    ///
+    /// # Errors
+    /// [`Error::ConfigField`] naming `origin` and the token's key for a token the vocabulary
+    /// does not have.
+    pub fn resolve(
+        tokenizer: &tokenizers::Tokenizer,
+        origin: &Path,
+        [bos, eos, pad]: [&str; 3],
+    ) -> Result<Self> {
+        let id = |field: &str, token: &str| {
+            tokenizer.token_to_id(token).ok_or_else(|| {
+                field_error(origin, field, format!("{token:?} is not in the vocabulary"))
+            })
+        };
+        Ok(Self {
+            bos: id("bos_token", bos)?,
+            eos: id("eos_token", eos)?,
+            pad: id("pad_token", pad)?,
+        })
+    }
+
+    /// `bos + text + eos`.
+    pub fn wrap(&self, text: Vec<u32>) -> Vec<u32> {
+        let mut ids = Vec::with_capacity(text.len() + 2);
+        ids.push(self.bos);
+        ids.extend(text);
+        ids.push(self.eos);
+        ids
+    }
+
+    /// transformers' batch call on prompts whose text ids `encode` gives: each row is
+    /// [`Self::wrap`]ped (its text cut to `max_length - 2` ids with `truncation`), then padded
+    /// with `pad` and mask 0 as `padding` asks.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`max_length`) for a length below 2 with truncation, or for
+    /// [`Padding::MaxLength`] without a finite length; as `encode`.
+    pub fn tokenize<S: AsRef<str>>(
+        &self,
+        prompts: &[S],
+        encode: impl Fn(&str) -> Result<Vec<u32>>,
+        padding: Padding,
+        max_length: usize,
+        truncation: bool,
+    ) -> Result<TokenizerOutput> {
         if truncation && max_length < 2 {
             return Err(Error::invalid_argument(
                 "max_length",
@@ -595,15 +678,11 @@ impl CLIPTokenizer {
         }
         let mut rows = Vec::with_capacity(prompts.len());
         for prompt in prompts {
-            let mut text = self.encode(prompt.as_ref(), false)?;
+            let mut text = encode(prompt.as_ref())?;
             if truncation && max_length != NO_LIMIT {
                 text.truncate(max_length - 2);
             }
-            let mut ids = Vec::with_capacity(text.len() + 2);
-            ids.push(self.bos_token_id);
-            ids.extend(text);
-            ids.push(self.eos_token_id);
-            rows.push(ids);
+            rows.push(self.wrap(text));
         }
         let target = match padding {
             Padding::DoNotPad => None,
@@ -611,7 +690,8 @@ impl CLIPTokenizer {
             Padding::MaxLength if max_length == NO_LIMIT => {
                 return Err(Error::invalid_argument(
                     "max_length",
-                    "padding to max_length needs a finite max_length",
+                    "padding to max_length needs a finite max_length (the tokenizer folder \
+                     names no model_max_length)",
                 ));
             }
             Padding::MaxLength => Some(max_length),
@@ -623,7 +703,7 @@ impl CLIPTokenizer {
                 && ids.len() < target
             {
                 mask.resize(target, 0);
-                ids.resize(target, self.pad_token_id);
+                ids.resize(target, self.pad);
             }
             output.input_ids.push(ids);
             output.attention_mask.push(mask);
@@ -632,7 +712,7 @@ impl CLIPTokenizer {
     }
 }
 
-fn read_json(path: &Path) -> Result<Value> {
+pub(crate) fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::Json {
         path: path.to_path_buf(),
@@ -642,7 +722,7 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
-fn field_error(path: &Path, field: &str, message: impl Into<String>) -> Error {
+pub(crate) fn field_error(path: &Path, field: &str, message: impl Into<String>) -> Error {
     Error::ConfigField {
         path: PathBuf::from(path),
         field: field.to_string(),

@@ -7,16 +7,13 @@
 //! `tokenizer_config.json` (then `special_tokens_map.json`) supplies `model_max_length` and the
 //! special tokens. XLM-R's layout is `<s>` 0, `<pad>` 1, `</s>` 2, `<unk>` 3, `<mask>` last.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use diffusion_core::{Error, Result};
-use serde_json::Value;
 
-use super::tokenizer::{Padding, TokenizerOutput};
-
-/// transformers' "no limit" (`VERY_LARGE_INTEGER`), the `model_max_length` of a folder that names
-/// none.
-const NO_LIMIT: usize = usize::MAX;
+use super::tokenizer::{
+    NO_LIMIT, Padding, SpecialTokenIds, TokenizerOutput, field_error, read_special_tokens,
+};
 
 /// The special tokens and limits of an XLM-R tokenizer folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -56,62 +53,17 @@ impl XLMRobertaTokenizerConfig {
     /// file and key for a token or `model_max_length` of the wrong type.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let mut config = Self::default();
-        for name in ["special_tokens_map.json", "tokenizer_config.json"] {
-            let path = dir.join(name);
-            if !path.is_file() {
-                continue;
-            }
-            let value = read_json(&path)?;
-            for (field, slot) in [
+        read_special_tokens(
+            dir,
+            &mut [
                 ("bos_token", &mut config.bos_token),
                 ("eos_token", &mut config.eos_token),
                 ("unk_token", &mut config.unk_token),
                 ("pad_token", &mut config.pad_token),
-            ] {
-                match value.get(field) {
-                    None | Some(Value::Null) => {}
-                    Some(Value::String(s)) => *slot = s.clone(),
-                    // An `AddedToken` serialised as an object.
-                    Some(Value::Object(map)) => match map.get("content") {
-                        Some(Value::String(s)) => *slot = s.clone(),
-                        _ => return Err(field_error(&path, field, "token without `content`")),
-                    },
-                    Some(other) => {
-                        return Err(field_error(&path, field, format!("not a token: {other}")));
-                    }
-                }
-            }
-            match value.get("model_max_length") {
-                None | Some(Value::Null) => {}
-                Some(Value::Number(n)) => {
-                    config.model_max_length = match (n.as_u64(), n.as_f64()) {
-                        (Some(v), _) if v > 0 => usize::try_from(v).unwrap_or(NO_LIMIT),
-                        // transformers writes its "no limit" as 1e30.
-                        (None, Some(v)) if v >= 1.0 => {
-                            if v >= usize::MAX as f64 {
-                                NO_LIMIT
-                            } else {
-                                v as usize
-                            }
-                        }
-                        _ => {
-                            return Err(field_error(
-                                &path,
-                                "model_max_length",
-                                format!("{n} is not a positive length"),
-                            ));
-                        }
-                    }
-                }
-                Some(other) => {
-                    return Err(field_error(
-                        &path,
-                        "model_max_length",
-                        format!("not a number: {other}"),
-                    ));
-                }
-            }
-        }
+            ],
+            &mut config.model_max_length,
+            1,
+        )?;
         Ok(config)
     }
 }
@@ -134,9 +86,7 @@ impl XLMRobertaTokenizerConfig {
 pub struct XLMRobertaTokenizer {
     tokenizer: tokenizers::Tokenizer,
     config: XLMRobertaTokenizerConfig,
-    bos_token_id: u32,
-    eos_token_id: u32,
-    pad_token_id: u32,
+    ids: SpecialTokenIds,
 }
 
 impl XLMRobertaTokenizer {
@@ -180,15 +130,12 @@ impl XLMRobertaTokenizer {
         config: XLMRobertaTokenizerConfig,
         origin: &Path,
     ) -> Result<Self> {
-        let id = |field: &str, token: &str| {
-            tokenizer.token_to_id(token).ok_or_else(|| {
-                field_error(origin, field, format!("{token:?} is not in the vocabulary"))
-            })
-        };
         Ok(Self {
-            bos_token_id: id("bos_token", &config.bos_token)?,
-            eos_token_id: id("eos_token", &config.eos_token)?,
-            pad_token_id: id("pad_token", &config.pad_token)?,
+            ids: SpecialTokenIds::resolve(
+                &tokenizer,
+                origin,
+                [&config.bos_token, &config.eos_token, &config.pad_token],
+            )?,
             tokenizer,
             config,
         })
@@ -206,17 +153,17 @@ impl XLMRobertaTokenizer {
 
     /// `bos_token_id` (`<s>`, 0).
     pub fn bos_token_id(&self) -> u32 {
-        self.bos_token_id
+        self.ids.bos
     }
 
     /// `eos_token_id` (`</s>`, 2).
     pub fn eos_token_id(&self) -> u32 {
-        self.eos_token_id
+        self.ids.eos
     }
 
     /// `pad_token_id` (`<pad>`, 1).
     pub fn pad_token_id(&self) -> u32 {
-        self.pad_token_id
+        self.ids.pad
     }
 
     /// The vocabulary size including added tokens (`len(tokenizer)`).
@@ -257,14 +204,11 @@ impl XLMRobertaTokenizer {
             .encode(prompt, false)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| Error::invalid_argument("prompt", e.to_string()))?;
-        if !add_special_tokens {
-            return Ok(text);
-        }
-        let mut ids = Vec::with_capacity(text.len() + 2);
-        ids.push(self.bos_token_id);
-        ids.extend(text);
-        ids.push(self.eos_token_id);
-        Ok(ids)
+        Ok(if add_special_tokens {
+            self.ids.wrap(text)
+        } else {
+            text
+        })
     }
 
     /// `tokenizer(prompts, padding=padding, max_length=max_length, truncation=truncation)`:
@@ -284,66 +228,12 @@ impl XLMRobertaTokenizer {
         truncation: bool,
     ) -> Result<TokenizerOutput> {
         let max_length = max_length.unwrap_or(self.config.model_max_length);
-        if truncation && max_length < 2 {
-            return Err(Error::invalid_argument(
-                "max_length",
-                format!("{max_length} leaves no room for the <s> and </s> tokens"),
-            ));
-        }
-        let mut rows = Vec::with_capacity(prompts.len());
-        for prompt in prompts {
-            let mut text = self.encode(prompt.as_ref(), false)?;
-            if truncation && max_length != NO_LIMIT {
-                text.truncate(max_length - 2);
-            }
-            let mut ids = Vec::with_capacity(text.len() + 2);
-            ids.push(self.bos_token_id);
-            ids.extend(text);
-            ids.push(self.eos_token_id);
-            rows.push(ids);
-        }
-        let target = match padding {
-            Padding::DoNotPad => None,
-            Padding::Longest => rows.iter().map(Vec::len).max(),
-            Padding::MaxLength if max_length == NO_LIMIT => {
-                return Err(Error::invalid_argument(
-                    "max_length",
-                    "padding to max_length needs a finite max_length (the tokenizer folder \
-                     names no model_max_length)",
-                ));
-            }
-            Padding::MaxLength => Some(max_length),
-        };
-        let mut output = TokenizerOutput::default();
-        for mut ids in rows {
-            let mut mask = vec![1; ids.len()];
-            if let Some(target) = target
-                && ids.len() < target
-            {
-                mask.resize(target, 0);
-                ids.resize(target, self.pad_token_id);
-            }
-            output.input_ids.push(ids);
-            output.attention_mask.push(mask);
-        }
-        Ok(output)
-    }
-}
-
-fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Json {
-        path: path.to_path_buf(),
-        line: e.line(),
-        column: e.column(),
-        message: e.to_string(),
-    })
-}
-
-fn field_error(path: &Path, field: &str, message: impl Into<String>) -> Error {
-    Error::ConfigField {
-        path: PathBuf::from(path),
-        field: field.to_string(),
-        message: message.into(),
+        self.ids.tokenize(
+            prompts,
+            |prompt| self.encode(prompt, false),
+            padding,
+            max_length,
+            truncation,
+        )
     }
 }

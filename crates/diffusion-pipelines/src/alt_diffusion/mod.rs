@@ -13,22 +13,21 @@
 //! `hidden_size` wide and not projected to the UNet's width, and XLM-R has no final norm to
 //! apply, so there is no result to reproduce.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use diffusion_core::burn::module::Module;
 use diffusion_core::burn::tensor::{FloatDType, Tensor};
-use diffusion_core::{ComponentSpec, Device, Error, ModelIndex, Result};
+use diffusion_core::{Device, Error, Result};
 use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_models::modeling_utils::to_dtype;
-use diffusion_models::unets::unet_2d::SampleSize;
 use diffusion_models::{
-    AutoencoderKL, LoadMode, ModelMixin, Padding, PretrainedOptions,
-    RobertaSeriesModelWithTransformation, UNet2DConditionModel, XLMRobertaTokenizer,
+    AutoencoderKL, Padding, RobertaSeriesModelWithTransformation, UNet2DConditionModel,
+    XLMRobertaTokenizer,
 };
 use diffusion_schedulers::{AnyScheduler, SchedulerSpec};
 
+use crate::stable_diffusion::folder::{self, FolderRules, component_options, load_unet_vae};
 use crate::stable_diffusion::prompt::PromptEncoder;
-use crate::stable_diffusion::{SdModels, load_image_encoder, variant_for};
+use crate::stable_diffusion::{SdModels, load_image_encoder};
 
 pub mod pipeline_alt_diffusion;
 pub mod pipeline_alt_diffusion_img2img;
@@ -38,6 +37,28 @@ pub use pipeline_alt_diffusion_img2img::{AltDiffusionImg2ImgArgs, AltDiffusionIm
 
 /// The pipeline classes whose folders hold these components.
 pub const PIPELINE_CLASSES: &[&str] = &["AltDiffusionPipeline", "AltDiffusionImg2ImgPipeline"];
+
+/// What AltDiffusion folders may hold (the IP-Adapter image encoder is loaded when present;
+/// there is no safety checker).
+const FOLDER_RULES: FolderRules<'static> = FolderRules {
+    family: "AltDiffusion",
+    pipeline_classes: PIPELINE_CLASSES,
+    required: &[
+        ("unet", &["UNet2DConditionModel"]),
+        ("vae", &["AutoencoderKL"]),
+        ("text_encoder", &["RobertaSeriesModelWithTransformation"]),
+        (
+            "tokenizer",
+            &["XLMRobertaTokenizer", "XLMRobertaTokenizerFast"],
+        ),
+        ("scheduler", &[]),
+    ],
+    known: &["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
+    optional: &["safety_checker", "feature_extractor", "image_encoder"],
+    not_loaded: &["safety_checker"],
+    not_loaded_note: "this port runs no safety checker",
+    component_kind: "an AltDiffusion component",
+};
 
 /// The models and scheduler of the AltDiffusion pipelines.
 ///
@@ -97,22 +118,9 @@ impl AltDiffusionComponents {
     /// class, a missing required component or one of an unexpected class; as the component
     /// loaders (strict weights).
     pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        if !index_path.is_file() {
-            return Err(Error::NotFound {
-                path: dir.to_path_buf(),
-                message: "no `model_index.json`: not a diffusers pipeline folder".into(),
-            });
-        }
-        let index = ModelIndex::load(&index_path)?;
-        check_index(&index, &index_path)?;
-        let opts = |component: &str| PretrainedOptions {
-            variant: variant_for(&dir.join(component), variant),
-            mode: LoadMode::default(),
-        };
-        let (unet, _) =
-            UNet2DConditionModel::from_pretrained_with(dir.join("unet"), &opts("unet"), device)?;
-        let (vae, _) = AutoencoderKL::from_pretrained_with(dir.join("vae"), &opts("vae"), device)?;
+        FOLDER_RULES.read_index(dir)?;
+        let opts = |component: &str| component_options(dir, component, variant);
+        let (unet, vae) = load_unet_vae(dir, variant, device)?;
         let (text_encoder, _) = RobertaSeriesModelWithTransformation::from_pretrained_with(
             dir.join("text_encoder"),
             &opts("text_encoder"),
@@ -158,7 +166,7 @@ impl AltDiffusionComponents {
 
     /// Pixels per latent along each side.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+        folder::vae_scale_factor(&self.vae)
     }
 
     /// `unet.config.sample_size * vae_scale_factor` as `(height, width)`.
@@ -166,15 +174,7 @@ impl AltDiffusionComponents {
     /// # Errors
     /// [`Error::InvalidArgument`] (`height`) when the UNet config has no `sample_size`.
     pub fn default_size(&self) -> Result<(usize, usize)> {
-        let f = self.vae_scale_factor();
-        match self.unet.config().sample_size {
-            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
-            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
-            None => Err(Error::invalid_argument(
-                "height",
-                "the UNet config has no sample_size: give height and width",
-            )),
-        }
+        folder::default_size(&self.vae, &self.unet)
     }
 
     /// The device the models live on.
@@ -182,11 +182,7 @@ impl AltDiffusionComponents {
     /// # Errors
     /// [`Error::InvalidArgument`] (`unet`) for a model without parameters.
     pub fn device(&self) -> Result<Device> {
-        self.unet
-            .devices()
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))
+        folder::unet_device(&self.unet)
     }
 
     /// The prompt encoder and the Stable Diffusion models, borrowed for one call.
@@ -256,86 +252,4 @@ impl PromptEncoder for AltPromptEncoder<'_> {
             .forward(tokens.input_ids_tensor(device)?, mask)?;
         Ok(out.projection_state)
     }
-}
-
-fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
-    let field_err = |field: &str, message: String| Error::ConfigField {
-        path: PathBuf::from(path),
-        field: field.to_string(),
-        message,
-    };
-    if !PIPELINE_CLASSES.contains(&index.class_name.as_str()) {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            field: "_class_name".into(),
-            value: index.class_name.clone(),
-            reason: format!(
-                "the AltDiffusion pipelines load {} folders",
-                PIPELINE_CLASSES.join(" / ")
-            ),
-        });
-    }
-    let required: &[(&str, &[&str])] = &[
-        ("unet", &["UNet2DConditionModel"]),
-        ("vae", &["AutoencoderKL"]),
-        ("text_encoder", &["RobertaSeriesModelWithTransformation"]),
-        (
-            "tokenizer",
-            &["XLMRobertaTokenizer", "XLMRobertaTokenizerFast"],
-        ),
-    ];
-    for (name, classes) in required {
-        match index.components.get(*name) {
-            Some(ComponentSpec {
-                class_name: Some(class),
-                ..
-            }) if classes.contains(&class.as_str()) => {}
-            Some(ComponentSpec {
-                class_name: Some(class),
-                ..
-            }) => {
-                return Err(Error::Unsupported {
-                    path: path.to_path_buf(),
-                    field: (*name).into(),
-                    value: class.clone(),
-                    reason: format!("expected {}", classes.join(" or ")),
-                });
-            }
-            _ => return Err(field_err(name, "required component is missing".into())),
-        }
-    }
-    if !matches!(
-        index.components.get("scheduler"),
-        Some(ComponentSpec {
-            class_name: Some(_),
-            ..
-        })
-    ) {
-        return Err(field_err(
-            "scheduler",
-            "required component is missing".into(),
-        ));
-    }
-    for (name, spec) in &index.components {
-        let known = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
-        if known.contains(&name.as_str()) || spec.class_name.is_none() {
-            continue;
-        }
-        if ["safety_checker", "feature_extractor", "image_encoder"].contains(&name.as_str()) {
-            if name == "safety_checker" {
-                log::warn!(
-                    "{}: `safety_checker` is not loaded; this port runs no safety checker",
-                    path.display()
-                );
-            }
-            continue;
-        }
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            field: name.clone(),
-            value: spec.class_name.clone().unwrap_or_default(),
-            reason: "not an AltDiffusion component".into(),
-        });
-    }
-    Ok(())
 }

@@ -6,21 +6,21 @@
 //! from parts. burn modules share their weights when cloned, so moving the components from one
 //! pipeline to another (`from_pipe`) costs no memory and no loading.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use diffusion_core::burn::module::Module;
+#[cfg(doc)]
+use diffusion_core::Error;
 use diffusion_core::burn::tensor::FloatDType;
-use diffusion_core::{ComponentSpec, Device, Error, ModelIndex, Result};
+use diffusion_core::{Device, Result};
 use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_models::modeling_utils::to_dtype;
-use diffusion_models::unets::unet_2d::SampleSize;
 use diffusion_models::{
-    AutoencoderKL, CLIPTextModel, CLIPTokenizer, LoadMode, ModelMixin, PretrainedOptions,
-    UNet2DConditionModel,
+    AutoencoderKL, CLIPTextModel, CLIPTokenizer, PretrainedOptions, UNet2DConditionModel,
 };
 use diffusion_schedulers::{AnyScheduler, SchedulerSpec};
 
 pub(crate) mod denoise;
+pub(crate) mod folder;
 pub(crate) mod image_input;
 pub(crate) mod mask_crop;
 pub mod pipeline_stable_diffusion;
@@ -29,6 +29,8 @@ pub mod pipeline_stable_diffusion_inpaint;
 pub(crate) mod prompt;
 
 pub use image_input::PipelineImageInput;
+
+use folder::{FolderRules, component_options, load_unet_vae};
 pub use pipeline_stable_diffusion::{StableDiffusionArgs, StableDiffusionPipeline};
 pub use pipeline_stable_diffusion_img2img::{
     StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline,
@@ -46,18 +48,33 @@ const PIPELINE_CLASSES: &[&str] = &[
     "StableDiffusionPix2PixZeroPipeline",
 ];
 
-/// Optional components diffusers' Stable Diffusion folders may name: the IP-Adapter image encoder
-/// and its feature extractor are loaded when present; there is no safety checker.
-const OPTIONAL: &[&str] = &[
-    "safety_checker",
-    "feature_extractor",
-    "image_encoder",
-    // Pix2Pix Zero folders: the inverse scheduler is read by that pipeline; the BLIP captioner is
-    // not ported (captions are given, or come from a `Captioner`).
-    "inverse_scheduler",
-    "caption_generator",
-    "caption_processor",
-];
+/// What Stable Diffusion folders may hold. Optional components: the IP-Adapter image encoder and
+/// its feature extractor are loaded when present; there is no safety checker; in Pix2Pix Zero
+/// folders the inverse scheduler is read by that pipeline, and the BLIP captioner is not ported
+/// (captions are given, or come from a `Captioner`).
+const FOLDER_RULES: FolderRules<'static> = FolderRules {
+    family: "Stable Diffusion",
+    pipeline_classes: PIPELINE_CLASSES,
+    required: &[
+        ("unet", &["UNet2DConditionModel"]),
+        ("vae", &["AutoencoderKL"]),
+        ("text_encoder", &["CLIPTextModel"]),
+        ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"]),
+        ("scheduler", &[]),
+    ],
+    known: &["unet", "vae", "text_encoder", "tokenizer", "scheduler"],
+    optional: &[
+        "safety_checker",
+        "feature_extractor",
+        "image_encoder",
+        "inverse_scheduler",
+        "caption_generator",
+        "caption_processor",
+    ],
+    not_loaded: &["safety_checker", "caption_generator", "caption_processor"],
+    not_loaded_note: "this port runs no safety checker or BLIP captioner",
+    component_kind: "a Stable Diffusion 1.x/2.x component",
+};
 
 /// The models and scheduler every Stable Diffusion 1.x / 2.x pipeline runs on.
 ///
@@ -123,22 +140,9 @@ impl StableDiffusionComponents {
     /// # Errors
     /// As [`Self::from_pretrained_with`].
     pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        if !index_path.is_file() {
-            return Err(Error::NotFound {
-                path: dir.to_path_buf(),
-                message: "no `model_index.json`: not a diffusers pipeline folder".into(),
-            });
-        }
-        let index = ModelIndex::load(&index_path)?;
-        check_index(&index, &index_path)?;
-        let opts = |component: &str| PretrainedOptions {
-            variant: variant_for(&dir.join(component), variant),
-            mode: LoadMode::default(),
-        };
-        let (unet, _) =
-            UNet2DConditionModel::from_pretrained_with(dir.join("unet"), &opts("unet"), device)?;
-        let (vae, _) = AutoencoderKL::from_pretrained_with(dir.join("vae"), &opts("vae"), device)?;
+        FOLDER_RULES.read_index(dir)?;
+        let opts = |component: &str| component_options(dir, component, variant);
+        let (unet, vae) = load_unet_vae(dir, variant, device)?;
         let (text_encoder, _) = CLIPTextModel::from_pretrained_with(
             dir.join("text_encoder"),
             &opts("text_encoder"),
@@ -186,7 +190,7 @@ impl StableDiffusionComponents {
 
     /// `2 ** (len(vae.block_out_channels) - 1)`: pixels per latent along each side.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+        folder::vae_scale_factor(&self.vae)
     }
 
     /// `unet.config.sample_size * vae_scale_factor` as `(height, width)`, the default image size.
@@ -194,15 +198,7 @@ impl StableDiffusionComponents {
     /// # Errors
     /// [`Error::InvalidArgument`] (`height`) when the UNet config has no `sample_size`.
     pub fn default_size(&self) -> Result<(usize, usize)> {
-        let f = self.vae_scale_factor();
-        match self.unet.config().sample_size {
-            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
-            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
-            None => Err(Error::invalid_argument(
-                "height",
-                "the UNet config has no sample_size: give height and width",
-            )),
-        }
+        folder::default_size(&self.vae, &self.unet)
     }
 
     /// The device the models live on.
@@ -210,11 +206,7 @@ impl StableDiffusionComponents {
     /// # Errors
     /// [`Error::InvalidArgument`] (`unet`) for a model without parameters.
     pub fn device(&self) -> Result<Device> {
-        self.unet
-            .devices()
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))
+        folder::unet_device(&self.unet)
     }
 }
 
@@ -231,29 +223,17 @@ pub(crate) struct SdModels<'a> {
 impl SdModels<'_> {
     /// As [`StableDiffusionComponents::vae_scale_factor`].
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+        folder::vae_scale_factor(self.vae)
     }
 
     /// As [`StableDiffusionComponents::default_size`].
     pub fn default_size(&self) -> Result<(usize, usize)> {
-        let f = self.vae_scale_factor();
-        match self.unet.config().sample_size {
-            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
-            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
-            None => Err(Error::invalid_argument(
-                "height",
-                "the UNet config has no sample_size: give height and width",
-            )),
-        }
+        folder::default_size(self.vae, self.unet)
     }
 
     /// As [`StableDiffusionComponents::device`].
     pub fn device(&self) -> Result<Device> {
-        self.unet
-            .devices()
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::invalid_argument("unet", "the model has no parameters"))
+        folder::unet_device(self.unet)
     }
 }
 
@@ -276,88 +256,6 @@ pub(crate) fn variant_for(dir: &Path, variant: Option<&str>) -> Option<String> {
         );
     }
     has.then(|| variant.to_string())
-}
-
-fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
-    let field_err = |field: &str, message: String| Error::ConfigField {
-        path: PathBuf::from(path),
-        field: field.to_string(),
-        message,
-    };
-    if !PIPELINE_CLASSES.contains(&index.class_name.as_str()) {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            field: "_class_name".into(),
-            value: index.class_name.clone(),
-            reason: format!(
-                "the Stable Diffusion pipelines load {} folders",
-                PIPELINE_CLASSES.join(" / ")
-            ),
-        });
-    }
-    let required: &[(&str, &[&str])] = &[
-        ("unet", &["UNet2DConditionModel"]),
-        ("vae", &["AutoencoderKL"]),
-        ("text_encoder", &["CLIPTextModel"]),
-        ("tokenizer", &["CLIPTokenizer", "CLIPTokenizerFast"]),
-    ];
-    for (name, classes) in required {
-        match index.components.get(*name) {
-            Some(ComponentSpec {
-                class_name: Some(class),
-                ..
-            }) if classes.contains(&class.as_str()) => {}
-            Some(ComponentSpec {
-                class_name: Some(class),
-                ..
-            }) => {
-                return Err(Error::Unsupported {
-                    path: path.to_path_buf(),
-                    field: (*name).into(),
-                    value: class.clone(),
-                    reason: format!("expected {}", classes.join(" or ")),
-                });
-            }
-            _ => return Err(field_err(name, "required component is missing".into())),
-        }
-    }
-    if !matches!(
-        index.components.get("scheduler"),
-        Some(ComponentSpec {
-            class_name: Some(_),
-            ..
-        })
-    ) {
-        return Err(field_err(
-            "scheduler",
-            "required component is missing".into(),
-        ));
-    }
-    for (name, spec) in &index.components {
-        let known = ["unet", "vae", "text_encoder", "tokenizer", "scheduler"];
-        if known.contains(&name.as_str()) || spec.class_name.is_none() {
-            continue;
-        }
-        if OPTIONAL.contains(&name.as_str()) {
-            if matches!(
-                name.as_str(),
-                "safety_checker" | "caption_generator" | "caption_processor"
-            ) {
-                log::warn!(
-                    "{}: `{name}` is not loaded; this port runs no safety checker or BLIP captioner",
-                    path.display()
-                );
-            }
-            continue;
-        }
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            field: name.clone(),
-            value: spec.class_name.clone().unwrap_or_default(),
-            reason: "not a Stable Diffusion 1.x/2.x component".into(),
-        });
-    }
-    Ok(())
 }
 
 /// The optional IP-Adapter image encoder and its preprocessing of a pipeline folder

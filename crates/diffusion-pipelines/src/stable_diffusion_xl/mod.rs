@@ -8,10 +8,8 @@ use diffusion_core::burn::tensor::FloatDType;
 use diffusion_core::{ComponentSpec, Device, Error, ModelIndex, Result};
 use diffusion_loaders::{HubOptions, resolve_model_dir};
 use diffusion_models::modeling_utils::to_dtype;
-use diffusion_models::unets::unet_2d::SampleSize;
 use diffusion_models::{
-    AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, LoadMode, ModelMixin,
-    PretrainedOptions, UNet2DConditionModel,
+    AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, UNet2DConditionModel,
 };
 use diffusion_schedulers::{AnyScheduler, SchedulerSpec};
 
@@ -22,13 +20,15 @@ mod prompt;
 
 pub use pipeline_stable_diffusion_xl::{StableDiffusionXLArgs, StableDiffusionXLPipeline};
 pub use pipeline_stable_diffusion_xl_img2img::{
-    StableDiffusionXLImg2ImgArgs, StableDiffusionXLImg2ImgPipeline,
+    MicroConditioning, StableDiffusionXLImg2ImgArgs, StableDiffusionXLImg2ImgPipeline,
 };
 pub use pipeline_stable_diffusion_xl_inpaint::{
     StableDiffusionXLInpaintArgs, StableDiffusionXLInpaintPipeline,
 };
 
-use crate::stable_diffusion::variant_for;
+use crate::stable_diffusion::folder::{
+    self, FolderRules, component_options, load_unet_vae, read_model_index,
+};
 
 /// The pipeline classes whose folders hold these components.
 const PIPELINE_CLASSES: &[&str] = &[
@@ -109,14 +109,7 @@ impl StableDiffusionXLComponents {
     /// # Errors
     /// As [`Self::from_pretrained_with`].
     pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
-        let index_path = dir.join("model_index.json");
-        if !index_path.is_file() {
-            return Err(Error::NotFound {
-                path: dir.to_path_buf(),
-                message: "no `model_index.json`: not a diffusers pipeline folder".into(),
-            });
-        }
-        let index = ModelIndex::load(&index_path)?;
+        let (index, index_path) = read_model_index(dir)?;
         check_index(&index, &index_path)?;
         let flag = |name: &str, default: bool| match index.options.get(name) {
             None => Ok(default),
@@ -129,13 +122,8 @@ impl StableDiffusionXLComponents {
         let force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", true)?;
         let requires_aesthetics_score = flag("requires_aesthetics_score", false)?;
         let has_text_encoder = present(&index, "text_encoder");
-        let opts = |component: &str| PretrainedOptions {
-            variant: variant_for(&dir.join(component), variant),
-            mode: LoadMode::default(),
-        };
-        let (unet, _) =
-            UNet2DConditionModel::from_pretrained_with(dir.join("unet"), &opts("unet"), device)?;
-        let (vae, _) = AutoencoderKL::from_pretrained_with(dir.join("vae"), &opts("vae"), device)?;
+        let opts = |component: &str| component_options(dir, component, variant);
+        let (unet, vae) = load_unet_vae(dir, variant, device)?;
         let (text_encoder, tokenizer) = if has_text_encoder {
             let (model, _) = CLIPTextModel::from_pretrained_with(
                 dir.join("text_encoder"),
@@ -198,7 +186,7 @@ impl StableDiffusionXLComponents {
 
     /// `2 ** (len(vae.block_out_channels) - 1)`.
     pub fn vae_scale_factor(&self) -> usize {
-        1 << self.vae.config().block_out_channels.len().saturating_sub(1)
+        folder::vae_scale_factor(&self.vae)
     }
 
     /// `unet.config.sample_size * vae_scale_factor` as `(height, width)`.
@@ -206,111 +194,69 @@ impl StableDiffusionXLComponents {
     /// # Errors
     /// [`Error::InvalidArgument`] (`height`) when the UNet config has no `sample_size`.
     pub fn default_size(&self) -> Result<(usize, usize)> {
-        let f = self.vae_scale_factor();
-        match self.unet.config().sample_size {
-            Some(SampleSize::Square(s)) => Ok((s * f, s * f)),
-            Some(SampleSize::Rect([h, w])) => Ok((h * f, w * f)),
-            None => Err(Error::invalid_argument(
-                "height",
-                "the UNet config has no sample_size: give height and width",
-            )),
-        }
+        folder::default_size(&self.vae, &self.unet)
     }
 }
 
+const TOKENIZERS: &[&str] = &["CLIPTokenizer", "CLIPTokenizerFast"];
+
+/// The required components of a base model, in the order they are checked; a refiner's are the
+/// first four.
+const REQUIRED_BASE: &[(&str, &[&str])] = &[
+    ("unet", &["UNet2DConditionModel"]),
+    ("vae", &["AutoencoderKL"]),
+    ("text_encoder_2", &["CLIPTextModelWithProjection"]),
+    ("tokenizer_2", TOKENIZERS),
+    ("text_encoder", &["CLIPTextModel"]),
+    ("tokenizer", TOKENIZERS),
+];
+
+/// What SDXL folders may hold (refiners: no first text encoder and tokenizer). The
+/// IP-Adapter image encoder and its feature extractor are accepted with a warning.
+const FOLDER_RULES: FolderRules<'static> = FolderRules {
+    family: "SDXL",
+    pipeline_classes: PIPELINE_CLASSES,
+    required: REQUIRED_BASE.split_at(4).0,
+    known: &[
+        "unet",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "scheduler",
+    ],
+    optional: &["feature_extractor", "image_encoder"],
+    not_loaded: &["feature_extractor", "image_encoder"],
+    not_loaded_note: "IP-Adapter inputs are not supported",
+    component_kind: "an SDXL component",
+};
+
 fn check_index(index: &ModelIndex, path: &Path) -> Result<()> {
-    if !PIPELINE_CLASSES.contains(&index.class_name.as_str()) {
-        return Err(Error::Unsupported {
-            path: path.to_path_buf(),
-            field: "_class_name".into(),
-            value: index.class_name.clone(),
-            reason: format!(
-                "the SDXL pipelines load {} folders",
-                PIPELINE_CLASSES.join(" / ")
-            ),
-        });
-    }
-    let tokenizers: &[&str] = &["CLIPTokenizer", "CLIPTokenizerFast"];
-    let mut required: Vec<(&str, &[&str])> = vec![
-        ("unet", &["UNet2DConditionModel"]),
-        ("vae", &["AutoencoderKL"]),
-        ("text_encoder_2", &["CLIPTextModelWithProjection"]),
-        ("tokenizer_2", tokenizers),
-    ];
     // Refiners have no first text encoder: both entries are null together.
-    match (present(index, "text_encoder"), present(index, "tokenizer")) {
-        (true, true) => {
-            required.push(("text_encoder", &["CLIPTextModel"]));
-            required.push(("tokenizer", tokenizers));
+    let has_encoder = present(index, "text_encoder");
+    let rules = if has_encoder && present(index, "tokenizer") {
+        FolderRules {
+            required: REQUIRED_BASE,
+            ..FOLDER_RULES
         }
-        (false, false) => {}
-        (has_encoder, _) => {
-            return Err(Error::ConfigField {
-                path: path.to_path_buf(),
-                field: if has_encoder {
-                    "tokenizer"
-                } else {
-                    "text_encoder"
-                }
-                .into(),
-                message: "text_encoder and tokenizer must both be present or both be null".into(),
-            });
-        }
-    }
-    for (name, classes) in &required {
-        match index.components.get(*name) {
-            Some(ComponentSpec {
-                class_name: Some(class),
-                ..
-            }) if classes.contains(&class.as_str()) => {}
-            Some(ComponentSpec {
-                class_name: Some(class),
-                ..
-            }) => {
-                return Err(Error::Unsupported {
-                    path: path.to_path_buf(),
-                    field: (*name).into(),
-                    value: class.clone(),
-                    reason: format!("expected {}", classes.join(" or ")),
-                });
-            }
-            _ => {
-                return Err(Error::ConfigField {
-                    path: path.to_path_buf(),
-                    field: (*name).into(),
-                    message: "required component is missing".into(),
-                });
-            }
-        }
-    }
-    for (name, spec) in &index.components {
-        let known = [
-            "unet",
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "tokenizer",
-            "tokenizer_2",
-            "scheduler",
-        ];
-        if known.contains(&name.as_str()) || spec.class_name.is_none() {
-            continue;
-        }
-        if ["feature_extractor", "image_encoder"].contains(&name.as_str()) {
-            log::warn!(
-                "{}: `{name}` is not loaded; IP-Adapter inputs are not supported",
-                path.display()
-            );
-            continue;
-        }
-        return Err(Error::Unsupported {
+    } else {
+        FOLDER_RULES
+    };
+    let mismatched = has_encoder != present(index, "tokenizer");
+    if mismatched && PIPELINE_CLASSES.contains(&index.class_name.as_str()) {
+        return Err(Error::ConfigField {
             path: path.to_path_buf(),
-            field: name.clone(),
-            value: spec.class_name.clone().unwrap_or_default(),
-            reason: "not an SDXL component".into(),
+            field: if has_encoder {
+                "tokenizer"
+            } else {
+                "text_encoder"
+            }
+            .into(),
+            message: "text_encoder and tokenizer must both be present or both be null".into(),
         });
     }
-    Ok(())
+    rules.check(index, path)
 }
 
 /// Whether `model_index.json` names a component that is not null.

@@ -70,22 +70,10 @@ pub struct StableDiffusionXLImg2ImgArgs<'a> {
     pub output_type: OutputType,
     /// Rescale of the guided prediction (default 0: off).
     pub guidance_rescale: f64,
-    /// Micro-conditioning: the original size; `None` is the output size.
-    pub original_size: Option<(usize, usize)>,
-    /// Micro-conditioning: the crop's top-left corner (default `(0, 0)`).
-    pub crops_coords_top_left: (usize, usize),
-    /// Micro-conditioning: the target size; `None` is the output size.
-    pub target_size: Option<(usize, usize)>,
-    /// Negative original size (`None`: `original_size`).
-    pub negative_original_size: Option<(usize, usize)>,
-    /// Negative crop corner (default `(0, 0)`; used with aesthetic scores only, as in diffusers).
-    pub negative_crops_coords_top_left: (usize, usize),
-    /// Negative target size (`None`: `target_size`).
-    pub negative_target_size: Option<(usize, usize)>,
-    /// Aesthetic score conditioning of refiners (`requires_aesthetics_score`, default 6.0).
-    pub aesthetic_score: f64,
-    /// Negative aesthetic score (default 2.5).
-    pub negative_aesthetic_score: f64,
+    /// Size micro-conditioning, and the aesthetic scores of refiners (diffusers'
+    /// `original_size`, `crops_coords_top_left`, `target_size`, their `negative_*` forms,
+    /// `aesthetic_score`, `negative_aesthetic_score`).
+    pub micro_conditioning: MicroConditioning,
     /// Skip this many more final layers of the encoders.
     pub clip_skip: Option<usize>,
     /// IP-Adapter images, embeddings and masks (`ip_adapter_image`, `ip_adapter_image_embeds`,
@@ -122,14 +110,7 @@ impl Default for StableDiffusionXLImg2ImgArgs<'_> {
             negative_pooled_prompt_embeds: None,
             output_type: OutputType::Pil,
             guidance_rescale: 0.0,
-            original_size: None,
-            crops_coords_top_left: (0, 0),
-            target_size: None,
-            negative_original_size: None,
-            negative_crops_coords_top_left: (0, 0),
-            negative_target_size: None,
-            aesthetic_score: 6.0,
-            negative_aesthetic_score: 2.5,
+            micro_conditioning: MicroConditioning::default(),
             clip_skip: None,
             ip_adapter: crate::IPAdapterArgs::default(),
             callback: None,
@@ -148,7 +129,7 @@ impl std::fmt::Debug for StableDiffusionXLImg2ImgArgs<'_> {
             .field("denoising_end", &self.denoising_end)
             .field("guidance_scale", &self.guidance_scale)
             .field("generator", &self.generator)
-            .field("aesthetic_score", &self.aesthetic_score)
+            .field("micro_conditioning", &self.micro_conditioning)
             .field("output_type", &self.output_type)
             .finish_non_exhaustive()
     }
@@ -377,16 +358,7 @@ impl StableDiffusionXLImg2ImgPipeline {
         let [_, _, lh, lw] = latents.dims();
         let (height, width) = (lh * f, lw * f);
 
-        let conditioning = MicroConditioning {
-            original_size: args.original_size,
-            crops_coords_top_left: args.crops_coords_top_left,
-            target_size: args.target_size,
-            negative_original_size: args.negative_original_size,
-            negative_crops_coords_top_left: args.negative_crops_coords_top_left,
-            negative_target_size: args.negative_target_size,
-            aesthetic_score: args.aesthetic_score,
-            negative_aesthetic_score: args.negative_aesthetic_score,
-        };
+        let conditioning = &args.micro_conditioning;
         let (prompt_embeds, added_cond) =
             conditioning.build(c, (height, width), embeddings, batch, dtype, &device)?;
 
@@ -428,18 +400,43 @@ impl StableDiffusionXLImg2ImgPipeline {
     }
 }
 
-/// The image-to-image pipelines' size micro-conditioning (`_get_add_time_ids` of
+/// The image-to-image and inpainting pipelines' size micro-conditioning (`_get_add_time_ids` of
 /// StableDiffusionXLImg2ImgPipeline / -InpaintPipeline): sizes and crop, with the aesthetic
-/// score instead of the target size for refiners.
-pub(crate) struct MicroConditioning {
+/// score instead of the target size for refiners (`requires_aesthetics_score`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MicroConditioning {
+    /// The original size; `None` is the output size.
     pub original_size: Option<(usize, usize)>,
+    /// The crop's top-left corner (default `(0, 0)`).
     pub crops_coords_top_left: (usize, usize),
+    /// The target size; `None` is the output size.
     pub target_size: Option<(usize, usize)>,
+    /// Negative original size (`None`: `original_size`).
     pub negative_original_size: Option<(usize, usize)>,
+    /// Negative crop corner (default `(0, 0)`; used with aesthetic scores only, as in
+    /// diffusers).
     pub negative_crops_coords_top_left: (usize, usize),
+    /// Negative target size (`None`: `target_size`).
     pub negative_target_size: Option<(usize, usize)>,
+    /// Aesthetic score of refiners (default 6.0).
     pub aesthetic_score: f64,
+    /// Negative aesthetic score (default 2.5).
     pub negative_aesthetic_score: f64,
+}
+
+impl Default for MicroConditioning {
+    fn default() -> Self {
+        Self {
+            original_size: None,
+            crops_coords_top_left: (0, 0),
+            target_size: None,
+            negative_original_size: None,
+            negative_crops_coords_top_left: (0, 0),
+            negative_target_size: None,
+            aesthetic_score: 6.0,
+            negative_aesthetic_score: 2.5,
+        }
+    }
 }
 
 impl MicroConditioning {

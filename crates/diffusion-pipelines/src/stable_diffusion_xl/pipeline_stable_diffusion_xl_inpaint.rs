@@ -86,22 +86,10 @@ pub struct StableDiffusionXLInpaintArgs<'a> {
     pub output_type: OutputType,
     /// Rescale of the guided prediction (default 0: off).
     pub guidance_rescale: f64,
-    /// Micro-conditioning: the original size; `None` is the output size.
-    pub original_size: Option<(usize, usize)>,
-    /// Micro-conditioning: the crop's top-left corner (default `(0, 0)`).
-    pub crops_coords_top_left: (usize, usize),
-    /// Micro-conditioning: the target size; `None` is the output size.
-    pub target_size: Option<(usize, usize)>,
-    /// Negative original size (`None`: `original_size`).
-    pub negative_original_size: Option<(usize, usize)>,
-    /// Negative crop corner (default `(0, 0)`; used with aesthetic scores only).
-    pub negative_crops_coords_top_left: (usize, usize),
-    /// Negative target size (`None`: `target_size`).
-    pub negative_target_size: Option<(usize, usize)>,
-    /// Aesthetic score of refiners (default 6.0).
-    pub aesthetic_score: f64,
-    /// Negative aesthetic score (default 2.5).
-    pub negative_aesthetic_score: f64,
+    /// Size micro-conditioning, and the aesthetic scores of refiners (diffusers'
+    /// `original_size`, `crops_coords_top_left`, `target_size`, their `negative_*` forms,
+    /// `aesthetic_score`, `negative_aesthetic_score`).
+    pub micro_conditioning: MicroConditioning,
     /// Skip this many more final layers of the encoders.
     pub clip_skip: Option<usize>,
     /// IP-Adapter images, embeddings and masks (`ip_adapter_image`, `ip_adapter_image_embeds`,
@@ -143,14 +131,7 @@ impl Default for StableDiffusionXLInpaintArgs<'_> {
             latents: None,
             output_type: OutputType::Pil,
             guidance_rescale: 0.0,
-            original_size: None,
-            crops_coords_top_left: (0, 0),
-            target_size: None,
-            negative_original_size: None,
-            negative_crops_coords_top_left: (0, 0),
-            negative_target_size: None,
-            aesthetic_score: 6.0,
-            negative_aesthetic_score: 2.5,
+            micro_conditioning: MicroConditioning::default(),
             clip_skip: None,
             ip_adapter: crate::IPAdapterArgs::default(),
             callback: None,
@@ -495,16 +476,7 @@ impl StableDiffusionXLInpaintPipeline {
         };
 
         let [_, _, lh, lw] = latents.dims();
-        let conditioning = MicroConditioning {
-            original_size: args.original_size,
-            crops_coords_top_left: args.crops_coords_top_left,
-            target_size: args.target_size,
-            negative_original_size: args.negative_original_size,
-            negative_crops_coords_top_left: args.negative_crops_coords_top_left,
-            negative_target_size: args.negative_target_size,
-            aesthetic_score: args.aesthetic_score,
-            negative_aesthetic_score: args.negative_aesthetic_score,
-        };
+        let conditioning = &args.micro_conditioning;
         let (prompt_embeds, added_cond) =
             conditioning.build(c, (lh * f, lw * f), embeddings, batch, dtype, &device)?;
 

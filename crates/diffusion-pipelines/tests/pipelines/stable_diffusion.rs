@@ -11,12 +11,12 @@ use diffusion_core::tensor::from_vec;
 use diffusion_core::{Device, Error};
 use diffusion_models::{ModelMixin, UNet2DConditionModel};
 use diffusion_pipelines::{
-    Generators, PipelineImageInput, StableDiffusionArgs, StableDiffusionComponents,
-    StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintArgs,
-    StableDiffusionInpaintPipeline, StableDiffusionPipeline, StableDiffusionXLArgs,
-    StableDiffusionXLComponents, StableDiffusionXLImg2ImgArgs, StableDiffusionXLImg2ImgPipeline,
-    StableDiffusionXLInpaintArgs, StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline,
-    StepCallback, StepControl,
+    Generators, MicroConditioning, PipelineImageInput, StableDiffusionArgs,
+    StableDiffusionComponents, StableDiffusionImg2ImgArgs, StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintArgs, StableDiffusionInpaintPipeline, StableDiffusionPipeline,
+    StableDiffusionXLArgs, StableDiffusionXLComponents, StableDiffusionXLImg2ImgArgs,
+    StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintArgs,
+    StableDiffusionXLInpaintPipeline, StableDiffusionXLPipeline, StepCallback, StepControl,
 };
 use serde_json::Value;
 
@@ -113,8 +113,11 @@ fn run_xl_img2img_case(
             image: Some(image.into()),
             strength: case["strength"].as_f64().unwrap(),
             num_inference_steps: case["num_inference_steps"].as_u64().unwrap() as usize,
-            aesthetic_score: case["aesthetic_score"].as_f64().unwrap_or(6.0),
-            negative_aesthetic_score: case["negative_aesthetic_score"].as_f64().unwrap_or(2.5),
+            micro_conditioning: MicroConditioning {
+                aesthetic_score: case["aesthetic_score"].as_f64().unwrap_or(6.0),
+                negative_aesthetic_score: case["negative_aesthetic_score"].as_f64().unwrap_or(2.5),
+                ..Default::default()
+            },
             generator: generators(case),
             output_type: OutputType::Np,
             progress: false,

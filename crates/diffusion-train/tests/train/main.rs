@@ -1,6 +1,7 @@
 //! Integration tests of diffusion-train: parity with PyTorch/diffusers on a few exact steps,
 //! data loading, convergence on a tiny model, and exact resumption from checkpoints.
 
+mod concepts;
 mod controlnet;
 mod convergence;
 mod data;
@@ -8,8 +9,11 @@ mod dreambooth;
 mod instruct_pix2pix;
 mod oracle;
 mod resume;
+mod sdxl;
+mod te_lora;
 mod text_to_image;
 mod textual_inversion;
+mod validation;
 
 use std::path::PathBuf;
 

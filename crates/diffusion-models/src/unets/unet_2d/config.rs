@@ -152,35 +152,11 @@ impl Config for UNet2DModelConfig {
 
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |field: &str, message: String| Err((field.to_string(), message));
-        if self.down_block_types.len() != self.up_block_types.len() {
-            return err(
-                "up_block_types",
-                format!(
-                    "{} up blocks for {} down blocks; there must be as many",
-                    self.up_block_types.len(),
-                    self.down_block_types.len()
-                ),
-            );
-        }
-        if self.block_out_channels.len() != self.down_block_types.len() {
-            return err(
-                "block_out_channels",
-                format!(
-                    "{} entries for {} down blocks; there must be one per block",
-                    self.block_out_channels.len(),
-                    self.down_block_types.len()
-                ),
-            );
-        }
-        if self.block_out_channels.is_empty() {
-            return err("block_out_channels", "at least one level is needed".into());
-        }
-        if self.block_out_channels.contains(&0) {
-            return err(
-                "block_out_channels",
-                "channel counts must be positive".into(),
-            );
-        }
+        check_block_layout(
+            self.down_block_types.len(),
+            self.up_block_types.len(),
+            &self.block_out_channels,
+        )?;
         match self.time_embedding_type.as_str() {
             "positional" | "fourier" => {}
             "learned" if self.num_train_timesteps.is_none_or(|n| n == 0) => {
@@ -219,6 +195,44 @@ impl Config for UNet2DModelConfig {
         }
         Ok(())
     }
+}
+
+/// The checks every UNet config shares: as many up blocks as down blocks, one positive
+/// `block_out_channels` entry per block, at least one block.
+///
+/// # Errors
+/// `(field, message)` naming `up_block_types` or `block_out_channels`.
+pub(crate) fn check_block_layout(
+    down_blocks: usize,
+    up_blocks: usize,
+    block_out_channels: &[usize],
+) -> Result<(), (String, String)> {
+    let err = |field: &str, message: String| Err((field.to_string(), message));
+    if down_blocks != up_blocks {
+        return err(
+            "up_block_types",
+            format!("{up_blocks} up blocks for {down_blocks} down blocks; there must be as many"),
+        );
+    }
+    if block_out_channels.len() != down_blocks {
+        return err(
+            "block_out_channels",
+            format!(
+                "{} entries for {down_blocks} down blocks; there must be one per block",
+                block_out_channels.len()
+            ),
+        );
+    }
+    if block_out_channels.is_empty() {
+        return err("block_out_channels", "at least one level is needed".into());
+    }
+    if block_out_channels.contains(&0) {
+        return err(
+            "block_out_channels",
+            "channel counts must be positive".into(),
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]

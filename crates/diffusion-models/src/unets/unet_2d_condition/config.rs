@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use diffusion_core::Config;
 
 use crate::unets::unet_2d::SampleSize;
-use crate::unets::unet_2d::config::{number, whole_as_int};
+use crate::unets::unet_2d::config::{check_block_layout, number, whole_as_int};
 
 /// A config value given once for all blocks or once per block (`attention_head_dim`,
 /// `cross_attention_dim`, `layers_per_block`, `num_attention_heads`).
@@ -366,35 +366,11 @@ impl Config for UNet2DConditionModelConfig {
 
     fn validate(&self) -> Result<(), (String, String)> {
         let err = |field: &str, message: String| Err((field.to_string(), message));
-        if self.down_block_types.len() != self.up_block_types.len() {
-            return err(
-                "up_block_types",
-                format!(
-                    "{} up blocks for {} down blocks; there must be as many",
-                    self.up_block_types.len(),
-                    self.down_block_types.len()
-                ),
-            );
-        }
-        if self.block_out_channels.len() != self.down_block_types.len() {
-            return err(
-                "block_out_channels",
-                format!(
-                    "{} entries for {} down blocks; there must be one per block",
-                    self.block_out_channels.len(),
-                    self.down_block_types.len()
-                ),
-            );
-        }
-        if self.block_out_channels.is_empty() {
-            return err("block_out_channels", "at least one level is needed".into());
-        }
-        if self.block_out_channels.contains(&0) {
-            return err(
-                "block_out_channels",
-                "channel counts must be positive".into(),
-            );
-        }
+        check_block_layout(
+            self.down_block_types.len(),
+            self.up_block_types.len(),
+            &self.block_out_channels,
+        )?;
         if self.num_attention_heads.is_some() {
             return err(
                 "num_attention_heads",

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The side-by-side GPU benchmark on a machine with CUDA, PyTorch and no Rust or network
+# (docs/benchmarks.md). Expects, relative to the repository root:
+#   .gpubin/sd_gpu.xz   `cargo build --release -p diffusion-benches --no-default-features
+#                        --features cuda --bin sd_gpu`, stripped and xz-compressed
+#   .whl/*.whl           diffusers 0.42.1 and importlib_metadata wheels (pip download)
+# Usage: benches/gpu/run.sh <out-dir> <what> [sd_gpu flags...]
+#   what = rust | python | both; extra flags go to both programs where they share them
+#   (--models, --dtypes, --kinds, --iters); RUST_ARGS / PY_ARGS add program-only flags.
+set -uo pipefail
+out=${1:?out dir}; what=${2:?rust|python|both}; shift 2
+mkdir -p "$out"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
+    >"$out/gpu.csv" 2>&1
+if [[ $what != python ]]; then
+    [[ -x /tmp/sd_gpu ]] || xz -dc .gpubin/sd_gpu.xz >/tmp/sd_gpu && chmod +x /tmp/sd_gpu
+    echo "== sd_gpu $* ${RUST_ARGS:-}"
+    /tmp/sd_gpu "$@" ${RUST_ARGS:-} 2>"$out/rust.err" | tee -a "$out/rust.jsonl"
+    echo "rust exit ${PIPESTATUS[0]}"; tail -5 "$out/rust.err"
+fi
+if [[ $what != rust ]]; then
+    if [[ ! -d /tmp/site ]]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || exit 1
+    fi
+    echo "== bench_sd_gpu.py $* ${PY_ARGS:-}"
+    PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benches/python/bench_sd_gpu.py "$@" \
+        ${PY_ARGS:-} 2>"$out/python.err" | tee -a "$out/python.jsonl"
+    echo "python exit ${PIPESTATUS[0]}"; grep -v "should be kept in float32" "$out/python.err" | tail -5
+fi

@@ -1,0 +1,284 @@
+//! The loop of train_text_to_image_sdxl.py / train_text_to_image_lora_sdxl.py around
+//! [`SdxlTrainer`]: shuffled micro-batches of an imagefolder dataset, captions through both
+//! frozen text encoders, images through the frozen VAE with their `add_time_ids`, a progress
+//! bar, a JSON-lines log, resumable checkpoints (the text-to-image layout of
+//! [`crate::text_to_image_run`]) and the result: an SDXL pipeline folder, or
+//! `pytorch_lora_weights.safetensors` in the layout `StableDiffusionXLPipeline.save_lora_weights`
+//! writes.
+//!
+//! Like the full script, which maps the dataset through the text encoders and the VAE once
+//! before training, full fine-tuning (and a LoRA run with `cache_latents`) encodes every image
+//! once: image `i` draws, from a generator seeded with `(seed, 3, i)`, its crop (`rand([1, 2])`),
+//! flip (`rand([1])`), caption pick (`rand([1])`), empty-prompt draw (`rand([1])`, compared with
+//! `proportion_empty_prompts`) and VAE posterior noise. A LoRA run otherwise draws the same for
+//! the whole micro-batch `m` from `(seed, 0, m)`, as the LoRA script encodes every step. Each
+//! micro-batch then draws its noise, offset noise when enabled, and timesteps (`rand([B])`,
+//! through [`crate::TimestepBias`] when a bias is set), in that order.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::{Device, Error, NoiseSource, Result, TorchGenerator};
+use diffusion_models::{AutoencoderKL, ModelMixin, UNet2DConditionModel};
+use diffusion_schedulers::Scheduler;
+
+use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws};
+use crate::checkpoint::{CHECKPOINT_PREFIX, prune_checkpoints};
+use crate::lora::{LORA_WEIGHT_NAME, UNetLora};
+use crate::objective::NoiseDraws;
+use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
+use crate::sdxl::{
+    SdxlConditioning, SdxlTextEncoders, SdxlTrainConfig, SdxlTrainer, TimestepBiasStrategy,
+    time_ids_for,
+};
+use crate::text_to_image::load_noise_scheduler;
+use crate::text_to_image_run::{
+    image_draws, load_text_to_image_checkpoint, progress_bar, resolve_resume, save_pipeline,
+    save_text_to_image_checkpoint,
+};
+
+/// Seed domain of the once-per-image encodings (0: steps, 1: epochs, 2: SD1 cached latents).
+const ENCODE_DOMAIN: u64 = 3;
+
+/// The frozen encoders of an SDXL run.
+struct Encoders {
+    text: SdxlTextEncoders,
+    vae: AutoencoderKL,
+}
+
+impl Encoders {
+    /// Latents and conditioning of `indices`, drawing crops, flips, caption picks, empty
+    /// prompts and posterior noise from `g`.
+    fn encode(
+        &self,
+        config: &SdxlTrainConfig,
+        data: &CaptionDataset,
+        indices: &[usize],
+        g: &mut TorchGenerator,
+        device: &Device,
+    ) -> Result<(Tensor<4>, SdxlConditioning)> {
+        let b = indices.len();
+        let r = config.text_to_image.resolution;
+        let draws: Vec<ImageDraws> = image_draws(g, b);
+        let picks = g.rand(&[b]);
+        let empties = g.rand(&[b]);
+        let captions: Vec<&str> = indices
+            .iter()
+            .zip(picks.iter().zip(&empties))
+            .map(|(&i, (&u, &e))| {
+                if f64::from(e) < config.proportion_empty_prompts {
+                    ""
+                } else {
+                    data.caption(i, u)
+                }
+            })
+            .collect();
+        let time_ids = indices
+            .iter()
+            .zip(&draws)
+            .map(|(&i, d)| {
+                let geometry = data.crop_geometry(i, d)?;
+                Ok(time_ids_for(
+                    &geometry,
+                    data.options().random_flip && d.flip,
+                    r,
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pixels = data.pixel_values(indices, &draws)?;
+        let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [b, 3, r, r]), device);
+        let dist = self.vae.encode(pixels)?;
+        let latents = dist
+            .sample(Some(NoiseSource::Single(g)))?
+            .mul_scalar(self.vae.config().scaling_factor);
+        let (embeds, pooled) = self.text.encode_prompt(&captions)?;
+        Ok((latents, SdxlConditioning::new(embeds, pooled, &time_ids)?))
+    }
+}
+
+/// Train as train_text_to_image_sdxl.py (or, with `config.text_to_image.lora`,
+/// train_text_to_image_lora_sdxl.py) does, on `device` (autodiff is turned on here). Writes
+/// checkpoints, `logs/train_log.jsonl`, `train_config.json` and the result into the output
+/// folder.
+///
+/// # Errors
+/// As [`SdxlTrainConfig::validate`] and [`SdxlTrainConfig::check_paths`]; dataset, model,
+/// checkpoint and I/O errors; [`Error::InvalidArgument`] naming `learning_rate` when the loss
+/// becomes non-finite.
+pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Result<TrainReport> {
+    config.validate()?;
+    config.check_paths()?;
+    let base = &config.text_to_image;
+    let inner = device.clone().without_autodiff();
+    let data = CaptionDataset::from_folder(
+        &base.train_data_dir,
+        CaptionDatasetOptions {
+            resolution: base.resolution,
+            center_crop: base.center_crop,
+            random_flip: base.random_flip,
+            interpolation: base.image_interpolation_mode,
+            caption_column: base.caption_column.clone(),
+        },
+    )?;
+    let encoders = Encoders {
+        text: SdxlTextEncoders::load(&base.pretrained_model, &inner)?,
+        vae: AutoencoderKL::from_pretrained(base.pretrained_model.join("vae"), &inner)?,
+    };
+    let total = base.num_training_steps(data.len());
+    let batches_per_epoch = base.batches_per_epoch(data.len());
+    let k = base.gradient_accumulation_steps;
+    let out = &base.output_dir;
+    std::fs::create_dir_all(out.join("logs")).map_err(|e| Error::io(out, e))?;
+
+    let mut trainer = match resolve_resume(base)? {
+        Some(dir) => {
+            log::info!("resuming from {}", dir.display());
+            let t = load_text_to_image_checkpoint(base, &dir, total, device)?;
+            SdxlTrainer::from_trainer(config, t)?
+        }
+        None => {
+            let unet =
+                UNet2DConditionModel::from_pretrained(base.pretrained_model.join("unet"), &inner)?;
+            let lora = match &base.lora {
+                Some(l) => Some(UNetLora::new(&unet, l, base.seed, &inner)?),
+                None => None,
+            };
+            let scheduler = load_noise_scheduler(&base.pretrained_model)?;
+            SdxlTrainer::new(config, unet, lora, scheduler, total, device)?
+        }
+    };
+    config.save(out.join("train_config.json"))?;
+    let cached = if base.lora.is_none() || base.cache_latents {
+        let per_image = (0..data.len())
+            .map(|i| {
+                let mut g = TorchGenerator::new(derived_seed(base.seed, ENCODE_DOMAIN, i as u64));
+                encoders.encode(config, &data, &[i], &mut g, &inner)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Some(per_image)
+    } else {
+        None
+    };
+    let start = trainer.trainer().global_step();
+    let log_path = out.join(LOG_FILE);
+    truncate_log(&log_path, start)?;
+    let mut log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| Error::io(&log_path, e))?;
+    let num_train = trainer.trainer().scheduler().num_train_timesteps();
+    let objective = trainer.trainer().objective().clone();
+    let bar = progress_bar(base.show_progress, total, start);
+    let mut report = TrainReport {
+        start_step: start,
+        global_step: start,
+        num_training_steps: total,
+        steps: Vec::new(),
+        checkpoints: Vec::new(),
+        pipeline_dir: out.clone(),
+        elapsed: Duration::ZERO,
+    };
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    let began = Instant::now();
+    for step in start..total {
+        let mut stats = None;
+        let mut epoch = 0;
+        for j in 0..k {
+            let m = step * k + j;
+            epoch = m / batches_per_epoch;
+            let position = m % batches_per_epoch;
+            if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
+                order = None;
+            }
+            let (_, indices) =
+                order.get_or_insert_with(|| (epoch, epoch_order(base.seed, epoch, data.len())));
+            let begin = position * base.train_batch_size;
+            let batch = &indices[begin..(begin + base.train_batch_size).min(indices.len())];
+            let b = batch.len();
+            let mut g = TorchGenerator::new(derived_seed(base.seed, 0, m as u64));
+            let (latents, cond) = match &cached {
+                Some(cache) => {
+                    let (latents, conds): (Vec<_>, Vec<_>) =
+                        batch.iter().map(|&i| cache[i].clone()).unzip();
+                    (Tensor::cat(latents, 0), SdxlConditioning::cat(conds))
+                }
+                None => encoders.encode(config, &data, batch, &mut g, &inner)?,
+            };
+            let dims = latents.dims();
+            let randn = |g: &mut TorchGenerator, shape: [usize; 4]| {
+                Tensor::<4>::from_data(TensorData::new(g.randn(&shape), shape), &inner)
+            };
+            let noise = randn(&mut g, dims);
+            let offset_noise =
+                (objective.noise_offset > 0.0).then(|| randn(&mut g, [dims[0], dims[1], 1, 1]));
+            let uniforms = g.rand(&[b]);
+            let timesteps = if config.timestep_bias.strategy == TimestepBiasStrategy::None {
+                uniforms
+                    .into_iter()
+                    .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
+                    .collect()
+            } else {
+                config.timestep_bias.sample(num_train, &uniforms)?
+            };
+            let draws = NoiseDraws {
+                noise,
+                offset_noise,
+                perturbation: None,
+                timesteps,
+            };
+            stats = trainer.step(latents, &cond, &draws)?;
+        }
+        let stats = match stats {
+            Some(s) => s,
+            None => trainer.finish_step()?,
+        };
+        if !stats.loss.is_finite() {
+            return Err(Error::invalid_argument(
+                "learning_rate",
+                format!(
+                    "the loss became {} at step {}; lower the learning rate",
+                    stats.loss, stats.step
+                ),
+            ));
+        }
+        let entry = LogEntry {
+            step: stats.step,
+            epoch,
+            loss: stats.loss,
+            lr: stats.lr,
+            grad_norm: stats.grad_norm,
+            ema_decay: stats.ema_decay,
+        };
+        let line = serde_json::to_string(&entry).unwrap_or_default();
+        writeln!(log, "{line}")
+            .and_then(|_| log.flush())
+            .map_err(|e| Error::io(&log_path, e))?;
+        bar.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
+        bar.inc(1);
+        report.steps.push(stats);
+        report.global_step = step + 1;
+        if (step + 1).is_multiple_of(base.checkpointing_steps) {
+            if let Some(limit) = base.checkpoints_total_limit {
+                prune_checkpoints(out, limit - 1)?;
+            }
+            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+            save_text_to_image_checkpoint(trainer.trainer(), &dir)?;
+            bar.println(format!("saved {}", dir.display()));
+            report.checkpoints.push(dir);
+        }
+    }
+    report.elapsed = began.elapsed();
+    bar.finish_and_clear();
+    match trainer.trainer().lora() {
+        Some(lora) => lora.save(out.join(LORA_WEIGHT_NAME))?,
+        None => save_pipeline(
+            &base.pretrained_model,
+            &trainer.trainer().inference_unet(),
+            out,
+        )?,
+    }
+    Ok(report)
+}
