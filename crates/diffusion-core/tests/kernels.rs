@@ -225,6 +225,20 @@ fn attention_matches_reference_for_sd_head_dims() {
 }
 
 #[test]
+fn long_half_precision_attention() {
+    // 1024 × 1024 scores per head (SD's 32×32 self-attention, MATMUL_MIN_SCORES): f16 takes
+    // the matmul-softmax-matmul path (three heads, so the head reshape is exercised), bf16 the
+    // flash kernel (its 8-bit mantissa is too coarse for materialised scores: 1.2e-2 on an H100).
+    let device = device();
+    for (dtype, tolerance) in dtypes(&device) {
+        if dtype != FloatDType::F32 {
+            attention_case(&device, dtype, tolerance, [1, 3, 1024, 1024, 40], false);
+            attention_case(&device, dtype, tolerance, [1, 1, 1024, 1024, 160], false);
+        }
+    }
+}
+
+#[test]
 fn attention_single_head_vae_width_and_head_split_views() {
     let device = device();
     // The VAE mid-block attends with one head of 512 channels.

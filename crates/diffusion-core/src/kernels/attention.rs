@@ -1,11 +1,25 @@
 //! Softmax attention with scale `1/sqrt(head_dim)`.
 
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, FloatDType, Tensor, module};
+use burn::tensor::{DType, FloatDType, Tensor, activation, module};
+
+/// From this many scores per head (1024 × 1024, SD's 32×32 and 64×64 self-attention, the VAE's
+/// mid-block), f16 attention without a bias on a kernel device runs as [`attention_matmul`]:
+/// burn's autotuned tensor-core matmuls beat the flash kernel's scalar arithmetic there (H100,
+/// SD 1.5 step 75.6 → 70.6 ms: see docs/kernels.md). Not bf16: scores rounded to its 8-bit
+/// mantissa put the output 1.2e-2 from the exact result at 1024 tokens (H100), against 1.8e-3
+/// for f16; bf16 stays on the flash kernel, which keeps the scores in f32.
+pub const MATMUL_MIN_SCORES: usize = 1 << 20;
+
+/// [`attention_matmul`] materialises the scores of this many elements at most at a time
+/// (256 MiB in f32), a chunk of heads after another.
+const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 
 /// `softmax(q kᵀ / sqrt(D) + bias) v`, through the fused flash-style kernel where
 /// [`super::uses_kernel`] says so (online softmax over key tiles, f32 accumulation, the score
-/// matrix never written to memory), else through [`attention_reference`].
+/// matrix never written to memory), except for long f16 attention without a bias
+/// ([`MATMUL_MIN_SCORES`] scores per head or more), which goes through [`attention_matmul`];
+/// else through [`attention_reference`].
 ///
 /// # Shapes
 /// - `q`: `[B, H, S_q, D]`, `k`: `[B, H, S_kv, D]`, `v`: `[B, H, S_kv, D_v]`
@@ -27,6 +41,14 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4
     );
     if let Some(bias) = &bias {
         assert_eq!(bias.dims(), [b, h, s_q, s_kv], "attention: bias shape");
+    }
+    #[cfg(feature = "cubecl-kernels")]
+    if super::uses_kernel(super::Kernel::Attention, &q.device())
+        && bias.is_none()
+        && q.dtype() == DType::F16
+        && s_q * s_kv >= MATMUL_MIN_SCORES
+    {
+        return attention_matmul(q, k, v);
     }
     #[cfg(feature = "cubecl-kernels")]
     if super::uses_kernel(super::Kernel::Attention, &q.device())
@@ -64,6 +86,46 @@ pub fn attention_reference(
     } else {
         out.cast(FloatDType::from(dtype))
     }
+}
+
+/// [`attention`] without a bias as `softmax(q kᵀ / sqrt(D)) v` in three steps: the scores as
+/// a matmul in the input dtype (`q` scaled first, as diffusers' `baddbmm(alpha=scale)`), the
+/// softmax in f32, the weighted sum as a matmul of the probabilities cast back to the input
+/// dtype (diffusers' `AttnProcessor` with `upcast_softmax`). The scores exist for a chunk of
+/// heads at a time (at most 2^26 of them), so memory stays bounded.
+///
+/// # Shapes
+/// As [`attention`].
+pub fn attention_matmul(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let [b, h, s_q, d] = q.dims();
+    let s_kv = k.dims()[2];
+    let d_v = v.dims()[3];
+    let dtype = FloatDType::from(q.dtype());
+    let heads = b * h;
+    let q = q
+        .mul_scalar(1.0 / (d as f64).sqrt())
+        .reshape([heads, s_q, d]);
+    let k_t = k.reshape([heads, s_kv, d]).swap_dims(1, 2);
+    let v = v.reshape([heads, s_kv, d_v]);
+    let per_chunk = (MATMUL_CHUNK_SCORES / (s_q * s_kv).max(1)).max(1);
+    let mut outputs = Vec::with_capacity(heads.div_ceil(per_chunk));
+    let mut start = 0;
+    while start < heads {
+        let len = per_chunk.min(heads - start);
+        let scores = q
+            .clone()
+            .narrow(0, start, len)
+            .matmul(k_t.clone().narrow(0, start, len));
+        let probabilities = activation::softmax(scores.cast(FloatDType::F32), 2).cast(dtype);
+        outputs.push(probabilities.matmul(v.clone().narrow(0, start, len)));
+        start += len;
+    }
+    let out = if outputs.len() == 1 {
+        outputs.pop().expect("one chunk")
+    } else {
+        Tensor::cat(outputs, 0)
+    };
+    out.reshape([b, h, s_q, d_v])
 }
 
 fn upcast(t: Tensor<4>) -> Tensor<4> {

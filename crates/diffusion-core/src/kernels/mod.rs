@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::Device;
 
-pub use attention::{attention, attention_reference};
+pub use attention::{MATMUL_MIN_SCORES, attention, attention_matmul, attention_reference};
 pub use group_norm::{group_norm, group_norm_reference};
 
 /// Which kernels run: bit 0 GroupNorm, bit 1 attention, bit 7 set once decided (before that,
