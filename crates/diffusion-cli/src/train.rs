@@ -157,7 +157,8 @@ pub struct TextToImageArgs {
     #[arg(long)]
     pub cache_latents: bool,
 
-    /// Mixed precision (only `no` is implemented).
+    /// Mixed precision: forward and backward on an fp16 (dynamic loss scale) or bf16 copy of
+    /// the f32 weights, frozen VAE and text encoder in that dtype (not for SDXL yet).
     #[arg(long, value_enum, default_value = "no")]
     pub mixed_precision: MixedPrecisionArg,
 
@@ -181,9 +182,20 @@ pub struct TextToImageArgs {
     #[arg(long)]
     pub use_ema: bool,
 
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's balanced gradient checkpointing): less memory, more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Device: cpu, or a GPU backend compiled into this build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+
+    /// Data-parallel full fine-tuning over these devices, the main one first (`cpu,cpu` or
+    /// `cuda:0,cuda:1`); --train-batch-size is then the batch of each device, as with
+    /// `accelerate launch --multi_gpu`. Overrides --device. Not for LoRA or SDXL.
+    #[arg(long)]
+    pub devices: Option<String>,
 
     /// Hide the progress bar.
     #[arg(long)]
@@ -194,6 +206,74 @@ pub struct TextToImageArgs {
 
     #[command(flatten)]
     pub sdxl: crate::train_sdxl::SdxlFlags,
+
+    #[command(flatten)]
+    pub flow_matching: FlowMatchingArgs,
+}
+
+/// The flow-matching objective of `train text-to-image` and `train lora`, with
+/// train_dreambooth_lora_sd3.py's option names. Any of them turns the objective on; a model
+/// whose scheduler is FlowMatchEulerDiscreteScheduler uses it (with the script's defaults)
+/// without them.
+#[derive(Args, Debug)]
+pub struct FlowMatchingArgs {
+    /// Flow-time density and loss weighting: sigma_sqrt, logit_normal (default), mode, cosmap
+    /// or none.
+    #[arg(long)]
+    pub weighting_scheme: Option<String>,
+
+    /// Mean of the logit-normal density (default 0).
+    #[arg(long)]
+    pub logit_mean: Option<f64>,
+
+    /// Standard deviation of the logit-normal density (default 1).
+    #[arg(long)]
+    pub logit_std: Option<f64>,
+
+    /// Scale of the mode density (default 1.29).
+    #[arg(long)]
+    pub mode_scale: Option<f64>,
+
+    /// Train the preconditioned output (`pred * -sigma + noisy`) towards the clean latents
+    /// (true, the default) or the raw output towards the flow velocity (false).
+    #[arg(long)]
+    pub precondition_outputs: Option<bool>,
+}
+
+impl FlowMatchingArgs {
+    /// Set the config's flow-matching settings from the flags given.
+    ///
+    /// # Errors
+    /// An unknown `--weighting-scheme`.
+    pub fn apply(&self, config: &mut TextToImageConfig) -> Result<()> {
+        let given = self.weighting_scheme.is_some()
+            || self.logit_mean.is_some()
+            || self.logit_std.is_some()
+            || self.mode_scale.is_some()
+            || self.precondition_outputs.is_some();
+        if !given {
+            return Ok(());
+        }
+        let mut flow = config.flow_matching.clone().unwrap_or_default();
+        if let Some(s) = &self.weighting_scheme {
+            flow.weighting_scheme =
+                diffusion_train::WeightingScheme::parse(s).context("--weighting-scheme")?;
+        }
+        if let Some(v) = self.logit_mean {
+            flow.logit_mean = v;
+        }
+        if let Some(v) = self.logit_std {
+            flow.logit_std = v;
+        }
+        if let Some(v) = self.mode_scale {
+            flow.mode_scale = v;
+        }
+        if let Some(v) = self.precondition_outputs {
+            flow.precondition_outputs = v;
+        }
+        config.flow_matching = Some(flow);
+        Ok(())
+    }
 }
 
 /// Validation images of `train text-to-image` and `train lora` (the scripts' names).
@@ -349,6 +429,11 @@ pub struct UnconditionalArgs {
     #[arg(long)]
     pub use_ema: bool,
 
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's balanced gradient checkpointing): less memory, more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Warmup steps of the learning-rate schedule.
     #[arg(long)]
     pub lr_warmup_steps: Option<usize>,
@@ -383,9 +468,20 @@ pub struct UnconditionalArgs {
     #[arg(long)]
     pub validation_upscale: Option<u32>,
 
+    /// Mixed precision: forward and backward on an fp16 (with a dynamic loss scale) or bf16
+    /// copy of the f32 weights.
+    #[arg(long, value_enum)]
+    pub mixed_precision: Option<MixedPrecisionArg>,
+
     /// Device: cpu, or a GPU backend compiled into this build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+
+    /// Data-parallel training over these devices, the main one first (`cpu,cpu` or
+    /// `cuda:0,cuda:1`); --train-batch-size is then the batch of each device, as with
+    /// `accelerate launch --multi_gpu`. Overrides --device.
+    #[arg(long)]
+    pub devices: Option<String>,
 
     /// Hide the progress bar.
     #[arg(long)]
@@ -444,6 +540,7 @@ fn unconditional(args: UnconditionalArgs) -> Result<()> {
     if args.use_ema {
         config.use_ema = true;
     }
+    config.gradient_checkpointing |= args.gradient_checkpointing;
     if let Some(dir) = &args.pretrained_model {
         let unet = dir.join("unet");
         let is_pipeline = !dir.join("config.json").is_file() && unet.join("config.json").is_file();
@@ -451,6 +548,13 @@ fn unconditional(args: UnconditionalArgs) -> Result<()> {
     }
     if let Some(v) = args.lr_warmup_steps {
         config.lr_warmup_steps = v;
+    }
+    if let Some(v) = args.mixed_precision {
+        config.mixed_precision = match v {
+            MixedPrecisionArg::No => diffusion_train::MixedPrecision::No,
+            MixedPrecisionArg::Fp16 => diffusion_train::MixedPrecision::Fp16,
+            MixedPrecisionArg::Bf16 => diffusion_train::MixedPrecision::Bf16,
+        };
     }
     let v = &mut config.validation;
     if args.save_images_epochs.is_some() {
@@ -478,6 +582,10 @@ fn unconditional(args: UnconditionalArgs) -> Result<()> {
         v.upscale = args.validation_upscale;
     }
     config.show_progress = !args.quiet;
+    if let Some(list) = &args.devices {
+        config.devices = diffusion_train::data_parallel::split_device_list(list)
+            .with_context(|| format!("--devices {list}"))?;
+    }
     config.validate()?;
 
     let dataset = match (&args.digits, &args.data_dir) {
@@ -510,6 +618,14 @@ fn unconditional(args: UnconditionalArgs) -> Result<()> {
         dataset.width(),
         config.output_dir.display()
     );
+    if !config.devices.is_empty() {
+        eprintln!(
+            "data-parallel over {} devices ({}): {} images per step",
+            config.devices.len(),
+            config.devices.join(", "),
+            config.global_batch_size()
+        );
+    }
     let report = train_unconditional(&config, &dataset, &device)?;
     let losses = report.losses();
     eprintln!(
@@ -604,6 +720,7 @@ fn text_to_image(args: TextToImageArgs, lora: Option<(Option<usize>, Option<f64>
     config.random_flip |= args.random_flip;
     config.cache_latents |= args.cache_latents;
     config.use_ema |= args.use_ema;
+    config.gradient_checkpointing |= args.gradient_checkpointing;
     config.mixed_precision = match args.mixed_precision {
         MixedPrecisionArg::No => "no",
         MixedPrecisionArg::Fp16 => "fp16",
@@ -612,13 +729,21 @@ fn text_to_image(args: TextToImageArgs, lora: Option<(Option<usize>, Option<f64>
     .into();
     config.show_progress = !args.quiet;
     args.validation.apply(&mut config.validation)?;
+    args.flow_matching.apply(&mut config)?;
     if config.pretrained_model.as_os_str().is_empty() {
         bail!("give the model: --model <Stable Diffusion folder>");
     }
     if config.train_data_dir.as_os_str().is_empty() {
         bail!("give the data: --train-data-dir <folder with metadata.jsonl>");
     }
+    if let Some(list) = &args.devices {
+        config.devices = diffusion_train::data_parallel::split_device_list(list)
+            .with_context(|| format!("--devices {list}"))?;
+    }
     if crate::train_sdxl::is_sdxl(&config.pretrained_model)? {
+        if !config.devices.is_empty() {
+            bail!("--devices: data-parallel training is not implemented for SDXL");
+        }
         return crate::train_sdxl::train(config, &args);
     }
     crate::train_sdxl::refuse_flags(&args.sdxl)?;

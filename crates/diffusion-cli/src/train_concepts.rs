@@ -92,6 +92,10 @@ pub struct DreamBoothArgs {
     /// Device: cpu, or a GPU backend compiled into this build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's balanced gradient checkpointing): less memory, more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -203,6 +207,7 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     t.output_dir = args.output_dir.unwrap_or(t.output_dir.clone());
     t.resolution = args.resolution.unwrap_or(t.resolution);
     t.center_crop |= args.center_crop;
+    t.gradient_checkpointing |= args.gradient_checkpointing;
     t.train_batch_size = args.train_batch_size.unwrap_or(t.train_batch_size);
     t.gradient_accumulation_steps = args
         .gradient_accumulation_steps

@@ -55,7 +55,7 @@ fn flags_are_validated_before_loading() {
     let dir = tempfile::tempdir().unwrap();
     for (flags, needle) in [
         (&["--resolution", "0"][..], "resolution"),
-        (&["--mixed-precision", "fp16"][..], "mixed_precision"),
+        (&["--mixed-precision", "fp8"][..], "mixed-precision"),
         (&["--snr-gamma=-1"][..], "snr_gamma"),
         (
             &["--gradient-accumulation-steps", "0"][..],

@@ -196,3 +196,30 @@ fn lora_with_a_validation_prompt() {
             .is_file()
     );
 }
+
+#[test]
+fn unconditional_accepts_mixed_precision_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = unconditional(dir.path(), &["--mixed-precision", "bf16"]);
+    ok(&out);
+    let log = std::fs::read_to_string(dir.path().join("logs/train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 2, "{log}");
+    assert!(losses.iter().all(|l| l.is_finite() && *l > 0.0), "{log}");
+    assert!(
+        dir.path()
+            .join("unet/diffusion_pytorch_model.safetensors")
+            .is_file()
+    );
+    // A value outside no|fp16|bf16 is refused by name.
+    let bad = unconditional(&dir.path().join("bad"), &["--mixed-precision", "fp8"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("fp8"));
+}

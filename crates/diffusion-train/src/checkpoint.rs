@@ -9,6 +9,7 @@
 //! | `optimizer/`             | AdamW moments under the model's keys, step counts                |
 //! | `scheduler/`             | `scheduler_config.json`                                          |
 //! | `training_state.json`    | global step, learning-rate schedule position, seed and RNG scheme |
+//! | `mixed_precision.json`   | with `fp16`/`bf16`: the loss scaler and the skipped-step count   |
 //!
 //! Randomness needs no saved state: the batch, noise, timesteps and flips of step `s` come from
 //! generators seeded from the run's seed and `s` (see [`crate::run`]), so a run resumed at step
@@ -31,6 +32,7 @@ use diffusion_schedulers::{DDPMScheduler, Scheduler};
 use crate::config::TrainConfig;
 use crate::ema::EmaModel;
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
+use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState};
 use crate::optimizer::AdamW;
 use crate::trainer::Trainer;
 
@@ -108,6 +110,10 @@ pub fn save_checkpoint(trainer: &Trainer, dir: &Path) -> Result<()> {
     };
     let text = serde_json::to_string_pretty(&state).unwrap_or_default();
     diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
+    let mixed = trainer.mixed_precision_state();
+    if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
+        mixed.save(&tmp)?;
+    }
 
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(io(dir))?;
@@ -176,7 +182,7 @@ pub fn load_checkpoint(
             dir.display()
         );
     }
-    let ad = device.clone().autodiff();
+    let ad = crate::autodiff::autodiff_device(device, config.gradient_checkpointing);
     let model = UNet2DModel::from_pretrained(dir.join("unet"), &ad)?;
     let mut trainer = Trainer::new(config, model, num_training_steps, &ad)?;
     trainer.optimizer = AdamW::load(config.adamw(), trainer.model(), &dir.join("optimizer"))?;
@@ -211,6 +217,13 @@ pub fn load_checkpoint(
         num_training_steps,
     )?;
     trainer.global_step = state.global_step;
+    if let Some(mixed) = MixedPrecisionState::load(dir)? {
+        trainer.skipped_steps = mixed.skipped_steps;
+        // The scale carries over between fp16 runs; another setting starts a fresh scaler.
+        if let (Some(saved), MixedPrecision::Fp16) = (mixed.grad_scaler, config.mixed_precision) {
+            trainer.grad_scaler = Some(GradScaler::from_state(saved)?);
+        }
+    }
     Ok(trainer)
 }
 

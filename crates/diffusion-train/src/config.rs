@@ -12,6 +12,7 @@ use diffusion_schedulers::{DDPMSchedulerConfig, PredictionType};
 use crate::data::ImageDataset;
 use crate::ema::EmaConfig;
 use crate::lr_schedule::LrScheduleKind;
+use crate::mixed_precision::MixedPrecision;
 use crate::optimizer::AdamWConfig;
 use crate::validation::ImageValidationConfig;
 
@@ -77,8 +78,19 @@ pub struct TrainConfig {
     pub save_model_epochs: usize,
     /// Show a progress bar on the terminal.
     pub show_progress: bool,
+    /// Data-parallel training over these devices (`["cpu", "cpu"]`, `["cuda:0", "cuda:1"]`),
+    /// the first being the main one; empty (the default) trains on the device given to
+    /// [`crate::train_unconditional`]. `train_batch_size` is then the batch of each device, as
+    /// with accelerate: a step takes `devices.len() x train_batch_size` images. See
+    /// [`crate::data_parallel`].
+    pub devices: Vec<String>,
     /// Validation grids during training (off by default).
     pub validation: ImageValidationConfig,
+    /// accelerate's `--mixed_precision`: `no`, `fp16` or `bf16` (see [`crate::mixed_precision`]).
+    pub mixed_precision: MixedPrecision,
+    /// `--gradient_checkpointing`: recompute memory-bound activations in the backward pass
+    /// instead of keeping them (burn's balanced checkpointing, see [`crate::autodiff`]).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for TrainConfig {
@@ -135,7 +147,10 @@ impl Default for TrainConfig {
             resume_from_checkpoint: None,
             save_model_epochs: 10,
             show_progress: true,
+            devices: Vec::new(),
             validation: ImageValidationConfig::default(),
+            mixed_precision: MixedPrecision::No,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -196,9 +211,15 @@ impl TrainConfig {
         }
     }
 
-    /// Optimizer steps per epoch for `dataset_len` images (`len(train_dataloader)`).
+    /// Images per optimizer step: `train_batch_size` on each of the `devices` (at least one).
+    pub fn global_batch_size(&self) -> usize {
+        self.train_batch_size * self.devices.len().max(1)
+    }
+
+    /// Optimizer steps per epoch for `dataset_len` images (`len(train_dataloader)`, of the
+    /// global batch).
     pub fn steps_per_epoch(&self, dataset_len: usize) -> usize {
-        dataset_len.div_ceil(self.train_batch_size.max(1))
+        dataset_len.div_ceil(self.global_batch_size().max(1))
     }
 
     /// Total optimizer steps: `max_train_steps`, else `num_epochs` epochs.
@@ -285,6 +306,15 @@ impl TrainConfig {
                 return Err(Error::invalid_argument(
                     "prediction_type",
                     format!("`{}` has no DDPM training target", other.as_str()),
+                ));
+            }
+        }
+        if !self.devices.is_empty() {
+            crate::data_parallel::parse_devices(&self.devices)?;
+            if self.mixed_precision != MixedPrecision::No {
+                return Err(Error::invalid_argument(
+                    "devices",
+                    "data-parallel training runs in f32 only; set mixed_precision to `no`",
                 ));
             }
         }

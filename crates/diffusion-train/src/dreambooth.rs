@@ -137,6 +137,8 @@ impl DreamBoothConfig {
     /// (`snr_gamma` with prior preservation: the script's weights would not fit the halves).
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
+        self.train.refuse_mixed_precision("DreamBooth")?;
+        self.train.refuse_devices("DreamBooth")?;
         self.train.validation.refuse_in("DreamBooth")?;
         if self.instance_prompt.trim().is_empty() {
             return Err(Error::invalid_argument("instance_prompt", "is empty"));
@@ -253,6 +255,7 @@ pub fn dreambooth_loss(
     let Some(weight) = prior_loss_weight else {
         return trainer.loss(latents, encoder_hidden_states, draws);
     };
+    trainer.refuse_flow_matching("prior preservation")?;
     let b = latents.dims()[0];
     if !b.is_multiple_of(2) {
         return Err(Error::invalid_argument(
@@ -396,12 +399,12 @@ impl DreamBoothTrainer {
             num_training_steps,
             device,
         )?;
-        let ad = device.clone().autodiff();
+        let ad = crate::autodiff::autodiff_device(device, config.train.gradient_checkpointing);
         Ok(Self {
             inner,
             prior_loss_weight: config.prior(),
             text: Some(TextEncoderTraining {
-                encoder: text_encoder.fork(&ad).no_grad(),
+                encoder: crate::autodiff::checkpointed(text_encoder.fork(&ad).no_grad(), &ad),
                 lora: text_lora.fork(&ad),
                 optimizer: AdamW::new(config.train.adamw())?,
                 pending: None,

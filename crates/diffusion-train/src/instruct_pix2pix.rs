@@ -192,7 +192,9 @@ impl InstructPix2PixConfig {
                 format!("{p} is not in [0, 1]"),
             ));
         }
-        self.text_to_image().validate()
+        let base = self.text_to_image();
+        base.validate()?;
+        base.refuse_mixed_precision("InstructPix2Pix")
     }
 
     /// Check that the model folder and the dataset folder look right (before loading them).

@@ -24,6 +24,7 @@
 //! parity tests drive it.
 #![warn(missing_docs)]
 
+pub mod autodiff;
 pub mod caption_data;
 pub mod checkpoint;
 pub mod class_images;
@@ -31,12 +32,15 @@ pub mod config;
 pub mod controlnet;
 pub mod controlnet_run;
 pub mod data;
+pub mod data_parallel;
 pub mod dreambooth;
 pub mod ema;
+pub mod flow_matching;
 pub mod instruct_pix2pix;
 pub mod instruct_pix2pix_run;
 pub mod lora;
 pub mod lr_schedule;
+pub mod mixed_precision;
 pub mod objective;
 pub mod optimizer;
 mod params;
@@ -58,10 +62,12 @@ pub use config::TrainConfig;
 pub use controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
 pub use controlnet_run::{ControlNetRunConfig, train_controlnet};
 pub use data::{FolderOptions, ImageDataset};
+pub use data_parallel::DataParallel;
 pub use dreambooth::{
     DreamBoothConfig, DreamBoothLoraFactors, DreamBoothTrainer, dreambooth_loss, train_dreambooth,
 };
 pub use ema::{EmaConfig, EmaModel};
+pub use flow_matching::{FlowMatching, FlowMatchingConfig, FlowMatchingSchedule, WeightingScheme};
 pub use instruct_pix2pix::{
     EditBatch, EditDataset, InstructPix2PixConfig, InstructPix2PixTrainer, conditioning_masks,
     instruct_pix2pix_loss, widen_conv_in,
@@ -69,6 +75,7 @@ pub use instruct_pix2pix::{
 pub use instruct_pix2pix_run::train_instruct_pix2pix;
 pub use lora::{LoraComponent, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 pub use lr_schedule::{LrSchedule, LrScheduleKind};
+pub use mixed_precision::{GradScaler, GradScalerConfig, MixedPrecision};
 pub use objective::{
     NoiseDraws, Objective, compute_snr, conditional_loss, conditional_prediction, min_snr_weights,
 };

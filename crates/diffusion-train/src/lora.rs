@@ -308,7 +308,7 @@ impl UNetLora {
     /// Move the factors onto `device` (autodiff or not), keeping trainability.
     pub fn fork(mut self, device: &Device) -> Self {
         // `train` applies the configured trainability on an autodiff device.
-        self.factors = self.factors.fork(device).train();
+        self.factors = crate::autodiff::checkpointed(self.factors.fork(device).train(), device);
         self
     }
 

@@ -317,6 +317,10 @@ pub fn conditional_prediction_with(
         ),
         &device,
     );
+    // A half-precision UNet (mixed precision) takes its inputs in its dtype; the prediction
+    // comes back as f32 for the loss (the scripts' `model_pred.float()`).
+    let noisy = crate::mixed_precision::cast_input(unet, noisy);
+    let encoder_hidden_states = crate::mixed_precision::cast_input(unet, encoder_hidden_states);
     let pred = unet.forward_with(noisy, t, encoder_hidden_states, options)?;
-    Ok((pred, target))
+    Ok((crate::mixed_precision::to_f32(pred), target))
 }

@@ -108,6 +108,48 @@ impl FlatGradients {
         }
     }
 
+    /// These gradients moved onto `device` (data parallelism gathers every replica's gradients
+    /// on the main device before averaging them; see [`crate::data_parallel`]).
+    pub fn to_device(self, device: &diffusion_core::Device) -> Self {
+        Self {
+            grads: self
+                .grads
+                .into_iter()
+                .map(|g| g.map(|g| g.to_device(device)))
+                .collect(),
+        }
+    }
+
+    /// Gradients given per parameter (flattened; `None` for a parameter without one).
+    pub fn from_tensors(grads: Vec<Option<Tensor<1>>>) -> Self {
+        Self { grads }
+    }
+
+    /// The gradients, flattened per parameter.
+    pub fn tensors(&self) -> &[Option<Tensor<1>>] {
+        &self.grads
+    }
+
+    /// Whether every gradient element is finite (no inf or NaN), checked element by element as
+    /// torch's `_amp_foreach_non_finite_check_and_unscale_` does.
+    pub fn all_finite(&self) -> bool {
+        self.grads.iter().flatten().all(|g| {
+            g.clone()
+                .is_finite()
+                .all()
+                .into_data()
+                .iter::<bool>()
+                .all(|b| b)
+        })
+    }
+
+    /// Multiply every gradient by `factor` (in the gradients' dtype).
+    pub fn mul_scalar(&mut self, factor: f32) {
+        for g in self.grads.iter_mut().flatten() {
+            *g = g.clone().mul_scalar(factor);
+        }
+    }
+
     /// The number of parameters (with or without a gradient).
     pub fn len(&self) -> usize {
         self.grads.len()

@@ -29,6 +29,7 @@ use diffusion_schedulers::Scheduler;
 use crate::checkpoint::{self, CHECKPOINT_PREFIX};
 use crate::config::TrainConfig;
 use crate::data::ImageDataset;
+use crate::data_parallel::DataParallel;
 use crate::trainer::{StepStats, Trainer};
 use crate::validation::{ValidationPoint, save_unconditional_validation, write_validation_strip};
 
@@ -246,7 +247,8 @@ pub fn build_model(
 }
 
 /// Train a `UNet2DModel` on `dataset` as diffusers' train_unconditional.py does, on `device`
-/// (autodiff is turned on here). Writes checkpoints, `logs/train_log.jsonl` and a `DDPMPipeline`
+/// (autodiff is turned on here), or data-parallel over `config.devices` when that is not empty
+/// (then `device` is not used). Writes checkpoints, `logs/train_log.jsonl` and a `DDPMPipeline`
 /// folder into `config.output_dir`; resumes when `resume_from_checkpoint` says so. With
 /// `config.validation` on, also writes validation grids (at step 0 of a fresh run, when due, and
 /// after the last step) and their strip into `output_dir/validation/` (see [`crate::validation`]).
@@ -261,7 +263,13 @@ pub fn train_unconditional(
     device: &Device,
 ) -> Result<TrainReport> {
     config.validate()?;
-    let ad = device.clone().autodiff();
+    // With `devices`, the first of them is the main device (see `crate::data_parallel`).
+    let parallel_devices = match config.devices.as_slice() {
+        [] => None,
+        names => Some(crate::data_parallel::parse_devices(names)?),
+    };
+    let device = parallel_devices.as_ref().map_or(device, |d| &d[0]);
+    let ad = crate::autodiff::autodiff_device(device, config.gradient_checkpointing);
     let total = config.num_training_steps(dataset.len());
     let steps_per_epoch = config.steps_per_epoch(dataset.len());
     let out = &config.output_dir;
@@ -275,6 +283,10 @@ pub fn train_unconditional(
         None => Trainer::new(config, build_model(config, dataset, &ad)?, total, &ad)?,
     };
     TrainConfig::check_data(trainer.model().config(), dataset)?;
+    let mut parallel = match parallel_devices {
+        Some(devices) => Some(DataParallel::new(devices, trainer.model())?),
+        None => None,
+    };
     config.save(out.join("train_config.json"))?;
     let start = trainer.global_step();
     let log_path = out.join(LOG_FILE);
@@ -324,9 +336,9 @@ pub fn train_unconditional(
         }
         let (_, epoch_indices) =
             order.get_or_insert_with(|| (epoch, epoch_order(config.seed, epoch, dataset.len())));
-        let begin = position * config.train_batch_size;
-        let indices =
-            &epoch_indices[begin..(begin + config.train_batch_size).min(epoch_indices.len())];
+        let batch_size = config.global_batch_size();
+        let begin = position * batch_size;
+        let indices = &epoch_indices[begin..(begin + batch_size).min(epoch_indices.len())];
         let b = indices.len();
         let draws = step_draws(
             config.seed,
@@ -340,7 +352,10 @@ pub fn train_unconditional(
             &ad,
         );
         let noise = Tensor::<4>::from_data(TensorData::new(draws.noise, [b, c, h, w]), &ad);
-        let stats = trainer.step(x0, noise, &draws.timesteps)?;
+        let stats = match &mut parallel {
+            Some(parallel) => trainer.step_data_parallel(parallel, x0, noise, &draws.timesteps)?,
+            None => trainer.step(x0, noise, &draws.timesteps)?,
+        };
         if !stats.loss.is_finite() {
             return Err(Error::invalid_argument(
                 "learning_rate",

@@ -239,6 +239,8 @@ impl SdxlTrainConfig {
     pub fn validate(&self) -> Result<()> {
         let base = &self.text_to_image;
         base.validate()?;
+        base.refuse_mixed_precision("SDXL")?;
+        base.refuse_devices("SDXL")?;
         base.validation.refuse_in("SDXL training")?;
         self.timestep_bias.validate()?;
         if base.input_perturbation != 0.0 {
@@ -541,6 +543,7 @@ impl SdxlTrainer {
     /// As [`Self::new`].
     pub fn from_trainer(config: &SdxlTrainConfig, trainer: TextToImageTrainer) -> Result<Self> {
         config.validate()?;
+        trainer.refuse_flow_matching("the SDXL loss")?;
         if trainer.lora().is_some() && trainer.objective().prediction_type == PredictionType::Sample
         {
             return Err(sample_with_lora());

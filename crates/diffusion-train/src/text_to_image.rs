@@ -14,16 +14,19 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use diffusion_core::burn::module::Module;
-use diffusion_core::burn::tensor::Tensor;
+use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::{Device, Error, Result};
 use diffusion_models::UNet2DConditionModel;
 use diffusion_schedulers::{
-    ConfiguredScheduler, DDPMScheduler, DDPMSchedulerConfig, PredictionType,
+    ConfiguredScheduler, DDPMScheduler, DDPMSchedulerConfig, FlowMatchEulerDiscreteSchedulerConfig,
+    PredictionType,
 };
 
 use crate::ema::{EmaConfig, EmaModel};
+use crate::flow_matching::{FlowMatching, FlowMatchingConfig, FlowMatchingSchedule};
 use crate::lora::{LoraTrainConfig, UNetLora};
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
+use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
 use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
 use crate::params;
@@ -96,6 +99,11 @@ pub struct TextToImageConfig {
     pub cache_latents: bool,
     /// `no` (float32 everywhere). `fp16` / `bf16` are refused for now.
     pub mixed_precision: String,
+    /// Data-parallel full fine-tuning over these devices, the main one first (`["cuda:0",
+    /// "cuda:1"]`); empty (the default) trains on the device given to the run. As with
+    /// accelerate, `train_batch_size` is then per device and a micro-batch holds
+    /// `devices.len() x train_batch_size` images. See [`crate::data_parallel`].
+    pub devices: Vec<String>,
     /// Seed of everything random (data order, crops, flips, caption choice, posterior samples,
     /// noise, timesteps, LoRA initialisation).
     pub seed: u64,
@@ -111,6 +119,14 @@ pub struct TextToImageConfig {
     /// [`crate::train_text_to_image`] generates them, the other loops sharing this config do
     /// not).
     pub validation: PromptValidationConfig,
+    /// `--gradient_checkpointing`: recompute memory-bound activations of the trained graph in
+    /// the backward pass instead of keeping them (burn's balanced checkpointing, see
+    /// [`crate::autodiff`]).
+    pub gradient_checkpointing: bool,
+    /// Train with the flow-matching objective and these settings (see
+    /// [`crate::flow_matching`]). A model folder whose scheduler is
+    /// `FlowMatchEulerDiscreteScheduler` uses it with the default settings when this is unset.
+    pub flow_matching: Option<FlowMatchingConfig>,
 }
 
 impl Default for TextToImageConfig {
@@ -144,12 +160,15 @@ impl Default for TextToImageConfig {
             lora: None,
             cache_latents: false,
             mixed_precision: "no".into(),
+            devices: Vec::new(),
             seed: 0,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
             resume_from_checkpoint: None,
             show_progress: true,
             validation: PromptValidationConfig::default(),
+            gradient_checkpointing: false,
+            flow_matching: None,
         }
     }
 }
@@ -197,9 +216,51 @@ impl TextToImageConfig {
         }
     }
 
-    /// Micro-batches per epoch (`len(train_dataloader)`).
+    /// The parsed `mixed_precision` (`no` for a value [`Self::validate`] refuses).
+    pub fn mixed_precision(&self) -> MixedPrecision {
+        MixedPrecision::parse("mixed_precision", &self.mixed_precision).unwrap_or_default()
+    }
+
+    /// Refuse `fp16`/`bf16` for the scripts built on this config that do not run mixed
+    /// precision yet (`script` names them in the error).
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] naming `mixed_precision`.
+    pub fn refuse_mixed_precision(&self, script: &str) -> Result<()> {
+        if self.mixed_precision() == MixedPrecision::No {
+            return Ok(());
+        }
+        Err(Error::Unsupported {
+            path: PathBuf::new(),
+            field: "mixed_precision".into(),
+            value: self.mixed_precision.clone(),
+            reason: format!("half-precision training is not implemented for {script}; use `no`"),
+        })
+    }
+
+    /// Images per micro-batch: `train_batch_size` on each of the `devices` (at least one).
+    pub fn global_batch_size(&self) -> usize {
+        self.train_batch_size * self.devices.len().max(1)
+    }
+
+    /// Refuse `devices` for the scripts built on this config that do not train data-parallel
+    /// (`script` names them in the error).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `devices`.
+    pub fn refuse_devices(&self, script: &str) -> Result<()> {
+        if self.devices.is_empty() {
+            return Ok(());
+        }
+        Err(Error::invalid_argument(
+            "devices",
+            format!("data-parallel training is not implemented for {script}"),
+        ))
+    }
+
+    /// Micro-batches per epoch (`len(train_dataloader)`, of the global batch).
     pub fn batches_per_epoch(&self, dataset_len: usize) -> usize {
-        dataset_len.div_ceil(self.train_batch_size.max(1))
+        dataset_len.div_ceil(self.global_batch_size().max(1))
     }
 
     /// Optimizer steps per epoch (`ceil(len(train_dataloader) / gradient_accumulation_steps)`).
@@ -269,20 +330,14 @@ impl TextToImageConfig {
         if self.caption_column.is_empty() {
             return Err(Error::invalid_argument("caption_column", "is empty"));
         }
-        match self.mixed_precision.as_str() {
-            "no" => {}
-            "fp16" | "bf16" => {
-                return Err(Error::Unsupported {
-                    path: PathBuf::new(),
-                    field: "mixed_precision".into(),
-                    value: self.mixed_precision.clone(),
-                    reason: "half-precision training is not implemented yet; use `no`".into(),
-                });
-            }
-            other => {
+        MixedPrecision::parse("mixed_precision", &self.mixed_precision)?;
+        if !self.devices.is_empty() {
+            crate::data_parallel::parse_devices(&self.devices)?;
+            if self.mixed_precision() != MixedPrecision::No || self.lora.is_some() {
                 return Err(Error::invalid_argument(
-                    "mixed_precision",
-                    format!("`{other}` is not one of no, fp16, bf16"),
+                    "devices",
+                    "data-parallel training is full fine-tuning in f32 only (no LoRA, \
+                     mixed_precision `no`)",
                 ));
             }
         }
@@ -366,6 +421,46 @@ pub fn load_noise_scheduler(pretrained_model: &Path) -> Result<DDPMScheduler> {
     DDPMScheduler::new(file.config)
 }
 
+/// The flow-matching objective of a run: when the config asks for it or the model folder's
+/// scheduler is `FlowMatchEulerDiscreteScheduler` (its `scheduler_config.json` gives the
+/// schedule; otherwise a flow schedule of the noise scheduler's `num_train_timesteps`).
+fn flow_matching_for(
+    config: &TextToImageConfig,
+    scheduler: &DDPMScheduler,
+    objective: &Objective,
+) -> Result<Option<FlowMatching>> {
+    let is_flow_folder = crate::flow_matching::is_flow_match_folder(&config.pretrained_model);
+    if !is_flow_folder && config.flow_matching.is_none() {
+        return Ok(None);
+    }
+    if !config.devices.is_empty() {
+        return Err(Error::invalid_argument(
+            "devices",
+            "data-parallel training has no flow-matching objective",
+        ));
+    }
+    let settings = config.flow_matching.clone().unwrap_or_default();
+    settings.check_objective(objective)?;
+    if let Some(p) = config.prediction_type {
+        return Err(Error::invalid_argument(
+            "prediction_type",
+            format!(
+                "`{}`: the flow-matching objective predicts the flow velocity",
+                p.as_str()
+            ),
+        ));
+    }
+    let schedule = if is_flow_folder {
+        FlowMatchingSchedule::load(&config.pretrained_model)?
+    } else {
+        FlowMatchingSchedule::new(FlowMatchEulerDiscreteSchedulerConfig {
+            num_train_timesteps: scheduler.config().num_train_timesteps,
+            ..FlowMatchEulerDiscreteSchedulerConfig::default()
+        })?
+    };
+    Ok(Some(FlowMatching::new(settings, schedule)?))
+}
+
 /// Model, LoRA, optimizer, schedule and EMA of one text-to-image run.
 #[derive(Debug)]
 pub struct TextToImageTrainer {
@@ -375,6 +470,7 @@ pub struct TextToImageTrainer {
     pub(crate) lora: Option<UNetLora>,
     pub(crate) scheduler: DDPMScheduler,
     pub(crate) objective: Objective,
+    pub(crate) flow_matching: Option<FlowMatching>,
     pub(crate) optimizer: AdamW,
     pub(crate) lr_schedule: LrSchedule,
     pub(crate) ema: Option<EmaModel>,
@@ -383,6 +479,9 @@ pub struct TextToImageTrainer {
     /// Gradients and loss sum of the micro-batches of the optimizer step in progress.
     pending: Option<(FlatGradients, f32)>,
     pending_micro: usize,
+    pub(crate) grad_scaler: Option<GradScaler>,
+    pub(crate) skipped_steps: usize,
+    last_step_skipped: bool,
 }
 
 impl TextToImageTrainer {
@@ -408,13 +507,14 @@ impl TextToImageTrainer {
                 "pass a UNetLora exactly when the config trains a LoRA",
             ));
         }
-        let ad = device.clone().autodiff();
+        let ad = crate::autodiff::autodiff_device(device, config.gradient_checkpointing);
         let unet = unet.fork(&ad);
         let unet = if lora.is_some() {
             unet.no_grad()
         } else {
             unet.train()
         };
+        let unet = crate::autodiff::checkpointed(unet, &ad);
         // Row-major weights, as the unconditional trainer keeps them (see trainer.rs).
         let unet = params::replace(
             unet.clone(),
@@ -428,12 +528,14 @@ impl TextToImageTrainer {
         };
         let objective = config.objective(scheduler.config().prediction_type);
         objective.validate()?;
+        let flow_matching = flow_matching_for(config, &scheduler, &objective)?;
         Ok(Self {
             config: config.clone(),
             unet,
             lora,
             scheduler,
             objective,
+            flow_matching,
             optimizer: AdamW::new(config.adamw())?,
             lr_schedule: LrSchedule::new(
                 config.lr_scheduler,
@@ -446,6 +548,9 @@ impl TextToImageTrainer {
             num_training_steps,
             pending: None,
             pending_micro: 0,
+            grad_scaler: config.mixed_precision().grad_scaler(),
+            skipped_steps: 0,
+            last_step_skipped: false,
         })
     }
 
@@ -478,14 +583,46 @@ impl TextToImageTrainer {
             perturbation: draws.perturbation.clone().map(|t| t.to_device(&device)),
             timesteps: draws.timesteps.clone(),
         };
+        let unet = match self.config.mixed_precision().dtype() {
+            Some(dtype) => self.half_unet(dtype)?,
+            None => self.effective_unet(),
+        };
+        if let Some(flow) = &self.flow_matching {
+            // `draws.timesteps` are indices into the flow-matching training schedule.
+            return flow.loss(
+                &unet,
+                latents.to_device(&device),
+                encoder_hidden_states.to_device(&device),
+                draws.noise,
+                &draws.timesteps,
+            );
+        }
         conditional_loss(
-            &self.effective_unet(),
+            &unet,
             &self.scheduler,
             &self.objective,
             latents.to_device(&device),
             encoder_hidden_states.to_device(&device),
             &draws,
         )
+    }
+
+    /// The UNet of a mixed-precision forward: the weights (and LoRA factors) cast to `dtype` in
+    /// the autodiff graph, so the gradients reach the f32 masters (see
+    /// [`crate::mixed_precision`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`dtype`) when the device does not support `dtype`.
+    pub fn half_unet(&self, dtype: FloatDType) -> Result<UNet2DConditionModel> {
+        let unet = half_copy(&self.unet, dtype)?;
+        Ok(match &self.lora {
+            Some(lora) => {
+                let mut half = lora.clone();
+                half.set_factors(half_copy(lora.factors(), dtype)?);
+                half.apply(&unet)
+            }
+            None => unet,
+        })
     }
 
     /// The gradients of `loss` with respect to what is trained (the UNet's parameters, or the
@@ -529,6 +666,11 @@ impl TextToImageTrainer {
             loss
         };
         let value = loss.clone().inner().into_scalar::<f32>();
+        // fp16: the backward runs on the scaled loss; `finish_step` unscales.
+        let loss = match &self.grad_scaler {
+            Some(scaler) => loss.mul_scalar(scaler.scale()),
+            None => loss,
+        };
         let grads = self.gradients(loss);
         self.pending = Some(match self.pending.take() {
             Some((mut sum, total)) => {
@@ -555,19 +697,33 @@ impl TextToImageTrainer {
             .take()
             .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))?;
         self.pending_micro = 0;
-        let lr = self.lr_schedule.lr(self.global_step);
+        // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
+        // with the optimizer's).
+        let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
+        let found_inf = match &self.grad_scaler {
+            Some(scaler) => scaler.unscale(&mut grads),
+            None => false,
+        };
         let grad_norm = match self.config.max_grad_norm {
             Some(max_norm) => grads.clip_grad_norm(max_norm),
             None => grads.total_norm(),
         };
-        match &mut self.lora {
-            Some(lora) => {
-                let factors = self.optimizer.step(lr, lora.factors().clone(), grads)?;
-                lora.set_factors(factors);
+        if found_inf {
+            self.skipped_steps += 1;
+        } else {
+            match &mut self.lora {
+                Some(lora) => {
+                    let factors = self.optimizer.step(lr, lora.factors().clone(), grads)?;
+                    lora.set_factors(factors);
+                }
+                None => {
+                    self.unet = self.optimizer.step(lr, self.unet.clone(), grads)?;
+                }
             }
-            None => {
-                self.unet = self.optimizer.step(lr, self.unet.clone(), grads)?;
-            }
+        }
+        self.last_step_skipped = found_inf;
+        if let Some(scaler) = &mut self.grad_scaler {
+            scaler.update(found_inf);
         }
         let ema_decay = match &mut self.ema {
             Some(ema) => Some(ema.step(&self.unet)?),
@@ -581,6 +737,55 @@ impl TextToImageTrainer {
             lr,
             ema_decay,
         })
+    }
+
+    /// The fp16 loss scaler (`None` without `fp16`).
+    pub fn grad_scaler(&self) -> Option<&GradScaler> {
+        self.grad_scaler.as_ref()
+    }
+
+    /// Optimizer steps skipped so far for non-finite fp16 gradients.
+    pub fn skipped_steps(&self) -> usize {
+        self.skipped_steps
+    }
+
+    /// Whether the last optimizer step was skipped (non-finite fp16 gradients).
+    pub fn last_step_skipped(&self) -> bool {
+        self.last_step_skipped
+    }
+
+    /// The mixed-precision state a checkpoint keeps.
+    pub fn mixed_precision_state(&self) -> MixedPrecisionState {
+        MixedPrecisionState {
+            mixed_precision: self.config.mixed_precision(),
+            grad_scaler: self.grad_scaler.as_ref().map(|s| s.state().clone()),
+            skipped_steps: self.skipped_steps,
+        }
+    }
+
+    /// Add one micro-batch's gradients (of `loss / gradient_accumulation_steps`) and loss value
+    /// to the step in progress; after the last micro-batch, take the optimizer step. The
+    /// data-parallel path ([`crate::data_parallel`]) computes the gradients itself.
+    ///
+    /// # Errors
+    /// As [`Self::step_loss`].
+    pub(crate) fn accumulate_micro_batch(
+        &mut self,
+        grads: FlatGradients,
+        value: f32,
+    ) -> Result<Option<StepStats>> {
+        self.pending = Some(match self.pending.take() {
+            Some((mut sum, total)) => {
+                sum.accumulate(grads)?;
+                (sum, total + value)
+            }
+            None => (grads, value),
+        });
+        self.pending_micro += 1;
+        if self.pending_micro < self.config.gradient_accumulation_steps {
+            return Ok(None);
+        }
+        self.finish_step().map(Some)
     }
 
     /// Whether micro-batches of an unfinished optimizer step are pending.
@@ -625,6 +830,26 @@ impl TextToImageTrainer {
     /// The objective.
     pub fn objective(&self) -> &Objective {
         &self.objective
+    }
+
+    /// Refuse the flow-matching objective in a loss that does not implement it (`what`).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`flow_matching`) when this trainer uses it.
+    pub fn refuse_flow_matching(&self, what: &str) -> Result<()> {
+        if self.flow_matching.is_some() {
+            return Err(Error::invalid_argument(
+                "flow_matching",
+                format!("{what} has no flow-matching objective"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The flow-matching objective when the run trains with it (then the `timesteps` of
+    /// [`NoiseDraws`] are indices into its schedule).
+    pub fn flow_matching(&self) -> Option<&FlowMatching> {
+        self.flow_matching.as_ref()
     }
 
     /// The optimizer.

@@ -24,10 +24,11 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
-use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
 use diffusion_core::config::ConfigFile;
 use diffusion_core::weights::SafetensorsFile;
 use diffusion_core::{Device, Error, NoiseSource, Result, TorchGenerator};
+use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{
     AutoencoderKL, CLIPTextModel, CLIPTokenizer, ModelMixin, UNet2DConditionModel,
     UNet2DConditionModelConfig,
@@ -38,6 +39,7 @@ use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tok
 use crate::checkpoint::{CHECKPOINT_PREFIX, RNG_SCHEME, list_checkpoints, prune_checkpoints};
 use crate::ema::EmaModel;
 use crate::lora::{LORA_WEIGHT_NAME, UNetLora};
+use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState};
 use crate::objective::NoiseDraws;
 use crate::optimizer::AdamW;
 use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
@@ -100,7 +102,21 @@ impl FrozenComponents {
     pub fn encode_captions<S: AsRef<str>>(&self, captions: &[S]) -> Result<Tensor<3>> {
         let device = crate::optimizer::module_device(&self.text_encoder);
         let ids = tokenize_captions(&self.tokenizer, captions)?.input_ids_tensor(&device)?;
-        Ok(self.text_encoder.forward(ids)?.last_hidden_state)
+        let states = self.text_encoder.forward(ids)?.last_hidden_state;
+        Ok(crate::mixed_precision::to_f32(states))
+    }
+
+    /// The text encoder and VAE cast to `dtype` (the scripts' `weight_dtype` under mixed
+    /// precision); [`Self::encode_captions`] and [`Self::encode_images`] still return f32.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`dtype`) when the device does not support `dtype`.
+    pub fn to_dtype(self, dtype: FloatDType) -> Result<Self> {
+        Ok(Self {
+            tokenizer: self.tokenizer,
+            text_encoder: to_dtype(self.text_encoder, dtype)?,
+            vae: to_dtype(self.vae, dtype)?,
+        })
     }
 
     /// `vae.encode(pixels).latent_dist.sample(generator) * scaling_factor`.
@@ -111,8 +127,10 @@ impl FrozenComponents {
     /// # Errors
     /// VAE errors.
     pub fn encode_images(&self, pixels: Tensor<4>, g: &mut TorchGenerator) -> Result<Tensor<4>> {
+        let pixels = crate::mixed_precision::cast_input(&self.vae, pixels);
         let dist = self.vae.encode(pixels)?;
         let latents = dist.sample(Some(NoiseSource::Single(g)))?;
+        let latents = crate::mixed_precision::to_f32(latents);
         Ok(latents.mul_scalar(self.vae.config().scaling_factor))
     }
 }
@@ -166,6 +184,10 @@ pub fn save_text_to_image_checkpoint(trainer: &TextToImageTrainer, dir: &Path) -
     };
     let text = serde_json::to_string_pretty(&state).unwrap_or_default();
     diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
+    let mixed = trainer.mixed_precision_state();
+    if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
+        mixed.save(&tmp)?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
     }
@@ -271,6 +293,13 @@ pub fn load_text_to_image_checkpoint(
         )?);
     }
     trainer.global_step = state.global_step;
+    if let Some(mixed) = MixedPrecisionState::load(dir)? {
+        trainer.skipped_steps = mixed.skipped_steps;
+        // The scale carries over between fp16 runs; another setting starts a fresh scaler.
+        if let (Some(saved), MixedPrecision::Fp16) = (mixed.grad_scaler, config.mixed_precision()) {
+            trainer.grad_scaler = Some(GradScaler::from_state(saved)?);
+        }
+    }
     Ok(trainer)
 }
 
@@ -358,8 +387,9 @@ fn cache_latents(
 }
 
 /// Train as train_text_to_image.py (or, with `config.lora`, train_text_to_image_lora.py) does,
-/// on `device` (autodiff is turned on here). Writes checkpoints, `logs/train_log.jsonl` and
-/// the result into `config.output_dir`. With `config.validation` prompts, also writes
+/// on `device` (autodiff is turned on here), or data-parallel over `config.devices` when that is
+/// not empty (full fine-tuning; then `device` is not used). Writes checkpoints,
+/// `logs/train_log.jsonl` and the result into `config.output_dir`. With `config.validation` prompts, also writes
 /// validation images (at step 0 of a fresh run, when due, and after the last step) and their
 /// strip into `output_dir/validation/` (see [`crate::validation`]).
 ///
@@ -370,6 +400,12 @@ fn cache_latents(
 pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Result<TrainReport> {
     config.validate()?;
     config.check_paths()?;
+    // With `devices`, the first of them is the main device (see `crate::data_parallel`).
+    let parallel_devices = match config.devices.as_slice() {
+        [] => None,
+        names => Some(crate::data_parallel::parse_devices(names)?),
+    };
+    let device = parallel_devices.as_ref().map_or(device, |d| &d[0]);
     let inner = device.clone().without_autodiff();
     let data = CaptionDataset::from_folder(
         &config.train_data_dir,
@@ -382,6 +418,12 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
         },
     )?;
     let frozen = FrozenComponents::load(&config.pretrained_model, &inner)?;
+    // Mixed precision: the frozen models run in the half dtype, as the scripts' `weight_dtype`.
+    let mixed = config.mixed_precision().dtype();
+    let frozen = match mixed {
+        Some(dtype) => frozen.to_dtype(dtype)?,
+        None => frozen,
+    };
     let total = config.num_training_steps(data.len());
     let batches_per_epoch = config.batches_per_epoch(data.len());
     let k = config.gradient_accumulation_steps;
@@ -406,6 +448,10 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
             let scheduler = load_noise_scheduler(&config.pretrained_model)?;
             TextToImageTrainer::new(config, unet, lora, scheduler, total, device)?
         }
+    };
+    let mut parallel = match parallel_devices {
+        Some(devices) => Some(crate::DataParallel::new(devices, trainer.unet())?),
+        None => None,
     };
     config.save(out.join("train_config.json"))?;
     let cached = if config.cache_latents {
@@ -446,10 +492,22 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
         let Some(scheduler) = &validation_scheduler else {
             return Ok(());
         };
+        // The validation pipeline runs in f32 on the (half-rounded) frozen weights.
+        let widened;
+        let (text_encoder, vae) = match mixed {
+            Some(_) => {
+                widened = (
+                    to_dtype(frozen.text_encoder.clone(), FloatDType::F32)?,
+                    to_dtype(frozen.vae.clone(), FloatDType::F32)?,
+                );
+                (&widened.0, &widened.1)
+            }
+            None => (&frozen.text_encoder, &frozen.vae),
+        };
         let frozen = FrozenParts {
             tokenizer: &frozen.tokenizer,
-            text_encoder: &frozen.text_encoder,
-            vae: &frozen.vae,
+            text_encoder,
+            vae,
             scheduler,
         };
         let path = save_prompt_validation(
@@ -481,8 +539,9 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
             }
             let (_, indices) =
                 order.get_or_insert_with(|| (epoch, epoch_order(config.seed, epoch, data.len())));
-            let begin = position * config.train_batch_size;
-            let batch = &indices[begin..(begin + config.train_batch_size).min(indices.len())];
+            let batch_size = config.global_batch_size();
+            let begin = position * batch_size;
+            let batch = &indices[begin..(begin + batch_size).min(indices.len())];
             let b = batch.len();
             let mut g = TorchGenerator::new(derived_seed(config.seed, 0, m as u64));
             let draws = image_draws(&mut g, b);
@@ -510,22 +569,34 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
             let offset_noise =
                 (objective.noise_offset > 0.0).then(|| randn(&mut g, [dims[0], dims[1], 1, 1]));
             let perturbation = (objective.input_perturbation > 0.0).then(|| randn(&mut g, dims));
-            let timesteps = g
-                .rand(&[b])
-                .into_iter()
-                .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
-                .collect();
+            let timesteps = match trainer.flow_matching() {
+                Some(flow) => flow.draw_indices(b, &mut g)?,
+                None => g
+                    .rand(&[b])
+                    .into_iter()
+                    .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
+                    .collect(),
+            };
             let noise_draws = NoiseDraws {
                 noise,
                 offset_noise,
                 perturbation,
                 timesteps,
             };
-            stats = trainer.step(latents, states, &noise_draws)?;
+            stats = match &mut parallel {
+                Some(p) => trainer.step_data_parallel(p, latents, states, &noise_draws)?,
+                None => trainer.step(latents, states, &noise_draws)?,
+            };
         }
         let stats = match stats {
             Some(s) => s,
-            None => trainer.finish_step()?,
+            None => {
+                let stats = trainer.finish_step()?;
+                if let Some(p) = &mut parallel {
+                    p.sync(trainer.unet());
+                }
+                stats
+            }
         };
         if !stats.loss.is_finite() {
             return Err(Error::invalid_argument(

@@ -11,6 +11,7 @@ use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType, S
 use crate::config::TrainConfig;
 use crate::ema::EmaModel;
 use crate::lr_schedule::LrSchedule;
+use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::optimizer::{AdamW, FlatGradients};
 use crate::params;
 
@@ -74,7 +75,10 @@ pub fn training_loss(
         ),
         &device,
     );
-    let pred = model.forward(noisy, t_tensor, None)?;
+    // Under mixed precision `model` is the half copy: its input is cast to its dtype and its
+    // prediction back to f32, so the loss is computed in f32.
+    let noisy = crate::mixed_precision::cast_input(model, noisy);
+    let pred = crate::mixed_precision::to_f32(model.forward(noisy, t_tensor, None)?);
     let loss = match scheduler.config().prediction_type {
         PredictionType::Epsilon => pred.sub(noise).square().mean(),
         PredictionType::VPrediction => {
@@ -115,6 +119,9 @@ pub struct Trainer {
     pub(crate) ema: Option<EmaModel>,
     pub(crate) global_step: usize,
     pub(crate) num_training_steps: usize,
+    pub(crate) grad_scaler: Option<GradScaler>,
+    pub(crate) skipped_steps: usize,
+    pub(crate) last_step_skipped: bool,
 }
 
 impl Trainer {
@@ -132,7 +139,8 @@ impl Trainer {
     ) -> Result<Self> {
         config.validate()?;
         // `train` applies the parameters' configured trainability on the autodiff device.
-        let model = model.fork(&device.clone().autodiff()).train();
+        let ad = crate::autodiff::autodiff_device(device, config.gradient_checkpointing);
+        let model = crate::autodiff::checkpointed(model.fork(&ad).train(), &ad);
         // Weights loaded from PyTorch layout can be strided views (a Linear's weight is a
         // transposed one). Kernels may sum in another order on those, so a run resumed from a
         // checkpoint would drift from the uninterrupted run, whose weights are always the
@@ -160,6 +168,9 @@ impl Trainer {
             ema,
             global_step: 0,
             num_training_steps,
+            grad_scaler: config.mixed_precision.grad_scaler(),
+            skipped_steps: 0,
+            last_step_skipped: false,
         })
     }
 
@@ -181,16 +192,48 @@ impl Trainer {
         let device = crate::optimizer::module_device(&self.model);
         let x0 = x0.to_device(&device);
         let noise = noise.to_device(&device);
-        let lr = self.lr_schedule.lr(self.global_step);
-        let loss = training_loss(&self.model, &self.scheduler, x0, noise, timesteps)?;
-        let mut grads = FlatGradients::from_backward(&self.model, loss.backward());
-        let loss_value = loss.inner().into_scalar::<f32>();
+        // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
+        // with the optimizer's).
+        let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
+        let (loss_value, mut grads) = match self.config.mixed_precision.dtype() {
+            None => {
+                let loss = training_loss(&self.model, &self.scheduler, x0, noise, timesteps)?;
+                let grads = FlatGradients::from_backward(&self.model, loss.backward());
+                (loss.inner().into_scalar::<f32>(), grads)
+            }
+            Some(dtype) => {
+                let half = half_copy(&self.model, dtype)?;
+                let loss = training_loss(&half, &self.scheduler, x0, noise, timesteps)?;
+                let value = loss.clone().inner().into_scalar::<f32>();
+                let scaled = match &self.grad_scaler {
+                    Some(scaler) => loss.mul_scalar(scaler.scale()),
+                    None => loss,
+                };
+                // The gradients reach the f32 master leaves through the casts' backward.
+                (
+                    value,
+                    FlatGradients::from_backward(&self.model, scaled.backward()),
+                )
+            }
+        };
+        let found_inf = match &self.grad_scaler {
+            Some(scaler) => scaler.unscale(&mut grads),
+            None => false,
+        };
         let grad_norm = match self.config.max_grad_norm {
             Some(max_norm) => grads.clip_grad_norm(max_norm),
             None => grads.total_norm(),
         };
-        let model = self.model.clone();
-        self.model = self.optimizer.step(lr, model, grads)?;
+        if found_inf {
+            self.skipped_steps += 1;
+        } else {
+            let model = self.model.clone();
+            self.model = self.optimizer.step(lr, model, grads)?;
+        }
+        self.last_step_skipped = found_inf;
+        if let Some(scaler) = &mut self.grad_scaler {
+            scaler.update(found_inf);
+        }
         let ema_decay = match &mut self.ema {
             Some(ema) => Some(ema.step(&self.model)?),
             None => None,
@@ -252,5 +295,47 @@ impl Trainer {
     /// The run's settings.
     pub fn config(&self) -> &TrainConfig {
         &self.config
+    }
+
+    /// The fp16 loss scaler (`None` without `fp16`).
+    pub fn grad_scaler(&self) -> Option<&GradScaler> {
+        self.grad_scaler.as_ref()
+    }
+
+    /// Replace the fp16 loss scaler (for example with another initial scale).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `mixed_precision` when the run is not `fp16`.
+    pub fn set_grad_scaler(&mut self, scaler: GradScaler) -> Result<()> {
+        if self.config.mixed_precision != MixedPrecision::Fp16 {
+            return Err(Error::invalid_argument(
+                "mixed_precision",
+                format!(
+                    "a loss scaler needs fp16, the run is `{}`",
+                    self.config.mixed_precision.as_str()
+                ),
+            ));
+        }
+        self.grad_scaler = Some(scaler);
+        Ok(())
+    }
+
+    /// Optimizer steps skipped so far for non-finite fp16 gradients.
+    pub fn skipped_steps(&self) -> usize {
+        self.skipped_steps
+    }
+
+    /// Whether the last step's optimizer update was skipped (non-finite fp16 gradients).
+    pub fn last_step_skipped(&self) -> bool {
+        self.last_step_skipped
+    }
+
+    /// The mixed-precision state a checkpoint keeps.
+    pub fn mixed_precision_state(&self) -> MixedPrecisionState {
+        MixedPrecisionState {
+            mixed_precision: self.config.mixed_precision,
+            grad_scaler: self.grad_scaler.as_ref().map(|s| s.state().clone()),
+            skipped_steps: self.skipped_steps,
+        }
     }
 }

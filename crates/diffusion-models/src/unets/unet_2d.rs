@@ -328,7 +328,13 @@ impl UNet2DModel {
             sample
         };
 
-        let t_emb = self.project_time(timesteps.clone(), "timesteps")?;
+        let mut t_emb = self.project_time(timesteps.clone(), "timesteps")?;
+        // diffusers' `t_emb.to(dtype=self.dtype)`: the projection is f32, the weights may be half.
+        if t_emb.dtype() != sample.dtype() {
+            t_emb = t_emb.cast(diffusion_core::burn::tensor::FloatDType::from(
+                sample.dtype(),
+            ));
+        }
         let mut emb = self.time_embedding.forward(t_emb);
         emb = match (&self.class_embedding, class_labels) {
             (Some(embedding), Some(labels)) => emb.add(self.embed_class(embedding, labels, b)?),

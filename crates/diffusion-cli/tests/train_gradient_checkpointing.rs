@@ -1,0 +1,108 @@
+//! `--gradient-checkpointing` on `diffusers train unconditional` and `diffusers train lora`:
+//! two steps with the flag log the same losses and write the same weight file, byte for byte,
+//! as two steps without it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures")
+}
+
+fn ok(output: &Output) {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+fn losses(out: &Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("logs/train_log.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loss"].as_f64().unwrap()
+        })
+        .collect()
+}
+
+fn unconditional(out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffusers"))
+        .args(["train", "unconditional", "--digits"])
+        .arg(fixtures().join("train/digits_head.csv.gz"))
+        .arg("--pretrained-model")
+        .arg(fixtures().join("train/tiny_unet"))
+        .arg("--output-dir")
+        .arg(out)
+        .args([
+            "--resolution",
+            "8",
+            "--train-batch-size",
+            "2",
+            "--max-train-steps",
+            "2",
+            "--quiet",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn lora(out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffusers"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["train", "lora", "--model"])
+        .arg(fixtures().join("pipelines/sd/sd1"))
+        .arg("--train-data-dir")
+        .arg(fixtures().join("train/text_to_image/data"))
+        .arg("--output-dir")
+        .arg(out)
+        .args([
+            "--resolution",
+            "32",
+            "--train-batch-size",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--max-train-steps",
+            "2",
+            "--quiet",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Run `train` without and with the flag; return both logs' losses and both weight files.
+fn both(train: fn(&Path, &[&str]) -> Output, weights: &str) -> [(Vec<f64>, Vec<u8>); 2] {
+    let dir = tempfile::tempdir().unwrap();
+    [&[][..], &["--gradient-checkpointing"][..]].map(|extra| {
+        let out = dir
+            .path()
+            .join(if extra.is_empty() { "plain" } else { "gc" });
+        ok(&train(&out, extra));
+        let bytes = std::fs::read(out.join(weights)).unwrap();
+        (losses(&out), bytes)
+    })
+}
+
+#[test]
+fn unconditional_with_the_flag_equals_without() {
+    let [(plain, plain_w), (gc, gc_w)] =
+        both(unconditional, "unet/diffusion_pytorch_model.safetensors");
+    eprintln!("unconditional losses {plain:?} vs {gc:?}");
+    assert_eq!(plain.len(), 2);
+    assert_eq!(plain, gc);
+    assert!(plain_w == gc_w, "the trained UNet files differ");
+}
+
+#[test]
+fn lora_with_the_flag_equals_without() {
+    let [(plain, plain_w), (gc, gc_w)] = both(lora, "pytorch_lora_weights.safetensors");
+    eprintln!("lora losses {plain:?} vs {gc:?}");
+    assert_eq!(plain.len(), 2);
+    assert_eq!(plain, gc);
+    assert!(plain_w == gc_w, "the LoRA files differ");
+}
