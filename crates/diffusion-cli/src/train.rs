@@ -276,7 +276,8 @@ impl FlowMatchingArgs {
     }
 }
 
-/// Validation images of `train text-to-image` and `train lora` (the scripts' names).
+/// Validation images of `train text-to-image`, `train lora` (SD1 and SDXL), `train dreambooth`
+/// and `train textual-inversion` (the scripts' names).
 #[derive(Args, Debug)]
 pub struct PromptValidationArgs {
     /// Generate validation images for this prompt with the weights being trained (repeat for

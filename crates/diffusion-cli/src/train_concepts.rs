@@ -96,9 +96,16 @@ pub struct DreamBoothArgs {
     /// (burn's balanced gradient checkpointing): less memory, more compute.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Mixed precision: forward and backward on an fp16 (with a dynamic loss scale) or bf16
+    /// copy of the f32 weights; the frozen VAE and text encoder run in that dtype.
+    #[arg(long, value_enum)]
+    pub mixed_precision: Option<crate::train::MixedPrecisionArg>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+
+    #[command(flatten)]
+    pub validation: crate::train::PromptValidationArgs,
 }
 
 /// textual_inversion.py's options.
@@ -173,6 +180,9 @@ pub struct TextualInversionArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+
+    #[command(flatten)]
+    pub validation: crate::train::PromptValidationArgs,
 }
 
 pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
@@ -208,6 +218,15 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     t.resolution = args.resolution.unwrap_or(t.resolution);
     t.center_crop |= args.center_crop;
     t.gradient_checkpointing |= args.gradient_checkpointing;
+    if let Some(v) = args.mixed_precision {
+        use crate::train::MixedPrecisionArg;
+        t.mixed_precision = match v {
+            MixedPrecisionArg::No => "no",
+            MixedPrecisionArg::Fp16 => "fp16",
+            MixedPrecisionArg::Bf16 => "bf16",
+        }
+        .into();
+    }
     t.train_batch_size = args.train_batch_size.unwrap_or(t.train_batch_size);
     t.gradient_accumulation_steps = args
         .gradient_accumulation_steps
@@ -220,6 +239,7 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     t.resume_from_checkpoint = args.resume_from_checkpoint;
     t.seed = args.seed.unwrap_or(t.seed);
     t.show_progress = !args.quiet;
+    args.validation.apply(&mut t.validation)?;
     c.validate()?;
     c.check_paths()?;
     let device = parse_device(&args.device)?;
@@ -265,6 +285,7 @@ pub fn textual_inversion(args: TextualInversionArgs) -> Result<()> {
     c.resume_from_checkpoint = args.resume_from_checkpoint;
     c.seed = args.seed.unwrap_or(c.seed);
     c.show_progress = !args.quiet;
+    args.validation.apply(&mut c.validation)?;
     c.validate()?;
     c.check_paths()?;
     let device = parse_device(&args.device)?;

@@ -263,3 +263,58 @@ fn dreambooth_lora_with_text_encoder_and_generated_class_images() {
     assert!(keys.iter().any(|k| k.starts_with("text_encoder.")));
     assert_eq!(log_text(&out).lines().count(), 2);
 }
+
+/// `--mixed-precision bf16` for DreamBooth LoRA with the text-encoder LoRA and prior
+/// preservation: two steps, finite losses, the LoRA file written; an unknown value is refused
+/// before anything is written.
+#[test]
+fn dreambooth_lora_text_encoder_bf16_two_steps() {
+    let data = fixtures().join("train/text_to_image/data");
+    let data = data.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let mut args = vec![
+        "--instance-data-dir",
+        data,
+        "--instance-prompt",
+        "a photo of sks dog",
+        "--class-data-dir",
+        data,
+        "--class-prompt",
+        "a photo of dog",
+        "--with-prior-preservation",
+        "--num-class-images",
+        "4",
+        "--train-batch-size",
+        "1",
+        "--lr-warmup-steps",
+        "0",
+        "--lora",
+        "--rank",
+        "2",
+        "--train-text-encoder",
+        "--output-dir",
+        out.to_str().unwrap(),
+        "--mixed-precision",
+    ];
+    let mut bad = args.clone();
+    bad.push("fp8");
+    let refused = run(&["dreambooth"], &bad);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("mixed-precision"));
+    assert!(!out.exists());
+
+    args.push("bf16");
+    ok(&run(&["dreambooth"], &args));
+    assert!(out.join("pytorch_lora_weights.safetensors").is_file());
+    let log = std::fs::read_to_string(out.join("logs/train_log.jsonl")).unwrap();
+    let losses: Vec<f64> = log
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["loss"].as_f64().unwrap()
+        })
+        .collect();
+    assert_eq!(losses.len(), 2);
+    assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+}

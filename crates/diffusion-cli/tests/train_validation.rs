@@ -223,3 +223,110 @@ fn unconditional_accepts_mixed_precision_bf16() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("fp8"));
 }
+
+/// `train dreambooth --lora --train-text-encoder` and `train textual-inversion` with the
+/// validation flags: grids at steps 0, 1 and 2 with their settings; a stray validation flag
+/// without a prompt is refused before training.
+#[test]
+fn dreambooth_and_textual_inversion_validation_images() {
+    let data = fixtures().join("train/text_to_image/data");
+    let data = data.to_str().unwrap();
+    let sd1 = fixtures().join("pipelines/sd/sd1");
+    let sd1 = sd1.to_str().unwrap();
+    let common = [
+        "--model",
+        sd1,
+        "--resolution",
+        "32",
+        "--train-batch-size",
+        "2",
+        "--max-train-steps",
+        "2",
+        "--lr-warmup-steps",
+        "0",
+        "--quiet",
+        "--validation-steps",
+        "1",
+        "--num-validation-images",
+        "1",
+        "--validation-inference-steps",
+        "2",
+        "--validation-seed",
+        "4",
+    ];
+    let cases: [(&str, &[&str], &str); 2] = [
+        (
+            "dreambooth",
+            &[
+                "--instance-data-dir",
+                data,
+                "--instance-prompt",
+                "a photo of sks dog",
+                "--lora",
+                "--train-text-encoder",
+            ],
+            "a photo of sks dog",
+        ),
+        (
+            "textual-inversion",
+            &[
+                "--train-data-dir",
+                data,
+                "--placeholder-token",
+                "<sks>",
+                "--initializer-token",
+                "red",
+                "--repeats",
+                "1",
+            ],
+            "a photo of <sks>",
+        ),
+    ];
+    for (command, flags, prompt) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_diffusers"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["train", command, "--output-dir"])
+            .arg(dir.path())
+            .args(common)
+            .args(flags)
+            .args(["--validation-prompt", prompt])
+            .output()
+            .unwrap();
+        ok(&out);
+        let validation = dir.path().join("validation");
+        assert_eq!(
+            listing(&validation),
+            [
+                "progress.png",
+                "step-000000.png",
+                "step-000001.png",
+                "step-000002.png"
+            ],
+            "{command}"
+        );
+        let text = parameters(&validation.join("step-000001.png"));
+        assert!(
+            text.starts_with(&format!("{prompt}\n")),
+            "{command}: {text}"
+        );
+        for field in ["Steps: 2", "Seed: 4", "Batch size: 1", "Training step: 1"] {
+            assert!(text.contains(field), "{command}: {field} not in {text:?}");
+        }
+
+        // The validation options need a prompt.
+        let stray = tempfile::tempdir().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_diffusers"))
+            .env("HF_HUB_OFFLINE", "1")
+            .args(["train", command, "--output-dir"])
+            .arg(stray.path())
+            .args(common)
+            .args(flags)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{command} ran without a prompt");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--validation-prompt"), "{command}: {err}");
+        assert!(!stray.path().join("validation").exists());
+    }
+}

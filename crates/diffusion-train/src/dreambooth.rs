@@ -27,17 +27,19 @@ use serde::{Deserialize, Serialize};
 
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
-use diffusion_core::burn::tensor::{Int, Tensor, TensorData};
+use diffusion_core::burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use diffusion_core::weights::{NamedTensor, SafetensorsFile};
 use diffusion_core::{Device, Error, Result, TorchGenerator};
+use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{CLIPTextModel, ModelMixin, UNet2DConditionModel};
-use diffusion_schedulers::{DDPMScheduler, Scheduler};
+use diffusion_schedulers::{AnyScheduler, DDPMScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
 use crate::checkpoint::{CHECKPOINT_PREFIX, RNG_SCHEME, prune_checkpoints};
 use crate::class_images::generate_class_images;
 use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 use crate::lr_schedule::LrScheduleKind;
+use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, conditional_prediction};
 use crate::optimizer::{AdamW, FlatGradients};
 use crate::resize::Interpolation;
@@ -48,6 +50,9 @@ use crate::text_to_image_run::{
     resolve_resume, save_pipeline, save_text_to_image_checkpoint,
 };
 use crate::trainer::StepStats;
+use crate::validation::{
+    FrozenParts, ValidationPoint, save_prompt_validation, write_validation_strip,
+};
 
 /// Settings of a DreamBooth run: the scripts' data and prior-preservation options, and the
 /// optimisation settings they share with text-to-image training in `train`
@@ -137,9 +142,7 @@ impl DreamBoothConfig {
     /// (`snr_gamma` with prior preservation: the script's weights would not fit the halves).
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
-        self.train.refuse_mixed_precision("DreamBooth")?;
         self.train.refuse_devices("DreamBooth")?;
-        self.train.validation.refuse_in("DreamBooth")?;
         if self.instance_prompt.trim().is_empty() {
             return Err(Error::invalid_argument("instance_prompt", "is empty"));
         }
@@ -271,7 +274,7 @@ pub fn dreambooth_loss(
         timesteps: draws.timesteps.clone(),
     };
     let (pred, target) = conditional_prediction(
-        &trainer.effective_unet(),
+        &trainer.forward_unet()?,
         trainer.scheduler(),
         trainer.objective(),
         latents.to_device(&device),
@@ -449,7 +452,16 @@ impl DreamBoothTrainer {
     ) -> Result<Tensor<1>> {
         let text = self.text_training()?;
         let device = crate::optimizer::module_device(self.inner.unet());
-        let encoder = text.lora.apply_to(&text.encoder);
+        // Mixed precision: the frozen encoder and the LoRA factors cast to the half dtype inside
+        // the autodiff graph (the f32 factors stay the masters), as for the UNet.
+        let encoder = match self.inner.config().mixed_precision().dtype() {
+            Some(dtype) => {
+                let mut half = text.lora.clone();
+                half.set_factors(half_copy(text.lora.factors(), dtype)?);
+                half.apply_to(&half_copy(&text.encoder, dtype)?)
+            }
+            None => text.lora.apply_to(&text.encoder),
+        };
         let states = encoder
             .forward(input_ids.to_device(&device))?
             .last_hidden_state;
@@ -546,6 +558,11 @@ impl DreamBoothTrainer {
             loss
         };
         let value = loss.clone().inner().into_scalar::<f32>();
+        // fp16: the backward runs on the scaled loss; `finish_step` unscales.
+        let loss = match &self.inner.grad_scaler {
+            Some(scaler) => loss.mul_scalar(scaler.scale()),
+            None => loss,
+        };
         let grads = self.gradients(loss);
         let text = self
             .text
@@ -583,16 +600,31 @@ impl DreamBoothTrainer {
             .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))?;
         text.pending_micro = 0;
         let inner = &mut self.inner;
-        let lr = inner.lr_schedule.lr(inner.global_step);
+        // Skipped fp16 steps do not advance the schedule (as in TextToImageTrainer::finish_step).
+        let lr = inner
+            .lr_schedule
+            .lr(inner.global_step - inner.skipped_steps);
+        let found_inf = match &inner.grad_scaler {
+            Some(scaler) => scaler.unscale(&mut grads),
+            None => false,
+        };
         let grad_norm = match inner.config.max_grad_norm {
             Some(max_norm) => grads.clip_grad_norm(max_norm),
             None => grads.total_norm(),
         };
-        let factors = text.optimizer.step(lr, factors, grads)?;
-        if let Some(lora) = inner.lora.as_mut() {
-            lora.set_factors(factors.unet);
+        if found_inf {
+            inner.skipped_steps += 1;
+        } else {
+            let factors = text.optimizer.step(lr, factors, grads)?;
+            if let Some(lora) = inner.lora.as_mut() {
+                lora.set_factors(factors.unet);
+            }
+            text.lora.set_factors(factors.text_encoder);
         }
-        text.lora.set_factors(factors.text_encoder);
+        inner.last_step_skipped = found_inf;
+        if let Some(scaler) = &mut inner.grad_scaler {
+            scaler.update(found_inf);
+        }
         inner.global_step += 1;
         Ok(StepStats {
             step: inner.global_step,
@@ -673,6 +705,10 @@ fn save_text_encoder_checkpoint(trainer: &DreamBoothTrainer, dir: &std::path::Pa
     };
     let text = serde_json::to_string_pretty(&state).unwrap_or_default();
     diffusion_core::config::write_atomically(&tmp.join("training_state.json"), text.as_bytes())?;
+    let mixed = inner.mixed_precision_state();
+    if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
+        mixed.save(&tmp)?;
+    }
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     }
@@ -720,6 +756,15 @@ fn load_text_encoder_checkpoint(
         text.optimizer = AdamW::load(config.train.adamw(), &factors, &dir.join("optimizer"))?;
     }
     trainer.inner.global_step = state.global_step;
+    if let Some(mixed) = MixedPrecisionState::load(dir)? {
+        trainer.inner.skipped_steps = mixed.skipped_steps;
+        // The scale carries over between fp16 runs; another setting starts a fresh scaler.
+        if let (Some(saved), MixedPrecision::Fp16) =
+            (mixed.grad_scaler, config.train.mixed_precision())
+        {
+            trainer.inner.grad_scaler = Some(GradScaler::from_state(saved)?);
+        }
+    }
     Ok(trainer)
 }
 
@@ -803,6 +848,12 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
         .map(|c| c.len().min(config.num_class_images));
     let len = n_class.map_or(n_instance, |n| n.max(n_instance));
     let frozen = FrozenComponents::load(&t.pretrained_model, &inner)?;
+    // Mixed precision: the frozen VAE and text encoder run in the half dtype (the scripts'
+    // `weight_dtype`).
+    let frozen = match t.mixed_precision().dtype() {
+        Some(dtype) => frozen.to_dtype(dtype)?,
+        None => frozen,
+    };
     let total = t.num_training_steps(len);
     let batches_per_epoch = t.batches_per_epoch(len);
     let k = t.gradient_accumulation_steps;
@@ -865,6 +916,26 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
         Some(p) if classes.is_some() => Some(frozen.encode_captions(&[p.as_str()])?),
         _ => None,
     };
+    let validation = &t.validation;
+    let validation_scheduler = if validation.is_enabled() {
+        Some(AnyScheduler::from_config_file(
+            t.pretrained_model.join("scheduler"),
+        )?)
+    } else {
+        None
+    };
+    let validate = |trainer: &DreamBoothTrainer, at: ValidationPoint| -> Result<()> {
+        let Some(scheduler) = &validation_scheduler else {
+            return Ok(());
+        };
+        let path = dreambooth_validation(trainer, &frozen, scheduler, t, at)?;
+        bar.println(format!("validation images: {}", path.display()));
+        Ok(())
+    };
+    if start == 0 {
+        // The starting weights, for comparison with the images that follow.
+        validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
+    }
     let mut order: Option<(usize, Vec<usize>)> = None;
     let began = Instant::now();
     for step in start..total {
@@ -961,6 +1032,15 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
             save_text_encoder_checkpoint(&trainer, &dir)?;
             report.checkpoints.push(dir);
         }
+        // The epoch ends with this step when the next step's first micro-batch is in a later one.
+        let end_of_epoch = (step + 1) * k / batches_per_epoch > epoch;
+        if validation.is_due(step + 1, epoch, end_of_epoch, step + 1 == total) {
+            let at = ValidationPoint {
+                step: step + 1,
+                epoch,
+            };
+            validate(&trainer, at)?;
+        }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
@@ -968,5 +1048,48 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
         Some(_) => trainer.save_lora_weights(out.join(LORA_WEIGHT_NAME))?,
         None => save_pipeline(&t.pretrained_model, &trainer.inner.inference_unet(), out)?,
     }
+    if validation.is_enabled() {
+        write_validation_strip(out, total)?;
+    }
     Ok(report)
+}
+
+/// One validation grid of a DreamBooth run: the pipeline of the UNet being trained (LoRA
+/// merged) and, with `train_text_encoder`, the text encoder with its LoRA merged; the frozen
+/// parts in f32. Reads the weights only.
+fn dreambooth_validation(
+    trainer: &DreamBoothTrainer,
+    frozen: &FrozenComponents,
+    scheduler: &AnyScheduler,
+    t: &TextToImageConfig,
+    at: ValidationPoint,
+) -> Result<std::path::PathBuf> {
+    let widen = |m: CLIPTextModel| -> Result<CLIPTextModel> {
+        match t.mixed_precision().dtype() {
+            Some(_) => to_dtype(m, FloatDType::F32),
+            None => Ok(m),
+        }
+    };
+    let text_encoder = match &trainer.text {
+        Some(text) => widen(text.lora.apply_to(&text.encoder).valid())?,
+        None => widen(frozen.text_encoder.clone())?,
+    };
+    let vae = match t.mixed_precision().dtype() {
+        Some(_) => to_dtype(frozen.vae.clone(), FloatDType::F32)?,
+        None => frozen.vae.clone(),
+    };
+    let parts = FrozenParts {
+        tokenizer: &frozen.tokenizer,
+        text_encoder: &text_encoder,
+        vae: &vae,
+        scheduler,
+    };
+    save_prompt_validation(
+        trainer.inner.inference_unet(),
+        parts,
+        &t.validation,
+        t.seed,
+        &t.output_dir,
+        at,
+    )
 }

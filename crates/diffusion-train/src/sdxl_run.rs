@@ -19,10 +19,11 @@ use std::fs::OpenOptions;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
 use diffusion_core::{Device, Error, NoiseSource, Result, TorchGenerator};
+use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{AutoencoderKL, ModelMixin, UNet2DConditionModel};
-use diffusion_schedulers::Scheduler;
+use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws};
 use crate::checkpoint::{CHECKPOINT_PREFIX, prune_checkpoints};
@@ -38,6 +39,33 @@ use crate::text_to_image_run::{
     image_draws, load_text_to_image_checkpoint, progress_bar, resolve_resume, save_pipeline,
     save_text_to_image_checkpoint,
 };
+use crate::validation::{
+    SdxlFrozenParts, ValidationPoint, save_sdxl_prompt_validation, write_validation_strip,
+};
+
+/// `force_zeros_for_empty_prompt` of the folder's `model_index.json` (true when absent, as
+/// `StableDiffusionXLPipeline`).
+///
+/// # Errors
+/// [`Error::Io`] / [`Error::ConfigField`] naming `model_index.json` when it cannot be read or the
+/// flag is not a boolean.
+fn force_zeros_for_empty_prompt(dir: &std::path::Path) -> Result<bool> {
+    let path = dir.join("model_index.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let index: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::ConfigField {
+        path: path.clone(),
+        field: "model_index.json".into(),
+        message: e.to_string(),
+    })?;
+    match index.get("force_zeros_for_empty_prompt") {
+        None => Ok(true),
+        Some(v) => v.as_bool().ok_or_else(|| Error::ConfigField {
+            path,
+            field: "force_zeros_for_empty_prompt".into(),
+            message: "expected true or false".into(),
+        }),
+    }
+}
 
 /// Seed domain of the once-per-image encodings (0: steps, 1: epochs, 2: SD1 cached latents).
 const ENCODE_DOMAIN: u64 = 3;
@@ -122,8 +150,16 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
             caption_column: base.caption_column.clone(),
         },
     )?;
+    // Mixed precision: both text encoders run in the half dtype (the scripts' `weight_dtype`);
+    // the VAE stays f32, as both SDXL scripts keep it without `--pretrained_vae_model_name_or_path`
+    // ("to avoid NaN losses").
+    let text = SdxlTextEncoders::load(&base.pretrained_model, &inner)?;
+    let text = match base.mixed_precision().dtype() {
+        Some(dtype) => text.to_dtype(dtype)?,
+        None => text,
+    };
     let encoders = Encoders {
-        text: SdxlTextEncoders::load(&base.pretrained_model, &inner)?,
+        text,
         vae: AutoencoderKL::from_pretrained(base.pretrained_model.join("vae"), &inner)?,
     };
     let total = base.num_training_steps(data.len());
@@ -181,6 +217,52 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
+    // Validation generates with the run's frozen text encoders (in f32) and VAE and the
+    // folder's scheduler around the UNet being trained.
+    let validation = &base.validation;
+    let validation_setup = if validation.is_enabled() {
+        let widened = match base.mixed_precision().dtype() {
+            Some(_) => Some((
+                to_dtype(encoders.text.text_encoder.clone(), FloatDType::F32)?,
+                to_dtype(encoders.text.text_encoder_2.clone(), FloatDType::F32)?,
+            )),
+            None => None,
+        };
+        let scheduler = AnyScheduler::from_config_file(base.pretrained_model.join("scheduler"))?;
+        Some((
+            widened,
+            scheduler,
+            force_zeros_for_empty_prompt(&base.pretrained_model)?,
+        ))
+    } else {
+        None
+    };
+    let validate = |trainer: &SdxlTrainer, at: ValidationPoint| -> Result<()> {
+        let Some((widened, scheduler, force_zeros)) = &validation_setup else {
+            return Ok(());
+        };
+        let (text_encoder, text_encoder_2) = match widened {
+            Some((one, two)) => (one, two),
+            None => (&encoders.text.text_encoder, &encoders.text.text_encoder_2),
+        };
+        let parts = SdxlFrozenParts {
+            tokenizer: &encoders.text.tokenizer,
+            tokenizer_2: &encoders.text.tokenizer_2,
+            text_encoder,
+            text_encoder_2,
+            vae: &encoders.vae,
+            scheduler,
+            force_zeros_for_empty_prompt: *force_zeros,
+        };
+        let unet = trainer.trainer().inference_unet();
+        let path = save_sdxl_prompt_validation(unet, parts, validation, base.seed, out, at)?;
+        bar.println(format!("validation images: {}", path.display()));
+        Ok(())
+    };
+    if start == 0 {
+        // The starting weights, for comparison with the images that follow.
+        validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
+    }
     let mut order: Option<(usize, Vec<usize>)> = None;
     let began = Instant::now();
     for step in start..total {
@@ -269,6 +351,15 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);
         }
+        // The epoch ends with this step when the next step's first micro-batch is in a later one.
+        let end_of_epoch = (step + 1) * k / batches_per_epoch > epoch;
+        if validation.is_due(step + 1, epoch, end_of_epoch, step + 1 == total) {
+            let at = ValidationPoint {
+                step: step + 1,
+                epoch,
+            };
+            validate(&trainer, at)?;
+        }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
@@ -279,6 +370,9 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
             &trainer.trainer().inference_unet(),
             out,
         )?,
+    }
+    if validation.is_enabled() {
+        write_validation_strip(out, total)?;
     }
     Ok(report)
 }

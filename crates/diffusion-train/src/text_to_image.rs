@@ -278,8 +278,8 @@ impl TextToImageConfig {
     /// Check the settings on their own, before anything is loaded.
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming the first offending field; [`Error::Unsupported`]
-    /// for `mixed_precision` other than `no`.
+    /// [`Error::InvalidArgument`] naming the first offending field (a `mixed_precision` other
+    /// than `no`, `fp16` or `bf16` included).
     pub fn validate(&self) -> Result<()> {
         let positive = [
             ("resolution", self.resolution),
@@ -481,7 +481,7 @@ pub struct TextToImageTrainer {
     pending_micro: usize,
     pub(crate) grad_scaler: Option<GradScaler>,
     pub(crate) skipped_steps: usize,
-    last_step_skipped: bool,
+    pub(crate) last_step_skipped: bool,
 }
 
 impl TextToImageTrainer {
@@ -583,10 +583,7 @@ impl TextToImageTrainer {
             perturbation: draws.perturbation.clone().map(|t| t.to_device(&device)),
             timesteps: draws.timesteps.clone(),
         };
-        let unet = match self.config.mixed_precision().dtype() {
-            Some(dtype) => self.half_unet(dtype)?,
-            None => self.effective_unet(),
-        };
+        let unet = self.forward_unet()?;
         if let Some(flow) = &self.flow_matching {
             // `draws.timesteps` are indices into the flow-matching training schedule.
             return flow.loss(
@@ -605,6 +602,18 @@ impl TextToImageTrainer {
             encoder_hidden_states.to_device(&device),
             &draws,
         )
+    }
+
+    /// The UNet a loss runs: [`Self::half_unet`] under mixed precision, else
+    /// [`Self::effective_unet`] (for the losses built on this trainer: DreamBooth's, SDXL's).
+    ///
+    /// # Errors
+    /// As [`Self::half_unet`].
+    pub fn forward_unet(&self) -> Result<UNet2DConditionModel> {
+        match self.config.mixed_precision().dtype() {
+            Some(dtype) => self.half_unet(dtype),
+            None => Ok(self.effective_unet()),
+        }
     }
 
     /// The UNet of a mixed-precision forward: the weights (and LoRA factors) cast to `dtype` in
@@ -652,7 +661,7 @@ impl TextToImageTrainer {
         self.step_loss(loss)
     }
 
-    /// [`Self::step`] on a loss the caller computed from [`Self::effective_unet`] (DreamBooth's
+    /// [`Self::step`] on a loss the caller computed from [`Self::forward_unet`] (DreamBooth's
     /// prior-preservation loss): backward of `loss / gradient_accumulation_steps`, accumulate,
     /// and the optimizer step after the last micro-batch.
     ///
@@ -742,6 +751,24 @@ impl TextToImageTrainer {
     /// The fp16 loss scaler (`None` without `fp16`).
     pub fn grad_scaler(&self) -> Option<&GradScaler> {
         self.grad_scaler.as_ref()
+    }
+
+    /// Replace the fp16 loss scaler (for example with another initial scale).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `mixed_precision` when the run is not `fp16`.
+    pub fn set_grad_scaler(&mut self, scaler: GradScaler) -> Result<()> {
+        if self.config.mixed_precision() != MixedPrecision::Fp16 {
+            return Err(Error::invalid_argument(
+                "mixed_precision",
+                format!(
+                    "a loss scaler needs fp16, the run is `{}`",
+                    self.config.mixed_precision
+                ),
+            ));
+        }
+        self.grad_scaler = Some(scaler);
+        Ok(())
     }
 
     /// Optimizer steps skipped so far for non-finite fp16 gradients.

@@ -26,6 +26,7 @@ use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
+use crate::validation::PromptValidationConfig;
 
 /// The file the script writes at the end (`learned_embeds.safetensors`).
 pub const LEARNED_EMBEDS_NAME: &str = "learned_embeds.safetensors";
@@ -200,6 +201,10 @@ pub struct TextualInversionConfig {
     pub seed: u64,
     /// Show a progress bar.
     pub show_progress: bool,
+    /// Validation images (textual_inversion.py's `--validation_prompt`,
+    /// `--num_validation_images`, `--validation_steps`), made with the learned embeddings in
+    /// the tokenizer and text encoder; off without prompts.
+    pub validation: PromptValidationConfig,
 }
 
 impl Default for TextualInversionConfig {
@@ -235,6 +240,7 @@ impl Default for TextualInversionConfig {
             resume_from_checkpoint: None,
             seed: 0,
             show_progress: true,
+            validation: PromptValidationConfig::default(),
         }
     }
 }
@@ -279,6 +285,7 @@ impl TextualInversionConfig {
     /// # Errors
     /// [`Error::InvalidArgument`] naming the first offending field.
     pub fn validate(&self) -> Result<()> {
+        self.validation.validate()?;
         let positive = [
             ("num_vectors", self.num_vectors),
             ("repeats", self.repeats),

@@ -15,10 +15,11 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use diffusion_core::burn::module::Module;
 use diffusion_core::burn::tensor::{Tensor, TensorData};
 use diffusion_core::{Device, Error, Result, TorchGenerator};
 use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, UNet2DConditionModel};
-use diffusion_schedulers::Scheduler;
+use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
 use crate::checkpoint::{CHECKPOINT_PREFIX, list_checkpoints, prune_checkpoints};
@@ -29,6 +30,9 @@ use crate::text_to_image_run::{FrozenComponents, image_draws, progress_bar};
 use crate::textual_inversion::{
     LEARNED_EMBEDS_NAME, TextualInversionConfig, TextualInversionTrainer, add_placeholder_tokens,
     placeholder_string,
+};
+use crate::validation::{
+    FrozenParts, ValidationPoint, save_prompt_validation, write_validation_strip,
 };
 
 /// Train as textual_inversion.py does, on `device`; writes `logs/train_log.jsonl` and the
@@ -68,6 +72,8 @@ pub fn train_textual_inversion(
         &config.initializer_token,
     )?;
     let unet = UNet2DConditionModel::from_pretrained(model.join("unet"), &inner)?;
+    // The frozen UNet of the validation pipeline (a cheap handle on the same weights).
+    let validation_unet = config.validation.is_enabled().then(|| unet.clone());
     let scheduler = load_noise_scheduler(model)?;
     let n = data.len();
     let len = n * config.repeats;
@@ -105,6 +111,31 @@ pub fn train_textual_inversion(
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
+    let validation = &config.validation;
+    let validation_scheduler = match &validation_unet {
+        Some(_) => Some(AnyScheduler::from_config_file(model.join("scheduler"))?),
+        None => None,
+    };
+    let validate = |trainer: &TextualInversionTrainer, at: ValidationPoint| -> Result<()> {
+        let (Some(unet), Some(scheduler)) = (&validation_unet, &validation_scheduler) else {
+            return Ok(());
+        };
+        // The tokenizer knows the placeholder tokens; the text encoder holds the learned rows.
+        let text_encoder = trainer.text_encoder().valid();
+        let parts = FrozenParts {
+            tokenizer: &tokenizer,
+            text_encoder: &text_encoder,
+            vae: &frozen.vae,
+            scheduler,
+        };
+        let path = save_prompt_validation(unet.clone(), parts, validation, config.seed, out, at)?;
+        bar.println(format!("validation images: {}", path.display()));
+        Ok(())
+    };
+    if start == 0 {
+        // The starting embeddings (the initializer token's), for comparison.
+        validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
+    }
     let mut order: Option<(usize, Vec<usize>)> = None;
     let began = Instant::now();
     for step in start..total {
@@ -192,10 +223,22 @@ pub fn train_textual_inversion(
             trainer.save_checkpoint(&dir)?;
             report.checkpoints.push(dir);
         }
+        // The epoch ends with this step when the next step's first micro-batch is in a later one.
+        let end_of_epoch = (step + 1) * k / batches_per_epoch > epoch;
+        if validation.is_due(step + 1, epoch, end_of_epoch, step + 1 == total) {
+            let at = ValidationPoint {
+                step: step + 1,
+                epoch,
+            };
+            validate(&trainer, at)?;
+        }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
     trainer.save_learned_embeds(out.join(LEARNED_EMBEDS_NAME))?;
+    if validation.is_enabled() {
+        write_validation_strip(out, total)?;
+    }
     Ok(report)
 }
 

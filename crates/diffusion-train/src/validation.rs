@@ -22,11 +22,13 @@ use diffusion_core::image::{
 use diffusion_core::metadata::GenerationParameters;
 use diffusion_core::{Error, Result};
 use diffusion_models::{
-    AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel, UNet2DModel,
+    AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, UNet2DConditionModel,
+    UNet2DModel,
 };
 use diffusion_pipelines::{
     DDIMPipeline, DDPMPipeline, Generators, StableDiffusionArgs, StableDiffusionComponents,
-    StableDiffusionPipeline, UnconditionalArgs,
+    StableDiffusionPipeline, StableDiffusionXLArgs, StableDiffusionXLComponents,
+    StableDiffusionXLPipeline, UnconditionalArgs,
 };
 use diffusion_schedulers::{AnyScheduler, DDPMScheduler};
 
@@ -122,8 +124,9 @@ impl ImageValidationConfig {
     }
 }
 
-/// When and how [`crate::train_text_to_image`] generates validation images with the Stable
-/// Diffusion pipeline. Off while `validation_prompts` is empty.
+/// When and how [`crate::train_text_to_image`], [`crate::train_dreambooth`],
+/// [`crate::train_textual_inversion`] and [`crate::train_text_to_image_sdxl`] generate validation
+/// images with the Stable Diffusion (XL) pipeline. Off while `validation_prompts` is empty.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PromptValidationConfig {
@@ -192,21 +195,6 @@ impl PromptValidationConfig {
             return Err(Error::invalid_argument(
                 "validation.guidance_scale",
                 format!("{} is not finite", self.guidance_scale),
-            ));
-        }
-        Ok(())
-    }
-
-    /// For the loops that share [`crate::TextToImageConfig`] but make no validation images yet
-    /// (`what`: "SDXL training", "DreamBooth"): refuse prompts instead of ignoring them.
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] naming `validation.validation_prompts` when prompts are set.
-    pub fn refuse_in(&self, what: &str) -> Result<()> {
-        if self.is_enabled() {
-            return Err(Error::invalid_argument(
-                "validation.validation_prompts",
-                format!("{what} does not generate validation images yet"),
             ));
         }
         Ok(())
@@ -427,12 +415,104 @@ pub fn save_prompt_validation(
     }
     let (w, h) = images.first().map(|i| i.dimensions()).unwrap_or((0, 0));
     let grid = framed_grid(&images, Some(n))?;
+    let params = prompt_parameters(config, sampler.class_name(), seed, (w, h), at);
+    save(output_dir, at, &grid, &params)
+}
+
+/// The frozen parts of an SDXL pipeline that validation generates with, beside the UNet being
+/// trained.
+#[derive(Clone, Copy, Debug)]
+pub struct SdxlFrozenParts<'a> {
+    /// `tokenizer/`.
+    pub tokenizer: &'a CLIPTokenizer,
+    /// `tokenizer_2/`.
+    pub tokenizer_2: &'a CLIPTokenizer,
+    /// `text_encoder/`.
+    pub text_encoder: &'a CLIPTextModel,
+    /// `text_encoder_2/`.
+    pub text_encoder_2: &'a CLIPTextModelWithProjection,
+    /// The VAE.
+    pub vae: &'a AutoencoderKL,
+    /// The pipeline folder's own scheduler (`scheduler/`).
+    pub scheduler: &'a AnyScheduler,
+    /// `force_zeros_for_empty_prompt` of the folder's `model_index.json`.
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+/// [`save_prompt_validation`] for SDXL: `num_validation_images` images per prompt with the
+/// `StableDiffusionXLPipeline` of `frozen` around `unet` (the weights being trained, LoRA
+/// merged / EMA applied, no autodiff), saved as one grid, a row per prompt, at
+/// [`validation_path`].
+///
+/// # Errors
+/// Pipeline errors; [`Error::Io`] naming the folder or file when the image cannot be written
+/// (no partial file is left).
+pub fn save_sdxl_prompt_validation(
+    unet: UNet2DConditionModel,
+    frozen: SdxlFrozenParts<'_>,
+    config: &PromptValidationConfig,
+    run_seed: u64,
+    output_dir: &Path,
+    at: ValidationPoint,
+) -> Result<PathBuf> {
+    let seed = config.seed.unwrap_or(run_seed);
+    let mut pipe = StableDiffusionXLPipeline::from_parts(StableDiffusionXLComponents {
+        vae: frozen.vae.clone(),
+        text_encoder: Some(frozen.text_encoder.clone()),
+        text_encoder_2: frozen.text_encoder_2.clone(),
+        tokenizer: Some(frozen.tokenizer.clone()),
+        tokenizer_2: frozen.tokenizer_2.clone(),
+        unet,
+        scheduler: frozen.scheduler.clone(),
+        image_encoder: None,
+        feature_extractor: None,
+        lora: diffusion_loaders::LoraState::new(),
+        force_zeros_for_empty_prompt: frozen.force_zeros_for_empty_prompt,
+        requires_aesthetics_score: false,
+    });
+    let sampler = pipe.components.scheduler.kind();
+    let n = config.num_validation_images;
+    let mut images = Vec::with_capacity(n * config.validation_prompts.len());
+    for prompt in &config.validation_prompts {
+        let out = pipe.call(StableDiffusionXLArgs {
+            prompt: vec![prompt.clone()],
+            num_inference_steps: config.num_inference_steps,
+            guidance_scale: config.guidance_scale,
+            generator: Generators::Seed(seed),
+            num_images_per_prompt: n,
+            output_type: OutputType::Pil,
+            progress: false,
+            ..StableDiffusionXLArgs::default()
+        })?;
+        let ImageOutput::Images(batch) = out.images else {
+            return Err(Error::invalid_argument(
+                "output_type",
+                "the pipeline did not return images",
+            ));
+        };
+        images.extend(batch);
+    }
+    let (w, h) = images.first().map(|i| i.dimensions()).unwrap_or((0, 0));
+    let grid = framed_grid(&images, Some(n))?;
+    let params = prompt_parameters(config, sampler.class_name(), seed, (w, h), at);
+    save(output_dir, at, &grid, &params)
+}
+
+/// The PNG text of a prompt grid.
+fn prompt_parameters(
+    config: &PromptValidationConfig,
+    sampler: &str,
+    seed: u64,
+    (w, h): (u32, u32),
+    at: ValidationPoint,
+) -> GenerationParameters {
+    let n = config.num_validation_images;
     let mut params = GenerationParameters {
         prompt: config.validation_prompts.first().cloned(),
         ..GenerationParameters::default()
     };
     params.push("Steps", config.num_inference_steps);
-    params.push("Sampler", sampler.class_name());
+    params.push("Sampler", sampler);
     params.push("CFG scale", config.guidance_scale);
     params.push("Seed", seed);
     params.push("Size", format!("{w}x{h}"));
@@ -446,7 +526,7 @@ pub fn save_prompt_validation(
     }
     params.push("Training step", at.step);
     params.push("Epoch", at.epoch);
-    save(output_dir, at, &grid, &params)
+    params
 }
 
 /// The validation images of a run, in step order, up to step `up_to`.
@@ -594,15 +674,5 @@ mod tests {
         };
         let err = bad.validate().unwrap_err().to_string();
         assert!(err.contains("validation.validation_steps"), "{err}");
-        assert!(bad.refuse_in("SDXL training").is_ok());
-        let prompts = PromptValidationConfig {
-            validation_prompts: vec!["a cat".into()],
-            ..PromptValidationConfig::default()
-        };
-        let err = prompts.refuse_in("SDXL training").unwrap_err().to_string();
-        assert!(
-            err.contains("validation.validation_prompts") && err.contains("SDXL"),
-            "{err}"
-        );
     }
 }

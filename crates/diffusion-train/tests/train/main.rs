@@ -10,6 +10,7 @@ mod dreambooth;
 mod flow_matching;
 mod gradient_checkpointing;
 mod instruct_pix2pix;
+mod loop_validation;
 mod mixed_precision;
 mod oracle;
 mod resume;

@@ -482,7 +482,7 @@ fn text_to_image_half_precision_stays_close_to_f32() {
 }
 
 /// `train_text_to_image` with a LoRA in fp16 (frozen VAE and text encoder in fp16) resumes
-/// exactly, and the scripts built on the same config that do not run half precision refuse it.
+/// exactly.
 #[test]
 fn text_to_image_lora_fp16_run_resumes_exactly() {
     let config = |out: &Path| TextToImageConfig {
@@ -526,14 +526,6 @@ fn text_to_image_lora_fp16_run_resumes_exactly() {
         lora(full_dir.path()) == lora(resumed_dir.path()),
         "final LoRA differs"
     );
-
-    let mut sdxl = diffusion_train::SdxlTrainConfig::default();
-    sdxl.text_to_image.mixed_precision = "bf16".into();
-    let err = sdxl.validate().unwrap_err().to_string();
-    assert!(
-        err.contains("mixed_precision") && err.contains("SDXL"),
-        "{err}"
-    );
 }
 
 fn copy_dir(from: &Path, to: &Path) {
@@ -545,6 +537,462 @@ fn copy_dir(from: &Path, to: &Path) {
             copy_dir(&path, &to.join(entry.file_name()));
         } else {
             std::fs::copy(&path, to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+/// [`half_precision_step_stays_close_to_f32`]'s tolerances (loss, gradients) for a loss whose
+/// deepest path crosses `layers` conv and linear weights, at `mp`'s unit roundoff.
+fn half_tolerances(mp: MixedPrecision, layers: usize) -> (f64, f64) {
+    let u = match mp {
+        MixedPrecision::Bf16 => 2f64.powi(-8),
+        MixedPrecision::Fp16 => 2f64.powi(-11),
+        MixedPrecision::No => 0.0,
+    };
+    let lambda = 5.0;
+    (
+        lambda * ((3 * layers) as f64).sqrt() * u,
+        lambda * ((6 * layers) as f64).sqrt() * u,
+    )
+}
+
+/// Conv and linear weights (tensors of rank >= 2) of `module`.
+fn weight_layers<M: diffusion_core::burn::module::Module>(module: &M) -> usize {
+    state_dict(module)
+        .iter()
+        .filter(|t| t.shape.len() >= 2)
+        .count()
+}
+
+fn flat_values(grads: &FlatGradients) -> Vec<f32> {
+    grads
+        .tensors()
+        .iter()
+        .flatten()
+        .flat_map(|g| {
+            assert_eq!(g.dtype(), DType::F32, "gradients reach the f32 masters");
+            diffusion_core::tensor::to_vec(g.clone())
+        })
+        .collect()
+}
+
+/// Compare a half-precision loss and gradients with the f32 ones under [`half_tolerances`].
+fn assert_close_to_f32(
+    what: &str,
+    mp: MixedPrecision,
+    layers: usize,
+    (loss, grads): (f32, Vec<f32>),
+    (loss32, grads32): (f32, &[f32]),
+) {
+    let (loss_tol, grad_tol) = half_tolerances(mp, layers);
+    let loss_rel = (f64::from(loss) - f64::from(loss32)).abs() / f64::from(loss32);
+    let grad_rel = rel_l2(&grads, grads32);
+    eprintln!(
+        "{what} {mp:?}: {layers} layers; loss rel diff {loss_rel:.3e} (tol {loss_tol:.3e}), \
+         gradient rel L2 diff {grad_rel:.3e} (tol {grad_tol:.3e})"
+    );
+    assert!(
+        loss_rel <= loss_tol,
+        "{what} {mp:?}: loss {loss} vs {loss32}"
+    );
+    assert!(
+        grad_rel <= grad_tol,
+        "{what} {mp:?}: gradients differ by {grad_rel}"
+    );
+}
+
+fn all_f32(what: &str, dtypes: &[DType]) {
+    assert!(
+        !dtypes.is_empty() && dtypes.iter().all(|d| *d == DType::F32),
+        "{what}: master weights are {dtypes:?}"
+    );
+}
+
+/// An fp16 scaler whose scale makes every scaled gradient overflow half precision.
+fn overflowing_scaler() -> GradScaler {
+    GradScaler::new(GradScalerConfig {
+        init_scale: 2f64.powi(40),
+        ..GradScalerConfig::default()
+    })
+    .unwrap()
+}
+
+mod concepts {
+    use super::*;
+    use diffusion_core::burn::tensor::Int;
+    use diffusion_core::weights::NamedTensor;
+    use diffusion_models::{CLIPTextModel, CLIPTokenizer};
+    use diffusion_train::{
+        DreamBoothConfig, DreamBoothTrainer, SdxlConditioning, SdxlTrainConfig, SdxlTrainer,
+        tokenize_captions, train_dreambooth,
+    };
+
+    fn te_root() -> std::path::PathBuf {
+        fixtures().join("te_lora")
+    }
+
+    fn te_source() -> WeightSource {
+        WeightSource::open(te_root().join("steps.safetensors")).unwrap()
+    }
+
+    /// The DreamBooth LoRA run of gen_train_te_lora.py (prior preservation), with or without
+    /// the text-encoder LoRA.
+    fn dreambooth_config(train_text_encoder: bool, mp: MixedPrecision) -> DreamBoothConfig {
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(te_root().join("steps.json")).unwrap())
+                .unwrap();
+        let hp = &expected["hyperparameters"];
+        let f = |v: &Value| v.as_f64().unwrap();
+        DreamBoothConfig {
+            instance_prompt: hp["instance_prompt"].as_str().unwrap().into(),
+            class_prompt: Some(hp["class_prompt"].as_str().unwrap().into()),
+            class_data_dir: Some(fixtures().join("text_to_image/data")),
+            with_prior_preservation: true,
+            prior_loss_weight: f(&hp["prior_loss_weight"]),
+            train_text_encoder,
+            train: TextToImageConfig {
+                pretrained_model: sd1(),
+                learning_rate: f(&hp["learning_rate"]),
+                lr_scheduler: LrScheduleKind::Constant,
+                lr_warmup_steps: 0,
+                max_grad_norm: Some(f(&hp["max_grad_norm"])),
+                lora: Some(LoraTrainConfig {
+                    rank: f(&hp["rank"]) as usize,
+                    alpha: Some(f(&hp["lora_alpha"])),
+                    ..LoraTrainConfig::default()
+                }),
+                mixed_precision: mp.as_str().into(),
+                show_progress: false,
+                ..DreamBoothConfig::lora_defaults().train
+            },
+            ..DreamBoothConfig::lora_defaults()
+        }
+    }
+
+    /// A trainer starting from the fixture's (non-zero) LoRA factors.
+    fn dreambooth_trainer(train_text_encoder: bool, mp: MixedPrecision) -> DreamBoothTrainer {
+        let config = dreambooth_config(train_text_encoder, mp);
+        let dev = device();
+        let file = SafetensorsFile::open(te_root().join("steps.safetensors")).unwrap();
+        let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();
+        let lora_config = config.train.lora.clone().unwrap();
+        let mut unet_lora = UNetLora::new(&unet, &lora_config, 0, &dev).unwrap();
+        unet_lora.load_factors(&file, "unet_init/").unwrap();
+        let scheduler = load_noise_scheduler(&sd1()).unwrap();
+        if !train_text_encoder {
+            return DreamBoothTrainer::new(&config, unet, Some(unet_lora), scheduler, 4, &dev)
+                .unwrap();
+        }
+        let text_encoder =
+            CLIPTextModel::from_pretrained(sd1().join("text_encoder"), &dev).unwrap();
+        let te_config = LoraTrainConfig {
+            alpha: lora_config.alpha,
+            ..LoraTrainConfig::text_encoder(lora_config.rank)
+        };
+        let mut te_lora = UNetLora::new_text_encoder(&text_encoder, &te_config, 0, &dev).unwrap();
+        te_lora.load_factors(&file, "te_init/").unwrap();
+        DreamBoothTrainer::with_text_encoder(
+            &config,
+            unet,
+            unet_lora,
+            text_encoder,
+            te_lora,
+            scheduler,
+            4,
+            &dev,
+        )
+        .unwrap()
+    }
+
+    /// Prompt ids of the fixture batch: two instance prompts, then two class prompts.
+    fn prompt_ids(config: &DreamBoothConfig) -> Tensor<2, Int> {
+        let tokenizer = CLIPTokenizer::from_pretrained(sd1().join("tokenizer")).unwrap();
+        let instance = config.instance_prompt.as_str();
+        let class = config.class_prompt.as_deref().unwrap();
+        tokenize_captions(&tokenizer, &[instance, instance, class, class])
+            .unwrap()
+            .input_ids_tensor(&device())
+            .unwrap()
+    }
+
+    fn te_draws(source: &WeightSource) -> NoiseDraws {
+        let (t, _) = source.read_f32("timesteps/0").unwrap();
+        NoiseDraws {
+            noise: tensor(source, "noise/0", &device()),
+            offset_noise: None,
+            perturbation: None,
+            timesteps: t.iter().map(|&v| v as usize).collect(),
+        }
+    }
+
+    /// One step of a DreamBooth trainer (with prompt ids when the text encoder is trained).
+    fn dreambooth_step(
+        t: &mut DreamBoothTrainer,
+        latents: &Tensor<4>,
+        ids: &Tensor<2, Int>,
+        states: &Tensor<3>,
+        draws: &NoiseDraws,
+    ) -> diffusion_train::StepStats {
+        let stats = if t.text_encoder_lora().is_some() {
+            t.step_with_ids(latents.clone(), ids.clone(), draws)
+        } else {
+            t.step(latents.clone(), states.clone(), draws)
+        };
+        stats.unwrap().expect("no accumulation")
+    }
+
+    /// Everything a DreamBooth trainer trains, by name.
+    fn trained(t: &DreamBoothTrainer) -> Vec<NamedTensor> {
+        let mut all = t.inner().lora().unwrap().state_dict();
+        if let Some(te) = t.text_encoder_lora() {
+            all.extend(te.state_dict());
+        }
+        all
+    }
+
+    /// DreamBooth LoRA with prior preservation, without and with the text-encoder LoRA: a bf16
+    /// and an fp16 step stay within the dtype-derived tolerance of the f32 step (with the text
+    /// encoder in the graph, `L` adds its conv and linear weights to the UNet's); the masters
+    /// stay f32; a forced fp16 overflow skips the step.
+    #[test]
+    fn dreambooth_lora_half_precision_stays_close_to_f32() {
+        let source = te_source();
+        let dev = device();
+        let latents: Tensor<4> = tensor(&source, "latents", &dev);
+        let draws = te_draws(&source);
+        let text_encoder =
+            CLIPTextModel::from_pretrained(sd1().join("text_encoder"), &dev).unwrap();
+        let ids = prompt_ids(&dreambooth_config(false, MixedPrecision::No));
+        let states = text_encoder.forward(ids.clone()).unwrap().last_hidden_state;
+        let unet_layers = weight_layers(
+            &UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap(),
+        );
+        let te_layers = weight_layers(&text_encoder);
+        for train_text_encoder in [false, true] {
+            let what = if train_text_encoder {
+                "dreambooth lora + text encoder"
+            } else {
+                "dreambooth lora"
+            };
+            let layers = unet_layers + if train_text_encoder { te_layers } else { 0 };
+            let flat = |t: &DreamBoothTrainer| {
+                let loss = if train_text_encoder {
+                    t.loss_with_ids(latents.clone(), ids.clone(), &draws)
+                } else {
+                    t.loss(latents.clone(), states.clone(), &draws)
+                }
+                .unwrap();
+                assert_eq!(loss.dtype(), DType::F32, "the loss is computed in f32");
+                let value = loss.clone().inner().into_scalar::<f32>();
+                (value, flat_values(&t.gradients(loss)))
+            };
+            let reference = dreambooth_trainer(train_text_encoder, MixedPrecision::No);
+            let (loss32, grads32) = flat(&reference);
+            for mp in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+                let mut t = dreambooth_trainer(train_text_encoder, mp);
+                assert_close_to_f32(what, mp, layers, flat(&t), (loss32, &grads32));
+                let before = trained(&t);
+                let stats = dreambooth_step(&mut t, &latents, &ids, &states, &draws);
+                assert!(stats.loss.is_finite() && !t.inner().last_step_skipped());
+                assert_eq!(
+                    t.inner().grad_scaler().is_some(),
+                    mp == MixedPrecision::Fp16
+                );
+                all_f32(what, &param_dtypes(t.inner().lora().unwrap().factors()));
+                if let Some(te) = t.text_encoder_lora() {
+                    all_f32(what, &param_dtypes(te.factors()));
+                }
+                let moved = trained(&t)
+                    .iter()
+                    .zip(&before)
+                    .filter(|(a, b)| !same(&a.values, &b.values))
+                    .count();
+                assert!(moved > 0, "{what} {mp:?}: nothing moved");
+            }
+
+            // fp16 overflow: skipped, nothing trained moves, the scale halves, the step counts;
+            // the next step at the default scale goes through at the same learning rate.
+            let mut t = dreambooth_trainer(train_text_encoder, MixedPrecision::Fp16);
+            t.inner_mut().set_grad_scaler(overflowing_scaler()).unwrap();
+            let before = trained(&t);
+            let stats = dreambooth_step(&mut t, &latents, &ids, &states, &draws);
+            assert!(
+                stats.loss.is_finite(),
+                "{what}: the f32 loss itself is finite"
+            );
+            assert!(t.inner().last_step_skipped(), "{what}");
+            assert_eq!(t.inner().skipped_steps(), 1);
+            assert_eq!(t.inner().global_step(), 1);
+            assert_eq!(
+                t.inner().grad_scaler().unwrap().scale(),
+                2f32.powi(39),
+                "{what}"
+            );
+            for (a, b) in trained(&t).iter().zip(&before) {
+                assert!(same(&a.values, &b.values), "{what}: `{}` changed", a.key);
+            }
+            t.inner_mut()
+                .set_grad_scaler(GradScaler::default())
+                .unwrap();
+            let next = dreambooth_step(&mut t, &latents, &ids, &states, &draws);
+            assert!(!t.inner().last_step_skipped(), "{what}");
+            assert_eq!(next.lr, stats.lr);
+            assert!(
+                trained(&t)
+                    .iter()
+                    .zip(&before)
+                    .any(|(a, b)| !same(&a.values, &b.values))
+            );
+        }
+    }
+
+    /// `train_dreambooth` with prior preservation and the text-encoder LoRA in fp16 (frozen VAE,
+    /// text encoder base and UNet base in fp16) resumes exactly, loss scale included.
+    #[test]
+    fn dreambooth_text_encoder_lora_fp16_run_resumes_exactly() {
+        let config = |out: &Path| {
+            let mut c = dreambooth_config(true, MixedPrecision::Fp16);
+            c.instance_data_dir = fixtures().join("text_to_image/data");
+            c.num_class_images = 4;
+            let t = &mut c.train;
+            t.output_dir = out.to_path_buf();
+            t.resolution = 32;
+            t.train_batch_size = 1;
+            t.max_train_steps = Some(3);
+            t.learning_rate = 1e-2;
+            t.checkpointing_steps = 2;
+            t.seed = 3;
+            c
+        };
+        let full_dir = tempfile::tempdir().unwrap();
+        let full = train_dreambooth(&config(full_dir.path()), &device()).unwrap();
+        let losses = full.losses();
+        assert_eq!(losses.len(), 3);
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        let ckpt = full_dir.path().join("checkpoint-2");
+        let saved: Value = serde_json::from_str(
+            &std::fs::read_to_string(ckpt.join("mixed_precision.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(saved["mixed_precision"], "fp16");
+        assert!(!saved["grad_scaler"].is_null());
+        let resumed_dir = tempfile::tempdir().unwrap();
+        copy_dir(&ckpt, &resumed_dir.path().join("checkpoint-2"));
+        let mut resumed_config = config(resumed_dir.path());
+        resumed_config.train.resume_from_checkpoint = Some("latest".into());
+        let resumed = train_dreambooth(&resumed_config, &device()).unwrap();
+        assert_eq!(resumed.start_step, 2);
+        assert_eq!(resumed.losses(), losses[2..].to_vec());
+        let lora =
+            |dir: &Path| std::fs::read(dir.join("pytorch_lora_weights.safetensors")).unwrap();
+        assert!(
+            lora(full_dir.path()) == lora(resumed_dir.path()),
+            "final LoRA differs"
+        );
+    }
+
+    fn sdxl() -> std::path::PathBuf {
+        fixtures().join("../pipelines/sd/sdxl")
+    }
+
+    /// The `lora_trained` case of gen_train_sdxl.py (Gaussian-initialised factors).
+    fn sdxl_trainer(mp: MixedPrecision) -> SdxlTrainer {
+        let root = fixtures().join("sdxl");
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("steps.json")).unwrap())
+                .unwrap();
+        let hp = &expected["hyperparameters"];
+        let f = |v: &Value| v.as_f64().unwrap();
+        let config = SdxlTrainConfig {
+            text_to_image: TextToImageConfig {
+                pretrained_model: sdxl(),
+                resolution: 32,
+                learning_rate: f(&hp["learning_rate"]),
+                lr_scheduler: LrScheduleKind::Constant,
+                lr_warmup_steps: 0,
+                max_grad_norm: Some(f(&hp["max_grad_norm"])),
+                lora: Some(LoraTrainConfig {
+                    rank: f(&hp["rank"]) as usize,
+                    alpha: Some(f(&hp["lora_alpha"])),
+                    ..LoraTrainConfig::default()
+                }),
+                mixed_precision: mp.as_str().into(),
+                show_progress: false,
+                ..TextToImageConfig::default()
+            },
+            ..SdxlTrainConfig::default()
+        };
+        let dev = device();
+        let unet = UNet2DConditionModel::from_pretrained(sdxl().join("unet"), &dev).unwrap();
+        let mut lora =
+            UNetLora::new(&unet, config.text_to_image.lora.as_ref().unwrap(), 0, &dev).unwrap();
+        let file = SafetensorsFile::open(root.join("steps.safetensors")).unwrap();
+        lora.load_factors(&file, "lora_trained/init/").unwrap();
+        let scheduler = load_noise_scheduler(&sdxl()).unwrap();
+        SdxlTrainer::new(&config, unet, Some(lora), scheduler, 3, &dev).unwrap()
+    }
+
+    /// SDXL LoRA: a bf16 and an fp16 step within the dtype-derived tolerance of the f32 step,
+    /// f32 masters, and a forced fp16 overflow skipped.
+    #[test]
+    fn sdxl_lora_half_precision_stays_close_to_f32() {
+        let source = WeightSource::open(fixtures().join("sdxl/steps.safetensors")).unwrap();
+        let dev = device();
+        let latents: Tensor<4> = tensor(&source, "latents", &dev);
+        let cond = SdxlConditioning {
+            prompt_embeds: tensor(&source, "prompt_embeds", &dev),
+            pooled_prompt_embeds: tensor(&source, "pooled_prompt_embeds", &dev),
+            time_ids: tensor(&source, "time_ids", &dev),
+        };
+        let draws = || {
+            let (t, _) = source.read_f32("lora_trained/timesteps/0").unwrap();
+            NoiseDraws {
+                noise: tensor(&source, "lora_trained/noise/0", &dev),
+                offset_noise: None,
+                perturbation: None,
+                timesteps: t.iter().map(|&v| v as usize).collect(),
+            }
+        };
+        let flat = |t: &SdxlTrainer| {
+            let loss = t.loss(latents.clone(), &cond, &draws()).unwrap();
+            assert_eq!(loss.dtype(), DType::F32, "the loss is computed in f32");
+            let value = loss.clone().inner().into_scalar::<f32>();
+            (value, flat_values(&t.trainer().gradients(loss)))
+        };
+        let reference = sdxl_trainer(MixedPrecision::No);
+        let layers = weight_layers(reference.trainer().unet());
+        let (loss32, grads32) = flat(&reference);
+        let factors = |t: &SdxlTrainer| t.trainer().lora().unwrap().state_dict();
+        for mp in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+            let mut t = sdxl_trainer(mp);
+            assert_close_to_f32("sdxl lora", mp, layers, flat(&t), (loss32, &grads32));
+            let before = factors(&t);
+            t.step(latents.clone(), &cond, &draws()).unwrap().unwrap();
+            assert!(!t.trainer().last_step_skipped(), "{mp:?}");
+            all_f32(
+                "sdxl lora",
+                &param_dtypes(t.trainer().lora().unwrap().factors()),
+            );
+            assert!(
+                factors(&t)
+                    .iter()
+                    .zip(&before)
+                    .any(|(a, b)| !same(&a.values, &b.values))
+            );
+        }
+        let mut t = sdxl_trainer(MixedPrecision::Fp16);
+        t.trainer_mut()
+            .set_grad_scaler(overflowing_scaler())
+            .unwrap();
+        let before = factors(&t);
+        let stats = t.step(latents.clone(), &cond, &draws()).unwrap().unwrap();
+        assert!(stats.loss.is_finite());
+        assert!(t.trainer().last_step_skipped());
+        assert_eq!(t.trainer().skipped_steps(), 1);
+        assert_eq!(t.trainer().optimizer().step_count(), 0);
+        assert_eq!(t.trainer().grad_scaler().unwrap().scale(), 2f32.powi(39));
+        for (a, b) in factors(&t).iter().zip(&before) {
+            assert!(same(&a.values, &b.values), "`{}` changed", a.key);
         }
     }
 }
