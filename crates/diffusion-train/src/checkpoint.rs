@@ -257,6 +257,28 @@ pub fn list_checkpoints(output_dir: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
+/// The folder for the checkpoint due after `step` optimizer steps (`checkpoint-{step}` in
+/// `output_dir`), or `None` when `step` is not a multiple of `every`. With a `limit`, the oldest
+/// checkpoints are deleted first so that at most `limit` exist once the new one is written, as
+/// diffusers' scripts prune before `save_state` (a limit of 0 keeps only the new one).
+///
+/// # Errors
+/// [`Error::Io`] from pruning.
+pub fn due_checkpoint(
+    output_dir: &Path,
+    step: usize,
+    every: usize,
+    limit: Option<usize>,
+) -> Result<Option<PathBuf>> {
+    if every == 0 || !step.is_multiple_of(every) {
+        return Ok(None);
+    }
+    if let Some(limit) = limit {
+        prune_checkpoints(output_dir, limit.saturating_sub(1))?;
+    }
+    Ok(Some(output_dir.join(format!("{CHECKPOINT_PREFIX}{step}"))))
+}
+
 /// Delete the oldest checkpoints so that at most `keep` remain.
 ///
 /// # Errors

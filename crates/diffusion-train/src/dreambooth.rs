@@ -19,7 +19,6 @@
 //! are saved into one `pytorch_lora_weights.safetensors`, as `save_lora_weights` writes them.
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -35,7 +34,7 @@ use diffusion_models::{CLIPTextModel, ModelMixin, UNet2DConditionModel};
 use diffusion_schedulers::{AnyScheduler, DDPMScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
-use crate::checkpoint::{CHECKPOINT_PREFIX, RNG_SCHEME, prune_checkpoints};
+use crate::checkpoint::{RNG_SCHEME, due_checkpoint};
 use crate::class_images::generate_class_images;
 use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 use crate::lr_schedule::LrScheduleKind;
@@ -43,7 +42,7 @@ use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, ha
 use crate::objective::{NoiseDraws, conditional_prediction};
 use crate::optimizer::{AdamW, FlatGradients};
 use crate::resize::Interpolation;
-use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
+use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
 use crate::text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 use crate::text_to_image_run::{
     FrozenComponents, TextToImageState, image_draws, load_text_to_image_checkpoint, progress_bar,
@@ -999,36 +998,15 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
             Some(s) => s,
             None => trainer.finish_step()?,
         };
-        if !stats.loss.is_finite() {
-            return Err(Error::invalid_argument(
-                "learning_rate",
-                format!(
-                    "the loss became {} at step {}; lower the learning rate",
-                    stats.loss, stats.step
-                ),
-            ));
-        }
-        let entry = LogEntry {
-            step: stats.step,
-            epoch,
-            loss: stats.loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
-            ema_decay: None,
-        };
-        let line = serde_json::to_string(&entry).unwrap_or_default();
-        writeln!(log, "{line}")
-            .and_then(|_| log.flush())
-            .map_err(|e| Error::io(&log_path, e))?;
-        bar.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
-        bar.inc(1);
+        record_step(&stats, epoch, None, &mut log, &log_path, &bar)?;
         report.steps.push(stats);
         report.global_step = step + 1;
-        if (step + 1).is_multiple_of(t.checkpointing_steps) {
-            if let Some(limit) = t.checkpoints_total_limit {
-                prune_checkpoints(out, limit - 1)?;
-            }
-            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+        if let Some(dir) = due_checkpoint(
+            out,
+            step + 1,
+            t.checkpointing_steps,
+            t.checkpoints_total_limit,
+        )? {
             save_text_encoder_checkpoint(&trainer, &dir)?;
             report.checkpoints.push(dir);
         }

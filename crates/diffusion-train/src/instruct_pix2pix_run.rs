@@ -13,7 +13,6 @@
 //! initialisation drawn from `(seed, 3)`, as the script's fresh `nn.Conv2d` has.
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use diffusion_core::burn::tensor::{Tensor, TensorData};
@@ -21,13 +20,13 @@ use diffusion_core::{Device, Error, NoiseSource, Result, TorchGenerator};
 use diffusion_models::{ModelMixin, UNet2DConditionModel};
 use diffusion_schedulers::Scheduler;
 
-use crate::checkpoint::{CHECKPOINT_PREFIX, prune_checkpoints};
+use crate::checkpoint::due_checkpoint;
 use crate::instruct_pix2pix::{
     EditBatch, EditDataset, InstructPix2PixConfig, InstructPix2PixTrainer, default_conv_bias,
     widen_conv_in,
 };
 use crate::objective::NoiseDraws;
-use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
+use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
 use crate::text_to_image::load_noise_scheduler;
 use crate::text_to_image_run::{
     FrozenComponents, load_text_to_image_checkpoint, progress_bar, resolve_resume, save_pipeline,
@@ -195,36 +194,15 @@ pub fn train_instruct_pix2pix(
             Some(s) => s,
             None => trainer.inner_mut().finish_step()?,
         };
-        if !stats.loss.is_finite() {
-            return Err(Error::invalid_argument(
-                "learning_rate",
-                format!(
-                    "the loss became {} at step {}; lower the learning rate",
-                    stats.loss, stats.step
-                ),
-            ));
-        }
-        let entry = LogEntry {
-            step: stats.step,
-            epoch,
-            loss: stats.loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
-            ema_decay: stats.ema_decay,
-        };
-        let line = serde_json::to_string(&entry).unwrap_or_default();
-        writeln!(log, "{line}")
-            .and_then(|_| log.flush())
-            .map_err(|e| Error::io(&log_path, e))?;
-        bar.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
-        bar.inc(1);
+        record_step(&stats, epoch, stats.ema_decay, &mut log, &log_path, &bar)?;
         report.steps.push(stats);
         report.global_step = step + 1;
-        if (step + 1).is_multiple_of(config.checkpointing_steps) {
-            if let Some(limit) = config.checkpoints_total_limit {
-                prune_checkpoints(out, limit - 1)?;
-            }
-            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+        if let Some(dir) = due_checkpoint(
+            out,
+            step + 1,
+            config.checkpointing_steps,
+            config.checkpoints_total_limit,
+        )? {
             save_text_to_image_checkpoint(trainer.inner(), &dir)?;
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);

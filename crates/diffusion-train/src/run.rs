@@ -26,7 +26,7 @@ use diffusion_core::{Device, Error, Result, TorchGenerator};
 use diffusion_models::UNet2DModel;
 use diffusion_schedulers::Scheduler;
 
-use crate::checkpoint::{self, CHECKPOINT_PREFIX};
+use crate::checkpoint;
 use crate::config::TrainConfig;
 use crate::data::ImageDataset;
 use crate::data_parallel::DataParallel;
@@ -185,6 +185,47 @@ pub fn resolve_resume(config: &TrainConfig) -> Result<Option<PathBuf>> {
         path: PathBuf::from(name),
         message: "not a checkpoint folder (no training_state.json)".into(),
     })
+}
+
+/// What every training loop does after an optimizer step: refuse a non-finite loss (naming the
+/// learning rate, the usual cause), append the step to the loss log as one JSON line, flushed so
+/// that a killed run keeps every finished step, and advance the progress bar.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`learning_rate`) for a non-finite loss, [`Error::Io`] naming the
+/// log when it cannot be written.
+pub(crate) fn record_step(
+    stats: &crate::trainer::StepStats,
+    epoch: usize,
+    ema_decay: Option<f64>,
+    log: &mut impl Write,
+    log_path: &Path,
+    bar: &ProgressBar,
+) -> Result<()> {
+    if !stats.loss.is_finite() {
+        return Err(Error::invalid_argument(
+            "learning_rate",
+            format!(
+                "the loss became {} at step {}; lower the learning rate",
+                stats.loss, stats.step
+            ),
+        ));
+    }
+    let entry = LogEntry {
+        step: stats.step,
+        epoch,
+        loss: stats.loss,
+        lr: stats.lr,
+        grad_norm: stats.grad_norm,
+        ema_decay,
+    };
+    let line = serde_json::to_string(&entry).unwrap_or_default();
+    writeln!(log, "{line}")
+        .and_then(|_| log.flush())
+        .map_err(|e| Error::io(log_path, e))?;
+    bar.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
+    bar.inc(1);
+    Ok(())
 }
 
 /// Keep the log's entries up to `step` (a resumed run rewrites what came after).
@@ -356,38 +397,16 @@ pub fn train_unconditional(
             Some(parallel) => trainer.step_data_parallel(parallel, x0, noise, &draws.timesteps)?,
             None => trainer.step(x0, noise, &draws.timesteps)?,
         };
-        if !stats.loss.is_finite() {
-            return Err(Error::invalid_argument(
-                "learning_rate",
-                format!(
-                    "the loss became {} at step {}; lower the learning rate",
-                    stats.loss, stats.step
-                ),
-            ));
-        }
-        let entry = LogEntry {
-            step: stats.step,
-            epoch,
-            loss: stats.loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
-            ema_decay: stats.ema_decay,
-        };
-        let line = serde_json::to_string(&entry).unwrap_or_default();
-        writeln!(log, "{line}")
-            .and_then(|_| log.flush())
-            .map_err(|e| Error::io(&log_path, e))?;
-        bar.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
-        bar.inc(1);
+        record_step(&stats, epoch, stats.ema_decay, &mut log, &log_path, &bar)?;
         report.steps.push(stats);
         report.global_step = step + 1;
 
-        if (step + 1).is_multiple_of(config.checkpointing_steps) {
-            if let Some(limit) = config.checkpoints_total_limit {
-                // Make room first, as diffusers does, so at most `limit` exist afterwards.
-                checkpoint::prune_checkpoints(out, limit - 1)?;
-            }
-            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+        if let Some(dir) = checkpoint::due_checkpoint(
+            out,
+            step + 1,
+            config.checkpointing_steps,
+            config.checkpoints_total_limit,
+        )? {
             checkpoint::save_checkpoint(&trainer, &dir)?;
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);

@@ -16,7 +16,6 @@
 //! through [`crate::TimestepBias`] when a bias is set), in that order.
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
@@ -26,10 +25,10 @@ use diffusion_models::{AutoencoderKL, ModelMixin, UNet2DConditionModel};
 use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws};
-use crate::checkpoint::{CHECKPOINT_PREFIX, prune_checkpoints};
+use crate::checkpoint::due_checkpoint;
 use crate::lora::{LORA_WEIGHT_NAME, UNetLora};
 use crate::objective::NoiseDraws;
-use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
+use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
 use crate::sdxl::{
     SdxlConditioning, SdxlTextEncoders, SdxlTrainConfig, SdxlTrainer, TimestepBiasStrategy,
     time_ids_for,
@@ -317,36 +316,15 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
             Some(s) => s,
             None => trainer.finish_step()?,
         };
-        if !stats.loss.is_finite() {
-            return Err(Error::invalid_argument(
-                "learning_rate",
-                format!(
-                    "the loss became {} at step {}; lower the learning rate",
-                    stats.loss, stats.step
-                ),
-            ));
-        }
-        let entry = LogEntry {
-            step: stats.step,
-            epoch,
-            loss: stats.loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
-            ema_decay: stats.ema_decay,
-        };
-        let line = serde_json::to_string(&entry).unwrap_or_default();
-        writeln!(log, "{line}")
-            .and_then(|_| log.flush())
-            .map_err(|e| Error::io(&log_path, e))?;
-        bar.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
-        bar.inc(1);
+        record_step(&stats, epoch, stats.ema_decay, &mut log, &log_path, &bar)?;
         report.steps.push(stats);
         report.global_step = step + 1;
-        if (step + 1).is_multiple_of(base.checkpointing_steps) {
-            if let Some(limit) = base.checkpoints_total_limit {
-                prune_checkpoints(out, limit - 1)?;
-            }
-            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+        if let Some(dir) = due_checkpoint(
+            out,
+            step + 1,
+            base.checkpointing_steps,
+            base.checkpoints_total_limit,
+        )? {
             save_text_to_image_checkpoint(trainer.trainer(), &dir)?;
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);

@@ -17,7 +17,6 @@
 //! `training_state.json`; resuming from it continues exactly as the uninterrupted run.
 
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -36,13 +35,13 @@ use diffusion_models::{
 use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokenize_captions};
-use crate::checkpoint::{CHECKPOINT_PREFIX, RNG_SCHEME, list_checkpoints, prune_checkpoints};
+use crate::checkpoint::{RNG_SCHEME, due_checkpoint, list_checkpoints};
 use crate::ema::EmaModel;
 use crate::lora::{LORA_WEIGHT_NAME, UNetLora};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState};
 use crate::objective::NoiseDraws;
 use crate::optimizer::AdamW;
-use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
+use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
 use crate::text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 use crate::validation::{
     FrozenParts, ValidationPoint, save_prompt_validation, write_validation_strip,
@@ -598,36 +597,15 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
                 stats
             }
         };
-        if !stats.loss.is_finite() {
-            return Err(Error::invalid_argument(
-                "learning_rate",
-                format!(
-                    "the loss became {} at step {}; lower the learning rate",
-                    stats.loss, stats.step
-                ),
-            ));
-        }
-        let entry = LogEntry {
-            step: stats.step,
-            epoch,
-            loss: stats.loss,
-            lr: stats.lr,
-            grad_norm: stats.grad_norm,
-            ema_decay: stats.ema_decay,
-        };
-        let line = serde_json::to_string(&entry).unwrap_or_default();
-        writeln!(log, "{line}")
-            .and_then(|_| log.flush())
-            .map_err(|e| Error::io(&log_path, e))?;
-        bar.set_message(format!("loss {:.4} lr {:.2e}", stats.loss, stats.lr));
-        bar.inc(1);
+        record_step(&stats, epoch, stats.ema_decay, &mut log, &log_path, &bar)?;
         report.steps.push(stats);
         report.global_step = step + 1;
-        if (step + 1).is_multiple_of(config.checkpointing_steps) {
-            if let Some(limit) = config.checkpoints_total_limit {
-                prune_checkpoints(out, limit - 1)?;
-            }
-            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+        if let Some(dir) = due_checkpoint(
+            out,
+            step + 1,
+            config.checkpointing_steps,
+            config.checkpoints_total_limit,
+        )? {
             save_text_to_image_checkpoint(&trainer, &dir)?;
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);

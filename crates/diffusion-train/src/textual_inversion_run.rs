@@ -22,7 +22,7 @@ use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, UNet2DCondition
 use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
-use crate::checkpoint::{CHECKPOINT_PREFIX, list_checkpoints, prune_checkpoints};
+use crate::checkpoint::{due_checkpoint, list_checkpoints};
 use crate::objective::NoiseDraws;
 use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
 use crate::text_to_image::load_noise_scheduler;
@@ -215,11 +215,12 @@ pub fn train_textual_inversion(
             let path = out.join(format!("learned_embeds-steps-{}.safetensors", step + 1));
             trainer.save_learned_embeds(&path)?;
         }
-        if (step + 1).is_multiple_of(config.checkpointing_steps) {
-            if let Some(limit) = config.checkpoints_total_limit {
-                prune_checkpoints(out, limit - 1)?;
-            }
-            let dir = out.join(format!("{CHECKPOINT_PREFIX}{}", step + 1));
+        if let Some(dir) = due_checkpoint(
+            out,
+            step + 1,
+            config.checkpointing_steps,
+            config.checkpoints_total_limit,
+        )? {
             trainer.save_checkpoint(&dir)?;
             report.checkpoints.push(dir);
         }
