@@ -97,3 +97,8 @@ pub use trainer::{StepStats, Trainer, training_loss};
 pub use validation::{
     ImageValidationConfig, PromptValidationConfig, ValidationSampler, write_validation_strip,
 };
+
+/// The Rust examples of docs/training.md, compiled as doctests so the guide stays correct.
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/training.md")]
+pub struct TrainingGuide;
