@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use diffusion_core::parse_device;
 use diffusion_train::{
@@ -100,6 +100,12 @@ pub struct DreamBoothArgs {
     /// copy of the f32 weights; the frozen VAE and text encoder run in that dtype.
     #[arg(long, value_enum)]
     pub mixed_precision: Option<crate::train::MixedPrecisionArg>,
+    /// Data-parallel training over these devices, the main one first (`cpu,cpu` or
+    /// `cuda:0,cuda:1`); --train-batch-size is then the number of instance images (each with
+    /// its class image) per device, as with `accelerate launch --multi_gpu`. Overrides
+    /// --device. Not with --train-text-encoder.
+    #[arg(long)]
+    pub devices: Option<String>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -240,6 +246,10 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     t.seed = args.seed.unwrap_or(t.seed);
     t.show_progress = !args.quiet;
     args.validation.apply(&mut t.validation)?;
+    if let Some(list) = &args.devices {
+        t.devices = diffusion_train::data_parallel::split_device_list(list)
+            .with_context(|| format!("--devices {list}"))?;
+    }
     c.validate()?;
     c.check_paths()?;
     let device = parse_device(&args.device)?;

@@ -311,12 +311,6 @@ impl TrainConfig {
         }
         if !self.devices.is_empty() {
             crate::data_parallel::parse_devices(&self.devices)?;
-            if self.mixed_precision != MixedPrecision::No {
-                return Err(Error::invalid_argument(
-                    "devices",
-                    "data-parallel training runs in f32 only; set mixed_precision to `no`",
-                ));
-            }
         }
         self.adamw().validate()?;
         if self.use_ema {

@@ -35,11 +35,12 @@ use diffusion_core::burn::tensor::Tensor;
 use diffusion_core::{Device, Error, Result, parse_device};
 use diffusion_models::{UNet2DConditionModel, UNet2DModel};
 
-use crate::mixed_precision::MixedPrecision;
-use crate::objective::{NoiseDraws, conditional_loss};
+use crate::lora::LoraFactors;
+use crate::mixed_precision::half_copy;
+use crate::objective::NoiseDraws;
 use crate::optimizer::FlatGradients;
 use crate::params;
-use crate::text_to_image::TextToImageTrainer;
+use crate::text_to_image::{TextToImageTrainer, forward_unet_of, micro_batch_loss};
 use crate::trainer::{StepStats, Trainer, training_loss};
 
 /// Parse device names such as `["cpu", "cpu"]` or `["cuda:0", "cuda:1"]`.
@@ -174,41 +175,87 @@ impl<M: Module> DataParallel<M> {
     where
         F: Fn(&M, Range<usize>, &Device) -> Result<Tensor<1>> + Sync,
     {
+        let contexts = vec![(); self.devices.len()];
+        self.loss_and_gradients_with(main, batch, contexts, 1.0, |model, (), rows, device| {
+            loss(model, rows, device)
+        })
+    }
+
+    /// [`Self::loss_and_gradients`] with a per-device context and a backward scale.
+    ///
+    /// `contexts[k]` is handed by value to the pass of device `k` (what a shard needs besides the
+    /// trained module: a frozen model forked onto that device with [`Self::frozen_copies`], a
+    /// LoRA template); contexts beyond the number of shards are dropped. The backward runs on
+    /// the weighted loss times `backward_scale` (an fp16 loss scale; `1.0` otherwise), so the
+    /// gradients carry that factor; the returned loss does not.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `batch` when it is 0, or `devices` when there are fewer
+    /// contexts than devices; the first error of `loss`.
+    pub fn loss_and_gradients_with<C, F>(
+        &self,
+        main: &M,
+        batch: usize,
+        contexts: Vec<C>,
+        backward_scale: f64,
+        loss: F,
+    ) -> Result<(f32, FlatGradients)>
+    where
+        C: Send,
+        F: Fn(&M, C, Range<usize>, &Device) -> Result<Tensor<1>> + Sync,
+    {
         if batch == 0 {
             return Err(Error::invalid_argument("batch", "an empty batch"));
         }
+        if contexts.len() < self.devices.len() {
+            return Err(Error::invalid_argument(
+                "devices",
+                format!(
+                    "{} per-device contexts for {} devices",
+                    contexts.len(),
+                    self.devices.len()
+                ),
+            ));
+        }
         let shards = self.shards(batch);
         // Each shard's thread owns a handle on its replica (modules are `Send`, not `Sync`).
-        let jobs: Vec<(usize, M, Range<usize>)> = shards
+        let jobs: Vec<(usize, M, C, Range<usize>)> = shards
             .into_iter()
             .zip(std::iter::once(main).chain(&self.replicas))
+            .zip(contexts)
             .enumerate()
-            .map(|(k, (rows, model))| (k, model.clone(), rows))
+            .map(|(k, ((rows, model), context))| (k, model.clone(), context, rows))
             .collect();
         // The threads borrow the devices and `loss`, never `self` (whose replicas are not `Sync`).
         let devices = &self.devices;
         let loss = &loss;
-        let work = |k: usize, model: M, rows: Range<usize>| -> Result<(f32, FlatGradients)> {
-            let weight = rows.len() as f64 / batch as f64;
-            let value = loss(&model, rows, &devices[k])?;
-            let value = if weight == 1.0 {
-                value
-            } else {
-                value.mul_scalar(weight)
+        let work =
+            |k: usize, model: M, context: C, rows: Range<usize>| -> Result<(f32, FlatGradients)> {
+                let weight = rows.len() as f64 / batch as f64;
+                let value = loss(&model, context, rows, &devices[k])?;
+                let value = if weight == 1.0 {
+                    value
+                } else {
+                    value.mul_scalar(weight)
+                };
+                let scalar = value.clone().inner().into_scalar::<f32>();
+                let value = if backward_scale == 1.0 {
+                    value
+                } else {
+                    value.mul_scalar(backward_scale)
+                };
+                Ok((
+                    scalar,
+                    FlatGradients::from_backward(&model, value.backward()),
+                ))
             };
-            let scalar = value.clone().inner().into_scalar::<f32>();
-            Ok((
-                scalar,
-                FlatGradients::from_backward(&model, value.backward()),
-            ))
-        };
         let results: Vec<Result<(f32, FlatGradients)>> = if self.threads && jobs.len() > 1 {
             std::thread::scope(|scope| {
                 let handles: Vec<_> = jobs
                     .into_iter()
-                    .map(|(k, model, rows)| {
+                    .map(|(k, model, context, rows)| {
                         let work = &work;
-                        scope.spawn(move || work(k, model, rows))
+                        scope.spawn(move || work(k, model, context, rows))
                     })
                     .collect();
                 handles
@@ -219,7 +266,7 @@ impl<M: Module> DataParallel<M> {
             })
         } else {
             jobs.into_iter()
-                .map(|(k, model, rows)| work(k, model, rows))
+                .map(|(k, model, context, rows)| work(k, model, context, rows))
                 .collect()
         };
         let main_device = &self.devices[0];
@@ -240,6 +287,20 @@ impl<M: Module> DataParallel<M> {
         let grads = sum.ok_or_else(|| Error::invalid_argument("batch", "an empty batch"))?;
         Ok((total_loss, grads))
     }
+
+    /// One copy of a frozen module per device, the main one (`main` itself, on the main device)
+    /// first: the models a trained module needs on every device without training them (the base
+    /// UNet under a LoRA). Each copy is forked onto its device with autodiff and keeps `main`'s
+    /// trainability; the copies share nothing with `main`'s graph.
+    pub fn frozen_copies<T: Module>(&self, main: &T) -> Vec<T> {
+        std::iter::once(main.clone())
+            .chain(
+                self.devices[1..]
+                    .iter()
+                    .map(|d| main.clone().fork(&d.clone().autodiff())),
+            )
+            .collect()
+    }
 }
 
 /// `main` on `device` (with autodiff) with fresh leaves for its parameters, so the replica's
@@ -259,9 +320,12 @@ impl Trainer {
     /// - `x0`, `noise`: `[B, C, H, W]` (the global batch)
     /// - `timesteps`: `B` values
     ///
+    /// Under mixed precision every device runs on a half copy of its replica, and under fp16
+    /// each shard's backward runs on its loss times the current loss scale; the summed
+    /// gradients are unscaled and checked once, as DDP with a `GradScaler` does.
+    ///
     /// # Errors
-    /// As [`training_loss`]; [`Error::InvalidArgument`] naming `devices` under mixed precision
-    /// (data-parallel steps run in f32).
+    /// As [`training_loss`].
     pub fn step_data_parallel(
         &mut self,
         parallel: &mut DataParallel<UNet2DModel>,
@@ -281,16 +345,20 @@ impl Trainer {
                 ),
             ));
         }
-        if self.config.mixed_precision != MixedPrecision::No {
-            return Err(Error::invalid_argument(
-                "devices",
-                "data-parallel training runs in f32 only; set mixed_precision to `no`",
-            ));
-        }
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
         let scheduler = &self.scheduler;
-        let (loss_value, mut grads) =
-            parallel.loss_and_gradients(&self.model, b, |model, rows, device| {
+        let dtype = self.config.mixed_precision.dtype();
+        let scale = self
+            .grad_scaler
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.scale()));
+        let contexts = vec![(); parallel.len()];
+        let (loss_value, grads) = parallel.loss_and_gradients_with(
+            &self.model,
+            b,
+            contexts,
+            scale,
+            |model, (), rows, device| {
                 let x0 = x0
                     .clone()
                     .narrow(0, rows.start, rows.len())
@@ -299,59 +367,110 @@ impl Trainer {
                     .clone()
                     .narrow(0, rows.start, rows.len())
                     .to_device(device);
-                training_loss(model, scheduler, x0, noise, &timesteps[rows])
-            })?;
-        // From here on as in `Trainer::step`: clip, one AdamW step, EMA.
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max_norm) => grads.clip_grad_norm(max_norm),
-            None => grads.total_norm(),
-        };
-        let model = self.model.clone();
-        self.model = self.optimizer.step(lr, model, grads)?;
+                match dtype {
+                    Some(dtype) => {
+                        let half = half_copy(model, dtype)?;
+                        training_loss(&half, scheduler, x0, noise, &timesteps[rows])
+                    }
+                    None => training_loss(model, scheduler, x0, noise, &timesteps[rows]),
+                }
+            },
+        )?;
+        // From here on as in `Trainer::step`: unscale, clip, one AdamW step, EMA.
+        let stats = self.apply_gradients(lr, loss_value, grads)?;
         parallel.sync(&self.model);
-        self.last_step_skipped = false;
-        let ema_decay = match &mut self.ema {
-            Some(ema) => Some(ema.step(&self.model)?),
-            None => None,
-        };
-        self.global_step += 1;
-        Ok(StepStats {
-            step: self.global_step,
-            loss: loss_value,
-            grad_norm,
-            lr,
-            ema_decay,
-        })
+        Ok(stats)
+    }
+}
+
+/// The replicas of what a [`TextToImageTrainer`] trains, one per device: the UNet (full
+/// fine-tuning), or the LoRA factors together with a copy of the frozen UNet per device (LoRA).
+/// Built with [`TextToImageTrainer::data_parallel`].
+#[derive(Debug)]
+pub enum TextToImageParallel {
+    /// Full fine-tuning: one UNet replica per device.
+    Full(DataParallel<UNet2DConditionModel>),
+    /// LoRA: one replica of the factors per device, and the frozen base UNet on every device
+    /// (the main device's first).
+    Lora {
+        /// The factors' replicas.
+        factors: DataParallel<LoraFactors>,
+        /// The frozen UNet per device.
+        bases: Vec<UNet2DConditionModel>,
+    },
+}
+
+impl TextToImageParallel {
+    /// The devices, the main one first.
+    pub fn devices(&self) -> &[Device] {
+        match self {
+            Self::Full(p) => p.devices(),
+            Self::Lora { factors, .. } => factors.devices(),
+        }
+    }
+
+    /// Run the devices' passes on threads (`true`, the default) or one after the other.
+    pub fn with_threads(self, threads: bool) -> Self {
+        match self {
+            Self::Full(p) => Self::Full(p.with_threads(threads)),
+            Self::Lora { factors, bases } => Self::Lora {
+                factors: factors.with_threads(threads),
+                bases,
+            },
+        }
+    }
+
+    /// Copy `trainer`'s current trained parameters into every other replica (after an
+    /// optimizer step; [`TextToImageTrainer::step_data_parallel`] does it itself).
+    pub fn sync(&mut self, trainer: &TextToImageTrainer) {
+        match (self, trainer.lora()) {
+            (Self::Full(p), _) => p.sync(trainer.unet()),
+            (Self::Lora { factors, .. }, Some(lora)) => factors.sync(lora.factors()),
+            // `data_parallel` pairs a LoRA trainer with `Lora` replicas only.
+            (Self::Lora { .. }, None) => {}
+        }
     }
 }
 
 impl TextToImageTrainer {
-    /// [`TextToImageTrainer::step`] over the devices of `parallel` (built from this trainer's
-    /// UNet): the micro-batch is sharded, each device computes its part of the loss of
-    /// [`conditional_loss`] and of the gradients, and these are gathered on the main device and
-    /// accumulated; after the last micro-batch the optimizer steps once there and the replicas
-    /// are synced. Full fine-tuning in f32 only.
+    /// Replicate what this trainer trains onto `devices` (the first must be the trainer's own
+    /// device, with the trained module on it): the UNet for full fine-tuning, the LoRA factors
+    /// and a copy of the frozen UNet for a LoRA.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `devices` when the list is empty.
+    pub fn data_parallel(&self, devices: Vec<Device>) -> Result<TextToImageParallel> {
+        Ok(match self.lora() {
+            None => TextToImageParallel::Full(DataParallel::new(devices, self.unet())?),
+            Some(lora) => {
+                let factors = DataParallel::new(devices, lora.factors())?;
+                let bases = factors.frozen_copies(self.unet());
+                TextToImageParallel::Lora { factors, bases }
+            }
+        })
+    }
+
+    /// [`TextToImageTrainer::step`] over the devices of `parallel` (built by
+    /// [`Self::data_parallel`]): the micro-batch is sharded, each device computes its part of
+    /// the loss ([`crate::objective::conditional_loss`], or the flow-matching loss) and of the gradients, and these
+    /// are gathered on the main device and accumulated; after the last micro-batch the
+    /// optimizer steps once there and the replicas are synced. Under `fp16` every shard's
+    /// backward runs on its loss times the current loss scale and the summed gradients are
+    /// unscaled (and checked) once, as DDP with a `GradScaler` does.
     ///
     /// # Shapes
     /// - `latents`: `[B, C, H, W]`, `encoder_hidden_states`: `[B, S, D]` (the global batch)
     ///
     /// # Errors
-    /// [`Error::InvalidArgument`] naming `devices` for a LoRA or mixed-precision trainer; as
-    /// [`conditional_loss`].
+    /// [`Error::InvalidArgument`] naming `timesteps` when the draws do not fit the batch; as
+    /// [`Self::step_data_parallel_by`].
     pub fn step_data_parallel(
         &mut self,
-        parallel: &mut DataParallel<UNet2DConditionModel>,
+        parallel: &mut TextToImageParallel,
         latents: Tensor<4>,
         encoder_hidden_states: Tensor<3>,
         draws: &NoiseDraws,
     ) -> Result<Option<StepStats>> {
-        if self.lora.is_some() || self.config.mixed_precision() != MixedPrecision::No {
-            return Err(Error::invalid_argument(
-                "devices",
-                "data-parallel training is full fine-tuning in f32 only (no LoRA, \
-                 mixed_precision `no`)",
-            ));
-        }
         let [b, ..] = latents.dims();
         if draws.timesteps.len() != b {
             return Err(Error::invalid_argument(
@@ -359,9 +478,13 @@ impl TextToImageTrainer {
                 format!("{} timesteps for a batch of {b}", draws.timesteps.len()),
             ));
         }
-        let k = self.config.gradient_accumulation_steps.max(1);
-        let (scheduler, objective) = (&self.scheduler, &self.objective);
-        let (value, grads) = parallel.loss_and_gradients(&self.unet, b, |unet, rows, device| {
+        // Owned copies: the step below borrows the trainer mutably.
+        let (scheduler, objective, flow) = (
+            self.scheduler.clone(),
+            self.objective.clone(),
+            self.flow_matching.clone(),
+        );
+        self.step_data_parallel_by(parallel, b, |unet, rows, device| {
             let shard = |t: &Tensor<4>| {
                 t.clone()
                     .narrow(0, rows.start, rows.len())
@@ -373,26 +496,94 @@ impl TextToImageTrainer {
                 perturbation: draws.perturbation.as_ref().map(shard),
                 timesteps: draws.timesteps[rows.clone()].to_vec(),
             };
-            let loss = conditional_loss(
+            micro_batch_loss(
                 unet,
-                scheduler,
-                objective,
+                &scheduler,
+                &objective,
+                flow.as_ref(),
                 shard(&latents),
                 encoder_hidden_states
                     .clone()
                     .narrow(0, rows.start, rows.len())
                     .to_device(device),
                 &shard_draws,
-            )?;
+            )
+        })
+    }
+
+    /// The data-parallel step on a loss the caller computes per shard (DreamBooth's
+    /// prior-preservation loss): `loss(unet, rows, device)` is the mean loss of rows `rows` of
+    /// the global batch of `batch` rows, computed with `unet` (the device's replica with the
+    /// LoRA applied and, under mixed precision, cast to the half dtype) on `device`. Backward,
+    /// gradient accumulation, fp16 loss scaling and the optimizer step as
+    /// [`Self::step_data_parallel`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `devices` when `parallel` does not fit this trainer
+    /// (full replicas for a LoRA trainer or the reverse); the first error of `loss`; as
+    /// [`Self::finish_step`].
+    pub fn step_data_parallel_by<F>(
+        &mut self,
+        parallel: &mut TextToImageParallel,
+        batch: usize,
+        loss: F,
+    ) -> Result<Option<StepStats>>
+    where
+        F: Fn(&UNet2DConditionModel, Range<usize>, &Device) -> Result<Tensor<1>> + Sync,
+    {
+        let k = self.config.gradient_accumulation_steps.max(1);
+        let dtype = self.config.mixed_precision().dtype();
+        let scale = self
+            .grad_scaler
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.scale()));
+        // The per-shard loss, divided as `step_loss` divides it under accumulation.
+        let shard_loss = |unet: &UNet2DConditionModel, rows: Range<usize>, device: &Device| {
+            let value = loss(unet, rows, device)?;
             Ok(if k > 1 {
-                loss.div_scalar(k as f64)
+                value.div_scalar(k as f64)
             } else {
-                loss
+                value
             })
-        })?;
+        };
+        let (value, grads) = match (&*parallel, self.lora()) {
+            (TextToImageParallel::Full(p), None) => {
+                let contexts = vec![(); p.len()];
+                p.loss_and_gradients_with(
+                    &self.unet,
+                    batch,
+                    contexts,
+                    scale,
+                    |unet, (), rows, device| {
+                        shard_loss(&forward_unet_of(unet, None, dtype)?, rows, device)
+                    },
+                )?
+            }
+            (TextToImageParallel::Lora { factors, bases }, Some(lora)) => {
+                // Each device gets the LoRA's layout with its own replica of the factors.
+                let contexts = bases.iter().map(|b| (lora.clone(), b.clone())).collect();
+                factors.loss_and_gradients_with(
+                    lora.factors(),
+                    batch,
+                    contexts,
+                    scale,
+                    |replica, (mut layout, base), rows, device| {
+                        layout.set_factors(replica.clone());
+                        shard_loss(&forward_unet_of(&base, Some(&layout), dtype)?, rows, device)
+                    },
+                )?
+            }
+            _ => {
+                return Err(Error::invalid_argument(
+                    "devices",
+                    "the replicas were not built for this trainer (full vs LoRA); use \
+                     TextToImageTrainer::data_parallel",
+                ));
+            }
+        };
         let stats = self.accumulate_micro_batch(grads, value)?;
         if stats.is_some() {
-            parallel.sync(&self.unet);
+            parallel.sync(self);
         }
         Ok(stats)
     }

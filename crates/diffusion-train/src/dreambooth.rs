@@ -36,6 +36,7 @@ use diffusion_schedulers::{AnyScheduler, DDPMScheduler, Scheduler};
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
 use crate::checkpoint::{RNG_SCHEME, due_checkpoint};
 use crate::class_images::generate_class_images;
+use crate::data_parallel::TextToImageParallel;
 use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 use crate::lr_schedule::LrScheduleKind;
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
@@ -141,7 +142,13 @@ impl DreamBoothConfig {
     /// (`snr_gamma` with prior preservation: the script's weights would not fit the halves).
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
-        self.train.refuse_devices("DreamBooth")?;
+        if self.train_text_encoder && !self.train.devices.is_empty() {
+            return Err(Error::invalid_argument(
+                "devices",
+                "data-parallel DreamBooth trains the UNet (or its LoRA) only, not with \
+                 train_text_encoder",
+            ));
+        }
         if self.instance_prompt.trim().is_empty() {
             return Err(Error::invalid_argument("instance_prompt", "is empty"));
         }
@@ -258,13 +265,6 @@ pub fn dreambooth_loss(
         return trainer.loss(latents, encoder_hidden_states, draws);
     };
     trainer.refuse_flow_matching("prior preservation")?;
-    let b = latents.dims()[0];
-    if !b.is_multiple_of(2) {
-        return Err(Error::invalid_argument(
-            "latents",
-            format!("a batch of {b} cannot be split into instance and class halves"),
-        ));
-    }
     let device = crate::optimizer::module_device(trainer.unet());
     let draws = NoiseDraws {
         noise: draws.noise.clone().to_device(&device),
@@ -272,13 +272,45 @@ pub fn dreambooth_loss(
         perturbation: None,
         timesteps: draws.timesteps.clone(),
     };
-    let (pred, target) = conditional_prediction(
+    prior_preservation_loss(
         &trainer.forward_unet()?,
         trainer.scheduler(),
         trainer.objective(),
         latents.to_device(&device),
         encoder_hidden_states.to_device(&device),
         &draws,
+        weight,
+    )
+}
+
+/// `MSE(instance half) + weight * MSE(class half)` of `unet`'s prediction on a batch of
+/// instance rows followed by as many class rows (inputs on `unet`'s device).
+///
+/// # Errors
+/// As [`conditional_prediction`]; [`Error::InvalidArgument`] (`latents`) for an odd batch.
+fn prior_preservation_loss(
+    unet: &UNet2DConditionModel,
+    scheduler: &DDPMScheduler,
+    objective: &crate::objective::Objective,
+    latents: Tensor<4>,
+    encoder_hidden_states: Tensor<3>,
+    draws: &NoiseDraws,
+    weight: f64,
+) -> Result<Tensor<1>> {
+    let b = latents.dims()[0];
+    if !b.is_multiple_of(2) {
+        return Err(Error::invalid_argument(
+            "latents",
+            format!("a batch of {b} cannot be split into instance and class halves"),
+        ));
+    }
+    let (pred, target) = conditional_prediction(
+        unet,
+        scheduler,
+        objective,
+        latents,
+        encoder_hidden_states,
+        draws,
     )?;
     let h = b / 2;
     let instance = pred
@@ -581,6 +613,102 @@ impl DreamBoothTrainer {
         self.finish_step().map(Some)
     }
 
+    /// [`Self::step`] over the devices of `parallel` (built by
+    /// [`TextToImageTrainer::data_parallel`] from [`Self::inner`]), as DDP runs the scripts:
+    /// `latents` hold the global batch's instance rows followed by as many class rows, and
+    /// each device takes its shard of the instance rows together with the same class rows, so
+    /// its loss is `MSE(its instance rows) + prior_loss_weight * MSE(its class rows)`; the
+    /// shards' losses are weighted by their share of the batch, which makes the step the
+    /// single-device step on the global batch.
+    ///
+    /// # Shapes
+    /// - `latents`: `[B, C, H, W]` (`2b` rows with a prior), `encoder_hidden_states`: `[B, S, D]`
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `train_text_encoder` when the text encoder is trained
+    /// (not data-parallel yet), `latents` for an odd batch with a prior, `timesteps` when the
+    /// draws do not fit; as [`TextToImageTrainer::step_data_parallel_by`].
+    pub fn step_data_parallel(
+        &mut self,
+        parallel: &mut TextToImageParallel,
+        latents: Tensor<4>,
+        encoder_hidden_states: Tensor<3>,
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        if self.text.is_some() {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "data-parallel DreamBooth trains the UNet (or its LoRA) only",
+            ));
+        }
+        let Some(weight) = self.prior_loss_weight else {
+            return self
+                .inner
+                .step_data_parallel(parallel, latents, encoder_hidden_states, draws);
+        };
+        self.inner.refuse_flow_matching("prior preservation")?;
+        let b = latents.dims()[0];
+        if !b.is_multiple_of(2) || draws.timesteps.len() != b {
+            return Err(Error::invalid_argument(
+                "latents",
+                format!(
+                    "a batch of {b} rows and {} timesteps cannot be split into instance and \
+                     class halves",
+                    draws.timesteps.len()
+                ),
+            ));
+        }
+        let h = b / 2;
+        // Owned copies: the step below borrows the trainer mutably.
+        let scheduler = self.inner.scheduler().clone();
+        let objective = self.inner.objective().clone();
+        self.inner
+            .step_data_parallel_by(parallel, h, |unet, rows, device| {
+                // The shard's instance rows, then the class rows paired with them.
+                let pick = |t: &Tensor<4>| {
+                    Tensor::cat(
+                        vec![
+                            t.clone().narrow(0, rows.start, rows.len()),
+                            t.clone().narrow(0, h + rows.start, rows.len()),
+                        ],
+                        0,
+                    )
+                    .to_device(device)
+                };
+                let states = Tensor::cat(
+                    vec![
+                        encoder_hidden_states
+                            .clone()
+                            .narrow(0, rows.start, rows.len()),
+                        encoder_hidden_states
+                            .clone()
+                            .narrow(0, h + rows.start, rows.len()),
+                    ],
+                    0,
+                )
+                .to_device(device);
+                let shard_draws = NoiseDraws {
+                    noise: pick(&draws.noise),
+                    offset_noise: draws.offset_noise.as_ref().map(pick),
+                    perturbation: None,
+                    timesteps: rows
+                        .clone()
+                        .chain(h + rows.start..h + rows.end)
+                        .map(|i| draws.timesteps[i])
+                        .collect(),
+                };
+                prior_preservation_loss(
+                    unet,
+                    &scheduler,
+                    &objective,
+                    pick(&latents),
+                    states,
+                    &shard_draws,
+                    weight,
+                )
+            })
+    }
+
     /// Take the optimizer step on what was accumulated: clip over both LoRAs, AdamW at the
     /// scheduled rate (or [`TextToImageTrainer::finish_step`] without a trained text encoder).
     ///
@@ -823,6 +951,12 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
     config.validate()?;
     config.check_paths()?;
     let t = &config.train;
+    // With `devices`, the first of them is the main device (see `crate::data_parallel`).
+    let parallel_devices = match t.devices.as_slice() {
+        [] => None,
+        names => Some(crate::data_parallel::parse_devices(names)?),
+    };
+    let device = parallel_devices.as_ref().map_or(device, |d| &d[0]);
     let inner = device.clone().without_autodiff();
     let generated = generate_class_images(config, &inner)?;
     if !generated.is_empty() {
@@ -878,6 +1012,10 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
             let scheduler = load_noise_scheduler(&t.pretrained_model)?;
             DreamBoothTrainer::new(config, unet, lora, scheduler, total, device)?
         }
+    };
+    let mut parallel = match parallel_devices {
+        Some(devices) => Some(trainer.inner.data_parallel(devices)?),
+        None => None,
     };
     let text = serde_json::to_string_pretty(config).unwrap_or_default();
     diffusion_core::config::write_atomically(&out.join("train_config.json"), text.as_bytes())?;
@@ -949,8 +1087,10 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
             }
             let (_, indices) =
                 order.get_or_insert_with(|| (epoch, epoch_order(t.seed, epoch, len)));
-            let begin = position * t.train_batch_size;
-            let batch = &indices[begin..(begin + t.train_batch_size).min(indices.len())];
+            // The global batch: `train_batch_size` instance rows per device.
+            let batch_size = t.global_batch_size();
+            let begin = position * batch_size;
+            let batch = &indices[begin..(begin + batch_size).min(indices.len())];
             let b = batch.len();
             let mut g = TorchGenerator::new(derived_seed(t.seed, 0, m as u64));
             let total_b = if classes.is_some() { 2 * b } else { b };
@@ -988,15 +1128,23 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
                 perturbation: None,
                 timesteps,
             };
-            stats = if config.train_text_encoder {
-                trainer.step_with_ids(latents, Tensor::cat(prompt_ids, 0), &noise_draws)?
-            } else {
-                trainer.step(latents, states, &noise_draws)?
+            stats = match &mut parallel {
+                Some(p) => trainer.step_data_parallel(p, latents, states, &noise_draws)?,
+                None if config.train_text_encoder => {
+                    trainer.step_with_ids(latents, Tensor::cat(prompt_ids, 0), &noise_draws)?
+                }
+                None => trainer.step(latents, states, &noise_draws)?,
             };
         }
         let stats = match stats {
             Some(s) => s,
-            None => trainer.finish_step()?,
+            None => {
+                let stats = trainer.finish_step()?;
+                if let Some(p) = &mut parallel {
+                    p.sync(&trainer.inner);
+                }
+                stats
+            }
         };
         record_step(&stats, epoch, None, &mut log, &log_path, &bar)?;
         report.steps.push(stats);

@@ -62,7 +62,7 @@ pub use config::TrainConfig;
 pub use controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
 pub use controlnet_run::{ControlNetRunConfig, train_controlnet};
 pub use data::{FolderOptions, ImageDataset};
-pub use data_parallel::DataParallel;
+pub use data_parallel::{DataParallel, TextToImageParallel};
 pub use dreambooth::{
     DreamBoothConfig, DreamBoothLoraFactors, DreamBoothTrainer, dreambooth_loss, train_dreambooth,
 };

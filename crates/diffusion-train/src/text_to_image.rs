@@ -97,9 +97,9 @@ pub struct TextToImageConfig {
     /// Encode every image through the VAE once, before training (one seeded posterior sample
     /// per image, with that image's crop and flip fixed for the run).
     pub cache_latents: bool,
-    /// `no` (float32 everywhere). `fp16` / `bf16` are refused for now.
+    /// `no` (float32 everywhere), `fp16` or `bf16` (see [`crate::mixed_precision`]).
     pub mixed_precision: String,
-    /// Data-parallel full fine-tuning over these devices, the main one first (`["cuda:0",
+    /// Data-parallel training (full fine-tuning or LoRA, any precision) over these devices, the main one first (`["cuda:0",
     /// "cuda:1"]`); empty (the default) trains on the device given to the run. As with
     /// accelerate, `train_batch_size` is then per device and a micro-batch holds
     /// `devices.len() x train_batch_size` images. See [`crate::data_parallel`].
@@ -333,13 +333,6 @@ impl TextToImageConfig {
         MixedPrecision::parse("mixed_precision", &self.mixed_precision)?;
         if !self.devices.is_empty() {
             crate::data_parallel::parse_devices(&self.devices)?;
-            if self.mixed_precision() != MixedPrecision::No || self.lora.is_some() {
-                return Err(Error::invalid_argument(
-                    "devices",
-                    "data-parallel training is full fine-tuning in f32 only (no LoRA, \
-                     mixed_precision `no`)",
-                ));
-            }
         }
         if let Some(lora) = &self.lora {
             lora.validate()?;
@@ -484,6 +477,68 @@ pub struct TextToImageTrainer {
     pub(crate) last_step_skipped: bool,
 }
 
+/// The UNet a loss runs on: `base` (trained, or frozen under `lora`) with `lora` applied, both
+/// cast to `dtype` in the autodiff graph under mixed precision (see
+/// [`crate::mixed_precision`]).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`dtype`) when the device does not support `dtype`.
+pub(crate) fn forward_unet_of(
+    base: &UNet2DConditionModel,
+    lora: Option<&UNetLora>,
+    dtype: Option<FloatDType>,
+) -> Result<UNet2DConditionModel> {
+    let Some(dtype) = dtype else {
+        return Ok(match lora {
+            Some(lora) => lora.apply(base),
+            None => base.clone(),
+        });
+    };
+    let unet = half_copy(base, dtype)?;
+    Ok(match lora {
+        Some(lora) => {
+            let mut half = lora.clone();
+            half.set_factors(half_copy(lora.factors(), dtype)?);
+            half.apply(&unet)
+        }
+        None => unet,
+    })
+}
+
+/// The loss of one micro-batch with `unet`: the flow-matching loss when `flow` is given (then
+/// `draws.timesteps` index its training schedule), else [`conditional_loss`]. Every input must
+/// already be on `unet`'s device.
+///
+/// # Errors
+/// As [`conditional_loss`] and [`FlowMatching::loss`].
+pub(crate) fn micro_batch_loss(
+    unet: &UNet2DConditionModel,
+    scheduler: &DDPMScheduler,
+    objective: &Objective,
+    flow: Option<&FlowMatching>,
+    latents: Tensor<4>,
+    encoder_hidden_states: Tensor<3>,
+    draws: &NoiseDraws,
+) -> Result<Tensor<1>> {
+    match flow {
+        Some(flow) => flow.loss(
+            unet,
+            latents,
+            encoder_hidden_states,
+            draws.noise.clone(),
+            &draws.timesteps,
+        ),
+        None => conditional_loss(
+            unet,
+            scheduler,
+            objective,
+            latents,
+            encoder_hidden_states,
+            draws,
+        ),
+    }
+}
+
 impl TextToImageTrainer {
     /// Start training: `unet` fully, or only `lora`'s factors when given (then the UNet is
     /// frozen). Both are moved onto `device` with autodiff. `scheduler` is the noise scheduler
@@ -584,20 +639,11 @@ impl TextToImageTrainer {
             timesteps: draws.timesteps.clone(),
         };
         let unet = self.forward_unet()?;
-        if let Some(flow) = &self.flow_matching {
-            // `draws.timesteps` are indices into the flow-matching training schedule.
-            return flow.loss(
-                &unet,
-                latents.to_device(&device),
-                encoder_hidden_states.to_device(&device),
-                draws.noise,
-                &draws.timesteps,
-            );
-        }
-        conditional_loss(
+        micro_batch_loss(
             &unet,
             &self.scheduler,
             &self.objective,
+            self.flow_matching.as_ref(),
             latents.to_device(&device),
             encoder_hidden_states.to_device(&device),
             &draws,
@@ -610,10 +656,11 @@ impl TextToImageTrainer {
     /// # Errors
     /// As [`Self::half_unet`].
     pub fn forward_unet(&self) -> Result<UNet2DConditionModel> {
-        match self.config.mixed_precision().dtype() {
-            Some(dtype) => self.half_unet(dtype),
-            None => Ok(self.effective_unet()),
-        }
+        forward_unet_of(
+            &self.unet,
+            self.lora.as_ref(),
+            self.config.mixed_precision().dtype(),
+        )
     }
 
     /// The UNet of a mixed-precision forward: the weights (and LoRA factors) cast to `dtype` in
@@ -623,15 +670,7 @@ impl TextToImageTrainer {
     /// # Errors
     /// [`Error::InvalidArgument`] (`dtype`) when the device does not support `dtype`.
     pub fn half_unet(&self, dtype: FloatDType) -> Result<UNet2DConditionModel> {
-        let unet = half_copy(&self.unet, dtype)?;
-        Ok(match &self.lora {
-            Some(lora) => {
-                let mut half = lora.clone();
-                half.set_factors(half_copy(lora.factors(), dtype)?);
-                half.apply(&unet)
-            }
-            None => unet,
-        })
+        forward_unet_of(&self.unet, self.lora.as_ref(), Some(dtype))
     }
 
     /// The gradients of `loss` with respect to what is trained (the UNet's parameters, or the

@@ -449,7 +449,7 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
         }
     };
     let mut parallel = match parallel_devices {
-        Some(devices) => Some(crate::DataParallel::new(devices, trainer.unet())?),
+        Some(devices) => Some(trainer.data_parallel(devices)?),
         None => None,
     };
     config.save(out.join("train_config.json"))?;
@@ -592,7 +592,7 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
             None => {
                 let stats = trainer.finish_step()?;
                 if let Some(p) = &mut parallel {
-                    p.sync(trainer.unet());
+                    p.sync(&trainer);
                 }
                 stats
             }

@@ -195,7 +195,7 @@ impl Trainer {
         // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
         // with the optimizer's).
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
-        let (loss_value, mut grads) = match self.config.mixed_precision.dtype() {
+        let (loss_value, grads) = match self.config.mixed_precision.dtype() {
             None => {
                 let loss = training_loss(&self.model, &self.scheduler, x0, noise, timesteps)?;
                 let grads = FlatGradients::from_backward(&self.model, loss.backward());
@@ -216,6 +216,18 @@ impl Trainer {
                 )
             }
         };
+        self.apply_gradients(lr, loss_value, grads)
+    }
+
+    /// The rest of a step once the gradients are known (`step` and the data-parallel step):
+    /// unscale and check them under fp16, clip, one AdamW step at `lr` (skipped on overflow),
+    /// the scale update, EMA.
+    pub(crate) fn apply_gradients(
+        &mut self,
+        lr: f64,
+        loss_value: f32,
+        mut grads: FlatGradients,
+    ) -> Result<StepStats> {
         let found_inf = match &self.grad_scaler {
             Some(scaler) => scaler.unscale(&mut grads),
             None => false,

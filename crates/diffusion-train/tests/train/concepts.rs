@@ -244,3 +244,59 @@ fn dreambooth_text_encoder_lora_run_resumes_exactly() {
         std::fs::read(straight.join("pytorch_lora_weights.safetensors")).unwrap()
     );
 }
+
+/// DreamBooth LoRA with prior preservation over two devices (one instance image and its class
+/// image each) takes the steps of the one-device run on two instance images, and resumes
+/// exactly.
+#[test]
+fn dreambooth_lora_over_two_devices_equals_the_global_batch_run_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = dir.path().join("class");
+    let config = |out: &Path, devices: usize, resume: Option<&str>| {
+        let mut c = class_config(&class, out);
+        c.num_class_images = 2;
+        c.train.lora = Some(LoraTrainConfig {
+            rank: 2,
+            ..LoraTrainConfig::default()
+        });
+        c.train.learning_rate = 1e-3;
+        c.train.max_train_steps = Some(4);
+        c.train.checkpointing_steps = 2;
+        c.train.train_batch_size = if devices == 0 { 2 } else { 1 };
+        c.train.devices = vec!["cpu".into(); devices];
+        c.train.resume_from_checkpoint = resume.map(String::from);
+        c
+    };
+    let factors = |out: &Path| {
+        let file = SafetensorsFile::open(out.join("pytorch_lora_weights.safetensors")).unwrap();
+        file.keys()
+            .iter()
+            .map(|k| file.read_f32(k).unwrap().0)
+            .collect::<Vec<_>>()
+    };
+    let one = dir.path().join("one");
+    let single = train_dreambooth(&config(&one, 0, None), &device()).unwrap();
+    let two = dir.path().join("two");
+    let parallel = train_dreambooth(&config(&two, 2, None), &device()).unwrap();
+    let losses = crate::max_abs_diff(&single.losses(), &parallel.losses());
+    let weights = factors(&one)
+        .iter()
+        .zip(factors(&two))
+        .map(|(a, b)| crate::max_abs_diff(a, &b))
+        .fold(0.0f32, f32::max);
+    eprintln!("DreamBooth LoRA, 2 devices vs 1: losses {losses:.2e}, saved factors {weights:.2e}");
+    assert!(losses <= 1e-5, "losses differ by {losses}");
+    assert!(weights <= 1e-5, "saved factors differ by {weights}");
+
+    let straight_log = log(&two);
+    let straight_lora = std::fs::read(two.join("pytorch_lora_weights.safetensors")).unwrap();
+    kill_after_step_2(&two);
+    std::fs::remove_file(two.join("pytorch_lora_weights.safetensors")).unwrap();
+    let report = train_dreambooth(&config(&two, 2, Some("latest")), &device()).unwrap();
+    assert_eq!(report.start_step, 2);
+    assert_eq!(log(&two), straight_log);
+    assert_eq!(
+        std::fs::read(two.join("pytorch_lora_weights.safetensors")).unwrap(),
+        straight_lora
+    );
+}

@@ -49,6 +49,18 @@ fn worst(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, 
 
 #[test]
 fn dreambooth_prior_preservation_steps_match_diffusers() {
+    check_prior_preservation_steps(0);
+}
+
+/// Over two devices, each with one instance row and its class row (DDP's layout), the steps
+/// still match diffusers' single-process steps on the whole batch.
+#[test]
+fn dreambooth_prior_preservation_over_two_devices_matches_diffusers() {
+    check_prior_preservation_steps(2);
+}
+
+/// The fixture's steps on one device (`devices` 0) or data-parallel over `devices` handles.
+fn check_prior_preservation_steps(devices: usize) {
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap()).unwrap();
     let hp = &expected["hyperparameters"];
@@ -100,11 +112,19 @@ fn dreambooth_prior_preservation_steps_match_diffusers() {
     eprintln!("dreambooth: worst first-step gradient difference {d:e} (`{key}`)");
     assert!(d <= TOL, "gradient of `{key}` differs by {d}");
     let mut max_err = d;
-    for s in 0..steps {
-        let stats = trainer
-            .step(latents.clone(), states.clone(), &draws(s))
+    let mut parallel = (devices > 0).then(|| {
+        trainer
+            .inner()
+            .data_parallel(vec![dev.clone(); devices])
             .unwrap()
-            .unwrap();
+    });
+    for s in 0..steps {
+        let stats = match &mut parallel {
+            Some(p) => trainer.step_data_parallel(p, latents.clone(), states.clone(), &draws(s)),
+            None => trainer.step(latents.clone(), states.clone(), &draws(s)),
+        }
+        .unwrap()
+        .unwrap();
         let want = f(&results["losses"][s]);
         let d = (f64::from(stats.loss) - want).abs() as f32;
         eprintln!("dreambooth step {s}: loss {} (diff {d:e})", stats.loss);

@@ -217,7 +217,8 @@ fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String
     worst
 }
 
-fn check_case(name: &str) {
+/// Case `name` on one device (`devices` 0) or data-parallel over `devices` CPU handles.
+fn check_case(name: &str, devices: usize) {
     let expected = json("steps.json");
     let (hp, case) = (&expected["hyperparameters"], &expected["cases"][name]);
     let results = &expected["results"][name];
@@ -259,11 +260,15 @@ fn check_case(name: &str) {
     eprintln!("{name}: worst gradient difference {diff:e} (`{key}`)");
     assert!(diff <= TOL, "{name}: gradient of `{key}` differs by {diff}");
 
+    let mut parallel =
+        (devices > 0).then(|| trainer.data_parallel(vec![device(); devices]).unwrap());
     for s in 0..steps {
-        let stats = trainer
-            .step(latents.clone(), states.clone(), &draws(s))
-            .unwrap()
-            .expect("every micro-batch is a step");
+        let stats = match &mut parallel {
+            Some(p) => trainer.step_data_parallel(p, latents.clone(), states.clone(), &draws(s)),
+            None => trainer.step(latents.clone(), states.clone(), &draws(s)),
+        }
+        .unwrap()
+        .expect("every micro-batch is a step");
         let want = f(&results["losses"][s]);
         let d = (f64::from(stats.loss) - want).abs() as f32;
         eprintln!(
@@ -291,12 +296,18 @@ fn check_case(name: &str) {
 
 #[test]
 fn full_steps_shift1_logit_normal_preconditioned_match_diffusers() {
-    check_case("shift1_logit_normal");
+    check_case("shift1_logit_normal", 0);
+}
+
+/// The flow-matching loss (not the DDPM one) on every device of a data-parallel run.
+#[test]
+fn full_steps_over_two_devices_match_diffusers() {
+    check_case("shift1_logit_normal", 2);
 }
 
 #[test]
 fn full_steps_shift3_cosmap_match_diffusers() {
-    check_case("shift3_cosmap");
+    check_case("shift3_cosmap", 0);
 }
 
 #[test]

@@ -366,7 +366,7 @@ fn mixed_precision_resume_is_exact() {
     }
 }
 
-fn t2i_trainer(case: &str, mixed_precision: MixedPrecision) -> TextToImageTrainer {
+pub(crate) fn t2i_trainer(case: &str, mixed_precision: MixedPrecision) -> TextToImageTrainer {
     let root = fixtures().join("text_to_image");
     let expected: Value =
         serde_json::from_str(&std::fs::read_to_string(root.join("steps.json")).unwrap()).unwrap();
@@ -543,7 +543,7 @@ fn copy_dir(from: &Path, to: &Path) {
 
 /// [`half_precision_step_stays_close_to_f32`]'s tolerances (loss, gradients) for a loss whose
 /// deepest path crosses `layers` conv and linear weights, at `mp`'s unit roundoff.
-fn half_tolerances(mp: MixedPrecision, layers: usize) -> (f64, f64) {
+pub(crate) fn half_tolerances(mp: MixedPrecision, layers: usize) -> (f64, f64) {
     let u = match mp {
         MixedPrecision::Bf16 => 2f64.powi(-8),
         MixedPrecision::Fp16 => 2f64.powi(-11),

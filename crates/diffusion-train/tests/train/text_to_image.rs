@@ -30,15 +30,15 @@ fn root() -> PathBuf {
     fixtures().join("text_to_image")
 }
 
-fn sd1() -> PathBuf {
+pub(crate) fn sd1() -> PathBuf {
     fixtures().join("../pipelines/sd/sd1")
 }
 
-fn expected() -> Value {
+pub(crate) fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap()).unwrap()
 }
 
-fn source() -> WeightSource {
+pub(crate) fn source() -> WeightSource {
     WeightSource::open(root().join("steps.safetensors")).unwrap()
 }
 
@@ -77,7 +77,7 @@ fn config(hp: &Value, case: &Value) -> TextToImageConfig {
     }
 }
 
-fn draws(source: &WeightSource, name: &str, step: usize) -> NoiseDraws {
+pub(crate) fn draws(source: &WeightSource, name: &str, step: usize) -> NoiseDraws {
     let dev = device();
     let opt = |key: &str| {
         let key = format!("{name}/{key}/{step}");
@@ -97,7 +97,7 @@ fn draws(source: &WeightSource, name: &str, step: usize) -> NoiseDraws {
 }
 
 /// Worst difference of `ours` against `prefix/<key>` tensors of the fixture (same key set).
-fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
+pub(crate) fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
     let mut theirs: Vec<&str> = source
         .keys()
         .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
@@ -118,7 +118,7 @@ fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String
 }
 
 /// A trainer for case `name`, with the fixture's initial LoRA factors for LoRA cases.
-fn trainer(name: &str, source: &WeightSource) -> TextToImageTrainer {
+pub(crate) fn trainer(name: &str, source: &WeightSource) -> TextToImageTrainer {
     let expected = expected();
     let (hp, case) = (&expected["hyperparameters"], &expected["cases"][name]);
     let config = config(hp, case);
@@ -134,7 +134,7 @@ fn trainer(name: &str, source: &WeightSource) -> TextToImageTrainer {
     TextToImageTrainer::new(&config, unet, lora, scheduler, steps, &device()).unwrap()
 }
 
-fn batch(source: &WeightSource) -> (Tensor<4>, Tensor<3>) {
+pub(crate) fn batch(source: &WeightSource) -> (Tensor<4>, Tensor<3>) {
     (
         tensor(source, "latents", &device()),
         tensor(source, "encoder_hidden_states", &device()),
