@@ -66,6 +66,17 @@ pub enum MixedPrecisionArg {
     Bf16,
 }
 
+impl MixedPrecisionArg {
+    /// The training library's setting.
+    pub fn precision(self) -> diffusion_train::MixedPrecision {
+        match self {
+            Self::No => diffusion_train::MixedPrecision::No,
+            Self::Fp16 => diffusion_train::MixedPrecision::Fp16,
+            Self::Bf16 => diffusion_train::MixedPrecision::Bf16,
+        }
+    }
+}
+
 /// Options shared by `train text-to-image` and `train lora` (train_text_to_image.py's names).
 #[derive(Args, Debug)]
 pub struct TextToImageArgs {

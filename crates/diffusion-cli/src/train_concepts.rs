@@ -183,6 +183,10 @@ pub struct TextualInversionArgs {
     /// Device: cpu, or a GPU backend compiled into this build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Mixed precision: the frozen UNet and VAE in fp16 (with a dynamic loss scale) or bf16,
+    /// the text encoder on a half copy of its f32 weights (the token table stays f32).
+    #[arg(long, value_enum)]
+    pub mixed_precision: Option<crate::train::MixedPrecisionArg>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -225,13 +229,7 @@ pub fn dreambooth(args: DreamBoothArgs) -> Result<()> {
     t.center_crop |= args.center_crop;
     t.gradient_checkpointing |= args.gradient_checkpointing;
     if let Some(v) = args.mixed_precision {
-        use crate::train::MixedPrecisionArg;
-        t.mixed_precision = match v {
-            MixedPrecisionArg::No => "no",
-            MixedPrecisionArg::Fp16 => "fp16",
-            MixedPrecisionArg::Bf16 => "bf16",
-        }
-        .into();
+        t.mixed_precision = v.precision().as_str().into();
     }
     t.train_batch_size = args.train_batch_size.unwrap_or(t.train_batch_size);
     t.gradient_accumulation_steps = args
@@ -295,6 +293,9 @@ pub fn textual_inversion(args: TextualInversionArgs) -> Result<()> {
     c.resume_from_checkpoint = args.resume_from_checkpoint;
     c.seed = args.seed.unwrap_or(c.seed);
     c.show_progress = !args.quiet;
+    if let Some(v) = args.mixed_precision {
+        c.mixed_precision = v.precision();
+    }
     args.validation.apply(&mut c.validation)?;
     c.validate()?;
     c.check_paths()?;

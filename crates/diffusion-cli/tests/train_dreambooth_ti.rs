@@ -94,6 +94,38 @@ fn dreambooth_with_prior_preservation_full_and_lora() {
     ]);
     ok(&run(&["dreambooth"], &args));
     assert!(lora.join("pytorch_lora_weights.safetensors").is_file());
+
+    // Data-parallel LoRA over two CPU handles, one instance image (and its class image) each.
+    let parallel = dir.path().join("parallel");
+    let mut args = common.to_vec();
+    args.extend([
+        "--output-dir",
+        parallel.to_str().unwrap(),
+        "--lora",
+        "--rank",
+        "2",
+        "--devices",
+        "cpu,cpu",
+    ]);
+    ok(&run(&["dreambooth"], &args));
+    assert!(parallel.join("pytorch_lora_weights.safetensors").is_file());
+    let config = std::fs::read_to_string(parallel.join("train_config.json")).unwrap();
+    assert!(config.contains("\"devices\""), "{config}");
+    // The text-encoder LoRA does not train data-parallel: refused before loading.
+    let refused = dir.path().join("refused");
+    let mut args = common.to_vec();
+    args.extend([
+        "--output-dir",
+        refused.to_str().unwrap(),
+        "--lora",
+        "--train-text-encoder",
+        "--devices",
+        "cpu,cpu",
+    ]);
+    let out = run(&["dreambooth"], &args);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("devices"));
+    assert!(!refused.exists());
 }
 
 #[test]
@@ -132,6 +164,22 @@ fn textual_inversion_two_steps() {
             .unwrap();
     assert_eq!(file.keys(), ["<cat-toy>"]);
     assert_eq!(file.read_f32("<cat-toy>").unwrap().1, [2, 8]);
+
+    // bf16: the frozen UNet and VAE in bf16, the learned rows saved in f32.
+    let bf16_dir = dir.path().join("ti-bf16");
+    let mut args = base.to_vec();
+    let last = args.len() - 1;
+    args[last] = bf16_dir.to_str().unwrap();
+    args.extend(["--initializer-token", "red", "--mixed-precision", "bf16"]);
+    ok(&run(&["textual-inversion"], &args));
+    let config = std::fs::read_to_string(bf16_dir.join("train_config.json")).unwrap();
+    assert!(config.contains("\"mixed_precision\": \"bf16\""), "{config}");
+    let file =
+        diffusion_core::weights::SafetensorsFile::open(bf16_dir.join("learned_embeds.safetensors"))
+            .unwrap();
+    let (rows, shape) = file.read_f32("<cat-toy>").unwrap();
+    assert_eq!(shape, [2, 8]);
+    assert!(rows.iter().all(|v| v.is_finite()));
 }
 
 fn log_text(out: &std::path::Path) -> String {

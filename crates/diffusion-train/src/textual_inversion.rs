@@ -21,6 +21,7 @@ use diffusion_models::{CLIPTextModel, CLIPTokenizer, UNet2DConditionModel};
 use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType};
 
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
+use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
 use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
 use crate::params;
@@ -201,6 +202,11 @@ pub struct TextualInversionConfig {
     pub seed: u64,
     /// Show a progress bar.
     pub show_progress: bool,
+    /// accelerate's `--mixed_precision` (`no`, `fp16`, `bf16`): the frozen UNet and VAE in
+    /// that dtype (the script's `weight_dtype`), the text encoder run on a half copy of its f32
+    /// weights inside the graph so the token-embedding table stays the f32 master; `fp16` adds
+    /// a dynamic loss scale (see [`crate::mixed_precision`]).
+    pub mixed_precision: MixedPrecision,
     /// Validation images (textual_inversion.py's `--validation_prompt`,
     /// `--num_validation_images`, `--validation_steps`), made with the learned embeddings in
     /// the tokenizer and text encoder; off without prompts.
@@ -240,6 +246,7 @@ impl Default for TextualInversionConfig {
             resume_from_checkpoint: None,
             seed: 0,
             show_progress: true,
+            mixed_precision: MixedPrecision::No,
             validation: PromptValidationConfig::default(),
         }
     }
@@ -437,6 +444,9 @@ pub struct TextualInversionTrainer {
     num_training_steps: usize,
     pending: Option<(FlatGradients, f32)>,
     pending_micro: usize,
+    grad_scaler: Option<GradScaler>,
+    skipped_steps: usize,
+    last_step_skipped: bool,
 }
 
 impl TextualInversionTrainer {
@@ -481,6 +491,11 @@ impl TextualInversionTrainer {
         let original = embedding.weight.val().inner();
         text_encoder.text_model.embeddings.token_embedding = embedding;
         let unet = unet.fork(&ad).no_grad();
+        // Mixed precision: the frozen UNet runs in the half dtype (the script's `weight_dtype`).
+        let unet = match config.mixed_precision.dtype() {
+            Some(dtype) => diffusion_models::modeling_utils::to_dtype(unet, dtype)?,
+            None => unet,
+        };
         let objective = Objective {
             prediction_type: scheduler.config().prediction_type,
             ..Objective::default()
@@ -505,11 +520,16 @@ impl TextualInversionTrainer {
             num_training_steps,
             pending: None,
             pending_micro: 0,
+            grad_scaler: config.mixed_precision.grad_scaler(),
+            skipped_steps: 0,
+            last_step_skipped: false,
         })
     }
 
     /// The loss on one micro-batch: `text_encoder(input_ids)` through the trained embedding,
-    /// then the frozen UNet's MSE ([`conditional_loss`]).
+    /// then the frozen UNet's MSE ([`conditional_loss`]). Under mixed precision the text
+    /// encoder runs on a half copy of its weights made inside the graph, so the gradient
+    /// reaches the f32 table; the loss is f32 either way.
     ///
     /// # Shapes
     /// - `latents`: `[B, C, H, W]` (scaled), `input_ids`: `[B, S]`
@@ -523,10 +543,15 @@ impl TextualInversionTrainer {
         draws: &NoiseDraws,
     ) -> Result<Tensor<1>> {
         let device = crate::optimizer::module_device(&self.unet);
-        let states = self
-            .text_encoder
-            .forward(input_ids.to_device(&device))?
-            .last_hidden_state;
+        let input_ids = input_ids.to_device(&device);
+        let states = match self.config.mixed_precision.dtype() {
+            Some(dtype) => {
+                half_copy(&self.text_encoder, dtype)?
+                    .forward(input_ids)?
+                    .last_hidden_state
+            }
+            None => self.text_encoder.forward(input_ids)?.last_hidden_state,
+        };
         let draws = NoiseDraws {
             noise: draws.noise.clone().to_device(&device),
             offset_noise: None,
@@ -571,6 +596,11 @@ impl TextualInversionTrainer {
             loss
         };
         let value = loss.clone().inner().into_scalar::<f32>();
+        // fp16: the backward runs on the scaled loss; `finish_step` unscales.
+        let loss = match &self.grad_scaler {
+            Some(scaler) => loss.mul_scalar(scaler.scale()),
+            None => loss,
+        };
         let grads = self.gradients(loss);
         self.pending = Some(match self.pending.take() {
             Some((mut sum, total)) => {
@@ -586,18 +616,40 @@ impl TextualInversionTrainer {
         self.finish_step().map(Some)
     }
 
-    /// Take the optimizer step on the accumulated gradients.
+    /// Take the optimizer step on the accumulated gradients (under fp16: unscaled first, and
+    /// skipped, with the loss scale backing off, when they are not finite).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
     pub fn finish_step(&mut self) -> Result<StepStats> {
-        let (grads, loss) = self
+        let (mut grads, loss) = self
             .pending
             .take()
             .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))?;
         self.pending_micro = 0;
-        let lr = self.lr_schedule.lr(self.global_step);
+        // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
+        // with the optimizer's).
+        let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
+        let found_inf = match &self.grad_scaler {
+            Some(scaler) => scaler.unscale(&mut grads),
+            None => false,
+        };
         let grad_norm = grads.total_norm();
+        self.last_step_skipped = found_inf;
+        if let Some(scaler) = &mut self.grad_scaler {
+            scaler.update(found_inf);
+        }
+        if found_inf {
+            self.skipped_steps += 1;
+            self.global_step += 1;
+            return Ok(StepStats {
+                step: self.global_step,
+                loss,
+                grad_norm,
+                lr,
+                ema_decay: None,
+            });
+        }
         let embedding = self
             .text_encoder
             .text_model
@@ -669,6 +721,10 @@ impl TextualInversionTrainer {
         self.save_learned_embeds(tmp.join(LEARNED_EMBEDS_NAME))?;
         let embedding = &self.text_encoder.text_model.embeddings.token_embedding;
         self.optimizer.save(embedding, &tmp.join("optimizer"))?;
+        let mixed = self.mixed_precision_state();
+        if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
+            mixed.save(&tmp)?;
+        }
         let state = TextualInversionState {
             global_step: self.global_step,
             num_training_steps: self.num_training_steps,
@@ -742,7 +798,53 @@ impl TextualInversionTrainer {
         self.optimizer = AdamW::load(self.config.adamw(), &embedding, &dir.join("optimizer"))?;
         self.set_learned_rows(embedding, rows);
         self.global_step = state.global_step;
+        if let Some(mixed) = MixedPrecisionState::load(dir)? {
+            self.skipped_steps = mixed.skipped_steps;
+            // The scale carries over between fp16 runs; another setting starts a fresh scaler.
+            if let (Some(saved), MixedPrecision::Fp16) =
+                (mixed.grad_scaler, self.config.mixed_precision)
+            {
+                self.grad_scaler = Some(GradScaler::from_state(saved)?);
+            }
+        }
         Ok(())
+    }
+
+    /// The loss scaler under fp16.
+    pub fn grad_scaler(&self) -> Option<&GradScaler> {
+        self.grad_scaler.as_ref()
+    }
+
+    /// Replace the fp16 loss scaler (another initial scale or growth schedule).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`mixed_precision`) when the run is not fp16.
+    pub fn set_grad_scaler(&mut self, scaler: GradScaler) -> Result<()> {
+        if self.config.mixed_precision != MixedPrecision::Fp16 {
+            return Err(Error::invalid_argument(
+                "mixed_precision",
+                format!(
+                    "a loss scaler needs fp16, the run is `{}`",
+                    self.config.mixed_precision.as_str()
+                ),
+            ));
+        }
+        self.grad_scaler = Some(scaler);
+        Ok(())
+    }
+
+    /// Whether the last optimizer step was skipped for non-finite fp16 gradients.
+    pub fn last_step_skipped(&self) -> bool {
+        self.last_step_skipped
+    }
+
+    /// What a checkpoint keeps of the mixed-precision state.
+    pub fn mixed_precision_state(&self) -> MixedPrecisionState {
+        MixedPrecisionState {
+            mixed_precision: self.config.mixed_precision,
+            grad_scaler: self.grad_scaler.as_ref().map(|s| s.state().clone()),
+            skipped_steps: self.skipped_steps,
+        }
     }
 
     /// The whole token-embedding table, without autodiff.

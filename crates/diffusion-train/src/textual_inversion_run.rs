@@ -62,6 +62,13 @@ pub fn train_textual_inversion(
         },
     )?;
     let frozen = FrozenComponents::load(model, &inner)?;
+    // Mixed precision: the frozen VAE encodes in the half dtype (the script's `weight_dtype`);
+    // the validation pipeline keeps an f32 copy.
+    let validation_vae = config.validation.is_enabled().then(|| frozen.vae.clone());
+    let frozen = match config.mixed_precision.dtype() {
+        Some(dtype) => frozen.to_dtype(dtype)?,
+        None => frozen,
+    };
     let mut tokenizer = CLIPTokenizer::from_pretrained(model.join("tokenizer"))?;
     let mut text_encoder = CLIPTextModel::from_pretrained(model.join("text_encoder"), &inner)?;
     let ids = add_placeholder_tokens(
@@ -117,7 +124,9 @@ pub fn train_textual_inversion(
         None => None,
     };
     let validate = |trainer: &TextualInversionTrainer, at: ValidationPoint| -> Result<()> {
-        let (Some(unet), Some(scheduler)) = (&validation_unet, &validation_scheduler) else {
+        let (Some(unet), Some(vae), Some(scheduler)) =
+            (&validation_unet, &validation_vae, &validation_scheduler)
+        else {
             return Ok(());
         };
         // The tokenizer knows the placeholder tokens; the text encoder holds the learned rows.
@@ -125,7 +134,7 @@ pub fn train_textual_inversion(
         let parts = FrozenParts {
             tokenizer: &tokenizer,
             text_encoder: &text_encoder,
-            vae: &frozen.vae,
+            vae,
             scheduler,
         };
         let path = save_prompt_validation(unet.clone(), parts, validation, config.seed, out, at)?;

@@ -996,3 +996,235 @@ mod concepts {
         }
     }
 }
+
+mod textual_inversion {
+    //! Textual inversion under bf16/fp16 (the setup of gen_train_dreambooth_ti.py's textual
+    //! inversion): the half step against the f32 step, the f32 table as master, an fp16
+    //! overflow, and an fp16 run resumed exactly.
+
+    use super::*;
+    use diffusion_core::burn::tensor::Int;
+    use diffusion_core::tensor::to_vec;
+    use diffusion_models::{CLIPTextModel, CLIPTokenizer};
+    use diffusion_train::{
+        TextualInversionConfig, TextualInversionTrainer, add_placeholder_tokens, tokenize_captions,
+        train_textual_inversion,
+    };
+
+    fn root() -> std::path::PathBuf {
+        fixtures().join("textual_inversion")
+    }
+
+    fn source() -> WeightSource {
+        WeightSource::open(root().join("steps.safetensors")).unwrap()
+    }
+
+    /// The fixture's trainer (4 planned steps) and its prompts' ids.
+    fn ti_trainer(mp: MixedPrecision) -> (TextualInversionTrainer, Tensor<2, Int>) {
+        let expected: Value =
+            serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap())
+                .unwrap();
+        let hp = &expected["hyperparameters"];
+        let f = |v: &Value| v.as_f64().unwrap();
+        let config = TextualInversionConfig {
+            pretrained_model: sd1(),
+            placeholder_token: hp["placeholder_token"].as_str().unwrap().into(),
+            initializer_token: hp["initializer_token"].as_str().unwrap().into(),
+            num_vectors: hp["num_vectors"].as_u64().unwrap() as usize,
+            learning_rate: f(&hp["learning_rate"]),
+            scale_lr: false,
+            lr_scheduler: LrScheduleKind::Cosine,
+            lr_warmup_steps: 0,
+            mixed_precision: mp,
+            show_progress: false,
+            ..TextualInversionConfig::default()
+        };
+        let dev = device();
+        let mut tokenizer = CLIPTokenizer::from_pretrained(sd1().join("tokenizer")).unwrap();
+        let mut text_encoder =
+            CLIPTextModel::from_pretrained(sd1().join("text_encoder"), &dev).unwrap();
+        let ids = add_placeholder_tokens(
+            &mut tokenizer,
+            &mut text_encoder,
+            &config.placeholder_token,
+            config.num_vectors,
+            &config.initializer_token,
+        )
+        .unwrap();
+        let prompts: Vec<String> = expected["results"]["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let input_ids = tokenize_captions(&tokenizer, &prompts)
+            .unwrap()
+            .input_ids_tensor(&dev)
+            .unwrap();
+        let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();
+        let scheduler = load_noise_scheduler(&sd1()).unwrap();
+        let trainer =
+            TextualInversionTrainer::new(&config, text_encoder, unet, scheduler, &ids, 4, &dev)
+                .unwrap();
+        (trainer, input_ids)
+    }
+
+    fn draws(source: &WeightSource) -> NoiseDraws {
+        let (t, _) = source.read_f32("timesteps/0").unwrap();
+        NoiseDraws {
+            noise: tensor(source, "noise/0", &device()),
+            offset_noise: None,
+            perturbation: None,
+            timesteps: t.iter().map(|&v| v as usize).collect(),
+        }
+    }
+
+    /// The placeholder rows of the table's gradient (the only rows that learn).
+    fn row_gradients(t: &TextualInversionTrainer, grads: &FlatGradients) -> Vec<f32> {
+        let table = grads.state_dict(&t.text_encoder().text_model.embeddings.token_embedding);
+        let hidden = table[0].shape[1];
+        let (first, last) = t.placeholder_rows();
+        table[0].values[first * hidden..(last + 1) * hidden].to_vec()
+    }
+
+    /// The half-precision step against the f32 one, with the bound of
+    /// [`half_precision_step_stays_close_to_f32`] over the text encoder's and the UNet's
+    /// weights (the gradient crosses both).
+    #[test]
+    fn textual_inversion_half_precision_stays_close_to_f32() {
+        let source = source();
+        let latents: Tensor<4> = tensor(&source, "latents", &device());
+        let (reference, ids) = ti_trainer(MixedPrecision::No);
+        let layers = weight_layers(reference.text_encoder())
+            + weight_layers(
+                &UNet2DConditionModel::from_pretrained(sd1().join("unet"), &device()).unwrap(),
+            );
+        let loss32 = reference
+            .loss(latents.clone(), ids.clone(), &draws(&source))
+            .unwrap();
+        let value32 = loss32.clone().inner().into_scalar::<f32>();
+        let grads32 = row_gradients(&reference, &reference.gradients(loss32));
+        for mp in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+            let (mut t, _) = ti_trainer(mp);
+            let loss = t
+                .loss(latents.clone(), ids.clone(), &draws(&source))
+                .unwrap();
+            assert_eq!(loss.dtype(), DType::F32);
+            let value = loss.clone().inner().into_scalar::<f32>();
+            let grads = t.gradients(loss);
+            assert!(
+                grads
+                    .tensors()
+                    .iter()
+                    .flatten()
+                    .all(|g| g.dtype() == DType::F32),
+                "the gradient reaches the f32 table"
+            );
+            assert_close_to_f32(
+                "textual inversion",
+                mp,
+                layers,
+                (value, row_gradients(&t, &grads)),
+                (value32, &grads32),
+            );
+            let before = to_vec(t.token_embedding());
+            t.step(latents.clone(), ids.clone(), &draws(&source))
+                .unwrap()
+                .unwrap();
+            assert!(!t.last_step_skipped(), "{mp:?}");
+            assert_eq!(t.grad_scaler().is_some(), mp == MixedPrecision::Fp16);
+            all_f32(
+                "textual inversion",
+                &param_dtypes(&t.text_encoder().text_model.embeddings.token_embedding),
+            );
+            // Only the placeholder rows moved.
+            let after = to_vec(t.token_embedding());
+            let hidden = t.learned_embeds().dims()[1];
+            let (first, _) = t.placeholder_rows();
+            assert_eq!(&after[..first * hidden], &before[..first * hidden]);
+            assert!(
+                after[first * hidden..] != before[first * hidden..],
+                "{mp:?}"
+            );
+        }
+    }
+
+    /// A scale that overflows fp16 skips the step: the table, the optimizer and the schedule
+    /// stay, the scale halves; the next step at the default scale goes through at the learning
+    /// rate the skipped step had.
+    #[test]
+    fn textual_inversion_fp16_overflow_skips_the_step() {
+        let source = source();
+        let latents: Tensor<4> = tensor(&source, "latents", &device());
+        let (mut t, ids) = ti_trainer(MixedPrecision::Fp16);
+        t.set_grad_scaler(overflowing_scaler()).unwrap();
+        let before = to_vec(t.token_embedding());
+        let stats = t
+            .step(latents.clone(), ids.clone(), &draws(&source))
+            .unwrap()
+            .unwrap();
+        assert!(stats.loss.is_finite());
+        assert!(t.last_step_skipped());
+        assert_eq!(t.global_step(), 1);
+        assert_eq!(t.grad_scaler().unwrap().scale(), 2f32.powi(39));
+        assert!(to_vec(t.token_embedding()) == before, "the table changed");
+        t.set_grad_scaler(GradScaler::default()).unwrap();
+        let next = t.step(latents, ids, &draws(&source)).unwrap().unwrap();
+        assert!(!t.last_step_skipped());
+        assert_eq!(
+            next.lr, stats.lr,
+            "the cosine schedule advanced on a skipped step"
+        );
+        assert!(to_vec(t.token_embedding()) != before);
+        let (mut bf16, _) = ti_trainer(MixedPrecision::Bf16);
+        let err = bf16
+            .set_grad_scaler(GradScaler::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("mixed_precision"), "{err}");
+    }
+
+    /// `train_textual_inversion` in fp16 (UNet and VAE in fp16) resumes exactly, its loss
+    /// scale included.
+    #[test]
+    fn textual_inversion_fp16_run_resumes_exactly() {
+        let config = |out: &Path| TextualInversionConfig {
+            pretrained_model: sd1(),
+            train_data_dir: fixtures().join("text_to_image/data"),
+            output_dir: out.to_path_buf(),
+            placeholder_token: "<cat-toy>".into(),
+            initializer_token: "red".into(),
+            repeats: 1,
+            resolution: 32,
+            train_batch_size: 2,
+            max_train_steps: Some(3),
+            learning_rate: 1e-2,
+            scale_lr: false,
+            lr_warmup_steps: 0,
+            checkpointing_steps: 2,
+            save_steps: 100,
+            mixed_precision: MixedPrecision::Fp16,
+            show_progress: false,
+            ..TextualInversionConfig::default()
+        };
+        let full_dir = tempfile::tempdir().unwrap();
+        let full = train_textual_inversion(&config(full_dir.path()), &device()).unwrap();
+        assert_eq!(full.losses().len(), 3);
+        let ckpt = full_dir.path().join("checkpoint-2");
+        assert!(ckpt.join("mixed_precision.json").is_file());
+        let resumed_dir = tempfile::tempdir().unwrap();
+        copy_dir(&ckpt, &resumed_dir.path().join("checkpoint-2"));
+        let resumed = train_textual_inversion(
+            &TextualInversionConfig {
+                resume_from_checkpoint: Some("latest".into()),
+                ..config(resumed_dir.path())
+            },
+            &device(),
+        )
+        .unwrap();
+        assert_eq!(resumed.start_step, 2);
+        assert_eq!(resumed.losses(), full.losses()[2..].to_vec());
+        let embeds = |dir: &Path| std::fs::read(dir.join("learned_embeds.safetensors")).unwrap();
+        assert!(embeds(full_dir.path()) == embeds(resumed_dir.path()));
+    }
+}
