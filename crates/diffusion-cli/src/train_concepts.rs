@@ -103,7 +103,7 @@ pub struct DreamBoothArgs {
     /// Data-parallel training over these devices, the main one first (`cpu,cpu` or
     /// `cuda:0,cuda:1`); --train-batch-size is then the number of instance images (each with
     /// its class image) per device, as with `accelerate launch --multi_gpu`. Overrides
-    /// --device. Not with --train-text-encoder.
+    /// --device.
     #[arg(long)]
     pub devices: Option<String>,
     /// Hide the progress bar.

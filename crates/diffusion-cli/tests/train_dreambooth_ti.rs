@@ -111,20 +111,38 @@ fn dreambooth_with_prior_preservation_full_and_lora() {
     assert!(parallel.join("pytorch_lora_weights.safetensors").is_file());
     let config = std::fs::read_to_string(parallel.join("train_config.json")).unwrap();
     assert!(config.contains("\"devices\""), "{config}");
-    // The text-encoder LoRA does not train data-parallel: refused before loading.
+    // With the text-encoder LoRA: every device runs its replica of both LoRAs.
+    let both = dir.path().join("both");
+    let mut args = common.to_vec();
+    args.extend([
+        "--output-dir",
+        both.to_str().unwrap(),
+        "--lora",
+        "--rank",
+        "2",
+        "--train-text-encoder",
+        "--devices",
+        "cpu,cpu",
+    ]);
+    ok(&run(&["dreambooth"], &args));
+    let file = diffusion_core::weights::SafetensorsFile::open(
+        both.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    assert!(file.keys().iter().any(|k| k.starts_with("text_encoder.")));
+    // A device this build does not have is refused before loading.
     let refused = dir.path().join("refused");
     let mut args = common.to_vec();
     args.extend([
         "--output-dir",
         refused.to_str().unwrap(),
         "--lora",
-        "--train-text-encoder",
         "--devices",
-        "cpu,cpu",
+        "cpu,tpu:1",
     ]);
     let out = run(&["dreambooth"], &args);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("devices"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tpu:1"));
     assert!(!refused.exists());
 }
 

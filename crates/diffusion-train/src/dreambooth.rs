@@ -19,6 +19,7 @@
 //! are saved into one `pytorch_lora_weights.safetensors`, as `save_lora_weights` writes them.
 
 use std::fs::OpenOptions;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,7 @@ use diffusion_schedulers::{AnyScheduler, DDPMScheduler, Scheduler};
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
 use crate::checkpoint::{RNG_SCHEME, due_checkpoint};
 use crate::class_images::generate_class_images;
-use crate::data_parallel::TextToImageParallel;
+use crate::data_parallel::{DataParallel, TextToImageParallel};
 use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 use crate::lr_schedule::LrScheduleKind;
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
@@ -44,7 +45,9 @@ use crate::objective::{NoiseDraws, conditional_prediction};
 use crate::optimizer::{AdamW, FlatGradients};
 use crate::resize::Interpolation;
 use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
-use crate::text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
+use crate::text_to_image::{
+    TextToImageConfig, TextToImageTrainer, forward_unet_of, load_noise_scheduler, micro_batch_loss,
+};
 use crate::text_to_image_run::{
     FrozenComponents, TextToImageState, image_draws, load_text_to_image_checkpoint, progress_bar,
     resolve_resume, save_pipeline, save_text_to_image_checkpoint,
@@ -142,13 +145,6 @@ impl DreamBoothConfig {
     /// (`snr_gamma` with prior preservation: the script's weights would not fit the halves).
     pub fn validate(&self) -> Result<()> {
         self.train.validate()?;
-        if self.train_text_encoder && !self.train.devices.is_empty() {
-            return Err(Error::invalid_argument(
-                "devices",
-                "data-parallel DreamBooth trains the UNet (or its LoRA) only, not with \
-                 train_text_encoder",
-            ));
-        }
         if self.instance_prompt.trim().is_empty() {
             return Err(Error::invalid_argument("instance_prompt", "is empty"));
         }
@@ -327,6 +323,76 @@ fn prior_preservation_loss(
     Ok(instance.add(prior.mul_scalar(weight)))
 }
 
+/// Row indices as an index tensor on `device` (for `select` along the batch).
+fn row_index(rows: &[usize], device: &Device) -> Tensor<1, Int> {
+    let values: Vec<i64> = rows.iter().map(|&i| i as i64).collect();
+    Tensor::from_data(TensorData::new(values, [rows.len()]), device)
+}
+
+/// The last hidden state of `encoder` with `lora` applied for `input_ids` (on the encoder's
+/// device). Under mixed precision the frozen encoder and the factors are cast to `dtype` inside
+/// the autodiff graph (the f32 factors stay the masters), as for the UNet.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`dtype`) when the device does not support `dtype`; the text
+/// encoder's errors.
+fn adapted_text_states(
+    encoder: &CLIPTextModel,
+    lora: &UNetLora,
+    dtype: Option<FloatDType>,
+    input_ids: Tensor<2, Int>,
+) -> Result<Tensor<3>> {
+    let encoder = match dtype {
+        Some(dtype) => {
+            let mut half = lora.clone();
+            half.set_factors(half_copy(lora.factors(), dtype)?);
+            half.apply_to(&half_copy(encoder, dtype)?)
+        }
+        None => lora.apply_to(encoder),
+    };
+    Ok(encoder.forward(input_ids)?.last_hidden_state)
+}
+
+/// The replicas of what a DreamBooth run trains, one per device (see
+/// [`DreamBoothTrainer::data_parallel`]).
+#[derive(Debug)]
+pub enum DreamBoothParallel {
+    /// The UNet or its LoRA, as text-to-image training replicates them.
+    Unet(TextToImageParallel),
+    /// Both LoRAs of a `train_text_encoder` run: one replica of the factors per device, and the
+    /// frozen UNet and text encoder on every device (the main device's first).
+    TextEncoder {
+        /// The factors' replicas.
+        factors: DataParallel<DreamBoothLoraFactors>,
+        /// The frozen UNet per device.
+        unets: Vec<UNet2DConditionModel>,
+        /// The frozen text encoder per device.
+        encoders: Vec<CLIPTextModel>,
+    },
+}
+
+impl DreamBoothParallel {
+    /// The devices, the main one first.
+    pub fn devices(&self) -> &[Device] {
+        match self {
+            Self::Unet(p) => p.devices(),
+            Self::TextEncoder { factors, .. } => factors.devices(),
+        }
+    }
+
+    /// Copy `trainer`'s current trained parameters into every other replica.
+    pub fn sync(&mut self, trainer: &DreamBoothTrainer) {
+        match self {
+            Self::Unet(p) => p.sync(&trainer.inner),
+            Self::TextEncoder { factors, .. } => {
+                if let Some(main) = trainer.lora_factors() {
+                    factors.sync(&main);
+                }
+            }
+        }
+    }
+}
+
 /// The factors one AdamW trains with `train_text_encoder`: the UNet LoRA's, then the text
 /// encoder LoRA's (the script's `params_to_optimize` order).
 #[derive(Module, Debug)]
@@ -483,19 +549,12 @@ impl DreamBoothTrainer {
     ) -> Result<Tensor<1>> {
         let text = self.text_training()?;
         let device = crate::optimizer::module_device(self.inner.unet());
-        // Mixed precision: the frozen encoder and the LoRA factors cast to the half dtype inside
-        // the autodiff graph (the f32 factors stay the masters), as for the UNet.
-        let encoder = match self.inner.config().mixed_precision().dtype() {
-            Some(dtype) => {
-                let mut half = text.lora.clone();
-                half.set_factors(half_copy(text.lora.factors(), dtype)?);
-                half.apply_to(&half_copy(&text.encoder, dtype)?)
-            }
-            None => text.lora.apply_to(&text.encoder),
-        };
-        let states = encoder
-            .forward(input_ids.to_device(&device))?
-            .last_hidden_state;
+        let states = adapted_text_states(
+            &text.encoder,
+            &text.lora,
+            self.inner.config().mixed_precision().dtype(),
+            input_ids.to_device(&device),
+        )?;
         self.loss(latents, states, draws)
     }
 
@@ -595,6 +654,18 @@ impl DreamBoothTrainer {
             None => loss,
         };
         let grads = self.gradients(loss);
+        self.accumulate_text_micro_batch(grads, value)
+    }
+
+    /// Add one micro-batch's gradients (of `loss / gradient_accumulation_steps`, both LoRAs)
+    /// and loss value of a `train_text_encoder` run; after the last micro-batch of a step, the
+    /// optimizer step.
+    fn accumulate_text_micro_batch(
+        &mut self,
+        grads: FlatGradients,
+        value: f32,
+    ) -> Result<Option<StepStats>> {
+        let k = self.inner.config().gradient_accumulation_steps;
         let text = self
             .text
             .as_mut()
@@ -613,32 +684,59 @@ impl DreamBoothTrainer {
         self.finish_step().map(Some)
     }
 
-    /// [`Self::step`] over the devices of `parallel` (built by
-    /// [`TextToImageTrainer::data_parallel`] from [`Self::inner`]), as DDP runs the scripts:
-    /// `latents` hold the global batch's instance rows followed by as many class rows, and
-    /// each device takes its shard of the instance rows together with the same class rows, so
-    /// its loss is `MSE(its instance rows) + prior_loss_weight * MSE(its class rows)`; the
-    /// shards' losses are weighted by their share of the batch, which makes the step the
-    /// single-device step on the global batch.
+    /// Replicate what this run trains onto `devices` (the first must be the trainer's own
+    /// device): the UNet or its LoRA, or with `train_text_encoder` both LoRAs' factors with the
+    /// frozen UNet and text encoder copied onto every device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `devices` when the list is empty.
+    pub fn data_parallel(&self, devices: Vec<Device>) -> Result<DreamBoothParallel> {
+        let (Some(text), Some(factors)) = (&self.text, self.lora_factors()) else {
+            return Ok(DreamBoothParallel::Unet(self.inner.data_parallel(devices)?));
+        };
+        let factors = DataParallel::new(devices, &factors)?;
+        let unets = factors.frozen_copies(self.inner.unet());
+        let encoders = factors.frozen_copies(&text.encoder);
+        Ok(DreamBoothParallel::TextEncoder {
+            factors,
+            unets,
+            encoders,
+        })
+    }
+
+    /// [`Self::step`] over the devices of `parallel` (from [`Self::data_parallel`]), as DDP
+    /// runs the scripts: with prior preservation `latents` hold the global batch's instance
+    /// rows followed by as many class rows, and each device takes its shard of the instance
+    /// rows together with the class rows paired with them, so its loss is
+    /// `MSE(its instance rows) + prior_loss_weight * MSE(its class rows)`; the shards' losses
+    /// are weighted by their share of the batch, which makes the step the single-device step
+    /// on the global batch.
     ///
     /// # Shapes
     /// - `latents`: `[B, C, H, W]` (`2b` rows with a prior), `encoder_hidden_states`: `[B, S, D]`
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming `train_text_encoder` when the text encoder is trained
-    /// (not data-parallel yet), `latents` for an odd batch with a prior, `timesteps` when the
-    /// draws do not fit; as [`TextToImageTrainer::step_data_parallel_by`].
+    /// (use [`Self::step_data_parallel_with_ids`]), `latents` when the batch does not split
+    /// into halves; as [`TextToImageTrainer::step_data_parallel_by`].
     pub fn step_data_parallel(
         &mut self,
-        parallel: &mut TextToImageParallel,
+        parallel: &mut DreamBoothParallel,
         latents: Tensor<4>,
         encoder_hidden_states: Tensor<3>,
         draws: &NoiseDraws,
     ) -> Result<Option<StepStats>> {
+        let DreamBoothParallel::Unet(parallel) = parallel else {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the text encoder is trained: pass prompt ids to step_data_parallel_with_ids",
+            ));
+        };
         if self.text.is_some() {
             return Err(Error::invalid_argument(
                 "train_text_encoder",
-                "data-parallel DreamBooth trains the UNet (or its LoRA) only",
+                "the replicas were built without the text encoder; use \
+                 DreamBoothTrainer::data_parallel",
             ));
         }
         let Some(weight) = self.prior_loss_weight else {
@@ -647,53 +745,20 @@ impl DreamBoothTrainer {
                 .step_data_parallel(parallel, latents, encoder_hidden_states, draws);
         };
         self.inner.refuse_flow_matching("prior preservation")?;
-        let b = latents.dims()[0];
-        if !b.is_multiple_of(2) || draws.timesteps.len() != b {
-            return Err(Error::invalid_argument(
-                "latents",
-                format!(
-                    "a batch of {b} rows and {} timesteps cannot be split into instance and \
-                     class halves",
-                    draws.timesteps.len()
-                ),
-            ));
-        }
-        let h = b / 2;
+        let (batch, shard_rows) = self.shard_layout(&latents, draws)?;
         // Owned copies: the step below borrows the trainer mutably.
         let scheduler = self.inner.scheduler().clone();
         let objective = self.inner.objective().clone();
         self.inner
-            .step_data_parallel_by(parallel, h, |unet, rows, device| {
-                // The shard's instance rows, then the class rows paired with them.
-                let pick = |t: &Tensor<4>| {
-                    Tensor::cat(
-                        vec![
-                            t.clone().narrow(0, rows.start, rows.len()),
-                            t.clone().narrow(0, h + rows.start, rows.len()),
-                        ],
-                        0,
-                    )
-                    .to_device(device)
-                };
-                let states = Tensor::cat(
-                    vec![
-                        encoder_hidden_states
-                            .clone()
-                            .narrow(0, rows.start, rows.len()),
-                        encoder_hidden_states
-                            .clone()
-                            .narrow(0, h + rows.start, rows.len()),
-                    ],
-                    0,
-                )
-                .to_device(device);
+            .step_data_parallel_by(parallel, batch, |unet, rows, device| {
+                let index = row_index(&shard_rows(&rows), device);
+                let pick = |t: &Tensor<4>| t.clone().to_device(device).select(0, index.clone());
                 let shard_draws = NoiseDraws {
                     noise: pick(&draws.noise),
                     offset_noise: draws.offset_noise.as_ref().map(pick),
                     perturbation: None,
-                    timesteps: rows
-                        .clone()
-                        .chain(h + rows.start..h + rows.end)
+                    timesteps: shard_rows(&rows)
+                        .into_iter()
                         .map(|i| draws.timesteps[i])
                         .collect(),
                 };
@@ -702,11 +767,172 @@ impl DreamBoothTrainer {
                     &scheduler,
                     &objective,
                     pick(&latents),
-                    states,
+                    encoder_hidden_states
+                        .clone()
+                        .to_device(device)
+                        .select(0, index.clone()),
                     &shard_draws,
                     weight,
                 )
             })
+    }
+
+    /// [`Self::step_with_ids`] over the devices of `parallel` (from [`Self::data_parallel`]
+    /// on a `train_text_encoder` trainer): every device runs its replica of both LoRAs, the
+    /// adapted text encoder on its rows' prompt ids and the adapted UNet, with the rows split
+    /// as [`Self::step_data_parallel`] splits them; the gradients of both LoRAs are gathered,
+    /// accumulated, clipped together and stepped by the one AdamW, and the replicas synced.
+    ///
+    /// # Shapes
+    /// - `latents`: `[B, C, H, W]`, `input_ids`: `[B, S]`
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `train_text_encoder` when the text encoder is not
+    /// trained or `parallel` was built without it; as [`Self::step_data_parallel`].
+    pub fn step_data_parallel_with_ids(
+        &mut self,
+        parallel: &mut DreamBoothParallel,
+        latents: Tensor<4>,
+        input_ids: Tensor<2, Int>,
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        let DreamBoothParallel::TextEncoder {
+            factors: replicas,
+            unets,
+            encoders,
+        } = &*parallel
+        else {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the replicas were built without the text encoder; use \
+                 DreamBoothTrainer::data_parallel",
+            ));
+        };
+        let (Some(text), Some(unet_lora), Some(main)) =
+            (&self.text, self.inner.lora(), self.lora_factors())
+        else {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the text encoder is not trained",
+            ));
+        };
+        if self.prior_loss_weight.is_some() {
+            self.inner.refuse_flow_matching("prior preservation")?;
+        }
+        let (batch, shard_rows) = self.shard_layout(&latents, draws)?;
+        let weight = self.prior_loss_weight;
+        let k = self.inner.config().gradient_accumulation_steps.max(1);
+        let dtype = self.inner.config().mixed_precision().dtype();
+        let scale = self
+            .inner
+            .grad_scaler
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.scale()));
+        let scheduler = self.inner.scheduler().clone();
+        let objective = self.inner.objective().clone();
+        let flow = self.inner.flow_matching().cloned();
+        // Each device gets both LoRAs' layouts (to carry its replica's factors) and its copies
+        // of the frozen models.
+        let contexts = unets
+            .iter()
+            .zip(encoders)
+            .map(|(u, e)| (unet_lora.clone(), text.lora.clone(), u.clone(), e.clone()))
+            .collect();
+        let (value, grads) = replicas.loss_and_gradients_with(
+            &main,
+            batch,
+            contexts,
+            scale,
+            |replica, (mut unet_layout, mut text_layout, unet, encoder), rows, device| {
+                let index = row_index(&shard_rows(&rows), device);
+                let pick = |t: &Tensor<4>| t.clone().to_device(device).select(0, index.clone());
+                unet_layout.set_factors(replica.unet.clone());
+                text_layout.set_factors(replica.text_encoder.clone());
+                let ids = input_ids.clone().to_device(device).select(0, index.clone());
+                let states = adapted_text_states(&encoder, &text_layout, dtype, ids)?;
+                let unet = forward_unet_of(&unet, Some(&unet_layout), dtype)?;
+                let shard_draws = NoiseDraws {
+                    noise: pick(&draws.noise),
+                    offset_noise: draws.offset_noise.as_ref().map(pick),
+                    perturbation: draws.perturbation.as_ref().map(pick),
+                    timesteps: shard_rows(&rows)
+                        .into_iter()
+                        .map(|i| draws.timesteps[i])
+                        .collect(),
+                };
+                let latents = pick(&latents);
+                let loss = match weight {
+                    Some(w) => prior_preservation_loss(
+                        &unet,
+                        &scheduler,
+                        &objective,
+                        latents,
+                        states,
+                        &shard_draws,
+                        w,
+                    )?,
+                    None => micro_batch_loss(
+                        &unet,
+                        &scheduler,
+                        &objective,
+                        flow.as_ref(),
+                        latents,
+                        states,
+                        &shard_draws,
+                    )?,
+                };
+                Ok(if k > 1 {
+                    loss.div_scalar(k as f64)
+                } else {
+                    loss
+                })
+            },
+        )?;
+        let stats = self.accumulate_text_micro_batch(grads, value)?;
+        if stats.is_some() {
+            parallel.sync(self);
+        }
+        Ok(stats)
+    }
+
+    /// How a data-parallel step splits a batch: the number of rows the shards divide (the
+    /// instance half with prior preservation, else every row) and the batch rows of a shard
+    /// (with a prior, its instance rows followed by their class rows).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `latents` for an odd batch with a prior, or draws that
+    /// do not fit the batch.
+    #[allow(clippy::type_complexity)]
+    fn shard_layout(
+        &self,
+        latents: &Tensor<4>,
+        draws: &NoiseDraws,
+    ) -> Result<(usize, impl Fn(&Range<usize>) -> Vec<usize> + Sync + use<>)> {
+        let b = latents.dims()[0];
+        let paired = self.prior_loss_weight.is_some();
+        if draws.timesteps.len() != b || (paired && !b.is_multiple_of(2)) {
+            return Err(Error::invalid_argument(
+                "latents",
+                format!(
+                    "a batch of {b} rows with {} timesteps{}",
+                    draws.timesteps.len(),
+                    if paired {
+                        " cannot be split into instance and class halves"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
+        let h = b / 2;
+        let rows = move |rows: &Range<usize>| -> Vec<usize> {
+            if paired {
+                rows.clone().chain(h + rows.start..h + rows.end).collect()
+            } else {
+                rows.clone().collect()
+            }
+        };
+        Ok((if paired { h } else { b }, rows))
     }
 
     /// Take the optimizer step on what was accumulated: clip over both LoRAs, AdamW at the
@@ -1014,7 +1240,7 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
         }
     };
     let mut parallel = match parallel_devices {
-        Some(devices) => Some(trainer.inner.data_parallel(devices)?),
+        Some(devices) => Some(trainer.data_parallel(devices)?),
         None => None,
     };
     let text = serde_json::to_string_pretty(config).unwrap_or_default();
@@ -1129,6 +1355,12 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
                 timesteps,
             };
             stats = match &mut parallel {
+                Some(p) if config.train_text_encoder => trainer.step_data_parallel_with_ids(
+                    p,
+                    latents,
+                    Tensor::cat(prompt_ids, 0),
+                    &noise_draws,
+                )?,
                 Some(p) => trainer.step_data_parallel(p, latents, states, &noise_draws)?,
                 None if config.train_text_encoder => {
                     trainer.step_with_ids(latents, Tensor::cat(prompt_ids, 0), &noise_draws)?
@@ -1141,7 +1373,7 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
             None => {
                 let stats = trainer.finish_step()?;
                 if let Some(p) = &mut parallel {
-                    p.sync(&trainer.inner);
+                    p.sync(&trainer);
                 }
                 stats
             }

@@ -112,12 +112,8 @@ fn check_prior_preservation_steps(devices: usize) {
     eprintln!("dreambooth: worst first-step gradient difference {d:e} (`{key}`)");
     assert!(d <= TOL, "gradient of `{key}` differs by {d}");
     let mut max_err = d;
-    let mut parallel = (devices > 0).then(|| {
-        trainer
-            .inner()
-            .data_parallel(vec![dev.clone(); devices])
-            .unwrap()
-    });
+    let mut parallel =
+        (devices > 0).then(|| trainer.data_parallel(vec![dev.clone(); devices]).unwrap());
     for s in 0..steps {
         let stats = match &mut parallel {
             Some(p) => trainer.step_data_parallel(p, latents.clone(), states.clone(), &draws(s)),

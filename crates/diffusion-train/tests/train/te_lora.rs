@@ -64,13 +64,10 @@ fn fixture_ids(source: &WeightSource) -> Vec<i64> {
         .collect()
 }
 
-#[test]
-fn text_encoder_lora_steps_file_and_image_match_diffusers() {
-    let expected: Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap()).unwrap();
+/// The fixture's DreamBooth run with both LoRAs at the fixture's initial factors, and the
+/// prompt ids of its batch (instance prompts, then class prompts).
+fn te_trainer(expected: &Value, source: &WeightSource) -> (DreamBoothTrainer, Tensor<2, Int>) {
     let hp = &expected["hyperparameters"];
-    let results = &expected["results"];
-    let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
     let file = SafetensorsFile::open(root().join("steps.safetensors")).unwrap();
     let dev = device();
     let rank = f(&hp["rank"]) as usize;
@@ -117,7 +114,7 @@ fn text_encoder_lora_steps_file_and_image_match_diffusers() {
         .iter()
         .map(|&v| i64::from(v))
         .collect();
-    assert_eq!(got, fixture_ids(&source), "prompt ids differ");
+    assert_eq!(got, fixture_ids(source), "prompt ids differ");
     let ids: Tensor<2, Int> = tokens.input_ids_tensor(&dev).unwrap();
 
     let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();
@@ -134,7 +131,7 @@ fn text_encoder_lora_steps_file_and_image_match_diffusers() {
     te_lora.load_factors(&file, "te_init/").unwrap();
     let scheduler = load_noise_scheduler(&sd1()).unwrap();
     let steps = hp["steps"].as_u64().unwrap() as usize;
-    let mut trainer = DreamBoothTrainer::with_text_encoder(
+    let trainer = DreamBoothTrainer::with_text_encoder(
         &config,
         unet,
         unet_lora,
@@ -145,6 +142,80 @@ fn text_encoder_lora_steps_file_and_image_match_diffusers() {
         &dev,
     )
     .unwrap();
+    (trainer, ids)
+}
+
+/// Both LoRAs over two devices (each with one instance row and its class row, the text
+/// encoder on each device's prompt ids) against diffusers' single-process steps.
+#[test]
+fn text_encoder_lora_steps_over_two_devices_match_diffusers() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap()).unwrap();
+    let results = &expected["results"];
+    let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
+    let dev = device();
+    let (mut trainer, ids) = te_trainer(&expected, &source);
+    let (mut single, _) = te_trainer(&expected, &source);
+    let mut parallel = trainer.data_parallel(vec![dev.clone(); 2]).unwrap();
+    assert!(matches!(
+        parallel,
+        diffusion_train::dreambooth::DreamBoothParallel::TextEncoder { .. }
+    ));
+    let latents = tensor::<4>(&source, "latents", &dev);
+    let steps = expected["hyperparameters"]["steps"].as_u64().unwrap() as usize;
+    for s in 0..steps {
+        let (t, _) = source.read_f32(&format!("timesteps/{s}")).unwrap();
+        let draws = NoiseDraws {
+            noise: tensor(&source, &format!("noise/{s}"), &dev),
+            offset_noise: None,
+            perturbation: None,
+            timesteps: t.iter().map(|&v| v as usize).collect(),
+        };
+        let stats = trainer
+            .step_data_parallel_with_ids(&mut parallel, latents.clone(), ids.clone(), &draws)
+            .unwrap()
+            .expect("no accumulation");
+        let one = single
+            .step_with_ids(latents.clone(), ids.clone(), &draws)
+            .unwrap()
+            .unwrap();
+        let want = f(&results["losses"][s]);
+        let d = (f64::from(stats.loss) - want).abs() as f32;
+        let dn = (f64::from(stats.grad_norm) - f(&results["grad_norms"][s])).abs() as f32;
+        eprintln!(
+            "te_lora on 2 devices, step {s}: loss diff {d:e}, grad norm diff {dn:e}; vs one \
+             device: loss {:e}, grad norm {:e}",
+            (stats.loss - one.loss).abs(),
+            (stats.grad_norm - one.grad_norm).abs()
+        );
+        assert!(d <= TOL && dn <= TOL, "step {s}: {stats:?}");
+    }
+    let (key, d) = worst(
+        &trainer.inner().lora().unwrap().state_dict(),
+        &source,
+        "unet_param",
+    );
+    eprintln!("te_lora on 2 devices: UNet LoRA after the steps {d:e} (`{key}`)");
+    assert!(d <= TOL, "`{key}` differs by {d}");
+    let (key, d) = worst(
+        &trainer.text_encoder_lora().unwrap().state_dict(),
+        &source,
+        "te_param",
+    );
+    eprintln!("te_lora on 2 devices: text-encoder LoRA after the steps {d:e} (`{key}`)");
+    assert!(d <= TOL, "`{key}` differs by {d}");
+}
+
+#[test]
+fn text_encoder_lora_steps_file_and_image_match_diffusers() {
+    let expected: Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap()).unwrap();
+    let hp = &expected["hyperparameters"];
+    let results = &expected["results"];
+    let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
+    let dev = device();
+    let (mut trainer, ids) = te_trainer(&expected, &source);
+    let steps = hp["steps"].as_u64().unwrap() as usize;
     let latents = tensor::<4>(&source, "latents", &dev);
     let draws = |s: usize| {
         let (t, _) = source.read_f32(&format!("timesteps/{s}")).unwrap();
