@@ -484,11 +484,11 @@ impl RuntimeArgs {
             .with_context(|| format!("--dtype {}", self.dtype))
     }
 
-    fn device(&self) -> Result<Device> {
+    pub(crate) fn device(&self) -> Result<Device> {
         parse_device(&self.device).with_context(|| format!("--device {}", self.device))
     }
 
-    fn hub(&self) -> HubOptions {
+    pub(crate) fn hub(&self) -> HubOptions {
         HubOptions {
             revision: self.revision.clone(),
             variant: self.variant.clone(),
@@ -676,6 +676,36 @@ pub(crate) fn load_sd_for_edit(
     Ok((components, loaded))
 }
 
+/// Load a Stable Diffusion 1.x / 2.x `--model` for `command` with its own scheduler, or the
+/// `scheduler` class built from its config, with the adapter flags applied and cast to
+/// `precision`.
+pub(crate) fn load_sd_with_scheduler(
+    model: &str,
+    config: Option<&str>,
+    runtime: &RuntimeArgs,
+    adapters: (&AdapterArgs, AdapterPlan),
+    precision: Precision,
+    command: &str,
+    scheduler: Option<&str>,
+) -> Result<(StableDiffusionComponents, LoadedAdapters)> {
+    let device = runtime.device()?;
+    let mut components = load_components(model, config, &runtime.hub(), &device)
+        .with_context(|| format!("--model {model}"))?;
+    // Refuse other families before any adapter loads.
+    components = Components::Sd(components.into_sd(model, command)?);
+    let loaded = load_adapters(&mut components, adapters.0, adapters.1)?;
+    let mut components = components.into_sd(model, command)?;
+    if let Some(name) = scheduler {
+        components
+            .set_scheduler(name)
+            .with_context(|| format!("--scheduler {name}"))?;
+    }
+    if precision != Precision::F32 {
+        components = components.to_dtype(precision.float_dtype())?;
+    }
+    Ok((components, loaded))
+}
+
 /// What the three commands share once the flags are checked.
 struct Prepared {
     components: Components,
@@ -721,7 +751,7 @@ fn check_flags(args: &GenerationArgs, strength: Option<f64>) -> Result<(Precisio
     Ok((args.runtime.precision()?, plan))
 }
 
-fn read_latents(path: &Path, device: &Device) -> Result<Tensor<4>> {
+pub(crate) fn read_latents(path: &Path, device: &Device) -> Result<Tensor<4>> {
     let array = NpyArray::read(path).with_context(|| format!("--latents {}", path.display()))?;
     let shape: [usize; 4] = array.shape.as_slice().try_into().map_err(|_| {
         anyhow::anyhow!(

@@ -1,6 +1,8 @@
 //! `diffusers`: generate and train diffusion models from the terminal.
 
+mod controlnet;
 mod edit_cycle;
+mod edit_instruct_pix2pix;
 mod edit_pix2pix_zero;
 mod generate;
 mod metadata;
@@ -38,6 +40,9 @@ enum Command {
     /// StableDiffusionXLInpaintPipeline; 9-channel inpainting checkpoints, or any checkpoint
     /// with the legacy method).
     Inpaint(generate::InpaintArgs),
+    /// Text to image steered by a control image (edges, depth, pose, ...) through a ControlNet
+    /// (StableDiffusionControlNetPipeline).
+    Controlnet(controlnet::ControlNetArgs),
     /// Edit an image by rewording its description (CycleDiffusionPipeline, DDIM): --source-prompt
     /// says what --image shows, --prompt what it should show; what they share is kept.
     EditCycle(edit_cycle::EditCycleArgs),
@@ -45,6 +50,9 @@ enum Command {
     /// StableDiffusionPix2PixZeroPipeline): the mean of the --target-prompt captions minus that
     /// of the --source-prompt captions; --image is inverted under its --caption first.
     EditPix2pixZero(edit_pix2pix_zero::EditPix2PixZeroArgs),
+    /// Edit an image by following a written instruction (StableDiffusionInstructPix2PixPipeline):
+    /// --prompt says what to change in --image ("make it winter").
+    EditInstructPix2pix(edit_instruct_pix2pix::EditInstructPix2PixArgs),
     /// Train a model (diffusers' training examples as commands).
     #[command(subcommand)]
     Train(train::TrainCommand),
@@ -58,8 +66,10 @@ fn main() {
         Command::Txt2img(args) => generate::txt2img(args),
         Command::Img2img(args) => generate::img2img(args),
         Command::Inpaint(args) => generate::inpaint(args),
+        Command::Controlnet(args) => controlnet::run(args),
         Command::EditCycle(args) => edit_cycle::run(args),
         Command::EditPix2pixZero(args) => edit_pix2pix_zero::run(args),
+        Command::EditInstructPix2pix(args) => edit_instruct_pix2pix::run(args),
         Command::Train(command) => train::run(command),
     };
     if let Err(e) = result {

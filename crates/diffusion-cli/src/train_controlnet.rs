@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 use diffusion_core::parse_device;
-use diffusion_train::{ControlNetRunConfig, LrScheduleKind, train_controlnet};
+use diffusion_train::{ControlNetRunConfig, LrScheduleKind, MixedPrecision, train_controlnet};
 
 use crate::train::LrSchedulerArg;
 
@@ -89,6 +89,29 @@ pub struct ControlNetArgs {
     #[arg(long)]
     pub resume_from_checkpoint: Option<String>,
 
+    /// Generate validation images for this prompt with the ControlNet being trained (repeat
+    /// for several), into <output-dir>/validation/step-NNNNNN.png; needs --validation-image.
+    #[arg(long = "validation-prompt")]
+    pub validation_prompts: Vec<String>,
+
+    /// The control image of the validation prompts (repeat): one per prompt, one for all
+    /// prompts, or several for a single prompt.
+    #[arg(long = "validation-image")]
+    pub validation_images: Vec<PathBuf>,
+
+    /// Images per validation prompt and control image (default 4).
+    #[arg(long)]
+    pub num_validation_images: Option<usize>,
+
+    /// Generate validation images every N optimizer steps (default 100), and after the last.
+    #[arg(long)]
+    pub validation_steps: Option<usize>,
+
+    /// Mixed precision: no, fp16 (with a dynamic loss scale) or bf16. The ControlNet keeps
+    /// f32 master weights; the frozen UNet, VAE and text encoder run in the half dtype.
+    #[arg(long)]
+    pub mixed_precision: Option<String>,
+
     /// Device: cpu, or a GPU backend compiled into this build.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -145,6 +168,22 @@ pub fn controlnet(args: ControlNetArgs) -> Result<()> {
             LrSchedulerArg::Constant => LrScheduleKind::Constant,
             LrSchedulerArg::ConstantWithWarmup => LrScheduleKind::ConstantWithWarmup,
         };
+    }
+    config.validation.validation_prompts = args.validation_prompts.clone();
+    config.validation.validation_images = args.validation_images.clone();
+    if (args.num_validation_images.is_some() || args.validation_steps.is_some())
+        && !config.validation.is_enabled()
+    {
+        bail!("--num-validation-images / --validation-steps need --validation-prompt");
+    }
+    if let Some(v) = args.num_validation_images {
+        config.validation.num_validation_images = v;
+    }
+    if let Some(v) = args.validation_steps {
+        config.validation.validation_steps = v;
+    }
+    if let Some(v) = &args.mixed_precision {
+        config.train.mixed_precision = MixedPrecision::parse("mixed_precision", v)?;
     }
     config.show_progress = !args.quiet;
     if config.pretrained_model.as_os_str().is_empty() {

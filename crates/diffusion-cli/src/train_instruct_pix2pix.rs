@@ -85,7 +85,8 @@ pub struct InstructPix2PixArgs {
     #[arg(long)]
     pub max_grad_norm: Option<f64>,
 
-    /// Mixed precision (only `no` is implemented).
+    /// Mixed precision: f32 master weights, the UNet's forward and backward in fp16 (with a
+    /// dynamic loss scale) or bf16, the frozen VAE and text encoder in that dtype.
     #[arg(long, value_enum, default_value = "no")]
     pub mixed_precision: MixedPrecisionArg,
 
@@ -108,6 +109,24 @@ pub struct InstructPix2PixArgs {
     /// Keep an EMA of the UNet and save it.
     #[arg(long)]
     pub use_ema: bool,
+
+    /// The original image that validation edits (the script's --val_image_url; a local PNG or
+    /// JPEG file here). Validation runs when --validation-prompt is given too.
+    #[arg(long, value_name = "IMAGE")]
+    pub val_image_url: Option<PathBuf>,
+
+    /// The edit instruction of the validation images; they are written to
+    /// <output-dir>/validation/step-NNNNNN.png (the original, then the edits).
+    #[arg(long)]
+    pub validation_prompt: Option<String>,
+
+    /// Edits per validation (default 4).
+    #[arg(long)]
+    pub num_validation_images: Option<usize>,
+
+    /// Validate after every this many epochs (default 1), and after the last step.
+    #[arg(long)]
+    pub validation_epochs: Option<usize>,
 
     /// Device: cpu, or a GPU backend compiled into this build.
     #[arg(long, default_value = "cpu")]
@@ -139,7 +158,9 @@ pub fn instruct_pix2pix(args: InstructPix2PixArgs) -> Result<()> {
         gradient_accumulation_steps => gradient_accumulation_steps,
         num_train_epochs => num_train_epochs, learning_rate => learning_rate,
         lr_warmup_steps => lr_warmup_steps, seed => seed,
-        checkpointing_steps => checkpointing_steps);
+        checkpointing_steps => checkpointing_steps,
+        num_validation_images => num_validation_images,
+        validation_epochs => validation_epochs);
     macro_rules! set_some {
         ($($field:ident),*) => {$(
             if args.$field.is_some() {
@@ -151,7 +172,9 @@ pub fn instruct_pix2pix(args: InstructPix2PixArgs) -> Result<()> {
         max_train_steps,
         conditioning_dropout_prob,
         checkpoints_total_limit,
-        resume_from_checkpoint
+        resume_from_checkpoint,
+        val_image_url,
+        validation_prompt
     );
     if let Some(norm) = args.max_grad_norm {
         config.max_grad_norm = (norm > 0.0).then_some(norm);

@@ -22,10 +22,14 @@ pub enum TimestepBiasArg {
     Range,
 }
 
-/// train_text_to_image_sdxl.py's options that the SD1 scripts lack (SDXL full fine-tuning
-/// only).
+/// The SDXL scripts' options that the SD1 scripts lack: train_text_to_image_sdxl.py's (SDXL
+/// full fine-tuning only) and train_text_to_image_lora_sdxl.py's `--train_text_encoder`.
 #[derive(Args, Debug)]
 pub struct SdxlFlags {
+    /// SDXL LoRA: also train LoRAs of both text encoders (same rank), saved with the UNet's.
+    #[arg(long)]
+    pub train_text_encoder: bool,
+
     /// SDXL: replace this share of the captions with the empty prompt (0 to 1).
     #[arg(long)]
     pub proportion_empty_prompts: Option<f64>,
@@ -54,6 +58,7 @@ pub struct SdxlFlags {
 impl SdxlFlags {
     fn given(&self) -> Option<&'static str> {
         [
+            (self.train_text_encoder, "--train-text-encoder"),
             (
                 self.proportion_empty_prompts.is_some(),
                 "--proportion-empty-prompts",
@@ -120,6 +125,7 @@ pub fn train(mut config: TextToImageConfig, args: &TextToImageArgs) -> Result<()
         text_to_image: config,
         ..SdxlTrainConfig::default()
     };
+    sdxl.train_text_encoder = flags.train_text_encoder;
     if let Some(p) = flags.proportion_empty_prompts {
         sdxl.proportion_empty_prompts = p;
     }
@@ -150,7 +156,9 @@ pub fn train(mut config: TextToImageConfig, args: &TextToImageArgs) -> Result<()
     let base = &sdxl.text_to_image;
     eprintln!(
         "SDXL {} {} on {} into {}",
-        if base.lora.is_some() {
+        if sdxl.train_text_encoder {
+            "LoRA training (UNet and both text encoders) of"
+        } else if base.lora.is_some() {
             "LoRA training of"
         } else {
             "fine-tuning of"

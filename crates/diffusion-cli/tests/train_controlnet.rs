@@ -78,6 +78,21 @@ fn flags_are_validated_before_loading() {
             "nonexistent",
         ),
         (&["--lr-scheduler", "bogus"][..], "bogus"),
+        (
+            &["--validation-prompt", "a red square"][..],
+            "validation.validation_image",
+        ),
+        (&["--validation-steps", "5"][..], "need --validation-prompt"),
+        (&["--mixed-precision", "fp8"][..], "mixed_precision"),
+        (
+            &[
+                "--validation-prompt",
+                "a red square",
+                "--validation-image",
+                "/nonexistent/cond.png",
+            ][..],
+            "nonexistent",
+        ),
     ] {
         let out = train(&out_dir, flags);
         let err = String::from_utf8_lossy(&out.stderr);
@@ -121,4 +136,56 @@ fn two_steps_write_a_loadable_controlnet_and_resume_exactly() {
         std::fs::read(resumed.join("diffusion_pytorch_model.safetensors")).unwrap(),
         std::fs::read(straight.join("diffusion_pytorch_model.safetensors")).unwrap()
     );
+}
+
+#[test]
+fn validation_images_are_written_and_leave_training_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    let with = dir.path().join("with");
+    let steps = ["--max-train-steps", "2", "--checkpointing-steps", "5"];
+    ok(&train(&plain, &steps));
+    let cond = fixtures().join("train/controlnet/data/0_cond.png");
+    let cond = cond.to_str().unwrap();
+    ok(&train(
+        &with,
+        &[
+            &steps[..],
+            &[
+                "--validation-prompt",
+                "a red square",
+                "--validation-prompt",
+                "two green lines",
+                "--validation-image",
+                cond,
+                "--num-validation-images",
+                "1",
+                "--validation-steps",
+                "1",
+            ],
+        ]
+        .concat(),
+    ));
+    assert_eq!(log_lines(&with), log_lines(&plain));
+    assert_eq!(
+        std::fs::read(with.join("diffusion_pytorch_model.safetensors")).unwrap(),
+        std::fs::read(plain.join("diffusion_pytorch_model.safetensors")).unwrap()
+    );
+    for name in ["step-000001.png", "step-000002.png", "progress.png"] {
+        assert!(
+            with.join("validation").join(name).is_file(),
+            "{name} missing"
+        );
+    }
+    let text =
+        diffusion_core::image::read_png_text(with.join("validation/step-000002.png")).unwrap();
+    let params = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    for want in [
+        "Steps: 20",
+        "Sampler: UniPCMultistepScheduler",
+        "Training step: 2",
+        "0_cond.png",
+    ] {
+        assert!(params.contains(want), "{want} missing from {params}");
+    }
 }

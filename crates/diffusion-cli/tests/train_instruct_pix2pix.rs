@@ -1,6 +1,6 @@
 //! `diffusers train instruct-pix2pix` on the tiny SD1 pipeline and the four pairs of
-//! fixtures/train/instruct_pix2pix/data: flag validation before loading, and a two-step run
-//! whose pipeline folder has an 8-channel UNet.
+//! fixtures/train/instruct_pix2pix/data: flag validation before loading, a two-step run
+//! whose pipeline folder has an 8-channel UNet, and validation edits of a bf16 run.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -40,7 +40,7 @@ fn flags_are_validated_before_loading() {
     let dir = tempfile::tempdir().unwrap();
     for (flags, needle) in [
         (&["--resolution", "0"][..], "resolution"),
-        (&["--mixed-precision", "bf16"][..], "mixed_precision"),
+        (&["--validation-epochs", "0"][..], "validation_epochs"),
         (
             &["--conditioning-dropout-prob", "1.5"][..],
             "conditioning_dropout_prob",
@@ -98,4 +98,104 @@ fn two_steps_save_an_eight_channel_pipeline() {
         !out.join("checkpoint-1").exists(),
         "pruned to one checkpoint"
     );
+}
+
+#[test]
+fn validation_flags_write_edits_with_their_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixtures().join("train/instruct_pix2pix/data/0_original.png");
+    let image = image.to_str().unwrap();
+    let missing = dir.path().join("missing.png");
+    let missing = missing.to_str().unwrap();
+    for (flags, needle) in [
+        (&["--validation-prompt", "make it red"][..], "val_image_url"),
+        (&["--val-image-url", image][..], "validation_prompt"),
+        (
+            &["--val-image-url", missing, "--validation-prompt", "x"][..],
+            "missing.png",
+        ),
+        (
+            &[
+                "--val-image-url",
+                image,
+                "--validation-prompt",
+                "x",
+                "--num-validation-images",
+                "0",
+            ][..],
+            "num_validation_images",
+        ),
+    ] {
+        let out = train(&dir.path().join("refused"), flags);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} was accepted");
+        assert!(err.contains(needle), "{flags:?}: {err}");
+        assert!(
+            !dir.path().join("refused").exists(),
+            "{flags:?} wrote files"
+        );
+    }
+
+    let out = dir.path().join("run");
+    let output = train(
+        &out,
+        &[
+            "--max-train-steps",
+            "2",
+            "--seed",
+            "4",
+            "--val-image-url",
+            image,
+            "--validation-prompt",
+            "make it red",
+            "--num-validation-images",
+            "1",
+            "--mixed-precision",
+            "bf16",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // Step 0, and step 2: the end of epoch 0 and the last step.
+    for name in ["step-000000.png", "step-000002.png", "progress.png"] {
+        assert!(
+            out.join("validation").join(name).is_file(),
+            "{name} missing"
+        );
+    }
+    let text = diffusion_core::image::read_png_text(out.join("validation/step-000002.png"))
+        .unwrap()
+        .into_iter()
+        .find(|(k, _)| k == "parameters")
+        .unwrap()
+        .1;
+    for field in [
+        "make it red\n",
+        "Image CFG scale: 1.5",
+        "Seed: 4",
+        "Batch size: 1",
+        "Training step: 2",
+    ] {
+        assert!(text.contains(field), "{field} not in {text:?}");
+    }
+    // The trained folder is what `edit-instruct-pix2pix` loads.
+    let edit = out.join("edit.png");
+    let output = Command::new(env!("CARGO_BIN_EXE_diffusers"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["edit-instruct-pix2pix", "--model"])
+        .arg(&out)
+        .args(["--image", image, "--prompt", "make it red", "--steps", "2"])
+        .args(["--seed", "0", "--quiet", "--output"])
+        .arg(&edit)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "edit failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(edit.is_file());
 }

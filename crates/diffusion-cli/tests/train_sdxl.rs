@@ -1,8 +1,8 @@
 //! `diffusers train text-to-image` and `diffusers train lora` on the tiny SDXL pipeline
 //! (fixtures/pipelines/sd/sdxl, detected from its model_index.json) and the two-image dataset
 //! of fixtures/train/sdxl/data: SDXL-only flags refused on SD1 and checked before loading, a
-//! two-step full fine-tuning run whose pipeline folder loads as an SDXL pipeline, and a two-step
-//! LoRA run whose file loads into it.
+//! two-step full fine-tuning run whose pipeline folder loads as an SDXL pipeline, and two-step
+//! LoRA runs (UNet only, and with `--train-text-encoder`) whose files load into it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -116,6 +116,19 @@ fn sdxl_flags_are_checked_before_loading() {
             "sdxl",
             &["--input-perturbation", "0.1"][..],
             "input_perturbation",
+        ),
+        ("lora", "sd1", &["--train-text-encoder"][..], "SDXL option"),
+        (
+            "text-to-image",
+            "sdxl",
+            &["--train-text-encoder"][..],
+            "train_text_encoder",
+        ),
+        (
+            "lora",
+            "sdxl",
+            &["--train-text-encoder", "--cache-latents"][..],
+            "cache_latents",
         ),
         (
             "lora",
@@ -253,5 +266,93 @@ fn sdxl_lora_two_steps_resume_exactly_and_load() {
     assert!(
         max_abs_diff(&base, &with_lora) > 0.0,
         "the trained LoRA changes nothing"
+    );
+}
+
+/// `train lora --train-text-encoder` on SDXL: one file with the UNet's and both text encoders'
+/// LoRAs, exact resumption, and a generation that the text-encoder LoRAs change.
+#[test]
+fn sdxl_lora_with_text_encoders_two_steps_resume_exactly_and_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let common = [
+        "--rank",
+        "2",
+        "--train-text-encoder",
+        "--checkpointing-steps",
+        "1",
+    ];
+    let straight = dir.path().join("straight");
+    ok(&train(
+        "lora",
+        "sdxl",
+        &straight,
+        &[&common[..], &["--max-train-steps", "2"]].concat(),
+    ));
+    let file = straight.join("pytorch_lora_weights.safetensors");
+    let saved = diffusion_core::weights::SafetensorsFile::open(&file).unwrap();
+    for prefix in ["unet.", "text_encoder.", "text_encoder_2."] {
+        assert!(
+            saved.keys().iter().any(|k| k.starts_with(prefix)),
+            "no `{prefix}` keys in {}",
+            file.display()
+        );
+    }
+    let losses = log_losses(&straight);
+    assert_eq!(losses.len(), 2);
+
+    let resumed = dir.path().join("resumed");
+    ok(&train(
+        "lora",
+        "sdxl",
+        &resumed,
+        &[&common[..], &["--max-train-steps", "1"]].concat(),
+    ));
+    ok(&train(
+        "lora",
+        "sdxl",
+        &resumed,
+        &[
+            &common[..],
+            &[
+                "--max-train-steps",
+                "2",
+                "--resume-from-checkpoint",
+                "latest",
+            ],
+        ]
+        .concat(),
+    ));
+    assert_eq!(log_losses(&resumed), losses);
+    assert_eq!(
+        std::fs::read(resumed.join("pytorch_lora_weights.safetensors")).unwrap(),
+        std::fs::read(&file).unwrap()
+    );
+
+    // The same file without its text-encoder keys generates something else.
+    let unet_only = dir.path().join("unet_only.safetensors");
+    let tensors: Vec<(String, Vec<usize>, Vec<u8>)> = saved
+        .keys()
+        .into_iter()
+        .filter(|k| k.starts_with("unet."))
+        .map(|k| {
+            let (values, shape) = saved.read_f32(&k).unwrap();
+            let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (k, shape, bytes)
+        })
+        .collect();
+    let views = tensors.iter().map(|(k, shape, bytes)| {
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
+                .unwrap();
+        (k.as_str(), view)
+    });
+    std::fs::write(&unet_only, safetensors::serialize(views, None).unwrap()).unwrap();
+    let base_folder = fixtures().join("pipelines/sd/sdxl");
+    let with_all = generate(&base_folder, Some(&file));
+    let with_unet = generate(&base_folder, Some(&unet_only));
+    assert!(with_all.iter().all(|v| v.is_finite()));
+    assert!(
+        max_abs_diff(&with_all, &with_unet) > 0.0,
+        "the text-encoder LoRAs change nothing"
     );
 }

@@ -19,7 +19,7 @@ use diffusion_schedulers::{
 };
 
 use crate::pipeline_utils::{
-    Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo, progress_bar,
+    Generators, ImagePipelineOutput, StepCallback, after_step, progress_bar,
 };
 use crate::stable_diffusion::StableDiffusionComponents;
 use crate::stable_diffusion::denoise::{
@@ -290,7 +290,6 @@ impl CycleDiffusionPipeline {
                 .add_noise(clean_latents.clone(), noise, &vec![timesteps[0]; batch])?;
         let mut source_latents = latents.clone();
 
-        let shape = latents.dims();
         let bar = progress_bar(timesteps.len(), args.progress);
         let mut interrupted = false;
         let num_steps = timesteps.len();
@@ -355,32 +354,10 @@ impl CycleDiffusionPipeline {
                 .prev_sample;
 
             bar.inc(1);
-            if let Some(callback) = args.callback.as_mut() {
-                let info = StepInfo {
-                    step: i,
-                    num_steps,
-                    timestep: t,
-                    latents: &latents,
-                };
-                match callback(info) {
-                    StepControl::Continue => {}
-                    StepControl::ReplaceLatents(new) => {
-                        if new.dims() != shape {
-                            return Err(Error::invalid_argument(
-                                "callback",
-                                format!(
-                                    "returned latents of shape {:?}, expected {shape:?}",
-                                    new.dims()
-                                ),
-                            ));
-                        }
-                        latents = new;
-                    }
-                    StepControl::Interrupt => {
-                        interrupted = true;
-                        break;
-                    }
-                }
+            let callback = args.callback.as_mut();
+            if after_step(callback, i, num_steps, t, &mut latents)? {
+                interrupted = true;
+                break;
             }
         }
         bar.finish_and_clear();

@@ -6,9 +6,11 @@
 #![warn(missing_docs)]
 
 pub mod alt_diffusion;
+pub mod controlnet;
 pub mod cycle_diffusion;
 pub mod ddim;
 pub mod ddpm;
+pub mod instruct_pix2pix;
 pub mod ip_adapter;
 pub mod lora;
 pub mod pipeline_utils;
@@ -23,9 +25,13 @@ pub use alt_diffusion::{
     AltDiffusionArgs, AltDiffusionComponents, AltDiffusionImg2ImgArgs, AltDiffusionImg2ImgPipeline,
     AltDiffusionPipeline,
 };
+pub use controlnet::{StableDiffusionControlNetArgs, StableDiffusionControlNetPipeline};
 pub use cycle_diffusion::{CycleDiffusionArgs, CycleDiffusionPipeline};
 pub use ddim::DDIMPipeline;
 pub use ddpm::DDPMPipeline;
+pub use instruct_pix2pix::{
+    StableDiffusionInstructPix2PixArgs, StableDiffusionInstructPix2PixPipeline,
+};
 pub use ip_adapter::{IPAdapterArgs, ip_adapter_masks};
 pub use pipeline_utils::{Generators, ImagePipelineOutput, StepCallback, StepControl, StepInfo};
 pub use pix2pix_zero::{

@@ -101,6 +101,48 @@ pub struct StepInfo<'a> {
 /// A boxed step callback (`callback_on_step_end`).
 pub type StepCallback<'a> = Box<dyn FnMut(StepInfo<'_>) -> StepControl + 'a>;
 
+/// `callback_on_step_end` after denoising step `step` of `num_steps` (at `timestep`): calls
+/// `callback` when there is one, puts the latents it returns in place of `latents`, and says
+/// whether it asked to stop (`true`: break out of the loop and decode what there is).
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `callback` when it returns latents of another shape.
+pub(crate) fn after_step(
+    callback: Option<&mut StepCallback<'_>>,
+    step: usize,
+    num_steps: usize,
+    timestep: f64,
+    latents: &mut Tensor<4>,
+) -> Result<bool> {
+    let Some(callback) = callback else {
+        return Ok(false);
+    };
+    let info = StepInfo {
+        step,
+        num_steps,
+        timestep,
+        latents,
+    };
+    match callback(info) {
+        StepControl::Continue => Ok(false),
+        StepControl::ReplaceLatents(new) => {
+            let shape = latents.dims();
+            if new.dims() != shape {
+                return Err(Error::invalid_argument(
+                    "callback",
+                    format!(
+                        "returned latents of shape {:?}, expected {shape:?}",
+                        new.dims()
+                    ),
+                ));
+            }
+            *latents = new;
+            Ok(false)
+        }
+        StepControl::Interrupt => Ok(true),
+    }
+}
+
 /// A progress bar over denoising steps, hidden when disabled or not on a terminal.
 pub(crate) fn progress_bar(steps: usize, enabled: bool) -> indicatif::ProgressBar {
     if !enabled {

@@ -32,7 +32,7 @@ use diffusion_schedulers::{DDPMScheduler, Scheduler};
 use crate::config::TrainConfig;
 use crate::ema::EmaModel;
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
-use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState};
+use crate::mixed_precision::MixedPrecisionState;
 use crate::optimizer::AdamW;
 use crate::trainer::Trainer;
 
@@ -70,12 +70,14 @@ fn io(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::io(path, e)
 }
 
-/// Write `trainer`'s full state into checkpoint folder `dir`, through a temporary sibling that
-/// is renamed at the end, so a run killed while saving leaves no half checkpoint.
+/// Write checkpoint folder `dir` through a temporary sibling: `fill` writes the content into
+/// the empty folder it is given, which then replaces `dir` (a run killed while saving leaves no
+/// half checkpoint under the final name, only a `.{name}.partial-{pid}` folder the next save
+/// removes).
 ///
 /// # Errors
-/// [`Error::Io`] when writing fails.
-pub fn save_checkpoint(trainer: &Trainer, dir: &Path) -> Result<()> {
+/// [`Error::Io`] naming the folder; the first error of `fill` (then `dir` is untouched).
+pub fn write_checkpoint_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     let parent = dir.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io(parent))?;
     let name = dir
@@ -87,38 +89,94 @@ pub fn save_checkpoint(trainer: &Trainer, dir: &Path) -> Result<()> {
         std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
     }
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-
-    let model = trainer.model();
-    model.save_pretrained(tmp.join("unet"))?;
-    if let Some(ema) = trainer.ema() {
-        save_ema(ema, model, &tmp.join("unet_ema"))?;
-    }
-    trainer.optimizer().save(model, &tmp.join("optimizer"))?;
-    let scheduler_dir = tmp.join("scheduler");
-    std::fs::create_dir_all(&scheduler_dir).map_err(io(&scheduler_dir))?;
-    trainer.scheduler().save_config(&scheduler_dir)?;
-    let config = trainer.config();
-    let state = TrainingState {
-        global_step: trainer.global_step(),
-        num_training_steps: trainer.num_training_steps(),
-        lr_scheduler: config.lr_scheduler,
-        learning_rate: config.learning_rate,
-        lr_warmup_steps: config.lr_warmup_steps,
-        seed: config.seed,
-        rng_scheme: RNG_SCHEME.into(),
-        train_config: config.clone(),
-    };
-    let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-    diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
-    let mixed = trainer.mixed_precision_state();
-    if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
-        mixed.save(&tmp)?;
-    }
-
+    fill(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir).map_err(io(dir))?;
     }
     std::fs::rename(&tmp, dir).map_err(io(dir))
+}
+
+/// Read the JSON state file `name` of checkpoint `dir` into `T`.
+///
+/// # Errors
+/// [`Error::Io`], [`Error::Json`], [`Error::ConfigField`] naming the file.
+pub fn read_state_file<T: serde::de::DeserializeOwned>(dir: &Path, name: &str) -> Result<T> {
+    let path = dir.join(name);
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let value = diffusion_core::config::parse_json(&text, &path)?;
+    serde_json::from_value(value).map_err(|e| Error::ConfigField {
+        path: path.clone(),
+        field: "<root>".into(),
+        message: e.to_string(),
+    })
+}
+
+/// Write `state` as pretty JSON to `dir/name` (atomically).
+///
+/// # Errors
+/// [`Error::Io`].
+pub fn write_state_file<T: Serialize>(dir: &Path, name: &str, state: &T) -> Result<()> {
+    let text = serde_json::to_string_pretty(state).unwrap_or_default();
+    diffusion_core::config::write_atomically(&dir.join(name), text.as_bytes())
+}
+
+/// The checks every resume makes before loading anything: the checkpoint in `dir` was written
+/// with this build's [`RNG_SCHEME`] and is not past the planned `num_training_steps`.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] naming `resume_from_checkpoint`.
+pub fn check_resumable(
+    dir: &Path,
+    rng_scheme: &str,
+    global_step: usize,
+    num_training_steps: usize,
+) -> Result<()> {
+    let refuse = |message: String| Error::invalid_argument("resume_from_checkpoint", message);
+    if rng_scheme != RNG_SCHEME {
+        return Err(refuse(format!(
+            "{} was written with RNG scheme `{rng_scheme}`; this build draws with `{RNG_SCHEME}`",
+            dir.display()
+        )));
+    }
+    if global_step > num_training_steps {
+        return Err(refuse(format!(
+            "{} is at step {global_step}, past the planned {num_training_steps} steps",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Write `trainer`'s full state into checkpoint folder `dir`, through a temporary sibling that
+/// is renamed at the end, so a run killed while saving leaves no half checkpoint.
+///
+/// # Errors
+/// [`Error::Io`] when writing fails.
+pub fn save_checkpoint(trainer: &Trainer, dir: &Path) -> Result<()> {
+    write_checkpoint_dir(dir, |tmp| {
+        let model = trainer.model();
+        model.save_pretrained(tmp.join("unet"))?;
+        if let Some(ema) = trainer.ema() {
+            save_ema(ema, model, &tmp.join("unet_ema"))?;
+        }
+        trainer.optimizer().save(model, &tmp.join("optimizer"))?;
+        let scheduler_dir = tmp.join("scheduler");
+        std::fs::create_dir_all(&scheduler_dir).map_err(io(&scheduler_dir))?;
+        trainer.scheduler().save_config(&scheduler_dir)?;
+        let config = trainer.config();
+        let state = TrainingState {
+            global_step: trainer.global_step(),
+            num_training_steps: trainer.num_training_steps(),
+            lr_scheduler: config.lr_scheduler,
+            learning_rate: config.learning_rate,
+            lr_warmup_steps: config.lr_warmup_steps,
+            seed: config.seed,
+            rng_scheme: RNG_SCHEME.into(),
+            train_config: config.clone(),
+        };
+        write_state_file(tmp, STATE_FILE, &state)?;
+        trainer.mixed_precision_state().save_if_used(tmp)
+    })
 }
 
 /// The EMA as diffusers' `EMAModel.save_pretrained` writes it: the shadow weights in a model
@@ -137,14 +195,7 @@ fn save_ema(ema: &EmaModel, model: &UNet2DModel, dir: &Path) -> Result<()> {
 /// # Errors
 /// [`Error::Io`], [`Error::Json`], [`Error::ConfigField`].
 pub fn read_state(dir: &Path) -> Result<TrainingState> {
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let value = diffusion_core::config::parse_json(&text, &path)?;
-    serde_json::from_value(value).map_err(|e| Error::ConfigField {
-        path: path.clone(),
-        field: "<root>".into(),
-        message: e.to_string(),
-    })
+    read_state_file(dir, STATE_FILE)
 }
 
 /// Rebuild a [`Trainer`] from checkpoint folder `dir`, with `config`'s settings.
@@ -160,21 +211,13 @@ pub fn load_checkpoint(
     device: &Device,
 ) -> Result<Trainer> {
     let state = read_state(dir)?;
+    check_resumable(
+        dir,
+        &state.rng_scheme,
+        state.global_step,
+        num_training_steps,
+    )?;
     let refuse = |message: String| Error::invalid_argument("resume_from_checkpoint", message);
-    if state.rng_scheme != RNG_SCHEME {
-        return Err(refuse(format!(
-            "{} was written with RNG scheme `{}`; this build draws with `{RNG_SCHEME}`",
-            dir.display(),
-            state.rng_scheme
-        )));
-    }
-    if state.global_step > num_training_steps {
-        return Err(refuse(format!(
-            "{} is at step {}, past the planned {num_training_steps} steps",
-            dir.display(),
-            state.global_step
-        )));
-    }
     if state.seed != config.seed || state.train_config.train_batch_size != config.train_batch_size {
         log::warn!(
             "resuming {} with another seed or batch size than it was trained with: the data order \
@@ -217,13 +260,12 @@ pub fn load_checkpoint(
         num_training_steps,
     )?;
     trainer.global_step = state.global_step;
-    if let Some(mixed) = MixedPrecisionState::load(dir)? {
-        trainer.skipped_steps = mixed.skipped_steps;
-        // The scale carries over between fp16 runs; another setting starts a fresh scaler.
-        if let (Some(saved), MixedPrecision::Fp16) = (mixed.grad_scaler, config.mixed_precision) {
-            trainer.grad_scaler = Some(GradScaler::from_state(saved)?);
-        }
-    }
+    MixedPrecisionState::restore(
+        dir,
+        config.mixed_precision,
+        &mut trainer.skipped_steps,
+        &mut trainer.grad_scaler,
+    )?;
     Ok(trainer)
 }
 

@@ -6,19 +6,28 @@
 //! ControlNet's parameters, a learning-rate schedule and global-norm clipping, as in the script.
 //!
 //! [`ControlNetTrainer`] takes steps on caller-supplied latents, text states, conditioning
-//! images and noise, which is how the parity test drives it. Conditioning images are in
+//! images and noise, which is how the parity test drives it.
+//!
+//! Mixed precision (`--mixed_precision fp16|bf16`, see [`crate::mixed_precision`]): the frozen
+//! UNet is cast to the half dtype (the script's `weight_dtype`); the ControlNet keeps `f32`
+//! master weights and runs a half copy made inside the autodiff graph; its residuals enter the
+//! UNet in the half dtype and the prediction is widened to `f32` before the loss. With `fp16`
+//! the loss is scaled ([`GradScaler`]) and a step with non-finite gradients is skipped. Conditioning images are in
 //! `[0, 1]` (the script's `Resize`, `CenterCrop`, `ToTensor`, no normalisation):
 //! [`conditioning_pixel_values`].
 
 use std::path::Path;
 
 use diffusion_core::burn::module::Module;
-use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
 use diffusion_core::{Device, Error, Result};
 use diffusion_models::{ControlNetModel, ControlNetOptions, UNet2DConditionModel};
 use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType, Scheduler};
 
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
+use crate::mixed_precision::{
+    GradScaler, MixedPrecision, MixedPrecisionState, cast_input, half_copy, to_f32,
+};
 use crate::objective::NoiseDraws;
 use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
 use crate::params;
@@ -44,6 +53,8 @@ pub struct ControlNetTrainConfig {
     pub adam_epsilon: f64,
     /// Clip the global gradient norm of the ControlNet's parameters; `None` disables it.
     pub max_grad_norm: Option<f64>,
+    /// `--mixed_precision` (`no`).
+    pub mixed_precision: MixedPrecision,
 }
 
 impl Default for ControlNetTrainConfig {
@@ -57,6 +68,7 @@ impl Default for ControlNetTrainConfig {
             adam_weight_decay: 1e-2,
             adam_epsilon: 1e-8,
             max_grad_norm: Some(1.0),
+            mixed_precision: MixedPrecision::No,
         }
     }
 }
@@ -107,15 +119,22 @@ pub struct ControlNetTrainer {
     optimizer: AdamW,
     lr_schedule: LrSchedule,
     global_step: usize,
+    /// The fp16 loss scaler.
+    grad_scaler: Option<GradScaler>,
+    /// Optimizer steps skipped for non-finite fp16 gradients.
+    skipped_steps: usize,
+    last_step_skipped: bool,
 }
 
 impl ControlNetTrainer {
     /// Start training `controlnet` through the frozen `unet`; both are moved onto `device` with
-    /// autodiff. `scheduler` is the noise scheduler (its prediction type is the target).
+    /// autodiff (the UNet cast to the half dtype under mixed precision). `scheduler` is the
+    /// noise scheduler (its prediction type is the target).
     ///
     /// # Errors
     /// As [`ControlNetTrainConfig::validate`]; [`Error::InvalidArgument`] (`prediction_type`)
-    /// for a prediction type the script cannot train (only epsilon and v_prediction).
+    /// for a prediction type the script cannot train (only epsilon and v_prediction), (`dtype`)
+    /// for a half dtype the device does not support.
     pub fn new(
         config: &ControlNetTrainConfig,
         controlnet: ControlNetModel,
@@ -144,6 +163,10 @@ impl ControlNetTrainer {
             controlnet.clone(),
             params::values(&controlnet).into_iter().map(Some).collect(),
         );
+        let unet = match config.mixed_precision.dtype() {
+            Some(dtype) => diffusion_models::modeling_utils::to_dtype(unet, dtype)?,
+            None => unet,
+        };
         let unet = unet.fork(&ad).no_grad();
         Ok(Self {
             config: config.clone(),
@@ -158,6 +181,9 @@ impl ControlNetTrainer {
                 num_training_steps,
             )?,
             global_step: 0,
+            grad_scaler: config.mixed_precision.grad_scaler(),
+            skipped_steps: 0,
+            last_step_skipped: false,
         })
     }
 
@@ -215,17 +241,42 @@ impl ControlNetTrainer {
             TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<f32>>(), [b]),
             &device,
         );
-        let residuals = self.controlnet.forward_with(
-            noisy.clone(),
+        let controlnet = self.forward_controlnet()?;
+        let residuals = controlnet.forward_with(
+            cast_input(&controlnet, noisy.clone()),
             t.clone(),
-            states.clone(),
-            image,
+            cast_input(&controlnet, states.clone()),
+            cast_input(&controlnet, image),
             ControlNetOptions::default(),
         )?;
-        let pred = self
-            .unet
-            .forward_with(noisy, t, states, residuals.into_unet_options())?;
-        Ok(pred.sub(target).square().mean())
+        // The residuals enter the UNet in its dtype (the script's `.to(dtype=weight_dtype)`).
+        let residuals = diffusion_models::ControlNetOutput {
+            down_block_res_samples: residuals
+                .down_block_res_samples
+                .into_iter()
+                .map(|r| cast_input(&self.unet, r))
+                .collect(),
+            mid_block_res_sample: cast_input(&self.unet, residuals.mid_block_res_sample),
+        };
+        let pred = self.unet.forward_with(
+            cast_input(&self.unet, noisy),
+            t,
+            cast_input(&self.unet, states),
+            residuals.into_unet_options(),
+        )?;
+        Ok(to_f32(pred).sub(target).square().mean())
+    }
+
+    /// The ControlNet a loss runs: under mixed precision a copy cast to the half dtype inside the
+    /// autodiff graph (the gradients reach the `f32` masters), else the ControlNet itself.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`dtype`) when the device does not support the half dtype.
+    pub fn forward_controlnet(&self) -> Result<ControlNetModel> {
+        match self.config.mixed_precision.dtype() {
+            Some(dtype) => half_copy(&self.controlnet, dtype),
+            None => Ok(self.controlnet.clone()),
+        }
     }
 
     /// The gradients of `loss` with respect to the ControlNet's parameters, in visit order.
@@ -246,13 +297,32 @@ impl ControlNetTrainer {
     ) -> Result<StepStats> {
         let loss = self.loss(latents, encoder_hidden_states, controlnet_image, draws)?;
         let value = loss.clone().inner().into_scalar::<f32>();
+        // fp16: the backward runs on the scaled loss, the gradients are unscaled below.
+        let loss = match &self.grad_scaler {
+            Some(scaler) => loss.mul_scalar(scaler.scale()),
+            None => loss,
+        };
         let mut grads = self.gradients(loss);
-        let lr = self.lr_schedule.lr(self.global_step);
+        // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
+        // with the optimizer's).
+        let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
+        let found_inf = match &self.grad_scaler {
+            Some(scaler) => scaler.unscale(&mut grads),
+            None => false,
+        };
         let grad_norm = match self.config.max_grad_norm {
             Some(max_norm) => grads.clip_grad_norm(max_norm),
             None => grads.total_norm(),
         };
-        self.controlnet = self.optimizer.step(lr, self.controlnet.clone(), grads)?;
+        if found_inf {
+            self.skipped_steps += 1;
+        } else {
+            self.controlnet = self.optimizer.step(lr, self.controlnet.clone(), grads)?;
+        }
+        self.last_step_skipped = found_inf;
+        if let Some(scaler) = &mut self.grad_scaler {
+            scaler.update(found_inf);
+        }
         self.global_step += 1;
         Ok(StepStats {
             step: self.global_step,
@@ -271,6 +341,11 @@ impl ControlNetTrainer {
     /// The trained ControlNet without autodiff (to save or run).
     pub fn inference_controlnet(&self) -> ControlNetModel {
         self.controlnet.valid()
+    }
+
+    /// The frozen UNet without autodiff (the validation pipeline's UNet).
+    pub fn inference_unet(&self) -> UNet2DConditionModel {
+        self.unet.valid()
     }
 
     /// Optimizer steps taken so far.
@@ -321,9 +396,71 @@ impl ControlNetTrainer {
         &self.config
     }
 
-    /// Continue from a checkpoint: its optimizer state and step count.
-    pub(crate) fn resume(&mut self, optimizer: AdamW, global_step: usize) {
+    /// Continue from checkpoint `dir`: its optimizer state, step count and mixed-precision
+    /// state (see [`MixedPrecisionState::restore`]).
+    ///
+    /// # Errors
+    /// As [`MixedPrecisionState::restore`].
+    pub(crate) fn resume(
+        &mut self,
+        optimizer: AdamW,
+        global_step: usize,
+        dir: &Path,
+    ) -> Result<()> {
         self.optimizer = optimizer;
         self.global_step = global_step;
+        MixedPrecisionState::restore(
+            dir,
+            self.config.mixed_precision,
+            &mut self.skipped_steps,
+            &mut self.grad_scaler,
+        )
+    }
+
+    /// The fp16 loss scaler (`None` without `fp16`).
+    pub fn grad_scaler(&self) -> Option<&GradScaler> {
+        self.grad_scaler.as_ref()
+    }
+
+    /// Replace the fp16 loss scaler (for example with another initial scale).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `mixed_precision` when the run is not `fp16`.
+    pub fn set_grad_scaler(&mut self, scaler: GradScaler) -> Result<()> {
+        if self.config.mixed_precision != MixedPrecision::Fp16 {
+            return Err(Error::invalid_argument(
+                "mixed_precision",
+                format!(
+                    "a loss scaler needs fp16, the run is `{}`",
+                    self.config.mixed_precision.as_str()
+                ),
+            ));
+        }
+        self.grad_scaler = Some(scaler);
+        Ok(())
+    }
+
+    /// Optimizer steps skipped so far for non-finite fp16 gradients.
+    pub fn skipped_steps(&self) -> usize {
+        self.skipped_steps
+    }
+
+    /// Whether the last optimizer step was skipped (non-finite fp16 gradients).
+    pub fn last_step_skipped(&self) -> bool {
+        self.last_step_skipped
+    }
+
+    /// The mixed-precision state a checkpoint keeps.
+    pub fn mixed_precision_state(&self) -> MixedPrecisionState {
+        MixedPrecisionState {
+            mixed_precision: self.config.mixed_precision,
+            grad_scaler: self.grad_scaler.as_ref().map(|s| s.state().clone()),
+            skipped_steps: self.skipped_steps,
+        }
+    }
+
+    /// The frozen UNet's compute dtype (the half dtype under mixed precision).
+    pub fn unet_dtype(&self) -> FloatDType {
+        self.unet.conv_in.weight.val().dtype().into()
     }
 }

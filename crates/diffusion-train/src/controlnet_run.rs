@@ -12,6 +12,14 @@
 //!
 //! A checkpoint `checkpoint-{step}/` holds `controlnet/`, `optimizer/` and
 //! `training_state.json`; resuming from it continues exactly as the uninterrupted run.
+//!
+//! With validation prompts and control images ([`ControlNetValidationConfig`], the script's
+//! `log_validation`), every `validation_steps` optimizer steps and after the last one the
+//! ControlNet being trained generates images with `StableDiffusionControlNetPipeline` and a
+//! `UniPCMultistepScheduler` made from the folder's scheduler config, saved as one grid per
+//! step in `output_dir/validation/` (a row per prompt: the control image, then the images).
+//! Generation draws only from its own generator and reads the weights without changing them,
+//! so a run with validation takes exactly the steps of a run without.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -20,18 +28,28 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use diffusion_core::burn::tensor::{Tensor, TensorData};
-use diffusion_core::{Device, Error, Result, TorchGenerator};
+use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
+use diffusion_core::image::{ImageOutput, OutputType, RgbImage, VaeImageProcessor, load_image};
+use diffusion_core::metadata::GenerationParameters;
+use diffusion_core::{Device, Error, NoiseSource, Result, TorchGenerator};
+use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{ControlNetModel, FromUNetOptions, ModelMixin, UNet2DConditionModel};
-use diffusion_schedulers::Scheduler;
+use diffusion_pipelines::{
+    StableDiffusionComponents, StableDiffusionControlNetArgs, StableDiffusionControlNetPipeline,
+};
+use diffusion_schedulers::{AnyScheduler, Scheduler};
 
-use crate::checkpoint::{RNG_SCHEME, due_checkpoint, list_checkpoints};
+use crate::checkpoint::{
+    RNG_SCHEME, check_resumable, due_checkpoint, list_checkpoints, read_state_file,
+    write_checkpoint_dir, write_state_file,
+};
 use crate::controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
 use crate::objective::NoiseDraws;
 use crate::optimizer::AdamW;
 use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
 use crate::text_to_image::load_noise_scheduler;
 use crate::text_to_image_run::{FrozenComponents, progress_bar};
+use crate::validation::{ValidationPoint, framed_grid, write_validation_strip};
 
 const STATE_FILE: &str = "training_state.json";
 const METADATA_FILE: &str = "metadata.jsonl";
@@ -72,6 +90,8 @@ pub struct ControlNetRunConfig {
     pub resume_from_checkpoint: Option<String>,
     /// Optimisation settings.
     pub train: ControlNetTrainConfig,
+    /// Validation images (off without prompts).
+    pub validation: ControlNetValidationConfig,
     /// Show a progress bar.
     pub show_progress: bool,
 }
@@ -95,8 +115,130 @@ impl Default for ControlNetRunConfig {
             checkpoints_total_limit: None,
             resume_from_checkpoint: None,
             train: ControlNetTrainConfig::default(),
+            validation: ControlNetValidationConfig::default(),
             show_progress: true,
         }
+    }
+}
+
+/// train_controlnet.py's validation options: `--validation_prompt`, `--validation_image`,
+/// `--num_validation_images`, `--validation_steps`, with its fixed 20 UniPC steps and the
+/// pipeline's guidance 7.5 as settings. Off while `validation_prompts` is empty.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlNetValidationConfig {
+    /// The prompts (`--validation_prompt`).
+    pub validation_prompts: Vec<String>,
+    /// The control images (`--validation_image`): one per prompt, one for every prompt, or
+    /// any number for a single prompt.
+    pub validation_images: Vec<PathBuf>,
+    /// Images per (prompt, control image) pair (`--num_validation_images`, 4).
+    pub num_validation_images: usize,
+    /// Generate after every this many optimizer steps (`--validation_steps`, 100), and after
+    /// the last step.
+    pub validation_steps: usize,
+    /// Denoising steps (the script's 20).
+    pub num_inference_steps: usize,
+    /// Classifier-free guidance scale (the pipeline's default, 7.5).
+    pub guidance_scale: f64,
+    /// Seed of the validation generator; the run's seed when unset, as the script.
+    pub seed: Option<u64>,
+}
+
+impl Default for ControlNetValidationConfig {
+    fn default() -> Self {
+        Self {
+            validation_prompts: Vec::new(),
+            validation_images: Vec::new(),
+            num_validation_images: 4,
+            validation_steps: 100,
+            num_inference_steps: 20,
+            guidance_scale: 7.5,
+            seed: None,
+        }
+    }
+}
+
+impl ControlNetValidationConfig {
+    /// Whether any image is generated.
+    pub fn is_enabled(&self) -> bool {
+        !self.validation_prompts.is_empty()
+    }
+
+    /// Check the settings (nothing is read), as the script's `parse_args` does.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming the field (`validation.validation_image`, ...) for
+    /// prompts without images or images without prompts, counts that cannot be paired, an empty
+    /// prompt, a zero count or interval, or a non-finite guidance scale.
+    pub fn validate(&self) -> Result<()> {
+        let (p, i) = (self.validation_prompts.len(), self.validation_images.len());
+        if p > 0 && i == 0 {
+            return Err(Error::invalid_argument(
+                "validation.validation_image",
+                "validation prompts need control images (--validation_image)",
+            ));
+        }
+        if p == 0 && i > 0 {
+            return Err(Error::invalid_argument(
+                "validation.validation_prompt",
+                "validation control images need prompts (--validation_prompt)",
+            ));
+        }
+        if p != i && p != 1 && i != 1 {
+            return Err(Error::invalid_argument(
+                "validation.validation_image",
+                format!(
+                    "{i} control images for {p} prompts: give one image, one prompt, or as many \
+                     images as prompts"
+                ),
+            ));
+        }
+        if self.validation_prompts.iter().any(|p| p.trim().is_empty()) {
+            return Err(Error::invalid_argument(
+                "validation.validation_prompt",
+                "a validation prompt is empty",
+            ));
+        }
+        for (name, v) in [
+            (
+                "validation.num_validation_images",
+                self.num_validation_images,
+            ),
+            ("validation.validation_steps", self.validation_steps),
+            ("validation.num_inference_steps", self.num_inference_steps),
+        ] {
+            if v == 0 {
+                return Err(Error::invalid_argument(name, "must be positive"));
+            }
+        }
+        if !self.guidance_scale.is_finite() {
+            return Err(Error::invalid_argument(
+                "validation.guidance_scale",
+                format!("{} is not finite", self.guidance_scale),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The (prompt, control image) pairs, as `log_validation` pairs them.
+    pub fn pairs(&self) -> Vec<(String, PathBuf)> {
+        let n = self
+            .validation_prompts
+            .len()
+            .max(self.validation_images.len());
+        (0..n)
+            .map(|k| {
+                let prompt = &self.validation_prompts[k.min(self.validation_prompts.len() - 1)];
+                let image = &self.validation_images[k.min(self.validation_images.len() - 1)];
+                (prompt.clone(), image.clone())
+            })
+            .collect()
+    }
+
+    /// Whether validation runs after global step `step` (1-based): every `validation_steps`
+    /// and after the last step (the script's final validation).
+    pub fn is_due(&self, step: usize, last: bool) -> bool {
+        self.is_enabled() && (last || step.is_multiple_of(self.validation_steps))
     }
 }
 
@@ -135,6 +277,7 @@ impl ControlNetRunConfig {
                 "must be positive",
             ));
         }
+        self.validation.validate()?;
         self.train.validate()
     }
 
@@ -161,6 +304,9 @@ impl ControlNetRunConfig {
         }
         if let Some(c) = &self.controlnet_model {
             need(c.join("config.json"), "not a ControlNet folder")?;
+        }
+        for image in &self.validation.validation_images {
+            need(image.clone(), "validation control image not found")?;
         }
         need(self.train_data_dir.join(METADATA_FILE), "no dataset here")
     }
@@ -245,45 +391,21 @@ fn save_controlnet_checkpoint(
     total: usize,
     dir: &Path,
 ) -> Result<()> {
-    let io = |p: &Path, e| Error::io(p, e);
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    trainer
-        .inference_controlnet()
-        .save_pretrained(tmp.join("controlnet"))?;
-    trainer
-        .optimizer()
-        .save(trainer.controlnet(), &tmp.join("optimizer"))?;
-    let state = ControlNetState {
-        global_step: trainer.global_step(),
-        num_training_steps: total,
-        seed,
-        rng_scheme: RNG_SCHEME.into(),
-    };
-    let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-    diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))
-}
-
-fn read_state(dir: &Path) -> Result<ControlNetState> {
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let value = diffusion_core::config::parse_json(&text, &path)?;
-    serde_json::from_value(value).map_err(|e| Error::ConfigField {
-        path: path.clone(),
-        field: "<root>".into(),
-        message: e.to_string(),
+    write_checkpoint_dir(dir, |tmp| {
+        trainer
+            .inference_controlnet()
+            .save_pretrained(tmp.join("controlnet"))?;
+        trainer
+            .optimizer()
+            .save(trainer.controlnet(), &tmp.join("optimizer"))?;
+        let state = ControlNetState {
+            global_step: trainer.global_step(),
+            num_training_steps: total,
+            seed,
+            rng_scheme: RNG_SCHEME.into(),
+        };
+        write_state_file(tmp, STATE_FILE, &state)?;
+        trainer.mixed_precision_state().save_if_used(tmp)
     })
 }
 
@@ -305,13 +427,195 @@ fn resolve_resume(config: &ControlNetRunConfig) -> Result<Option<PathBuf>> {
     })
 }
 
+/// What validation generates with, read before the first step so that a bad control image
+/// fails the run before anything is trained.
+struct Validator {
+    /// (prompt, control image path, control image) per pair.
+    pairs: Vec<(String, PathBuf, RgbImage)>,
+    /// `UniPCMultistepScheduler.from_config(pipeline.scheduler.config)`.
+    scheduler: AnyScheduler,
+    /// The generated images' `(height, width)`: the control images' size rounded down to the
+    /// VAE's scale factor.
+    size: (usize, usize),
+}
+
+impl Validator {
+    /// Read the control images and build the scheduler; `None` without validation prompts.
+    ///
+    /// # Errors
+    /// Image reading errors naming the file; [`Error::InvalidArgument`]
+    /// (`validation.validation_image`, naming the file) for images whose sizes differ or are not
+    /// a multiple of 8 once rounded to the VAE's scale factor; scheduler config errors.
+    fn prepare(config: &ControlNetRunConfig, vae_scale_factor: usize) -> Result<Option<Self>> {
+        let v = &config.validation;
+        if !v.is_enabled() {
+            return Ok(None);
+        }
+        let processor = VaeImageProcessor::new(vae_scale_factor);
+        let mut pairs = Vec::new();
+        let mut size = None;
+        for (prompt, path) in v.pairs() {
+            let image = load_image(&path)?;
+            let (h, w) = processor.default_height_width(&image, None, None);
+            let bad = |message: String| {
+                Error::invalid_argument(
+                    "validation.validation_image",
+                    format!("{}: {message}", path.display()),
+                )
+            };
+            if h == 0 || w == 0 || !h.is_multiple_of(8) || !w.is_multiple_of(8) {
+                return Err(bad(format!(
+                    "generates {w}x{h} images; the pipeline needs multiples of 8"
+                )));
+            }
+            if let Some((sh, sw)) = size
+                && (sh, sw) != (h, w)
+            {
+                return Err(bad(format!(
+                    "{w}x{h} differs from the first control image's {sw}x{sh}; validation \
+                     images share one grid"
+                )));
+            }
+            size = Some((h, w));
+            pairs.push((prompt, path, image));
+        }
+        let folder = AnyScheduler::from_config_file(config.pretrained_model.join("scheduler"))?;
+        let scheduler = AnyScheduler::convert(
+            &folder,
+            &diffusion_schedulers::SchedulerSpec::parse("UniPCMultistepScheduler")?,
+        )?;
+        Ok(Some(Self {
+            pairs,
+            scheduler,
+            size: size.unwrap_or((0, 0)),
+        }))
+    }
+
+    /// `log_validation`: `num_validation_images` images per pair from the ControlNet and UNet of
+    /// `trainer` (read, not changed) and the frozen parts, one generator seeded once for all
+    /// calls, saved as one grid (a row per pair: control image, then the images).
+    ///
+    /// # Errors
+    /// Pipeline errors; [`Error::Io`] naming the file when the grid cannot be written (no
+    /// partial file is left).
+    fn run(
+        &self,
+        trainer: &ControlNetTrainer,
+        frozen: &FrozenComponents,
+        config: &ControlNetRunConfig,
+        at: ValidationPoint,
+        device: &Device,
+    ) -> Result<PathBuf> {
+        let v = &config.validation;
+        // The pipeline runs in f32 on the (half-rounded, under mixed precision) frozen weights.
+        let components = StableDiffusionComponents {
+            vae: widen(frozen.vae.clone())?,
+            text_encoder: widen(frozen.text_encoder.clone())?,
+            tokenizer: frozen.tokenizer.clone(),
+            unet: widen(trainer.inference_unet())?,
+            scheduler: self.scheduler.clone(),
+            image_encoder: None,
+            feature_extractor: None,
+            lora: diffusion_loaders::LoraState::new(),
+        };
+        let mut pipe = StableDiffusionControlNetPipeline::from_parts(
+            components,
+            trainer.inference_controlnet(),
+        );
+        let f = pipe.components.vae_scale_factor();
+        let channels = pipe.components.unet.config().in_channels;
+        let (h, w) = self.size;
+        let seed = v.seed.unwrap_or(config.seed);
+        // One generator for the whole round, as the script's: each call draws its latents from
+        // it in turn (the pipeline draws nothing else with a deterministic scheduler).
+        let mut generator = TorchGenerator::new(seed);
+        let n = v.num_validation_images;
+        let mut tiles = Vec::with_capacity(self.pairs.len() * (n + 1));
+        for (prompt, _, image) in &self.pairs {
+            let control = if (image.height() as usize, image.width() as usize) == (h, w) {
+                image.clone()
+            } else {
+                image::imageops::resize(
+                    image,
+                    w as u32,
+                    h as u32,
+                    image::imageops::FilterType::Lanczos3,
+                )
+            };
+            tiles.push(control);
+            for _ in 0..n {
+                let latents = diffusion_core::tensor::randn_tensor(
+                    [1, channels, h / f, w / f],
+                    NoiseSource::Single(&mut generator),
+                    device,
+                )?;
+                let out = pipe.call(StableDiffusionControlNetArgs {
+                    prompt: vec![prompt.clone()],
+                    image: Some(image.clone().into()),
+                    num_inference_steps: v.num_inference_steps,
+                    guidance_scale: v.guidance_scale,
+                    latents: Some(latents),
+                    output_type: OutputType::Pil,
+                    progress: false,
+                    ..StableDiffusionControlNetArgs::default()
+                })?;
+                let ImageOutput::Images(images) = out.images else {
+                    return Err(Error::invalid_argument(
+                        "output_type",
+                        "the pipeline did not return images",
+                    ));
+                };
+                tiles.extend(images);
+            }
+        }
+        let grid = framed_grid(&tiles, Some(n + 1))?;
+        let mut params = GenerationParameters {
+            prompt: self.pairs.first().map(|p| p.0.clone()),
+            ..GenerationParameters::default()
+        };
+        params.push("Steps", v.num_inference_steps);
+        params.push("Sampler", self.scheduler.kind().class_name());
+        params.push("CFG scale", v.guidance_scale);
+        params.push("Seed", seed);
+        params.push("Size", format!("{w}x{h}"));
+        params.push("Batch size", n);
+        if self.pairs.len() > 1 {
+            let prompts: Vec<&str> = self.pairs.iter().map(|p| p.0.as_str()).collect();
+            params.push(
+                "Prompts",
+                serde_json::to_string(&prompts).unwrap_or_default(),
+            );
+        }
+        let images: Vec<String> = self
+            .pairs
+            .iter()
+            .map(|p| p.1.display().to_string())
+            .collect();
+        params.push(
+            "Control images",
+            serde_json::to_string(&images).unwrap_or_default(),
+        );
+        params.push("Training step", at.step);
+        params.push("Epoch", at.epoch);
+        crate::validation::save(&config.output_dir, at, &grid, &params)
+    }
+}
+
+/// `module` in `f32` (unchanged when it already is).
+fn widen<M: diffusion_core::burn::module::Module>(module: M) -> Result<M> {
+    to_dtype(module, FloatDType::F32)
+}
+
 /// Train a ControlNet as train_controlnet.py does, on `device` (autodiff is turned on here).
 /// Writes checkpoints, `logs/train_log.jsonl` and the trained ControlNet
-/// (`config.json`, `diffusion_pytorch_model.safetensors`) into `config.output_dir`.
+/// (`config.json`, `diffusion_pytorch_model.safetensors`) into `config.output_dir`; with
+/// validation prompts, also the validation grids and their strip into
+/// `output_dir/validation/`.
 ///
 /// # Errors
 /// As [`ControlNetRunConfig::validate`] and [`ControlNetRunConfig::check_paths`]; dataset,
-/// model, checkpoint and I/O errors; [`Error::InvalidArgument`] naming
+/// model, checkpoint and I/O errors; unreadable validation control images (naming the file,
+/// before any step); [`Error::InvalidArgument`] naming
 /// `resume_from_checkpoint` for a checkpoint of another RNG scheme or past the planned steps,
 /// and `learning_rate` when the loss becomes non-finite.
 pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result<TrainReport> {
@@ -320,6 +624,20 @@ pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result
     let inner = device.clone().without_autodiff();
     let rows = load_rows(config)?;
     let frozen = FrozenComponents::load(&config.pretrained_model, &inner)?;
+    // Mixed precision: the frozen models run in the half dtype, as the script's `weight_dtype`.
+    let frozen = match config.train.mixed_precision.dtype() {
+        Some(dtype) => frozen.to_dtype(dtype)?,
+        None => frozen,
+    };
+    let validator = Validator::prepare(
+        config,
+        1 << frozen
+            .vae
+            .config()
+            .block_out_channels
+            .len()
+            .saturating_sub(1),
+    )?;
     let total = config.num_training_steps(rows.len());
     let batches_per_epoch = config.batches_per_epoch(rows.len());
     let out = &config.output_dir;
@@ -330,28 +648,14 @@ pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result
     let mut trainer = match resolve_resume(config)? {
         Some(dir) => {
             log::info!("resuming from {}", dir.display());
-            let state = read_state(&dir)?;
-            let refuse = |m: String| Error::invalid_argument("resume_from_checkpoint", m);
-            if state.rng_scheme != RNG_SCHEME {
-                return Err(refuse(format!(
-                    "{} was written with RNG scheme `{}`",
-                    dir.display(),
-                    state.rng_scheme
-                )));
-            }
-            if state.global_step > total {
-                return Err(refuse(format!(
-                    "{} is at step {}, past the planned {total}",
-                    dir.display(),
-                    state.global_step
-                )));
-            }
+            let state: ControlNetState = read_state_file(&dir, STATE_FILE)?;
+            check_resumable(&dir, &state.rng_scheme, state.global_step, total)?;
             let controlnet = ControlNetModel::from_pretrained(dir.join("controlnet"), &inner)?;
             let mut t =
                 ControlNetTrainer::new(&config.train, controlnet, unet, scheduler, total, device)?;
             let optimizer =
                 AdamW::load(config.train.adamw(), t.controlnet(), &dir.join("optimizer"))?;
-            t.resume(optimizer, state.global_step);
+            t.resume(optimizer, state.global_step, &dir)?;
             t
         }
         None => {
@@ -440,9 +744,22 @@ pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);
         }
+        if let Some(validator) = &validator
+            && config.validation.is_due(step + 1, step + 1 == total)
+        {
+            let at = ValidationPoint {
+                step: step + 1,
+                epoch,
+            };
+            let path = validator.run(&trainer, &frozen, config, at, &inner)?;
+            bar.println(format!("validation images: {}", path.display()));
+        }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
     trainer.inference_controlnet().save_pretrained(out)?;
+    if validator.is_some() {
+        write_validation_strip(out, total)?;
+    }
     Ok(report)
 }

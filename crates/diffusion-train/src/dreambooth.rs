@@ -35,22 +35,23 @@ use diffusion_models::{CLIPTextModel, ModelMixin, UNet2DConditionModel};
 use diffusion_schedulers::{AnyScheduler, DDPMScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
-use crate::checkpoint::{RNG_SCHEME, due_checkpoint};
+use crate::checkpoint::due_checkpoint;
 use crate::class_images::generate_class_images;
 use crate::data_parallel::{DataParallel, TextToImageParallel};
 use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 use crate::lr_schedule::LrScheduleKind;
-use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
+use crate::mixed_precision::half_copy;
 use crate::objective::{NoiseDraws, conditional_prediction};
-use crate::optimizer::{AdamW, FlatGradients};
+use crate::optimizer::FlatGradients;
 use crate::resize::Interpolation;
 use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
 use crate::text_to_image::{
     TextToImageConfig, TextToImageTrainer, forward_unet_of, load_noise_scheduler, micro_batch_loss,
 };
 use crate::text_to_image_run::{
-    FrozenComponents, TextToImageState, image_draws, load_text_to_image_checkpoint, progress_bar,
-    resolve_resume, save_pipeline, save_text_to_image_checkpoint,
+    FrozenComponents, image_draws, load_text_to_image_checkpoint, open_lora_set_checkpoint,
+    progress_bar, resolve_resume, restore_lora_set_progress, save_lora_set_checkpoint,
+    save_pipeline, save_text_to_image_checkpoint,
 };
 use crate::trainer::StepStats;
 use crate::validation::{
@@ -409,10 +410,6 @@ struct TextEncoderTraining {
     /// The frozen base encoder on the autodiff device.
     encoder: CLIPTextModel,
     lora: UNetLora,
-    /// AdamW over [`DreamBoothLoraFactors`] (the inner trainer's optimizer stays unused).
-    optimizer: AdamW,
-    pending: Option<(FlatGradients, f32)>,
-    pending_micro: usize,
 }
 
 /// A [`TextToImageTrainer`] whose loss is [`dreambooth_loss`], optionally with a trained
@@ -506,9 +503,6 @@ impl DreamBoothTrainer {
             text: Some(TextEncoderTraining {
                 encoder: crate::autodiff::checkpointed(text_encoder.fork(&ad).no_grad(), &ad),
                 lora: text_lora.fork(&ad),
-                optimizer: AdamW::new(config.train.adamw())?,
-                pending: None,
-                pending_micro: 0,
             }),
         })
     }
@@ -665,20 +659,7 @@ impl DreamBoothTrainer {
         grads: FlatGradients,
         value: f32,
     ) -> Result<Option<StepStats>> {
-        let k = self.inner.config().gradient_accumulation_steps;
-        let text = self
-            .text
-            .as_mut()
-            .ok_or_else(|| Error::invalid_argument("train_text_encoder", "not trained"))?;
-        text.pending = Some(match text.pending.take() {
-            Some((mut sum, total)) => {
-                sum.accumulate(grads)?;
-                (sum, total + value)
-            }
-            None => (grads, value),
-        });
-        text.pending_micro += 1;
-        if text.pending_micro < k {
+        if !self.inner.accumulate(grads, value)? {
             return Ok(None);
         }
         self.finish_step().map(Some)
@@ -935,8 +916,9 @@ impl DreamBoothTrainer {
         Ok((if paired { h } else { b }, rows))
     }
 
-    /// Take the optimizer step on what was accumulated: clip over both LoRAs, AdamW at the
-    /// scheduled rate (or [`TextToImageTrainer::finish_step`] without a trained text encoder).
+    /// Take the optimizer step on what was accumulated: clip over both LoRAs, one AdamW (the
+    /// inner trainer's) at the scheduled rate (or [`TextToImageTrainer::finish_step`] without a
+    /// trained text encoder).
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
@@ -944,56 +926,20 @@ impl DreamBoothTrainer {
         let Some(factors) = self.lora_factors() else {
             return self.inner.finish_step();
         };
-        let Some(text) = self.text.as_mut() else {
-            return self.inner.finish_step();
-        };
-        let (mut grads, loss) = text
-            .pending
-            .take()
-            .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))?;
-        text.pending_micro = 0;
-        let inner = &mut self.inner;
-        // Skipped fp16 steps do not advance the schedule (as in TextToImageTrainer::finish_step).
-        let lr = inner
-            .lr_schedule
-            .lr(inner.global_step - inner.skipped_steps);
-        let found_inf = match &inner.grad_scaler {
-            Some(scaler) => scaler.unscale(&mut grads),
-            None => false,
-        };
-        let grad_norm = match inner.config.max_grad_norm {
-            Some(max_norm) => grads.clip_grad_norm(max_norm),
-            None => grads.total_norm(),
-        };
-        if found_inf {
-            inner.skipped_steps += 1;
-        } else {
-            let factors = text.optimizer.step(lr, factors, grads)?;
-            if let Some(lora) = inner.lora.as_mut() {
+        let (grads, loss) = self.inner.take_pending()?;
+        let (stats, factors) = self.inner.step_module(factors, grads, loss)?;
+        if let (Some(factors), Some(text)) = (factors, self.text.as_mut()) {
+            if let Some(lora) = self.inner.lora.as_mut() {
                 lora.set_factors(factors.unet);
             }
             text.lora.set_factors(factors.text_encoder);
         }
-        inner.last_step_skipped = found_inf;
-        if let Some(scaler) = &mut inner.grad_scaler {
-            scaler.update(found_inf);
-        }
-        inner.global_step += 1;
-        Ok(StepStats {
-            step: inner.global_step,
-            loss,
-            grad_norm,
-            lr,
-            ema_decay: None,
-        })
+        Ok(stats)
     }
 
     /// Whether micro-batches of an unfinished optimizer step are pending.
     pub fn has_pending(&self) -> bool {
-        match &self.text {
-            Some(text) => text.pending.is_some(),
-            None => self.inner.has_pending(),
-        }
+        self.inner.has_pending()
     }
 
     /// The text-encoder LoRA, with `train_text_encoder`.
@@ -1033,39 +979,15 @@ impl DreamBoothTrainer {
 /// the AdamW state of [`DreamBoothLoraFactors`] in `optimizer/`, `training_state.json`; through
 /// a temporary sibling renamed at the end.
 fn save_text_encoder_checkpoint(trainer: &DreamBoothTrainer, dir: &std::path::Path) -> Result<()> {
-    let (Some(text), Some(factors)) = (&trainer.text, trainer.lora_factors()) else {
-        return save_text_to_image_checkpoint(&trainer.inner, dir);
-    };
-    let parent = dir.parent().unwrap_or(std::path::Path::new("."));
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    match trainer.lora_factors() {
+        Some(factors) => save_lora_set_checkpoint(
+            &trainer.inner,
+            &factors,
+            |path| trainer.save_lora_weights(path),
+            dir,
+        ),
+        None => save_text_to_image_checkpoint(&trainer.inner, dir),
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    trainer.save_lora_weights(tmp.join(LORA_WEIGHT_NAME))?;
-    text.optimizer.save(&factors, &tmp.join("optimizer"))?;
-    let inner = &trainer.inner;
-    let state = TextToImageState {
-        global_step: inner.global_step(),
-        num_training_steps: inner.num_training_steps(),
-        seed: inner.config().seed,
-        rng_scheme: RNG_SCHEME.into(),
-        config: inner.config().clone(),
-    };
-    let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-    diffusion_core::config::write_atomically(&tmp.join("training_state.json"), text.as_bytes())?;
-    let mixed = inner.mixed_precision_state();
-    if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
-        mixed.save(&tmp)?;
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
 }
 
 /// Rebuild a `train_text_encoder` trainer from a checkpoint [`save_text_encoder_checkpoint`]
@@ -1076,48 +998,12 @@ fn load_text_encoder_checkpoint(
     num_training_steps: usize,
     device: &Device,
 ) -> Result<DreamBoothTrainer> {
-    let path = dir.join("training_state.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let value = diffusion_core::config::parse_json(&text, &path)?;
-    let state: TextToImageState =
-        serde_json::from_value(value).map_err(|e| Error::ConfigField {
-            path: path.clone(),
-            field: "<root>".into(),
-            message: e.to_string(),
-        })?;
-    let refuse = |m: String| Error::invalid_argument("resume_from_checkpoint", m);
-    if state.rng_scheme != RNG_SCHEME {
-        return Err(refuse(format!(
-            "{} was written with RNG scheme `{}`",
-            dir.display(),
-            state.rng_scheme
-        )));
-    }
-    if state.global_step > num_training_steps {
-        return Err(refuse(format!(
-            "{} is at step {}, past the planned {num_training_steps}",
-            dir.display(),
-            state.global_step
-        )));
-    }
-    let file = SafetensorsFile::open(dir.join(LORA_WEIGHT_NAME))?;
+    let (state, file) = open_lora_set_checkpoint(dir, num_training_steps)?;
     let mut trainer = new_text_encoder_trainer(config, num_training_steps, device, Some(&file))?;
-    let factors = trainer
-        .lora_factors()
-        .ok_or_else(|| refuse("no LoRA factors".into()))?;
-    if let Some(text) = trainer.text.as_mut() {
-        text.optimizer = AdamW::load(config.train.adamw(), &factors, &dir.join("optimizer"))?;
-    }
-    trainer.inner.global_step = state.global_step;
-    if let Some(mixed) = MixedPrecisionState::load(dir)? {
-        trainer.inner.skipped_steps = mixed.skipped_steps;
-        // The scale carries over between fp16 runs; another setting starts a fresh scaler.
-        if let (Some(saved), MixedPrecision::Fp16) =
-            (mixed.grad_scaler, config.train.mixed_precision())
-        {
-            trainer.inner.grad_scaler = Some(GradScaler::from_state(saved)?);
-        }
-    }
+    let factors = trainer.lora_factors().ok_or_else(|| {
+        Error::invalid_argument("resume_from_checkpoint", "no text-encoder LoRA to restore")
+    })?;
+    restore_lora_set_progress(&mut trainer.inner, &factors, &state, dir)?;
     Ok(trainer)
 }
 

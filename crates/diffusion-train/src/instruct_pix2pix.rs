@@ -26,6 +26,7 @@ use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType, S
 
 use crate::caption_data::METADATA_FILE;
 use crate::lr_schedule::LrScheduleKind;
+use crate::mixed_precision::{cast_input, to_f32};
 use crate::objective::NoiseDraws;
 use crate::text_to_image::{TextToImageConfig, TextToImageTrainer};
 use crate::trainer::StepStats;
@@ -82,7 +83,9 @@ pub struct InstructPix2PixConfig {
     pub max_grad_norm: Option<f64>,
     /// Keep an EMA of the UNet and export it.
     pub use_ema: bool,
-    /// `no` (float32 everywhere). `fp16` / `bf16` are refused for now.
+    /// `no` (float32 everywhere), `fp16` or `bf16` (`--mixed_precision`; see
+    /// [`crate::mixed_precision`]): f32 master weights, the UNet's forward and backward on a
+    /// half copy, the frozen VAE and text encoder in the half dtype, a loss scale for `fp16`.
     pub mixed_precision: String,
     /// Seed of everything random.
     pub seed: u64,
@@ -94,6 +97,16 @@ pub struct InstructPix2PixConfig {
     pub resume_from_checkpoint: Option<String>,
     /// Show a progress bar.
     pub show_progress: bool,
+    /// The original image that validation edits (`--val_image_url`; a local PNG or JPEG file
+    /// here). Validation runs when it and `validation_prompt` are both set.
+    pub val_image_url: Option<PathBuf>,
+    /// The edit instruction of the validation images (`--validation_prompt`).
+    pub validation_prompt: Option<String>,
+    /// Edits per validation (`--num_validation_images`).
+    pub num_validation_images: usize,
+    /// Validate after every epoch `e` (0-based) with `e % validation_epochs == 0`
+    /// (`--validation_epochs`), and after the last step.
+    pub validation_epochs: usize,
 }
 
 impl Default for InstructPix2PixConfig {
@@ -127,6 +140,10 @@ impl Default for InstructPix2PixConfig {
             checkpoints_total_limit: None,
             resume_from_checkpoint: None,
             show_progress: true,
+            val_image_url: None,
+            validation_prompt: None,
+            num_validation_images: 4,
+            validation_epochs: 1,
         }
     }
 }
@@ -172,8 +189,9 @@ impl InstructPix2PixConfig {
     ///
     /// # Errors
     /// [`Error::InvalidArgument`] naming the first offending field (as
-    /// [`TextToImageConfig::validate`], plus the columns and `conditioning_dropout_prob`
-    /// outside `[0, 1]`); [`Error::Unsupported`] for half precision.
+    /// [`TextToImageConfig::validate`], plus the columns, `conditioning_dropout_prob`
+    /// outside `[0, 1]`, only one of `val_image_url` and `validation_prompt`, an empty
+    /// validation prompt, zero `num_validation_images` or `validation_epochs`).
     pub fn validate(&self) -> Result<()> {
         for (name, column) in [
             ("original_image_column", &self.original_image_column),
@@ -192,17 +210,75 @@ impl InstructPix2PixConfig {
                 format!("{p} is not in [0, 1]"),
             ));
         }
-        let base = self.text_to_image();
-        base.validate()?;
-        base.refuse_mixed_precision("InstructPix2Pix")
+        self.validate_validation()?;
+        self.text_to_image().validate()
+    }
+
+    /// Whether validation images are made (`val_image_url` and `validation_prompt` set).
+    pub fn validation_enabled(&self) -> bool {
+        self.val_image_url.is_some() && self.validation_prompt.is_some()
+    }
+
+    /// Whether validation images are due after a step of epoch `epoch` (0-based) that ended
+    /// it when `end_of_epoch`, as the script (`epoch % validation_epochs == 0` at the end
+    /// of an epoch) plus after the last step, when the script validates the saved pipeline.
+    pub fn validation_due(&self, epoch: usize, end_of_epoch: bool, last: bool) -> bool {
+        self.validation_enabled()
+            && (last || (end_of_epoch && epoch.is_multiple_of(self.validation_epochs.max(1))))
+    }
+
+    fn validate_validation(&self) -> Result<()> {
+        match (&self.val_image_url, &self.validation_prompt) {
+            (Some(_), None) => {
+                return Err(Error::invalid_argument(
+                    "validation_prompt",
+                    "val_image_url is set: give the edit instruction to validate with too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::invalid_argument(
+                    "val_image_url",
+                    "validation_prompt is set: give the image to edit too",
+                ));
+            }
+            _ => {}
+        }
+        if self
+            .validation_prompt
+            .as_ref()
+            .is_some_and(|p| p.trim().is_empty())
+        {
+            return Err(Error::invalid_argument(
+                "validation_prompt",
+                "the validation prompt is empty",
+            ));
+        }
+        for (name, value) in [
+            ("num_validation_images", self.num_validation_images),
+            ("validation_epochs", self.validation_epochs),
+        ] {
+            if value == 0 {
+                return Err(Error::invalid_argument(name, "must be positive"));
+            }
+        }
+        Ok(())
     }
 
     /// Check that the model folder and the dataset folder look right (before loading them).
     ///
     /// # Errors
-    /// [`Error::NotFound`] naming the missing folder or file.
+    /// [`Error::NotFound`] naming the missing folder or file (`val_image_url` included).
     pub fn check_paths(&self) -> Result<()> {
-        self.text_to_image().check_paths()
+        self.text_to_image().check_paths()?;
+        if let Some(path) = &self.val_image_url
+            && !path.is_file()
+        {
+            return Err(Error::NotFound {
+                path: path.clone(),
+                message: "val_image_url: no such image file".into(),
+            });
+        }
+        Ok(())
     }
 
     /// Read a JSON config (missing keys take their defaults, unknown keys are an error).
@@ -451,7 +527,11 @@ pub fn instruct_pix2pix_loss(
         &device,
     );
     let input = Tensor::cat(vec![noisy, embeds], 1);
-    let pred = unet.forward(input, t, states)?;
+    // Under mixed precision `unet` is the half copy: its inputs are cast to its dtype and the
+    // prediction back to f32 before the loss (the script's `model_pred.float()`).
+    let input = cast_input(unet, input);
+    let states = cast_input(unet, states);
+    let pred = to_f32(unet.forward(input, t, states)?);
     Ok(pred.sub(target).square().mean())
 }
 
@@ -495,10 +575,11 @@ impl InstructPix2PixTrainer {
         }
     }
 
-    /// The loss of the current weights on one micro-batch.
+    /// The loss of the current weights on one micro-batch (on the half copy of the UNet under
+    /// mixed precision, see [`TextToImageTrainer::forward_unet`]).
     ///
     /// # Errors
-    /// As [`instruct_pix2pix_loss`].
+    /// As [`instruct_pix2pix_loss`] and [`TextToImageTrainer::forward_unet`].
     pub fn loss(&self, batch: &EditBatch, draws: &NoiseDraws) -> Result<Tensor<1>> {
         let device = crate::optimizer::module_device(self.inner.unet());
         let batch = EditBatch {
@@ -506,7 +587,7 @@ impl InstructPix2PixTrainer {
             ..batch.clone()
         };
         instruct_pix2pix_loss(
-            self.inner.unet(),
+            &self.inner.forward_unet()?,
             self.inner.scheduler(),
             self.conditioning_dropout_prob,
             &batch,

@@ -11,20 +11,39 @@
 //! `random_p` from one generator seeded with `--seed` for the whole run; drawing it per
 //! micro-batch keeps resumption exact.) The widened `conv_in`'s bias is PyTorch's default
 //! initialisation drawn from `(seed, 3)`, as the script's fresh `nn.Conv2d` has.
+//!
+//! Validation (`val_image_url` + `validation_prompt`) is the script's `log_validation`:
+//! `StableDiffusionInstructPix2PixPipeline` around the weights being trained (EMA applied) and
+//! the folder's scheduler edits the image `num_validation_images` times (20 steps, guidance 7,
+//! image guidance 1.5) after every `validation_epochs`-th epoch and after the last step; the
+//! port also validates the starting weights of a fresh run (step 0), as its other trainers do.
+//! The grid (the original, then the edits) is saved as `validation/step-{step:06}.png` with the
+//! generation parameters in its PNG text. Generation draws from its own generator seeded with
+//! the run's seed (the script shares one generator with the dropout draws) and only reads the
+//! weights, so training is the same with or without validation, and across a resume.
 
 use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use diffusion_core::burn::tensor::{Tensor, TensorData};
-use diffusion_core::{Device, Error, NoiseSource, Result, TorchGenerator};
+use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
+use diffusion_core::image::{ImageOutput, OutputType, RgbImage, load_image};
+use diffusion_core::metadata::GenerationParameters;
+use diffusion_core::{Device, Error, Result, TorchGenerator};
+use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{ModelMixin, UNet2DConditionModel};
-use diffusion_schedulers::Scheduler;
+use diffusion_pipelines::{
+    Generators, StableDiffusionComponents, StableDiffusionInstructPix2PixArgs,
+    StableDiffusionInstructPix2PixPipeline,
+};
+use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::checkpoint::due_checkpoint;
 use crate::instruct_pix2pix::{
     EditBatch, EditDataset, InstructPix2PixConfig, InstructPix2PixTrainer, default_conv_bias,
     widen_conv_in,
 };
+use crate::mixed_precision::{cast_input, to_f32};
 use crate::objective::NoiseDraws;
 use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
 use crate::text_to_image::load_noise_scheduler;
@@ -32,11 +51,118 @@ use crate::text_to_image_run::{
     FrozenComponents, load_text_to_image_checkpoint, progress_bar, resolve_resume, save_pipeline,
     save_text_to_image_checkpoint,
 };
+use crate::validation::{FrozenParts, ValidationPoint, framed_grid, save, write_validation_strip};
 
 /// Seed domain of the widened `conv_in` bias (0: steps, 1: epochs, 2: cached latents).
 const CONV_IN_DOMAIN: u64 = 3;
 /// The UNet input channels of InstructPix2Pix (noisy latents and original-image latents).
 pub const INSTRUCT_PIX2PIX_IN_CHANNELS: usize = 8;
+
+/// Denoising steps of the script's validation edits.
+pub const VALIDATION_INFERENCE_STEPS: usize = 20;
+/// Guidance scale of the script's validation edits.
+pub const VALIDATION_GUIDANCE_SCALE: f64 = 7.0;
+/// Image guidance scale of the script's validation edits.
+pub const VALIDATION_IMAGE_GUIDANCE_SCALE: f64 = 1.5;
+
+/// The script's `log_validation`: edit `image` (read from `config.val_image_url`) with
+/// `config.validation_prompt` `num_validation_images` times with the InstructPix2Pix pipeline
+/// made of `frozen` and `unet` (the weights being trained, EMA applied, no autodiff), and save
+/// the original and the edits as one grid row at [`crate::validation::validation_path`].
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`validation_prompt`) when validation is not configured; pipeline
+/// errors; [`Error::Io`] naming the folder or file when the image cannot be written (no
+/// partial file is left).
+pub fn save_instruct_pix2pix_validation(
+    unet: UNet2DConditionModel,
+    frozen: FrozenParts<'_>,
+    image: &RgbImage,
+    config: &InstructPix2PixConfig,
+    at: ValidationPoint,
+) -> Result<PathBuf> {
+    let (Some(prompt), Some(image_path)) = (&config.validation_prompt, &config.val_image_url)
+    else {
+        return Err(Error::invalid_argument(
+            "validation_prompt",
+            "validation needs val_image_url and validation_prompt",
+        ));
+    };
+    let mut pipe = StableDiffusionInstructPix2PixPipeline::from_parts(StableDiffusionComponents {
+        vae: frozen.vae.clone(),
+        text_encoder: frozen.text_encoder.clone(),
+        tokenizer: frozen.tokenizer.clone(),
+        unet,
+        scheduler: frozen.scheduler.clone(),
+        image_encoder: None,
+        feature_extractor: None,
+        lora: diffusion_loaders::LoraState::new(),
+    });
+    let sampler = pipe.components.scheduler.kind();
+    let n = config.num_validation_images;
+    let out = pipe.call(StableDiffusionInstructPix2PixArgs {
+        prompt: vec![prompt.clone()],
+        image: Some(image.clone().into()),
+        num_inference_steps: VALIDATION_INFERENCE_STEPS,
+        guidance_scale: VALIDATION_GUIDANCE_SCALE,
+        image_guidance_scale: VALIDATION_IMAGE_GUIDANCE_SCALE,
+        num_images_per_prompt: n,
+        generator: Generators::Seed(config.seed),
+        output_type: OutputType::Pil,
+        progress: false,
+        ..StableDiffusionInstructPix2PixArgs::default()
+    })?;
+    let ImageOutput::Images(edits) = out.images else {
+        return Err(Error::invalid_argument(
+            "output_type",
+            "the pipeline did not return images",
+        ));
+    };
+    let (w, h) = edits.first().map(|i| i.dimensions()).unwrap_or((0, 0));
+    // The pipeline edits the image at its size rounded down to the VAE factor: show the
+    // original at the edits' size beside them.
+    let original = if image.dimensions() == (w, h) {
+        image.clone()
+    } else {
+        image::imageops::resize(image, w, h, image::imageops::FilterType::Lanczos3)
+    };
+    let mut tiles = Vec::with_capacity(n + 1);
+    tiles.push(original);
+    tiles.extend(edits);
+    let grid = framed_grid(&tiles, Some(n + 1))?;
+    let mut params = GenerationParameters {
+        prompt: Some(prompt.clone()),
+        ..GenerationParameters::default()
+    };
+    params.push("Steps", VALIDATION_INFERENCE_STEPS);
+    params.push("Sampler", sampler.class_name());
+    params.push("CFG scale", VALIDATION_GUIDANCE_SCALE);
+    params.push("Image CFG scale", VALIDATION_IMAGE_GUIDANCE_SCALE);
+    params.push("Seed", config.seed);
+    params.push("Size", format!("{w}x{h}"));
+    params.push("Batch size", n);
+    params.push("Init image", image_path.display());
+    params.push("Training step", at.step);
+    params.push("Epoch", at.epoch);
+    save(&config.output_dir, at, &grid, &params)
+}
+
+/// The validation image and the folder's scheduler, read before training starts so that a bad
+/// file fails the run before anything is written.
+fn load_validation_inputs(
+    config: &InstructPix2PixConfig,
+    model: &Path,
+) -> Result<Option<(RgbImage, AnyScheduler)>> {
+    if !config.validation_enabled() {
+        return Ok(None);
+    }
+    let Some(path) = &config.val_image_url else {
+        return Ok(None);
+    };
+    let image = load_image(path)?;
+    let scheduler = AnyScheduler::from_config_file(model.join("scheduler"))?;
+    Ok(Some((image, scheduler)))
+}
 
 /// Load the pretrained UNet and widen its `conv_in` to 8 channels as the script does (a
 /// UNet that already has 8 is used as it is).
@@ -67,11 +193,14 @@ pub fn load_instruct_pix2pix_unet(
 }
 
 /// Train as train_instruct_pix2pix.py does, on `device` (autodiff is turned on here). Writes
-/// checkpoints, `logs/train_log.jsonl` and the pipeline into `config.output_dir`.
+/// checkpoints, `logs/train_log.jsonl` and the pipeline into `config.output_dir`, and with
+/// `val_image_url` and `validation_prompt` the validation edits and their strip into
+/// `output_dir/validation/` (see the module documentation).
 ///
 /// # Errors
 /// As [`InstructPix2PixConfig::validate`] and [`InstructPix2PixConfig::check_paths`]; dataset,
-/// model, checkpoint and I/O errors; [`Error::InvalidArgument`] naming `learning_rate` when the
+/// model, checkpoint and I/O errors; [`Error::Image`] for a validation image that does not
+/// decode (before anything is written); [`Error::InvalidArgument`] naming `learning_rate` when the
 /// loss becomes non-finite.
 pub fn train_instruct_pix2pix(
     config: &InstructPix2PixConfig,
@@ -82,7 +211,14 @@ pub fn train_instruct_pix2pix(
     let t2i = config.text_to_image();
     let inner = device.clone().without_autodiff();
     let data = EditDataset::from_folder(&config.train_data_dir, config)?;
+    let validation_inputs = load_validation_inputs(config, &config.pretrained_model)?;
     let frozen = FrozenComponents::load(&config.pretrained_model, &inner)?;
+    // Mixed precision: the frozen models run in the half dtype, as the script's `weight_dtype`.
+    let mixed = t2i.mixed_precision().dtype();
+    let frozen = match mixed {
+        Some(dtype) => frozen.to_dtype(dtype)?,
+        None => frozen,
+    };
     let total = t2i.num_training_steps(data.len());
     let batches_per_epoch = t2i.batches_per_epoch(data.len());
     let k = config.gradient_accumulation_steps;
@@ -118,7 +254,6 @@ pub fn train_instruct_pix2pix(
         .map_err(|e| Error::io(&log_path, e))?;
     let num_train = trainer.inner().scheduler().num_train_timesteps();
     let r = config.resolution;
-    let sf = frozen.vae.config().scaling_factor;
     let bar = progress_bar(config.show_progress, total, start);
     let mut report = TrainReport {
         start_step: start,
@@ -129,6 +264,37 @@ pub fn train_instruct_pix2pix(
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
+    let validate = |trainer: &InstructPix2PixTrainer, at: ValidationPoint| -> Result<()> {
+        let Some((image, scheduler)) = &validation_inputs else {
+            return Ok(());
+        };
+        // The validation pipeline runs in f32 on the (half-rounded) frozen weights.
+        let widened;
+        let (text_encoder, vae) = match mixed {
+            Some(_) => {
+                widened = (
+                    to_dtype(frozen.text_encoder.clone(), FloatDType::F32)?,
+                    to_dtype(frozen.vae.clone(), FloatDType::F32)?,
+                );
+                (&widened.0, &widened.1)
+            }
+            None => (&frozen.text_encoder, &frozen.vae),
+        };
+        let parts = FrozenParts {
+            tokenizer: &frozen.tokenizer,
+            text_encoder,
+            vae,
+            scheduler,
+        };
+        let unet = trainer.inner().inference_unet();
+        let path = save_instruct_pix2pix_validation(unet, parts, image, config, at)?;
+        bar.println(format!("validation images: {}", path.display()));
+        Ok(())
+    };
+    if start == 0 {
+        // The starting weights, for comparison with the edits that follow.
+        validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
+    }
     let mut order: Option<(usize, Vec<usize>)> = None;
     let began = Instant::now();
     for step in start..total {
@@ -155,12 +321,9 @@ pub fn train_instruct_pix2pix(
             let (original, edited) = data.pixel_values(batch, &flips)?;
             let pixels =
                 |v: Vec<f32>| Tensor::<4>::from_data(TensorData::new(v, [b, 3, r, r]), &inner);
-            let latents = frozen
-                .vae
-                .encode(pixels(edited))?
-                .sample(Some(NoiseSource::Single(&mut g)))?
-                .mul_scalar(sf);
-            let original_image_embeds = frozen.vae.encode(pixels(original))?.mode();
+            let latents = frozen.encode_images(pixels(edited), &mut g)?;
+            let original = cast_input(&frozen.vae, pixels(original));
+            let original_image_embeds = to_f32(frozen.vae.encode(original)?.mode());
             let prompts: Vec<&str> = batch
                 .iter()
                 .map(|&i| data.example(i).prompt.as_str())
@@ -207,6 +370,15 @@ pub fn train_instruct_pix2pix(
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);
         }
+        // The epoch ends with this step when the next step's first micro-batch is in a later one.
+        let end_of_epoch = (step + 1) * k / batches_per_epoch > epoch;
+        if config.validation_due(epoch, end_of_epoch, step + 1 == total) {
+            let at = ValidationPoint {
+                step: step + 1,
+                epoch,
+            };
+            validate(&trainer, at)?;
+        }
     }
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
@@ -215,5 +387,8 @@ pub fn train_instruct_pix2pix(
         &trainer.inner().inference_unet(),
         out,
     )?;
+    if validation_inputs.is_some() {
+        write_validation_strip(out, total)?;
+    }
     Ok(report)
 }

@@ -48,6 +48,7 @@ pub mod resize;
 pub mod run;
 pub mod sdxl;
 pub mod sdxl_run;
+pub mod sdxl_text_lora;
 pub mod text_to_image;
 pub mod text_to_image_run;
 pub mod textual_inversion;
@@ -87,6 +88,7 @@ pub use sdxl::{
     TimestepBiasStrategy, compute_time_ids,
 };
 pub use sdxl_run::train_text_to_image_sdxl;
+pub use sdxl_text_lora::{SdxlLoraFactors, new_sdxl_text_trainer};
 pub use text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 pub use text_to_image_run::train_text_to_image;
 pub use textual_inversion::{

@@ -24,6 +24,7 @@
 //! The same type adapts a CLIP text encoder ([`UNetLora::new_text_encoder`],
 //! train_dreambooth_lora.py's `--train_text_encoder`); [`save_lora_weights`] writes both into
 //! one file, the text encoder's as `text_encoder.<module>.lora_linear_layer.{down,up}.weight`.
+//! SDXL's second text encoder ([`UNetLora::new_text_encoder_2`]) goes in as `text_encoder_2.`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -36,7 +37,7 @@ use diffusion_core::burn::tensor::{Tensor, TensorData};
 use diffusion_core::weights::{NamedTensor, SafetensorsFile};
 use diffusion_core::{Device, Error, Result, TorchGenerator};
 use diffusion_models::state_dict::{KeyedParamMapper, map_params_by_key, param_shapes};
-use diffusion_models::{CLIPTextModel, UNet2DConditionModel};
+use diffusion_models::{CLIPTextModel, CLIPTextModelWithProjection, UNet2DConditionModel};
 
 /// The file name diffusers' `save_lora_weights` uses.
 pub const LORA_WEIGHT_NAME: &str = "pytorch_lora_weights.safetensors";
@@ -138,6 +139,10 @@ pub enum LoraComponent {
     /// The CLIP text encoder (`text_encoder.<module>.lora_linear_layer.down.weight`, the module
     /// path without CLIP's `text_model.` level, as diffusers 0.42 writes it with transformers 5).
     TextEncoder,
+    /// SDXL's second text encoder, a `CLIPTextModelWithProjection`
+    /// (`text_encoder_2.<module>.lora_linear_layer.down.weight`; diffusers 0.42 with
+    /// transformers 5 keeps its `text_model.` level).
+    TextEncoder2,
 }
 
 impl LoraComponent {
@@ -146,13 +151,14 @@ impl LoraComponent {
         match self {
             Self::Unet => "unet",
             Self::TextEncoder => "text_encoder",
+            Self::TextEncoder2 => "text_encoder_2",
         }
     }
 
     /// The module path as peft and diffusers name it: CLIP's without `text_model.`.
     fn module_name(self, module: &str) -> &str {
         match self {
-            Self::Unet => module,
+            Self::Unet | Self::TextEncoder2 => module,
             Self::TextEncoder => module.strip_prefix("text_model.").unwrap_or(module),
         }
     }
@@ -161,7 +167,9 @@ impl LoraComponent {
     fn file_parts(self) -> [&'static str; 2] {
         match self {
             Self::Unet => ["lora.down", "lora.up"],
-            Self::TextEncoder => ["lora_linear_layer.down", "lora_linear_layer.up"],
+            Self::TextEncoder | Self::TextEncoder2 => {
+                ["lora_linear_layer.down", "lora_linear_layer.up"]
+            }
         }
     }
 }
@@ -216,6 +224,27 @@ impl UNetLora {
         Self::build(
             LoraComponent::TextEncoder,
             param_shapes(text_encoder),
+            config,
+            seed,
+            device,
+        )
+    }
+
+    /// A LoRA on the linear layers of SDXL's second text encoder, as
+    /// train_text_to_image_lora_sdxl.py's `--train_text_encoder` adds it (the configuration of
+    /// [`Self::new_text_encoder`]), initialised as [`Self::new`] initialises.
+    ///
+    /// # Errors
+    /// As [`Self::new`].
+    pub fn new_text_encoder_2(
+        text_encoder_2: &CLIPTextModelWithProjection,
+        config: &LoraTrainConfig,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self> {
+        Self::build(
+            LoraComponent::TextEncoder2,
+            param_shapes(text_encoder_2),
             config,
             seed,
             device,

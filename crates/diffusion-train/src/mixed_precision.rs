@@ -319,6 +319,42 @@ impl MixedPrecisionState {
         diffusion_core::config::write_atomically(&dir.join(STATE_FILE), text.as_bytes())
     }
 
+    /// Write `dir/mixed_precision.json` when there is something to keep: a half-precision run,
+    /// or skipped steps. An f32 run that never skipped a step writes nothing (its checkpoints
+    /// stay as they were before mixed precision existed).
+    ///
+    /// # Errors
+    /// [`Error::Io`].
+    pub fn save_if_used(&self, dir: &Path) -> Result<()> {
+        if self.mixed_precision != MixedPrecision::No || self.skipped_steps > 0 {
+            self.save(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Restore what checkpoint `dir` keeps into a trainer running with `setting`: the skipped
+    /// steps, and under fp16 the saved loss scaler (the scale carries over between fp16 runs;
+    /// another setting keeps `grad_scaler` as it is, a fresh scaler or none). Nothing changes
+    /// when the checkpoint has no `mixed_precision.json`.
+    ///
+    /// # Errors
+    /// As [`Self::load`] and [`GradScaler::from_state`].
+    pub fn restore(
+        dir: &Path,
+        setting: MixedPrecision,
+        skipped_steps: &mut usize,
+        grad_scaler: &mut Option<GradScaler>,
+    ) -> Result<()> {
+        let Some(mixed) = Self::load(dir)? else {
+            return Ok(());
+        };
+        *skipped_steps = mixed.skipped_steps;
+        if let (Some(saved), MixedPrecision::Fp16) = (mixed.grad_scaler, setting) {
+            *grad_scaler = Some(GradScaler::from_state(saved)?);
+        }
+        Ok(())
+    }
+
     /// Read `dir/mixed_precision.json`; `None` when the checkpoint has none (written without
     /// mixed precision).
     ///

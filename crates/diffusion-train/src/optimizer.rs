@@ -94,6 +94,49 @@ struct ParamState {
     exp_avg_sq: Tensor<1>,
 }
 
+/// The summed gradients and loss of the micro-batches of the optimizer step in progress
+/// (gradient accumulation).
+#[derive(Debug, Default)]
+pub(crate) struct Accumulator {
+    sum: Option<(FlatGradients, f32)>,
+    micro: usize,
+}
+
+impl Accumulator {
+    /// Add one micro-batch's gradients and loss value; `true` when that makes `k` of them (the
+    /// optimizer step is due).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the gradients do not fit the accumulated ones.
+    pub(crate) fn add(&mut self, grads: FlatGradients, value: f32, k: usize) -> Result<bool> {
+        self.sum = Some(match self.sum.take() {
+            Some((mut sum, total)) => {
+                sum.accumulate(grads)?;
+                (sum, total + value)
+            }
+            None => (grads, value),
+        });
+        self.micro += 1;
+        Ok(self.micro >= k)
+    }
+
+    /// Take the sums (and start the next step's).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `step` when nothing was accumulated.
+    pub(crate) fn take(&mut self) -> Result<(FlatGradients, f32)> {
+        self.micro = 0;
+        self.sum
+            .take()
+            .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))
+    }
+
+    /// Whether micro-batches of an unfinished step are held.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.sum.is_some()
+    }
+}
+
 /// A module's gradients, flattened per parameter in visit order.
 #[derive(Clone, Debug)]
 pub struct FlatGradients {

@@ -9,13 +9,14 @@
 //! The full fine-tuning script can also empty captions at random (`--proportion_empty_prompts`),
 //! bias the timestep draw ([`TimestepBias`]) and train the `sample` objective (it subtracts the
 //! noise from the model output and targets the latents); the LoRA script has none of these.
-//! Neither script has `--input_perturbation`.
+//! Neither script has `--input_perturbation`. The LoRA script's `--train_text_encoder` (LoRAs of
+//! both text encoders, trained with the UNet's) is [`crate::sdxl_text_lora`].
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::burn::tensor::{Int, Tensor, TensorData};
 use diffusion_core::{Device, Error, Result};
 use diffusion_models::{
     AddedCondKwargs, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer,
@@ -198,6 +199,9 @@ pub struct SdxlTrainConfig {
     pub proportion_empty_prompts: f64,
     /// Bias of the timestep draw (full fine-tuning only).
     pub timestep_bias: TimestepBias,
+    /// Also train LoRAs of both text encoders (`--train_text_encoder` of
+    /// train_text_to_image_lora_sdxl.py; LoRA runs only, see [`crate::sdxl_text_lora`]).
+    pub train_text_encoder: bool,
 }
 
 impl Default for SdxlTrainConfig {
@@ -210,6 +214,7 @@ impl Default for SdxlTrainConfig {
             },
             proportion_empty_prompts: 0.0,
             timestep_bias: TimestepBias::default(),
+            train_text_encoder: false,
         }
     }
 }
@@ -235,7 +240,8 @@ impl SdxlTrainConfig {
     /// [`Error::InvalidArgument`] naming `input_perturbation` (not in the SDXL scripts),
     /// `proportion_empty_prompts` (outside
     /// `[0, 1]`), or, with a LoRA, an option only the full
-    /// script has, or the `sample` prediction type.
+    /// script has, or the `sample` prediction type; (`train_text_encoder`) without a LoRA,
+    /// (`cache_latents`) with `train_text_encoder`.
     pub fn validate(&self) -> Result<()> {
         let base = &self.text_to_image;
         base.validate()?;
@@ -268,6 +274,20 @@ impl SdxlTrainConfig {
             }
             if base.prediction_type == Some(PredictionType::Sample) {
                 return Err(sample_with_lora());
+            }
+        }
+        if self.train_text_encoder {
+            if base.lora.is_none() {
+                return Err(Error::invalid_argument(
+                    "train_text_encoder",
+                    "trains text-encoder LoRAs beside the UNet LoRA: LoRA runs only",
+                ));
+            }
+            if base.cache_latents {
+                return Err(Error::invalid_argument(
+                    "cache_latents",
+                    "with train_text_encoder every step encodes its images and captions",
+                ));
             }
         }
         Ok(())
@@ -417,33 +437,73 @@ impl SdxlTextEncoders {
     /// tokenizers' lengths differ.
     pub fn encode_prompt<S: AsRef<str>>(&self, captions: &[S]) -> Result<(Tensor<3>, Tensor<2>)> {
         let device = crate::optimizer::module_device(&self.text_encoder);
-        let penultimate = |states: Vec<Tensor<3>>| -> Result<Tensor<3>> {
-            let n = states.len();
-            states.into_iter().nth(n.wrapping_sub(2)).ok_or_else(|| {
-                Error::invalid_argument("text_encoder", "fewer than two hidden states")
-            })
-        };
-        let ids = tokenize_captions(&self.tokenizer, captions)?.input_ids_tensor(&device)?;
-        let one = penultimate(self.text_encoder.forward(ids)?.hidden_states)?;
-        let ids = tokenize_captions(&self.tokenizer_2, captions)?.input_ids_tensor(&device)?;
-        let out = self.text_encoder_2.forward(ids)?;
-        let two = penultimate(out.hidden_states)?;
-        if one.dims()[1] != two.dims()[1] {
-            return Err(Error::invalid_argument(
-                "captions",
-                format!(
-                    "the tokenizers pad to {} and {} tokens",
-                    one.dims()[1],
-                    two.dims()[1]
-                ),
-            ));
-        }
-        use crate::mixed_precision::to_f32;
+        let (ids_one, ids_two) = self.input_ids(captions, &device)?;
+        encode_prompt_ids(&self.text_encoder, &self.text_encoder_2, ids_one, ids_two)
+    }
+
+    /// The captions through each tokenizer (padded / truncated to its `model_max_length`): the
+    /// scripts' `input_ids_one` and `input_ids_two`.
+    ///
+    /// # Shapes
+    /// - outputs: `[B, S]` and `[B, S_2]`
+    ///
+    /// # Errors
+    /// Tokenizer errors.
+    pub fn input_ids<S: AsRef<str>>(
+        &self,
+        captions: &[S],
+        device: &Device,
+    ) -> Result<(Tensor<2, Int>, Tensor<2, Int>)> {
         Ok((
-            to_f32(Tensor::cat(vec![one, two], 2)),
-            to_f32(out.text_embeds),
+            tokenize_captions(&self.tokenizer, captions)?.input_ids_tensor(device)?,
+            tokenize_captions(&self.tokenizer_2, captions)?.input_ids_tensor(device)?,
         ))
     }
+}
+
+/// The scripts' `encode_prompt` on token ids (`text_input_ids_list`), with any two encoders (the
+/// frozen ones, or ones with a LoRA applied in the autodiff graph): `hidden_states[-2]` of both
+/// joined along features, and `text_encoder_2`'s `text_embeds`, in f32 whatever the encoders'
+/// dtype.
+///
+/// # Shapes
+/// - `ids_one`, `ids_two`: `[B, S]`; outputs: `[B, S, hidden + hidden_2]` and
+///   `[B, projection_dim]`
+///
+/// # Errors
+/// Encoder errors; [`Error::InvalidArgument`] (`captions`) when the two sequence lengths
+/// differ.
+pub fn encode_prompt_ids(
+    text_encoder: &CLIPTextModel,
+    text_encoder_2: &CLIPTextModelWithProjection,
+    ids_one: Tensor<2, Int>,
+    ids_two: Tensor<2, Int>,
+) -> Result<(Tensor<3>, Tensor<2>)> {
+    let penultimate = |states: Vec<Tensor<3>>| -> Result<Tensor<3>> {
+        let n = states.len();
+        states
+            .into_iter()
+            .nth(n.wrapping_sub(2))
+            .ok_or_else(|| Error::invalid_argument("text_encoder", "fewer than two hidden states"))
+    };
+    let one = penultimate(text_encoder.forward(ids_one)?.hidden_states)?;
+    let out = text_encoder_2.forward(ids_two)?;
+    let two = penultimate(out.hidden_states)?;
+    if one.dims()[1] != two.dims()[1] {
+        return Err(Error::invalid_argument(
+            "captions",
+            format!(
+                "the tokenizers pad to {} and {} tokens",
+                one.dims()[1],
+                two.dims()[1]
+            ),
+        ));
+    }
+    use crate::mixed_precision::to_f32;
+    Ok((
+        to_f32(Tensor::cat(vec![one, two], 2)),
+        to_f32(out.text_embeds),
+    ))
 }
 
 /// What the SDXL UNet is conditioned on besides the noisy latents.
@@ -514,11 +574,13 @@ impl SdxlConditioning {
 }
 
 /// The optimisation of an SDXL run: a [`TextToImageTrainer`] (AdamW, schedule, accumulation,
-/// clipping, EMA, LoRA) fed the SDXL loss.
+/// clipping, EMA, LoRA) fed the SDXL loss; with `train_text_encoder`, also the text-encoder
+/// LoRAs ([`crate::sdxl_text_lora`]).
 #[derive(Debug)]
 pub struct SdxlTrainer {
-    trainer: TextToImageTrainer,
-    config: SdxlTrainConfig,
+    pub(crate) trainer: TextToImageTrainer,
+    pub(crate) config: SdxlTrainConfig,
+    pub(crate) text: Option<crate::sdxl_text_lora::SdxlTextTraining>,
 }
 
 impl SdxlTrainer {
@@ -527,7 +589,9 @@ impl SdxlTrainer {
     ///
     /// # Errors
     /// As [`SdxlTrainConfig::validate`] and [`TextToImageTrainer::new`];
-    /// [`Error::InvalidArgument`] (`prediction_type`) for a LoRA on a `sample` scheduler.
+    /// [`Error::InvalidArgument`] (`prediction_type`) for a LoRA on a `sample` scheduler,
+    /// (`train_text_encoder`) when the config trains the text encoders (use
+    /// [`Self::with_text_encoders`]).
     pub fn new(
         config: &SdxlTrainConfig,
         unet: UNet2DConditionModel,
@@ -537,6 +601,12 @@ impl SdxlTrainer {
         device: &Device,
     ) -> Result<Self> {
         config.validate()?;
+        if config.train_text_encoder {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "is set: build the trainer with SdxlTrainer::with_text_encoders",
+            ));
+        }
         let trainer = TextToImageTrainer::new(
             &config.text_to_image,
             unet,
@@ -562,6 +632,7 @@ impl SdxlTrainer {
         Ok(Self {
             trainer,
             config: config.clone(),
+            text: None,
         })
     }
 
@@ -642,15 +713,25 @@ impl SdxlTrainer {
         cond: &SdxlConditioning,
         draws: &NoiseDraws,
     ) -> Result<Option<StepStats>> {
+        if self.text.is_some() {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the text encoders are trained: pass prompt ids to step_with_ids",
+            ));
+        }
         let loss = self.loss(latents, cond, draws)?;
         self.trainer.step_loss(loss)
     }
 
-    /// The optimizer step on what the micro-batches so far accumulated.
+    /// The optimizer step on what the micro-batches so far accumulated (over all LoRAs with
+    /// `train_text_encoder`).
     ///
     /// # Errors
     /// As [`TextToImageTrainer::finish_step`].
     pub fn finish_step(&mut self) -> Result<StepStats> {
+        if self.text.is_some() {
+            return self.finish_text_step();
+        }
         self.trainer.finish_step()
     }
 

@@ -13,7 +13,9 @@
 //! `proportion_empty_prompts`) and VAE posterior noise. A LoRA run otherwise draws the same for
 //! the whole micro-batch `m` from `(seed, 0, m)`, as the LoRA script encodes every step. Each
 //! micro-batch then draws its noise, offset noise when enabled, and timesteps (`rand([B])`,
-//! through [`crate::TimestepBias`] when a bias is set), in that order.
+//! through [`crate::TimestepBias`] when a bias is set), in that order. With `train_text_encoder`
+//! the draws are the LoRA run's; only the captions go through the trained encoders inside the
+//! step ([`SdxlTrainer::step_with_ids`]).
 
 use std::fs::OpenOptions;
 use std::time::{Duration, Instant};
@@ -32,6 +34,9 @@ use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, 
 use crate::sdxl::{
     SdxlConditioning, SdxlTextEncoders, SdxlTrainConfig, SdxlTrainer, TimestepBiasStrategy,
     time_ids_for,
+};
+use crate::sdxl_text_lora::{
+    load_sdxl_text_checkpoint, new_sdxl_text_trainer, save_sdxl_text_checkpoint,
 };
 use crate::text_to_image::load_noise_scheduler;
 use crate::text_to_image_run::{
@@ -75,6 +80,9 @@ struct Encoders {
     vae: AutoencoderKL,
 }
 
+/// The images of a micro-batch through the VAE, their captions and `add_time_ids` rows.
+type Prepared<'a> = (Tensor<4>, Vec<&'a str>, Vec<[f32; 6]>);
+
 impl Encoders {
     /// Latents and conditioning of `indices`, drawing crops, flips, caption picks, empty
     /// prompts and posterior noise from `g`.
@@ -86,6 +94,21 @@ impl Encoders {
         g: &mut TorchGenerator,
         device: &Device,
     ) -> Result<(Tensor<4>, SdxlConditioning)> {
+        let (latents, captions, time_ids) = self.prepare(config, data, indices, g, device)?;
+        let (embeds, pooled) = self.text.encode_prompt(&captions)?;
+        Ok((latents, SdxlConditioning::new(embeds, pooled, &time_ids)?))
+    }
+
+    /// What [`Self::encode`] draws and computes before the text encoders: the latents, the
+    /// captions and the `add_time_ids` rows of `indices`.
+    fn prepare<'a>(
+        &self,
+        config: &SdxlTrainConfig,
+        data: &'a CaptionDataset,
+        indices: &[usize],
+        g: &mut TorchGenerator,
+        device: &Device,
+    ) -> Result<Prepared<'a>> {
         let b = indices.len();
         let r = config.text_to_image.resolution;
         let draws: Vec<ImageDraws> = image_draws(g, b);
@@ -120,9 +143,43 @@ impl Encoders {
         let latents = dist
             .sample(Some(NoiseSource::Single(g)))?
             .mul_scalar(self.vae.config().scaling_factor);
-        let (embeds, pooled) = self.text.encode_prompt(&captions)?;
-        Ok((latents, SdxlConditioning::new(embeds, pooled, &time_ids)?))
+        Ok((latents, captions, time_ids))
     }
+}
+
+/// A micro-batch's noise, offset noise when enabled, and timesteps (uniform, or through the
+/// timestep bias), drawn from `g` in that order for latents of shape `dims`.
+///
+/// # Errors
+/// As [`crate::TimestepBias::sample`].
+fn micro_batch_draws(
+    config: &SdxlTrainConfig,
+    g: &mut TorchGenerator,
+    dims: [usize; 4],
+    num_train: usize,
+    device: &Device,
+) -> Result<NoiseDraws> {
+    let randn = |g: &mut TorchGenerator, shape: [usize; 4]| {
+        Tensor::<4>::from_data(TensorData::new(g.randn(&shape), shape), device)
+    };
+    let noise = randn(g, dims);
+    let offset_noise =
+        (config.text_to_image.noise_offset > 0.0).then(|| randn(g, [dims[0], dims[1], 1, 1]));
+    let uniforms = g.rand(&[dims[0]]);
+    let timesteps = if config.timestep_bias.strategy == TimestepBiasStrategy::None {
+        uniforms
+            .into_iter()
+            .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
+            .collect()
+    } else {
+        config.timestep_bias.sample(num_train, &uniforms)?
+    };
+    Ok(NoiseDraws {
+        noise,
+        offset_noise,
+        perturbation: None,
+        timesteps,
+    })
 }
 
 /// Train as train_text_to_image_sdxl.py (or, with `config.text_to_image.lora`,
@@ -168,6 +225,11 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
     std::fs::create_dir_all(out.join("logs")).map_err(|e| Error::io(out, e))?;
 
     let mut trainer = match resolve_resume(base)? {
+        Some(dir) if config.train_text_encoder => {
+            log::info!("resuming from {}", dir.display());
+            load_sdxl_text_checkpoint(config, &dir, total, device)?
+        }
+        None if config.train_text_encoder => new_sdxl_text_trainer(config, total, device, None)?,
         Some(dir) => {
             log::info!("resuming from {}", dir.display());
             let t = load_text_to_image_checkpoint(base, &dir, total, device)?;
@@ -205,7 +267,6 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
         .open(&log_path)
         .map_err(|e| Error::io(&log_path, e))?;
     let num_train = trainer.trainer().scheduler().num_train_timesteps();
-    let objective = trainer.trainer().objective().clone();
     let bar = progress_bar(base.show_progress, total, start);
     let mut report = TrainReport {
         start_step: start,
@@ -220,12 +281,13 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
     // folder's scheduler around the UNet being trained.
     let validation = &base.validation;
     let validation_setup = if validation.is_enabled() {
+        // (Not with `train_text_encoder`: validation then uses the trained f32 encoders.)
         let widened = match base.mixed_precision().dtype() {
-            Some(_) => Some((
+            Some(_) if !config.train_text_encoder => Some((
                 to_dtype(encoders.text.text_encoder.clone(), FloatDType::F32)?,
                 to_dtype(encoders.text.text_encoder_2.clone(), FloatDType::F32)?,
             )),
-            None => None,
+            _ => None,
         };
         let scheduler = AnyScheduler::from_config_file(base.pretrained_model.join("scheduler"))?;
         Some((
@@ -240,9 +302,11 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
         let Some((widened, scheduler, force_zeros)) = &validation_setup else {
             return Ok(());
         };
-        let (text_encoder, text_encoder_2) = match widened {
-            Some((one, two)) => (one, two),
-            None => (&encoders.text.text_encoder, &encoders.text.text_encoder_2),
+        // With `train_text_encoder`, the encoders with their LoRAs merged.
+        let merged = trainer.inference_text_encoders();
+        let (text_encoder, text_encoder_2) = match (&merged, widened) {
+            (Some((one, two)), _) | (None, Some((one, two))) => (one, two),
+            (None, None) => (&encoders.text.text_encoder, &encoders.text.text_encoder_2),
         };
         let parts = SdxlFrozenParts {
             tokenizer: &encoders.text.tokenizer,
@@ -278,8 +342,16 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
                 order.get_or_insert_with(|| (epoch, epoch_order(base.seed, epoch, data.len())));
             let begin = position * base.train_batch_size;
             let batch = &indices[begin..(begin + base.train_batch_size).min(indices.len())];
-            let b = batch.len();
             let mut g = TorchGenerator::new(derived_seed(base.seed, 0, m as u64));
+            if config.train_text_encoder {
+                // The captions go through the trained encoders inside the step.
+                let (latents, captions, time_ids) =
+                    encoders.prepare(config, &data, batch, &mut g, &inner)?;
+                let (ids_one, ids_two) = encoders.text.input_ids(&captions, &inner)?;
+                let draws = micro_batch_draws(config, &mut g, latents.dims(), num_train, &inner)?;
+                stats = trainer.step_with_ids(latents, ids_one, ids_two, &time_ids, &draws)?;
+                continue;
+            }
             let (latents, cond) = match &cached {
                 Some(cache) => {
                     let (latents, conds): (Vec<_>, Vec<_>) =
@@ -288,28 +360,7 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
                 }
                 None => encoders.encode(config, &data, batch, &mut g, &inner)?,
             };
-            let dims = latents.dims();
-            let randn = |g: &mut TorchGenerator, shape: [usize; 4]| {
-                Tensor::<4>::from_data(TensorData::new(g.randn(&shape), shape), &inner)
-            };
-            let noise = randn(&mut g, dims);
-            let offset_noise =
-                (objective.noise_offset > 0.0).then(|| randn(&mut g, [dims[0], dims[1], 1, 1]));
-            let uniforms = g.rand(&[b]);
-            let timesteps = if config.timestep_bias.strategy == TimestepBiasStrategy::None {
-                uniforms
-                    .into_iter()
-                    .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
-                    .collect()
-            } else {
-                config.timestep_bias.sample(num_train, &uniforms)?
-            };
-            let draws = NoiseDraws {
-                noise,
-                offset_noise,
-                perturbation: None,
-                timesteps,
-            };
+            let draws = micro_batch_draws(config, &mut g, latents.dims(), num_train, &inner)?;
             stats = trainer.step(latents, &cond, &draws)?;
         }
         let stats = match stats {
@@ -325,7 +376,11 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
             base.checkpointing_steps,
             base.checkpoints_total_limit,
         )? {
-            save_text_to_image_checkpoint(trainer.trainer(), &dir)?;
+            if config.train_text_encoder {
+                save_sdxl_text_checkpoint(&trainer, &dir)?;
+            } else {
+                save_text_to_image_checkpoint(trainer.trainer(), &dir)?;
+            }
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);
         }
@@ -342,7 +397,7 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
     report.elapsed = began.elapsed();
     bar.finish_and_clear();
     match trainer.trainer().lora() {
-        Some(lora) => lora.save(out.join(LORA_WEIGHT_NAME))?,
+        Some(_) => trainer.save_lora_weights(out.join(LORA_WEIGHT_NAME))?,
         None => save_pipeline(
             &base.pretrained_model,
             &trainer.trainer().inference_unet(),

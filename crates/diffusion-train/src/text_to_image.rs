@@ -28,7 +28,7 @@ use crate::lora::{LoraTrainConfig, UNetLora};
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
-use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
+use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
@@ -470,8 +470,7 @@ pub struct TextToImageTrainer {
     pub(crate) global_step: usize,
     pub(crate) num_training_steps: usize,
     /// Gradients and loss sum of the micro-batches of the optimizer step in progress.
-    pending: Option<(FlatGradients, f32)>,
-    pending_micro: usize,
+    pending: Accumulator,
     pub(crate) grad_scaler: Option<GradScaler>,
     pub(crate) skipped_steps: usize,
     pub(crate) last_step_skipped: bool,
@@ -601,8 +600,7 @@ impl TextToImageTrainer {
             ema,
             global_step: 0,
             num_training_steps,
-            pending: None,
-            pending_micro: 0,
+            pending: Accumulator::default(),
             grad_scaler: config.mixed_precision().grad_scaler(),
             skipped_steps: 0,
             last_step_skipped: false,
@@ -720,18 +718,7 @@ impl TextToImageTrainer {
             None => loss,
         };
         let grads = self.gradients(loss);
-        self.pending = Some(match self.pending.take() {
-            Some((mut sum, total)) => {
-                sum.accumulate(grads)?;
-                (sum, total + value)
-            }
-            None => (grads, value),
-        });
-        self.pending_micro += 1;
-        if self.pending_micro < k {
-            return Ok(None);
-        }
-        self.finish_step().map(Some)
+        self.accumulate_micro_batch(grads, value)
     }
 
     /// Take the optimizer step on what the micro-batches so far accumulated (also used at the
@@ -740,13 +727,47 @@ impl TextToImageTrainer {
     /// # Errors
     /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
     pub fn finish_step(&mut self) -> Result<StepStats> {
-        let (mut grads, loss) = self
-            .pending
-            .take()
-            .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))?;
-        self.pending_micro = 0;
-        // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
-        // with the optimizer's).
+        let (grads, loss) = self.pending.take()?;
+        let mut stats = match self.lora.clone() {
+            Some(mut lora) => {
+                let (stats, factors) = self.step_module(lora.factors().clone(), grads, loss)?;
+                if let Some(factors) = factors {
+                    lora.set_factors(factors);
+                    self.lora = Some(lora);
+                }
+                stats
+            }
+            None => {
+                let (stats, unet) = self.step_module(self.unet.clone(), grads, loss)?;
+                if let Some(unet) = unet {
+                    self.unet = unet;
+                }
+                stats
+            }
+        };
+        stats.ema_decay = match &mut self.ema {
+            Some(ema) => Some(ema.step(&self.unet)?),
+            None => None,
+        };
+        Ok(stats)
+    }
+
+    /// The optimizer step on `module` (everything this trainer's AdamW trains: the UNet, the
+    /// LoRA factors, or a set of LoRAs such as DreamBooth's and SDXL's with the text encoders)
+    /// with the accumulated `grads` and loss sum: under fp16 unscale the gradients and skip the
+    /// step when they are not finite (the schedule does not advance on a skipped step, as
+    /// accelerate's does not), clip by the global norm, AdamW at the scheduled rate, update the
+    /// loss scale, count the step. Returns the step's stats (no EMA) and the updated module,
+    /// `None` when the step was skipped.
+    ///
+    /// # Errors
+    /// As [`AdamW::step`].
+    pub(crate) fn step_module<M: Module>(
+        &mut self,
+        module: M,
+        mut grads: FlatGradients,
+        loss: f32,
+    ) -> Result<(StepStats, Option<M>)> {
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
         let found_inf = match &self.grad_scaler {
             Some(scaler) => scaler.unscale(&mut grads),
@@ -756,35 +777,45 @@ impl TextToImageTrainer {
             Some(max_norm) => grads.clip_grad_norm(max_norm),
             None => grads.total_norm(),
         };
-        if found_inf {
+        let updated = if found_inf {
             self.skipped_steps += 1;
+            None
         } else {
-            match &mut self.lora {
-                Some(lora) => {
-                    let factors = self.optimizer.step(lr, lora.factors().clone(), grads)?;
-                    lora.set_factors(factors);
-                }
-                None => {
-                    self.unet = self.optimizer.step(lr, self.unet.clone(), grads)?;
-                }
-            }
-        }
+            Some(self.optimizer.step(lr, module, grads)?)
+        };
         self.last_step_skipped = found_inf;
         if let Some(scaler) = &mut self.grad_scaler {
             scaler.update(found_inf);
         }
-        let ema_decay = match &mut self.ema {
-            Some(ema) => Some(ema.step(&self.unet)?),
-            None => None,
-        };
         self.global_step += 1;
-        Ok(StepStats {
+        let stats = StepStats {
             step: self.global_step,
             loss,
             grad_norm,
             lr,
-            ema_decay,
-        })
+            ema_decay: None,
+        };
+        Ok((stats, updated))
+    }
+
+    /// Add one micro-batch's gradients (of `loss / gradient_accumulation_steps`, with respect to
+    /// whatever this trainer's AdamW steps) and loss value; `true` when the optimizer step is
+    /// due. The callers that train more than the UNet (DreamBooth's and SDXL's text-encoder
+    /// LoRAs) then take the sums with [`Self::take_pending`].
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] when the gradients do not fit the accumulated ones.
+    pub(crate) fn accumulate(&mut self, grads: FlatGradients, value: f32) -> Result<bool> {
+        self.pending
+            .add(grads, value, self.config.gradient_accumulation_steps.max(1))
+    }
+
+    /// The accumulated gradients and loss sum (see [`Self::accumulate`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
+    pub(crate) fn take_pending(&mut self) -> Result<(FlatGradients, f32)> {
+        self.pending.take()
     }
 
     /// The fp16 loss scaler (`None` without `fp16`).
@@ -840,15 +871,7 @@ impl TextToImageTrainer {
         grads: FlatGradients,
         value: f32,
     ) -> Result<Option<StepStats>> {
-        self.pending = Some(match self.pending.take() {
-            Some((mut sum, total)) => {
-                sum.accumulate(grads)?;
-                (sum, total + value)
-            }
-            None => (grads, value),
-        });
-        self.pending_micro += 1;
-        if self.pending_micro < self.config.gradient_accumulation_steps {
+        if !self.accumulate(grads, value)? {
             return Ok(None);
         }
         self.finish_step().map(Some)
@@ -856,7 +879,7 @@ impl TextToImageTrainer {
 
     /// Whether micro-batches of an unfinished optimizer step are pending.
     pub fn has_pending(&self) -> bool {
-        self.pending.is_some()
+        self.pending.is_pending()
     }
 
     fn device(&self) -> Device {

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 
+use diffusion_core::burn::module::Module;
 use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
 use diffusion_core::config::ConfigFile;
 use diffusion_core::weights::SafetensorsFile;
@@ -35,10 +36,13 @@ use diffusion_models::{
 use diffusion_schedulers::{AnyScheduler, Scheduler};
 
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokenize_captions};
-use crate::checkpoint::{RNG_SCHEME, due_checkpoint, list_checkpoints};
+use crate::checkpoint::{
+    RNG_SCHEME, check_resumable, due_checkpoint, list_checkpoints, read_state_file,
+    write_checkpoint_dir, write_state_file,
+};
 use crate::ema::EmaModel;
 use crate::lora::{LORA_WEIGHT_NAME, UNetLora};
-use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState};
+use crate::mixed_precision::MixedPrecisionState;
 use crate::objective::NoiseDraws;
 use crate::optimizer::AdamW;
 use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
@@ -64,6 +68,19 @@ pub struct TextToImageState {
     pub rng_scheme: String,
     /// The settings of the run that wrote the checkpoint.
     pub config: TextToImageConfig,
+}
+
+impl TextToImageState {
+    /// Where `trainer` stands now.
+    pub fn of(trainer: &TextToImageTrainer) -> Self {
+        Self {
+            global_step: trainer.global_step(),
+            num_training_steps: trainer.num_training_steps(),
+            seed: trainer.config().seed,
+            rng_scheme: RNG_SCHEME.into(),
+            config: trainer.config().clone(),
+        }
+    }
 }
 
 /// The frozen parts of the pipeline: tokenizer, text encoder, VAE (without autodiff).
@@ -140,68 +157,99 @@ impl FrozenComponents {
 /// # Errors
 /// [`Error::Io`] and model saving errors.
 pub fn save_text_to_image_checkpoint(trainer: &TextToImageTrainer, dir: &Path) -> Result<()> {
-    let io = |p: &Path, e| Error::io(p, e);
-    let parent = dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    match trainer.lora() {
-        Some(lora) => {
-            lora.save(tmp.join(LORA_WEIGHT_NAME))?;
-            trainer
-                .optimizer()
-                .save(lora.factors(), &tmp.join("optimizer"))?;
+    write_checkpoint_dir(dir, |tmp| {
+        match trainer.lora() {
+            Some(lora) => {
+                lora.save(tmp.join(LORA_WEIGHT_NAME))?;
+                trainer
+                    .optimizer()
+                    .save(lora.factors(), &tmp.join("optimizer"))?;
+            }
+            None => {
+                trainer.unet().save_pretrained(tmp.join("unet"))?;
+                trainer
+                    .optimizer()
+                    .save(trainer.unet(), &tmp.join("optimizer"))?;
+            }
         }
-        None => {
-            trainer.unet().save_pretrained(tmp.join("unet"))?;
-            trainer
-                .optimizer()
-                .save(trainer.unet(), &tmp.join("optimizer"))?;
+        if let Some(ema) = trainer.ema() {
+            let ema_dir = tmp.join("unet_ema");
+            ema.copy_to(trainer.unet()).save_pretrained(&ema_dir)?;
+            let config_path = ema_dir.join("config.json");
+            let mut file = ConfigFile::<UNet2DConditionModelConfig>::load(&config_path)?;
+            file.unknown.extend(ema.config_entries());
+            file.save(&config_path)?;
         }
-    }
-    if let Some(ema) = trainer.ema() {
-        let ema_dir = tmp.join("unet_ema");
-        ema.copy_to(trainer.unet()).save_pretrained(&ema_dir)?;
-        let config_path = ema_dir.join("config.json");
-        let mut file = ConfigFile::<UNet2DConditionModelConfig>::load(&config_path)?;
-        file.unknown.extend(ema.config_entries());
-        file.save(&config_path)?;
-    }
-    let state = TextToImageState {
-        global_step: trainer.global_step(),
-        num_training_steps: trainer.num_training_steps(),
-        seed: trainer.config().seed,
-        rng_scheme: RNG_SCHEME.into(),
-        config: trainer.config().clone(),
-    };
-    let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-    diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
-    let mixed = trainer.mixed_precision_state();
-    if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
-        mixed.save(&tmp)?;
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(|e| io(dir, e))?;
-    }
-    std::fs::rename(&tmp, dir).map_err(|e| io(dir, e))
+        write_state_file(tmp, STATE_FILE, &TextToImageState::of(trainer))?;
+        trainer.mixed_precision_state().save_if_used(tmp)
+    })
+}
+
+/// Write the checkpoint of a run whose one AdamW (`trainer`'s) steps `factors`, a set of LoRAs
+/// (DreamBooth's and SDXL's with the text encoders): `save_lora` writes the LoRA file at the
+/// path it is given, then the AdamW state of `factors` (`optimizer/`), `training_state.json`
+/// and the mixed-precision state; through a temporary folder renamed at the end.
+///
+/// # Errors
+/// [`Error::Io`] and saving errors.
+pub(crate) fn save_lora_set_checkpoint<M: Module>(
+    trainer: &TextToImageTrainer,
+    factors: &M,
+    save_lora: impl FnOnce(&Path) -> Result<()>,
+    dir: &Path,
+) -> Result<()> {
+    write_checkpoint_dir(dir, |tmp| {
+        save_lora(&tmp.join(LORA_WEIGHT_NAME))?;
+        trainer.optimizer().save(factors, &tmp.join("optimizer"))?;
+        write_state_file(tmp, STATE_FILE, &TextToImageState::of(trainer))?;
+        trainer.mixed_precision_state().save_if_used(tmp)
+    })
+}
+
+/// The state of a checkpoint [`save_lora_set_checkpoint`] wrote, checked for resuming (RNG
+/// scheme, step within `num_training_steps`), and its LoRA file, to build the trainer from.
+///
+/// # Errors
+/// As [`read_state_file`] and [`check_resumable`]; [`Error::Io`] / safetensors errors naming
+/// the LoRA file.
+pub(crate) fn open_lora_set_checkpoint(
+    dir: &Path,
+    num_training_steps: usize,
+) -> Result<(TextToImageState, SafetensorsFile)> {
+    let state = read_state(dir)?;
+    check_resumable(
+        dir,
+        &state.rng_scheme,
+        state.global_step,
+        num_training_steps,
+    )?;
+    Ok((state, SafetensorsFile::open(dir.join(LORA_WEIGHT_NAME))?))
+}
+
+/// Put a rebuilt trainer where the checkpoint left it: the AdamW state of `factors`, the step
+/// count and the mixed-precision state.
+///
+/// # Errors
+/// As [`AdamW::load`] and [`MixedPrecisionState::restore`].
+pub(crate) fn restore_lora_set_progress<M: Module>(
+    trainer: &mut TextToImageTrainer,
+    factors: &M,
+    state: &TextToImageState,
+    dir: &Path,
+) -> Result<()> {
+    trainer.optimizer = AdamW::load(trainer.config.adamw(), factors, &dir.join("optimizer"))?;
+    trainer.global_step = state.global_step;
+    let setting = trainer.config.mixed_precision();
+    MixedPrecisionState::restore(
+        dir,
+        setting,
+        &mut trainer.skipped_steps,
+        &mut trainer.grad_scaler,
+    )
 }
 
 fn read_state(dir: &Path) -> Result<TextToImageState> {
-    let path = dir.join(STATE_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-    let value = diffusion_core::config::parse_json(&text, &path)?;
-    serde_json::from_value(value).map_err(|e| Error::ConfigField {
-        path: path.clone(),
-        field: "<root>".into(),
-        message: e.to_string(),
-    })
+    read_state_file(dir, STATE_FILE)
 }
 
 /// Rebuild a trainer from checkpoint `dir` with `config`'s settings.
@@ -216,21 +264,13 @@ pub fn load_text_to_image_checkpoint(
     device: &Device,
 ) -> Result<TextToImageTrainer> {
     let state = read_state(dir)?;
+    check_resumable(
+        dir,
+        &state.rng_scheme,
+        state.global_step,
+        num_training_steps,
+    )?;
     let refuse = |m: String| Error::invalid_argument("resume_from_checkpoint", m);
-    if state.rng_scheme != RNG_SCHEME {
-        return Err(refuse(format!(
-            "{} was written with RNG scheme `{}`",
-            dir.display(),
-            state.rng_scheme
-        )));
-    }
-    if state.global_step > num_training_steps {
-        return Err(refuse(format!(
-            "{} is at step {}, past the planned {num_training_steps}",
-            dir.display(),
-            state.global_step
-        )));
-    }
     if state.config.lora.is_some() != config.lora.is_some() {
         return Err(refuse(format!(
             "{} is a {} checkpoint",
@@ -292,13 +332,12 @@ pub fn load_text_to_image_checkpoint(
         )?);
     }
     trainer.global_step = state.global_step;
-    if let Some(mixed) = MixedPrecisionState::load(dir)? {
-        trainer.skipped_steps = mixed.skipped_steps;
-        // The scale carries over between fp16 runs; another setting starts a fresh scaler.
-        if let (Some(saved), MixedPrecision::Fp16) = (mixed.grad_scaler, config.mixed_precision()) {
-            trainer.grad_scaler = Some(GradScaler::from_state(saved)?);
-        }
-    }
+    MixedPrecisionState::restore(
+        dir,
+        config.mixed_precision(),
+        &mut trainer.skipped_steps,
+        &mut trainer.grad_scaler,
+    )?;
     Ok(trainer)
 }
 

@@ -20,10 +20,11 @@ use diffusion_core::{Device, Error, Result};
 use diffusion_models::{CLIPTextModel, CLIPTokenizer, UNet2DConditionModel};
 use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType};
 
+use crate::checkpoint::{check_resumable, read_state_file, write_checkpoint_dir, write_state_file};
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
-use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
+use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
@@ -442,8 +443,7 @@ pub struct TextualInversionTrainer {
     rows: (usize, usize),
     global_step: usize,
     num_training_steps: usize,
-    pending: Option<(FlatGradients, f32)>,
-    pending_micro: usize,
+    pending: Accumulator,
     grad_scaler: Option<GradScaler>,
     skipped_steps: usize,
     last_step_skipped: bool,
@@ -518,8 +518,7 @@ impl TextualInversionTrainer {
             rows: (first, last),
             global_step: 0,
             num_training_steps,
-            pending: None,
-            pending_micro: 0,
+            pending: Accumulator::default(),
             grad_scaler: config.mixed_precision.grad_scaler(),
             skipped_steps: 0,
             last_step_skipped: false,
@@ -602,15 +601,7 @@ impl TextualInversionTrainer {
             None => loss,
         };
         let grads = self.gradients(loss);
-        self.pending = Some(match self.pending.take() {
-            Some((mut sum, total)) => {
-                sum.accumulate(grads)?;
-                (sum, total + value)
-            }
-            None => (grads, value),
-        });
-        self.pending_micro += 1;
-        if self.pending_micro < k {
+        if !self.pending.add(grads, value, k)? {
             return Ok(None);
         }
         self.finish_step().map(Some)
@@ -622,11 +613,7 @@ impl TextualInversionTrainer {
     /// # Errors
     /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
     pub fn finish_step(&mut self) -> Result<StepStats> {
-        let (mut grads, loss) = self
-            .pending
-            .take()
-            .ok_or_else(|| Error::invalid_argument("step", "no micro-batch was accumulated"))?;
-        self.pending_micro = 0;
+        let (mut grads, loss) = self.pending.take()?;
         // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
         // with the optimizer's).
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
@@ -708,36 +695,20 @@ impl TextualInversionTrainer {
     /// # Errors
     /// [`Error::Io`] and serialisation errors.
     pub fn save_checkpoint(&self, dir: &Path) -> Result<()> {
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = parent.join(format!(".{name}.partial-{}", std::process::id()));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        }
-        std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        self.save_learned_embeds(tmp.join(LEARNED_EMBEDS_NAME))?;
-        let embedding = &self.text_encoder.text_model.embeddings.token_embedding;
-        self.optimizer.save(embedding, &tmp.join("optimizer"))?;
-        let mixed = self.mixed_precision_state();
-        if mixed.mixed_precision != MixedPrecision::No || mixed.skipped_steps > 0 {
-            mixed.save(&tmp)?;
-        }
-        let state = TextualInversionState {
-            global_step: self.global_step,
-            num_training_steps: self.num_training_steps,
-            seed: self.config.seed,
-            rng_scheme: crate::checkpoint::RNG_SCHEME.into(),
-            config: self.config.clone(),
-        };
-        let text = serde_json::to_string_pretty(&state).unwrap_or_default();
-        diffusion_core::config::write_atomically(&tmp.join(STATE_FILE), text.as_bytes())?;
-        if dir.exists() {
-            std::fs::remove_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-        }
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))
+        write_checkpoint_dir(dir, |tmp| {
+            self.save_learned_embeds(tmp.join(LEARNED_EMBEDS_NAME))?;
+            let embedding = &self.text_encoder.text_model.embeddings.token_embedding;
+            self.optimizer.save(embedding, &tmp.join("optimizer"))?;
+            self.mixed_precision_state().save_if_used(tmp)?;
+            let state = TextualInversionState {
+                global_step: self.global_step,
+                num_training_steps: self.num_training_steps,
+                seed: self.config.seed,
+                rng_scheme: crate::checkpoint::RNG_SCHEME.into(),
+                config: self.config.clone(),
+            };
+            write_state_file(tmp, STATE_FILE, &state)
+        })
     }
 
     /// Continue from a checkpoint [`Self::save_checkpoint`] wrote: its placeholder rows, AdamW
@@ -749,31 +720,14 @@ impl TextualInversionTrainer {
     /// the plan, or rows that do not fit the placeholders; the optimizer loader's errors naming
     /// the key.
     pub fn restore_checkpoint(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let value = diffusion_core::config::parse_json(&text, &path)?;
-        let state: TextualInversionState =
-            serde_json::from_value(value).map_err(|e| Error::ConfigField {
-                path: path.clone(),
-                field: "<root>".into(),
-                message: e.to_string(),
-            })?;
+        let state: TextualInversionState = read_state_file(dir, STATE_FILE)?;
+        check_resumable(
+            dir,
+            &state.rng_scheme,
+            state.global_step,
+            self.num_training_steps,
+        )?;
         let refuse = |m: String| Error::invalid_argument("resume_from_checkpoint", m);
-        if state.rng_scheme != crate::checkpoint::RNG_SCHEME {
-            return Err(refuse(format!(
-                "{} was written with RNG scheme `{}`",
-                dir.display(),
-                state.rng_scheme
-            )));
-        }
-        if state.global_step > self.num_training_steps {
-            return Err(refuse(format!(
-                "{} is at step {}, past the planned {}",
-                dir.display(),
-                state.global_step,
-                self.num_training_steps
-            )));
-        }
         let file = diffusion_core::weights::SafetensorsFile::open(dir.join(LEARNED_EMBEDS_NAME))?;
         let (values, shape) = file.read_f32(&self.config.placeholder_token)?;
         let want = self.learned_embeds().dims().to_vec();
@@ -798,15 +752,12 @@ impl TextualInversionTrainer {
         self.optimizer = AdamW::load(self.config.adamw(), &embedding, &dir.join("optimizer"))?;
         self.set_learned_rows(embedding, rows);
         self.global_step = state.global_step;
-        if let Some(mixed) = MixedPrecisionState::load(dir)? {
-            self.skipped_steps = mixed.skipped_steps;
-            // The scale carries over between fp16 runs; another setting starts a fresh scaler.
-            if let (Some(saved), MixedPrecision::Fp16) =
-                (mixed.grad_scaler, self.config.mixed_precision)
-            {
-                self.grad_scaler = Some(GradScaler::from_state(saved)?);
-            }
-        }
+        MixedPrecisionState::restore(
+            dir,
+            self.config.mixed_precision,
+            &mut self.skipped_steps,
+            &mut self.grad_scaler,
+        )?;
         Ok(())
     }
 

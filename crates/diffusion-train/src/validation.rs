@@ -258,12 +258,12 @@ fn framed(tile: &RgbImage) -> RgbImage {
 }
 
 /// The tiles in a near-square grid (`cols` columns when given), each framed.
-fn framed_grid(tiles: &[RgbImage], cols: Option<usize>) -> Result<RgbImage> {
+pub(crate) fn framed_grid(tiles: &[RgbImage], cols: Option<usize>) -> Result<RgbImage> {
     let tiles: Vec<RgbImage> = tiles.iter().map(framed).collect();
     padded_image_grid(&tiles, cols)
 }
 
-fn save(
+pub(crate) fn save(
     output_dir: &Path,
     at: ValidationPoint,
     grid: &RgbImage,

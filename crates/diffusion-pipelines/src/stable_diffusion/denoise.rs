@@ -10,7 +10,7 @@ use diffusion_models::{
 use diffusion_schedulers::{AnyScheduler, Scheduler, SetTimesteps, StepOptions};
 
 use crate::pipeline_utils::{
-    ImagePipelineOutput, StepCallback, StepControl, StepInfo, noise_source, progress_bar,
+    ImagePipelineOutput, StepCallback, after_step, noise_source, progress_bar,
 };
 
 /// diffusers' `retrieve_timesteps`: a step count, or custom `timesteps` / `sigmas` (then the
@@ -284,32 +284,10 @@ impl DenoiseLoop<'_, '_> {
                 latents = keep.mul(known).add(mask.clone().mul(latents));
             }
             bar.inc(1);
-            if let Some(callback) = self.callback.as_mut() {
-                let info = StepInfo {
-                    step: i,
-                    num_steps: n,
-                    timestep: t,
-                    latents: &latents,
-                };
-                match callback(info) {
-                    StepControl::Continue => {}
-                    StepControl::ReplaceLatents(new) => {
-                        if new.dims() != shape {
-                            return Err(Error::invalid_argument(
-                                "callback",
-                                format!(
-                                    "returned latents of shape {:?}, expected {shape:?}",
-                                    new.dims()
-                                ),
-                            ));
-                        }
-                        latents = new;
-                    }
-                    StepControl::Interrupt => {
-                        interrupted = true;
-                        break;
-                    }
-                }
+            let callback = self.callback.as_deref_mut();
+            if after_step(callback, i, n, t, &mut latents)? {
+                interrupted = true;
+                break;
             }
         }
         bar.finish_and_clear();

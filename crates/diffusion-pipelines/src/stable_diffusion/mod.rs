@@ -46,6 +46,7 @@ const PIPELINE_CLASSES: &[&str] = &[
     "StableDiffusionInpaintPipeline",
     "CycleDiffusionPipeline",
     "StableDiffusionPix2PixZeroPipeline",
+    "StableDiffusionInstructPix2PixPipeline",
 ];
 
 /// What Stable Diffusion folders may hold. Optional components: the IP-Adapter image encoder and

@@ -4,6 +4,7 @@ mod alt_diffusion;
 mod common;
 mod cycle_diffusion;
 mod every_scheduler;
+mod instruct_pix2pix;
 mod ip_adapter;
 mod lora;
 mod pix2pix_zero;

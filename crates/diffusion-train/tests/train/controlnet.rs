@@ -84,6 +84,7 @@ fn controlnet_steps_match_diffusers() {
         adam_weight_decay: f(&hp["adam_weight_decay"]),
         adam_epsilon: f(&hp["adam_epsilon"]),
         max_grad_norm: Some(f(&hp["max_grad_norm"])),
+        ..ControlNetTrainConfig::default()
     };
     let controlnet = ControlNetModel::from_pretrained(root().join("controlnet"), &dev).unwrap();
     let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();
@@ -146,4 +147,540 @@ fn controlnet_steps_match_diffusers() {
     let (key, diff) = compare(&params, &source, "param");
     eprintln!("controlnet: worst parameter difference after the steps {diff:e} (`{key}`)");
     assert!(diff <= TOL, "`{key}` differs by {diff}");
+}
+
+mod run {
+    //! `train_controlnet` with validation images (train_controlnet.py's `log_validation`).
+
+    use std::path::{Path, PathBuf};
+
+    use diffusion_core::image::{ImageOutput, OutputType, RgbImage, load_image, read_png_text};
+    use diffusion_core::{Error, NoiseSource, TorchGenerator};
+    use diffusion_models::{ControlNetModel, ModelMixin};
+    use diffusion_pipelines::{
+        StableDiffusionComponents, StableDiffusionControlNetArgs, StableDiffusionControlNetPipeline,
+    };
+    use diffusion_train::controlnet_run::ControlNetValidationConfig;
+    use diffusion_train::validation::{STRIP_FILE, validation_dir, validation_path};
+    use diffusion_train::{ControlNetRunConfig, train_controlnet};
+
+    use super::{root, sd1};
+    use crate::device;
+
+    fn config(out: &Path, validation: ControlNetValidationConfig) -> ControlNetRunConfig {
+        let mut config = ControlNetRunConfig {
+            pretrained_model: sd1(),
+            controlnet_model: Some(root().join("controlnet")),
+            train_data_dir: root().join("data"),
+            output_dir: out.to_path_buf(),
+            resolution: 32,
+            train_batch_size: 2,
+            max_train_steps: Some(3),
+            checkpointing_steps: 2,
+            seed: 5,
+            validation,
+            show_progress: false,
+            ..ControlNetRunConfig::default()
+        };
+        config.train.learning_rate = 1e-3;
+        config.train.lr_warmup_steps = 0;
+        config
+    }
+
+    fn validation() -> ControlNetValidationConfig {
+        ControlNetValidationConfig {
+            validation_prompts: vec!["a red square".into(), "two green lines".into()],
+            // One control image for both prompts.
+            validation_images: vec![root().join("data/0_cond.png")],
+            num_validation_images: 2,
+            validation_steps: 2,
+            num_inference_steps: 2,
+            seed: Some(11),
+            ..ControlNetValidationConfig::default()
+        }
+    }
+
+    fn read(path: &Path) -> Vec<u8> {
+        std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
+    fn pngs(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(validation_dir(dir))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+    /// The 32x32 tile at grid row `r`, column `c` (tiles framed by 2 pixels).
+    fn tile(grid: &RgbImage, r: u32, c: u32) -> RgbImage {
+        image::imageops::crop_imm(grid, c * 36 + 2, r * 36 + 2, 32, 32).to_image()
+    }
+
+    #[test]
+    fn validation_leaves_training_unchanged_and_matches_the_pipeline() {
+        let plain_dir = tempfile::tempdir().unwrap();
+        let plain = train_controlnet(
+            &config(plain_dir.path(), ControlNetValidationConfig::default()),
+            &device(),
+        )
+        .unwrap();
+        assert!(!validation_dir(plain_dir.path()).exists());
+        let dir = tempfile::tempdir().unwrap();
+        let with = train_controlnet(&config(dir.path(), validation()), &device()).unwrap();
+        assert_eq!(with.steps, plain.steps);
+        assert_eq!(
+            read(&dir.path().join(WEIGHTS)),
+            read(&plain_dir.path().join(WEIGHTS))
+        );
+        assert_eq!(
+            pngs(dir.path()),
+            [STRIP_FILE, "step-000002.png", "step-000003.png"]
+        );
+        let at3 = validation_path(dir.path(), 3);
+        let grid = load_image(&at3).unwrap();
+        // A row per prompt: the control image, then two images; 32x32 tiles framed by 2.
+        assert_eq!(grid.dimensions(), (3 * 36, 2 * 36));
+        let text = read_png_text(&at3).unwrap();
+        let text = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+        assert!(text.starts_with("a red square\n"), "{text}");
+        for field in [
+            "Steps: 2",
+            "Sampler: UniPCMultistepScheduler",
+            "CFG scale: 7.5",
+            "Seed: 11",
+            "Size: 32x32",
+            "Batch size: 2",
+            "Training step: 3",
+            r#"Prompts: ["a red square","two green lines"]"#,
+            "Control images: ",
+        ] {
+            assert!(text.contains(field), "{field} not in {text:?}");
+        }
+        let control = load_image(root().join("data/0_cond.png")).unwrap();
+        assert_eq!(tile(&grid, 0, 0), control);
+        assert_eq!(tile(&grid, 1, 0), control);
+
+        // The images are the ControlNet pipeline's with the saved ControlNet, every call drawing
+        // its latents in turn from one generator seeded with the validation seed.
+        let dev = device();
+        let mut components =
+            StableDiffusionComponents::from_pretrained(sd1().to_str().unwrap(), &dev).unwrap();
+        components.set_scheduler("UniPCMultistepScheduler").unwrap();
+        let controlnet = ControlNetModel::from_pretrained(dir.path(), &dev).unwrap();
+        let mut pipe = StableDiffusionControlNetPipeline::from_parts(components, controlnet);
+        let mut generator = TorchGenerator::new(11);
+        for (r, prompt) in ["a red square", "two green lines"].iter().enumerate() {
+            for c in 1..=2 {
+                let latents = diffusion_core::tensor::randn_tensor(
+                    [1, 4, 16, 16],
+                    NoiseSource::Single(&mut generator),
+                    &dev,
+                )
+                .unwrap();
+                let out = pipe
+                    .call(StableDiffusionControlNetArgs {
+                        prompt: vec![prompt.to_string()],
+                        image: Some(control.clone().into()),
+                        num_inference_steps: 2,
+                        latents: Some(latents),
+                        output_type: OutputType::Pil,
+                        progress: false,
+                        ..Default::default()
+                    })
+                    .unwrap();
+                let ImageOutput::Images(images) = out.images else {
+                    panic!("no images")
+                };
+                // The trainer keeps its weights in another memory layout, so sums may round
+                // differently: one 8-bit level at most.
+                let got = tile(&grid, r as u32, c);
+                let worst = got
+                    .as_raw()
+                    .iter()
+                    .zip(images[0].as_raw())
+                    .map(|(a, b)| a.abs_diff(*b))
+                    .max()
+                    .unwrap();
+                eprintln!("row {r} column {c}: worst difference {worst}/255");
+                assert!(worst <= 1, "row {r} column {c}: {worst}/255");
+            }
+        }
+        // Generated images differ between the draws.
+        assert_ne!(tile(&grid, 0, 1), tile(&grid, 0, 2));
+
+        // Resumed from step 2, the run writes the same last grid.
+        let resumed_dir = tempfile::tempdir().unwrap();
+        copy_dir(
+            &dir.path().join("checkpoint-2"),
+            &resumed_dir.path().join("checkpoint-2"),
+        );
+        let resumed_config = ControlNetRunConfig {
+            resume_from_checkpoint: Some("latest".into()),
+            ..config(resumed_dir.path(), validation())
+        };
+        let resumed = train_controlnet(&resumed_config, &device()).unwrap();
+        assert_eq!(resumed.steps, with.steps[2..]);
+        assert_eq!(pngs(resumed_dir.path()), [STRIP_FILE, "step-000003.png"]);
+        assert_eq!(read(&validation_path(resumed_dir.path(), 3)), read(&at3));
+    }
+
+    pub(super) fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn bad_validation_settings_fail_before_training() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let name_of =
+            |v: ControlNetValidationConfig| match train_controlnet(&config(&out, v), &device()) {
+                Err(Error::InvalidArgument { name, .. }) => name,
+                other => panic!("expected InvalidArgument, got {other:?}"),
+            };
+        let v = validation();
+        assert_eq!(
+            name_of(ControlNetValidationConfig {
+                validation_images: Vec::new(),
+                ..v.clone()
+            }),
+            "validation.validation_image"
+        );
+        assert_eq!(
+            name_of(ControlNetValidationConfig {
+                validation_prompts: Vec::new(),
+                ..v.clone()
+            }),
+            "validation.validation_prompt"
+        );
+        let three: Vec<PathBuf> = (0..3)
+            .map(|i| root().join(format!("data/{i}_cond.png")))
+            .collect();
+        assert_eq!(
+            name_of(ControlNetValidationConfig {
+                validation_images: three,
+                ..v.clone()
+            }),
+            "validation.validation_image"
+        );
+        assert_eq!(
+            name_of(ControlNetValidationConfig {
+                num_validation_images: 0,
+                ..v.clone()
+            }),
+            "validation.num_validation_images"
+        );
+        assert_eq!(
+            name_of(ControlNetValidationConfig {
+                validation_steps: 0,
+                ..v.clone()
+            }),
+            "validation.validation_steps"
+        );
+        // A missing or unreadable control image is named, and nothing is trained or written.
+        let missing = dir.path().join("missing.png");
+        let err = train_controlnet(
+            &config(
+                &out,
+                ControlNetValidationConfig {
+                    validation_images: vec![missing],
+                    ..v.clone()
+                },
+            ),
+            &device(),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, Error::NotFound { path, .. } if path.ends_with("missing.png")),
+            "{err}"
+        );
+        let garbage = dir.path().join("garbage.png");
+        std::fs::write(&garbage, b"not an image").unwrap();
+        let err = train_controlnet(
+            &config(
+                &out,
+                ControlNetValidationConfig {
+                    validation_images: vec![garbage],
+                    ..v
+                },
+            ),
+            &device(),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("garbage.png"), "{err}");
+        assert!(!out.exists());
+    }
+}
+
+mod half {
+    //! `--mixed_precision fp16|bf16`: f32 masters with a half copy in the graph, the frozen UNet
+    //! in the half dtype, fp16 loss scaling with skipped steps, exact resume.
+
+    use std::path::Path;
+
+    use diffusion_core::burn::tensor::DType;
+    use diffusion_core::weights::WeightSource;
+    use diffusion_models::{ControlNetModel, ModelMixin, UNet2DConditionModel, state_dict};
+    use diffusion_train::mixed_precision::param_dtypes;
+    use diffusion_train::{
+        ControlNetRunConfig, ControlNetTrainConfig, ControlNetTrainer, GradScaler,
+        GradScalerConfig, LrScheduleKind, MixedPrecision, NoiseDraws, load_noise_scheduler,
+        train_controlnet,
+    };
+
+    use super::{root, sd1};
+    use crate::mixed_precision::half_tolerances;
+    use crate::{device, tensor};
+
+    fn trainer(mp: MixedPrecision) -> ControlNetTrainer {
+        let dev = device();
+        let config = ControlNetTrainConfig {
+            learning_rate: 1e-3,
+            lr_scheduler: LrScheduleKind::Cosine,
+            lr_warmup_steps: 0,
+            mixed_precision: mp,
+            ..ControlNetTrainConfig::default()
+        };
+        let controlnet = ControlNetModel::from_pretrained(root().join("controlnet"), &dev).unwrap();
+        let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();
+        let scheduler = load_noise_scheduler(&sd1()).unwrap();
+        ControlNetTrainer::new(&config, controlnet, unet, scheduler, 10, &dev).unwrap()
+    }
+
+    /// One step of the parity fixture: (loss, flat gradients) without stepping, then the step.
+    fn inputs() -> (
+        diffusion_core::burn::tensor::Tensor<4>,
+        diffusion_core::burn::tensor::Tensor<3>,
+        diffusion_core::burn::tensor::Tensor<4>,
+        NoiseDraws,
+    ) {
+        let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
+        let dev = device();
+        let (t, _) = source.read_f32("timesteps/0").unwrap();
+        (
+            tensor(&source, "latents", &dev),
+            tensor(&source, "encoder_hidden_states", &dev),
+            tensor(&source, "conditioning_pixel_values", &dev),
+            NoiseDraws {
+                noise: tensor(&source, "noise/0", &dev),
+                offset_noise: None,
+                perturbation: None,
+                timesteps: t.iter().map(|&v| v as usize).collect(),
+            },
+        )
+    }
+
+    fn loss_and_grads(t: &ControlNetTrainer) -> (f32, Vec<f32>) {
+        let (latents, states, image, draws) = inputs();
+        let loss = t.loss(latents, states, image, &draws).unwrap();
+        assert_eq!(loss.dtype(), DType::F32);
+        let value = loss.clone().inner().into_scalar::<f32>();
+        let grads = t.gradients(loss);
+        let flat = grads
+            .tensors()
+            .iter()
+            .flatten()
+            .flat_map(|g| {
+                assert_eq!(g.dtype(), DType::F32, "gradients reach the f32 masters");
+                diffusion_core::tensor::to_vec(g.clone())
+            })
+            .collect();
+        (value, flat)
+    }
+
+    fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+        let num: f64 = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
+            .sum();
+        let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    /// bf16 and fp16 steps stay within the dtype-derived bound of
+    /// `mixed_precision::half_precision_step_stays_close_to_f32`, where `L` counts the conv and
+    /// linear weights of the ControlNet and the UNet (a path runs through the ControlNet's down
+    /// blocks into the UNet's skip connections and up blocks).
+    #[test]
+    fn half_precision_step_stays_close_to_f32() {
+        let reference = trainer(MixedPrecision::No);
+        let layers = state_dict(reference.controlnet())
+            .iter()
+            .chain(state_dict(&reference.inference_unet()).iter())
+            .filter(|t| t.shape.len() >= 2)
+            .count();
+        let (loss32, grads32) = loss_and_grads(&reference);
+        let mut f32_trainer = trainer(MixedPrecision::No);
+        let (latents, states, image, draws) = inputs();
+        let stats32 = f32_trainer
+            .step(latents.clone(), states.clone(), image.clone(), &draws)
+            .unwrap();
+        for mp in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
+            let (loss_tol, grad_tol) = half_tolerances(mp, layers);
+            let mut t = trainer(mp);
+            assert_eq!(t.unet_dtype(), mp.dtype().unwrap(), "frozen UNet in half");
+            let (loss, grads) = loss_and_grads(&t);
+            let loss_rel = (f64::from(loss) - f64::from(loss32)).abs() / f64::from(loss32);
+            let grad_rel = rel_l2(&grads, &grads32);
+            eprintln!(
+                "{mp:?}: {layers} layers; loss rel diff {loss_rel:.3e} (tol {loss_tol:.3e}), \
+                 gradient rel L2 diff {grad_rel:.3e} (tol {grad_tol:.3e})"
+            );
+            assert!(loss_rel <= loss_tol, "{mp:?}: loss {loss} vs {loss32}");
+            assert!(
+                grad_rel <= grad_tol,
+                "{mp:?}: gradients differ by {grad_rel}"
+            );
+            let stats = t
+                .step(latents.clone(), states.clone(), image.clone(), &draws)
+                .unwrap();
+            assert!(!t.last_step_skipped());
+            assert_eq!(
+                stats.loss, loss,
+                "{mp:?}: the step's loss is the unscaled loss"
+            );
+            let norm_rel = (f64::from(stats.grad_norm) - f64::from(stats32.grad_norm)).abs()
+                / f64::from(stats32.grad_norm);
+            assert!(
+                norm_rel <= grad_tol,
+                "{mp:?}: grad norm rel diff {norm_rel}"
+            );
+            let dtypes = param_dtypes(t.controlnet());
+            assert!(
+                !dtypes.is_empty() && dtypes.iter().all(|d| *d == DType::F32),
+                "{mp:?}: master weights are {dtypes:?}"
+            );
+            assert_eq!(t.grad_scaler().is_some(), mp == MixedPrecision::Fp16);
+            // AdamW's first update is at most lr per weight: within 2 lr of the f32 step's.
+            let lr = stats.lr as f32;
+            for (a, b) in state_dict(t.controlnet())
+                .iter()
+                .zip(&state_dict(f32_trainer.controlnet()))
+            {
+                let d = crate::max_abs_diff(&a.values, &b.values);
+                assert!(d <= 2.0 * lr * 1.0001, "{mp:?}: `{}` differs by {d}", a.key);
+            }
+        }
+    }
+
+    /// An fp16 step whose scaled gradients overflow is skipped: weights and optimizer untouched,
+    /// the scale halves, the learning-rate schedule does not advance.
+    #[test]
+    fn fp16_overflow_skips_the_step() {
+        let mut t = trainer(MixedPrecision::Fp16);
+        let huge = 2f64.powi(40);
+        t.set_grad_scaler(
+            GradScaler::new(GradScalerConfig {
+                init_scale: huge,
+                ..GradScalerConfig::default()
+            })
+            .unwrap(),
+        )
+        .unwrap();
+        let before = state_dict(t.controlnet());
+        let (latents, states, image, draws) = inputs();
+        let stats = t
+            .step(latents.clone(), states.clone(), image.clone(), &draws)
+            .unwrap();
+        assert!(stats.loss.is_finite());
+        assert!(t.last_step_skipped());
+        assert_eq!((t.skipped_steps(), t.global_step()), (1, 1));
+        assert_eq!(t.grad_scaler().unwrap().scale(), (huge / 2.0) as f32);
+        assert_eq!(t.optimizer().step_count(), 0);
+        for (a, b) in state_dict(t.controlnet()).iter().zip(&before) {
+            assert!(a.values == b.values, "`{}` changed", a.key);
+        }
+        t.set_grad_scaler(GradScaler::default()).unwrap();
+        let next = t.step(latents, states, image, &draws).unwrap();
+        assert!(!t.last_step_skipped());
+        assert_eq!(t.optimizer().step_count(), 1);
+        assert_eq!(
+            next.lr, stats.lr,
+            "cosine schedule held at the skipped step"
+        );
+        // Only fp16 has a scaler.
+        let mut bf16 = trainer(MixedPrecision::Bf16);
+        assert!(bf16.grad_scaler().is_none());
+        let err = bf16.set_grad_scaler(GradScaler::default()).unwrap_err();
+        assert!(err.to_string().contains("mixed_precision"), "{err}");
+    }
+
+    fn run_config(out: &Path) -> ControlNetRunConfig {
+        let mut config = ControlNetRunConfig {
+            pretrained_model: sd1(),
+            controlnet_model: Some(root().join("controlnet")),
+            train_data_dir: root().join("data"),
+            output_dir: out.to_path_buf(),
+            resolution: 32,
+            train_batch_size: 2,
+            max_train_steps: Some(3),
+            checkpointing_steps: 2,
+            show_progress: false,
+            ..ControlNetRunConfig::default()
+        };
+        config.train.learning_rate = 1e-3;
+        config.train.lr_warmup_steps = 0;
+        config.train.mixed_precision = MixedPrecision::Fp16;
+        // Validation runs the pipeline in f32 on the half-rounded frozen weights.
+        config.validation = diffusion_train::controlnet_run::ControlNetValidationConfig {
+            validation_prompts: vec!["a red square".into()],
+            validation_images: vec![root().join("data/0_cond.png")],
+            num_validation_images: 1,
+            validation_steps: 2,
+            num_inference_steps: 2,
+            ..Default::default()
+        };
+        config
+    }
+
+    /// `train_controlnet` in fp16 (frozen models in fp16) checkpoints its scaler and resumes
+    /// exactly.
+    #[test]
+    fn fp16_run_resumes_exactly() {
+        let full_dir = tempfile::tempdir().unwrap();
+        let full = train_controlnet(&run_config(full_dir.path()), &device()).unwrap();
+        let losses = full.losses();
+        assert_eq!(losses.len(), 3);
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        let ckpt = full_dir.path().join("checkpoint-2");
+        assert!(ckpt.join("mixed_precision.json").is_file());
+        for step in [2, 3] {
+            let grid = diffusion_train::validation::validation_path(full_dir.path(), step);
+            assert!(grid.is_file(), "{} missing", grid.display());
+        }
+        let resumed_dir = tempfile::tempdir().unwrap();
+        super::run::copy_dir(&ckpt, &resumed_dir.path().join("checkpoint-2"));
+        let resumed = train_controlnet(
+            &ControlNetRunConfig {
+                resume_from_checkpoint: Some("latest".into()),
+                ..run_config(resumed_dir.path())
+            },
+            &device(),
+        )
+        .unwrap();
+        assert_eq!(resumed.start_step, 2);
+        assert_eq!(resumed.losses(), losses[2..].to_vec());
+        let weights =
+            |d: &Path| std::fs::read(d.join("diffusion_pytorch_model.safetensors")).unwrap();
+        assert!(
+            weights(full_dir.path()) == weights(resumed_dir.path()),
+            "final weights differ"
+        );
+        // The saved ControlNet is f32.
+        let saved = ControlNetModel::from_pretrained(full_dir.path(), &device()).unwrap();
+        assert!(param_dtypes(&saved).iter().all(|d| *d == DType::F32));
+    }
 }

@@ -629,7 +629,8 @@ mod text_to_image {
             train_data_dir: root().join("data"),
             output_dir: out.to_path_buf(),
             resolution: 32,
-            train_batch_size: if devices == 0 { 2 } else { 2 / devices },
+            // Two images per step: on one device, or split over the devices.
+            train_batch_size: 2usize.checked_div(devices).unwrap_or(2),
             devices: vec!["cpu".into(); devices],
             max_train_steps: Some(3),
             learning_rate: 1e-2,

@@ -15,6 +15,7 @@ mod mixed_precision;
 mod oracle;
 mod resume;
 mod sdxl;
+mod sdxl_te_lora;
 mod te_lora;
 mod text_to_image;
 mod textual_inversion;
