@@ -202,9 +202,10 @@ pub struct TextToImageArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
 
-    /// Data-parallel full fine-tuning over these devices, the main one first (`cpu,cpu` or
-    /// `cuda:0,cuda:1`); --train-batch-size is then the batch of each device, as with
-    /// `accelerate launch --multi_gpu`. Overrides --device. Not for LoRA or SDXL.
+    /// Data-parallel training over these devices (full fine-tuning or LoRA, SD or SDXL, any
+    /// --mixed-precision), the main one first (`cpu,cpu` or `cuda:0,cuda:1`);
+    /// --train-batch-size is then the batch of each device, as with `accelerate launch
+    /// --multi_gpu`. Overrides --device.
     #[arg(long)]
     pub devices: Option<String>,
 
@@ -753,9 +754,6 @@ fn text_to_image(args: TextToImageArgs, lora: Option<(Option<usize>, Option<f64>
             .with_context(|| format!("--devices {list}"))?;
     }
     if crate::train_sdxl::is_sdxl(&config.pretrained_model)? {
-        if !config.devices.is_empty() {
-            bail!("--devices: data-parallel training is not implemented for SDXL");
-        }
         return crate::train_sdxl::train(config, &args);
     }
     crate::train_sdxl::refuse_flags(&args.sdxl)?;

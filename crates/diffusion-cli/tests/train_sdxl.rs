@@ -258,6 +258,25 @@ fn sdxl_lora_two_steps_resume_exactly_and_load() {
         std::fs::read(&file).unwrap()
     );
 
+    // Over two CPU handles: the dataset's two images make one global batch, one image per
+    // device, so the steps are the one-device run's up to the order of sums.
+    let parallel = dir.path().join("parallel");
+    ok(&train(
+        "lora",
+        "sdxl",
+        &parallel,
+        &[
+            &common[..],
+            &["--max-train-steps", "2", "--devices", "cpu,cpu"],
+        ]
+        .concat(),
+    ));
+    let parallel_losses = log_losses(&parallel);
+    assert_eq!(parallel_losses.len(), 2);
+    for (a, b) in losses.iter().zip(&parallel_losses) {
+        assert!((a - b).abs() <= 1e-5, "{losses:?} vs {parallel_losses:?}");
+    }
+
     let base_folder = fixtures().join("pipelines/sd/sdxl");
     let base = generate(&base_folder, None);
     let with_lora = generate(&base_folder, Some(&file));

@@ -65,7 +65,8 @@ pub use controlnet_run::{ControlNetRunConfig, train_controlnet};
 pub use data::{FolderOptions, ImageDataset};
 pub use data_parallel::{DataParallel, TextToImageParallel};
 pub use dreambooth::{
-    DreamBoothConfig, DreamBoothLoraFactors, DreamBoothTrainer, dreambooth_loss, train_dreambooth,
+    DreamBoothConfig, DreamBoothLoraFactors, DreamBoothParallel, DreamBoothTrainer,
+    dreambooth_loss, train_dreambooth,
 };
 pub use ema::{EmaConfig, EmaModel};
 pub use flow_matching::{FlowMatching, FlowMatchingConfig, FlowMatchingSchedule, WeightingScheme};
@@ -84,7 +85,7 @@ pub use optimizer::{AdamW, AdamWConfig, FlatGradients};
 pub use resize::Interpolation;
 pub use run::{LogEntry, TrainReport, train_unconditional};
 pub use sdxl::{
-    SdxlConditioning, SdxlTextEncoders, SdxlTrainConfig, SdxlTrainer, TimestepBias,
+    SdxlConditioning, SdxlParallel, SdxlTextEncoders, SdxlTrainConfig, SdxlTrainer, TimestepBias,
     TimestepBiasStrategy, compute_time_ids,
 };
 pub use sdxl_run::train_text_to_image_sdxl;

@@ -25,8 +25,9 @@ use diffusion_models::{
 use diffusion_schedulers::{DDPMScheduler, PredictionType};
 
 use crate::caption_data::{CropGeometry, tokenize_captions};
+use crate::data_parallel::{DataParallel, TextToImageParallel};
 use crate::lora::{LoraTrainConfig, UNetLora};
-use crate::objective::{NoiseDraws, conditional_prediction_with, mse_loss};
+use crate::objective::{NoiseDraws, Objective, conditional_prediction_with, mse_loss};
 use crate::text_to_image::{TextToImageConfig, TextToImageTrainer};
 use crate::trainer::StepStats;
 
@@ -245,7 +246,6 @@ impl SdxlTrainConfig {
     pub fn validate(&self) -> Result<()> {
         let base = &self.text_to_image;
         base.validate()?;
-        base.refuse_devices("SDXL")?;
         self.timestep_bias.validate()?;
         if base.input_perturbation != 0.0 {
             return Err(Error::invalid_argument(
@@ -564,11 +564,113 @@ impl SdxlConditioning {
         }
     }
 
+    /// Rows `rows` of the batch.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Self {
+        let n = rows.len();
+        Self {
+            prompt_embeds: self.prompt_embeds.clone().narrow(0, rows.start, n),
+            pooled_prompt_embeds: self.pooled_prompt_embeds.clone().narrow(0, rows.start, n),
+            time_ids: self.time_ids.clone().narrow(0, rows.start, n),
+        }
+    }
+
     fn to_device(&self, device: &Device) -> Self {
         Self {
             prompt_embeds: self.prompt_embeds.clone().to_device(device),
             pooled_prompt_embeds: self.pooled_prompt_embeds.clone().to_device(device),
             time_ids: self.time_ids.clone().to_device(device),
+        }
+    }
+}
+
+/// The loss of the SDXL scripts with `unet` on one micro-batch (every input on `unet`'s device):
+/// the MSE (with Min-SNR weights when set) of the prediction conditioned on the prompt
+/// embeddings, the pooled embeddings and the time ids; for the `sample` objective the full
+/// script's model output minus the noise against the latents.
+///
+/// # Errors
+/// As [`conditional_prediction_with`].
+pub(crate) fn sdxl_loss(
+    unet: &UNet2DConditionModel,
+    scheduler: &DDPMScheduler,
+    objective: &Objective,
+    latents: Tensor<4>,
+    cond: SdxlConditioning,
+    draws: &NoiseDraws,
+) -> Result<Tensor<1>> {
+    let device = latents.device();
+    let b = latents.dims()[0];
+    let options = UNet2DConditionOptions {
+        added_cond_kwargs: Some(AddedCondKwargs {
+            text_embeds: Some(cond.pooled_prompt_embeds),
+            time_ids: Some(cond.time_ids),
+            image_embeds: None,
+        }),
+        ..UNet2DConditionOptions::default()
+    };
+    let (mut pred, target) = conditional_prediction_with(
+        unet,
+        scheduler,
+        objective,
+        latents,
+        cond.prompt_embeds,
+        draws,
+        options,
+    )?;
+    if objective.prediction_type == PredictionType::Sample {
+        // The script's model predicts noise; it turns that into a sample target this way.
+        let mut noise = draws.noise.clone();
+        if let (Some(offset), true) = (&draws.offset_noise, objective.noise_offset > 0.0) {
+            noise = noise.add(
+                offset
+                    .clone()
+                    .mul_scalar(objective.noise_offset)
+                    .expand(pred.dims()),
+            );
+        }
+        pred = pred.sub(noise);
+    }
+    Ok(mse_loss(
+        pred,
+        target,
+        scheduler,
+        objective,
+        &draws.timesteps,
+        b,
+        &device,
+    ))
+}
+
+/// The replicas of what an SDXL run trains, one per device (see
+/// [`SdxlTrainer::data_parallel`]).
+#[derive(Debug)]
+pub enum SdxlParallel {
+    /// The UNet or its LoRA, as text-to-image training replicates them.
+    Unet(TextToImageParallel),
+    /// The three LoRAs of a `train_text_encoder` run: one replica of their factors per device,
+    /// and the frozen UNet and both text encoders on every device (the main device's first).
+    TextEncoders {
+        /// The factors' replicas.
+        factors: DataParallel<crate::sdxl_text_lora::SdxlLoraFactors>,
+        /// The frozen UNet per device.
+        unets: Vec<UNet2DConditionModel>,
+        /// The frozen `text_encoder` per device.
+        encoders: Vec<CLIPTextModel>,
+        /// The frozen `text_encoder_2` per device.
+        encoders_2: Vec<CLIPTextModelWithProjection>,
+    },
+}
+
+impl SdxlParallel {
+    /// Copy `trainer`'s current trained parameters into every other replica.
+    pub fn sync(&mut self, trainer: &SdxlTrainer) {
+        match self {
+            Self::Unet(p) => p.sync(&trainer.trainer),
+            Self::TextEncoders { factors, .. } => {
+                if let Some(main) = trainer.lora_factors() {
+                    factors.sync(&main);
+                }
+            }
         }
     }
 }
@@ -657,49 +759,14 @@ impl SdxlTrainer {
             perturbation: None,
             timesteps: draws.timesteps.clone(),
         };
-        let cond = cond.to_device(&device);
-        let latents = latents.to_device(&device);
-        let b = latents.dims()[0];
-        let objective = self.trainer.objective();
-        let options = UNet2DConditionOptions {
-            added_cond_kwargs: Some(AddedCondKwargs {
-                text_embeds: Some(cond.pooled_prompt_embeds),
-                time_ids: Some(cond.time_ids),
-                image_embeds: None,
-            }),
-            ..UNet2DConditionOptions::default()
-        };
-        let (mut pred, target) = conditional_prediction_with(
+        sdxl_loss(
             &self.trainer.forward_unet()?,
             self.trainer.scheduler(),
-            objective,
-            latents,
-            cond.prompt_embeds,
+            self.trainer.objective(),
+            latents.to_device(&device),
+            cond.to_device(&device),
             &draws,
-            options,
-        )?;
-        if objective.prediction_type == PredictionType::Sample {
-            // The script's model predicts noise; it turns that into a sample target this way.
-            let mut noise = draws.noise.clone();
-            if let (Some(offset), true) = (&draws.offset_noise, objective.noise_offset > 0.0) {
-                noise = noise.add(
-                    offset
-                        .clone()
-                        .mul_scalar(objective.noise_offset)
-                        .expand(pred.dims()),
-                );
-            }
-            pred = pred.sub(noise);
-        }
-        Ok(mse_loss(
-            pred,
-            target,
-            self.trainer.scheduler(),
-            objective,
-            &draws.timesteps,
-            b,
-            &device,
-        ))
+        )
     }
 
     /// One micro-batch: the loss, its backward, and the optimizer step after the last
@@ -721,6 +788,72 @@ impl SdxlTrainer {
         }
         let loss = self.loss(latents, cond, draws)?;
         self.trainer.step_loss(loss)
+    }
+
+    /// [`Self::step`] over the devices of `parallel` (from [`Self::data_parallel`]): the
+    /// micro-batch is sharded (latents, conditioning and draws), each device computes its part
+    /// of the SDXL loss and of the gradients with its replica, and the optimizer steps once on
+    /// the main device (see [`TextToImageTrainer::step_data_parallel_by`]).
+    ///
+    /// # Shapes
+    /// - `latents`: `[B, C, H, W]`; `cond` with batch `B` (the global batch)
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `train_text_encoder` when the text encoders are trained
+    /// (use [`Self::step_data_parallel_with_ids`]), `timesteps` when the draws do not fit the
+    /// batch; as [`TextToImageTrainer::step_data_parallel_by`].
+    pub fn step_data_parallel(
+        &mut self,
+        parallel: &mut SdxlParallel,
+        latents: Tensor<4>,
+        cond: &SdxlConditioning,
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        let SdxlParallel::Unet(parallel) = parallel else {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the text encoders are trained: pass prompt ids to step_data_parallel_with_ids",
+            ));
+        };
+        if self.text.is_some() {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the replicas were built without the text encoders; use \
+                 SdxlTrainer::data_parallel",
+            ));
+        }
+        let b = latents.dims()[0];
+        if draws.timesteps.len() != b {
+            return Err(Error::invalid_argument(
+                "timesteps",
+                format!("{} timesteps for a batch of {b}", draws.timesteps.len()),
+            ));
+        }
+        // Owned copies: the step below borrows the trainer mutably.
+        let scheduler = self.trainer.scheduler().clone();
+        let objective = self.trainer.objective().clone();
+        self.trainer
+            .step_data_parallel_by(parallel, b, |unet, rows, device| {
+                let shard = |t: &Tensor<4>| {
+                    t.clone()
+                        .narrow(0, rows.start, rows.len())
+                        .to_device(device)
+                };
+                let shard_draws = NoiseDraws {
+                    noise: shard(&draws.noise),
+                    offset_noise: draws.offset_noise.as_ref().map(shard),
+                    perturbation: None,
+                    timesteps: draws.timesteps[rows.clone()].to_vec(),
+                };
+                sdxl_loss(
+                    unet,
+                    &scheduler,
+                    &objective,
+                    shard(&latents),
+                    cond.rows(rows.clone()).to_device(device),
+                    &shard_draws,
+                )
+            })
     }
 
     /// The optimizer step on what the micro-batches so far accumulated (over all LoRAs with

@@ -195,6 +195,12 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
     config.validate()?;
     config.check_paths()?;
     let base = &config.text_to_image;
+    // With `devices`, the first of them is the main device (see `crate::data_parallel`).
+    let parallel_devices = match base.devices.as_slice() {
+        [] => None,
+        names => Some(crate::data_parallel::parse_devices(names)?),
+    };
+    let device = parallel_devices.as_ref().map_or(device, |d| &d[0]);
     let inner = device.clone().without_autodiff();
     let data = CaptionDataset::from_folder(
         &base.train_data_dir,
@@ -245,6 +251,10 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
             let scheduler = load_noise_scheduler(&base.pretrained_model)?;
             SdxlTrainer::new(config, unet, lora, scheduler, total, device)?
         }
+    };
+    let mut parallel = match parallel_devices {
+        Some(devices) => Some(trainer.data_parallel(devices)?),
+        None => None,
     };
     config.save(out.join("train_config.json"))?;
     let cached = if base.lora.is_none() || base.cache_latents {
@@ -340,8 +350,10 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
             }
             let (_, indices) =
                 order.get_or_insert_with(|| (epoch, epoch_order(base.seed, epoch, data.len())));
-            let begin = position * base.train_batch_size;
-            let batch = &indices[begin..(begin + base.train_batch_size).min(indices.len())];
+            // The global batch: `train_batch_size` rows per device.
+            let batch_size = base.global_batch_size();
+            let begin = position * batch_size;
+            let batch = &indices[begin..(begin + batch_size).min(indices.len())];
             let mut g = TorchGenerator::new(derived_seed(base.seed, 0, m as u64));
             if config.train_text_encoder {
                 // The captions go through the trained encoders inside the step.
@@ -349,7 +361,12 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
                     encoders.prepare(config, &data, batch, &mut g, &inner)?;
                 let (ids_one, ids_two) = encoders.text.input_ids(&captions, &inner)?;
                 let draws = micro_batch_draws(config, &mut g, latents.dims(), num_train, &inner)?;
-                stats = trainer.step_with_ids(latents, ids_one, ids_two, &time_ids, &draws)?;
+                stats = match &mut parallel {
+                    Some(p) => trainer.step_data_parallel_with_ids(
+                        p, latents, ids_one, ids_two, &time_ids, &draws,
+                    )?,
+                    None => trainer.step_with_ids(latents, ids_one, ids_two, &time_ids, &draws)?,
+                };
                 continue;
             }
             let (latents, cond) = match &cached {
@@ -361,11 +378,20 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
                 None => encoders.encode(config, &data, batch, &mut g, &inner)?,
             };
             let draws = micro_batch_draws(config, &mut g, latents.dims(), num_train, &inner)?;
-            stats = trainer.step(latents, &cond, &draws)?;
+            stats = match &mut parallel {
+                Some(p) => trainer.step_data_parallel(p, latents, &cond, &draws)?,
+                None => trainer.step(latents, &cond, &draws)?,
+            };
         }
         let stats = match stats {
             Some(s) => s,
-            None => trainer.finish_step()?,
+            None => {
+                let stats = trainer.finish_step()?;
+                if let Some(p) = &mut parallel {
+                    p.sync(&trainer);
+                }
+                stats
+            }
         };
         record_step(&stats, epoch, stats.ema_decay, &mut log, &log_path, &bar)?;
         report.steps.push(stats);

@@ -27,7 +27,7 @@ use std::path::Path;
 
 use diffusion_core::burn;
 use diffusion_core::burn::module::Module;
-use diffusion_core::burn::tensor::{Int, Tensor};
+use diffusion_core::burn::tensor::{FloatDType, Int, Tensor};
 use diffusion_core::weights::{NamedTensor, SafetensorsFile};
 use diffusion_core::{Device, Error, Result};
 use diffusion_models::{
@@ -35,11 +35,15 @@ use diffusion_models::{
 };
 use diffusion_schedulers::DDPMScheduler;
 
+use crate::data_parallel::DataParallel;
 use crate::lora::{LoraComponent, LoraFactors, LoraTrainConfig, UNetLora};
 use crate::mixed_precision::half_copy;
 use crate::objective::NoiseDraws;
 use crate::optimizer::FlatGradients;
-use crate::sdxl::{SdxlConditioning, SdxlTrainConfig, SdxlTrainer, encode_prompt_ids};
+use crate::sdxl::{
+    SdxlConditioning, SdxlParallel, SdxlTrainConfig, SdxlTrainer, encode_prompt_ids, sdxl_loss,
+};
+use crate::text_to_image::forward_unet_of;
 use crate::text_to_image::{TextToImageTrainer, load_noise_scheduler};
 use crate::text_to_image_run::{
     open_lora_set_checkpoint, restore_lora_set_progress, save_lora_set_checkpoint,
@@ -66,6 +70,22 @@ pub(crate) struct SdxlTextTraining {
     encoder_2: CLIPTextModelWithProjection,
     lora: UNetLora,
     lora_2: UNetLora,
+}
+
+/// `encoder` with `lora` applied; under mixed precision the frozen encoder and the factors are
+/// cast to `dtype` inside the autodiff graph (the f32 factors stay the masters), as for the UNet.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] (`dtype`) when the device does not support `dtype`.
+fn adapted<M: Module>(encoder: &M, lora: &UNetLora, dtype: Option<FloatDType>) -> Result<M> {
+    Ok(match dtype {
+        Some(dtype) => {
+            let mut half = lora.clone();
+            half.set_factors(half_copy(lora.factors(), dtype)?);
+            half.apply_to(&half_copy(encoder, dtype)?)
+        }
+        None => lora.apply_to(encoder),
+    })
 }
 
 /// The text-encoder LoRA configuration of a run whose UNet LoRA is `unet`: the script's
@@ -169,24 +189,9 @@ impl SdxlTrainer {
     ) -> Result<Tensor<1>> {
         let text = self.text_training()?;
         let device = crate::optimizer::module_device(self.trainer.unet());
-        // Mixed precision: the frozen encoders and the LoRA factors cast to the half dtype
-        // inside the autodiff graph (the f32 factors stay the masters), as for the UNet.
-        let (one, two) = match self.trainer.config().mixed_precision().dtype() {
-            Some(dtype) => {
-                let mut one = text.lora.clone();
-                one.set_factors(half_copy(text.lora.factors(), dtype)?);
-                let mut two = text.lora_2.clone();
-                two.set_factors(half_copy(text.lora_2.factors(), dtype)?);
-                (
-                    one.apply_to(&half_copy(&text.encoder, dtype)?),
-                    two.apply_to(&half_copy(&text.encoder_2, dtype)?),
-                )
-            }
-            None => (
-                text.lora.apply_to(&text.encoder),
-                text.lora_2.apply_to(&text.encoder_2),
-            ),
-        };
+        let dtype = self.trainer.config().mixed_precision().dtype();
+        let one = adapted(&text.encoder, &text.lora, dtype)?;
+        let two = adapted(&text.encoder_2, &text.lora_2, dtype)?;
         let (embeds, pooled) = encode_prompt_ids(
             &one,
             &two,
@@ -277,6 +282,157 @@ impl SdxlTrainer {
             return Ok(None);
         }
         self.finish_step().map(Some)
+    }
+
+    /// Replicate what this run trains onto `devices` (the first must be the trainer's own
+    /// device): the UNet or its LoRA, or with `train_text_encoder` the three LoRAs' factors
+    /// with the frozen UNet and both text encoders copied onto every device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `devices` when the list is empty.
+    pub fn data_parallel(&self, devices: Vec<Device>) -> Result<SdxlParallel> {
+        let (Some(text), Some(factors)) = (&self.text, self.lora_factors()) else {
+            return Ok(SdxlParallel::Unet(self.trainer.data_parallel(devices)?));
+        };
+        let factors = DataParallel::new(devices, &factors)?;
+        let unets = factors.frozen_copies(self.trainer.unet());
+        let encoders = factors.frozen_copies(&text.encoder);
+        let encoders_2 = factors.frozen_copies(&text.encoder_2);
+        Ok(SdxlParallel::TextEncoders {
+            factors,
+            unets,
+            encoders,
+            encoders_2,
+        })
+    }
+
+    /// [`Self::step_with_ids`] over the devices of `parallel` (from [`Self::data_parallel`] on
+    /// a `train_text_encoder` trainer): every device runs its replica of the three LoRAs, both
+    /// adapted encoders on its rows' prompt ids and the adapted UNet on its rows; the gradients
+    /// are gathered, accumulated, clipped together and stepped by the one AdamW, and the
+    /// replicas synced.
+    ///
+    /// # Shapes
+    /// - `latents`: `[B, C, H, W]`, `ids_one`, `ids_two`: `[B, S]`, `time_ids`: `B` rows
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `train_text_encoder` when the text encoders are not
+    /// trained or `parallel` was built without them, `timesteps` / `time_ids` when the draws or
+    /// rows do not fit the batch; the shards' errors.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_data_parallel_with_ids(
+        &mut self,
+        parallel: &mut SdxlParallel,
+        latents: Tensor<4>,
+        ids_one: Tensor<2, Int>,
+        ids_two: Tensor<2, Int>,
+        time_ids: &[[f32; 6]],
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        let SdxlParallel::TextEncoders {
+            factors: replicas,
+            unets,
+            encoders,
+            encoders_2,
+        } = &*parallel
+        else {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the replicas were built without the text encoders; use \
+                 SdxlTrainer::data_parallel",
+            ));
+        };
+        let (Some(text), Some(unet_lora), Some(main)) =
+            (&self.text, self.trainer.lora(), self.lora_factors())
+        else {
+            return Err(Error::invalid_argument(
+                "train_text_encoder",
+                "the text encoders are not trained",
+            ));
+        };
+        let b = latents.dims()[0];
+        if draws.timesteps.len() != b || time_ids.len() != b {
+            return Err(Error::invalid_argument(
+                "time_ids",
+                format!(
+                    "{} timesteps and {} time id rows for a batch of {b}",
+                    draws.timesteps.len(),
+                    time_ids.len()
+                ),
+            ));
+        }
+        let k = self.trainer.config().gradient_accumulation_steps.max(1);
+        let dtype = self.trainer.config().mixed_precision().dtype();
+        let scale = self
+            .trainer
+            .grad_scaler
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.scale()));
+        let scheduler = self.trainer.scheduler().clone();
+        let objective = self.trainer.objective().clone();
+        // Each device gets the three LoRAs' layouts (to carry its replica's factors) and its
+        // copies of the frozen models.
+        let contexts = unets
+            .iter()
+            .zip(encoders.iter().zip(encoders_2))
+            .map(|(u, (e, e2))| {
+                (
+                    [unet_lora.clone(), text.lora.clone(), text.lora_2.clone()],
+                    (u.clone(), e.clone(), e2.clone()),
+                )
+            })
+            .collect();
+        let (value, grads) = replicas.loss_and_gradients_with(
+            &main,
+            b,
+            contexts,
+            scale,
+            |replica,
+             ([mut unet_layout, mut layout, mut layout_2], (unet, one, two)),
+             rows,
+             device| {
+                let n = rows.len();
+                let shard = |t: &Tensor<4>| t.clone().narrow(0, rows.start, n).to_device(device);
+                unet_layout.set_factors(replica.unet.clone());
+                layout.set_factors(replica.text_encoder.clone());
+                layout_2.set_factors(replica.text_encoder_2.clone());
+                let (embeds, pooled) = encode_prompt_ids(
+                    &adapted(&one, &layout, dtype)?,
+                    &adapted(&two, &layout_2, dtype)?,
+                    ids_one.clone().narrow(0, rows.start, n).to_device(device),
+                    ids_two.clone().narrow(0, rows.start, n).to_device(device),
+                )?;
+                let cond = SdxlConditioning::new(embeds, pooled, &time_ids[rows.clone()])?;
+                let shard_draws = NoiseDraws {
+                    noise: shard(&draws.noise),
+                    offset_noise: draws.offset_noise.as_ref().map(shard),
+                    perturbation: None,
+                    timesteps: draws.timesteps[rows.clone()].to_vec(),
+                };
+                let loss = sdxl_loss(
+                    &forward_unet_of(&unet, Some(&unet_layout), dtype)?,
+                    &scheduler,
+                    &objective,
+                    shard(&latents),
+                    cond,
+                    &shard_draws,
+                )?;
+                Ok(if k > 1 {
+                    loss.div_scalar(k as f64)
+                } else {
+                    loss
+                })
+            },
+        )?;
+        let stats = if self.trainer.accumulate(grads, value)? {
+            Some(self.finish_step()?)
+        } else {
+            None
+        };
+        if stats.is_some() {
+            parallel.sync(self);
+        }
+        Ok(stats)
     }
 
     /// The optimizer step of a `train_text_encoder` run: unscale (fp16; a step with non-finite

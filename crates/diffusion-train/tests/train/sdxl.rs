@@ -149,6 +149,11 @@ fn batch(source: &WeightSource) -> (Tensor<4>, SdxlConditioning) {
 
 /// Run case `name`: first-step gradients, every step's loss and norm, the final parameters.
 fn check_case(name: &str) -> f32 {
+    check_case_on(name, 0)
+}
+
+/// Case `name` on one device (`devices` 0) or data-parallel over `devices` CPU handles.
+fn check_case_on(name: &str, devices: usize) -> f32 {
     let expected = expected();
     let source = source();
     let case = &expected["cases"][name];
@@ -172,11 +177,16 @@ fn check_case(name: &str) -> f32 {
     );
 
     let mut worst = grad_diff;
+    let mut parallel =
+        (devices > 0).then(|| trainer.data_parallel(vec![device(); devices]).unwrap());
     for step in 0..case["steps"].as_u64().unwrap() as usize {
-        let stats = trainer
-            .step(latents.clone(), &cond, &draws(&source, name, step))
-            .unwrap()
-            .expect("no accumulation: every micro-batch is a step");
+        let d = draws(&source, name, step);
+        let stats = match &mut parallel {
+            Some(p) => trainer.step_data_parallel(p, latents.clone(), &cond, &d),
+            None => trainer.step(latents.clone(), &cond, &d),
+        }
+        .unwrap()
+        .expect("no accumulation: every micro-batch is a step");
         let want = f(&results["losses"][step]);
         let d = (f64::from(stats.loss) - want).abs() as f32;
         eprintln!(
@@ -378,6 +388,15 @@ fn sdxl_full_fine_tuning_sample_objective_matches_diffusers() {
 #[test]
 fn sdxl_lora_steps_match_diffusers() {
     check_case("lora_v_snr");
+}
+
+/// Full fine-tuning (v-prediction, Min-SNR, noise offset) and a LoRA over two devices, one
+/// image each (latents, prompt embeddings, pooled embeddings and time ids sharded together),
+/// against diffusers' single-process steps.
+#[test]
+fn sdxl_steps_over_two_devices_match_diffusers() {
+    check_case_on("full_v_snr", 2);
+    check_case_on("lora_v_snr", 2);
 }
 
 #[test]

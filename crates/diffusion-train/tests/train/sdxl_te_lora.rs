@@ -204,6 +204,57 @@ fn draws(source: &WeightSource, s: usize) -> NoiseDraws {
     }
 }
 
+/// The three LoRAs over two devices (each device runs both adapted encoders on its rows'
+/// prompt ids) against diffusers' single-process steps.
+#[test]
+fn sdxl_text_encoder_lora_steps_over_two_devices_match_diffusers() {
+    let expected = expected();
+    let results = &expected["results"];
+    let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
+    let Setup {
+        mut trainer,
+        ids_one,
+        ids_two,
+        time_ids,
+        latents,
+    } = setup(MixedPrecision::No);
+    assert_eq!(latents.dims()[0], 2, "one image per device");
+    let mut parallel = trainer.data_parallel(vec![device(); 2]).unwrap();
+    assert!(matches!(
+        parallel,
+        diffusion_train::SdxlParallel::TextEncoders { .. }
+    ));
+    let steps = expected["hyperparameters"]["steps"].as_u64().unwrap() as usize;
+    for s in 0..steps {
+        let stats = trainer
+            .step_data_parallel_with_ids(
+                &mut parallel,
+                latents.clone(),
+                ids_one.clone(),
+                ids_two.clone(),
+                &time_ids,
+                &draws(&source, s),
+            )
+            .unwrap()
+            .expect("no accumulation");
+        let d = (f64::from(stats.loss) - f(&results["losses"][s])).abs() as f32;
+        let dn = (f64::from(stats.grad_norm) - f(&results["grad_norms"][s])).abs() as f32;
+        eprintln!("sdxl_te_lora on 2 devices, step {s}: loss diff {d:e}, grad norm diff {dn:e}");
+        assert!(d <= TOL && dn <= TOL, "step {s}: {stats:?}");
+    }
+    let [te1, te2] = trainer.text_encoder_loras().unwrap();
+    let params = [
+        trainer.trainer().lora().unwrap().state_dict(),
+        te1.state_dict(),
+        te2.state_dict(),
+    ];
+    for (named, prefix) in params.iter().zip(["unet_param", "te1_param", "te2_param"]) {
+        let (key, d) = worst(named, &source, prefix);
+        eprintln!("sdxl_te_lora on 2 devices: worst {prefix} difference {d:e} (`{key}`)");
+        assert!(d <= TOL, "{prefix}: `{key}` differs by {d}");
+    }
+}
+
 #[test]
 fn sdxl_text_encoder_lora_steps_file_and_image_match_diffusers() {
     let expected = expected();
