@@ -99,10 +99,10 @@ pub struct TextToImageConfig {
     pub cache_latents: bool,
     /// `no` (float32 everywhere), `fp16` or `bf16` (see [`crate::mixed_precision`]).
     pub mixed_precision: String,
-    /// Data-parallel training (full fine-tuning or LoRA, any precision) over these devices, the main one first (`["cuda:0",
-    /// "cuda:1"]`); empty (the default) trains on the device given to the run. As with
-    /// accelerate, `train_batch_size` is then per device and a micro-batch holds
-    /// `devices.len() x train_batch_size` images. See [`crate::data_parallel`].
+    /// Data-parallel training (full fine-tuning or LoRA, any precision) over these devices, the
+    /// main one first (`["cuda:0", "cuda:1"]`); empty (the default) trains on the device given
+    /// to the run. As with accelerate, `train_batch_size` is then per device and a micro-batch
+    /// holds `devices.len() x train_batch_size` images. See [`crate::data_parallel`].
     pub devices: Vec<String>,
     /// Seed of everything random (data order, crops, flips, caption choice, posterior samples,
     /// noise, timesteps, LoRA initialisation).
@@ -241,21 +241,6 @@ impl TextToImageConfig {
     /// Images per micro-batch: `train_batch_size` on each of the `devices` (at least one).
     pub fn global_batch_size(&self) -> usize {
         self.train_batch_size * self.devices.len().max(1)
-    }
-
-    /// Refuse `devices` for the scripts built on this config that do not train data-parallel
-    /// (`script` names them in the error).
-    ///
-    /// # Errors
-    /// [`Error::InvalidArgument`] naming `devices`.
-    pub fn refuse_devices(&self, script: &str) -> Result<()> {
-        if self.devices.is_empty() {
-            return Ok(());
-        }
-        Err(Error::invalid_argument(
-            "devices",
-            format!("data-parallel training is not implemented for {script}"),
-        ))
     }
 
     /// Micro-batches per epoch (`len(train_dataloader)`, of the global batch).
