@@ -46,7 +46,7 @@ use crate::checkpoint::{
 use crate::controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
 use crate::objective::NoiseDraws;
 use crate::optimizer::AdamW;
-use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
+use crate::run::{EpochBatches, LOG_FILE, TrainReport, derived_seed, record_step, truncate_log};
 use crate::text_to_image::load_noise_scheduler;
 use crate::text_to_image_run::{FrozenComponents, progress_bar};
 use crate::validation::{ValidationPoint, framed_grid, write_validation_strip};
@@ -686,19 +686,16 @@ pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
-    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut batches = EpochBatches::new(
+        config.seed,
+        rows.len(),
+        config.train_batch_size,
+        batches_per_epoch,
+    );
     let began = Instant::now();
     for step in start..total {
         let m = step;
-        let epoch = m / batches_per_epoch;
-        let position = m % batches_per_epoch;
-        if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
-            order = None;
-        }
-        let (_, indices) =
-            order.get_or_insert_with(|| (epoch, epoch_order(config.seed, epoch, rows.len())));
-        let begin = position * config.train_batch_size;
-        let batch = &indices[begin..(begin + config.train_batch_size).min(indices.len())];
+        let (epoch, batch) = batches.batch(m);
         let b = batch.len();
         let mut g = TorchGenerator::new(derived_seed(config.seed, 0, m as u64));
         let mut pixels = Vec::with_capacity(b * 3 * r * r);

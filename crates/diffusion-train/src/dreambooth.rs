@@ -44,7 +44,7 @@ use crate::mixed_precision::half_copy;
 use crate::objective::{NoiseDraws, conditional_prediction};
 use crate::optimizer::FlatGradients;
 use crate::resize::Interpolation;
-use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
+use crate::run::{EpochBatches, LOG_FILE, TrainReport, derived_seed, record_step, truncate_log};
 use crate::text_to_image::{
     TextToImageConfig, TextToImageTrainer, forward_unet_of, load_noise_scheduler, micro_batch_loss,
 };
@@ -1185,24 +1185,15 @@ pub fn train_dreambooth(config: &DreamBoothConfig, device: &Device) -> Result<Tr
         // The starting weights, for comparison with the images that follow.
         validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
     }
-    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut batches = EpochBatches::new(t.seed, len, t.global_batch_size(), batches_per_epoch);
     let began = Instant::now();
     for step in start..total {
         let mut stats = None;
         let mut epoch = 0;
         for j in 0..k {
             let m = step * k + j;
-            epoch = m / batches_per_epoch;
-            let position = m % batches_per_epoch;
-            if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
-                order = None;
-            }
-            let (_, indices) =
-                order.get_or_insert_with(|| (epoch, epoch_order(t.seed, epoch, len)));
-            // The global batch: `train_batch_size` instance rows per device.
-            let batch_size = t.global_batch_size();
-            let begin = position * batch_size;
-            let batch = &indices[begin..(begin + batch_size).min(indices.len())];
+            let (e, batch) = batches.batch(m);
+            epoch = e;
             let b = batch.len();
             let mut g = TorchGenerator::new(derived_seed(t.seed, 0, m as u64));
             let total_b = if classes.is_some() { 2 * b } else { b };

@@ -115,6 +115,49 @@ pub fn epoch_order(seed: u64, epoch: usize, n: usize) -> Vec<usize> {
     order
 }
 
+/// The shuffled micro-batches of a run: micro-batch `m` is block `m % batches_per_epoch` (of
+/// `batch_size` indices, the last one shorter) of epoch `m / batches_per_epoch`'s order
+/// ([`epoch_order`] of the run's seed). The current epoch's order is kept between calls, so
+/// walking the micro-batches in order shuffles once per epoch.
+#[derive(Debug)]
+pub struct EpochBatches {
+    seed: u64,
+    len: usize,
+    batch_size: usize,
+    batches_per_epoch: usize,
+    order: Option<(usize, Vec<usize>)>,
+}
+
+impl EpochBatches {
+    /// The micro-batches of `len` examples, `batch_size` at a time, `batches_per_epoch` per
+    /// epoch (at least 1).
+    pub fn new(seed: u64, len: usize, batch_size: usize, batches_per_epoch: usize) -> Self {
+        Self {
+            seed,
+            len,
+            batch_size,
+            batches_per_epoch: batches_per_epoch.max(1),
+            order: None,
+        }
+    }
+
+    /// The epoch of micro-batch `m` and its example indices.
+    pub fn batch(&mut self, m: usize) -> (usize, &[usize]) {
+        let epoch = m / self.batches_per_epoch;
+        let position = m % self.batches_per_epoch;
+        if self.order.as_ref().is_some_and(|(e, _)| *e != epoch) {
+            self.order = None;
+        }
+        let (seed, len) = (self.seed, self.len);
+        let (_, indices) = self
+            .order
+            .get_or_insert_with(|| (epoch, epoch_order(seed, epoch, len)));
+        let begin = (position * self.batch_size).min(indices.len());
+        let end = (begin + self.batch_size).min(indices.len());
+        (epoch, &indices[begin..end])
+    }
+}
+
 /// The random inputs of one step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct StepDraws {
@@ -366,20 +409,16 @@ pub fn train_unconditional(
         // The starting weights, for comparison with the grids that follow.
         validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
     }
-    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut batches = EpochBatches::new(
+        config.seed,
+        dataset.len(),
+        config.global_batch_size(),
+        steps_per_epoch,
+    );
     let mut exported_at = None;
     let began = Instant::now();
     for step in start..total {
-        let epoch = step / steps_per_epoch;
-        let position = step % steps_per_epoch;
-        if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
-            order = None;
-        }
-        let (_, epoch_indices) =
-            order.get_or_insert_with(|| (epoch, epoch_order(config.seed, epoch, dataset.len())));
-        let batch_size = config.global_batch_size();
-        let begin = position * batch_size;
-        let indices = &epoch_indices[begin..(begin + batch_size).min(epoch_indices.len())];
+        let (epoch, indices) = batches.batch(step);
         let b = indices.len();
         let draws = step_draws(
             config.seed,
@@ -411,7 +450,7 @@ pub fn train_unconditional(
             bar.println(format!("saved {}", dir.display()));
             report.checkpoints.push(dir);
         }
-        let end_of_epoch = position + 1 == steps_per_epoch;
+        let end_of_epoch = (step + 1).is_multiple_of(steps_per_epoch);
         let last = step + 1 == total;
         if (end_of_epoch && epoch.is_multiple_of(config.save_model_epochs)) || last {
             checkpoint::save_pipeline(&trainer.inference_model(), trainer.scheduler(), out)?;

@@ -30,7 +30,7 @@ use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws};
 use crate::checkpoint::due_checkpoint;
 use crate::lora::{LORA_WEIGHT_NAME, UNetLora};
 use crate::objective::NoiseDraws;
-use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
+use crate::run::{EpochBatches, LOG_FILE, TrainReport, derived_seed, record_step, truncate_log};
 use crate::sdxl::{
     SdxlConditioning, SdxlTextEncoders, SdxlTrainConfig, SdxlTrainer, TimestepBiasStrategy,
     time_ids_for,
@@ -336,24 +336,20 @@ pub fn train_text_to_image_sdxl(config: &SdxlTrainConfig, device: &Device) -> Re
         // The starting weights, for comparison with the images that follow.
         validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
     }
-    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut batches = EpochBatches::new(
+        base.seed,
+        data.len(),
+        base.global_batch_size(),
+        batches_per_epoch,
+    );
     let began = Instant::now();
     for step in start..total {
         let mut stats = None;
         let mut epoch = 0;
         for j in 0..k {
             let m = step * k + j;
-            epoch = m / batches_per_epoch;
-            let position = m % batches_per_epoch;
-            if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
-                order = None;
-            }
-            let (_, indices) =
-                order.get_or_insert_with(|| (epoch, epoch_order(base.seed, epoch, data.len())));
-            // The global batch: `train_batch_size` rows per device.
-            let batch_size = base.global_batch_size();
-            let begin = position * batch_size;
-            let batch = &indices[begin..(begin + batch_size).min(indices.len())];
+            let (e, batch) = batches.batch(m);
+            epoch = e;
             let mut g = TorchGenerator::new(derived_seed(base.seed, 0, m as u64));
             if config.train_text_encoder {
                 // The captions go through the trained encoders inside the step.

@@ -45,7 +45,7 @@ use crate::lora::{LORA_WEIGHT_NAME, UNetLora};
 use crate::mixed_precision::MixedPrecisionState;
 use crate::objective::NoiseDraws;
 use crate::optimizer::AdamW;
-use crate::run::{LOG_FILE, TrainReport, derived_seed, epoch_order, record_step, truncate_log};
+use crate::run::{EpochBatches, LOG_FILE, TrainReport, derived_seed, record_step, truncate_log};
 use crate::text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 use crate::validation::{
     FrozenParts, ValidationPoint, save_prompt_validation, write_validation_strip,
@@ -563,23 +563,20 @@ pub fn train_text_to_image(config: &TextToImageConfig, device: &Device) -> Resul
         // The starting weights, for comparison with the images that follow.
         validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
     }
-    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut batches = EpochBatches::new(
+        config.seed,
+        data.len(),
+        config.global_batch_size(),
+        batches_per_epoch,
+    );
     let began = Instant::now();
     for step in start..total {
         let mut stats = None;
         let mut epoch = 0;
         for j in 0..k {
             let m = step * k + j;
-            epoch = m / batches_per_epoch;
-            let position = m % batches_per_epoch;
-            if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
-                order = None;
-            }
-            let (_, indices) =
-                order.get_or_insert_with(|| (epoch, epoch_order(config.seed, epoch, data.len())));
-            let batch_size = config.global_batch_size();
-            let begin = position * batch_size;
-            let batch = &indices[begin..(begin + batch_size).min(indices.len())];
+            let (e, batch) = batches.batch(m);
+            epoch = e;
             let b = batch.len();
             let mut g = TorchGenerator::new(derived_seed(config.seed, 0, m as u64));
             let draws = image_draws(&mut g, b);

@@ -24,7 +24,7 @@ use diffusion_schedulers::{AnyScheduler, Scheduler};
 use crate::caption_data::{CaptionDataset, CaptionDatasetOptions, tokenize_captions};
 use crate::checkpoint::{due_checkpoint, list_checkpoints};
 use crate::objective::NoiseDraws;
-use crate::run::{LOG_FILE, LogEntry, TrainReport, derived_seed, epoch_order, truncate_log};
+use crate::run::{EpochBatches, LOG_FILE, LogEntry, TrainReport, derived_seed, truncate_log};
 use crate::text_to_image::load_noise_scheduler;
 use crate::text_to_image_run::{FrozenComponents, image_draws, progress_bar};
 use crate::textual_inversion::{
@@ -145,26 +145,18 @@ pub fn train_textual_inversion(
         // The starting embeddings (the initializer token's), for comparison.
         validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
     }
-    let mut order: Option<(usize, Vec<usize>)> = None;
+    let mut batches =
+        EpochBatches::new(config.seed, len, config.train_batch_size, batches_per_epoch);
     let began = Instant::now();
     for step in start..total {
         let mut stats = None;
         let mut epoch = 0;
         for j in 0..k {
             let m = step * k + j;
-            epoch = m / batches_per_epoch;
-            let position = m % batches_per_epoch;
-            if order.as_ref().is_some_and(|(e, _)| *e != epoch) {
-                order = None;
-            }
-            let (_, indices) =
-                order.get_or_insert_with(|| (epoch, epoch_order(config.seed, epoch, len)));
-            let begin = position * config.train_batch_size;
-            let batch: Vec<usize> = indices
-                [begin..(begin + config.train_batch_size).min(indices.len())]
-                .iter()
-                .map(|&i| i % n)
-                .collect();
+            let (e, indices) = batches.batch(m);
+            epoch = e;
+            // Positions in the repeated data; image `i % n`.
+            let batch: Vec<usize> = indices.iter().map(|&i| i % n).collect();
             let b = batch.len();
             let mut g = TorchGenerator::new(derived_seed(config.seed, 0, m as u64));
             let draws = image_draws(&mut g, b);
