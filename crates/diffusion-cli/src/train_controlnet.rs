@@ -49,6 +49,14 @@ pub struct ControlNetArgs {
     #[arg(long)]
     pub train_batch_size: Option<usize>,
 
+    /// Micro-batches per optimizer step (gradient accumulation).
+    #[arg(long)]
+    pub gradient_accumulation_steps: Option<usize>,
+
+    /// The share of captions replaced by the empty prompt, in [0, 1].
+    #[arg(long)]
+    pub proportion_empty_prompts: Option<f64>,
+
     /// Passes over the data (when --max-train-steps is not given).
     #[arg(long)]
     pub num_train_epochs: Option<usize>,
@@ -136,6 +144,7 @@ pub fn controlnet(args: ControlNetArgs) -> Result<()> {
         conditioning_image_column => conditioning_image_column,
         caption_column => caption_column, output_dir => output_dir, resolution => resolution,
         train_batch_size => train_batch_size, num_train_epochs => num_train_epochs,
+        proportion_empty_prompts => proportion_empty_prompts,
         seed => seed, checkpointing_steps => checkpointing_steps);
     macro_rules! set_some {
         ($($field:ident),*) => {$(
@@ -152,6 +161,9 @@ pub fn controlnet(args: ControlNetArgs) -> Result<()> {
     );
     if let Some(v) = args.learning_rate {
         config.train.learning_rate = v;
+    }
+    if let Some(v) = args.gradient_accumulation_steps {
+        config.train.gradient_accumulation_steps = v;
     }
     if let Some(v) = args.lr_warmup_steps {
         config.train.lr_warmup_steps = v;

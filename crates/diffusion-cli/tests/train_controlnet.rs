@@ -70,6 +70,14 @@ fn flags_are_validated_before_loading() {
         (&["--resolution", "0"][..], "resolution"),
         (&["--resolution", "30"][..], "resolution"),
         (&["--train-batch-size", "0"][..], "train_batch_size"),
+        (
+            &["--gradient-accumulation-steps", "0"][..],
+            "gradient_accumulation_steps",
+        ),
+        (
+            &["--proportion-empty-prompts", "1.5"][..],
+            "proportion_empty_prompts",
+        ),
         (&["--max-train-steps", "0"][..], "max_train_steps"),
         (&["--learning-rate=-1"][..], "learning_rate"),
         (&["--checkpointing-steps", "0"][..], "checkpointing_steps"),

@@ -29,7 +29,7 @@ use crate::mixed_precision::{
     GradScaler, MixedPrecision, MixedPrecisionState, cast_input, half_copy, to_f32,
 };
 use crate::objective::NoiseDraws;
-use crate::optimizer::{AdamW, AdamWConfig, FlatGradients};
+use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients, scaled_step};
 use crate::params;
 use crate::resize::{Interpolation, center_crop_offsets, resize, resized_size};
 use crate::trainer::StepStats;
@@ -55,6 +55,8 @@ pub struct ControlNetTrainConfig {
     pub max_grad_norm: Option<f64>,
     /// `--mixed_precision` (`no`).
     pub mixed_precision: MixedPrecision,
+    /// Micro-batches per optimizer step (`--gradient_accumulation_steps`, 1).
+    pub gradient_accumulation_steps: usize,
 }
 
 impl Default for ControlNetTrainConfig {
@@ -69,6 +71,7 @@ impl Default for ControlNetTrainConfig {
             adam_epsilon: 1e-8,
             max_grad_norm: Some(1.0),
             mixed_precision: MixedPrecision::No,
+            gradient_accumulation_steps: 1,
         }
     }
 }
@@ -89,6 +92,12 @@ impl ControlNetTrainConfig {
     /// # Errors
     /// [`Error::InvalidArgument`] naming the first offending field.
     pub fn validate(&self) -> Result<()> {
+        if self.gradient_accumulation_steps == 0 {
+            return Err(Error::invalid_argument(
+                "gradient_accumulation_steps",
+                "must be positive",
+            ));
+        }
         if !(self.learning_rate > 0.0 && self.learning_rate.is_finite()) {
             return Err(Error::invalid_argument(
                 "learning_rate",
@@ -124,6 +133,8 @@ pub struct ControlNetTrainer {
     /// Optimizer steps skipped for non-finite fp16 gradients.
     skipped_steps: usize,
     last_step_skipped: bool,
+    /// The micro-batches of the step in progress.
+    pending: Accumulator,
 }
 
 impl ControlNetTrainer {
@@ -184,6 +195,7 @@ impl ControlNetTrainer {
             grad_scaler: config.mixed_precision.grad_scaler(),
             skipped_steps: 0,
             last_step_skipped: false,
+            pending: Accumulator::default(),
         })
     }
 
@@ -284,7 +296,10 @@ impl ControlNetTrainer {
         FlatGradients::from_backward(&self.controlnet, loss.backward())
     }
 
-    /// One optimizer step: loss, backward, clipping, AdamW at the scheduled rate.
+    /// One micro-batch: loss, backward of `loss / gradient_accumulation_steps`, accumulate;
+    /// after the last micro-batch of an optimizer step, clipping and AdamW at the scheduled
+    /// rate ([`Self::finish_step`]), whose stats are returned (the loss is the sum over the
+    /// micro-batches of their share, the mean the script logs).
     ///
     /// # Errors
     /// As [`Self::loss`].
@@ -294,43 +309,63 @@ impl ControlNetTrainer {
         encoder_hidden_states: Tensor<3>,
         controlnet_image: Tensor<4>,
         draws: &NoiseDraws,
-    ) -> Result<StepStats> {
+    ) -> Result<Option<StepStats>> {
+        let k = self.config.gradient_accumulation_steps.max(1);
         let loss = self.loss(latents, encoder_hidden_states, controlnet_image, draws)?;
+        let loss = if k > 1 {
+            loss.div_scalar(k as f64)
+        } else {
+            loss
+        };
         let value = loss.clone().inner().into_scalar::<f32>();
-        // fp16: the backward runs on the scaled loss, the gradients are unscaled below.
+        // fp16: the backward runs on the scaled loss; `finish_step` unscales.
         let loss = match &self.grad_scaler {
             Some(scaler) => loss.mul_scalar(scaler.scale()),
             None => loss,
         };
-        let mut grads = self.gradients(loss);
+        let grads = self.gradients(loss);
+        if !self.pending.add(grads, value, k)? {
+            return Ok(None);
+        }
+        self.finish_step().map(Some)
+    }
+
+    /// The optimizer step on what the micro-batches so far accumulated: unscale (fp16; a step
+    /// with non-finite gradients is skipped), clip, AdamW at the scheduled rate.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
+    pub fn finish_step(&mut self) -> Result<StepStats> {
+        let (grads, loss) = self.pending.take()?;
         // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
         // with the optimizer's).
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
-        let found_inf = match &self.grad_scaler {
-            Some(scaler) => scaler.unscale(&mut grads),
-            None => false,
-        };
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max_norm) => grads.clip_grad_norm(max_norm),
-            None => grads.total_norm(),
-        };
-        if found_inf {
-            self.skipped_steps += 1;
-        } else {
-            self.controlnet = self.optimizer.step(lr, self.controlnet.clone(), grads)?;
-        }
-        self.last_step_skipped = found_inf;
-        if let Some(scaler) = &mut self.grad_scaler {
-            scaler.update(found_inf);
+        let (grad_norm, updated) = scaled_step(
+            &mut self.optimizer,
+            &mut self.grad_scaler,
+            self.config.max_grad_norm,
+            lr,
+            self.controlnet.clone(),
+            grads,
+        )?;
+        self.last_step_skipped = updated.is_none();
+        self.skipped_steps += usize::from(self.last_step_skipped);
+        if let Some(controlnet) = updated {
+            self.controlnet = controlnet;
         }
         self.global_step += 1;
         Ok(StepStats {
             step: self.global_step,
-            loss: value,
+            loss,
             grad_norm,
             lr,
             ema_decay: None,
         })
+    }
+
+    /// Whether micro-batches of an unfinished optimizer step are pending.
+    pub fn has_pending(&self) -> bool {
+        self.pending.is_pending()
     }
 
     /// The ControlNet on the autodiff device.

@@ -7,8 +7,11 @@
 //! Randomness comes from the run's seed as in [`crate::text_to_image_run`]: epoch `e`'s order
 //! from `(seed, e)`; micro-batch `m` draws, from a generator seeded with `(seed, m)`, the VAE
 //! posterior noise (`randn` of the latents' shape), the noise and the timesteps
-//! (`floor(rand([B]) * num_train_timesteps)`), in that order. The images are resized and
-//! center-cropped as the script does (no random crop or flip), so nothing else is drawn.
+//! (`floor(rand([B]) * num_train_timesteps)`), in that order, then with
+//! `proportion_empty_prompts > 0` one `rand([B])` that empties the captions it falls under (the
+//! script uses Python's `random` there). The images are resized and center-cropped as the script
+//! does (no random crop or flip), so nothing else is drawn. An optimizer step takes
+//! `gradient_accumulation_steps` micro-batches, `m = step * k + j`.
 //!
 //! A checkpoint `checkpoint-{step}/` holds `controlnet/`, `optimizer/` and
 //! `training_state.json`; resuming from it continues exactly as the uninterrupted run.
@@ -74,6 +77,8 @@ pub struct ControlNetRunConfig {
     pub output_dir: PathBuf,
     /// Side of the square training images (512).
     pub resolution: usize,
+    /// The share of captions replaced by the empty prompt (`--proportion_empty_prompts`, 0).
+    pub proportion_empty_prompts: f64,
     /// Rows per batch (4).
     pub train_batch_size: usize,
     /// Passes over the data when `max_train_steps` is `None` (1).
@@ -107,6 +112,7 @@ impl Default for ControlNetRunConfig {
             caption_column: "text".into(),
             output_dir: "controlnet-model".into(),
             resolution: 512,
+            proportion_empty_prompts: 0.0,
             train_batch_size: 4,
             num_train_epochs: 1,
             max_train_steps: None,
@@ -263,6 +269,12 @@ impl ControlNetRunConfig {
             ));
         }
         positive("train_batch_size", self.train_batch_size)?;
+        if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
+            return Err(Error::invalid_argument(
+                "proportion_empty_prompts",
+                format!("{} is not in [0, 1]", self.proportion_empty_prompts),
+            ));
+        }
         positive("num_train_epochs", self.num_train_epochs)?;
         positive("checkpointing_steps", self.checkpointing_steps)?;
         if self.max_train_steps == Some(0) {
@@ -315,9 +327,15 @@ impl ControlNetRunConfig {
         n.div_ceil(self.train_batch_size)
     }
 
+    /// Optimizer steps per epoch (`ceil(len(train_dataloader) / gradient_accumulation_steps)`).
+    fn steps_per_epoch(&self, n: usize) -> usize {
+        self.batches_per_epoch(n)
+            .div_ceil(self.train.gradient_accumulation_steps.max(1))
+    }
+
     fn num_training_steps(&self, n: usize) -> usize {
         self.max_train_steps
-            .unwrap_or(self.num_train_epochs * self.batches_per_epoch(n))
+            .unwrap_or(self.num_train_epochs * self.steps_per_epoch(n))
     }
 }
 
@@ -693,41 +711,60 @@ pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result
         batches_per_epoch,
     );
     let began = Instant::now();
+    let k = config.train.gradient_accumulation_steps.max(1);
     for step in start..total {
-        let m = step;
-        let (epoch, batch) = batches.batch(m);
-        let b = batch.len();
-        let mut g = TorchGenerator::new(derived_seed(config.seed, 0, m as u64));
-        let mut pixels = Vec::with_capacity(b * 3 * r * r);
-        let mut cond = Vec::with_capacity(b * 3 * r * r);
-        for &i in batch {
-            // Normalize([0.5], [0.5]) after ToTensor for the target image.
-            pixels.extend(
-                conditioning_pixel_values(&rows[i].image, r)?
-                    .into_iter()
-                    .map(|v| 2.0 * v - 1.0),
-            );
-            cond.extend(conditioning_pixel_values(&rows[i].conditioning_image, r)?);
+        let mut stats = None;
+        let mut epoch = 0;
+        for j in 0..k {
+            let m = step * k + j;
+            let (e, batch) = batches.batch(m);
+            epoch = e;
+            let b = batch.len();
+            let mut g = TorchGenerator::new(derived_seed(config.seed, 0, m as u64));
+            let mut pixels = Vec::with_capacity(b * 3 * r * r);
+            let mut cond = Vec::with_capacity(b * 3 * r * r);
+            for &i in batch {
+                // Normalize([0.5], [0.5]) after ToTensor for the target image.
+                pixels.extend(
+                    conditioning_pixel_values(&rows[i].image, r)?
+                        .into_iter()
+                        .map(|v| 2.0 * v - 1.0),
+                );
+                cond.extend(conditioning_pixel_values(&rows[i].conditioning_image, r)?);
+            }
+            let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [b, 3, r, r]), &inner);
+            let cond = Tensor::<4>::from_data(TensorData::new(cond, [b, 3, r, r]), &inner);
+            let latents = frozen.encode_images(pixels, &mut g)?;
+            let mut captions: Vec<&str> = batch.iter().map(|&i| rows[i].caption.as_str()).collect();
+            let dims = latents.dims();
+            let noise = Tensor::<4>::from_data(TensorData::new(g.randn(&dims), dims), &inner);
+            let timesteps = g
+                .rand(&[b])
+                .into_iter()
+                .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
+                .collect();
+            let draws = NoiseDraws {
+                noise,
+                offset_noise: None,
+                perturbation: None,
+                timesteps,
+            };
+            // `--proportion_empty_prompts`: drawn after everything else, only when set, so runs
+            // without it draw what they always drew.
+            if config.proportion_empty_prompts > 0.0 {
+                for (caption, u) in captions.iter_mut().zip(g.rand(&[b])) {
+                    if f64::from(u) < config.proportion_empty_prompts {
+                        *caption = "";
+                    }
+                }
+            }
+            let states = frozen.encode_captions(&captions)?;
+            stats = trainer.step(latents, states, cond, &draws)?;
         }
-        let pixels = Tensor::<4>::from_data(TensorData::new(pixels, [b, 3, r, r]), &inner);
-        let cond = Tensor::<4>::from_data(TensorData::new(cond, [b, 3, r, r]), &inner);
-        let latents = frozen.encode_images(pixels, &mut g)?;
-        let captions: Vec<&str> = batch.iter().map(|&i| rows[i].caption.as_str()).collect();
-        let states = frozen.encode_captions(&captions)?;
-        let dims = latents.dims();
-        let noise = Tensor::<4>::from_data(TensorData::new(g.randn(&dims), dims), &inner);
-        let timesteps = g
-            .rand(&[b])
-            .into_iter()
-            .map(|u| ((u as f64 * num_train as f64) as usize).min(num_train - 1))
-            .collect();
-        let draws = NoiseDraws {
-            noise,
-            offset_noise: None,
-            perturbation: None,
-            timesteps,
+        let stats = match stats {
+            Some(s) => s,
+            None => trainer.finish_step()?,
         };
-        let stats = trainer.step(latents, states, cond, &draws)?;
         record_step(&stats, epoch, None, &mut log, &log_path, &bar)?;
         report.steps.push(stats);
         report.global_step = step + 1;

@@ -94,6 +94,42 @@ struct ParamState {
     exp_avg_sq: Tensor<1>,
 }
 
+/// One optimizer step as accelerate runs it for the scripts: under fp16 unscale the gradients
+/// and check them (`grad_scaler`), clip them by their global norm (`max_grad_norm`), step
+/// `module` with AdamW at `lr` unless a gradient is not finite, and update the loss scale.
+/// Returns the gradient norm (before clipping) and the updated module, `None` for a skipped
+/// step; the caller counts the step, and the skipped step, whose learning rate the schedule
+/// does not advance past (accelerate skips the scheduler's step with the optimizer's).
+///
+/// # Errors
+/// As [`AdamW::step`].
+pub(crate) fn scaled_step<M: Module>(
+    optimizer: &mut AdamW,
+    grad_scaler: &mut Option<crate::mixed_precision::GradScaler>,
+    max_grad_norm: Option<f64>,
+    lr: f64,
+    module: M,
+    mut grads: FlatGradients,
+) -> Result<(f32, Option<M>)> {
+    let found_inf = match grad_scaler.as_ref() {
+        Some(scaler) => scaler.unscale(&mut grads),
+        None => false,
+    };
+    let grad_norm = match max_grad_norm {
+        Some(max_norm) => grads.clip_grad_norm(max_norm),
+        None => grads.total_norm(),
+    };
+    let updated = if found_inf {
+        None
+    } else {
+        Some(optimizer.step(lr, module, grads)?)
+    };
+    if let Some(scaler) = grad_scaler.as_mut() {
+        scaler.update(found_inf);
+    }
+    Ok((grad_norm, updated))
+}
+
 /// The summed gradients and loss of the micro-batches of the optimizer step in progress
 /// (gradient accumulation).
 #[derive(Debug, Default)]

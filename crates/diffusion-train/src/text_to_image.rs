@@ -28,7 +28,7 @@ use crate::lora::{LoraTrainConfig, UNetLora};
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
-use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients};
+use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients, scaled_step};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
@@ -750,28 +750,20 @@ impl TextToImageTrainer {
     pub(crate) fn step_module<M: Module>(
         &mut self,
         module: M,
-        mut grads: FlatGradients,
+        grads: FlatGradients,
         loss: f32,
     ) -> Result<(StepStats, Option<M>)> {
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
-        let found_inf = match &self.grad_scaler {
-            Some(scaler) => scaler.unscale(&mut grads),
-            None => false,
-        };
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max_norm) => grads.clip_grad_norm(max_norm),
-            None => grads.total_norm(),
-        };
-        let updated = if found_inf {
-            self.skipped_steps += 1;
-            None
-        } else {
-            Some(self.optimizer.step(lr, module, grads)?)
-        };
-        self.last_step_skipped = found_inf;
-        if let Some(scaler) = &mut self.grad_scaler {
-            scaler.update(found_inf);
-        }
+        let (grad_norm, updated) = scaled_step(
+            &mut self.optimizer,
+            &mut self.grad_scaler,
+            self.config.max_grad_norm,
+            lr,
+            module,
+            grads,
+        )?;
+        self.last_step_skipped = updated.is_none();
+        self.skipped_steps += usize::from(self.last_step_skipped);
         self.global_step += 1;
         let stats = StepStats {
             step: self.global_step,

@@ -24,7 +24,7 @@ use crate::checkpoint::{check_resumable, read_state_file, write_checkpoint_dir, 
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
-use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients};
+use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients, scaled_step};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
@@ -613,45 +613,36 @@ impl TextualInversionTrainer {
     /// # Errors
     /// [`Error::InvalidArgument`] (`step`) when nothing was accumulated.
     pub fn finish_step(&mut self) -> Result<StepStats> {
-        let (mut grads, loss) = self.pending.take()?;
+        let (grads, loss) = self.pending.take()?;
         // Skipped fp16 steps do not advance the schedule (accelerate skips the scheduler's step
-        // with the optimizer's).
+        // with the optimizer's). The script clips no gradients.
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
-        let found_inf = match &self.grad_scaler {
-            Some(scaler) => scaler.unscale(&mut grads),
-            None => false,
-        };
-        let grad_norm = grads.total_norm();
-        self.last_step_skipped = found_inf;
-        if let Some(scaler) = &mut self.grad_scaler {
-            scaler.update(found_inf);
-        }
-        if found_inf {
-            self.skipped_steps += 1;
-            self.global_step += 1;
-            return Ok(StepStats {
-                step: self.global_step,
-                loss,
-                grad_norm,
-                lr,
-                ema_decay: None,
-            });
-        }
         let embedding = self
             .text_encoder
             .text_model
             .embeddings
             .token_embedding
             .clone();
-        let embedding = self.optimizer.step(lr, embedding, grads)?;
-        // index_no_updates: every row outside the placeholders gets its original value back.
-        let (first, last) = self.rows;
-        let updated = embedding
-            .weight
-            .val()
-            .inner()
-            .narrow(0, first, last + 1 - first);
-        self.set_learned_rows(embedding, updated);
+        let (grad_norm, updated) = scaled_step(
+            &mut self.optimizer,
+            &mut self.grad_scaler,
+            None,
+            lr,
+            embedding,
+            grads,
+        )?;
+        self.last_step_skipped = updated.is_none();
+        self.skipped_steps += usize::from(self.last_step_skipped);
+        if let Some(embedding) = updated {
+            // index_no_updates: every row outside the placeholders gets its original value back.
+            let (first, last) = self.rows;
+            let rows = embedding
+                .weight
+                .val()
+                .inner()
+                .narrow(0, first, last + 1 - first);
+            self.set_learned_rows(embedding, rows);
+        }
         self.global_step += 1;
         Ok(StepStats {
             step: self.global_step,

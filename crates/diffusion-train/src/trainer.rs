@@ -12,7 +12,7 @@ use crate::config::TrainConfig;
 use crate::ema::EmaModel;
 use crate::lr_schedule::LrSchedule;
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
-use crate::optimizer::{AdamW, FlatGradients};
+use crate::optimizer::{AdamW, FlatGradients, scaled_step};
 use crate::params;
 
 /// What one step did.
@@ -226,25 +226,20 @@ impl Trainer {
         &mut self,
         lr: f64,
         loss_value: f32,
-        mut grads: FlatGradients,
+        grads: FlatGradients,
     ) -> Result<StepStats> {
-        let found_inf = match &self.grad_scaler {
-            Some(scaler) => scaler.unscale(&mut grads),
-            None => false,
-        };
-        let grad_norm = match self.config.max_grad_norm {
-            Some(max_norm) => grads.clip_grad_norm(max_norm),
-            None => grads.total_norm(),
-        };
-        if found_inf {
-            self.skipped_steps += 1;
-        } else {
-            let model = self.model.clone();
-            self.model = self.optimizer.step(lr, model, grads)?;
-        }
-        self.last_step_skipped = found_inf;
-        if let Some(scaler) = &mut self.grad_scaler {
-            scaler.update(found_inf);
+        let (grad_norm, updated) = scaled_step(
+            &mut self.optimizer,
+            &mut self.grad_scaler,
+            self.config.max_grad_norm,
+            lr,
+            self.model.clone(),
+            grads,
+        )?;
+        self.last_step_skipped = updated.is_none();
+        self.skipped_steps += usize::from(self.last_step_skipped);
+        if let Some(model) = updated {
+            self.model = model;
         }
         let ema_decay = match &mut self.ema {
             Some(ema) => Some(ema.step(&self.model)?),

@@ -71,6 +71,18 @@ fn conditioning_images_are_prepared_as_the_script_does() {
 
 #[test]
 fn controlnet_steps_match_diffusers() {
+    check_steps(1);
+}
+
+/// `gradient_accumulation_steps = 2` over the two rows one at a time takes diffusers' steps on
+/// the batch of two: each micro-batch's loss is halved before its backward.
+#[test]
+fn controlnet_steps_accumulated_over_two_micro_batches_match_diffusers() {
+    check_steps(2);
+}
+
+/// The fixture's steps, each as `micro` micro-batches of the two rows.
+fn check_steps(micro: usize) {
     let expected = expected();
     let hp = &expected["hyperparameters"];
     let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
@@ -84,6 +96,7 @@ fn controlnet_steps_match_diffusers() {
         adam_weight_decay: f(&hp["adam_weight_decay"]),
         adam_epsilon: f(&hp["adam_epsilon"]),
         max_grad_norm: Some(f(&hp["max_grad_norm"])),
+        gradient_accumulation_steps: micro,
         ..ControlNetTrainConfig::default()
     };
     let controlnet = ControlNetModel::from_pretrained(root().join("controlnet"), &dev).unwrap();
@@ -124,10 +137,30 @@ fn controlnet_steps_match_diffusers() {
         .unwrap();
     assert!(g.values.iter().any(|v| v.abs() > 1e-8));
 
+    let b = latents.dims()[0];
     for step in 0..steps {
-        let stats = trainer
-            .step(latents.clone(), states.clone(), image.clone(), &draws(step))
-            .unwrap();
+        let d = draws(step);
+        let mut stats = None;
+        for j in 0..micro {
+            // Micro-batch `j`: rows `j * b / micro ..`.
+            let (start, n) = (j * b / micro, b / micro);
+            let part = NoiseDraws {
+                noise: d.noise.clone().narrow(0, start, n),
+                offset_noise: None,
+                perturbation: None,
+                timesteps: d.timesteps[start..start + n].to_vec(),
+            };
+            stats = trainer
+                .step(
+                    latents.clone().narrow(0, start, n),
+                    states.clone().narrow(0, start, n),
+                    image.clone().narrow(0, start, n),
+                    &part,
+                )
+                .unwrap();
+            assert_eq!(stats.is_some(), j + 1 == micro, "micro-batch {j}");
+        }
+        let stats = stats.unwrap();
         let want = f(&expected["losses"][step]);
         let d = (f64::from(stats.loss) - want).abs() as f32;
         eprintln!(
@@ -218,6 +251,80 @@ mod run {
     /// The 32x32 tile at grid row `r`, column `c` (tiles framed by 2 pixels).
     fn tile(grid: &RgbImage, r: u32, c: u32) -> RgbImage {
         image::imageops::crop_imm(grid, c * 36 + 2, r * 36 + 2, 32, 32).to_image()
+    }
+
+    /// `proportion_empty_prompts = 1` empties every caption: the run equals one on a copy of
+    /// the data whose captions are all empty (its draw comes after the micro-batch's others);
+    /// at 0.5 some captions are emptied and the losses differ from both. With
+    /// `gradient_accumulation_steps = 2` a run takes two micro-batches per step and resumes
+    /// exactly.
+    #[test]
+    fn empty_prompts_and_gradient_accumulation_in_the_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty_data = dir.path().join("data");
+        std::fs::create_dir_all(&empty_data).unwrap();
+        let mut metadata = String::new();
+        for entry in std::fs::read_dir(root().join("data")).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_owned();
+            if name == "metadata.jsonl" {
+                for line in std::fs::read_to_string(&path).unwrap().lines() {
+                    let mut row: serde_json::Value = serde_json::from_str(line).unwrap();
+                    row["text"] = "".into();
+                    metadata.push_str(&format!("{row}\n"));
+                }
+            } else {
+                std::fs::copy(&path, empty_data.join(name)).unwrap();
+            }
+        }
+        std::fs::write(empty_data.join("metadata.jsonl"), metadata).unwrap();
+        let run = |out: &Path, data: &Path, proportion: f64| {
+            let c = ControlNetRunConfig {
+                train_data_dir: data.to_path_buf(),
+                proportion_empty_prompts: proportion,
+                ..config(out, ControlNetValidationConfig::default())
+            };
+            train_controlnet(&c, &device()).unwrap().losses()
+        };
+        let all_empty = run(&dir.path().join("a"), &root().join("data"), 1.0);
+        let empty_captions = run(&dir.path().join("b"), &empty_data, 0.0);
+        let half = run(&dir.path().join("c"), &root().join("data"), 0.5);
+        let none = run(&dir.path().join("d"), &root().join("data"), 0.0);
+        assert_eq!(all_empty, empty_captions);
+        assert_ne!(half, none);
+        assert_ne!(half, all_empty);
+        let bad = ControlNetRunConfig {
+            proportion_empty_prompts: 1.5,
+            ..config(&dir.path().join("e"), ControlNetValidationConfig::default())
+        };
+        let err = train_controlnet(&bad, &device()).unwrap_err().to_string();
+        assert!(err.contains("proportion_empty_prompts"), "{err}");
+        assert!(!dir.path().join("e").exists());
+
+        let accumulated = |out: &Path, resume: Option<&str>| {
+            let mut c = ControlNetRunConfig {
+                train_batch_size: 1,
+                resume_from_checkpoint: resume.map(String::from),
+                ..config(out, ControlNetValidationConfig::default())
+            };
+            c.train.gradient_accumulation_steps = 2;
+            train_controlnet(&c, &device()).unwrap()
+        };
+        let straight_dir = dir.path().join("straight");
+        let straight = accumulated(&straight_dir, None);
+        assert_eq!(straight.steps.len(), 3);
+        let resumed_dir = dir.path().join("resumed");
+        copy_dir(
+            &straight_dir.join("checkpoint-2"),
+            &resumed_dir.join("checkpoint-2"),
+        );
+        let resumed = accumulated(&resumed_dir, Some("latest"));
+        assert_eq!(resumed.start_step, 2);
+        assert_eq!(resumed.steps, straight.steps[2..]);
+        assert_eq!(
+            read(&resumed_dir.join(WEIGHTS)),
+            read(&straight_dir.join(WEIGHTS))
+        );
     }
 
     #[test]
@@ -527,7 +634,8 @@ mod half {
         let (latents, states, image, draws) = inputs();
         let stats32 = f32_trainer
             .step(latents.clone(), states.clone(), image.clone(), &draws)
-            .unwrap();
+            .unwrap()
+            .expect("no accumulation: every micro-batch is a step");
         for mp in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
             let (loss_tol, grad_tol) = half_tolerances(mp, layers);
             let mut t = trainer(mp);
@@ -546,7 +654,8 @@ mod half {
             );
             let stats = t
                 .step(latents.clone(), states.clone(), image.clone(), &draws)
-                .unwrap();
+                .unwrap()
+                .expect("no accumulation: every micro-batch is a step");
             assert!(!t.last_step_skipped());
             assert_eq!(
                 stats.loss, loss,
@@ -594,7 +703,8 @@ mod half {
         let (latents, states, image, draws) = inputs();
         let stats = t
             .step(latents.clone(), states.clone(), image.clone(), &draws)
-            .unwrap();
+            .unwrap()
+            .expect("no accumulation: every micro-batch is a step");
         assert!(stats.loss.is_finite());
         assert!(t.last_step_skipped());
         assert_eq!((t.skipped_steps(), t.global_step()), (1, 1));
@@ -604,7 +714,10 @@ mod half {
             assert!(a.values == b.values, "`{}` changed", a.key);
         }
         t.set_grad_scaler(GradScaler::default()).unwrap();
-        let next = t.step(latents, states, image, &draws).unwrap();
+        let next = t
+            .step(latents, states, image, &draws)
+            .unwrap()
+            .expect("no accumulation: every micro-batch is a step");
         assert!(!t.last_step_skipped());
         assert_eq!(t.optimizer().step_count(), 1);
         assert_eq!(
