@@ -734,12 +734,7 @@ fn text_to_image(args: TextToImageArgs, lora: Option<(Option<usize>, Option<f64>
     config.cache_latents |= args.cache_latents;
     config.use_ema |= args.use_ema;
     config.gradient_checkpointing |= args.gradient_checkpointing;
-    config.mixed_precision = match args.mixed_precision {
-        MixedPrecisionArg::No => "no",
-        MixedPrecisionArg::Fp16 => "fp16",
-        MixedPrecisionArg::Bf16 => "bf16",
-    }
-    .into();
+    config.mixed_precision = args.mixed_precision.precision().as_str().into();
     config.show_progress = !args.quiet;
     args.validation.apply(&mut config.validation)?;
     args.flow_matching.apply(&mut config)?;

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use diffusion_core::parse_device;
 use diffusion_train::{InstructPix2PixConfig, LrScheduleKind, train_instruct_pix2pix};
@@ -132,6 +132,12 @@ pub struct InstructPix2PixArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
 
+    /// Data-parallel training over these devices, the main one first (`cpu,cpu` or
+    /// `cuda:0,cuda:1`); --train-batch-size is then the batch of each device, as with
+    /// `accelerate launch --multi_gpu`. Overrides --device.
+    #[arg(long)]
+    pub devices: Option<String>,
+
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -191,12 +197,11 @@ pub fn instruct_pix2pix(args: InstructPix2PixArgs) -> Result<()> {
     }
     config.random_flip |= args.random_flip;
     config.use_ema |= args.use_ema;
-    config.mixed_precision = match args.mixed_precision {
-        MixedPrecisionArg::No => "no",
-        MixedPrecisionArg::Fp16 => "fp16",
-        MixedPrecisionArg::Bf16 => "bf16",
+    config.mixed_precision = args.mixed_precision.precision().as_str().into();
+    if let Some(list) = &args.devices {
+        config.devices = diffusion_train::data_parallel::split_device_list(list)
+            .with_context(|| format!("--devices {list}"))?;
     }
-    .into();
     config.show_progress = !args.quiet;
     if config.pretrained_model.as_os_str().is_empty() {
         bail!("give the model: --model <Stable Diffusion folder>");

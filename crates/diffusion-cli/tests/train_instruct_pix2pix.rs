@@ -10,6 +10,11 @@ fn fixtures() -> PathBuf {
 }
 
 fn train(out: &Path, extra: &[&str]) -> Output {
+    train_batch(out, "2", extra)
+}
+
+/// [`train`] with `--train-batch-size batch`.
+fn train_batch(out: &Path, batch: &str, extra: &[&str]) -> Output {
     let model = fixtures().join("pipelines/sd/sd1");
     let data = fixtures().join("train/instruct_pix2pix/data");
     Command::new(env!("CARGO_BIN_EXE_diffusers"))
@@ -24,7 +29,7 @@ fn train(out: &Path, extra: &[&str]) -> Output {
             "--resolution",
             "32",
             "--train-batch-size",
-            "2",
+            batch,
             "--random-flip",
             "--learning-rate",
             "1e-3",
@@ -98,6 +103,45 @@ fn two_steps_save_an_eight_channel_pipeline() {
         !out.join("checkpoint-1").exists(),
         "pruned to one checkpoint"
     );
+
+    // Over two CPU handles with one example each: the same global batches and draws, so the
+    // losses are the one-device run's up to the order of sums.
+    let parallel = dir.path().join("parallel");
+    let output = train_batch(
+        &parallel,
+        "1",
+        &[
+            "--max-train-steps",
+            "2",
+            "--conditioning-dropout-prob",
+            "0.05",
+            "--seed",
+            "3",
+            "--devices",
+            "cpu,cpu",
+        ],
+    );
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let losses = |dir: &Path| -> Vec<f64> {
+        std::fs::read_to_string(dir.join("logs/train_log.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let (one, two) = (losses(&out), losses(&parallel));
+    assert_eq!(one.len(), two.len());
+    for (a, b) in one.iter().zip(&two) {
+        assert!((a - b).abs() <= 1e-5, "{one:?} vs {two:?}");
+    }
 }
 
 #[test]

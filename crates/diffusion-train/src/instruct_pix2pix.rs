@@ -25,6 +25,7 @@ use diffusion_models::{ModelMixin, UNet2DConditionModel};
 use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType, Scheduler};
 
 use crate::caption_data::METADATA_FILE;
+use crate::data_parallel::TextToImageParallel;
 use crate::lr_schedule::LrScheduleKind;
 use crate::mixed_precision::{cast_input, to_f32};
 use crate::objective::NoiseDraws;
@@ -87,6 +88,10 @@ pub struct InstructPix2PixConfig {
     /// [`crate::mixed_precision`]): f32 master weights, the UNet's forward and backward on a
     /// half copy, the frozen VAE and text encoder in the half dtype, a loss scale for `fp16`.
     pub mixed_precision: String,
+    /// Data-parallel training over these devices, the main one first (`["cuda:0", "cuda:1"]`);
+    /// `train_batch_size` is then the batch of each device, as with accelerate. Empty (the
+    /// default): the device given to the run. See [`crate::data_parallel`].
+    pub devices: Vec<String>,
     /// Seed of everything random.
     pub seed: u64,
     /// Save a resumable checkpoint every this many optimizer steps.
@@ -135,6 +140,7 @@ impl Default for InstructPix2PixConfig {
             max_grad_norm: Some(1.0),
             use_ema: false,
             mixed_precision: "no".into(),
+            devices: Vec::new(),
             seed: 0,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
@@ -176,6 +182,7 @@ impl InstructPix2PixConfig {
             prediction_type: None,
             lora: None,
             mixed_precision: self.mixed_precision.clone(),
+            devices: self.devices.clone(),
             seed: self.seed,
             checkpointing_steps: self.checkpointing_steps,
             checkpoints_total_limit: self.checkpoints_total_limit,
@@ -603,6 +610,60 @@ impl InstructPix2PixTrainer {
     pub fn step(&mut self, batch: &EditBatch, draws: &NoiseDraws) -> Result<Option<StepStats>> {
         let loss = self.loss(batch, draws)?;
         self.inner.step_loss(loss)
+    }
+
+    /// [`Self::step`] over the devices of `parallel` (from [`TextToImageTrainer::data_parallel`]
+    /// on [`Self::inner`]): the micro-batch is sharded (both images' latents, the prompts, the
+    /// dropout draws, the noise and timesteps), each device computes its part of the loss and
+    /// of the gradients with its replica, and the optimizer steps once on the main device (see
+    /// [`TextToImageTrainer::step_data_parallel_by`]).
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `timesteps` when the draws do not fit the batch; as
+    /// [`instruct_pix2pix_loss`] and [`TextToImageTrainer::step_data_parallel_by`].
+    pub fn step_data_parallel(
+        &mut self,
+        parallel: &mut TextToImageParallel,
+        batch: &EditBatch,
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        let b = batch.latents.dims()[0];
+        if draws.timesteps.len() != b {
+            return Err(Error::invalid_argument(
+                "timesteps",
+                format!("{} timesteps for a batch of {b}", draws.timesteps.len()),
+            ));
+        }
+        // Owned copies: the step below borrows the trainer mutably.
+        let scheduler = self.inner.scheduler().clone();
+        let prob = self.conditioning_dropout_prob;
+        self.inner
+            .step_data_parallel_by(parallel, b, |unet, rows, device| {
+                let n = rows.len();
+                let shard = |t: &Tensor<4>| t.clone().narrow(0, rows.start, n).to_device(device);
+                let part = EditBatch {
+                    latents: shard(&batch.latents),
+                    original_image_embeds: shard(&batch.original_image_embeds),
+                    encoder_hidden_states: batch
+                        .encoder_hidden_states
+                        .clone()
+                        .narrow(0, rows.start, n)
+                        .to_device(device),
+                    dropout: batch.dropout.as_ref().map(|(null, random_p)| {
+                        (
+                            null.clone().to_device(device),
+                            random_p[rows.clone()].to_vec(),
+                        )
+                    }),
+                };
+                let part_draws = NoiseDraws {
+                    noise: shard(&draws.noise),
+                    offset_noise: None,
+                    perturbation: None,
+                    timesteps: draws.timesteps[rows.clone()].to_vec(),
+                };
+                instruct_pix2pix_loss(unet, &scheduler, prob, &part, &part_draws)
+            })
     }
 
     /// The shared optimisation state (UNet, optimizer, EMA, step count).

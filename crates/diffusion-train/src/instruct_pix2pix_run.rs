@@ -209,6 +209,12 @@ pub fn train_instruct_pix2pix(
     config.validate()?;
     config.check_paths()?;
     let t2i = config.text_to_image();
+    // With `devices`, the first of them is the main device (see `crate::data_parallel`).
+    let parallel_devices = match config.devices.as_slice() {
+        [] => None,
+        names => Some(crate::data_parallel::parse_devices(names)?),
+    };
+    let device = parallel_devices.as_ref().map_or(device, |d| &d[0]);
     let inner = device.clone().without_autodiff();
     let data = EditDataset::from_folder(&config.train_data_dir, config)?;
     let validation_inputs = load_validation_inputs(config, &config.pretrained_model)?;
@@ -295,10 +301,14 @@ pub fn train_instruct_pix2pix(
         // The starting weights, for comparison with the edits that follow.
         validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
     }
+    let mut parallel = match parallel_devices {
+        Some(devices) => Some(trainer.inner().data_parallel(devices)?),
+        None => None,
+    };
     let mut batches = EpochBatches::new(
         config.seed,
         data.len(),
-        config.train_batch_size,
+        t2i.global_batch_size(),
         batches_per_epoch,
     );
     let began = Instant::now();
@@ -349,11 +359,20 @@ pub fn train_instruct_pix2pix(
                 perturbation: None,
                 timesteps,
             };
-            stats = trainer.step(&edit, &draws)?;
+            stats = match &mut parallel {
+                Some(p) => trainer.step_data_parallel(p, &edit, &draws)?,
+                None => trainer.step(&edit, &draws)?,
+            };
         }
         let stats = match stats {
             Some(s) => s,
-            None => trainer.inner_mut().finish_step()?,
+            None => {
+                let stats = trainer.inner_mut().finish_step()?;
+                if let Some(p) = &mut parallel {
+                    p.sync(trainer.inner());
+                }
+                stats
+            }
         };
         record_step(&stats, epoch, stats.ema_decay, &mut log, &log_path, &bar)?;
         report.steps.push(stats);

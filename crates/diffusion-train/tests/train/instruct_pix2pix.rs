@@ -165,6 +165,18 @@ fn data_latents_and_masks_match_diffusers() {
 
 #[test]
 fn widened_unet_steps_match_diffusers() {
+    check_steps(0);
+}
+
+/// The same steps over two devices, one example each (both images' latents, the prompt, the
+/// dropout draw, noise and timestep sharded together).
+#[test]
+fn widened_unet_steps_over_two_devices_match_diffusers() {
+    check_steps(2);
+}
+
+/// The fixture's steps on one device (`devices` 0) or data-parallel over `devices` handles.
+fn check_steps(devices: usize) {
     let expected = expected();
     let hp = &expected["hyperparameters"];
     let results = &expected["results"];
@@ -221,8 +233,19 @@ fn widened_unet_steps_match_diffusers() {
     let d = diff_to(conv_in.values, &source, "grad0/conv_in.weight");
     eprintln!("conv_in.weight gradient difference {d:e}");
 
+    let mut parallel = (devices > 0).then(|| {
+        trainer
+            .inner()
+            .data_parallel(vec![dev.clone(); devices])
+            .unwrap()
+    });
     for step in 0..steps {
-        let stats = trainer.step(&batch(step), &draws(step)).unwrap().unwrap();
+        let stats = match &mut parallel {
+            Some(p) => trainer.step_data_parallel(p, &batch(step), &draws(step)),
+            None => trainer.step(&batch(step), &draws(step)),
+        }
+        .unwrap()
+        .unwrap();
         let want = f(&results["losses"][step]);
         let d = (f64::from(stats.loss) - want).abs();
         eprintln!(
