@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use diffusion_core::parse_device;
 use diffusion_train::{ControlNetRunConfig, LrScheduleKind, MixedPrecision, train_controlnet};
@@ -56,6 +56,12 @@ pub struct ControlNetArgs {
     /// The share of captions replaced by the empty prompt, in [0, 1].
     #[arg(long)]
     pub proportion_empty_prompts: Option<f64>,
+
+    /// Data-parallel training over these devices, the main one first (`cpu,cpu` or
+    /// `cuda:0,cuda:1`); --train-batch-size is then the batch of each device, as with
+    /// `accelerate launch --multi_gpu`. Overrides --device.
+    #[arg(long)]
+    pub devices: Option<String>,
 
     /// Passes over the data (when --max-train-steps is not given).
     #[arg(long)]
@@ -164,6 +170,10 @@ pub fn controlnet(args: ControlNetArgs) -> Result<()> {
     }
     if let Some(v) = args.gradient_accumulation_steps {
         config.train.gradient_accumulation_steps = v;
+    }
+    if let Some(list) = &args.devices {
+        config.devices = diffusion_train::data_parallel::split_device_list(list)
+            .with_context(|| format!("--devices {list}"))?;
     }
     if let Some(v) = args.lr_warmup_steps {
         config.train.lr_warmup_steps = v;

@@ -144,6 +144,23 @@ fn two_steps_write_a_loadable_controlnet_and_resume_exactly() {
         std::fs::read(resumed.join("diffusion_pytorch_model.safetensors")).unwrap(),
         std::fs::read(straight.join("diffusion_pytorch_model.safetensors")).unwrap()
     );
+
+    // Over two CPU handles, one row each: the one-device losses up to the order of sums.
+    let parallel = dir.path().join("parallel");
+    ok(&train(
+        &parallel,
+        &[
+            &steps("2")[..],
+            &["--train-batch-size", "1", "--devices", "cpu,cpu"],
+        ]
+        .concat(),
+    ));
+    let two = log_lines(&parallel);
+    assert_eq!(two.len(), 2);
+    for (a, b) in log.iter().zip(&two) {
+        let (a, b) = (a["loss"].as_f64().unwrap(), b["loss"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5, "{a} vs {b}");
+    }
 }
 
 #[test]

@@ -24,6 +24,7 @@ use diffusion_core::{Device, Error, Result};
 use diffusion_models::{ControlNetModel, ControlNetOptions, UNet2DConditionModel};
 use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType, Scheduler};
 
+use crate::data_parallel::DataParallel;
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{
     GradScaler, MixedPrecision, MixedPrecisionState, cast_input, half_copy, to_f32,
@@ -218,65 +219,15 @@ impl ControlNetTrainer {
         draws: &NoiseDraws,
     ) -> Result<Tensor<1>> {
         let device = crate::optimizer::module_device(&self.controlnet);
-        let latents = latents.to_device(&device);
-        let states = encoder_hidden_states.to_device(&device);
-        let image = controlnet_image.to_device(&device);
-        let noise = draws.noise.clone().to_device(&device);
-        let b = latents.dims()[0];
-        let num_train = self.scheduler.num_train_timesteps();
-        if draws.timesteps.len() != b || noise.dims() != latents.dims() {
-            return Err(Error::invalid_argument(
-                "draws",
-                format!(
-                    "{} timesteps and noise {:?} for latents {:?}",
-                    draws.timesteps.len(),
-                    noise.dims(),
-                    latents.dims()
-                ),
-            ));
-        }
-        if let Some(t) = draws.timesteps.iter().find(|&&t| t >= num_train) {
-            return Err(Error::invalid_argument(
-                "timesteps",
-                format!("{t} is not below num_train_timesteps ({num_train})"),
-            ));
-        }
-        let ts: Vec<f64> = draws.timesteps.iter().map(|&t| t as f64).collect();
-        let noisy = self
-            .scheduler
-            .add_noise(latents.clone(), noise.clone(), &ts)?;
-        let target = match self.scheduler.config().prediction_type {
-            PredictionType::VPrediction => self.scheduler.get_velocity(latents, noise, &ts)?,
-            _ => noise,
-        };
-        let t = Tensor::<1>::from_data(
-            TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<f32>>(), [b]),
-            &device,
-        );
-        let controlnet = self.forward_controlnet()?;
-        let residuals = controlnet.forward_with(
-            cast_input(&controlnet, noisy.clone()),
-            t.clone(),
-            cast_input(&controlnet, states.clone()),
-            cast_input(&controlnet, image),
-            ControlNetOptions::default(),
-        )?;
-        // The residuals enter the UNet in its dtype (the script's `.to(dtype=weight_dtype)`).
-        let residuals = diffusion_models::ControlNetOutput {
-            down_block_res_samples: residuals
-                .down_block_res_samples
-                .into_iter()
-                .map(|r| cast_input(&self.unet, r))
-                .collect(),
-            mid_block_res_sample: cast_input(&self.unet, residuals.mid_block_res_sample),
-        };
-        let pred = self.unet.forward_with(
-            cast_input(&self.unet, noisy),
-            t,
-            cast_input(&self.unet, states),
-            residuals.into_unet_options(),
-        )?;
-        Ok(to_f32(pred).sub(target).square().mean())
+        controlnet_loss(
+            &self.forward_controlnet()?,
+            &self.unet,
+            &self.scheduler,
+            latents.to_device(&device),
+            encoder_hidden_states.to_device(&device),
+            controlnet_image.to_device(&device),
+            draws,
+        )
     }
 
     /// The ControlNet a loss runs: under mixed precision a copy cast to the half dtype inside the
@@ -368,6 +319,94 @@ impl ControlNetTrainer {
         self.pending.is_pending()
     }
 
+    /// Replicate the ControlNet onto `devices` (the first must be the trainer's own device),
+    /// with a copy of the frozen UNet on every device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `devices` when the list is empty.
+    pub fn data_parallel(&self, devices: Vec<Device>) -> Result<ControlNetParallel> {
+        let controlnets = DataParallel::new(devices, &self.controlnet)?;
+        let unets = controlnets.frozen_copies(&self.unet);
+        Ok(ControlNetParallel { controlnets, unets })
+    }
+
+    /// [`Self::step`] over the devices of `parallel` (from [`Self::data_parallel`]): the
+    /// micro-batch is sharded (latents, prompts, conditioning images, noise, timesteps), each
+    /// device runs its ControlNet replica (its half copy under mixed precision) and UNet copy
+    /// on its rows, the gradients are gathered on the main device and accumulated, and after
+    /// the last micro-batch of a step the optimizer steps once and the replicas are synced.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `draws` when the draws do not fit the batch; as
+    /// [`Self::loss`] and [`Self::finish_step`].
+    pub fn step_data_parallel(
+        &mut self,
+        parallel: &mut ControlNetParallel,
+        latents: Tensor<4>,
+        encoder_hidden_states: Tensor<3>,
+        controlnet_image: Tensor<4>,
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        let b = latents.dims()[0];
+        if draws.timesteps.len() != b {
+            return Err(Error::invalid_argument(
+                "draws",
+                format!("{} timesteps for a batch of {b}", draws.timesteps.len()),
+            ));
+        }
+        let k = self.config.gradient_accumulation_steps.max(1);
+        let dtype = self.config.mixed_precision.dtype();
+        let scale = self
+            .grad_scaler
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.scale()));
+        let scheduler = &self.scheduler;
+        let contexts = parallel.unets.clone();
+        let (value, grads) = parallel.controlnets.loss_and_gradients_with(
+            &self.controlnet,
+            b,
+            contexts,
+            scale,
+            |controlnet, unet, rows, device| {
+                let n = rows.len();
+                let shard = |t: &Tensor<4>| t.clone().narrow(0, rows.start, n).to_device(device);
+                let controlnet = match dtype {
+                    Some(dtype) => half_copy(controlnet, dtype)?,
+                    None => controlnet.clone(),
+                };
+                let part = NoiseDraws {
+                    noise: shard(&draws.noise),
+                    offset_noise: None,
+                    perturbation: None,
+                    timesteps: draws.timesteps[rows.clone()].to_vec(),
+                };
+                let loss = controlnet_loss(
+                    &controlnet,
+                    &unet,
+                    scheduler,
+                    shard(&latents),
+                    encoder_hidden_states
+                        .clone()
+                        .narrow(0, rows.start, n)
+                        .to_device(device),
+                    shard(&controlnet_image),
+                    &part,
+                )?;
+                Ok(if k > 1 {
+                    loss.div_scalar(k as f64)
+                } else {
+                    loss
+                })
+            },
+        )?;
+        if !self.pending.add(grads, value, k)? {
+            return Ok(None);
+        }
+        let stats = self.finish_step()?;
+        parallel.sync(self);
+        Ok(Some(stats))
+    }
+
     /// The ControlNet on the autodiff device.
     pub fn controlnet(&self) -> &ControlNetModel {
         &self.controlnet
@@ -387,6 +426,99 @@ impl ControlNetTrainer {
     pub fn global_step(&self) -> usize {
         self.global_step
     }
+}
+
+/// The replicas of a ControlNet run, one per device (see [`ControlNetTrainer::data_parallel`]).
+#[derive(Debug)]
+pub struct ControlNetParallel {
+    controlnets: DataParallel<ControlNetModel>,
+    /// The frozen UNet per device (the main device's first).
+    unets: Vec<UNet2DConditionModel>,
+}
+
+impl ControlNetParallel {
+    /// The devices, the main one first.
+    pub fn devices(&self) -> &[Device] {
+        self.controlnets.devices()
+    }
+
+    /// Copy `trainer`'s current ControlNet into every other replica (after an optimizer step;
+    /// [`ControlNetTrainer::step_data_parallel`] does it itself).
+    pub fn sync(&mut self, trainer: &ControlNetTrainer) {
+        self.controlnets.sync(&trainer.controlnet);
+    }
+}
+
+/// train_controlnet.py's loss with `controlnet` (the trained one, or its half copy) and the
+/// frozen `unet` on one batch (inputs on their device): noise the latents at the drawn
+/// timesteps, run the ControlNet on them with the conditioning image, the UNet with its
+/// residuals, MSE against the target.
+///
+/// # Errors
+/// [`Error::InvalidArgument`] for draws that do not fit the latents; model errors.
+fn controlnet_loss(
+    controlnet: &ControlNetModel,
+    unet: &UNet2DConditionModel,
+    scheduler: &DDPMScheduler,
+    latents: Tensor<4>,
+    states: Tensor<3>,
+    image: Tensor<4>,
+    draws: &NoiseDraws,
+) -> Result<Tensor<1>> {
+    let device = latents.device();
+    let noise = draws.noise.clone().to_device(&device);
+    let b = latents.dims()[0];
+    let num_train = scheduler.num_train_timesteps();
+    if draws.timesteps.len() != b || noise.dims() != latents.dims() {
+        return Err(Error::invalid_argument(
+            "draws",
+            format!(
+                "{} timesteps and noise {:?} for latents {:?}",
+                draws.timesteps.len(),
+                noise.dims(),
+                latents.dims()
+            ),
+        ));
+    }
+    if let Some(t) = draws.timesteps.iter().find(|&&t| t >= num_train) {
+        return Err(Error::invalid_argument(
+            "timesteps",
+            format!("{t} is not below num_train_timesteps ({num_train})"),
+        ));
+    }
+    let ts: Vec<f64> = draws.timesteps.iter().map(|&t| t as f64).collect();
+    let noisy = scheduler.add_noise(latents.clone(), noise.clone(), &ts)?;
+    let target = match scheduler.config().prediction_type {
+        PredictionType::VPrediction => scheduler.get_velocity(latents, noise, &ts)?,
+        _ => noise,
+    };
+    let t = Tensor::<1>::from_data(
+        TensorData::new(ts.iter().map(|&t| t as f32).collect::<Vec<f32>>(), [b]),
+        &device,
+    );
+    let residuals = controlnet.forward_with(
+        cast_input(controlnet, noisy.clone()),
+        t.clone(),
+        cast_input(controlnet, states.clone()),
+        cast_input(controlnet, image),
+        ControlNetOptions::default(),
+    )?;
+    // The residuals enter the UNet in its dtype (the script's `.to(dtype=weight_dtype)`).
+    let residuals = diffusion_models::ControlNetOutput {
+        down_block_res_samples: residuals
+            .down_block_res_samples
+            .into_iter()
+            .map(|r| cast_input(unet, r))
+            .collect(),
+        mid_block_res_sample: cast_input(unet, residuals.mid_block_res_sample),
+    };
+    let pred = unet.forward_with(
+        cast_input(unet, noisy),
+        t,
+        cast_input(unet, states),
+        residuals.into_unet_options(),
+    )?;
+    Ok(to_f32(pred).sub(target).square().mean())
 }
 
 /// A conditioning image as train_controlnet.py prepares it: `Resize(resolution)` (bilinear,

@@ -79,6 +79,10 @@ pub struct ControlNetRunConfig {
     pub resolution: usize,
     /// The share of captions replaced by the empty prompt (`--proportion_empty_prompts`, 0).
     pub proportion_empty_prompts: f64,
+    /// Data-parallel training over these devices, the main one first (`["cuda:0", "cuda:1"]`);
+    /// `train_batch_size` is then the batch of each device, as with accelerate. Empty (the
+    /// default): the device given to the run. See [`crate::data_parallel`].
+    pub devices: Vec<String>,
     /// Rows per batch (4).
     pub train_batch_size: usize,
     /// Passes over the data when `max_train_steps` is `None` (1).
@@ -113,6 +117,7 @@ impl Default for ControlNetRunConfig {
             output_dir: "controlnet-model".into(),
             resolution: 512,
             proportion_empty_prompts: 0.0,
+            devices: Vec::new(),
             train_batch_size: 4,
             num_train_epochs: 1,
             max_train_steps: None,
@@ -269,6 +274,9 @@ impl ControlNetRunConfig {
             ));
         }
         positive("train_batch_size", self.train_batch_size)?;
+        if !self.devices.is_empty() {
+            crate::data_parallel::parse_devices(&self.devices)?;
+        }
         if !(0.0..=1.0).contains(&self.proportion_empty_prompts) {
             return Err(Error::invalid_argument(
                 "proportion_empty_prompts",
@@ -323,8 +331,13 @@ impl ControlNetRunConfig {
         need(self.train_data_dir.join(METADATA_FILE), "no dataset here")
     }
 
+    /// Rows per micro-batch: `train_batch_size` on each of the `devices` (at least one).
+    fn global_batch_size(&self) -> usize {
+        self.train_batch_size * self.devices.len().max(1)
+    }
+
     fn batches_per_epoch(&self, n: usize) -> usize {
-        n.div_ceil(self.train_batch_size)
+        n.div_ceil(self.global_batch_size())
     }
 
     /// Optimizer steps per epoch (`ceil(len(train_dataloader) / gradient_accumulation_steps)`).
@@ -639,6 +652,12 @@ fn widen<M: diffusion_core::burn::module::Module>(module: M) -> Result<M> {
 pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result<TrainReport> {
     config.validate()?;
     config.check_paths()?;
+    // With `devices`, the first of them is the main device (see `crate::data_parallel`).
+    let parallel_devices = match config.devices.as_slice() {
+        [] => None,
+        names => Some(crate::data_parallel::parse_devices(names)?),
+    };
+    let device = parallel_devices.as_ref().map_or(device, |d| &d[0]);
     let inner = device.clone().without_autodiff();
     let rows = load_rows(config)?;
     let frozen = FrozenComponents::load(&config.pretrained_model, &inner)?;
@@ -704,10 +723,14 @@ pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result
         pipeline_dir: out.clone(),
         elapsed: Duration::ZERO,
     };
+    let mut parallel = match parallel_devices {
+        Some(devices) => Some(trainer.data_parallel(devices)?),
+        None => None,
+    };
     let mut batches = EpochBatches::new(
         config.seed,
         rows.len(),
-        config.train_batch_size,
+        config.global_batch_size(),
         batches_per_epoch,
     );
     let began = Instant::now();
@@ -759,11 +782,20 @@ pub fn train_controlnet(config: &ControlNetRunConfig, device: &Device) -> Result
                 }
             }
             let states = frozen.encode_captions(&captions)?;
-            stats = trainer.step(latents, states, cond, &draws)?;
+            stats = match &mut parallel {
+                Some(p) => trainer.step_data_parallel(p, latents, states, cond, &draws)?,
+                None => trainer.step(latents, states, cond, &draws)?,
+            };
         }
         let stats = match stats {
             Some(s) => s,
-            None => trainer.finish_step()?,
+            None => {
+                let stats = trainer.finish_step()?;
+                if let Some(p) = &mut parallel {
+                    p.sync(&trainer);
+                }
+                stats
+            }
         };
         record_step(&stats, epoch, None, &mut log, &log_path, &bar)?;
         report.steps.push(stats);

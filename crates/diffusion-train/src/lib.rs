@@ -60,7 +60,9 @@ pub use caption_data::{CaptionDataset, CaptionDatasetOptions, ImageDraws, tokeni
 pub use checkpoint::{TrainingState, load_checkpoint, save_checkpoint, save_pipeline};
 pub use class_images::generate_class_images;
 pub use config::TrainConfig;
-pub use controlnet::{ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values};
+pub use controlnet::{
+    ControlNetParallel, ControlNetTrainConfig, ControlNetTrainer, conditioning_pixel_values,
+};
 pub use controlnet_run::{ControlNetRunConfig, train_controlnet};
 pub use data::{FolderOptions, ImageDataset};
 pub use data_parallel::{DataParallel, TextToImageParallel};

@@ -81,8 +81,19 @@ fn controlnet_steps_accumulated_over_two_micro_batches_match_diffusers() {
     check_steps(2);
 }
 
+/// Over two devices, one row each: diffusers' steps on the batch of two.
+#[test]
+fn controlnet_steps_over_two_devices_match_diffusers() {
+    check_steps_on(1, 2);
+}
+
 /// The fixture's steps, each as `micro` micro-batches of the two rows.
 fn check_steps(micro: usize) {
+    check_steps_on(micro, 0);
+}
+
+/// [`check_steps`] on one device (`devices` 0) or data-parallel over `devices` handles.
+fn check_steps_on(micro: usize, devices: usize) {
     let expected = expected();
     let hp = &expected["hyperparameters"];
     let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
@@ -138,6 +149,8 @@ fn check_steps(micro: usize) {
     assert!(g.values.iter().any(|v| v.abs() > 1e-8));
 
     let b = latents.dims()[0];
+    let mut parallel =
+        (devices > 0).then(|| trainer.data_parallel(vec![dev.clone(); devices]).unwrap());
     for step in 0..steps {
         let d = draws(step);
         let mut stats = None;
@@ -150,14 +163,16 @@ fn check_steps(micro: usize) {
                 perturbation: None,
                 timesteps: d.timesteps[start..start + n].to_vec(),
             };
-            stats = trainer
-                .step(
-                    latents.clone().narrow(0, start, n),
-                    states.clone().narrow(0, start, n),
-                    image.clone().narrow(0, start, n),
-                    &part,
-                )
-                .unwrap();
+            let (l, st, im) = (
+                latents.clone().narrow(0, start, n),
+                states.clone().narrow(0, start, n),
+                image.clone().narrow(0, start, n),
+            );
+            stats = match &mut parallel {
+                Some(p) => trainer.step_data_parallel(p, l, st, im, &part),
+                None => trainer.step(l, st, im, &part),
+            }
+            .unwrap();
             assert_eq!(stats.is_some(), j + 1 == micro, "micro-batch {j}");
         }
         let stats = stats.unwrap();
