@@ -187,6 +187,11 @@ pub struct TextualInversionArgs {
     /// the text encoder on a half copy of its f32 weights (the token table stays f32).
     #[arg(long, value_enum)]
     pub mixed_precision: Option<crate::train::MixedPrecisionArg>,
+    /// Data-parallel training over these devices, the main one first (`cpu,cpu` or
+    /// `cuda:0,cuda:1`); --train-batch-size is then the batch of each device, as with
+    /// `accelerate launch --multi_gpu`. Overrides --device.
+    #[arg(long)]
+    pub devices: Option<String>,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -295,6 +300,10 @@ pub fn textual_inversion(args: TextualInversionArgs) -> Result<()> {
     c.show_progress = !args.quiet;
     if let Some(v) = args.mixed_precision {
         c.mixed_precision = v.precision();
+    }
+    if let Some(list) = &args.devices {
+        c.devices = diffusion_train::data_parallel::split_device_list(list)
+            .with_context(|| format!("--devices {list}"))?;
     }
     args.validation.apply(&mut c.validation)?;
     c.validate()?;

@@ -198,6 +198,16 @@ fn textual_inversion_two_steps() {
     let (rows, shape) = file.read_f32("<cat-toy>").unwrap();
     assert_eq!(shape, [2, 8]);
     assert!(rows.iter().all(|v| v.is_finite()));
+
+    // Data-parallel over two CPU handles (two images each).
+    let parallel_dir = dir.path().join("ti-parallel");
+    let mut args = base.to_vec();
+    let last = args.len() - 1;
+    args[last] = parallel_dir.to_str().unwrap();
+    args.extend(["--initializer-token", "red", "--devices", "cpu,cpu"]);
+    ok(&run(&["textual-inversion"], &args));
+    assert!(parallel_dir.join("learned_embeds.safetensors").is_file());
+    assert_eq!(log_text(&parallel_dir).lines().count(), 2);
 }
 
 fn log_text(out: &std::path::Path) -> String {

@@ -95,7 +95,8 @@ pub use sdxl_text_lora::{SdxlLoraFactors, new_sdxl_text_trainer};
 pub use text_to_image::{TextToImageConfig, TextToImageTrainer, load_noise_scheduler};
 pub use text_to_image_run::train_text_to_image;
 pub use textual_inversion::{
-    LearnableProperty, TextualInversionConfig, TextualInversionTrainer, add_placeholder_tokens,
+    LearnableProperty, TextualInversionConfig, TextualInversionParallel, TextualInversionTrainer,
+    add_placeholder_tokens,
 };
 pub use textual_inversion_run::train_textual_inversion;
 pub use trainer::{StepStats, Trainer, training_loss};

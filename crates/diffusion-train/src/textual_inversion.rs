@@ -15,12 +15,14 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use diffusion_core::burn::module::Module;
+use diffusion_core::burn::nn::Embedding;
 use diffusion_core::burn::tensor::{Int, Tensor};
 use diffusion_core::{Device, Error, Result};
 use diffusion_models::{CLIPTextModel, CLIPTokenizer, UNet2DConditionModel};
 use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType};
 
 use crate::checkpoint::{check_resumable, read_state_file, write_checkpoint_dir, write_state_file};
+use crate::data_parallel::DataParallel;
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
@@ -208,6 +210,10 @@ pub struct TextualInversionConfig {
     /// weights inside the graph so the token-embedding table stays the f32 master; `fp16` adds
     /// a dynamic loss scale (see [`crate::mixed_precision`]).
     pub mixed_precision: MixedPrecision,
+    /// Data-parallel training over these devices, the main one first (`["cuda:0", "cuda:1"]`);
+    /// `train_batch_size` is then the batch of each device, as with accelerate. Empty (the
+    /// default): the device given to the run. See [`crate::data_parallel`].
+    pub devices: Vec<String>,
     /// Validation images (textual_inversion.py's `--validation_prompt`,
     /// `--num_validation_images`, `--validation_steps`), made with the learned embeddings in
     /// the tokenizer and text encoder; off without prompts.
@@ -248,6 +254,7 @@ impl Default for TextualInversionConfig {
             seed: 0,
             show_progress: true,
             mixed_precision: MixedPrecision::No,
+            devices: Vec::new(),
             validation: PromptValidationConfig::default(),
         }
     }
@@ -275,7 +282,12 @@ impl TextualInversionConfig {
 
     /// Micro-batches per epoch of `num_images` images repeated `repeats` times.
     pub fn batches_per_epoch(&self, num_images: usize) -> usize {
-        (num_images * self.repeats).div_ceil(self.train_batch_size.max(1))
+        (num_images * self.repeats).div_ceil(self.global_batch_size().max(1))
+    }
+
+    /// Images per micro-batch: `train_batch_size` on each of the `devices` (at least one).
+    pub fn global_batch_size(&self) -> usize {
+        self.train_batch_size * self.devices.len().max(1)
     }
 
     /// Total optimizer steps.
@@ -294,6 +306,9 @@ impl TextualInversionConfig {
     /// [`Error::InvalidArgument`] naming the first offending field.
     pub fn validate(&self) -> Result<()> {
         self.validation.validate()?;
+        if !self.devices.is_empty() {
+            crate::data_parallel::parse_devices(&self.devices)?;
+        }
         let positive = [
             ("num_vectors", self.num_vectors),
             ("repeats", self.repeats),
@@ -424,6 +439,30 @@ pub fn placeholder_string(placeholder_token: &str, num_vectors: usize) -> String
         })
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The replicas of a textual-inversion run, one per device (see
+/// [`TextualInversionTrainer::data_parallel`]): the token-embedding table, and the frozen text
+/// encoder and UNet on every device (the main device's first).
+#[derive(Debug)]
+pub struct TextualInversionParallel {
+    tables: DataParallel<Embedding>,
+    encoders: Vec<CLIPTextModel>,
+    unets: Vec<UNet2DConditionModel>,
+}
+
+impl TextualInversionParallel {
+    /// The devices, the main one first.
+    pub fn devices(&self) -> &[Device] {
+        self.tables.devices()
+    }
+
+    /// Copy `trainer`'s current table into every other replica (after an optimizer step;
+    /// [`TextualInversionTrainer::step_data_parallel`] does it itself).
+    pub fn sync(&mut self, trainer: &TextualInversionTrainer) {
+        self.tables
+            .sync(&trainer.text_encoder.text_model.embeddings.token_embedding);
+    }
 }
 
 /// Text encoder (only the token embedding trainable), frozen UNet, optimizer and schedule of
@@ -605,6 +644,102 @@ impl TextualInversionTrainer {
             return Ok(None);
         }
         self.finish_step().map(Some)
+    }
+
+    /// Replicate the token-embedding table onto `devices` (the first must be the trainer's
+    /// own device), with copies of the frozen text encoder and UNet on every device.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `devices` when the list is empty.
+    pub fn data_parallel(&self, devices: Vec<Device>) -> Result<TextualInversionParallel> {
+        let tables = DataParallel::new(
+            devices,
+            &self.text_encoder.text_model.embeddings.token_embedding,
+        )?;
+        let encoders = tables.frozen_copies(&self.text_encoder);
+        let unets = tables.frozen_copies(&self.unet);
+        Ok(TextualInversionParallel {
+            tables,
+            encoders,
+            unets,
+        })
+    }
+
+    /// [`Self::step`] over the devices of `parallel` (from [`Self::data_parallel`]): the
+    /// micro-batch is sharded (latents, prompt ids, noise, timesteps); each device runs the text
+    /// encoder with its replica of the table (on a half copy under mixed precision) and the
+    /// frozen UNet on its rows; the gradients of the table are gathered, accumulated and
+    /// stepped once on the main device (the placeholder rows only), and the replicas synced.
+    ///
+    /// # Errors
+    /// [`Error::InvalidArgument`] naming `draws` when the draws do not fit the batch; as
+    /// [`Self::loss`] and [`Self::finish_step`].
+    pub fn step_data_parallel(
+        &mut self,
+        parallel: &mut TextualInversionParallel,
+        latents: Tensor<4>,
+        input_ids: Tensor<2, Int>,
+        draws: &NoiseDraws,
+    ) -> Result<Option<StepStats>> {
+        let b = latents.dims()[0];
+        if draws.timesteps.len() != b || input_ids.dims()[0] != b {
+            return Err(Error::invalid_argument(
+                "draws",
+                format!(
+                    "{} timesteps and {} prompts for a batch of {b}",
+                    draws.timesteps.len(),
+                    input_ids.dims()[0]
+                ),
+            ));
+        }
+        let k = self.config.gradient_accumulation_steps.max(1);
+        let dtype = self.config.mixed_precision.dtype();
+        let scale = self
+            .grad_scaler
+            .as_ref()
+            .map_or(1.0, |s| f64::from(s.scale()));
+        let (scheduler, objective) = (&self.scheduler, &self.objective);
+        let contexts = parallel
+            .encoders
+            .iter()
+            .cloned()
+            .zip(parallel.unets.iter().cloned())
+            .collect();
+        let (value, grads) = parallel.tables.loss_and_gradients_with(
+            &self.text_encoder.text_model.embeddings.token_embedding,
+            b,
+            contexts,
+            scale,
+            |table, (mut encoder, unet), rows, device| {
+                let n = rows.len();
+                let shard = |t: &Tensor<4>| t.clone().narrow(0, rows.start, n).to_device(device);
+                encoder.text_model.embeddings.token_embedding = table.clone();
+                let ids = input_ids.clone().narrow(0, rows.start, n).to_device(device);
+                let states = match dtype {
+                    Some(dtype) => half_copy(&encoder, dtype)?.forward(ids)?.last_hidden_state,
+                    None => encoder.forward(ids)?.last_hidden_state,
+                };
+                let part = NoiseDraws {
+                    noise: shard(&draws.noise),
+                    offset_noise: None,
+                    perturbation: None,
+                    timesteps: draws.timesteps[rows.clone()].to_vec(),
+                };
+                let loss =
+                    conditional_loss(&unet, scheduler, objective, shard(&latents), states, &part)?;
+                Ok(if k > 1 {
+                    loss.div_scalar(k as f64)
+                } else {
+                    loss
+                })
+            },
+        )?;
+        if !self.pending.add(grads, value, k)? {
+            return Ok(None);
+        }
+        let stats = self.finish_step()?;
+        parallel.sync(self);
+        Ok(Some(stats))
     }
 
     /// Take the optimizer step on the accumulated gradients (under fp16: unscaled first, and

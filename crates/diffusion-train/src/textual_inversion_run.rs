@@ -48,6 +48,12 @@ pub fn train_textual_inversion(
 ) -> Result<TrainReport> {
     config.validate()?;
     config.check_paths()?;
+    // With `devices`, the first of them is the main device (see `crate::data_parallel`).
+    let parallel_devices = match config.devices.as_slice() {
+        [] => None,
+        names => Some(crate::data_parallel::parse_devices(names)?),
+    };
+    let device = parallel_devices.as_ref().map_or(device, |d| &d[0]);
     let inner = device.clone().without_autodiff();
     let model = &config.pretrained_model;
     let data = CaptionDataset::from_image_folder(
@@ -145,8 +151,16 @@ pub fn train_textual_inversion(
         // The starting embeddings (the initializer token's), for comparison.
         validate(&trainer, ValidationPoint { step: 0, epoch: 0 })?;
     }
-    let mut batches =
-        EpochBatches::new(config.seed, len, config.train_batch_size, batches_per_epoch);
+    let mut batches = EpochBatches::new(
+        config.seed,
+        len,
+        config.global_batch_size(),
+        batches_per_epoch,
+    );
+    let mut parallel = match parallel_devices {
+        Some(devices) => Some(trainer.data_parallel(devices)?),
+        None => None,
+    };
     let began = Instant::now();
     for step in start..total {
         let mut stats = None;
@@ -185,11 +199,20 @@ pub fn train_textual_inversion(
                 perturbation: None,
                 timesteps,
             };
-            stats = trainer.step(latents, input_ids, &noise_draws)?;
+            stats = match &mut parallel {
+                Some(p) => trainer.step_data_parallel(p, latents, input_ids, &noise_draws)?,
+                None => trainer.step(latents, input_ids, &noise_draws)?,
+            };
         }
         let stats = match stats {
             Some(s) => s,
-            None => trainer.finish_step()?,
+            None => {
+                let stats = trainer.finish_step()?;
+                if let Some(p) = &mut parallel {
+                    p.sync(&trainer);
+                }
+                stats
+            }
         };
         if !stats.loss.is_finite() {
             return Err(Error::invalid_argument(

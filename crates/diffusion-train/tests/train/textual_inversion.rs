@@ -234,3 +234,73 @@ fn textual_inversion_steps_and_embedding_match_diffusers() {
     eprintln!("generation with the learned embedding: max |diff| {diff:e}");
     assert!(diff <= 1e-3, "image differs by {diff}");
 }
+
+/// The fixture's steps over two devices, one prompt and image each: the learned rows match the
+/// script's after every step, and the other rows stay the pretrained ones.
+#[test]
+fn textual_inversion_steps_over_two_devices_match_diffusers() {
+    let expected = expected();
+    let hp = &expected["hyperparameters"];
+    let results = &expected["results"];
+    let source = WeightSource::open(root().join("steps.safetensors")).unwrap();
+    let config = config(hp);
+    let dev = device();
+    let mut tokenizer = CLIPTokenizer::from_pretrained(sd1().join("tokenizer")).unwrap();
+    let mut text_encoder =
+        CLIPTextModel::from_pretrained(sd1().join("text_encoder"), &dev).unwrap();
+    let ids = add_placeholder_tokens(
+        &mut tokenizer,
+        &mut text_encoder,
+        &config.placeholder_token,
+        config.num_vectors,
+        &config.initializer_token,
+    )
+    .unwrap();
+    let prompts: Vec<String> = results["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let input_ids = tokenize_captions(&tokenizer, &prompts)
+        .unwrap()
+        .input_ids_tensor(&dev)
+        .unwrap();
+    let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();
+    let scheduler = load_noise_scheduler(&sd1()).unwrap();
+    let steps = hp["steps"].as_u64().unwrap() as usize;
+    let mut trainer =
+        TextualInversionTrainer::new(&config, text_encoder, unet, scheduler, &ids, steps, &dev)
+            .unwrap();
+    let before = to_vec(trainer.token_embedding());
+    let latents: Tensor<4> = tensor(&source, "latents", &dev);
+    assert_eq!(latents.dims()[0], 2, "one image per device");
+    let mut parallel = trainer.data_parallel(vec![dev.clone(); 2]).unwrap();
+    for step in 0..steps {
+        let stats = trainer
+            .step_data_parallel(
+                &mut parallel,
+                latents.clone(),
+                input_ids.clone(),
+                &draws(&source, step),
+            )
+            .unwrap()
+            .expect("no accumulation");
+        let d = (f64::from(stats.loss) - f(&results["losses"][step])).abs() as f32;
+        let (want, _) = source.read_f32(&format!("rows/{step}")).unwrap();
+        let rows = max_abs_diff(&to_vec(trainer.learned_embeds()), &want);
+        eprintln!("textual inversion on 2 devices, step {step}: loss diff {d:e}, rows {rows:e}");
+        assert!(
+            d <= TOL && rows <= TOL,
+            "step {step}: loss {d}, rows {rows}"
+        );
+    }
+    let (first, _) = trainer.placeholder_rows();
+    let hidden = trainer.learned_embeds().dims()[1];
+    let after = to_vec(trainer.token_embedding());
+    assert_eq!(
+        &after[..first * hidden],
+        &before[..first * hidden],
+        "other rows changed"
+    );
+}
