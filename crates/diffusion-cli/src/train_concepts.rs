@@ -192,6 +192,11 @@ pub struct TextualInversionArgs {
     /// `accelerate launch --multi_gpu`. Overrides --device.
     #[arg(long)]
     pub devices: Option<String>,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's balanced gradient checkpointing): less memory, more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -301,6 +306,7 @@ pub fn textual_inversion(args: TextualInversionArgs) -> Result<()> {
     if let Some(v) = args.mixed_precision {
         c.mixed_precision = v.precision();
     }
+    c.gradient_checkpointing |= args.gradient_checkpointing;
     if let Some(list) = &args.devices {
         c.devices = diffusion_train::data_parallel::split_device_list(list)
             .with_context(|| format!("--devices {list}"))?;

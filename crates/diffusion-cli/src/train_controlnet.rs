@@ -130,6 +130,11 @@ pub struct ControlNetArgs {
     #[arg(long, default_value = "cpu")]
     pub device: String,
 
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's balanced gradient checkpointing): less memory, more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -171,6 +176,7 @@ pub fn controlnet(args: ControlNetArgs) -> Result<()> {
     if let Some(v) = args.gradient_accumulation_steps {
         config.train.gradient_accumulation_steps = v;
     }
+    config.train.gradient_checkpointing |= args.gradient_checkpointing;
     if let Some(list) = &args.devices {
         config.devices = diffusion_train::data_parallel::split_device_list(list)
             .with_context(|| format!("--devices {list}"))?;

@@ -138,6 +138,11 @@ pub struct InstructPix2PixArgs {
     #[arg(long)]
     pub devices: Option<String>,
 
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's balanced gradient checkpointing): less memory, more compute.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -197,6 +202,7 @@ pub fn instruct_pix2pix(args: InstructPix2PixArgs) -> Result<()> {
     }
     config.random_flip |= args.random_flip;
     config.use_ema |= args.use_ema;
+    config.gradient_checkpointing |= args.gradient_checkpointing;
     config.mixed_precision = args.mixed_precision.precision().as_str().into();
     if let Some(list) = &args.devices {
         config.devices = diffusion_train::data_parallel::split_device_list(list)

@@ -1,4 +1,5 @@
-//! `--gradient-checkpointing` on `diffusers train unconditional` and `diffusers train lora`:
+//! `--gradient-checkpointing` on `diffusers train unconditional`, `lora`, `controlnet`,
+//! `textual-inversion` and `instruct-pix2pix`:
 //! two steps with the flag log the same losses and write the same weight file, byte for byte,
 //! as two steps without it.
 
@@ -105,4 +106,116 @@ fn lora_with_the_flag_equals_without() {
     assert_eq!(plain.len(), 2);
     assert_eq!(plain, gc);
     assert!(plain_w == gc_w, "the LoRA files differ");
+}
+
+fn controlnet(out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffusers"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["train", "controlnet", "--pretrained-model"])
+        .arg(fixtures().join("pipelines/sd/sd1"))
+        .arg("--controlnet-model")
+        .arg(fixtures().join("train/controlnet/controlnet"))
+        .arg("--train-data-dir")
+        .arg(fixtures().join("train/controlnet/data"))
+        .arg("--output-dir")
+        .arg(out)
+        .args([
+            "--resolution",
+            "32",
+            "--train-batch-size",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--lr-warmup-steps",
+            "0",
+            "--max-train-steps",
+            "2",
+            "--quiet",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn textual_inversion(out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffusers"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["train", "textual-inversion", "--model"])
+        .arg(fixtures().join("pipelines/sd/sd1"))
+        .arg("--train-data-dir")
+        .arg(fixtures().join("train/text_to_image/data"))
+        .arg("--output-dir")
+        .arg(out)
+        .args([
+            "--placeholder-token",
+            "<cat-toy>",
+            "--initializer-token",
+            "red",
+            "--resolution",
+            "32",
+            "--train-batch-size",
+            "2",
+            "--learning-rate",
+            "5e-3",
+            "--lr-warmup-steps",
+            "0",
+            "--max-train-steps",
+            "2",
+            "--quiet",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+fn instruct_pix2pix(out: &Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_diffusers"))
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["train", "instruct-pix2pix", "--model"])
+        .arg(fixtures().join("pipelines/sd/sd1"))
+        .arg("--train-data-dir")
+        .arg(fixtures().join("train/instruct_pix2pix/data"))
+        .arg("--output-dir")
+        .arg(out)
+        .args([
+            "--resolution",
+            "32",
+            "--train-batch-size",
+            "2",
+            "--learning-rate",
+            "1e-3",
+            "--max-train-steps",
+            "2",
+            "--quiet",
+        ])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn controlnet_textual_inversion_and_instruct_pix2pix_with_the_flag_equal_without() {
+    for (name, train, weights) in [
+        (
+            "controlnet",
+            controlnet as fn(&Path, &[&str]) -> Output,
+            "diffusion_pytorch_model.safetensors",
+        ),
+        (
+            "textual-inversion",
+            textual_inversion,
+            "learned_embeds.safetensors",
+        ),
+        (
+            "instruct-pix2pix",
+            instruct_pix2pix,
+            "unet/diffusion_pytorch_model.safetensors",
+        ),
+    ] {
+        let [(plain, plain_w), (gc, gc_w)] = both(train, weights);
+        eprintln!("{name} losses {plain:?} vs {gc:?}");
+        assert_eq!(plain.len(), 2, "{name}");
+        assert_eq!(plain, gc, "{name}");
+        assert!(plain_w == gc_w, "{name}: the trained files differ");
+    }
 }

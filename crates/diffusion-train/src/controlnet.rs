@@ -58,6 +58,9 @@ pub struct ControlNetTrainConfig {
     pub mixed_precision: MixedPrecision,
     /// Micro-batches per optimizer step (`--gradient_accumulation_steps`, 1).
     pub gradient_accumulation_steps: usize,
+    /// `--gradient_checkpointing`: recompute memory-bound activations in the backward pass
+    /// (see [`crate::autodiff`]).
+    pub gradient_checkpointing: bool,
 }
 
 impl Default for ControlNetTrainConfig {
@@ -73,6 +76,7 @@ impl Default for ControlNetTrainConfig {
             max_grad_norm: Some(1.0),
             mixed_precision: MixedPrecision::No,
             gradient_accumulation_steps: 1,
+            gradient_checkpointing: false,
         }
     }
 }
@@ -168,8 +172,8 @@ impl ControlNetTrainer {
                 ));
             }
         }
-        let ad = device.clone().autodiff();
-        let controlnet = controlnet.fork(&ad).train();
+        let ad = crate::autodiff::autodiff_device(device, config.gradient_checkpointing);
+        let controlnet = crate::autodiff::checkpointed(controlnet.fork(&ad).train(), &ad);
         // Row-major weights, as the other trainers keep them (see trainer.rs).
         let controlnet = params::replace(
             controlnet.clone(),
@@ -179,7 +183,7 @@ impl ControlNetTrainer {
             Some(dtype) => diffusion_models::modeling_utils::to_dtype(unet, dtype)?,
             None => unet,
         };
-        let unet = unet.fork(&ad).no_grad();
+        let unet = crate::autodiff::checkpointed(unet.fork(&ad).no_grad(), &ad);
         Ok(Self {
             config: config.clone(),
             controlnet,

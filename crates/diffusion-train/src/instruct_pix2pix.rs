@@ -92,6 +92,9 @@ pub struct InstructPix2PixConfig {
     /// `train_batch_size` is then the batch of each device, as with accelerate. Empty (the
     /// default): the device given to the run. See [`crate::data_parallel`].
     pub devices: Vec<String>,
+    /// `--gradient_checkpointing`: recompute memory-bound activations in the backward pass
+    /// (see [`crate::autodiff`]).
+    pub gradient_checkpointing: bool,
     /// Seed of everything random.
     pub seed: u64,
     /// Save a resumable checkpoint every this many optimizer steps.
@@ -141,6 +144,7 @@ impl Default for InstructPix2PixConfig {
             use_ema: false,
             mixed_precision: "no".into(),
             devices: Vec::new(),
+            gradient_checkpointing: false,
             seed: 0,
             checkpointing_steps: 500,
             checkpoints_total_limit: None,
@@ -183,6 +187,7 @@ impl InstructPix2PixConfig {
             lora: None,
             mixed_precision: self.mixed_precision.clone(),
             devices: self.devices.clone(),
+            gradient_checkpointing: self.gradient_checkpointing,
             seed: self.seed,
             checkpointing_steps: self.checkpointing_steps,
             checkpoints_total_limit: self.checkpoints_total_limit,

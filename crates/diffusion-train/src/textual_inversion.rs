@@ -214,6 +214,9 @@ pub struct TextualInversionConfig {
     /// `train_batch_size` is then the batch of each device, as with accelerate. Empty (the
     /// default): the device given to the run. See [`crate::data_parallel`].
     pub devices: Vec<String>,
+    /// `--gradient_checkpointing`: recompute memory-bound activations in the backward pass
+    /// (see [`crate::autodiff`]).
+    pub gradient_checkpointing: bool,
     /// Validation images (textual_inversion.py's `--validation_prompt`,
     /// `--num_validation_images`, `--validation_steps`), made with the learned embeddings in
     /// the tokenizer and text encoder; off without prompts.
@@ -255,6 +258,7 @@ impl Default for TextualInversionConfig {
             show_progress: true,
             mixed_precision: MixedPrecision::No,
             devices: Vec::new(),
+            gradient_checkpointing: false,
             validation: PromptValidationConfig::default(),
         }
     }
@@ -518,7 +522,7 @@ impl TextualInversionTrainer {
                 format!("{placeholder_ids:?} are not consecutive rows of a {vocab}-row table"),
             ));
         }
-        let ad = device.clone().autodiff();
+        let ad = crate::autodiff::autodiff_device(device, config.gradient_checkpointing);
         let mut text_encoder = text_encoder.fork(&ad).no_grad();
         let embedding = text_encoder.text_model.embeddings.token_embedding.clone();
         let embedding = embedding.set_require_grad(true).train();
@@ -529,12 +533,14 @@ impl TextualInversionTrainer {
         );
         let original = embedding.weight.val().inner();
         text_encoder.text_model.embeddings.token_embedding = embedding;
+        let text_encoder = crate::autodiff::checkpointed(text_encoder, &ad);
         let unet = unet.fork(&ad).no_grad();
         // Mixed precision: the frozen UNet runs in the half dtype (the script's `weight_dtype`).
         let unet = match config.mixed_precision.dtype() {
             Some(dtype) => diffusion_models::modeling_utils::to_dtype(unet, dtype)?,
             None => unet,
         };
+        let unet = crate::autodiff::checkpointed(unet, &ad);
         let objective = Objective {
             prediction_type: scheduler.config().prediction_type,
             ..Objective::default()

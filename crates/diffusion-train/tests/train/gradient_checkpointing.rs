@@ -241,3 +241,116 @@ fn text_to_image_steps_equal_without_checkpointing() {
         assert_eq!(param_diff, 0.0, "{kind}: parameters");
     }
 }
+
+/// ControlNet, textual inversion and InstructPix2Pix under gradient checkpointing: the loss runs
+/// on a checkpointing graph, and two steps (loss, gradient norm, trained weights) equal those
+/// without it bit for bit.
+#[test]
+fn controlnet_textual_inversion_and_instruct_pix2pix_equal_without_checkpointing() {
+    use diffusion_models::ControlNetModel;
+    use diffusion_train::{ControlNetTrainConfig, ControlNetTrainer, MixedPrecision};
+
+    let dev = device();
+    // ControlNet on the fixture of gen_train_controlnet.py.
+    let controlnet_run = |gc: bool| {
+        let root = fixtures().join("controlnet");
+        let config = ControlNetTrainConfig {
+            learning_rate: 1e-3,
+            lr_warmup_steps: 0,
+            gradient_checkpointing: gc,
+            ..ControlNetTrainConfig::default()
+        };
+        let controlnet = ControlNetModel::from_pretrained(root.join("controlnet"), &dev).unwrap();
+        let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();
+        let scheduler = load_noise_scheduler(&sd1()).unwrap();
+        let mut t = ControlNetTrainer::new(&config, controlnet, unet, scheduler, 2, &dev).unwrap();
+        let source = WeightSource::open(root.join("steps.safetensors")).unwrap();
+        let latents: Tensor<4> = tensor(&source, "latents", &dev);
+        let states: Tensor<3> = tensor(&source, "encoder_hidden_states", &dev);
+        let image: Tensor<4> = tensor(&source, "conditioning_pixel_values", &dev);
+        let draws = |s: usize| NoiseDraws {
+            noise: tensor(&source, &format!("noise/{s}"), &dev),
+            offset_noise: None,
+            perturbation: None,
+            timesteps: source
+                .read_f32(&format!("timesteps/{s}"))
+                .unwrap()
+                .0
+                .iter()
+                .map(|&v| v as usize)
+                .collect(),
+        };
+        let loss = t
+            .loss(latents.clone(), states.clone(), image.clone(), &draws(0))
+            .unwrap();
+        assert_eq!(
+            loss.device().gradient_checkpointing_strategy(),
+            strategy(gc)
+        );
+        let stats: Vec<(u32, u32)> = (0..2)
+            .map(|s| {
+                let st = t
+                    .step(latents.clone(), states.clone(), image.clone(), &draws(s))
+                    .unwrap()
+                    .unwrap();
+                (st.loss.to_bits(), st.grad_norm.to_bits())
+            })
+            .collect();
+        (stats, state_dict(t.controlnet()))
+    };
+    let (a, wa) = controlnet_run(false);
+    let (b, wb) = controlnet_run(true);
+    assert_eq!(a, b, "ControlNet: losses or gradient norms");
+    assert_eq!(worst(&wa, &wb), 0.0, "ControlNet: weights");
+
+    // Textual inversion (the fixture of gen_train_dreambooth_ti.py).
+    let ti_run = |gc: bool| {
+        use crate::mixed_precision::textual_inversion::{draws, source, ti_trainer_with};
+        let (mut t, ids) = ti_trainer_with(MixedPrecision::No, gc);
+        let source = source();
+        let latents: Tensor<4> = tensor(&source, "latents", &dev);
+        let loss = t
+            .loss(latents.clone(), ids.clone(), &draws(&source))
+            .unwrap();
+        assert_eq!(
+            loss.device().gradient_checkpointing_strategy(),
+            strategy(gc)
+        );
+        let stats: Vec<(u32, u32)> = (0..2)
+            .map(|_| {
+                let st = t
+                    .step(latents.clone(), ids.clone(), &draws(&source))
+                    .unwrap()
+                    .unwrap();
+                (st.loss.to_bits(), st.grad_norm.to_bits())
+            })
+            .collect();
+        (stats, diffusion_core::tensor::to_vec(t.learned_embeds()))
+    };
+    let (a, ra) = ti_run(false);
+    let (b, rb) = ti_run(true);
+    assert_eq!(a, b, "textual inversion: losses or gradient norms");
+    assert_eq!(max_abs_diff(&ra, &rb), 0.0, "textual inversion: rows");
+
+    // InstructPix2Pix (the fixture of gen_train_instruct_pix2pix.py).
+    let ip2p_run = |gc: bool| {
+        let (mut t, batch, draws) =
+            crate::instruct_pix2pix::fixture_trainer_with(MixedPrecision::No, gc);
+        let loss = t.loss(&batch, &draws).unwrap();
+        assert_eq!(
+            loss.device().gradient_checkpointing_strategy(),
+            strategy(gc)
+        );
+        let stats: Vec<(u32, u32)> = (0..2)
+            .map(|_| {
+                let st = t.step(&batch, &draws).unwrap().unwrap();
+                (st.loss.to_bits(), st.grad_norm.to_bits())
+            })
+            .collect();
+        (stats, state_dict(t.inner().unet()))
+    };
+    let (a, wa) = ip2p_run(false);
+    let (b, wb) = ip2p_run(true);
+    assert_eq!(a, b, "InstructPix2Pix: losses or gradient norms");
+    assert_eq!(worst(&wa, &wb), 0.0, "InstructPix2Pix: weights");
+}

@@ -477,11 +477,20 @@ fn bad_validation_settings_are_typed_errors_before_anything_is_written() {
 /// The widened trainer of `widened_unet_steps_match_diffusers` under `mixed_precision`, with
 /// the fixture's first batch and draws.
 fn fixture_trainer(mp: MixedPrecision) -> (InstructPix2PixTrainer, EditBatch, NoiseDraws) {
+    fixture_trainer_with(mp, false)
+}
+
+/// [`fixture_trainer`] with `gradient_checkpointing` set as given.
+pub(crate) fn fixture_trainer_with(
+    mp: MixedPrecision,
+    gradient_checkpointing: bool,
+) -> (InstructPix2PixTrainer, EditBatch, NoiseDraws) {
     let expected = expected();
     let source = source();
     let dev = device();
     let config = InstructPix2PixConfig {
         mixed_precision: mp.as_str().into(),
+        gradient_checkpointing,
         ..config(&expected["hyperparameters"])
     };
     let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &dev).unwrap();

@@ -997,7 +997,7 @@ mod concepts {
     }
 }
 
-mod textual_inversion {
+pub(crate) mod textual_inversion {
     //! Textual inversion under bf16/fp16 (the setup of gen_train_dreambooth_ti.py's textual
     //! inversion): the half step against the f32 step, the f32 table as master, an fp16
     //! overflow, and an fp16 run resumed exactly.
@@ -1015,12 +1015,20 @@ mod textual_inversion {
         fixtures().join("textual_inversion")
     }
 
-    fn source() -> WeightSource {
+    pub(crate) fn source() -> WeightSource {
         WeightSource::open(root().join("steps.safetensors")).unwrap()
     }
 
     /// The fixture's trainer (4 planned steps) and its prompts' ids.
     fn ti_trainer(mp: MixedPrecision) -> (TextualInversionTrainer, Tensor<2, Int>) {
+        ti_trainer_with(mp, false)
+    }
+
+    /// [`ti_trainer`] with `gradient_checkpointing` set as given.
+    pub(crate) fn ti_trainer_with(
+        mp: MixedPrecision,
+        gradient_checkpointing: bool,
+    ) -> (TextualInversionTrainer, Tensor<2, Int>) {
         let expected: Value =
             serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap())
                 .unwrap();
@@ -1036,6 +1044,7 @@ mod textual_inversion {
             lr_scheduler: LrScheduleKind::Cosine,
             lr_warmup_steps: 0,
             mixed_precision: mp,
+            gradient_checkpointing,
             show_progress: false,
             ..TextualInversionConfig::default()
         };
@@ -1069,7 +1078,7 @@ mod textual_inversion {
         (trainer, input_ids)
     }
 
-    fn draws(source: &WeightSource) -> NoiseDraws {
+    pub(crate) fn draws(source: &WeightSource) -> NoiseDraws {
         let (t, _) = source.read_f32("timesteps/0").unwrap();
         NoiseDraws {
             noise: tensor(source, "noise/0", &device()),
