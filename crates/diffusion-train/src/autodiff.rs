@@ -15,7 +15,7 @@
 //! [`GradientCheckpointingStrategy::Balanced`]: diffusion_core::burn::tensor::GradientCheckpointingStrategy
 
 use diffusion_core::Device;
-use diffusion_core::burn::module::{Module, ModuleMapper, Param};
+use diffusion_core::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use diffusion_core::burn::tensor::Tensor;
 
 /// `device` with autodiff on and, when `gradient_checkpointing` is set, burn's balanced
@@ -57,5 +57,33 @@ impl ModuleMapper for SetStrategy {
             value = value.require_grad();
         }
         Param::from_mapped_value(id, value, mapper)
+    }
+}
+
+/// Whether `module`'s trainable parameters run under burn's balanced gradient checkpointing
+/// (what [`checkpointed`] gave them): replicas and copies of it made for other devices should
+/// then checkpoint too.
+pub fn is_checkpointed<M: Module>(module: &M) -> bool {
+    let mut find = FindStrategy { balanced: None };
+    module.visit(&mut find);
+    find.balanced.unwrap_or(false)
+}
+
+struct FindStrategy {
+    balanced: Option<bool>,
+}
+
+impl ModuleVisitor for FindStrategy {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if self.balanced.is_some() {
+            return;
+        }
+        let value = param.val();
+        if value.is_autodiff() && value.is_require_grad() {
+            self.balanced = Some(
+                value.gradient_checkpointing_strategy()
+                    == Some(diffusion_core::burn::tensor::GradientCheckpointingStrategy::Balanced),
+            );
+        }
     }
 }

@@ -104,6 +104,8 @@ pub struct DataParallel<M: Module> {
     /// Replicas on `devices[1..]` (on autodiff devices); the main one is the caller's.
     replicas: Vec<M>,
     threads: bool,
+    /// The main module runs under gradient checkpointing: so do the replicas and copies.
+    checkpointing: bool,
 }
 
 impl<M: Module> DataParallel<M> {
@@ -117,11 +119,16 @@ impl<M: Module> DataParallel<M> {
         if devices.is_empty() {
             return Err(Error::invalid_argument("devices", "the list is empty"));
         }
-        let replicas = devices[1..].iter().map(|d| replica(main, d)).collect();
+        let checkpointing = crate::autodiff::is_checkpointed(main);
+        let replicas = devices[1..]
+            .iter()
+            .map(|d| replica(main, d, checkpointing))
+            .collect();
         Ok(Self {
             devices,
             replicas,
             threads: true,
+            checkpointing,
         })
     }
 
@@ -154,7 +161,10 @@ impl<M: Module> DataParallel<M> {
 
     /// Copy `main`'s current parameters into every other replica (after an optimizer step).
     pub fn sync(&mut self, main: &M) {
-        self.replicas = self.devices[1..].iter().map(|d| replica(main, d)).collect();
+        self.replicas = self.devices[1..]
+            .iter()
+            .map(|d| replica(main, d, self.checkpointing))
+            .collect();
     }
 
     /// The mean loss over a batch of `batch` rows and its gradients with respect to `main`'s
@@ -290,25 +300,27 @@ impl<M: Module> DataParallel<M> {
 
     /// One copy of a frozen module per device, the main one (`main` itself, on the main device)
     /// first: the models a trained module needs on every device without training them (the base
-    /// UNet under a LoRA). Each copy is forked onto its device with autodiff and keeps `main`'s
-    /// trainability; the copies share nothing with `main`'s graph.
+    /// UNet under a LoRA). Each copy is forked onto its device with autodiff (and the trained
+    /// module's gradient checkpointing) and keeps `main`'s trainability; the copies share
+    /// nothing with `main`'s graph.
     pub fn frozen_copies<T: Module>(&self, main: &T) -> Vec<T> {
         std::iter::once(main.clone())
-            .chain(
-                self.devices[1..]
-                    .iter()
-                    .map(|d| main.clone().fork(&d.clone().autodiff())),
-            )
+            .chain(self.devices[1..].iter().map(|d| {
+                let ad = crate::autodiff::autodiff_device(d, self.checkpointing);
+                crate::autodiff::checkpointed(main.clone().fork(&ad), &ad)
+            }))
             .collect()
     }
 }
 
-/// `main` on `device` (with autodiff) with fresh leaves for its parameters, so the replica's
-/// graph shares nothing with the main one's even when both are on the same device.
-fn replica<M: Module>(main: &M, device: &Device) -> M {
-    let forked = main.clone().fork(&device.clone().autodiff());
+/// `main` on `device` (with autodiff, and balanced gradient checkpointing when `checkpointing`)
+/// with fresh leaves for its parameters, so the replica's graph shares nothing with the main
+/// one's even when both are on the same device.
+fn replica<M: Module>(main: &M, device: &Device, checkpointing: bool) -> M {
+    let ad = crate::autodiff::autodiff_device(device, checkpointing);
+    let forked = main.clone().fork(&ad);
     let values = params::values(&forked).into_iter().map(Some).collect();
-    params::replace(forked, values)
+    crate::autodiff::checkpointed(params::replace(forked, values), &ad)
 }
 
 impl Trainer {

@@ -354,3 +354,61 @@ fn controlnet_textual_inversion_and_instruct_pix2pix_equal_without_checkpointing
     assert_eq!(a, b, "InstructPix2Pix: losses or gradient norms");
     assert_eq!(worst(&wa, &wb), 0.0, "InstructPix2Pix: weights");
 }
+
+/// Data-parallel under gradient checkpointing: every replica (not only the main device's)
+/// carries the balanced strategy, and the sharded loss and gradients equal those without it
+/// bit for bit.
+#[test]
+fn data_parallel_replicas_checkpoint_too() {
+    use diffusion_train::DataParallel;
+    let source = steps_source();
+    let run = |gc: bool| {
+        let config = TrainConfig {
+            learning_rate: 1e-3,
+            lr_warmup_steps: 0,
+            show_progress: false,
+            gradient_checkpointing: gc,
+            ..TrainConfig::default()
+        };
+        let dev = device();
+        let model = UNet2DModel::from_pretrained(fixtures().join("tiny_unet"), &dev).unwrap();
+        let trainer = Trainer::new(&config, model, 10, &dev).unwrap();
+        let dp = DataParallel::new(vec![dev.clone(); 2], trainer.model())
+            .unwrap()
+            .with_threads(false);
+        let x0: Tensor<4> = tensor(&source, "x0", &dev);
+        let noise: Tensor<4> = tensor(&source, "noise/0", &dev);
+        let ts = timesteps(&source, 0);
+        let b = x0.dims()[0];
+        let (loss, grads) = dp
+            .loss_and_gradients(trainer.model(), b, |model, rows, device| {
+                let weight = model.conv_in.weight.val();
+                assert_eq!(
+                    weight.device().gradient_checkpointing_strategy(),
+                    strategy(gc)
+                );
+                let ad = autodiff_device(device, gc);
+                let shard =
+                    |t: &Tensor<4>| t.clone().narrow(0, rows.start, rows.len()).to_device(&ad);
+                training_loss(
+                    model,
+                    trainer.scheduler(),
+                    shard(&x0),
+                    shard(&noise),
+                    &ts[rows.clone()],
+                )
+            })
+            .unwrap();
+        let flat: Vec<f32> = grads
+            .tensors()
+            .iter()
+            .flatten()
+            .flat_map(|g| diffusion_core::tensor::to_vec(g.clone()))
+            .collect();
+        (loss, flat)
+    };
+    let (loss, grads) = run(false);
+    let (loss_gc, grads_gc) = run(true);
+    assert_eq!(loss.to_bits(), loss_gc.to_bits());
+    assert_eq!(max_abs_diff(&grads, &grads_gc), 0.0);
+}
