@@ -30,7 +30,9 @@ use crate::mixed_precision::{
     GradScaler, MixedPrecision, MixedPrecisionState, cast_input, half_copy, to_f32,
 };
 use crate::objective::NoiseDraws;
-use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients, scaled_step};
+use crate::optimizer::{
+    Accumulator, AdamW, AdamWConfig, FlatGradients, accumulation_share, scaled_step,
+};
 use crate::params;
 use crate::resize::{Interpolation, center_crop_offsets, resize, resized_size};
 use crate::trainer::StepStats;
@@ -267,11 +269,7 @@ impl ControlNetTrainer {
     ) -> Result<Option<StepStats>> {
         let k = self.config.gradient_accumulation_steps.max(1);
         let loss = self.loss(latents, encoder_hidden_states, controlnet_image, draws)?;
-        let loss = if k > 1 {
-            loss.div_scalar(k as f64)
-        } else {
-            loss
-        };
+        let loss = accumulation_share(loss, k);
         let value = loss.clone().inner().into_scalar::<f32>();
         // fp16: the backward runs on the scaled loss; `finish_step` unscales.
         let loss = match &self.grad_scaler {
@@ -396,11 +394,7 @@ impl ControlNetTrainer {
                     shard(&controlnet_image),
                     &part,
                 )?;
-                Ok(if k > 1 {
-                    loss.div_scalar(k as f64)
-                } else {
-                    loss
-                })
+                Ok(accumulation_share(loss, k))
             },
         )?;
         if !self.pending.add(grads, value, k)? {

@@ -38,7 +38,7 @@ use diffusion_models::{UNet2DConditionModel, UNet2DModel};
 use crate::lora::LoraFactors;
 use crate::mixed_precision::half_copy;
 use crate::objective::NoiseDraws;
-use crate::optimizer::FlatGradients;
+use crate::optimizer::{FlatGradients, accumulation_share};
 use crate::params;
 use crate::text_to_image::{TextToImageTrainer, forward_unet_of, micro_batch_loss};
 use crate::trainer::{StepStats, Trainer, training_loss};
@@ -551,12 +551,7 @@ impl TextToImageTrainer {
             .map_or(1.0, |s| f64::from(s.scale()));
         // The per-shard loss, divided as `step_loss` divides it under accumulation.
         let shard_loss = |unet: &UNet2DConditionModel, rows: Range<usize>, device: &Device| {
-            let value = loss(unet, rows, device)?;
-            Ok(if k > 1 {
-                value.div_scalar(k as f64)
-            } else {
-                value
-            })
+            Ok(accumulation_share(loss(unet, rows, device)?, k))
         };
         let (value, grads) = match (&*parallel, self.lora()) {
             (TextToImageParallel::Full(p), None) => {

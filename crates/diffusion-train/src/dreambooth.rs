@@ -42,7 +42,7 @@ use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save
 use crate::lr_schedule::LrScheduleKind;
 use crate::mixed_precision::half_copy;
 use crate::objective::{NoiseDraws, conditional_prediction};
-use crate::optimizer::FlatGradients;
+use crate::optimizer::{FlatGradients, accumulation_share};
 use crate::resize::Interpolation;
 use crate::run::{EpochBatches, LOG_FILE, TrainReport, derived_seed, record_step, truncate_log};
 use crate::text_to_image::{
@@ -634,20 +634,9 @@ impl DreamBoothTrainer {
         input_ids: Tensor<2, Int>,
         draws: &NoiseDraws,
     ) -> Result<Option<StepStats>> {
-        let k = self.inner.config().gradient_accumulation_steps;
         let loss = self.loss_with_ids(latents, input_ids, draws)?;
-        let loss = if k > 1 {
-            loss.div_scalar(k as f64)
-        } else {
-            loss
-        };
-        let value = loss.clone().inner().into_scalar::<f32>();
-        // fp16: the backward runs on the scaled loss; `finish_step` unscales.
-        let loss = match &self.inner.grad_scaler {
-            Some(scaler) => loss.mul_scalar(scaler.scale()),
-            None => loss,
-        };
-        let grads = self.gradients(loss);
+        let (scaled, value) = self.inner.backward_loss(loss);
+        let grads = self.gradients(scaled);
         self.accumulate_text_micro_batch(grads, value)
     }
 
@@ -862,11 +851,7 @@ impl DreamBoothTrainer {
                         &shard_draws,
                     )?,
                 };
-                Ok(if k > 1 {
-                    loss.div_scalar(k as f64)
-                } else {
-                    loss
-                })
+                Ok(accumulation_share(loss, k))
             },
         )?;
         let stats = self.accumulate_text_micro_batch(grads, value)?;

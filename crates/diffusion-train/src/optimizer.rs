@@ -94,6 +94,17 @@ struct ParamState {
     exp_avg_sq: Tensor<1>,
 }
 
+/// A micro-batch's share of the step's loss under gradient accumulation: `loss / k` (the
+/// scripts' `loss / gradient_accumulation_steps` before the backward), `loss` itself for `k`
+/// of 1.
+pub(crate) fn accumulation_share(loss: Tensor<1>, k: usize) -> Tensor<1> {
+    if k > 1 {
+        loss.div_scalar(k as f64)
+    } else {
+        loss
+    }
+}
+
 /// One optimizer step as accelerate runs it for the scripts: under fp16 unscale the gradients
 /// and check them (`grad_scaler`), clip them by their global norm (`max_grad_norm`), step
 /// `module` with AdamW at `lr` unless a gradient is not finite, and update the loss scale.

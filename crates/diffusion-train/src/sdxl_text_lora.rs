@@ -39,7 +39,7 @@ use crate::data_parallel::DataParallel;
 use crate::lora::{LoraComponent, LoraFactors, LoraTrainConfig, UNetLora};
 use crate::mixed_precision::half_copy;
 use crate::objective::NoiseDraws;
-use crate::optimizer::FlatGradients;
+use crate::optimizer::{FlatGradients, accumulation_share};
 use crate::sdxl::{
     SdxlConditioning, SdxlParallel, SdxlTrainConfig, SdxlTrainer, encode_prompt_ids, sdxl_loss,
 };
@@ -264,19 +264,8 @@ impl SdxlTrainer {
         time_ids: &[[f32; 6]],
         draws: &NoiseDraws,
     ) -> Result<Option<StepStats>> {
-        let k = self.trainer.config().gradient_accumulation_steps;
         let loss = self.loss_with_ids(latents, ids_one, ids_two, time_ids, draws)?;
-        let loss = if k > 1 {
-            loss.div_scalar(k as f64)
-        } else {
-            loss
-        };
-        let value = loss.clone().inner().into_scalar::<f32>();
-        // fp16: the backward runs on the scaled loss; `finish_step` unscales.
-        let loss = match &self.trainer.grad_scaler {
-            Some(scaler) => loss.mul_scalar(scaler.scale()),
-            None => loss,
-        };
+        let (loss, value) = self.trainer.backward_loss(loss);
         let grads = self.gradients(loss);
         if !self.trainer.accumulate(grads, value)? {
             return Ok(None);
@@ -417,11 +406,7 @@ impl SdxlTrainer {
                     cond,
                     &shard_draws,
                 )?;
-                Ok(if k > 1 {
-                    loss.div_scalar(k as f64)
-                } else {
-                    loss
-                })
+                Ok(accumulation_share(loss, k))
             },
         )?;
         let stats = if self.trainer.accumulate(grads, value)? {

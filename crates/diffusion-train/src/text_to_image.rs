@@ -28,7 +28,9 @@ use crate::lora::{LoraTrainConfig, UNetLora};
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
-use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients, scaled_step};
+use crate::optimizer::{
+    Accumulator, AdamW, AdamWConfig, FlatGradients, accumulation_share, scaled_step,
+};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
@@ -690,20 +692,21 @@ impl TextToImageTrainer {
     /// # Errors
     /// [`Error::InvalidArgument`] when the gradients do not fit the accumulated ones.
     pub fn step_loss(&mut self, loss: Tensor<1>) -> Result<Option<StepStats>> {
-        let k = self.config.gradient_accumulation_steps;
-        let loss = if k > 1 {
-            loss.div_scalar(k as f64)
-        } else {
-            loss
-        };
+        let (scaled, value) = self.backward_loss(loss);
+        let grads = self.gradients(scaled);
+        self.accumulate_micro_batch(grads, value)
+    }
+
+    /// What the backward of one micro-batch runs on: `loss / gradient_accumulation_steps`,
+    /// times the fp16 loss scale (`finish_step` unscales), and the value to log (unscaled).
+    pub(crate) fn backward_loss(&self, loss: Tensor<1>) -> (Tensor<1>, f32) {
+        let loss = accumulation_share(loss, self.config.gradient_accumulation_steps);
         let value = loss.clone().inner().into_scalar::<f32>();
-        // fp16: the backward runs on the scaled loss; `finish_step` unscales.
         let loss = match &self.grad_scaler {
             Some(scaler) => loss.mul_scalar(scaler.scale()),
             None => loss,
         };
-        let grads = self.gradients(loss);
-        self.accumulate_micro_batch(grads, value)
+        (loss, value)
     }
 
     /// Take the optimizer step on what the micro-batches so far accumulated (also used at the

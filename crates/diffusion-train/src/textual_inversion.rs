@@ -26,7 +26,9 @@ use crate::data_parallel::DataParallel;
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
-use crate::optimizer::{Accumulator, AdamW, AdamWConfig, FlatGradients, scaled_step};
+use crate::optimizer::{
+    Accumulator, AdamW, AdamWConfig, FlatGradients, accumulation_share, scaled_step,
+};
 use crate::params;
 use crate::resize::Interpolation;
 use crate::trainer::StepStats;
@@ -634,11 +636,7 @@ impl TextualInversionTrainer {
     ) -> Result<Option<StepStats>> {
         let k = self.config.gradient_accumulation_steps;
         let loss = self.loss(latents, input_ids, draws)?;
-        let loss = if k > 1 {
-            loss.div_scalar(k as f64)
-        } else {
-            loss
-        };
+        let loss = accumulation_share(loss, k);
         let value = loss.clone().inner().into_scalar::<f32>();
         // fp16: the backward runs on the scaled loss; `finish_step` unscales.
         let loss = match &self.grad_scaler {
@@ -733,11 +731,7 @@ impl TextualInversionTrainer {
                 };
                 let loss =
                     conditional_loss(&unet, scheduler, objective, shard(&latents), states, &part)?;
-                Ok(if k > 1 {
-                    loss.div_scalar(k as f64)
-                } else {
-                    loss
-                })
+                Ok(accumulation_share(loss, k))
             },
         )?;
         if !self.pending.add(grads, value, k)? {
