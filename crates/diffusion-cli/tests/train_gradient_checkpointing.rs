@@ -29,51 +29,91 @@ fn losses(out: &Path) -> Vec<f64> {
         .collect()
 }
 
-fn unconditional(out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_diffusers"))
-        .args(["train", "unconditional", "--digits"])
-        .arg(fixtures().join("train/digits_head.csv.gz"))
-        .arg("--pretrained-model")
-        .arg(fixtures().join("train/tiny_unet"))
-        .arg("--output-dir")
+/// `diffusers train <command>` into `out`: `paths` are (flag, path under fixtures/) pairs, then
+/// `args`, `--quiet` and `extra`.
+fn train(
+    command: &str,
+    paths: &[(&str, &str)],
+    args: &[&str],
+    out: &Path,
+    extra: &[&str],
+) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_diffusers"));
+    cmd.env("HF_HUB_OFFLINE", "1").args(["train", command]);
+    for (flag, path) in paths {
+        cmd.arg(flag).arg(fixtures().join(path));
+    }
+    cmd.arg("--output-dir")
         .arg(out)
-        .args([
-            "--resolution",
-            "8",
-            "--train-batch-size",
-            "2",
-            "--max-train-steps",
-            "2",
-            "--quiet",
-        ])
+        .args(args)
+        .arg("--quiet")
         .args(extra)
         .output()
         .unwrap()
 }
 
+const SD1: (&str, &str) = ("--model", "pipelines/sd/sd1");
+
+fn unconditional(out: &Path, extra: &[&str]) -> Output {
+    let paths = [
+        ("--digits", "train/digits_head.csv.gz"),
+        ("--pretrained-model", "train/tiny_unet"),
+    ];
+    let args = [
+        "--resolution",
+        "8",
+        "--train-batch-size",
+        "2",
+        "--max-train-steps",
+        "2",
+    ];
+    train("unconditional", &paths, &args, out, extra)
+}
+
+/// The settings the SD1 commands below share: 32 pixels, two images per step, two steps.
+const SD1_ARGS: [&str; 8] = [
+    "--resolution",
+    "32",
+    "--train-batch-size",
+    "2",
+    "--max-train-steps",
+    "2",
+    "--learning-rate",
+    "1e-3",
+];
+
 fn lora(out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_diffusers"))
-        .env("HF_HUB_OFFLINE", "1")
-        .args(["train", "lora", "--model"])
-        .arg(fixtures().join("pipelines/sd/sd1"))
-        .arg("--train-data-dir")
-        .arg(fixtures().join("train/text_to_image/data"))
-        .arg("--output-dir")
-        .arg(out)
-        .args([
-            "--resolution",
-            "32",
-            "--train-batch-size",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--max-train-steps",
-            "2",
-            "--quiet",
-        ])
-        .args(extra)
-        .output()
-        .unwrap()
+    let paths = [SD1, ("--train-data-dir", "train/text_to_image/data")];
+    train("lora", &paths, &SD1_ARGS, out, extra)
+}
+
+fn controlnet(out: &Path, extra: &[&str]) -> Output {
+    let paths = [
+        ("--pretrained-model", "pipelines/sd/sd1"),
+        ("--controlnet-model", "train/controlnet/controlnet"),
+        ("--train-data-dir", "train/controlnet/data"),
+    ];
+    let args = [&SD1_ARGS[..], &["--lr-warmup-steps", "0"]].concat();
+    train("controlnet", &paths, &args, out, extra)
+}
+
+fn textual_inversion(out: &Path, extra: &[&str]) -> Output {
+    let paths = [SD1, ("--train-data-dir", "train/text_to_image/data")];
+    let token = [
+        "--placeholder-token",
+        "<cat-toy>",
+        "--initializer-token",
+        "red",
+        "--lr-warmup-steps",
+        "0",
+    ];
+    let args = [&SD1_ARGS[..], &token].concat();
+    train("textual-inversion", &paths, &args, out, extra)
+}
+
+fn instruct_pix2pix(out: &Path, extra: &[&str]) -> Output {
+    let paths = [SD1, ("--train-data-dir", "train/instruct_pix2pix/data")];
+    train("instruct-pix2pix", &paths, &SD1_ARGS, out, extra)
 }
 
 /// Run `train` without and with the flag; return both logs' losses and both weight files.
@@ -106,91 +146,6 @@ fn lora_with_the_flag_equals_without() {
     assert_eq!(plain.len(), 2);
     assert_eq!(plain, gc);
     assert!(plain_w == gc_w, "the LoRA files differ");
-}
-
-fn controlnet(out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_diffusers"))
-        .env("HF_HUB_OFFLINE", "1")
-        .args(["train", "controlnet", "--pretrained-model"])
-        .arg(fixtures().join("pipelines/sd/sd1"))
-        .arg("--controlnet-model")
-        .arg(fixtures().join("train/controlnet/controlnet"))
-        .arg("--train-data-dir")
-        .arg(fixtures().join("train/controlnet/data"))
-        .arg("--output-dir")
-        .arg(out)
-        .args([
-            "--resolution",
-            "32",
-            "--train-batch-size",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--lr-warmup-steps",
-            "0",
-            "--max-train-steps",
-            "2",
-            "--quiet",
-        ])
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn textual_inversion(out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_diffusers"))
-        .env("HF_HUB_OFFLINE", "1")
-        .args(["train", "textual-inversion", "--model"])
-        .arg(fixtures().join("pipelines/sd/sd1"))
-        .arg("--train-data-dir")
-        .arg(fixtures().join("train/text_to_image/data"))
-        .arg("--output-dir")
-        .arg(out)
-        .args([
-            "--placeholder-token",
-            "<cat-toy>",
-            "--initializer-token",
-            "red",
-            "--resolution",
-            "32",
-            "--train-batch-size",
-            "2",
-            "--learning-rate",
-            "5e-3",
-            "--lr-warmup-steps",
-            "0",
-            "--max-train-steps",
-            "2",
-            "--quiet",
-        ])
-        .args(extra)
-        .output()
-        .unwrap()
-}
-
-fn instruct_pix2pix(out: &Path, extra: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_diffusers"))
-        .env("HF_HUB_OFFLINE", "1")
-        .args(["train", "instruct-pix2pix", "--model"])
-        .arg(fixtures().join("pipelines/sd/sd1"))
-        .arg("--train-data-dir")
-        .arg(fixtures().join("train/instruct_pix2pix/data"))
-        .arg("--output-dir")
-        .arg(out)
-        .args([
-            "--resolution",
-            "32",
-            "--train-batch-size",
-            "2",
-            "--learning-rate",
-            "1e-3",
-            "--max-train-steps",
-            "2",
-            "--quiet",
-        ])
-        .args(extra)
-        .output()
-        .unwrap()
 }
 
 #[test]

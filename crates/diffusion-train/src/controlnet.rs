@@ -27,7 +27,7 @@ use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType, S
 use crate::data_parallel::DataParallel;
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
 use crate::mixed_precision::{
-    GradScaler, MixedPrecision, MixedPrecisionState, cast_input, half_copy, to_f32,
+    GradScaler, MixedPrecision, MixedPrecisionState, backward_scale, cast_input, half_copy, to_f32,
 };
 use crate::objective::NoiseDraws;
 use crate::optimizer::{
@@ -358,10 +358,7 @@ impl ControlNetTrainer {
         }
         let k = self.config.gradient_accumulation_steps.max(1);
         let dtype = self.config.mixed_precision.dtype();
-        let scale = self
-            .grad_scaler
-            .as_ref()
-            .map_or(1.0, |s| f64::from(s.scale()));
+        let scale = backward_scale(self.grad_scaler.as_ref());
         let scheduler = &self.scheduler;
         let contexts = parallel.unets.clone();
         let (value, grads) = parallel.controlnets.loss_and_gradients_with(

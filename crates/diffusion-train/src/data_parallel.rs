@@ -36,7 +36,7 @@ use diffusion_core::{Device, Error, Result, parse_device};
 use diffusion_models::{UNet2DConditionModel, UNet2DModel};
 
 use crate::lora::LoraFactors;
-use crate::mixed_precision::half_copy;
+use crate::mixed_precision::{backward_scale, half_copy};
 use crate::objective::NoiseDraws;
 use crate::optimizer::{FlatGradients, accumulation_share};
 use crate::params;
@@ -360,10 +360,7 @@ impl Trainer {
         let lr = self.lr_schedule.lr(self.global_step - self.skipped_steps);
         let scheduler = &self.scheduler;
         let dtype = self.config.mixed_precision.dtype();
-        let scale = self
-            .grad_scaler
-            .as_ref()
-            .map_or(1.0, |s| f64::from(s.scale()));
+        let scale = backward_scale(self.grad_scaler.as_ref());
         let contexts = vec![(); parallel.len()];
         let (loss_value, grads) = parallel.loss_and_gradients_with(
             &self.model,
@@ -545,10 +542,7 @@ impl TextToImageTrainer {
     {
         let k = self.config.gradient_accumulation_steps.max(1);
         let dtype = self.config.mixed_precision().dtype();
-        let scale = self
-            .grad_scaler
-            .as_ref()
-            .map_or(1.0, |s| f64::from(s.scale()));
+        let scale = backward_scale(self.grad_scaler.as_ref());
         // The per-shard loss, divided as `step_loss` divides it under accumulation.
         let shard_loss = |unet: &UNet2DConditionModel, rows: Range<usize>, device: &Device| {
             Ok(accumulation_share(loss(unet, rows, device)?, k))

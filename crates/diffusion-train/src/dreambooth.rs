@@ -40,7 +40,7 @@ use crate::class_images::generate_class_images;
 use crate::data_parallel::{DataParallel, TextToImageParallel};
 use crate::lora::{LORA_WEIGHT_NAME, LoraFactors, LoraTrainConfig, UNetLora, save_lora_weights};
 use crate::lr_schedule::LrScheduleKind;
-use crate::mixed_precision::half_copy;
+use crate::mixed_precision::{backward_scale, half_copy};
 use crate::objective::{NoiseDraws, conditional_prediction};
 use crate::optimizer::{FlatGradients, accumulation_share};
 use crate::resize::Interpolation;
@@ -793,11 +793,7 @@ impl DreamBoothTrainer {
         let weight = self.prior_loss_weight;
         let k = self.inner.config().gradient_accumulation_steps.max(1);
         let dtype = self.inner.config().mixed_precision().dtype();
-        let scale = self
-            .inner
-            .grad_scaler
-            .as_ref()
-            .map_or(1.0, |s| f64::from(s.scale()));
+        let scale = backward_scale(self.inner.grad_scaler.as_ref());
         let scheduler = self.inner.scheduler().clone();
         let objective = self.inner.objective().clone();
         let flow = self.inner.flow_matching().cloned();

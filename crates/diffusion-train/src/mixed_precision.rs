@@ -294,6 +294,11 @@ impl GradScaler {
     }
 }
 
+/// The factor a backward runs under: the fp16 loss scale of `scaler`, 1 without one.
+pub(crate) fn backward_scale(scaler: Option<&GradScaler>) -> f64 {
+    scaler.map_or(1.0, |s| f64::from(s.scale()))
+}
+
 /// What a mixed-precision run adds to a checkpoint.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MixedPrecisionState {

@@ -37,7 +37,7 @@ use diffusion_schedulers::DDPMScheduler;
 
 use crate::data_parallel::DataParallel;
 use crate::lora::{LoraComponent, LoraFactors, LoraTrainConfig, UNetLora};
-use crate::mixed_precision::half_copy;
+use crate::mixed_precision::{backward_scale, half_copy};
 use crate::objective::NoiseDraws;
 use crate::optimizer::{FlatGradients, accumulation_share};
 use crate::sdxl::{
@@ -352,11 +352,7 @@ impl SdxlTrainer {
         }
         let k = self.trainer.config().gradient_accumulation_steps.max(1);
         let dtype = self.trainer.config().mixed_precision().dtype();
-        let scale = self
-            .trainer
-            .grad_scaler
-            .as_ref()
-            .map_or(1.0, |s| f64::from(s.scale()));
+        let scale = backward_scale(self.trainer.grad_scaler.as_ref());
         let scheduler = self.trainer.scheduler().clone();
         let objective = self.trainer.objective().clone();
         // Each device gets the three LoRAs' layouts (to carry its replica's factors) and its

@@ -24,7 +24,9 @@ use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler, PredictionType};
 use crate::checkpoint::{check_resumable, read_state_file, write_checkpoint_dir, write_state_file};
 use crate::data_parallel::DataParallel;
 use crate::lr_schedule::{LrSchedule, LrScheduleKind};
-use crate::mixed_precision::{GradScaler, MixedPrecision, MixedPrecisionState, half_copy};
+use crate::mixed_precision::{
+    GradScaler, MixedPrecision, MixedPrecisionState, backward_scale, half_copy,
+};
 use crate::objective::{NoiseDraws, Objective, conditional_loss};
 use crate::optimizer::{
     Accumulator, AdamW, AdamWConfig, FlatGradients, accumulation_share, scaled_step,
@@ -698,10 +700,7 @@ impl TextualInversionTrainer {
         }
         let k = self.config.gradient_accumulation_steps.max(1);
         let dtype = self.config.mixed_precision.dtype();
-        let scale = self
-            .grad_scaler
-            .as_ref()
-            .map_or(1.0, |s| f64::from(s.scale()));
+        let scale = backward_scale(self.grad_scaler.as_ref());
         let (scheduler, objective) = (&self.scheduler, &self.objective);
         let contexts = parallel
             .encoders
