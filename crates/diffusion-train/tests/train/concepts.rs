@@ -12,11 +12,7 @@ use diffusion_train::{
     generate_class_images, train_dreambooth, train_textual_inversion,
 };
 
-use crate::{device, fixtures};
-
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
+use crate::{device, fixtures, sd1};
 
 fn data() -> PathBuf {
     fixtures().join("text_to_image/data")

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use diffusion_core::weights::{NamedTensor, WeightSource};
+use diffusion_core::weights::WeightSource;
 use diffusion_models::{ControlNetModel, ModelMixin, UNet2DConditionModel, state_dict};
 use diffusion_train::{
     ControlNetTrainConfig, ControlNetTrainer, LrScheduleKind, NoiseDraws,
@@ -13,7 +13,9 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{
+    compare_to_fixture as compare, device, fixtures, max_abs_diff, number as f, sd1, tensor,
+};
 
 const TOL: f32 = 1e-5;
 
@@ -21,38 +23,8 @@ fn root() -> PathBuf {
     fixtures().join("controlnet")
 }
 
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
-
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap()).unwrap()
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-/// Worst difference of `ours` against `prefix/<key>` tensors of the fixture (same key set).
-fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let mut theirs: Vec<&str> = source
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
-        .collect();
-    theirs.sort();
-    let mut our_keys: Vec<&str> = ours.iter().map(|t| t.key.as_str()).collect();
-    our_keys.sort();
-    assert_eq!(our_keys, theirs, "{prefix}: keys differ");
-    let mut worst = (String::new(), 0.0f32);
-    for t in ours {
-        let (values, shape) = source.read_f32(&format!("{prefix}/{}", t.key)).unwrap();
-        assert_eq!(shape, t.shape, "{prefix}/{}: shape", t.key);
-        let diff = max_abs_diff(&t.values, &values);
-        if diff > worst.1 || worst.0.is_empty() {
-            worst = (t.key.clone(), diff);
-        }
-    }
-    worst
 }
 
 #[test]

@@ -15,7 +15,7 @@ use diffusion_train::{
     training_loss,
 };
 
-use crate::{device, fixtures, max_abs_diff};
+use crate::{copy_dir, device, fixtures, max_abs_diff, read};
 
 const TOL: f32 = 1e-6;
 
@@ -223,25 +223,8 @@ fn uneven_shards_are_weighted_by_their_size() {
     compare_steps(3, 2, true);
 }
 
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn final_weights(dir: &Path) -> Vec<NamedTensor> {
     weights(&UNet2DModel::from_pretrained(dir.join("unet"), &device()).unwrap())
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -557,7 +540,7 @@ mod text_to_image {
             assert!(dl <= 1e-5 && dn <= TOL, "step {step}: {a:?} vs {p:?}");
         }
         let ours = parallel.lora().unwrap().state_dict();
-        let (key, vs_diffusers) = t2i::compare(&ours, &source, "lora/param");
+        let (key, vs_diffusers) = crate::compare_to_fixture(&ours, &source, "lora/param");
         let one = max_diff(&single.lora().unwrap().state_dict(), &ours);
         eprintln!(
             "LoRA factors: vs diffusers {vs_diffusers:.2e} (`{key}`), vs one device {one:.2e}"

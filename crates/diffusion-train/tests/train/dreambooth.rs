@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use diffusion_core::weights::{NamedTensor, WeightSource};
+use diffusion_core::weights::WeightSource;
 use diffusion_models::{ModelMixin, UNet2DConditionModel, state_dict};
 use diffusion_train::{
     DreamBoothConfig, DreamBoothTrainer, LrScheduleKind, NoiseDraws, TextToImageConfig,
@@ -13,38 +13,12 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{compare_to_fixture as worst, device, fixtures, number as f, sd1, tensor};
 
 const TOL: f32 = 1e-5;
 
 fn root() -> PathBuf {
     fixtures().join("dreambooth")
-}
-
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-fn worst(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let mut worst = (String::new(), 0.0f32);
-    let n = source
-        .keys()
-        .filter(|k| k.starts_with(&format!("{prefix}/")))
-        .count();
-    assert_eq!(n, ours.len(), "{prefix}: parameter count");
-    for t in ours {
-        let (values, shape) = source.read_f32(&format!("{prefix}/{}", t.key)).unwrap();
-        assert_eq!(shape, t.shape, "{prefix}/{}", t.key);
-        let d = max_abs_diff(&t.values, &values);
-        if d >= worst.1 {
-            worst = (t.key.clone(), d);
-        }
-    }
-    worst
 }
 
 #[test]

@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use diffusion_core::weights::{NamedTensor, WeightSource};
+use diffusion_core::weights::WeightSource;
 use diffusion_core::{Error, TorchGenerator};
 use diffusion_models::{ModelMixin, UNet2DConditionModel, state_dict};
 use diffusion_schedulers::FlowMatchEulerDiscreteSchedulerConfig;
@@ -19,17 +19,16 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{
+    compare_to_fixture as compare, copy_dir, device, fixtures, max_abs_diff, number as f, sd1,
+    tensor,
+};
 
 const TOL: f32 = 1e-5;
 const PART_TOL: f32 = 1e-6;
 
 fn root() -> PathBuf {
     fixtures().join("flow_matching")
-}
-
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
 }
 
 fn json(name: &str) -> Value {
@@ -41,10 +40,6 @@ fn read(source: &WeightSource, key: &str) -> Vec<f32> {
         .read_f32(key)
         .unwrap_or_else(|e| panic!("fixture tensor `{key}`: {e}"))
         .0
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 /// Largest difference relative to `max(1, |expected|)`.
@@ -195,26 +190,6 @@ fn trainer(config: &TextToImageConfig, steps: usize) -> Result<TextToImageTraine
     let unet = UNet2DConditionModel::from_pretrained(sd1().join("unet"), &device()).unwrap();
     let scheduler = load_noise_scheduler(&config.pretrained_model).unwrap();
     TextToImageTrainer::new(config, unet, None, scheduler, steps, &device())
-}
-
-fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let mut theirs: Vec<&str> = source
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
-        .collect();
-    theirs.sort();
-    let mut our_keys: Vec<&str> = ours.iter().map(|t| t.key.as_str()).collect();
-    our_keys.sort();
-    assert_eq!(our_keys, theirs, "{prefix}: keys differ");
-    let mut worst = (String::new(), 0.0f32);
-    for t in ours {
-        let values = read(source, &format!("{prefix}/{}", t.key));
-        let diff = max_abs_diff(&t.values, &values);
-        if diff > worst.1 || worst.0.is_empty() {
-            worst = (t.key.clone(), diff);
-        }
-    }
-    worst
 }
 
 /// Case `name` on one device (`devices` 0) or data-parallel over `devices` CPU handles.
@@ -375,19 +350,6 @@ fn flow_folder_turns_the_objective_on_and_refuses_ddpm_only_settings() {
         WeightingScheme::parse("uniform"),
         Err(Error::InvalidArgument { name, .. }) if name == "weighting_scheme"
     ));
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// `train_text_to_image` on the tiny SD1 folder with a FlowMatchEulerDiscreteScheduler (shift 3)

@@ -15,7 +15,7 @@ use diffusion_train::{
     TextToImageTrainer, TrainConfig, Trainer, UNetLora, load_noise_scheduler, training_loss,
 };
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{device, fixtures, max_abs_diff, sd1, tensor};
 
 fn strategy(gradient_checkpointing: bool) -> Option<GradientCheckpointingStrategy> {
     Some(if gradient_checkpointing {
@@ -134,10 +134,6 @@ fn unconditional_steps_equal_without_checkpointing() {
 
 fn text_to_image_root() -> PathBuf {
     fixtures().join("text_to_image")
-}
-
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
 }
 
 /// The `full_epsilon` / `lora` case draws of gen_train_text_to_image.py's fixture.

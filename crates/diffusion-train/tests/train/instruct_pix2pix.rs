@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use diffusion_core::burn::tensor::DType;
 use diffusion_core::burn::tensor::{Tensor, TensorData};
 use diffusion_core::image::{load_image, read_png_text};
-use diffusion_core::weights::{NamedTensor, WeightSource};
+use diffusion_core::weights::WeightSource;
 use diffusion_core::{Error, TorchGenerator};
 use diffusion_models::{ModelMixin, UNet2DConditionModel, state_dict};
 use diffusion_train::mixed_precision::param_dtypes;
@@ -22,16 +22,15 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{
+    compare_to_fixture as compare, copy_dir, device, fixtures, max_abs_diff, number as f, read,
+    sd1, tensor,
+};
 
 const TOL: f32 = 1e-5;
 
 fn root() -> PathBuf {
     fixtures().join("instruct_pix2pix")
-}
-
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
 }
 
 fn expected() -> Value {
@@ -40,10 +39,6 @@ fn expected() -> Value {
 
 fn source() -> WeightSource {
     WeightSource::open(root().join("steps.safetensors")).unwrap()
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 fn config(hp: &Value) -> InstructPix2PixConfig {
@@ -69,28 +64,6 @@ fn config(hp: &Value) -> InstructPix2PixConfig {
 fn diff_to(ours: Vec<f32>, source: &WeightSource, key: &str) -> f32 {
     let (want, _) = source.read_f32(key).unwrap();
     max_abs_diff(&ours, &want)
-}
-
-/// Worst difference of `ours` against `prefix/<key>` tensors of the fixture (same key set).
-fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let mut theirs: Vec<&str> = source
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
-        .collect();
-    theirs.sort();
-    let mut our_keys: Vec<&str> = ours.iter().map(|t| t.key.as_str()).collect();
-    our_keys.sort();
-    assert_eq!(our_keys, theirs, "{prefix}: keys differ");
-    let mut worst = (String::new(), 0.0f32);
-    for t in ours {
-        let (values, shape) = source.read_f32(&format!("{prefix}/{}", t.key)).unwrap();
-        assert_eq!(shape, t.shape, "{prefix}/{}: shape", t.key);
-        let diff = max_abs_diff(&t.values, &values);
-        if diff > worst.1 || worst.0.is_empty() {
-            worst = (t.key.clone(), diff);
-        }
-    }
-    worst
 }
 
 #[test]
@@ -300,10 +273,6 @@ fn with_validation(output_dir: &Path) -> InstructPix2PixConfig {
     }
 }
 
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
 fn pngs(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(validation_dir(dir))
         .unwrap()
@@ -320,19 +289,6 @@ fn parameters(path: &Path) -> String {
         .find(|(k, _)| k == "parameters")
         .map(|(_, v)| v)
         .unwrap_or_else(|| panic!("{}: no parameters chunk", path.display()))
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 const WEIGHTS: &str = "unet/diffusion_pytorch_model.safetensors";

@@ -21,11 +21,7 @@ use diffusion_train::{
     train_text_to_image_sdxl, train_textual_inversion,
 };
 
-use crate::{device, fixtures};
-
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
+use crate::{copy_dir, device, fixtures, read, sd1};
 
 fn sdxl() -> PathBuf {
     fixtures().join("../pipelines/sd/sdxl")
@@ -33,10 +29,6 @@ fn sdxl() -> PathBuf {
 
 fn data() -> PathBuf {
     fixtures().join("text_to_image/data")
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn pngs(dir: &Path) -> Vec<String> {
@@ -406,17 +398,4 @@ fn sdxl_full_validation_images_by_epoch_leave_training_unchanged() {
 #[test]
 fn sdxl_lora_validation_images_by_epoch_leave_training_unchanged() {
     sdxl_case(true, "pytorch_lora_weights.safetensors");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

@@ -17,7 +17,7 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, tensor};
+use crate::{copy_dir, device, fixtures, sd1, tensor};
 
 fn num(v: &Value) -> f32 {
     match v {
@@ -399,10 +399,6 @@ pub(crate) fn t2i_trainer(case: &str, mixed_precision: MixedPrecision) -> TextTo
     TextToImageTrainer::new(&config, unet, lora, scheduler, 4, &device()).unwrap()
 }
 
-fn sd1() -> std::path::PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
-
 /// The text-to-image trainer (full fine-tuning and LoRA) under bf16/fp16 against f32, with the
 /// tolerance of [`half_precision_step_stays_close_to_f32`] (`L` counts the UNet's conv and
 /// linear weights; a LoRA adds its factors' product to weights already counted).
@@ -526,19 +522,6 @@ fn text_to_image_lora_fp16_run_resumes_exactly() {
         lora(full_dir.path()) == lora(resumed_dir.path()),
         "final LoRA differs"
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let path = entry.path();
-        if path.is_dir() {
-            copy_dir(&path, &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(&path, to.join(entry.file_name())).unwrap();
-        }
-    }
 }
 
 /// [`half_precision_step_stays_close_to_f32`]'s tolerances (loss, gradients) for a loss whose

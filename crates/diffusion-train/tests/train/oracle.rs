@@ -6,23 +6,19 @@ use diffusion_models::ModelMixin;
 use std::collections::BTreeMap;
 
 use diffusion_core::burn::tensor::Tensor;
-use diffusion_core::weights::{NamedTensor, WeightSource};
+use diffusion_core::weights::WeightSource;
 use diffusion_models::{UNet2DModel, state_dict};
 use diffusion_schedulers::{DDPMScheduler, DDPMSchedulerConfig, PredictionType};
 use diffusion_train::{FlatGradients, LrScheduleKind, TrainConfig, Trainer, training_loss};
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{compare_to_fixture as compare, device, fixtures, max_abs_diff, number as f, tensor};
 
 const TOL: f32 = 1e-5;
 
 fn expected() -> Value {
     let text = std::fs::read_to_string(fixtures().join("steps.json")).unwrap();
     serde_json::from_str(&text).unwrap()
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 fn timesteps(source: &WeightSource, step: usize) -> Vec<usize> {
@@ -48,26 +44,6 @@ fn config(hp: &Value) -> TrainConfig {
         show_progress: false,
         ..TrainConfig::default()
     }
-}
-
-/// Compare a state dict against `prefix/<key>` tensors of the fixture; returns the worst key.
-fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let theirs: Vec<&str> = source
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
-        .collect();
-    let our_keys: Vec<&str> = ours.iter().map(|t| t.key.as_str()).collect();
-    assert_eq!(our_keys, theirs, "{prefix}: parameter keys differ");
-    let mut worst = (String::new(), 0.0f32);
-    for t in ours {
-        let (values, shape) = source.read_f32(&format!("{prefix}/{}", t.key)).unwrap();
-        assert_eq!(shape, t.shape, "{prefix}/{}: shape", t.key);
-        let diff = max_abs_diff(&t.values, &values);
-        if diff > worst.1 || worst.0.is_empty() {
-            worst = (t.key.clone(), diff);
-        }
-    }
-    worst
 }
 
 #[test]

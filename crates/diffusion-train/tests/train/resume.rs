@@ -9,7 +9,7 @@ use diffusion_schedulers::{ConfiguredScheduler, DDPMScheduler};
 use diffusion_train::run::LOG_FILE;
 use diffusion_train::{ImageDataset, TrainConfig, train_unconditional};
 
-use crate::{device, fixtures};
+use crate::{copy_dir, device, fixtures, read};
 
 fn dataset() -> ImageDataset {
     ImageDataset::from_digits_csv_gz(fixtures().join("digits_head.csv.gz"), 8).unwrap()
@@ -35,10 +35,6 @@ fn config(output_dir: &Path) -> TrainConfig {
         show_progress: false,
         ..TrainConfig::default()
     }
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 #[test]
@@ -184,17 +180,4 @@ fn checkpoints_and_pipeline_folder_load_back() {
         ..config
     };
     assert!(train_unconditional(&missing, &data, &device()).is_err());
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use diffusion_core::burn::tensor::{Tensor, TensorData};
 use diffusion_core::image::{ImageOutput, OutputType};
-use diffusion_core::weights::{NamedTensor, SafetensorsFile, WeightSource};
+use diffusion_core::weights::{SafetensorsFile, WeightSource};
 use diffusion_models::{ModelMixin, UNet2DConditionModel, state_dict};
 use diffusion_pipelines::{Generators, StableDiffusionXLArgs, StableDiffusionXLPipeline};
 use diffusion_schedulers::PredictionType;
@@ -24,7 +24,7 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{compare_to_fixture as compare, device, fixtures, max_abs_diff, number as f, tensor};
 
 const TOL: f32 = 1e-5;
 
@@ -42,10 +42,6 @@ fn expected() -> Value {
 
 fn source() -> WeightSource {
     WeightSource::open(root().join("steps.safetensors")).unwrap()
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 /// The run a case of gen_train_sdxl.py makes.
@@ -95,27 +91,6 @@ fn draws(source: &WeightSource, name: &str, step: usize) -> NoiseDraws {
         perturbation: None,
         timesteps: t.iter().map(|&v| v as usize).collect(),
     }
-}
-
-/// Worst difference of `ours` against `prefix/<key>` tensors of the fixture (same key set).
-fn compare(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let mut theirs: Vec<&str> = source
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
-        .collect();
-    theirs.sort();
-    let our_keys: Vec<&str> = ours.iter().map(|t| t.key.as_str()).collect();
-    assert_eq!(our_keys, theirs, "{prefix}: keys differ");
-    let mut worst = (String::new(), 0.0f32);
-    for t in ours {
-        let (values, shape) = source.read_f32(&format!("{prefix}/{}", t.key)).unwrap();
-        assert_eq!(shape, t.shape, "{prefix}/{}: shape", t.key);
-        let diff = max_abs_diff(&t.values, &values);
-        if diff > worst.1 || worst.0.is_empty() {
-            worst = (t.key.clone(), diff);
-        }
-    }
-    worst
 }
 
 /// A trainer for case `name`, with the fixture's initial LoRA factors for LoRA cases.

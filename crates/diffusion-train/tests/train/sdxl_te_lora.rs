@@ -30,7 +30,9 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{
+    compare_to_fixture as worst, device, fixtures, max_abs_diff, number as f, read, tensor,
+};
 
 const TOL: f32 = 1e-5;
 
@@ -40,31 +42,6 @@ fn root() -> PathBuf {
 
 fn sdxl() -> PathBuf {
     fixtures().join("../pipelines/sd/sdxl")
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-/// Worst difference of `ours` against `prefix/<key>` tensors of the fixture (same key set).
-fn worst(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let mut theirs: Vec<&str> = source
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
-        .collect();
-    theirs.sort();
-    let our_keys: Vec<&str> = ours.iter().map(|t| t.key.as_str()).collect();
-    assert_eq!(our_keys, theirs, "{prefix}: keys differ");
-    let mut worst = (String::new(), 0.0f32);
-    for t in ours {
-        let (values, shape) = source.read_f32(&format!("{prefix}/{}", t.key)).unwrap();
-        assert_eq!(shape, t.shape, "{prefix}/{}", t.key);
-        let d = max_abs_diff(&t.values, &values);
-        if d >= worst.1 {
-            worst = (t.key.clone(), d);
-        }
-    }
-    worst
 }
 
 /// The int64 tensor `key` of the fixture.
@@ -414,10 +391,6 @@ fn loop_config(out: &Path, validation: PromptValidationConfig) -> SdxlTrainConfi
         train_text_encoder: true,
         ..SdxlTrainConfig::lora_defaults()
     }
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// The loop trains all three LoRAs, saves them in one file, resumes from its step-2 checkpoint

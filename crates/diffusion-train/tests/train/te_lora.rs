@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use diffusion_core::burn::tensor::{Int, Tensor};
 use diffusion_core::image::{ImageOutput, OutputType};
-use diffusion_core::weights::{NamedTensor, SafetensorsFile, WeightSource};
+use diffusion_core::weights::{SafetensorsFile, WeightSource};
 use diffusion_models::{CLIPTextModel, CLIPTokenizer, ModelMixin, UNet2DConditionModel};
 use diffusion_pipelines::{Generators, StableDiffusionArgs, StableDiffusionPipeline};
 use diffusion_train::{
@@ -18,40 +18,14 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{
+    compare_to_fixture as worst, device, fixtures, max_abs_diff, number as f, sd1, tensor,
+};
 
 const TOL: f32 = 1e-5;
 
 fn root() -> PathBuf {
     fixtures().join("te_lora")
-}
-
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
-}
-
-fn worst(ours: &[NamedTensor], source: &WeightSource, prefix: &str) -> (String, f32) {
-    let mut theirs: Vec<&str> = source
-        .keys()
-        .filter_map(|k| k.strip_prefix(prefix).and_then(|k| k.strip_prefix('/')))
-        .collect();
-    theirs.sort();
-    let our_keys: Vec<&str> = ours.iter().map(|t| t.key.as_str()).collect();
-    assert_eq!(our_keys, theirs, "{prefix}: keys differ");
-    let mut worst = (String::new(), 0.0f32);
-    for t in ours {
-        let (values, shape) = source.read_f32(&format!("{prefix}/{}", t.key)).unwrap();
-        assert_eq!(shape, t.shape, "{prefix}/{}", t.key);
-        let d = max_abs_diff(&t.values, &values);
-        if d >= worst.1 {
-            worst = (t.key.clone(), d);
-        }
-    }
-    worst
 }
 
 /// The int64 prompt ids of the fixture.

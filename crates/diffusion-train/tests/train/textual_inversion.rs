@@ -19,7 +19,7 @@ use diffusion_train::{
 };
 use serde_json::Value;
 
-use crate::{device, fixtures, max_abs_diff, tensor};
+use crate::{device, fixtures, max_abs_diff, number as f, sd1, tensor};
 
 const TOL: f32 = 1e-5;
 
@@ -27,16 +27,8 @@ fn root() -> PathBuf {
     fixtures().join("textual_inversion")
 }
 
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
-
 fn expected() -> Value {
     serde_json::from_str(&std::fs::read_to_string(root().join("steps.json")).unwrap()).unwrap()
-}
-
-fn f(v: &Value) -> f64 {
-    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 fn config(hp: &Value) -> TextualInversionConfig {

@@ -2,7 +2,7 @@
 //! parameters, without changing what training computes (with or without validation, resumed or
 //! not), and with typed errors and no partial file when they cannot be written.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use diffusion_core::Error;
 use diffusion_core::image::{load_image, read_png_text};
@@ -13,7 +13,7 @@ use diffusion_train::{
     TextToImageConfig, TrainConfig, ValidationSampler, train_text_to_image, train_unconditional,
 };
 
-use crate::{device, fixtures};
+use crate::{copy_dir, device, fixtures, read, sd1};
 
 fn dataset() -> ImageDataset {
     ImageDataset::from_digits_csv_gz(fixtures().join("digits_head.csv.gz"), 8).unwrap()
@@ -54,10 +54,6 @@ fn every_steps(n: usize, sampler: ValidationSampler) -> ImageValidationConfig {
         seed: 5,
         ..ImageValidationConfig::default()
     }
-}
-
-fn read(path: &Path) -> Vec<u8> {
-    std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 fn pngs(dir: &Path) -> Vec<String> {
@@ -271,10 +267,6 @@ fn bad_settings_and_unwritable_images_are_typed_errors() {
     assert!(matches!(&err, Error::Io { .. }), "{err}");
 }
 
-fn sd1() -> PathBuf {
-    fixtures().join("../pipelines/sd/sd1")
-}
-
 fn lora_config(output_dir: &Path, validation: PromptValidationConfig) -> TextToImageConfig {
     TextToImageConfig {
         pretrained_model: sd1(),
@@ -426,17 +418,4 @@ fn full_fine_tuning_with_ema_validates_by_epoch() {
         "{text}"
     );
     assert!(parameters(&validation_path(dir.path(), 3)).contains("Epoch: 1"));
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.path().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
