@@ -486,27 +486,10 @@ fn loss_and_grads(
     let loss = t.loss(batch, draws).unwrap();
     assert_eq!(loss.dtype(), DType::F32, "the loss is computed in f32");
     let value = loss.clone().inner().into_scalar::<f32>();
-    let grads = t.inner().gradients(loss);
-    let flat = grads
-        .tensors()
-        .iter()
-        .flatten()
-        .flat_map(|g| {
-            assert_eq!(g.dtype(), DType::F32, "gradients reach the f32 masters");
-            diffusion_core::tensor::to_vec(g.clone())
-        })
-        .collect();
-    (value, flat)
-}
-
-fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (f64::from(*x) - f64::from(*y)).powi(2))
-        .sum();
-    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    (num / den).sqrt()
+    (
+        value,
+        crate::mixed_precision::flat_values(&t.inner().gradients(loss)),
+    )
 }
 
 /// A bf16 and an fp16 step of the widened UNet stay close to the f32 step, within the
@@ -524,17 +507,12 @@ fn half_precision_step_stays_close_to_f32() {
     for mp in [MixedPrecision::Bf16, MixedPrecision::Fp16] {
         let (mut t, batch, draws) = fixture_trainer(mp);
         let (loss, grads) = loss_and_grads(&t, &batch, &draws);
-        let (loss_tol, grad_tol) = crate::mixed_precision::half_tolerances(mp, layers);
-        let loss_rel = (f64::from(loss) - f64::from(loss32)).abs() / f64::from(loss32);
-        let grad_rel = rel_l2(&grads, &grads32);
-        eprintln!(
-            "InstructPix2Pix {mp:?}: {layers} layers; loss rel diff {loss_rel:.3e} (tol \
-             {loss_tol:.3e}), gradient rel L2 diff {grad_rel:.3e} (tol {grad_tol:.3e})"
-        );
-        assert!(loss_rel <= loss_tol, "{mp:?}: loss {loss} vs {loss32}");
-        assert!(
-            grad_rel <= grad_tol,
-            "{mp:?}: gradients differ by {grad_rel}"
+        crate::mixed_precision::assert_close_to_f32(
+            "InstructPix2Pix",
+            mp,
+            layers,
+            (loss, grads),
+            (loss32, &grads32),
         );
         assert_ne!(loss, loss32, "{mp:?}: the half copy was not used");
         t.step(&batch, &draws).unwrap().unwrap();

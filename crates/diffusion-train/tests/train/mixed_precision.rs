@@ -547,7 +547,7 @@ fn weight_layers<M: diffusion_core::burn::module::Module>(module: &M) -> usize {
         .count()
 }
 
-fn flat_values(grads: &FlatGradients) -> Vec<f32> {
+pub(crate) fn flat_values(grads: &FlatGradients) -> Vec<f32> {
     grads
         .tensors()
         .iter()
@@ -560,7 +560,7 @@ fn flat_values(grads: &FlatGradients) -> Vec<f32> {
 }
 
 /// Compare a half-precision loss and gradients with the f32 ones under [`half_tolerances`].
-fn assert_close_to_f32(
+pub(crate) fn assert_close_to_f32(
     what: &str,
     mp: MixedPrecision,
     layers: usize,
