@@ -2,7 +2,9 @@
 # The side-by-side GPU benchmark on a machine with CUDA, PyTorch and no Rust or network
 # (docs/benchmarks.md). Expects, relative to the repository root:
 #   .gpubin/sd_gpu.xz   `cargo build --release -p diffusion-benches --no-default-features
-#                        --features cuda --bin sd_gpu`, stripped and xz-compressed
+#                        --features cuda,autotune-cache --bin sd_gpu`, stripped and xz-compressed
+#   target/environment   optional: CubeCL's autotune cache from an earlier call (carry it);
+#                        the run leaves the updated cache in <out-dir>/environment to bring back
 #   .whl/*.whl           diffusers 0.42.1 and importlib_metadata wheels (pip download)
 # Usage: benches/gpu/run.sh <out-dir> <what> [sd_gpu flags...]
 #   what = rust | python | both; extra flags go to both programs where they share them
@@ -17,6 +19,7 @@ if [[ $what != python ]]; then
     echo "== sd_gpu $* ${RUST_ARGS:-}"
     /tmp/sd_gpu "$@" ${RUST_ARGS:-} 2>"$out/rust.err" | tee -a "$out/rust.jsonl"
     echo "rust exit ${PIPESTATUS[0]}"; tail -5 "$out/rust.err"
+    [[ -d target/environment ]] && cp -r target/environment "$out/"
 fi
 if [[ $what != rust ]]; then
     if [[ ! -d /tmp/site ]]; then

@@ -22,13 +22,35 @@ def ops(dtype):
         conv = torch.nn.Conv2d(c, c, 3, padding=1).to(dev, dtype)
         x = r(2, c, hw, hw)
         out.append((f"conv3x3_{c}x{hw}", 4.0 * hw * hw * c * c * 9, lambda conv=conv, x=x: conv(x)))
+    # The VAE decoder's levels at a 512x512 decode (batch 1), as sd_gpu's `ops`.
+    for c, hw in [(512, 64), (512, 128), (256, 256), (128, 512)]:
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).to(dev, dtype)
+        x = r(1, c, hw, hw)
+        g = torch.ones(c, device=dev, dtype=dtype)
+        b = torch.zeros(c, device=dev, dtype=dtype)
+        out.append((f"vae_conv3x3_{c}x{hw}", 2.0 * hw * hw * c * c * 9,
+                    lambda conv=conv, x=x: conv(x)))
+        out.append((f"vae_group_norm_silu_{c}x{hw}", 0.0,
+                    lambda x=x, g=g, b=b: F.silu(F.group_norm(x, 32, g, b, 1e-6))))
+    xu = r(1, 512, 128, 128)
+    out.append(("vae_upsample_nearest_512x128", 0.0,
+                lambda: F.interpolate(xu, scale_factor=2.0, mode="nearest")))
     for rows, k, n in [(8192, 320, 2560), (8192, 1280, 320), (8192, 320, 320)]:
         lin = torch.nn.Linear(k, n).to(dev, dtype)
         x = r(rows, k)
         out.append((f"linear_{rows}x{k}x{n}", 2.0 * rows * k * n, lambda lin=lin, x=x: lin(x)))
-    for name, kv in [("attn_self_4096x40", 4096), ("attn_cross_4096x77x40", 77)]:
-        q, k, v = r(2, 8, 4096, 40), r(2, 8, kv, 40), r(2, 8, kv, 40)
-        out.append((name, 4.0 * 2 * 8 * 4096 * kv * 40,
+    # (name, heads, query tokens, key tokens, head dim), as sd_gpu's `ops`.
+    for name, heads, s_q, kv, d in [
+        ("attn_self_4096x40", 8, 4096, 4096, 40),
+        ("attn_cross_4096x77x40", 8, 4096, 77, 40),
+        ("attn_self_1024x80", 8, 1024, 1024, 80),
+        ("attn_cross_1024x77x80", 8, 1024, 77, 80),
+        ("attn_self_4096x64_sdxl", 10, 4096, 4096, 64),
+        ("attn_vae_4096x512", 1, 4096, 4096, 512),
+    ]:
+        batch = 1 if name.startswith("attn_vae") else 2
+        q, k, v = r(batch, heads, s_q, d), r(batch, heads, kv, d), r(batch, heads, kv, d)
+        out.append((name, 4.0 * batch * heads * s_q * kv * d,
                     lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)))
     x = r(2, 320, 64, 64)
     g, b = torch.ones(320, device=dev, dtype=dtype), torch.zeros(320, device=dev, dtype=dtype)

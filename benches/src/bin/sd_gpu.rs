@@ -10,9 +10,15 @@
 //! cargo build --release -p diffusion-benches --no-default-features --features cuda --bin sd_gpu
 //! sd_gpu [--device cuda|wgpu|cubecl-cpu] [--models sd15,sdxl]
 //!        [--kinds unet,vae_decode,pipeline] [--dtypes f16,bf16,f32]
-//!        [--kernels on,off,group_norm,attention] [--iters 10] [--warmup 3]
-//!        [--pipeline-iters 3] [--steps 30]
+//!        [--kernels on,off,group_norm,attention] [--attention auto,flash,matmul,burn]
+//!        [--graph off|on] [--iters 10] [--warmup 3] [--pipeline-iters 3] [--steps 30]
 //! ```
+//!
+//! `--attention` lists the routes of f16 attention to compare (`diffusion_core::kernels::
+//! AttentionRoute`: `auto`, this crate's `flash` kernel, `matmul`, or burn's fused op `burn`,
+//! cubek's tensor-core flash attention on CUDA). `--graph on` also times each UNet step
+//! replayed from a captured CUDA graph (`burn::tensor::capture`: one dispatch for the whole
+//! forward), which separates the GPU's time from the host's launch overhead.
 //!
 //! `--kinds ops` times single operators at SD 1.5 shapes (3×3 convolutions, linear layers,
 //! self- and cross-attention, GroupNorm+SiLU, an add), one line each with its own FLOPs, to see
@@ -32,9 +38,11 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use diffusion_benches::{gpu_unet_configs, gpu_vae_configs};
-use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor};
+use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor, capture};
 
-use diffusion_core::kernels::{Kernel, set_kernel_enabled, uses_kernels};
+use diffusion_core::kernels::{
+    AttentionRoute, Kernel, set_attention_route, set_kernel_enabled, uses_kernels,
+};
 use diffusion_core::{Device, Precision};
 use diffusion_models::modeling_utils::to_dtype;
 use diffusion_models::{
@@ -50,6 +58,8 @@ struct Args {
     kinds: Vec<String>,
     dtypes: Vec<String>,
     kernels: Vec<String>,
+    attention: Vec<AttentionRoute>,
+    graph: bool,
     iters: usize,
     warmup: usize,
     pipeline_iters: usize,
@@ -63,6 +73,8 @@ fn parse_args() -> Result<Args> {
         kinds: vec!["unet".into(), "vae_decode".into()],
         dtypes: vec!["f16".into(), "bf16".into(), "f32".into()],
         kernels: vec!["on".into(), "off".into()],
+        attention: vec![AttentionRoute::Auto],
+        graph: false,
         iters: 10,
         warmup: 3,
         pipeline_iters: 3,
@@ -95,6 +107,19 @@ fn parse_args() -> Result<Args> {
                 {
                     bail!("--kernels takes on, off, group_norm, attention; not {bad}");
                 }
+            }
+            "--attention" => {
+                args.attention = list(value)
+                    .iter()
+                    .map(|r| r.parse::<AttentionRoute>())
+                    .collect::<Result<_, _>>()?;
+            }
+            "--graph" => {
+                args.graph = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    other => bail!("--graph takes on or off, not {other}"),
+                };
             }
             "--iters" => args.iters = value.parse()?,
             "--warmup" => args.warmup = value.parse()?,
@@ -133,6 +158,9 @@ struct Row<'a> {
     model: &'a str,
     dtype: &'a str,
     kernels: &'a str,
+    attention: AttentionRoute,
+    /// `Some(hardware)` for a step replayed from a captured graph.
+    graph: Option<bool>,
     ms: f64,
     /// Denoising steps of a `pipeline` row.
     steps: usize,
@@ -147,6 +175,14 @@ fn settled_in_use_mib(device: &Device) -> Option<f64> {
     device
         .memory_pool_usage()
         .map(|u| (u.bytes_in_use as f64 / 1048576.0 * 10.0).round() / 10.0)
+}
+
+/// Every (`--kernels`, `--attention`) pair to measure, kernels outermost.
+fn variants(args: &Args) -> Vec<(&str, AttentionRoute)> {
+    args.kernels
+        .iter()
+        .flat_map(|k| args.attention.iter().map(move |a| (k.as_str(), *a)))
+        .collect()
 }
 
 /// Switch the kernels as `--kernels` names them.
@@ -170,6 +206,8 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
     .map(|f| f / 1e9);
     let json = serde_json::json!({
         "impl": format!("burn-kernels-{}", row.kernels),
+        "attention": row.attention.name(),
+        "graph": row.graph,
         "device": format!("{device:?}"),
         "kind": row.kind,
         "model": row.model,
@@ -294,6 +332,45 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
         let name: &'static str = Box::leak(format!("conv3x3_{c}x{hw}").into_boxed_str());
         out.push((name, flops, Box::new(move || drop(conv.forward(x.clone())))));
     }
+    // The VAE decoder's levels at a 512×512 decode (batch 1): where its time goes.
+    for (c, hw) in [(512usize, 64usize), (512, 128), (256, 256), (128, 512)] {
+        let conv = to_dtype(
+            Conv2dConfig::new([c, c], [3, 3])
+                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+                .init(device),
+            dtype,
+        )
+        .expect("conv dtype");
+        let x = randn([1, c, hw, hw], dtype, device);
+        let flops = 2.0 * (hw * hw * c * c * 9) as f64;
+        let name: &'static str = Box::leak(format!("vae_conv3x3_{c}x{hw}").into_boxed_str());
+        let gamma = Tensor::<1>::ones([c], device).cast(dtype);
+        let beta = Tensor::<1>::zeros([c], device).cast(dtype);
+        let y = x.clone();
+        out.push((name, flops, Box::new(move || drop(conv.forward(x.clone())))));
+        let name: &'static str =
+            Box::leak(format!("vae_group_norm_silu_{c}x{hw}").into_boxed_str());
+        out.push((
+            name,
+            0.0,
+            Box::new(move || {
+                drop(diffusion_core::kernels::group_norm(
+                    y.clone(),
+                    gamma.clone(),
+                    beta.clone(),
+                    32,
+                    1e-6,
+                    true,
+                ))
+            }),
+        ));
+    }
+    let x = randn([1, 512, 128, 128], dtype, device);
+    out.push((
+        "vae_upsample_nearest_512x128",
+        0.0,
+        Box::new(move || drop(diffusion_models::upsampling::upsample_nearest(x.clone(), 2))),
+    ));
     for (rows, k, n) in [
         (8192usize, 320usize, 2560usize),
         (8192, 1280, 320),
@@ -309,14 +386,21 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
             Box::new(move || drop(linear.forward(x.clone()))),
         ));
     }
-    for (name, kv) in [
-        ("attn_self_4096x40", 4096usize),
-        ("attn_cross_4096x77x40", 77),
+    // (name, heads, query tokens, key tokens, head dim): SD 1.5's first and second levels,
+    // SDXL's second level, the VAE mid-block at 512×512 (batch 1).
+    for (name, heads, s_q, kv, d) in [
+        ("attn_self_4096x40", 8usize, 4096usize, 4096usize, 40usize),
+        ("attn_cross_4096x77x40", 8, 4096, 77, 40),
+        ("attn_self_1024x80", 8, 1024, 1024, 80),
+        ("attn_cross_1024x77x80", 8, 1024, 77, 80),
+        ("attn_self_4096x64_sdxl", 10, 4096, 4096, 64),
+        ("attn_vae_4096x512", 1, 4096, 4096, 512),
     ] {
-        let q = randn([2, 8, 4096, 40], dtype, device);
-        let k = randn([2, 8, kv, 40], dtype, device);
-        let v = randn([2, 8, kv, 40], dtype, device);
-        let flops = 4.0 * (2 * 8 * 4096 * kv * 40) as f64;
+        let batch = if name.starts_with("attn_vae") { 1 } else { 2 };
+        let q = randn([batch, heads, s_q, d], dtype, device);
+        let k = randn([batch, heads, kv, d], dtype, device);
+        let v = randn([batch, heads, kv, d], dtype, device);
+        let flops = 4.0 * (batch * heads * s_q * kv * d) as f64;
         out.push((
             name,
             flops,
@@ -381,29 +465,54 @@ fn main() -> Result<()> {
                 let loaded_mib = settled_in_use_mib(&device);
                 let (x, states, added) = unet_inputs(&config, size, dtype, &device);
                 let t = Tensor::<1>::from_floats([500.0], &device);
-                for kernels in &args.kernels {
+                let forward = || {
+                    let options = UNet2DConditionOptions {
+                        added_cond_kwargs: added.clone(),
+                        ..Default::default()
+                    };
+                    model
+                        .forward_with(x.clone(), t.clone(), states.clone(), options)
+                        .expect("UNet forward")
+                };
+                for (kernels, attention) in variants(&args) {
                     select_kernels(kernels);
+                    set_attention_route(attention);
                     device.memory_cleanup();
-                    let ms = time_ms(&device, args.warmup, args.iters, || {
-                        let options = UNet2DConditionOptions {
-                            added_cond_kwargs: added.clone(),
-                            ..Default::default()
-                        };
-                        let out = model
-                            .forward_with(x.clone(), t.clone(), states.clone(), options)
-                            .expect("UNet forward");
-                        drop(out);
-                    });
+                    let ms = time_ms(&device, args.warmup, args.iters, || drop(forward()));
                     let row = Row {
                         kind: "unet",
                         model: name,
                         dtype: dtype_name,
                         kernels,
+                        attention,
+                        graph: None,
                         ms,
                         steps: args.steps,
                         loaded_mib,
                     };
                     report(&device, row, &flops);
+                    if args.graph {
+                        let mut graph = capture(&device, forward);
+                        let hardware = graph.is_hardware();
+                        // Safety: the closure owns clones of every input and borrows the model,
+                        // all of which outlive the graph; one thread, one stream.
+                        let ms = time_ms(&device, args.warmup, args.iters, || unsafe {
+                            graph.replay();
+                        });
+                        drop(graph);
+                        let row = Row {
+                            kind: "unet",
+                            model: name,
+                            dtype: dtype_name,
+                            kernels,
+                            attention,
+                            graph: Some(hardware),
+                            ms,
+                            steps: args.steps,
+                            loaded_mib,
+                        };
+                        report(&device, row, &flops);
+                    }
                 }
             }
         }
@@ -416,8 +525,9 @@ fn main() -> Result<()> {
                 let model = to_dtype(AutoencoderKL::from_config(&config, &device)?, dtype)?;
                 let loaded_mib = settled_in_use_mib(&device);
                 let z = randn([1, config.latent_channels, size, size], dtype, &device);
-                for kernels in &args.kernels {
+                for (kernels, attention) in variants(&args) {
                     select_kernels(kernels);
+                    set_attention_route(attention);
                     device.memory_cleanup();
                     let ms = time_ms(&device, args.warmup, args.iters, || {
                         drop(model.decode(z.clone()).expect("VAE decode"));
@@ -427,6 +537,8 @@ fn main() -> Result<()> {
                         model: name,
                         dtype: dtype_name,
                         kernels,
+                        attention,
+                        graph: None,
                         ms,
                         steps: args.steps,
                         loaded_mib,
@@ -437,12 +549,14 @@ fn main() -> Result<()> {
         }
         if args.kinds.iter().any(|k| k == "ops") {
             let ops = ops(dtype, &device);
-            for kernels in &args.kernels {
+            for (kernels, attention) in variants(&args) {
                 select_kernels(kernels);
+                set_attention_route(attention);
                 for (name, flops, op) in &ops {
                     let ms = time_ms(&device, args.warmup, args.iters, op);
                     let json = serde_json::json!({
                         "impl": format!("burn-kernels-{kernels}"),
+                        "attention": attention.name(),
                         "kind": "op",
                         "op": name,
                         "dtype": dtype_name,
@@ -467,8 +581,9 @@ fn main() -> Result<()> {
                 let vae = to_dtype(AutoencoderKL::from_config(vae_config, &device)?, dtype)?;
                 let loaded_mib = settled_in_use_mib(&device);
                 let (_, states, added) = unet_inputs(&config, size, dtype, &device);
-                for kernels in &args.kernels {
+                for (kernels, attention) in variants(&args) {
                     select_kernels(kernels);
+                    set_attention_route(attention);
                     device.memory_cleanup();
                     let ms = time_ms(&device, 1, args.pipeline_iters, || {
                         let image = generate(
@@ -482,6 +597,8 @@ fn main() -> Result<()> {
                         model: name,
                         dtype: dtype_name,
                         kernels,
+                        attention,
+                        graph: None,
                         ms,
                         steps: args.steps,
                         loaded_mib,

@@ -389,18 +389,15 @@ fn load_components(
         String::new()
     };
     let is_xl = class_name.contains("XL");
-    let variant = hub.variant.as_deref();
     if class_name.starts_with("AltDiffusion") {
         return Ok(Components::Alt(AltDiffusionComponents::load_dir(
-            &dir, variant, device,
+            &dir, hub, device,
         )?));
     }
     Ok(if is_xl {
-        Components::Xl(StableDiffusionXLComponents::load_dir(
-            &dir, variant, device,
-        )?)
+        Components::Xl(StableDiffusionXLComponents::load_dir(&dir, hub, device)?)
     } else {
-        Components::Sd(StableDiffusionComponents::load_dir(&dir, variant, device)?)
+        Components::Sd(StableDiffusionComponents::load_dir(&dir, hub, device)?)
     })
 }
 
@@ -488,11 +485,18 @@ impl RuntimeArgs {
         parse_device(&self.device).with_context(|| format!("--device {}", self.device))
     }
 
+    /// The Hub options of `--revision` / `--variant` / `--quiet`; a half `--dtype` loads the
+    /// models straight into it (no f32 copy on the device first).
     pub(crate) fn hub(&self) -> HubOptions {
         HubOptions {
             revision: self.revision.clone(),
             variant: self.variant.clone(),
             progress: !self.quiet,
+            dtype: self
+                .precision()
+                .ok()
+                .filter(|p| *p != Precision::F32)
+                .map(Precision::float_dtype),
             ..HubOptions::default()
         }
     }

@@ -13,7 +13,7 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use safetensors::tensor::{Metadata, TensorView};
 
 pub use safetensors::Dtype;
@@ -503,6 +503,53 @@ impl WeightSource {
         }
     }
 
+    /// A floating-point tensor as host data in `dtype` (f32, f16 or bf16), with its stored
+    /// shape: the stored bytes themselves when the file already holds `dtype` (an fp16 variant
+    /// loaded in f16 is never widened), else the [`Self::read_f32`] values rounded to `dtype`
+    /// (round to nearest even, as a tensor cast does). Loading straight into the dtype a model
+    /// runs in keeps an f32 copy of the weights off the device (diffusers' `torch_dtype`).
+    ///
+    /// # Errors
+    /// As [`Self::read_f32`]; [`Error::InvalidArgument`] (`dtype`) for a dtype other than f32,
+    /// f16 and bf16.
+    pub fn read_data(&self, key: &str, dtype: FloatDType) -> Result<TensorData> {
+        let target = match dtype {
+            FloatDType::F32 => DType::F32,
+            FloatDType::F16 => DType::F16,
+            FloatDType::BF16 => DType::BF16,
+            other => {
+                return Err(Error::invalid_argument(
+                    "dtype",
+                    format!("weights are read as f32, f16 or bf16, not {other:?}"),
+                ));
+            }
+        };
+        if let Some(Stored::File(file, stored)) = self.keys.get(key) {
+            let file = &self.files[*file];
+            let same = matches!(
+                (file.entry(stored).map(|e| e.dtype), target),
+                (Some(Dtype::F32), DType::F32)
+                    | (Some(Dtype::F16), DType::F16)
+                    | (Some(Dtype::BF16), DType::BF16)
+            );
+            if same {
+                let (entry, bytes) = file.read_bytes(stored)?;
+                return Ok(TensorData::from_bytes_vec(bytes, entry.shape, target));
+            }
+        }
+        let (values, shape) = self.read_f32(key)?;
+        Ok(match target {
+            DType::F16 => {
+                TensorData::new(values.into_iter().map(half::f16::from_f32).collect(), shape)
+            }
+            DType::BF16 => TensorData::new(
+                values.into_iter().map(half::bf16::from_f32).collect(),
+                shape,
+            ),
+            _ => TensorData::new(values, shape),
+        })
+    }
+
     /// A floating-point tensor on `device`, checked to have rank `D`.
     ///
     /// # Errors
@@ -790,6 +837,59 @@ mod tests {
         let twice = vec![t("a", vec![1], vec![0.0]), t("a", vec![1], vec![0.0])];
         assert!(WeightSource::from_tensors("ckpt", twice).is_err());
         assert!(WeightSource::from_tensors("ckpt", vec![t("a", vec![3], vec![0.0])]).is_err());
+    }
+
+    #[test]
+    fn read_data_keeps_stored_bytes_or_rounds_to_the_requested_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let values = vec![0.1f32, 1.0, -2.5, 65519.0, 1e-6, 3.3e38];
+        let x = |values: &[f32]| NamedTensor {
+            key: "x".into(),
+            shape: vec![2, 3],
+            values: values.to_vec(),
+        };
+        let f32_path = dir.path().join("f.safetensors");
+        write_safetensors(&f32_path, &[x(&values)], SaveDtype::F32).unwrap();
+        let half_path = dir.path().join("h.safetensors");
+        write_safetensors(&half_path, &[x(&values)], SaveDtype::F16).unwrap();
+        let from_f32 = WeightSource::open(&f32_path).unwrap();
+        let from_f16 = WeightSource::open(&half_path).unwrap();
+
+        let data = from_f32.read_data("x", FloatDType::F32).unwrap();
+        assert_eq!(data.dtype(), DType::F32);
+        assert_eq!(data.shape().to_vec(), [2, 3]);
+        assert_eq!(data.as_slice::<f32>().unwrap(), values.as_slice());
+
+        // f32 file to f16 and bf16: round to nearest even, as `half` (and a tensor cast) does.
+        let data = from_f32.read_data("x", FloatDType::F16).unwrap();
+        assert_eq!(data.dtype(), DType::F16);
+        let expected: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+        assert_eq!(data.as_slice::<half::f16>().unwrap(), expected.as_slice());
+        let data = from_f32.read_data("x", FloatDType::BF16).unwrap();
+        let expected: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        assert_eq!(data.as_slice::<half::bf16>().unwrap(), expected.as_slice());
+
+        // An f16 file read as f16 gives its bits back; read as f32 they widen exactly.
+        let (stored, _) = from_f16.read_f32("x").unwrap();
+        let data = from_f16.read_data("x", FloatDType::F16).unwrap();
+        let bits: Vec<half::f16> = stored.iter().map(|&v| half::f16::from_f32(v)).collect();
+        assert_eq!(data.as_slice::<half::f16>().unwrap(), bits.as_slice());
+        let data = from_f16.read_data("x", FloatDType::F32).unwrap();
+        assert_eq!(data.as_slice::<f32>().unwrap(), stored.as_slice());
+
+        // In-memory sources convert the same way; other dtypes and keys are refused by name.
+        let memory = WeightSource::from_tensors("ckpt", vec![x(&values)]).unwrap();
+        let data = memory.read_data("x", FloatDType::F16).unwrap();
+        let expected: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+        assert_eq!(data.as_slice::<half::f16>().unwrap(), expected.as_slice());
+        assert!(matches!(
+            memory.read_data("x", FloatDType::F64),
+            Err(Error::InvalidArgument { name, .. }) if name == "dtype"
+        ));
+        assert!(matches!(
+            from_f16.read_data("y", FloatDType::F16),
+            Err(Error::MissingTensor { key, .. }) if key == "y"
+        ));
     }
 
     #[test]

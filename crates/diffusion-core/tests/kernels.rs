@@ -11,7 +11,7 @@
 
 use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use diffusion_core::kernels::{
-    attention, attention_reference, group_norm, group_norm_reference, uses_kernels,
+    attention, attention_burn, attention_reference, group_norm, group_norm_reference, uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -257,4 +257,39 @@ fn attention_single_head_vae_width_and_head_split_views() {
         "attention head-split views: kernel {err:.2e}, tensor-op reference {reference_err:.2e}"
     );
     assert!(err <= 1e-5, "{err:e}");
+}
+
+/// The `burn` attention route (burn's fused op in f16, head dims zero-padded to a multiple of
+/// 16: cubek's tensor-core flash kernel on CUDA, its fallback elsewhere) against the exact
+/// result, on SD's head dims, odd and tile-sized token counts, 77 keys and head-split views.
+#[test]
+fn burn_route_attention_in_half_precision() {
+    let device = device();
+    if !device.supports_dtype(DType::F16) {
+        return;
+    }
+    let case = |q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, label: &str| {
+        let exact = exact_attention(&q, &k, &v, None);
+        let err = error_to_exact(attention_burn(q, k, v), &exact);
+        println!("burn route {label}: {err:.2e}");
+        assert!(err <= 1e-2, "{label}: {err:e}");
+    };
+    let half = |shape: [usize; 4]| random(shape, &device).cast(FloatDType::F16);
+    for d in [40, 64, 80, 160] {
+        for [b, h, s_q, s_kv] in [[2, 2, 37, 37], [1, 2, 64, 64], [2, 1, 256, 77]] {
+            case(
+                half([b, h, s_q, d]),
+                half([b, h, s_kv, d]),
+                half([b, h, s_kv, d]),
+                &format!("[b {b}, h {h}, s_q {s_q}, s_kv {s_kv}, d {d}]"),
+            );
+        }
+    }
+    let t = half([2, 64, 3, 40]);
+    case(
+        t.clone().swap_dims(1, 2),
+        t.clone().mul_scalar(0.5).swap_dims(1, 2),
+        t.swap_dims(1, 2),
+        "head-split views, d 40",
+    );
 }

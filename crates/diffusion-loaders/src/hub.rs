@@ -6,11 +6,12 @@
 
 use std::path::{Path, PathBuf};
 
+use diffusion_core::burn::tensor::FloatDType;
 use diffusion_core::{Error, Result};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 
-/// How to reach the Hub.
+/// How to reach the Hub, and how to load what it names (`from_pretrained`'s keyword arguments).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HubOptions {
     /// Branch, tag or commit (`"main"`).
@@ -23,6 +24,10 @@ pub struct HubOptions {
     pub variant: Option<String>,
     /// Show download progress bars.
     pub progress: bool,
+    /// The dtype to load the models in (`torch_dtype`): each weight is converted on the host
+    /// as it is read, so `Some(F16)` puts no f32 copy of the model on the device. `None`
+    /// loads in f32. Models loaded this way equal loading in f32 and casting.
+    pub dtype: Option<FloatDType>,
 }
 
 impl Default for HubOptions {
@@ -36,6 +41,7 @@ impl Default for HubOptions {
             cache_dir: None,
             variant: None,
             progress: true,
+            dtype: None,
         }
     }
 }

@@ -31,7 +31,9 @@ pub use image_encoders::{
     CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection,
 };
 pub use modeling_utils::{ModelMixin, PretrainedOptions};
-pub use state_dict::{LoadMode, LoadReport, load_weights, save_weights, state_dict};
+pub use state_dict::{
+    LoadMode, LoadReport, load_weights, load_weights_as, save_weights, state_dict,
+};
 pub use text_encoders::{
     CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, Padding,
     TokenizerOutput,

@@ -3,14 +3,17 @@
 
 use std::path::{Path, PathBuf};
 
-use diffusion_core::burn::module::{Module, ModuleMapper, Param};
+use diffusion_core::burn::module::{Module, Param};
 use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::config::{Config, ConfigFile};
 use diffusion_core::weights::{SaveDtype, WeightSource, resolve_weights, weight_file_names};
 use diffusion_core::{Device, Error, Result};
 
 use crate::layers;
-use crate::state_dict::{LoadMode, LoadReport, load_weights, save_weights};
+use crate::state_dict::{
+    KeyedParamMapper, LoadMode, LoadReport, cast_compact, load_weights_as, map_params_by_key,
+    save_weights,
+};
 
 /// diffusers' `ModelMixin`: a model described by a `config.json` whose weights live in
 /// `diffusion_pytorch_model[.variant].safetensors` (or a sharded index) next to it.
@@ -103,6 +106,9 @@ pub struct PretrainedOptions {
     pub variant: Option<String>,
     /// Strict (default) or lenient loading.
     pub mode: LoadMode,
+    /// The dtype to create the parameters in (`torch_dtype`): `Some(F16)` loads an fp16 model
+    /// without an f32 copy on the device. `None` loads in f32.
+    pub dtype: Option<FloatDType>,
 }
 
 /// Read `dir/config.json` as `C`, checking `_class_name` when the file has one.
@@ -161,7 +167,7 @@ pub fn load_pretrained_weights<M: Module>(
     let path = resolve_weights(dir, options.variant.as_deref())?;
     let mut source = WeightSource::open(&path)?;
     source.rename_keys(legacy_attention_key)?;
-    load_weights(module, &source, options.mode)
+    load_weights_as(module, &source, options.mode, options.dtype)
 }
 
 /// Write `config.json` and the weights (`diffusion_pytorch_model[.variant].safetensors`).
@@ -183,14 +189,19 @@ pub fn save_pretrained<C: Config, M: Module>(
 
 struct CastFloats(FloatDType);
 
-impl ModuleMapper for CastFloats {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+impl KeyedParamMapper for CastFloats {
+    fn map_param<const D: usize>(
+        &mut self,
+        _key: &str,
+        transposed: bool,
+        param: Param<Tensor<D>>,
+    ) -> Param<Tensor<D>> {
         let dtype = self.0;
         param.map(|t| {
             if FloatDType::from(t.dtype()) == dtype {
                 t
             } else {
-                t.cast(dtype)
+                cast_compact(t, dtype, transposed)
             }
         })
     }
@@ -198,22 +209,31 @@ impl ModuleMapper for CastFloats {
 
 /// Cast every float parameter of `module` to `dtype` (diffusers' `model.to(dtype)`). Inputs
 /// must then be given in the same dtype. GroupNorm statistics (burn widens f16 to f32) and
-/// the attention softmax (see [`crate::attention_processor`]) stay in f32.
+/// the attention softmax (see [`crate::attention_processor`]) stay in f32. Each cast parameter
+/// gets a flat allocation of its own in the device's persistent memory, as a loaded one does
+/// (no per-row padding on CUDA); loading straight into `dtype`
+/// ([`PretrainedOptions::dtype`]) also avoids holding the f32 weights first.
 ///
 /// # Errors
 /// [`Error::InvalidArgument`] (`dtype`) when the module's device does not support `dtype`.
 pub fn to_dtype<M: Module>(module: M, dtype: FloatDType) -> Result<M> {
-    if let Some(device) = module
+    check_dtype_support(&module, dtype)?;
+    Ok(map_params_by_key(module, &mut CastFloats(dtype)))
+}
+
+/// [`Error::InvalidArgument`] (`dtype`) when one of `module`'s devices cannot hold `dtype`.
+pub(crate) fn check_dtype_support<M: Module>(module: &M, dtype: FloatDType) -> Result<()> {
+    match module
         .devices()
         .into_iter()
         .find(|d| !d.supports_dtype(dtype))
     {
-        return Err(Error::invalid_argument(
+        Some(device) => Err(Error::invalid_argument(
             "dtype",
             format!("{dtype:?} is not supported by the device {device:?}"),
-        ));
+        )),
+        None => Ok(()),
     }
-    Ok(module.map(&mut CastFloats(dtype)))
 }
 
 #[cfg(test)]

@@ -11,13 +11,14 @@
 //! The loader is a [`ModuleMapper`] rather than burn-store's `load_from`: it checks shapes in
 //! PyTorch layout before reading any data (so errors name the stored key and the shape the file
 //! should have), reads sharded checkpoints through one [`WeightSource`], converts f16 / bf16 /
-//! f64 to the device's float type, and keeps parameters that are not loaded lazy.
+//! f64 to f32 (or, with [`load_weights_as`], to the dtype the model will run in, on the host, so
+//! no f32 copy reaches the device), and keeps parameters that are not loaded lazy.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use diffusion_core::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use diffusion_core::burn::tensor::{Tensor, TensorData};
+use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
 use diffusion_core::weights::{NamedTensor, SaveDtype, WeightSource, write_safetensors};
 use diffusion_core::{Error, Result};
 
@@ -109,13 +110,71 @@ fn stored_shape(shape: &[usize], transposed: bool) -> Vec<usize> {
 
 struct Loader<'a> {
     source: &'a WeightSource,
+    /// The dtype the parameters are created in (f32 when `None`).
+    dtype: Option<FloatDType>,
     path: KeyPath,
     applied: Vec<String>,
     missing: Vec<String>,
     errors: Vec<Error>,
 }
 
+/// `data` as a tensor of `shape` on `device`, allocated as burn allocates parameters
+/// (`Param::from_data`): in the device's persistent memory rather than the pools activations
+/// come and go from. It is uploaded flat and reshaped (a metadata change): CubeCL's CUDA
+/// runtime pads every row of a tensor it allocates to a power-of-two alignment (up to 512
+/// bytes), which more than doubles a 3×3 convolution's f16 weight (6-byte rows); one flat row
+/// wastes at most 511 bytes a tensor.
+pub(crate) fn upload<const D: usize>(
+    data: TensorData,
+    shape: [usize; D],
+    device: &diffusion_core::Device,
+) -> Tensor<D> {
+    let (bytes, _, dtype) = data.into_parts();
+    let flat = TensorData::from_bytes(bytes, [shape.iter().product::<usize>()], dtype);
+    device.memory_persistent_allocations(flat, |flat| {
+        Tensor::<1>::from_data(flat, device).reshape(shape)
+    })
+}
+
+/// `tensor` cast to `dtype` into a flat persistent allocation (see [`upload`]), reshaped back.
+/// For a `transposed` parameter (a `Linear` weight, kept as the transposed view of the stored
+/// `[out, in]` layout) the stored layout is what is flattened, so the result is again a view of
+/// a contiguous `[out, in]` tensor, as a loaded weight is.
+pub(crate) fn cast_compact<const D: usize>(
+    tensor: Tensor<D>,
+    dtype: FloatDType,
+    transposed: bool,
+) -> Tensor<D> {
+    let device = tensor.device();
+    device.memory_persistent_allocations(tensor, |tensor| {
+        let dims = tensor.dims();
+        let count = dims.iter().product::<usize>();
+        if transposed && D == 2 {
+            let stored = tensor.swap_dims(0, 1);
+            let stored_dims = stored.dims();
+            stored
+                .reshape([count])
+                .cast(dtype)
+                .reshape(stored_dims)
+                .swap_dims(0, 1)
+        } else {
+            tensor.reshape([count]).cast(dtype).reshape(dims)
+        }
+    })
+}
+
 impl Loader<'_> {
+    /// The stored tensor as host data: in the loader's dtype when the host can convert to it
+    /// (f32, f16, bf16), else f32 (cast on the device afterwards).
+    fn read(&self, key: &str) -> Result<TensorData> {
+        match self.dtype {
+            Some(dtype @ (FloatDType::F16 | FloatDType::BF16 | FloatDType::F32)) => {
+                self.source.read_data(key, dtype)
+            }
+            _ => self.source.read_data(key, FloatDType::F32),
+        }
+    }
+
     fn load<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let ParamKey { key, transposed } = self.path.param_key(D);
         let Some(entry) = self.source.entry(&key) else {
@@ -133,15 +192,21 @@ impl Loader<'_> {
             });
             return param;
         }
-        let values = match self.source.read_f32(&key) {
-            Ok((values, _)) => values,
+        let data = match self.read(&key) {
+            Ok(data) => data,
             Err(e) => {
                 self.errors.push(e);
                 return param;
             }
         };
         let device = param.lazy_device();
-        let mut tensor = Tensor::<D>::from_data(TensorData::new(values, expected), &device);
+        let stored: [usize; D] = expected.try_into().expect("the stored shape has rank D");
+        let mut tensor = upload::<D>(data, stored, &device);
+        if let Some(dtype) = self.dtype
+            && FloatDType::from(tensor.dtype()) != dtype
+        {
+            tensor = cast_compact(tensor, dtype, false);
+        }
         if transposed {
             tensor = tensor.transpose();
         }
@@ -178,8 +243,30 @@ pub fn load_weights<M: Module>(
     source: &WeightSource,
     mode: LoadMode,
 ) -> Result<(M, LoadReport)> {
+    load_weights_as(module, source, mode, None)
+}
+
+/// [`load_weights`] into parameters of `dtype` (diffusers' `torch_dtype`): each tensor is
+/// converted on the host (an f16 file read as f16 keeps its bytes), so the device never holds
+/// the f32 weights that loading and then casting ([`crate::modeling_utils::to_dtype`]) goes
+/// through. Parameters the source lacks (lenient mode) are cast too, so the whole module is in
+/// `dtype`. The values equal loading in f32 and casting. `None` loads in f32.
+///
+/// # Errors
+/// As [`load_weights`]; [`Error::InvalidArgument`] (`dtype`) when the module's device does not
+/// support `dtype`.
+pub fn load_weights_as<M: Module>(
+    module: M,
+    source: &WeightSource,
+    mode: LoadMode,
+    dtype: Option<FloatDType>,
+) -> Result<(M, LoadReport)> {
+    if let Some(dtype) = dtype {
+        crate::modeling_utils::check_dtype_support(&module, dtype)?;
+    }
     let mut loader = Loader {
         source,
+        dtype,
         path: KeyPath::default(),
         applied: Vec::new(),
         missing: Vec::new(),
@@ -210,6 +297,12 @@ pub fn load_weights<M: Module>(
             });
         }
     }
+    let module = match dtype {
+        Some(dtype) if !loader.missing.is_empty() => {
+            crate::modeling_utils::to_dtype(module, dtype)?
+        }
+        _ => module,
+    };
     let report = LoadReport {
         applied: loader.applied,
         missing: loader.missing,

@@ -28,7 +28,8 @@ pub struct SingleFilePipelineOptions {
     /// How configs are inferred where `config` has none (see [`SingleFileOptions`]); its
     /// `config_dir` is set from `config`.
     pub single_file: SingleFileOptions,
-    /// Hub access for `config` (revision, offline mode, cache).
+    /// Hub access for `config` (revision, offline mode, cache); its `dtype` is the dtype the
+    /// models are loaded in when `single_file.dtype` is `None`.
     pub hub: HubOptions,
 }
 
@@ -57,6 +58,7 @@ fn open(
         path,
         SingleFileOptions {
             config_dir: Some(config_dir.clone()),
+            dtype: options.single_file.dtype.or(options.hub.dtype),
             ..options.single_file.clone()
         },
     )?;

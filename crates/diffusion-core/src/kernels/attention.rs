@@ -1,6 +1,6 @@
 //! Softmax attention with scale `1/sqrt(head_dim)`.
 
-use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::ops::{AttentionModuleOptions, PadMode};
 use burn::tensor::{DType, FloatDType, Tensor, activation, module};
 
 /// From this many scores per head (1024 × 1024, SD's 32×32 and 64×64 self-attention, the VAE's
@@ -46,9 +46,15 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4
     if super::uses_kernel(super::Kernel::Attention, &q.device())
         && bias.is_none()
         && q.dtype() == DType::F16
-        && s_q * s_kv >= MATMUL_MIN_SCORES
     {
-        return attention_matmul(q, k, v);
+        match super::attention_route() {
+            super::AttentionRoute::Burn => return attention_burn(q, k, v),
+            super::AttentionRoute::Matmul => return attention_matmul(q, k, v),
+            super::AttentionRoute::Auto if s_q * s_kv >= MATMUL_MIN_SCORES => {
+                return attention_matmul(q, k, v);
+            }
+            _ => {}
+        }
     }
     #[cfg(feature = "cubecl-kernels")]
     if super::uses_kernel(super::Kernel::Attention, &q.device())
@@ -85,6 +91,52 @@ pub fn attention_reference(
         out
     } else {
         out.cast(FloatDType::from(dtype))
+    }
+}
+
+/// [`attention`] without a bias through burn's own fused `module::attention` op in the input
+/// dtype, with no upcast: on CUDA burn autotunes it between cubek's flash kernels (the
+/// tensor-core one takes f16 tiles with f32 scores, softmax and accumulation; it needs head
+/// dims that are multiples of 16) and its unfused fallback. Head dims that are not a multiple
+/// of 16 (SD 1.5's 40) are zero-padded to the next one: the extra zero columns leave `q kᵀ`
+/// unchanged, `q` is scaled by `sqrt(D_padded / D)` so burn's `1/sqrt(D_padded)` becomes
+/// `1/sqrt(D)`, and the padded output columns are dropped.
+///
+/// Off by default ([`super::AttentionRoute::Burn`] selects it for f16 on kernel devices): on
+/// backends without those kernels burn's op is matmul + softmax in the input dtype, whose f16
+/// scores can overflow.
+///
+/// # Shapes
+/// As [`attention`].
+pub fn attention_burn(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let d = q.dims()[3];
+    let d_v = v.dims()[3];
+    let pad_to = |t: Tensor<4>, from: usize| {
+        let to = from.next_multiple_of(16);
+        if to == from {
+            t
+        } else {
+            t.pad([(0, to - from)], PadMode::Constant(0.0))
+        }
+    };
+    let padded = d.next_multiple_of(16);
+    let q = if padded == d {
+        q
+    } else {
+        q.mul_scalar((padded as f64 / d as f64).sqrt())
+    };
+    let out = module::attention(
+        pad_to(q, d),
+        pad_to(k, d),
+        pad_to(v, d_v),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    );
+    if d_v.next_multiple_of(16) == d_v {
+        out
+    } else {
+        out.narrow(3, 0, d_v)
     }
 }
 
@@ -133,5 +185,66 @@ fn upcast(t: Tensor<4>) -> Tensor<4> {
         t.cast(FloatDType::F32)
     } else {
         t
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    fn max_abs_diff(a: Tensor<4>, b: Tensor<4>) -> f32 {
+        a.sub(b).abs().max().into_scalar::<f32>()
+    }
+
+    /// The head-dim padding of [`attention_burn`] changes nothing but rounding: burn's op on
+    /// `D = 40` padded to 48 (q rescaled) and on `D = 64` (no padding) equals the reference.
+    #[test]
+    fn burn_route_pads_head_dims_to_sixteen_without_changing_the_result() {
+        let device = Device::flex();
+        for [b, h, s_q, s_kv, d] in [[2, 3, 37, 37, 40], [1, 2, 19, 77, 64], [1, 1, 9, 5, 5]] {
+            let random = |s: usize, seed: f64| {
+                Tensor::<4>::random([b, h, s, d], Distribution::Normal(seed, 1.5), &device)
+            };
+            let (q, k, v) = (random(s_q, 0.3), random(s_kv, -0.2), random(s_kv, 0.1));
+            let got = attention_burn(q.clone(), k.clone(), v.clone());
+            assert_eq!(got.dims(), [b, h, s_q, d]);
+            let want = attention_reference(q, k, v, None);
+            let diff = max_abs_diff(got, want);
+            assert!(diff < 1e-5, "d {d}: {diff:e}");
+        }
+        // Head-split views (read through their strides) and a value width other than D.
+        let t = Tensor::<4>::random([2, 13, 3, 40], Distribution::Default, &device);
+        let q = t.clone().swap_dims(1, 2);
+        let k = t.clone().mul_scalar(0.5).swap_dims(1, 2);
+        let v = Tensor::<4>::random([2, 3, 13, 24], Distribution::Default, &device);
+        let got = attention_burn(q.clone(), k.clone(), v.clone());
+        assert_eq!(got.dims(), [2, 3, 13, 24]);
+        let diff = max_abs_diff(got, attention_reference(q, k, v, None));
+        assert!(diff < 1e-5, "views: {diff:e}");
+    }
+
+    #[test]
+    fn attention_routes_parse_by_name() {
+        use super::super::AttentionRoute;
+        for route in [
+            AttentionRoute::Auto,
+            AttentionRoute::Flash,
+            AttentionRoute::Matmul,
+            AttentionRoute::Burn,
+        ] {
+            assert_eq!(route.name().parse::<AttentionRoute>().unwrap(), route);
+        }
+        assert_eq!(
+            " Burn ".parse::<AttentionRoute>().unwrap(),
+            AttentionRoute::Burn
+        );
+        match "sdpa".parse::<AttentionRoute>() {
+            Err(crate::Error::UnknownName { name, known, .. }) => {
+                assert_eq!(name, "sdpa");
+                assert!(known.contains("matmul"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -24,7 +24,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use burn::tensor::Device;
 
-pub use attention::{MATMUL_MIN_SCORES, attention, attention_matmul, attention_reference};
+pub use attention::{
+    MATMUL_MIN_SCORES, attention, attention_burn, attention_matmul, attention_reference,
+};
 pub use group_norm::{group_norm, group_norm_reference};
 
 /// Which kernels run: bit 0 GroupNorm, bit 1 attention, bit 7 set once decided (before that,
@@ -89,6 +91,83 @@ fn settings() -> u8 {
     };
     ENABLED.store(DECIDED | bits, Ordering::Relaxed);
     bits
+}
+
+/// How [`attention`] computes f16 attention without a bias on a kernel device (with a bias, in
+/// bf16 or f32, the flash kernel runs whatever the route). Until set with
+/// [`set_attention_route`], `DIFFUSERS_RS_ATTENTION` decides (`auto`, `flash`, `matmul`,
+/// `burn`; unset or anything else is `auto`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionRoute {
+    /// [`attention_matmul`] from [`MATMUL_MIN_SCORES`] scores per head, the flash kernel below.
+    Auto,
+    /// This crate's flash kernel for every shape.
+    Flash,
+    /// [`attention_matmul`] for every shape.
+    Matmul,
+    /// [`attention_burn`]: burn's fused op (cubek's tensor-core flash kernels on CUDA).
+    Burn,
+}
+
+impl AttentionRoute {
+    const ALL: [Self; 4] = [Self::Auto, Self::Flash, Self::Matmul, Self::Burn];
+
+    fn code(self) -> u8 {
+        match self {
+            Self::Auto => 1,
+            Self::Flash => 2,
+            Self::Matmul => 3,
+            Self::Burn => 4,
+        }
+    }
+
+    /// The lowercase name (`auto`, `flash`, `matmul`, `burn`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Flash => "flash",
+            Self::Matmul => "matmul",
+            Self::Burn => "burn",
+        }
+    }
+}
+
+impl std::str::FromStr for AttentionRoute {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        let name = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == name)
+            .ok_or_else(|| crate::Error::UnknownName {
+                kind: "attention route",
+                name: s.into(),
+                known: "auto, flash, matmul, burn".into(),
+            })
+    }
+}
+
+/// The route, 0 until decided (then the environment is read).
+static ROUTE: AtomicU8 = AtomicU8::new(0);
+
+/// Choose the [`AttentionRoute`] for the whole process.
+pub fn set_attention_route(route: AttentionRoute) {
+    ROUTE.store(route.code(), Ordering::Relaxed);
+}
+
+/// The current [`AttentionRoute`] (see there for how it is decided).
+pub fn attention_route() -> AttentionRoute {
+    let code = ROUTE.load(Ordering::Relaxed);
+    if let Some(route) = AttentionRoute::ALL.into_iter().find(|r| r.code() == code) {
+        return route;
+    }
+    let route = std::env::var("DIFFUSERS_RS_ATTENTION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(AttentionRoute::Auto);
+    set_attention_route(route);
+    route
 }
 
 /// Whether [`group_norm`] (for [`Kernel::GroupNorm`]) or [`attention`] runs its custom kernel

@@ -38,13 +38,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use diffusion_core::burn::tensor::FloatDType;
 use diffusion_core::config::read_json;
 use diffusion_core::weights::WeightSource;
 use diffusion_core::{Device, Error, Result};
 use diffusion_models::modeling_utils::load_config;
 use diffusion_models::{
     AutoencoderKL, AutoencoderKLConfig, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection,
-    LoadMode, ModelMixin, UNet2DConditionModel, UNet2DConditionModelConfig, load_weights,
+    LoadMode, ModelMixin, UNet2DConditionModel, UNet2DConditionModelConfig, load_weights_as,
 };
 
 use checkpoint::{Planned, RawCheckpoint, converted_source};
@@ -88,6 +89,9 @@ pub struct SingleFileOptions {
     pub text_encoder_2_config: Option<CLIPTextConfig>,
     /// What inference assumes where shapes are silent (used only for configs not given).
     pub hints: InferenceHints,
+    /// The dtype the models are loaded in (`torch_dtype`), converted on the host as each
+    /// tensor is read; `None` loads in f32.
+    pub dtype: Option<FloatDType>,
 }
 
 /// An opened single-file checkpoint: its keys and shapes, its detected type, and the
@@ -219,7 +223,7 @@ impl SingleFileCheckpoint {
         // Weights first: a file without a UNet fails before a model is allocated.
         let weights = self.unet_weights()?;
         let model = UNet2DConditionModel::from_config(&self.unet_config()?, device)?;
-        Ok(load_weights(model, &weights, LoadMode::Strict)?.0)
+        Ok(load_weights_as(model, &weights, LoadMode::Strict, self.options.dtype)?.0)
     }
 
     /// Whether the file has a VAE (`first_stage_model.*` or `vae.*`).
@@ -263,7 +267,7 @@ impl SingleFileCheckpoint {
     pub fn vae(&self, device: &Device) -> Result<AutoencoderKL> {
         let weights = self.vae_weights()?;
         let model = AutoencoderKL::from_config(&self.vae_config()?, device)?;
-        Ok(load_weights(model, &weights, LoadMode::Strict)?.0)
+        Ok(load_weights_as(model, &weights, LoadMode::Strict, self.options.dtype)?.0)
     }
 
     /// The layout of a text encoder the file holds, else a missing-tensor error naming the key
@@ -352,7 +356,7 @@ impl SingleFileCheckpoint {
         let config = self.text_config(false)?;
         let weights = self.text_weights(false, &config)?;
         let model = CLIPTextModel::new(&config, device)?;
-        Ok(load_weights(model, &weights, LoadMode::Strict)?.0)
+        Ok(load_weights_as(model, &weights, LoadMode::Strict, self.options.dtype)?.0)
     }
 
     /// SDXL's second text encoder's config (OpenCLIP-bigG with projection).
@@ -379,7 +383,7 @@ impl SingleFileCheckpoint {
         let config = self.text_config(true)?;
         let weights = self.text_weights(true, &config)?;
         let model = CLIPTextModelWithProjection::new(&config, device)?;
-        Ok(load_weights(model, &weights, LoadMode::Strict)?.0)
+        Ok(load_weights_as(model, &weights, LoadMode::Strict, self.options.dtype)?.0)
     }
 
     /// The scheduler config (`scheduler_config.json` contents, with `_class_name`): from

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::layers::{self, config_error};
 use crate::modeling_utils::{CONFIG_NAME, PretrainedOptions};
-use crate::state_dict::{LoadMode, LoadReport, load_weights};
+use crate::state_dict::{LoadMode, LoadReport, load_weights_as};
 use crate::text_encoders::clip::{
     CLIPActivation, CLIPEncoder, EncoderDims, projection, transformers_folder_methods,
 };
@@ -402,13 +402,14 @@ fn open_folder(
 fn load_vision<M: Module>(
     model: M,
     source: &WeightSource,
-    mode: LoadMode,
+    options: &PretrainedOptions,
     composite: bool,
 ) -> Result<(M, LoadReport)> {
+    let mode = options.mode;
     if !composite {
-        return load_weights(model, source, mode);
+        return load_weights_as(model, source, mode, options.dtype);
     }
-    let (model, mut report) = load_weights(model, source, LoadMode::Lenient)?;
+    let (model, mut report) = load_weights_as(model, source, LoadMode::Lenient, options.dtype)?;
     report.unexpected.retain(|k| {
         !(k.starts_with("text_model.")
             || k.starts_with("text_projection.")
@@ -469,7 +470,7 @@ impl CLIPVisionModel {
         // A `CLIPVisionModelWithProjection` folder also holds `visual_projection`, which
         // transformers skips when loading the bare model.
         let composite = nested || source.contains("visual_projection.weight");
-        load_vision(model, &source, options.mode, composite)
+        load_vision(model, &source, options, composite)
     }
 
     /// # Shapes
@@ -519,7 +520,7 @@ impl CLIPVisionModelWithProjection {
             open_folder(dir.as_ref(), options.variant.as_deref())?;
         let model =
             Self::new(&config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
-        load_vision(model, &source, options.mode, nested)
+        load_vision(model, &source, options, nested)
     }
 
     /// # Shapes

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::attention_processor::scaled_dot_product_attention;
 use crate::layers::{self, config_error, unsupported};
 use crate::modeling_utils::{self, PretrainedOptions};
-use crate::state_dict::{LoadReport, load_weights, save_weights};
+use crate::state_dict::{LoadReport, load_weights_as, save_weights};
 
 /// transformers' `model_type` of a CLIP text config.
 const MODEL_TYPE: &str = "clip_text_model";
@@ -724,7 +724,7 @@ impl CLIPTextModel {
         let (config, config_path, source) = open_folder(dir.as_ref(), options.variant.as_deref())?;
         let model =
             Self::new(&config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
-        load_weights(model, &source, options.mode)
+        load_weights_as(model, &source, options.mode, options.dtype)
     }
 
     /// # Shapes
@@ -926,7 +926,7 @@ impl CLIPTextModelWithProjection {
         let (config, config_path, source) = open_folder(dir.as_ref(), options.variant.as_deref())?;
         let model =
             Self::new(&config, device).map_err(|e| layers::with_config_path(e, &config_path))?;
-        load_weights(model, &source, options.mode)
+        load_weights_as(model, &source, options.mode, options.dtype)
     }
 
     /// # Shapes

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::attention_processor::scaled_dot_product_attention;
 use crate::layers::{self, config_error, unsupported};
 use crate::modeling_utils::{self, PretrainedOptions};
-use crate::state_dict::{LoadMode, LoadReport, load_weights};
+use crate::state_dict::{LoadMode, LoadReport, load_weights_as};
 
 /// `RobertaSeriesConfig` (diffusers `modeling_roberta_series.py`, an `XLMRobertaConfig` of
 /// transformers `models/xlm_roberta/configuration_xlm_roberta.py` plus the projection keys);
@@ -461,7 +461,8 @@ impl RobertaSeriesModelWithTransformation {
         })?;
         let model = Self::new(&file.config, device)
             .map_err(|e| layers::with_config_path(e, &config_path))?;
-        let (model, mut report) = load_weights(model, &source, LoadMode::Lenient)?;
+        let (model, mut report) =
+            load_weights_as(model, &source, LoadMode::Lenient, options.dtype)?;
         report.applied = report.applied.iter().map(|k| to_stored_key(k)).collect();
         report.missing = report.missing.iter().map(|k| to_stored_key(k)).collect();
         report.unexpected = report

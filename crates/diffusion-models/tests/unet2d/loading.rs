@@ -203,3 +203,82 @@ fn legacy_attention_names_load() -> Result<()> {
     assert_eq!(state_dict(&legacy), state_dict(&current));
     Ok(())
 }
+
+/// Every float parameter's dtype, in module order.
+fn param_dtypes<M: diffusion_core::burn::module::Module>(
+    module: &M,
+) -> Vec<diffusion_core::burn::tensor::DType> {
+    use diffusion_core::burn::module::{ModuleVisitor, Param};
+    use diffusion_core::burn::tensor::Tensor;
+    struct Dtypes(Vec<diffusion_core::burn::tensor::DType>);
+    impl ModuleVisitor for Dtypes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+            self.0.push(param.val().dtype());
+        }
+    }
+    let mut visitor = Dtypes(Vec::new());
+    module.visit(&mut visitor);
+    visitor.0
+}
+
+/// `torch_dtype`: loading straight into f16 / bf16 (converted on the host, an f16 file's bytes
+/// kept as they are) gives exactly the parameters of loading in f32 and casting, from an f32
+/// file and from an fp16 variant, and the same output; lenient loading casts what it misses.
+#[test]
+fn loading_in_a_dtype_equals_loading_in_f32_and_casting() -> Result<()> {
+    use diffusion_core::burn::tensor::{DType, FloatDType};
+    use diffusion_models::modeling_utils::to_dtype;
+    let io = Io::open("sharded")?;
+    for (dtype, stored) in [
+        (FloatDType::F16, DType::F16),
+        (FloatDType::BF16, DType::BF16),
+    ] {
+        for (dir, variant) in [
+            (fixture("sharded"), None),
+            (fixture("variant_fp16"), Some("fp16")),
+        ] {
+            let options = PretrainedOptions {
+                variant: variant.map(String::from),
+                ..Default::default()
+            };
+            let (cast, _) = UNet2DModel::from_pretrained_with(&dir, &options, &device())?;
+            let cast = to_dtype(cast, dtype)?;
+            let direct_options = PretrainedOptions {
+                dtype: Some(dtype),
+                ..options
+            };
+            let (direct, report) =
+                UNet2DModel::from_pretrained_with(&dir, &direct_options, &device())?;
+            assert!(report.is_exact());
+            let dtypes = param_dtypes(&direct);
+            assert!(!dtypes.is_empty() && dtypes.iter().all(|d| *d == stored));
+            for (x, y) in state_dict(&cast).iter().zip(&state_dict(&direct)) {
+                assert_eq!(x.key, y.key);
+                assert_eq!(x.values, y.values, "{dtype:?} {}: {}", dir.display(), x.key);
+            }
+            let run = |model: &UNet2DModel| -> Result<Vec<f32>> {
+                let out = model.forward(
+                    io.tensor::<4>("sample")?.cast(dtype),
+                    io.tensor::<1>("per_batch/timestep")?,
+                    None,
+                )?;
+                Ok(values(out.cast(FloatDType::F32)))
+            };
+            assert_eq!(run(&cast)?, run(&direct)?, "{dtype:?} {}", dir.display());
+        }
+    }
+
+    let tmp = tempfile::tempdir()?;
+    let mut tensors = read_all(&fixture("ddpm_tiny").join("diffusion_pytorch_model.safetensors"))?;
+    tensors.retain(|t| t.key != "conv_in.bias");
+    write_model("ddpm_tiny", tmp.path(), &tensors)?;
+    let options = PretrainedOptions {
+        mode: LoadMode::Lenient,
+        dtype: Some(FloatDType::F16),
+        ..Default::default()
+    };
+    let (model, report) = UNet2DModel::from_pretrained_with(tmp.path(), &options, &device())?;
+    assert_eq!(report.missing, ["conv_in.bias"]);
+    assert!(param_dtypes(&model).iter().all(|d| *d == DType::F16));
+    Ok(())
+}

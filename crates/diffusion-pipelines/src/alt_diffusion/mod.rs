@@ -107,7 +107,7 @@ impl AltDiffusionComponents {
         device: &Device,
     ) -> Result<Self> {
         let dir = resolve_model_dir(name_or_path, options)?;
-        Self::load_dir(&dir, options.variant.as_deref(), device)
+        Self::load_dir(&dir, options, device)
     }
 
     /// Load a local AltDiffusion pipeline folder.
@@ -117,10 +117,10 @@ impl AltDiffusionComponents {
     /// [`Error::ConfigField`] naming `model_index.json` and the component for another pipeline
     /// class, a missing required component or one of an unexpected class; as the component
     /// loaders (strict weights).
-    pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+    pub fn load_dir(dir: &Path, options: &HubOptions, device: &Device) -> Result<Self> {
         FOLDER_RULES.read_index(dir)?;
-        let opts = |component: &str| component_options(dir, component, variant);
-        let (unet, vae) = load_unet_vae(dir, variant, device)?;
+        let opts = |component: &str| component_options(dir, component, options);
+        let (unet, vae) = load_unet_vae(dir, options, device)?;
         let (text_encoder, _) = RobertaSeriesModelWithTransformation::from_pretrained_with(
             dir.join("text_encoder"),
             &opts("text_encoder"),

@@ -233,17 +233,17 @@ impl StableDiffusionControlNetPipeline {
         device: &Device,
     ) -> Result<Self> {
         let dir = resolve_model_dir(name_or_path, options)?;
-        Self::load_dir(&dir, options.variant.as_deref(), device)
+        Self::load_dir(&dir, options, device)
     }
 
     /// Load a local `StableDiffusionControlNetPipeline` folder.
     ///
     /// # Errors
     /// As [`Self::from_pretrained_with`].
-    pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+    pub fn load_dir(dir: &Path, options: &HubOptions, device: &Device) -> Result<Self> {
         FOLDER_RULES.read_index(dir)?;
-        let components = load_sd_parts(dir, variant, device)?;
-        let controlnet = load_controlnet_dir(&dir.join("controlnet"), variant, device)?;
+        let components = load_sd_parts(dir, options, device)?;
+        let controlnet = load_controlnet_dir(&dir.join("controlnet"), options, device)?;
         Ok(Self::from_parts(components, controlnet))
     }
 
@@ -264,17 +264,16 @@ impl StableDiffusionControlNetPipeline {
         device: &Device,
     ) -> Result<Self> {
         let controlnet_dir = resolve_model_dir(controlnet_name_or_path, options)?;
-        let controlnet = load_controlnet_dir(&controlnet_dir, options.variant.as_deref(), device)?;
+        let controlnet = load_controlnet_dir(&controlnet_dir, options, device)?;
         let dir = resolve_model_dir(sd_name_or_path, options)?;
-        let variant = options.variant.as_deref();
         let is_controlnet_folder = dir.join("model_index.json").is_file()
             && diffusion_core::ModelIndex::load(dir.join("model_index.json"))?.class_name
                 == "StableDiffusionControlNetPipeline";
         let components = if is_controlnet_folder {
             FOLDER_RULES.read_index(&dir)?;
-            load_sd_parts(&dir, variant, device)?
+            load_sd_parts(&dir, options, device)?
         } else {
-            StableDiffusionComponents::load_dir(&dir, variant, device)?
+            StableDiffusionComponents::load_dir(&dir, options, device)?
         };
         Ok(Self::from_parts(components, controlnet))
     }
@@ -517,20 +516,20 @@ fn folder_device(unet: &UNet2DConditionModel) -> Result<Device> {
 /// The Stable Diffusion components of a pipeline folder whose `model_index.json` was checked.
 fn load_sd_parts(
     dir: &Path,
-    variant: Option<&str>,
+    options: &HubOptions,
     device: &Device,
 ) -> Result<StableDiffusionComponents> {
-    let (unet, vae) = load_unet_vae(dir, variant, device)?;
+    let (unet, vae) = load_unet_vae(dir, options, device)?;
     let (text_encoder, _) = CLIPTextModel::from_pretrained_with(
         dir.join("text_encoder"),
-        &component_options(dir, "text_encoder", variant),
+        &component_options(dir, "text_encoder", options),
         device,
     )?;
     let tokenizer = CLIPTokenizer::from_pretrained(dir.join("tokenizer"))?;
     let scheduler = AnyScheduler::from_config_file(dir.join("scheduler"))?;
     let (image_encoder, feature_extractor) = load_image_encoder(
         dir,
-        &component_options(dir, "image_encoder", variant),
+        &component_options(dir, "image_encoder", options),
         device,
     )?;
     Ok(StableDiffusionComponents {
@@ -548,11 +547,12 @@ fn load_sd_parts(
 /// A `ControlNetModel` folder (`config.json` + weights), strictly loaded.
 fn load_controlnet_dir(
     dir: &Path,
-    variant: Option<&str>,
+    options: &HubOptions,
     device: &Device,
 ) -> Result<ControlNetModel> {
     let options = diffusion_models::PretrainedOptions {
-        variant: variant_for(dir, variant),
+        variant: variant_for(dir, options.variant.as_deref()),
+        dtype: options.dtype,
         ..Default::default()
     };
     Ok(ControlNetModel::from_pretrained_with(dir, &options, device)?.0)

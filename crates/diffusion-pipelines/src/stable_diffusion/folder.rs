@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use diffusion_core::burn::module::Module;
 use diffusion_core::{ComponentSpec, Device, Error, ModelIndex, Result};
+use diffusion_loaders::HubOptions;
 use diffusion_models::unets::unet_2d::SampleSize;
 use diffusion_models::{
     AutoencoderKL, LoadMode, ModelMixin, PretrainedOptions, UNet2DConditionModel,
@@ -137,16 +138,17 @@ fn check_required(index: &ModelIndex, path: &Path, required: &[(&str, &[&str])])
     Ok(())
 }
 
-/// The load options of the component folder `dir/component`: `variant` where that folder has
-/// such weights (see [`variant_for`]), strict loading.
+/// The load options of the component folder `dir/component`: `options.variant` where that
+/// folder has such weights (see [`variant_for`]), `options.dtype`, strict loading.
 pub(crate) fn component_options(
     dir: &Path,
     component: &str,
-    variant: Option<&str>,
+    options: &HubOptions,
 ) -> PretrainedOptions {
     PretrainedOptions {
-        variant: variant_for(&dir.join(component), variant),
+        variant: variant_for(&dir.join(component), options.variant.as_deref()),
         mode: LoadMode::default(),
+        dtype: options.dtype,
     }
 }
 
@@ -156,17 +158,17 @@ pub(crate) fn component_options(
 /// As the component loaders (strict weights).
 pub(crate) fn load_unet_vae(
     dir: &Path,
-    variant: Option<&str>,
+    options: &HubOptions,
     device: &Device,
 ) -> Result<(UNet2DConditionModel, AutoencoderKL)> {
     let (unet, _) = UNet2DConditionModel::from_pretrained_with(
         dir.join("unet"),
-        &component_options(dir, "unet", variant),
+        &component_options(dir, "unet", options),
         device,
     )?;
     let (vae, _) = AutoencoderKL::from_pretrained_with(
         dir.join("vae"),
-        &component_options(dir, "vae", variant),
+        &component_options(dir, "vae", options),
         device,
     )?;
     Ok((unet, vae))

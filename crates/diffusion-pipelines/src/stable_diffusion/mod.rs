@@ -133,17 +133,17 @@ impl StableDiffusionComponents {
         device: &Device,
     ) -> Result<Self> {
         let dir = resolve_model_dir(name_or_path, options)?;
-        Self::load_dir(&dir, options.variant.as_deref(), device)
+        Self::load_dir(&dir, options, device)
     }
 
     /// Load a local diffusers pipeline folder.
     ///
     /// # Errors
     /// As [`Self::from_pretrained_with`].
-    pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+    pub fn load_dir(dir: &Path, options: &HubOptions, device: &Device) -> Result<Self> {
         FOLDER_RULES.read_index(dir)?;
-        let opts = |component: &str| component_options(dir, component, variant);
-        let (unet, vae) = load_unet_vae(dir, variant, device)?;
+        let opts = |component: &str| component_options(dir, component, options);
+        let (unet, vae) = load_unet_vae(dir, options, device)?;
         let (text_encoder, _) = CLIPTextModel::from_pretrained_with(
             dir.join("text_encoder"),
             &opts("text_encoder"),

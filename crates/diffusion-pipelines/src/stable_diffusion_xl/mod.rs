@@ -101,14 +101,14 @@ impl StableDiffusionXLComponents {
         device: &Device,
     ) -> Result<Self> {
         let dir = resolve_model_dir(name_or_path, options)?;
-        Self::load_dir(&dir, options.variant.as_deref(), device)
+        Self::load_dir(&dir, options, device)
     }
 
     /// Load a local diffusers SDXL folder.
     ///
     /// # Errors
     /// As [`Self::from_pretrained_with`].
-    pub fn load_dir(dir: &Path, variant: Option<&str>, device: &Device) -> Result<Self> {
+    pub fn load_dir(dir: &Path, options: &HubOptions, device: &Device) -> Result<Self> {
         let (index, index_path) = read_model_index(dir)?;
         check_index(&index, &index_path)?;
         let flag = |name: &str, default: bool| match index.options.get(name) {
@@ -122,8 +122,8 @@ impl StableDiffusionXLComponents {
         let force_zeros_for_empty_prompt = flag("force_zeros_for_empty_prompt", true)?;
         let requires_aesthetics_score = flag("requires_aesthetics_score", false)?;
         let has_text_encoder = present(&index, "text_encoder");
-        let opts = |component: &str| component_options(dir, component, variant);
-        let (unet, vae) = load_unet_vae(dir, variant, device)?;
+        let opts = |component: &str| component_options(dir, component, options);
+        let (unet, vae) = load_unet_vae(dir, options, device)?;
         let (text_encoder, tokenizer) = if has_text_encoder {
             let (model, _) = CLIPTextModel::from_pretrained_with(
                 dir.join("text_encoder"),

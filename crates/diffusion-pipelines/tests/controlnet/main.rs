@@ -206,7 +206,9 @@ fn multi_controlnet_folder_is_refused() {
         serde_json::to_string(&index).unwrap(),
     )
     .unwrap();
-    let err = StableDiffusionControlNetPipeline::load_dir(tmp.path(), None, &device()).unwrap_err();
+    let err =
+        StableDiffusionControlNetPipeline::load_dir(tmp.path(), &Default::default(), &device())
+            .unwrap_err();
     assert!(
         matches!(&err, Error::Unsupported { field, value, .. }
             if field == "controlnet" && value == "MultiControlNetModel"),

@@ -63,6 +63,38 @@ fn single_file_pipeline_matches_diffusers_from_single_file() {
     }
 }
 
+/// `hub.dtype` (`torch_dtype`) loads every model of the file in that dtype, with the values of
+/// loading in f32 and casting.
+#[test]
+fn single_file_loads_in_the_requested_dtype() {
+    use diffusion_core::burn::tensor::{DType, FloatDType};
+    use diffusion_models::modeling_utils::to_dtype;
+    use diffusion_models::state_dict::state_dict;
+    let device = Device::flex();
+    let file = fixtures().join("pipelines/single_file/sd1.safetensors");
+    let config = fixtures().join("pipelines/sd/sd1");
+    let f32_pipe = StableDiffusionPipeline::from_single_file(
+        &file,
+        &options(config.to_str().unwrap()),
+        &device,
+    )
+    .unwrap();
+    let mut half = options(config.to_str().unwrap());
+    half.hub.dtype = Some(FloatDType::F16);
+    let pipe = StableDiffusionPipeline::from_single_file(&file, &half, &device).unwrap();
+    let c = &pipe.components;
+    assert_eq!(c.unet.conv_in.weight.val().dtype(), DType::F16);
+    assert_eq!(c.vae.decoder.conv_out.weight.val().dtype(), DType::F16);
+    let cast = to_dtype(f32_pipe.components.unet.clone(), FloatDType::F16).unwrap();
+    for (x, y) in state_dict(&cast).iter().zip(&state_dict(&c.unet)) {
+        assert_eq!((&x.key, &x.values), (&y.key, &y.values));
+    }
+    let cast = to_dtype(f32_pipe.components.text_encoder.clone(), FloatDType::F16).unwrap();
+    for (x, y) in state_dict(&cast).iter().zip(&state_dict(&c.text_encoder)) {
+        assert_eq!((&x.key, &x.values), (&y.key, &y.values));
+    }
+}
+
 #[test]
 fn single_file_errors_name_what_is_wrong() {
     let device = Device::flex();

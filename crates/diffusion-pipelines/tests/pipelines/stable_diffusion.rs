@@ -862,6 +862,17 @@ fn half_precision_components_run_close_to_f32() {
     assert!(half.iter().all(|v| v.is_finite()));
     // Different (the models really ran in f16), but only by half-precision rounding.
     assert!(diff > 0.0 && diff < 0.05, "f16 vs f32: {diff}");
+    // `torch_dtype`: loading straight into f16 is the same pipeline as loading and casting.
+    let options = diffusion_loaders::HubOptions {
+        offline: true,
+        dtype: Some(FloatDType::F16),
+        ..Default::default()
+    };
+    let path = dir().join("sd1");
+    let direct =
+        StableDiffusionComponents::from_pretrained_with(path.to_str().unwrap(), &options, &device)
+            .unwrap();
+    assert_eq!(run(direct), half, "SD loaded in f16 vs loaded and cast");
 
     let xl = load_xl("sdxl", &device);
     let run_xl = |c: StableDiffusionXLComponents| {
@@ -884,6 +895,18 @@ fn half_precision_components_run_close_to_f32() {
     let half = run_xl(xl.to_dtype(FloatDType::F16).unwrap());
     let diff = max_abs_diff(&full, &half);
     assert!(diff > 0.0 && diff < 0.05, "SDXL f16 vs f32: {diff}");
+    let path = dir().join("sdxl");
+    let direct = StableDiffusionXLComponents::from_pretrained_with(
+        path.to_str().unwrap(),
+        &options,
+        &device,
+    )
+    .unwrap();
+    assert_eq!(
+        run_xl(direct),
+        half,
+        "SDXL loaded in f16 vs loaded and cast"
+    );
 }
 
 #[test]
