@@ -315,54 +315,82 @@ fn generate(
 /// One operator at SD 1.5 shapes (batch 2, 64×64 latents): name, FLOPs, and the call.
 type Op = (&'static str, f64, Box<dyn Fn()>);
 
-fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
+/// A 3×3 convolution `c → c` (padding 1) on `[batch, c, hw, hw]`, with its FLOPs.
+fn conv3x3_op(
+    name: String,
+    batch: usize,
+    c: usize,
+    hw: usize,
+    dtype: FloatDType,
+    device: &Device,
+) -> Op {
+    use diffusion_core::burn::nn::PaddingConfig2d;
     use diffusion_core::burn::nn::conv::Conv2dConfig;
-    use diffusion_core::burn::nn::{LinearConfig, PaddingConfig2d};
+    let conv = to_dtype(
+        Conv2dConfig::new([c, c], [3, 3])
+            .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
+            .init(device),
+        dtype,
+    )
+    .expect("conv dtype");
+    let x = randn([batch, c, hw, hw], dtype, device);
+    let flops = 2.0 * (batch * hw * hw * c * c * 9) as f64;
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    (name, flops, Box::new(move || drop(conv.forward(x.clone()))))
+}
+
+/// GroupNorm(32) + SiLU with unit affine parameters on `x` (this crate's fused kernel).
+fn group_norm_op(name: String, x: Tensor<4>, eps: f64, dtype: FloatDType, device: &Device) -> Op {
+    let c = x.dims()[1];
+    let gamma = Tensor::<1>::ones([c], device).cast(dtype);
+    let beta = Tensor::<1>::zeros([c], device).cast(dtype);
+    let name: &'static str = Box::leak(name.into_boxed_str());
+    (
+        name,
+        0.0,
+        Box::new(move || {
+            drop(diffusion_core::kernels::group_norm(
+                x.clone(),
+                gamma.clone(),
+                beta.clone(),
+                32,
+                eps,
+                true,
+            ))
+        }),
+    )
+}
+
+fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
+    use diffusion_core::burn::nn::LinearConfig;
     let mut out: Vec<Op> = Vec::new();
     for (c, hw) in [(320usize, 64usize), (640, 32), (1280, 16), (1280, 8)] {
-        let conv = to_dtype(
-            Conv2dConfig::new([c, c], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(device),
+        out.push(conv3x3_op(
+            format!("conv3x3_{c}x{hw}"),
+            2,
+            c,
+            hw,
             dtype,
-        )
-        .expect("conv dtype");
-        let x = randn([2, c, hw, hw], dtype, device);
-        let flops = 2.0 * 2.0 * (hw * hw * c * c * 9) as f64;
-        let name: &'static str = Box::leak(format!("conv3x3_{c}x{hw}").into_boxed_str());
-        out.push((name, flops, Box::new(move || drop(conv.forward(x.clone())))));
+            device,
+        ));
     }
     // The VAE decoder's levels at a 512×512 decode (batch 1): where its time goes.
     for (c, hw) in [(512usize, 64usize), (512, 128), (256, 256), (128, 512)] {
-        let conv = to_dtype(
-            Conv2dConfig::new([c, c], [3, 3])
-                .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
-                .init(device),
+        out.push(conv3x3_op(
+            format!("vae_conv3x3_{c}x{hw}"),
+            1,
+            c,
+            hw,
             dtype,
-        )
-        .expect("conv dtype");
+            device,
+        ));
         let x = randn([1, c, hw, hw], dtype, device);
-        let flops = 2.0 * (hw * hw * c * c * 9) as f64;
-        let name: &'static str = Box::leak(format!("vae_conv3x3_{c}x{hw}").into_boxed_str());
-        let gamma = Tensor::<1>::ones([c], device).cast(dtype);
-        let beta = Tensor::<1>::zeros([c], device).cast(dtype);
-        let y = x.clone();
-        out.push((name, flops, Box::new(move || drop(conv.forward(x.clone())))));
-        let name: &'static str =
-            Box::leak(format!("vae_group_norm_silu_{c}x{hw}").into_boxed_str());
-        out.push((
-            name,
-            0.0,
-            Box::new(move || {
-                drop(diffusion_core::kernels::group_norm(
-                    y.clone(),
-                    gamma.clone(),
-                    beta.clone(),
-                    32,
-                    1e-6,
-                    true,
-                ))
-            }),
+        out.push(group_norm_op(
+            format!("vae_group_norm_silu_{c}x{hw}"),
+            x,
+            1e-6,
+            dtype,
+            device,
         ));
     }
     let x = randn([1, 512, 128, 128], dtype, device);
@@ -414,23 +442,13 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
             }),
         ));
     }
-    let x = randn([2, 320, 64, 64], dtype, device);
-    let gamma = Tensor::<1>::ones([320], device).cast(dtype);
-    let beta = Tensor::<1>::zeros([320], device).cast(dtype);
-    let y = x.clone();
-    out.push((
-        "group_norm_silu_320x64",
-        0.0,
-        Box::new(move || {
-            drop(diffusion_core::kernels::group_norm(
-                x.clone(),
-                gamma.clone(),
-                beta.clone(),
-                32,
-                1e-5,
-                true,
-            ))
-        }),
+    let y = randn([2, 320, 64, 64], dtype, device);
+    out.push(group_norm_op(
+        "group_norm_silu_320x64".into(),
+        y.clone(),
+        1e-5,
+        dtype,
+        device,
     ));
     let x = y.clone();
     out.push((
