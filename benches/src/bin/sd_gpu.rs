@@ -496,19 +496,19 @@ fn main() -> Result<()> {
                     select_kernels(kernels);
                     set_attention_route(attention);
                     device.memory_cleanup();
-                    let ms = time_ms(&device, args.warmup, args.iters, || drop(forward()));
-                    let row = Row {
+                    let row = |graph, ms| Row {
                         kind: "unet",
                         model: name,
                         dtype: dtype_name,
                         kernels,
                         attention,
-                        graph: None,
+                        graph,
                         ms,
                         steps: args.steps,
                         loaded_mib,
                     };
-                    report(&device, row, &flops);
+                    let ms = time_ms(&device, args.warmup, args.iters, || drop(forward()));
+                    report(&device, row(None, ms), &flops);
                     if args.graph {
                         let mut graph = capture(&device, forward);
                         let hardware = graph.is_hardware();
@@ -518,18 +518,7 @@ fn main() -> Result<()> {
                             graph.replay();
                         });
                         drop(graph);
-                        let row = Row {
-                            kind: "unet",
-                            model: name,
-                            dtype: dtype_name,
-                            kernels,
-                            attention,
-                            graph: Some(hardware),
-                            ms,
-                            steps: args.steps,
-                            loaded_mib,
-                        };
-                        report(&device, row, &flops);
+                        report(&device, row(Some(hardware), ms), &flops);
                     }
                 }
             }
