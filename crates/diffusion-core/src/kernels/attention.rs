@@ -19,7 +19,8 @@ const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 /// [`super::uses_kernel`] says so (online softmax over key tiles, f32 accumulation, the score
 /// matrix never written to memory), except for long f16 attention without a bias
 /// ([`MATMUL_MIN_SCORES`] scores per head or more), which goes through [`attention_matmul`];
-/// else through [`attention_reference`].
+/// else through [`attention_reference`]. That is the default [`super::AttentionRoute::Auto`];
+/// the other routes send all f16 attention without a bias on kernel devices to one path.
 ///
 /// # Shapes
 /// - `q`: `[B, H, S_q, D]`, `k`: `[B, H, S_kv, D]`, `v`: `[B, H, S_kv, D_v]`
