@@ -52,6 +52,11 @@ def ops(dtype):
         q, k, v = r(batch, heads, s_q, d), r(batch, heads, kv, d), r(batch, heads, kv, d)
         out.append((name, 4.0 * batch * heads * s_q * kv * d,
                     lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v)))
+    # One chunk of attention's matmul route (4 heads of 4096x4096 scores), softmax upcast to f32
+    # and rounded back, as diffusers' AttnProcessor with upcast_softmax.
+    scores = r(4, 4096, 4096)
+    out.append(("softmax_upcast_4x4096x4096", 0.0,
+                lambda: scores.float().softmax(dim=-1).to(scores.dtype)))
     x = r(2, 320, 64, 64)
     g, b = torch.ones(320, device=dev, dtype=dtype), torch.zeros(320, device=dev, dtype=dtype)
     out.append(("group_norm_silu_320x64", 0.0, lambda: F.silu(F.group_norm(x, 32, g, b, 1e-5))))

@@ -2,7 +2,8 @@
 //! batch 2 (classifier-free guidance's batch, 77 text tokens), one full-size VAE decode at
 //! batch 1, and a whole text-to-image generation (`pipeline`: 30 Euler steps with guidance 7.5,
 //! then the VAE decode to a `[0, 1]` image; text embeddings given, as `prompt_embeds`), per dtype, with this crate's fused kernels (`diffusion_core::kernels`) and with
-//! burn's own ops (`--kernels`: `on` both kernels, `off` none, `group_norm` or `attention` one),
+//! burn's own ops (`--kernels`: `on` all kernels, `off` none, `group_norm`, `attention` or
+//! `softmax` one),
 //! so they are compared in one run. One JSON object per line, with the same
 //! keys as `benches/python/bench_sd_gpu.py` prints for diffusers:
 //!
@@ -10,7 +11,7 @@
 //! cargo build --release -p diffusion-benches --no-default-features --features cuda --bin sd_gpu
 //! sd_gpu [--device cuda|wgpu|cubecl-cpu] [--models sd15,sdxl]
 //!        [--kinds unet,vae_decode,pipeline] [--dtypes f16,bf16,f32]
-//!        [--kernels on,off,group_norm,attention] [--attention auto,flash,matmul,burn]
+//!        [--kernels on,off,group_norm,attention,softmax] [--attention auto,flash,matmul,burn]
 //!        [--graph off|on] [--iters 10] [--warmup 3] [--pipeline-iters 3] [--steps 30]
 //! ```
 //!
@@ -103,9 +104,14 @@ fn parse_args() -> Result<Args> {
                 if let Some(bad) = args
                     .kernels
                     .iter()
-                    .find(|k| !matches!(k.as_str(), "on" | "off" | "group_norm" | "attention"))
+                    .find(|k| {
+                        !matches!(
+                            k.as_str(),
+                            "on" | "off" | "group_norm" | "attention" | "softmax"
+                        )
+                    })
                 {
-                    bail!("--kernels takes on, off, group_norm, attention; not {bad}");
+                    bail!("--kernels takes on, off, group_norm, attention, softmax; not {bad}");
                 }
             }
             "--attention" => {
@@ -189,6 +195,7 @@ fn variants(args: &Args) -> Vec<(&str, AttentionRoute)> {
 fn select_kernels(mode: &str) {
     set_kernel_enabled(Kernel::GroupNorm, matches!(mode, "on" | "group_norm"));
     set_kernel_enabled(Kernel::Attention, matches!(mode, "on" | "attention"));
+    set_kernel_enabled(Kernel::Softmax, matches!(mode, "on" | "softmax"));
 }
 
 fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
@@ -442,6 +449,15 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
             }),
         ));
     }
+    // One chunk of attention's matmul route: 4 heads of 4096×4096 scores, softmax in f32,
+    // rounded back to the dtype (`kernels::softmax`: the fused kernel with `softmax` on, the
+    // cast + softmax + cast of burn ops off).
+    let scores = randn([4, 4096, 4096], dtype, device);
+    out.push((
+        "softmax_upcast_4x4096x4096",
+        0.0,
+        Box::new(move || drop(diffusion_core::kernels::softmax(scores.clone()))),
+    ));
     let y = randn([2, 320, 64, 64], dtype, device);
     out.push(group_norm_op(
         "group_norm_silu_320x64".into(),

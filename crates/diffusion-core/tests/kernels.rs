@@ -1,4 +1,4 @@
-//! The fused GroupNorm and attention kernels against their tensor-op references, on a CubeCL
+//! The fused GroupNorm, attention and softmax kernels against their tensor-op references, on a CubeCL
 //! device: the CubeCL CPU runtime (`--features cpu`, LLVM), wgpu (`--features wgpu`, lavapipe
 //! without a GPU) or CUDA. `cargo xtask test-kernels` sets up and runs these.
 //!
@@ -11,7 +11,8 @@
 
 use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use diffusion_core::kernels::{
-    attention, attention_burn, attention_reference, group_norm, group_norm_reference, uses_kernels,
+    attention, attention_burn, attention_reference, group_norm, group_norm_reference, softmax,
+    softmax_reference, uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -208,6 +209,44 @@ fn error_to_exact(got: Tensor<4>, exact: &[f64]) -> f32 {
         .fold(0f64, |m, (g, e)| m.max((f64::from(*g) - e).abs()));
     assert!(diff.is_finite(), "non-finite output");
     (diff / scale) as f32
+}
+
+/// The upcast softmax kernel against `softmax(x.float()).to(dtype)` in burn ops: rows that
+/// vectorize (4,096 and 1,000 wide) and rows that do not (77, 37), a large common offset (the
+/// maximum must be subtracted), a transposed view (made contiguous first) and more rows than
+/// one launch dimension holds (the cube grid goes 2-D).
+#[test]
+fn softmax_matches_reference() {
+    let device = device();
+    for (dtype, tolerance) in dtypes(&device) {
+        let check = |x: Tensor<3>, label: &str| {
+            let x = x.cast(dtype);
+            // With the input still held elsewhere the kernel writes a new tensor ...
+            let got = softmax(x.clone());
+            let want = softmax_reference(x.clone());
+            assert_eq!(got.dtype(), want.dtype());
+            let err = relative_error(got, want.clone());
+            // ... and with nothing else holding it (the reference already computed), it may
+            // overwrite the input in place.
+            let want = Tensor::<3>::from_data(want.into_data(), &device).cast(dtype);
+            let err_in_place = relative_error(softmax(x), want);
+            println!("softmax {dtype:?} {label}: {err:.2e}, input consumed {err_in_place:.2e}");
+            assert!(err <= tolerance, "{dtype:?} {label}: {err:e}");
+            assert!(
+                err_in_place <= tolerance,
+                "{dtype:?} {label}, input consumed: {err_in_place:e}"
+            );
+        };
+        let peaky = |shape: [usize; 3]| {
+            Tensor::<3>::random(shape, Distribution::Normal(0.0, 6.0), &device)
+        };
+        check(peaky([2, 3, 4096]), "rows of 4096");
+        check(peaky([1, 5, 1000]), "rows of 1000");
+        check(peaky([2, 3, 77]), "rows of 77");
+        check(peaky([1, 4, 37]).add_scalar(1000.0), "rows of 37, offset 1000");
+        check(peaky([2, 64, 37]).swap_dims(1, 2), "transposed view");
+        check(peaky([1, 70_000, 8]), "70,000 rows");
+    }
 }
 
 #[test]

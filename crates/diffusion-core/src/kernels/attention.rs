@@ -1,7 +1,7 @@
 //! Softmax attention with scale `1/sqrt(head_dim)`.
 
 use burn::tensor::ops::{AttentionModuleOptions, PadMode};
-use burn::tensor::{DType, FloatDType, Tensor, activation, module};
+use burn::tensor::{DType, FloatDType, Tensor, module};
 
 /// From this many scores per head (1024 × 1024, SD's 32×32 and 64×64 self-attention, the VAE's
 /// mid-block), f16 attention without a bias on a kernel device runs as [`attention_matmul`]:
@@ -12,7 +12,7 @@ use burn::tensor::{DType, FloatDType, Tensor, activation, module};
 pub const MATMUL_MIN_SCORES: usize = 1 << 20;
 
 /// [`attention_matmul`] materialises the scores of this many elements at most at a time
-/// (256 MiB in f32), a chunk of heads after another.
+/// (128 MiB in f16, and as much again for the probabilities), a chunk of heads after another.
 const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 
 /// `softmax(q kᵀ / sqrt(D) + bias) v`, through the fused flash-style kernel where
@@ -143,9 +143,10 @@ pub fn attention_burn(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 
 /// [`attention`] without a bias as `softmax(q kᵀ / sqrt(D)) v` in three steps: the scores as
 /// a matmul in the input dtype (`q` scaled first, as diffusers' `baddbmm(alpha=scale)`), the
-/// softmax in f32, the weighted sum as a matmul of the probabilities cast back to the input
-/// dtype (diffusers' `AttnProcessor` with `upcast_softmax`). The scores exist for a chunk of
-/// heads at a time (at most 2^26 of them), so memory stays bounded.
+/// softmax in f32 rounded back to the input dtype ([`super::softmax`]: one fused kernel on
+/// kernel devices, so no f32 copy of the scores exists), the weighted sum as a matmul of those
+/// probabilities (diffusers' `AttnProcessor` with `upcast_softmax`). The scores exist for a
+/// chunk of heads at a time (at most 2^26 of them), so memory stays bounded.
 ///
 /// # Shapes
 /// As [`attention`].
@@ -153,7 +154,6 @@ pub fn attention_matmul(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     let [b, h, s_q, d] = q.dims();
     let s_kv = k.dims()[2];
     let d_v = v.dims()[3];
-    let dtype = FloatDType::from(q.dtype());
     let heads = b * h;
     let q = q
         .mul_scalar(1.0 / (d as f64).sqrt())
@@ -169,7 +169,7 @@ pub fn attention_matmul(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
             .clone()
             .narrow(0, start, len)
             .matmul(k_t.clone().narrow(0, start, len));
-        let probabilities = activation::softmax(scores.cast(FloatDType::F32), 2).cast(dtype);
+        let probabilities = super::softmax(scores);
         outputs.push(probabilities.matmul(v.clone().narrow(0, start, len)));
         start += len;
     }

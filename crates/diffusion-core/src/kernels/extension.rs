@@ -47,6 +47,10 @@ pub trait DiffusionKernels: Backend {
         v: FloatTensor<Self>,
     ) -> FloatTensor<Self>;
 
+    /// Softmax over the last dimension, computed in f32, written in the input dtype.
+    #[fusion(dtype = x, shape = x)]
+    fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self>;
+
     /// `softmax(q kᵀ / sqrt(D) + bias) v`, `bias` `[B, H, S_q, S_kv]`.
     #[fusion(dtype = q, shape = attention_shape(q, v))]
     fn fused_attention_bias(
@@ -71,6 +75,10 @@ impl DiffusionKernels for CubeBackend {
         silu: bool,
     ) -> FloatTensor<Self> {
         launch_group_norm(x, gamma, beta, groups, eps, silu)
+    }
+
+    fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
+        launch_softmax(x)
     }
 
     fn fused_attention(
@@ -110,6 +118,11 @@ pub(super) fn group_norm<const D: usize>(
         silu,
     );
     BurnTensor::from_dispatch(out)
+}
+
+/// The tensor-level entry of the softmax kernel (the device was checked by the caller).
+pub(super) fn softmax<const D: usize>(x: BurnTensor<D>) -> BurnTensor<D> {
+    BurnTensor::from_dispatch(Dispatch::fused_softmax(x.into_dispatch()))
 }
 
 /// Whether the attention kernel takes these inputs (float dtypes, head dims it holds).
@@ -192,6 +205,10 @@ fn launch_group_norm(
     let splits = group_size.div_ceil(GROUP_NORM_CHUNK);
     let dtype = x.dtype;
     let client = x.client.clone();
+    // Vectors never straddle two channels (they divide the spatial size), so never two groups
+    // or two statistics chunks (the chunk is a multiple of every vector size).
+    let vector = widest_vector(&x, spatial);
+    let lanes = vector as usize;
 
     let partials = empty_contiguous(&x, Shape::new([n_groups * splits * 3]), DType::F32);
     let stats = empty_contiguous(&x, Shape::new([n_groups * 2]), DType::F32);
@@ -202,10 +219,11 @@ fn launch_group_norm(
         &client,
         CubeCount::Static(splits as u32, n_groups as u32, 1),
         CubeDim::new_1d(units),
+        vector,
         x.clone().into_tensor_arg(),
         partials.clone().into_tensor_arg(),
-        group_size as u32,
-        GROUP_NORM_CHUNK as u32,
+        (group_size / lanes) as u32,
+        (GROUP_NORM_CHUNK / lanes) as u32,
         units as usize,
         dtype_to_storage_type(dtype),
     );
@@ -222,16 +240,19 @@ fn launch_group_norm(
         eps as f32,
     );
 
+    let vectors = numel / lanes;
     let cube_dim = CubeDim::new_1d(units);
     group_norm_apply_kernel::launch(
         &client,
-        calculate_cube_count_elemwise(&client, numel, cube_dim),
+        calculate_cube_count_elemwise(&client, vectors, cube_dim),
         cube_dim,
+        vector,
         x.into_tensor_arg(),
         gamma.into_tensor_arg(),
         beta.into_tensor_arg(),
         stats.into_tensor_arg(),
         out.clone().into_tensor_arg(),
+        vectors as u32,
         spatial as u32,
         channels as u32,
         (channels / groups) as u32,
@@ -241,11 +262,23 @@ fn launch_group_norm(
     out
 }
 
+/// The widest vector (elements per load) the device prefers for `tensor`'s dtype that divides
+/// `divides`, 1 when none does.
+fn widest_vector(tensor: &CubeTensor, divides: usize) -> VectorSize {
+    tensor
+        .client
+        .io_optimized_vector_sizes(tensor.dtype.size())
+        .filter(|&n| n > 0 && divides.is_multiple_of(n as usize))
+        .max()
+        .unwrap_or(1)
+}
+
 /// One cube per (chunk, group): the chunk's element count, mean and sum of squared deviations
 /// (two passes over the chunk, so no cancellation), reduced over the cube in shared memory.
+/// Sizes and positions count vectors of `N` elements.
 #[cube(launch)]
-fn group_norm_partial_kernel<F: Float>(
-    x: &Tensor<F>,
+fn group_norm_partial_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
     partials: &mut Tensor<f32>,
     group_size: u32,
     chunk: u32,
@@ -263,12 +296,17 @@ fn group_norm_partial_kernel<F: Float>(
     }
     let base = group * size;
     let unit = UNIT_POS_X as usize;
+    let lanes = x.vector_size();
     let mut shared = Shared::<[f32]>::new_slice(units);
 
     let mut sum = 0.0f32;
     let mut i = start + unit;
     while i < end {
-        sum += f32::cast_from(x[base + i]);
+        let v = Vector::<f32, N>::cast_from(x[base + i]);
+        #[unroll]
+        for l in 0..lanes {
+            sum += v.extract(l);
+        }
         i += units;
     }
     shared[unit] = sum;
@@ -281,15 +319,19 @@ fn group_norm_partial_kernel<F: Float>(
         sync_cube();
         stride /= 2;
     }
-    let count = f32::cast_from(end - start);
+    let count = f32::cast_from((end - start) * lanes);
     let mean = shared[0] / count;
     sync_cube();
 
     let mut m2 = 0.0f32;
     let mut j = start + unit;
     while j < end {
-        let d = f32::cast_from(x[base + j]) - mean;
-        m2 += d * d;
+        let d = Vector::<f32, N>::cast_from(x[base + j]) - Vector::new(mean);
+        let d2 = d * d;
+        #[unroll]
+        for l in 0..lanes {
+            m2 += d2.extract(l);
+        }
         j += units;
     }
     shared[unit] = m2;
@@ -343,14 +385,17 @@ fn group_norm_combine_kernel(
     stats[2 * g + 1] = (m2 / n + eps).sqrt();
 }
 
-/// Element-wise: normalise with the group's statistics, apply the affine and the SiLU in f32.
+/// Element-wise, a vector of `N` elements of one channel per unit: normalise with the group's
+/// statistics, apply the affine and the SiLU in f32.
 #[cube(launch)]
-fn group_norm_apply_kernel<F: Float>(
-    x: &Tensor<F>,
+#[allow(clippy::too_many_arguments)]
+fn group_norm_apply_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
     gamma: &Tensor<F>,
     beta: &Tensor<F>,
     stats: &Tensor<f32>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
     spatial: u32,
     channels: u32,
     channels_per_group: u32,
@@ -358,23 +403,143 @@ fn group_norm_apply_kernel<F: Float>(
     #[define(F)] _dtype: ElemType,
 ) {
     let i = ABSOLUTE_POS;
-    if i >= out.len() {
+    if i >= vectors as usize {
         terminate!();
     }
     let c_all = channels as usize;
     let cpg = channels_per_group as usize;
-    let nc = i / spatial as usize;
+    let nc = i * x.vector_size() / spatial as usize;
     let c = nc % c_all;
     let n = nc / c_all;
     let g = n * (c_all / cpg) + c / cpg;
-    let mean = stats[2 * g];
-    let std = stats[2 * g + 1];
-    let mut y =
-        (f32::cast_from(x[i]) - mean) / std * f32::cast_from(gamma[c]) + f32::cast_from(beta[c]);
+    let mean = Vector::<f32, N>::new(stats[2 * g]);
+    let std = Vector::<f32, N>::new(stats[2 * g + 1]);
+    let gamma_c = Vector::<f32, N>::new(f32::cast_from(gamma[c]));
+    let beta_c = Vector::<f32, N>::new(f32::cast_from(beta[c]));
+    let mut y = (Vector::<f32, N>::cast_from(x[i]) - mean) / std * gamma_c + beta_c;
     if silu {
-        y = y / (1.0f32 + (0.0f32 - y).exp());
+        y = y / (Vector::new(1.0f32) + (Vector::new(0.0f32) - y).exp());
     }
-    out[i] = F::cast_from(y);
+    out[i] = Vector::<F, N>::cast_from(y);
+}
+
+/// Rows per launch dimension (CUDA's limit for the y and z cube counts).
+const MAX_CUBES_PER_DIM: usize = 65_535;
+
+fn launch_softmax(x: CubeTensor) -> CubeTensor {
+    let x = into_contiguous(x);
+    let shape = x.meta.shape().clone();
+    let numel = shape.num_elements();
+    let row_len = shape[shape.num_dims() - 1];
+    let rows = numel / row_len;
+    let dtype = x.dtype;
+    let client = x.client.clone();
+    // Every row starts on a vector boundary.
+    let vector = widest_vector(&x, row_len);
+    let units = units_per_cube(&x, PREFERRED_UNITS);
+    let cubes_x = rows.min(MAX_CUBES_PER_DIM);
+    let count = CubeCount::Static(cubes_x as u32, rows.div_ceil(cubes_x) as u32, 1);
+    let row_vectors = (row_len / vector as usize) as u32;
+    // Each unit reads an element for the last time just before writing it, so a tensor nothing
+    // else holds (attention's scores) is overwritten in place.
+    let (out, out_arg) = if x.can_mut() {
+        let alias = x.as_tensor_alias(0);
+        (x.clone(), alias)
+    } else {
+        let out = empty_contiguous(&x, shape, dtype);
+        let arg = out.clone().into_tensor_arg();
+        (out, arg)
+    };
+    softmax_kernel::launch(
+        &client,
+        count,
+        CubeDim::new_1d(units),
+        vector,
+        x.into_tensor_arg(),
+        out_arg,
+        rows as u32,
+        row_vectors,
+        units as usize,
+        dtype_to_storage_type(dtype),
+    );
+    out
+}
+
+/// One cube per row: the row's maximum, then the sum of `exp(x - max)`, each reduced over the
+/// cube in shared memory, then `exp(x - max) / sum` written in the input dtype; f32 throughout.
+/// A row is read three times; at attention's row lengths (a few thousand) the second and third
+/// reads come from cache.
+#[cube(launch)]
+fn softmax_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    out: &mut Tensor<Vector<F, N>>,
+    rows: u32,
+    row_vectors: u32,
+    #[comptime] units: usize,
+    #[define(F)] _dtype: ElemType,
+) {
+    let row = (CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) as usize;
+    // The same for every unit of the cube, so no unit is left waiting at a barrier.
+    if row >= rows as usize {
+        terminate!();
+    }
+    let n = row_vectors as usize;
+    let base = row * n;
+    let unit = UNIT_POS_X as usize;
+    let lanes = x.vector_size();
+    let mut shared = Shared::<[f32]>::new_slice(units);
+
+    let mut m = f32::new(-3.0e38);
+    let mut i = unit;
+    while i < n {
+        let v = Vector::<f32, N>::cast_from(x[base + i]);
+        #[unroll]
+        for l in 0..lanes {
+            m = max(m, v.extract(l));
+        }
+        i += units;
+    }
+    shared[unit] = m;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if unit < stride {
+            shared[unit] = max(shared[unit], shared[unit + stride]);
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let row_max = shared[0];
+    sync_cube();
+
+    let mut sum = 0.0f32;
+    let mut j = unit;
+    while j < n {
+        let e = (Vector::<f32, N>::cast_from(x[base + j]) - Vector::new(row_max)).exp();
+        #[unroll]
+        for l in 0..lanes {
+            sum += e.extract(l);
+        }
+        j += units;
+    }
+    shared[unit] = sum;
+    sync_cube();
+    let mut stride2 = CUBE_DIM_X as usize / 2;
+    while stride2 > 0 {
+        if unit < stride2 {
+            shared[unit] += shared[unit + stride2];
+        }
+        sync_cube();
+        stride2 /= 2;
+    }
+    let inv = 1.0f32 / shared[0];
+
+    let mut k = unit;
+    while k < n {
+        let e = (Vector::<f32, N>::cast_from(x[base + k]) - Vector::new(row_max)).exp();
+        out[base + k] = Vector::<F, N>::cast_from(e * Vector::new(inv));
+        k += units;
+    }
 }
 
 fn launch_attention(

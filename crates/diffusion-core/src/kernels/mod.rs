@@ -1,5 +1,6 @@
-//! Fused kernels for the two operations that dominate a diffusion UNet and VAE besides
-//! convolutions and matmuls: GroupNorm (with an optional SiLU) and softmax attention.
+//! Fused kernels for the operations that dominate a diffusion UNet and VAE besides
+//! convolutions and matmuls: GroupNorm (with an optional SiLU), softmax attention, and the
+//! upcast softmax of attention's matmul route.
 //!
 //! Each public function has a reference written in burn tensor ops and, with a CubeCL backend
 //! compiled in (`cpu`, `cuda`, `wgpu` features), a CubeCL kernel registered through burn's
@@ -8,17 +9,18 @@
 //! the reference runs, and the reference is exactly the op sequence the models ran before these
 //! kernels existed, so results there do not change.
 //!
-//! Both kernels read f16/bf16 inputs and accumulate in f32 (GroupNorm statistics, attention
+//! The kernels read f16/bf16 inputs and accumulate in f32 (GroupNorm statistics, attention
 //! scores, softmax and the weighted sum), writing the input dtype.
 //!
-//! `DIFFUSERS_RS_KERNELS=0` in the environment (or [`set_kernels_enabled`]) turns the kernels off,
-//! `group_norm` / `attention` keeps only that one ([`set_kernel_enabled`]), so the same binary
-//! measures kernel against burn op.
+//! `DIFFUSERS_RS_KERNELS=0` in the environment (or [`set_kernels_enabled`]) turns the kernels off;
+//! a comma-separated list of `group_norm`, `attention`, `softmax` keeps only those
+//! ([`set_kernel_enabled`]), so the same binary measures kernel against burn op.
 
 mod attention;
 #[cfg(feature = "cubecl-kernels")]
 mod extension;
 mod group_norm;
+mod softmax;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -28,9 +30,10 @@ pub use attention::{
     MATMUL_MIN_SCORES, attention, attention_burn, attention_matmul, attention_reference,
 };
 pub use group_norm::{group_norm, group_norm_reference};
+pub use softmax::{softmax, softmax_reference};
 
-/// Which kernels run: bit 0 GroupNorm, bit 1 attention, bit 7 set once decided (before that,
-/// the environment is read).
+/// Which kernels run: bit 0 GroupNorm, bit 1 attention, bit 2 softmax, bit 7 set once decided
+/// (before that, the environment is read).
 static ENABLED: AtomicU8 = AtomicU8::new(0);
 const DECIDED: u8 = 0x80;
 
@@ -41,6 +44,8 @@ pub enum Kernel {
     GroupNorm,
     /// [`attention`].
     Attention,
+    /// [`softmax`] (attention's matmul route).
+    Softmax,
 }
 
 impl Kernel {
@@ -48,13 +53,29 @@ impl Kernel {
         match self {
             Self::GroupNorm => 1,
             Self::Attention => 2,
+            Self::Softmax => 4,
+        }
+    }
+
+    /// The lowercase name (`group_norm`, `attention`, `softmax`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::GroupNorm => "group_norm",
+            Self::Attention => "attention",
+            Self::Softmax => "softmax",
         }
     }
 }
 
+/// Every kernel's bit.
+const ALL_KERNELS: u8 = 7;
+
 /// Turn every custom kernel on or off for the whole process.
 pub fn set_kernels_enabled(enabled: bool) {
-    ENABLED.store(DECIDED | if enabled { 3 } else { 0 }, Ordering::Relaxed);
+    ENABLED.store(
+        DECIDED | if enabled { ALL_KERNELS } else { 0 },
+        Ordering::Relaxed,
+    );
 }
 
 /// Turn one custom kernel on or off for the whole process (the others keep their setting).
@@ -69,8 +90,9 @@ pub fn set_kernel_enabled(kernel: Kernel, enabled: bool) {
 }
 
 /// Whether `kernel` is switched on (it may still not apply to a device). Until set in code,
-/// the environment decides: `DIFFUSERS_RS_KERNELS` unset or `1`/`on`/`all` turns both on,
-/// `0`/`off`/`none` both off, `group_norm` or `attention` only that one.
+/// the environment decides: `DIFFUSERS_RS_KERNELS` unset or `1`/`on`/`all` turns all on,
+/// `0`/`off`/`none` all off, a comma-separated list of `group_norm`, `attention`, `softmax`
+/// only those (anything else in the list is ignored).
 pub fn kernel_enabled(kernel: Kernel) -> bool {
     settings() & kernel.bit() != 0
 }
@@ -81,16 +103,33 @@ fn settings() -> u8 {
         return value & !DECIDED;
     }
     let bits = match std::env::var("DIFFUSERS_RS_KERNELS") {
-        Err(_) => 3,
-        Ok(v) => match v.trim().to_ascii_lowercase().as_str() {
-            "0" | "off" | "none" | "false" => 0,
-            "group_norm" | "groupnorm" => 1,
-            "attention" => 2,
-            _ => 3,
-        },
+        Err(_) => ALL_KERNELS,
+        Ok(v) => parse_kernels(&v),
     };
     ENABLED.store(DECIDED | bits, Ordering::Relaxed);
     bits
+}
+
+/// The kernel bits a `DIFFUSERS_RS_KERNELS` value selects.
+fn parse_kernels(value: &str) -> u8 {
+    let value = value.trim().to_ascii_lowercase();
+    match value.as_str() {
+        "0" | "off" | "none" | "false" => return 0,
+        "" | "1" | "on" | "all" | "true" => return ALL_KERNELS,
+        _ => {}
+    }
+    let bits = value
+        .split(',')
+        .map(|name| match name.trim() {
+            "group_norm" | "groupnorm" => Kernel::GroupNorm.bit(),
+            "attention" => Kernel::Attention.bit(),
+            "softmax" => Kernel::Softmax.bit(),
+            _ => 0,
+        })
+        .fold(0, |bits, bit| bits | bit);
+    // A value naming no kernel (a typo) keeps the default rather than silently turning
+    // everything off.
+    if bits == 0 { ALL_KERNELS } else { bits }
 }
 
 /// How [`attention`] computes f16 attention without a bias on a kernel device (with a bias, in
@@ -186,7 +225,24 @@ pub fn uses_kernel(kernel: Kernel, device: &Device) -> bool {
     }
 }
 
-/// Whether both kernels run on `device` (see [`uses_kernel`]).
+/// Whether every kernel runs on `device` (see [`uses_kernel`]).
 pub fn uses_kernels(device: &Device) -> bool {
-    uses_kernel(Kernel::GroupNorm, device) && uses_kernel(Kernel::Attention, device)
+    uses_kernel(Kernel::GroupNorm, device)
+        && uses_kernel(Kernel::Attention, device)
+        && uses_kernel(Kernel::Softmax, device)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_lists_parse() {
+        assert_eq!(parse_kernels("off"), 0);
+        assert_eq!(parse_kernels(" ON "), ALL_KERNELS);
+        assert_eq!(parse_kernels("group_norm"), 1);
+        assert_eq!(parse_kernels("attention,softmax"), 6);
+        assert_eq!(parse_kernels("softmax, groupnorm"), 5);
+        assert_eq!(parse_kernels("bogus"), ALL_KERNELS);
+    }
 }

@@ -54,7 +54,7 @@ fn png_round_trip_keeps_pixels_and_text() {
 
 #[test]
 fn processor_round_trip_and_rounding() {
-    let device = Device::flex();
+    let device = Device::default();
     let p = VaeImageProcessor::default();
     let img = gradient(16, 24);
     let t = p
