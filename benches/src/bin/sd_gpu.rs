@@ -101,16 +101,12 @@ fn parse_args() -> Result<Args> {
             "--dtypes" => args.dtypes = list(value),
             "--kernels" => {
                 args.kernels = list(value);
-                if let Some(bad) = args
-                    .kernels
-                    .iter()
-                    .find(|k| {
-                        !matches!(
-                            k.as_str(),
-                            "on" | "off" | "group_norm" | "attention" | "softmax"
-                        )
-                    })
-                {
+                if let Some(bad) = args.kernels.iter().find(|k| {
+                    !matches!(
+                        k.as_str(),
+                        "on" | "off" | "group_norm" | "attention" | "softmax"
+                    )
+                }) {
                     bail!("--kernels takes on, off, group_norm, attention, softmax; not {bad}");
                 }
             }

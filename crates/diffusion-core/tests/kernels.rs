@@ -237,13 +237,15 @@ fn softmax_matches_reference() {
                 "{dtype:?} {label}, input consumed: {err_in_place:e}"
             );
         };
-        let peaky = |shape: [usize; 3]| {
-            Tensor::<3>::random(shape, Distribution::Normal(0.0, 6.0), &device)
-        };
+        let peaky =
+            |shape: [usize; 3]| Tensor::<3>::random(shape, Distribution::Normal(0.0, 6.0), &device);
         check(peaky([2, 3, 4096]), "rows of 4096");
         check(peaky([1, 5, 1000]), "rows of 1000");
         check(peaky([2, 3, 77]), "rows of 77");
-        check(peaky([1, 4, 37]).add_scalar(1000.0), "rows of 37, offset 1000");
+        check(
+            peaky([1, 4, 37]).add_scalar(1000.0),
+            "rows of 37, offset 1000",
+        );
         check(peaky([2, 64, 37]).swap_dims(1, 2), "transposed view");
         check(peaky([1, 70_000, 8]), "70,000 rows");
     }

@@ -50,7 +50,9 @@ mod tests {
         let device = Device::flex();
         let x = Tensor::<3>::random([2, 3, 37], Distribution::Normal(0.0, 4.0), &device);
         let want = activation::softmax(x.clone(), 2);
-        softmax(x.clone()).into_data().assert_eq(&want.into_data(), true);
+        softmax(x.clone())
+            .into_data()
+            .assert_eq(&want.into_data(), true);
         for dtype in [FloatDType::F16, FloatDType::BF16] {
             let half = x.clone().cast(dtype);
             let want = activation::softmax(half.clone().cast(FloatDType::F32), 2).cast(dtype);
