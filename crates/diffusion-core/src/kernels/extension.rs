@@ -208,7 +208,7 @@ fn launch_group_norm(
     // Vectors never straddle two channels (they divide the spatial size), so never two groups
     // or two statistics chunks (the chunk is a multiple of every vector size).
     let vector = widest_vector(&x, spatial);
-    let lanes = vector as usize;
+    let lanes = vector;
 
     let partials = empty_contiguous(&x, Shape::new([n_groups * splits * 3]), DType::F32);
     let stats = empty_contiguous(&x, Shape::new([n_groups * 2]), DType::F32);
@@ -268,7 +268,7 @@ fn widest_vector(tensor: &CubeTensor, divides: usize) -> VectorSize {
     tensor
         .client
         .io_optimized_vector_sizes(tensor.dtype.size())
-        .filter(|&n| n > 0 && divides.is_multiple_of(n as usize))
+        .filter(|&n| n > 0 && divides.is_multiple_of(n))
         .max()
         .unwrap_or(1)
 }
@@ -439,7 +439,7 @@ fn launch_softmax(x: CubeTensor) -> CubeTensor {
     let units = units_per_cube(&x, PREFERRED_UNITS);
     let cubes_x = rows.min(MAX_CUBES_PER_DIM);
     let count = CubeCount::Static(cubes_x as u32, rows.div_ceil(cubes_x) as u32, 1);
-    let row_vectors = (row_len / vector as usize) as u32;
+    let row_vectors = (row_len / vector) as u32;
     // Each unit reads an element for the last time just before writing it, so a tensor nothing
     // else holds (attention's scores) is overwritten in place.
     let (out, out_arg) = if x.can_mut() {
