@@ -12,7 +12,8 @@ use burn::tensor::{DType, FloatDType, Tensor, module};
 pub const MATMUL_MIN_SCORES: usize = 1 << 20;
 
 /// [`attention_matmul`] materialises the scores of this many elements at most at a time
-/// (128 MiB in f16, and as much again for the probabilities), a chunk of heads after another.
+/// (128 MiB in f16, overwritten in place by the probabilities on kernel devices), a chunk of
+/// heads after another.
 const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 
 /// `softmax(q kᵀ / sqrt(D) + bias) v`, through the fused flash-style kernel where

@@ -208,7 +208,6 @@ fn launch_group_norm(
     // Vectors never straddle two channels (they divide the spatial size), so never two groups
     // or two statistics chunks (the chunk is a multiple of every vector size).
     let vector = widest_vector(&x, spatial);
-    let lanes = vector;
 
     let partials = empty_contiguous(&x, Shape::new([n_groups * splits * 3]), DType::F32);
     let stats = empty_contiguous(&x, Shape::new([n_groups * 2]), DType::F32);
@@ -222,8 +221,8 @@ fn launch_group_norm(
         vector,
         x.clone().into_tensor_arg(),
         partials.clone().into_tensor_arg(),
-        (group_size / lanes) as u32,
-        (GROUP_NORM_CHUNK / lanes) as u32,
+        (group_size / vector) as u32,
+        (GROUP_NORM_CHUNK / vector) as u32,
         units as usize,
         dtype_to_storage_type(dtype),
     );
@@ -240,7 +239,7 @@ fn launch_group_norm(
         eps as f32,
     );
 
-    let vectors = numel / lanes;
+    let vectors = numel / vector;
     let cube_dim = CubeDim::new_1d(units);
     group_norm_apply_kernel::launch(
         &client,
@@ -309,19 +308,8 @@ fn group_norm_partial_kernel<F: Float, N: Size>(
         }
         i += units;
     }
-    shared[unit] = sum;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if unit < stride {
-            shared[unit] += shared[unit + stride];
-        }
-        sync_cube();
-        stride /= 2;
-    }
     let count = f32::cast_from((end - start) * lanes);
-    let mean = shared[0] / count;
-    sync_cube();
+    let mean = cube_reduce(&mut shared, unit, sum, false) / count;
 
     let mut m2 = 0.0f32;
     let mut j = start + unit;
@@ -334,22 +322,42 @@ fn group_norm_partial_kernel<F: Float, N: Size>(
         }
         j += units;
     }
-    shared[unit] = m2;
-    sync_cube();
-    let mut stride2 = CUBE_DIM_X as usize / 2;
-    while stride2 > 0 {
-        if unit < stride2 {
-            shared[unit] += shared[unit + stride2];
-        }
-        sync_cube();
-        stride2 /= 2;
-    }
+    let m2 = cube_reduce(&mut shared, unit, m2, false);
     if unit == 0 {
         let o = (group * splits + split) * 3;
         partials[o] = count;
         partials[o + 1] = mean;
-        partials[o + 2] = shared[0];
+        partials[o + 2] = m2;
     }
+}
+
+/// Every unit of the cube contributes `value`; every unit gets the sum (or, with `take_max`,
+/// the maximum) of all of them. `shared` holds one f32 per unit (a power of two); it is free
+/// again when this returns.
+#[cube]
+fn cube_reduce(
+    shared: &mut Shared<[f32]>,
+    unit: usize,
+    value: f32,
+    #[comptime] take_max: bool,
+) -> f32 {
+    shared[unit] = value;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if unit < stride {
+            if take_max {
+                shared[unit] = max(shared[unit], shared[unit + stride]);
+            } else {
+                shared[unit] += shared[unit + stride];
+            }
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let result = shared[0];
+    sync_cube();
+    result
 }
 
 /// One unit per group: merge the chunks' (count, mean, M2) (Chan et al.) into the group's mean
@@ -499,18 +507,7 @@ fn softmax_kernel<F: Float, N: Size>(
         }
         i += units;
     }
-    shared[unit] = m;
-    sync_cube();
-    let mut stride = CUBE_DIM_X as usize / 2;
-    while stride > 0 {
-        if unit < stride {
-            shared[unit] = max(shared[unit], shared[unit + stride]);
-        }
-        sync_cube();
-        stride /= 2;
-    }
-    let row_max = shared[0];
-    sync_cube();
+    let row_max = cube_reduce(&mut shared, unit, m, true);
 
     let mut sum = 0.0f32;
     let mut j = unit;
@@ -522,17 +519,7 @@ fn softmax_kernel<F: Float, N: Size>(
         }
         j += units;
     }
-    shared[unit] = sum;
-    sync_cube();
-    let mut stride2 = CUBE_DIM_X as usize / 2;
-    while stride2 > 0 {
-        if unit < stride2 {
-            shared[unit] += shared[unit + stride2];
-        }
-        sync_cube();
-        stride2 /= 2;
-    }
-    let inv = 1.0f32 / shared[0];
+    let inv = 1.0f32 / cube_reduce(&mut shared, unit, sum, false);
 
     let mut k = unit;
     while k < n {

@@ -56,15 +56,6 @@ impl Kernel {
             Self::Softmax => 4,
         }
     }
-
-    /// The lowercase name (`group_norm`, `attention`, `softmax`).
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::GroupNorm => "group_norm",
-            Self::Attention => "attention",
-            Self::Softmax => "softmax",
-        }
-    }
 }
 
 /// Every kernel's bit.
