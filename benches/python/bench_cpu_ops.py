@@ -1,7 +1,9 @@
-"""The matmuls and 3x3 convolutions of benches/benches/cpu_ops.rs in PyTorch on CPU.
+"""The matmuls, 3x3 convolutions, attention and GroupNorm of benches/benches/cpu_ops.rs in
+PyTorch on CPU (attention as diffusers runs it: F.scaled_dot_product_attention).
 
 Run with the oracle venv: fixtures/oracle/.venv/bin/python benches/python/bench_cpu_ops.py [threads]
-Prints milliseconds and GFLOP/s (2 floating-point operations per multiply-add) per shape.
+Prints milliseconds and GFLOP/s (2 floating-point operations per multiply-add) per shape; for
+GroupNorm, millions of elements per second.
 """
 import sys
 import time
@@ -14,9 +16,11 @@ torch.set_num_threads(threads)
 
 MATMUL_SIZES = [1024, 2048]
 CONV_SHAPES = [(320, 64), (512, 32), (256, 64), (128, 128)]
+ATTENTION_SHAPES = [(8, 4096, 4096, 40), (8, 1024, 1024, 80), (8, 4096, 77, 40)]
+GROUP_NORM_SHAPES = [(320, 64), (128, 256)]
 
 
-def timed(fn, flop, label):
+def timed(fn, flop, label, unit="GFLOP/s"):
     with torch.no_grad():
         for _ in range(2):
             fn()
@@ -26,7 +30,7 @@ def timed(fn, flop, label):
             n += 1
         s = (time.perf_counter() - start) / n
     print(f"torch {torch.__version__} threads={threads} {label}: {s * 1e3:.2f} ms, "
-          f"{flop / s / 1e9:.1f} GFLOP/s")
+          f"{flop / s / 1e9:.3f} {unit}")
 
 
 for n in MATMUL_SIZES:
@@ -39,3 +43,16 @@ for channels, size in CONV_SHAPES:
     bias = torch.zeros(channels)
     flop = 2 * channels * channels * 9 * size * size
     timed(lambda: F.conv2d(x, w, bias, padding=1), flop, f"conv3x3_f32 {channels}ch_{size}x{size}")
+
+for heads, s_q, s_kv, d in ATTENTION_SHAPES:
+    q = torch.randn(1, heads, s_q, d)
+    k, v = torch.randn(1, heads, s_kv, d), torch.randn(1, heads, s_kv, d)
+    flop = 4 * heads * s_q * s_kv * d
+    timed(lambda: F.scaled_dot_product_attention(q, k, v), flop,
+          f"attention_f32 {heads}x{s_q}x{s_kv}_d{d}")
+
+for channels, size in GROUP_NORM_SHAPES:
+    x = torch.randn(1, channels, size, size)
+    gamma, beta = torch.ones(channels), torch.zeros(channels)
+    timed(lambda: F.silu(F.group_norm(x, 32, gamma, beta, 1e-5)), channels * size * size,
+          f"group_norm_silu_f32 {channels}ch_{size}x{size}", unit="Gelem/s")
