@@ -5,9 +5,10 @@
 //! Each public function has a reference written in burn tensor ops and, with a CubeCL backend
 //! compiled in (`cpu`, `cuda`, `wgpu` features), a CubeCL kernel registered through burn's
 //! backend-extension mechanism. The kernel runs when the input lives on a CubeCL device without
-//! autodiff (see [`uses_kernel`]); everywhere else (flex, ndarray, libtorch, autodiff devices)
-//! the reference runs, and the reference is exactly the op sequence the models ran before these
-//! kernels existed, so results there do not change.
+//! autodiff (see [`uses_kernel`]). On the flex device (without autodiff), [`group_norm`] of an
+//! f32 tensor runs a fused host loop instead of burn's op sequence. Everywhere else (ndarray,
+//! libtorch, autodiff devices, half precision on flex) the reference runs, and the reference is
+//! exactly the op sequence the models ran before these kernels existed.
 //!
 //! The kernels read f16/bf16 inputs and accumulate in f32 (GroupNorm statistics, attention
 //! scores, softmax and the weighted sum), writing the input dtype.
