@@ -293,6 +293,16 @@ mod tests {
         (got - want).abs().max().into_scalar::<f32>() / scale
     }
 
+    /// `group_norm` and `group_norm_reference` of `x`, flattened.
+    fn both<const D: usize>(
+        x: Tensor<D>,
+        (gamma, beta, groups, silu): (Tensor<1>, Tensor<1>, usize, bool),
+    ) -> (Tensor<1>, Tensor<1>) {
+        let got = group_norm(x.clone(), gamma.clone(), beta.clone(), groups, 1e-5, silu);
+        let want = group_norm_reference(x, gamma, beta, groups, 1e-5, silu);
+        (got.reshape([-1]), want.reshape([-1]))
+    }
+
     /// The fused host loop on flex (f32) against the tensor-op reference: ranks 3 to 5, one
     /// and several channels per group, a single group, batches, a large common offset (where a
     /// one-pass variance would cancel), with and without SiLU; the input tensor still held
@@ -320,57 +330,18 @@ mod tests {
             );
             let before = x.clone().into_data();
             for silu in [false, true] {
+                let norm = (gamma.clone(), beta.clone(), groups, silu);
                 let (got, want) = match shape.len() {
-                    3 => {
-                        let x = x.clone().reshape([shape[0], shape[1], shape[2]]);
-                        (
-                            group_norm(x.clone(), gamma.clone(), beta.clone(), groups, 1e-5, silu)
-                                .reshape([-1]),
-                            group_norm_reference(
-                                x,
-                                gamma.clone(),
-                                beta.clone(),
-                                groups,
-                                1e-5,
-                                silu,
-                            )
-                            .reshape([-1]),
-                        )
-                    }
-                    4 => {
-                        let x = x.clone().reshape([shape[0], shape[1], shape[2], shape[3]]);
-                        (
-                            group_norm(x.clone(), gamma.clone(), beta.clone(), groups, 1e-5, silu)
-                                .reshape([-1]),
-                            group_norm_reference(
-                                x,
-                                gamma.clone(),
-                                beta.clone(),
-                                groups,
-                                1e-5,
-                                silu,
-                            )
-                            .reshape([-1]),
-                        )
-                    }
-                    _ => {
-                        let x = x
-                            .clone()
-                            .reshape([shape[0], shape[1], shape[2], shape[3], shape[4]]);
-                        (
-                            group_norm(x.clone(), gamma.clone(), beta.clone(), groups, 1e-5, silu)
-                                .reshape([-1]),
-                            group_norm_reference(
-                                x,
-                                gamma.clone(),
-                                beta.clone(),
-                                groups,
-                                1e-5,
-                                silu,
-                            )
-                            .reshape([-1]),
-                        )
-                    }
+                    3 => both(x.clone().reshape([shape[0], shape[1], shape[2]]), norm),
+                    4 => both(
+                        x.clone().reshape([shape[0], shape[1], shape[2], shape[3]]),
+                        norm,
+                    ),
+                    _ => both(
+                        x.clone()
+                            .reshape([shape[0], shape[1], shape[2], shape[3], shape[4]]),
+                        norm,
+                    ),
                 };
                 let err = relative_error(got, want);
                 eprintln!("{shape:?}, {groups} groups, offset {offset}, silu {silu}: {err:e}");
