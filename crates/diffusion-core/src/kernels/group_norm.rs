@@ -160,7 +160,7 @@ mod host {
     }
 
     /// Normalise one group (`channels` rows of `spatial` values) in place.
-    pub(super) fn normalize_group(
+    fn normalize_group(
         chunk: &mut [f32],
         spatial: usize,
         gamma: &[f32],
