@@ -20,6 +20,9 @@ const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 /// [`super::uses_kernel`] says so (online softmax over key tiles, f32 accumulation, the score
 /// matrix never written to memory), except for long f16 attention without a bias
 /// ([`MATMUL_MIN_SCORES`] scores per head or more), which goes through [`attention_matmul`];
+/// for f32 without a bias on the flex device (no autodiff, [`super::Kernel::Attention`]
+/// enabled) through a host loop of blocked matrix products with an exact softmax per query
+/// row (`kernels/host.rs`, within 1e-5 of the reference relative to the output's range);
 /// else through [`attention_reference`]. That is the default [`super::AttentionRoute::Auto`];
 /// the other routes send all f16 attention without a bias on kernel devices to one path.
 ///
@@ -64,6 +67,14 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4
         && super::extension::attention_supported(&q, &v)
     {
         return super::extension::attention(q, k, v, bias);
+    }
+    #[cfg(feature = "flex")]
+    if bias.is_none()
+        && super::host::applies(&q, super::Kernel::Attention)
+        && [k.dtype(), v.dtype()] == [DType::F32; 2]
+        && s_kv > 0
+    {
+        return super::host::attention_f32(q, k, v);
     }
     attention_reference(q, k, v, bias)
 }

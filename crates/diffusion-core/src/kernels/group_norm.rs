@@ -56,12 +56,7 @@ pub fn group_norm<const D: usize>(
 /// device (no autodiff) with [`super::Kernel::GroupNorm`] enabled.
 #[cfg(feature = "flex")]
 fn uses_host_kernel<const D: usize>(x: &Tensor<D>) -> bool {
-    matches!(
-        x.device().as_dispatch(),
-        burn::backend::DispatchDevice::Flex(_)
-    ) && x.dtype() == DType::F32
-        && x.shape().num_elements() > 0
-        && super::kernel_enabled(super::Kernel::GroupNorm)
+    super::host::applies(x, super::Kernel::GroupNorm)
 }
 
 /// GroupNorm (+ SiLU) on the CPU as one fused loop over the tensor's memory.
@@ -78,6 +73,8 @@ fn uses_host_kernel<const D: usize>(x: &Tensor<D>) -> bool {
 mod host {
     use burn::tensor::Tensor;
     use rayon::prelude::*;
+
+    use super::super::host::exp;
 
     pub(super) fn group_norm_f32<const D: usize>(
         x: Tensor<D>,
@@ -118,30 +115,6 @@ mod host {
                 );
             });
         Tensor::from_data(data, &device)
-    }
-
-    /// `e^x` in f32 without a library call, so that loops using it vectorise (`f32::exp` is a
-    /// call to libm per element; it took a third of the time of GroupNorm + SiLU).
-    /// `x = k ln 2 + r` with `k` rounded to nearest through the 1.5 · 2^23 trick and
-    /// `|r| ≤ ln 2 / 2`, `e^r` from its Taylor series to degree 7 (truncation below 1e-8
-    /// relative), `2^k` built in the exponent bits. Inputs are clamped to [-87.3, 88.3], where
-    /// `2^k` stays a normal float: within 2e-7 relative of `f32::exp` there (a unit test checks),
-    /// and SiLU's `y / (1 + e^-y)` saturates to `0` and `y` beyond as it should.
-    #[inline(always)]
-    pub(super) fn exp(x: f32) -> f32 {
-        const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
-        const LN2_HI: f32 = 0.693_145_75;
-        const LN2_LO: f32 = 1.428_606_8e-6;
-        let x = x.clamp(-87.3, 88.3);
-        let k = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
-        let r = (x - k * LN2_HI) - k * LN2_LO;
-        let p = 1.0
-            + r * (1.0
-                + r * (0.5
-                    + r * (1.0 / 6.0
-                        + r * (1.0 / 24.0
-                            + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-        p * f32::from_bits(((k as i32 + 127) as u32) << 23)
     }
 
     /// `Σ f(v)` over `values` in f64, in eight independent lanes so that the additions are not
@@ -268,23 +241,6 @@ mod tests {
                     .assert_eq(&activation::silu(want).into_data(), true);
             }
         }
-    }
-
-    /// The host loop's `exp` against `f32::exp` over its whole range.
-    #[test]
-    fn host_exp_matches_std() {
-        let mut worst = 0.0f64;
-        let mut x = -87.3f32;
-        while x <= 88.3 {
-            let want = (x as f64).exp();
-            let got = host::exp(x) as f64;
-            worst = worst.max((got - want).abs() / want);
-            x += 0.013_7;
-        }
-        assert!(worst < 2e-7, "worst relative error {worst:e}");
-        assert_eq!(host::exp(-1000.0), host::exp(-87.3));
-        assert_eq!(host::exp(1000.0), host::exp(88.3));
-        assert!(host::exp(88.3).is_finite());
     }
 
     /// Largest `|got - want| / max |want|`.

@@ -5,8 +5,9 @@
 //! Each public function has a reference written in burn tensor ops and, with a CubeCL backend
 //! compiled in (`cpu`, `cuda`, `wgpu` features), a CubeCL kernel registered through burn's
 //! backend-extension mechanism. The kernel runs when the input lives on a CubeCL device without
-//! autodiff (see [`uses_kernel`]). On the flex device (without autodiff), [`group_norm`] of an
-//! f32 tensor runs a fused host loop instead of burn's op sequence. Everywhere else (ndarray,
+//! autodiff (see [`uses_kernel`]). On the flex device (without autodiff), [`group_norm`] and
+//! [`attention`] (without a bias) of f32 tensors run host loops instead of burn's ops. Everywhere
+//! else (ndarray,
 //! libtorch, autodiff devices, half precision on flex) the reference runs, and the reference is
 //! exactly the op sequence the models ran before these kernels existed.
 //!
@@ -21,6 +22,8 @@ mod attention;
 #[cfg(feature = "cubecl-kernels")]
 mod extension;
 mod group_norm;
+#[cfg(feature = "flex")]
+mod host;
 mod softmax;
 
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -72,13 +75,16 @@ pub fn set_kernels_enabled(enabled: bool) {
 
 /// Turn one custom kernel on or off for the whole process (the others keep their setting).
 pub fn set_kernel_enabled(kernel: Kernel, enabled: bool) {
-    let current = settings();
-    let bits = if enabled {
-        current | kernel.bit()
-    } else {
-        current & !kernel.bit()
-    };
-    ENABLED.store(DECIDED | bits, Ordering::Relaxed);
+    settings(); // the environment's choice first, for the other kernels
+    // One atomic update, so that concurrent calls for different kernels both take effect.
+    let _ = ENABLED.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |current| {
+        let bits = if enabled {
+            current | kernel.bit()
+        } else {
+            current & !kernel.bit()
+        };
+        Some(DECIDED | bits)
+    });
 }
 
 /// Whether `kernel` is switched on (it may still not apply to a device). Until set in code,
