@@ -74,7 +74,7 @@ mod host {
     use burn::tensor::Tensor;
     use rayon::prelude::*;
 
-    use super::super::host::exp;
+    use super::super::host::{avx2_fma, exp};
 
     pub(super) fn group_norm_f32<const D: usize>(
         x: Tensor<D>,
@@ -105,7 +105,7 @@ mod host {
             .enumerate()
             .for_each(|(index, chunk)| {
                 let first_channel = (index % groups) * per_group;
-                normalize_group(
+                normalize_group_dispatch(
                     chunk,
                     spatial,
                     &gamma[first_channel..first_channel + per_group],
@@ -119,6 +119,7 @@ mod host {
 
     /// `Σ f(v)` over `values` in f64, in eight independent lanes so that the additions are not
     /// one dependency chain and vectorise.
+    #[inline(always)]
     fn lane_sum(values: &[f32], f: impl Fn(f64) -> f64) -> f64 {
         const LANES: usize = 8;
         let mut acc = [0.0f64; LANES];
@@ -132,8 +133,43 @@ mod host {
         acc.iter().sum::<f64>() + tail
     }
 
-    /// Normalise one group (`channels` rows of `spatial` values) in place.
-    fn normalize_group(
+    /// [`normalize_group`] compiled for AVX2 and FMA where the CPU has them (the build's
+    /// baseline x86-64 target has neither), else for the baseline.
+    fn normalize_group_dispatch(
+        chunk: &mut [f32],
+        spatial: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f64,
+        silu: bool,
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        if avx2_fma() {
+            // SAFETY: the CPU has AVX2 and FMA (`avx2_fma`).
+            return unsafe { normalize_group_avx2(chunk, spatial, gamma, beta, eps, silu) };
+        }
+        normalize_group::<false>(chunk, spatial, gamma, beta, eps, silu);
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn normalize_group_avx2(
+        chunk: &mut [f32],
+        spatial: usize,
+        gamma: &[f32],
+        beta: &[f32],
+        eps: f64,
+        silu: bool,
+    ) {
+        normalize_group::<true>(chunk, spatial, gamma, beta, eps, silu);
+    }
+
+    /// Normalise one group (`channels` rows of `spatial` values) in place; `FMA`: fuse the
+    /// affine's and the exponential's multiply-adds (only where the CPU has FMA).
+    #[inline(always)]
+    fn normalize_group<const FMA: bool>(
         chunk: &mut [f32],
         spatial: usize,
         gamma: &[f32],
@@ -154,12 +190,20 @@ mod host {
             let scale = scale as f32;
             if silu {
                 for v in row.iter_mut() {
-                    let y = *v * scale + shift;
-                    *v = y / (1.0 + exp(-y));
+                    let y = if FMA {
+                        v.mul_add(scale, shift)
+                    } else {
+                        *v * scale + shift
+                    };
+                    *v = y / (1.0 + exp::<FMA>(-y));
                 }
             } else {
                 for v in row.iter_mut() {
-                    *v = *v * scale + shift;
+                    *v = if FMA {
+                        v.mul_add(scale, shift)
+                    } else {
+                        *v * scale + shift
+                    };
                 }
             }
         }
