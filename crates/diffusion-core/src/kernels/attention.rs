@@ -20,9 +20,10 @@ const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 /// [`super::uses_kernel`] says so (online softmax over key tiles, f32 accumulation, the score
 /// matrix never written to memory), except for long f16 attention without a bias
 /// ([`MATMUL_MIN_SCORES`] scores per head or more), which goes through [`attention_matmul`];
-/// for f32 without a bias on the flex device (no autodiff, [`super::Kernel::Attention`]
-/// enabled) through a host loop of blocked matrix products with an exact softmax per query
-/// row (`kernels/host.rs`, within 1e-5 of the reference relative to the output's range);
+/// without a bias on the flex device (no autodiff, [`super::Kernel::Attention`] enabled)
+/// through a host loop of blocked matrix products with an exact softmax per query row
+/// (`kernels/host.rs`, within 1e-5 of the reference relative to the output's range; f16 and
+/// bf16 computed in f32 and rounded back, as the reference does);
 /// else through [`attention_reference`]. That is the default [`super::AttentionRoute::Auto`];
 /// the other routes send all f16 attention without a bias on kernel devices to one path.
 ///
@@ -69,12 +70,21 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4
         return super::extension::attention(q, k, v, bias);
     }
     #[cfg(feature = "flex")]
-    if bias.is_none()
-        && super::host::applies(&q, super::Kernel::Attention)
-        && [k.dtype(), v.dtype()] == [DType::F32; 2]
-        && s_kv > 0
-    {
-        return super::host::attention_f32(q, k, v);
+    if bias.is_none() && s_kv > 0 {
+        // f16/bf16 in f32 and back, as the reference does.
+        let dtype = q.dtype();
+        if [k.dtype(), v.dtype()] == [dtype; 2] {
+            if dtype == DType::F32 && super::host::applies(&q, super::Kernel::Attention) {
+                return super::host::attention_f32(q, k, v);
+            }
+            if matches!(dtype, DType::F16 | DType::BF16)
+                && q.shape().num_elements() > 0
+                && super::host::on_flex(&q.device(), super::Kernel::Attention)
+            {
+                let out = super::host::attention_f32(upcast(q), upcast(k), upcast(v));
+                return out.cast(FloatDType::from(dtype));
+            }
+        }
     }
     attention_reference(q, k, v, bias)
 }

@@ -13,11 +13,12 @@ use super::Kernel;
 /// Whether `x` is an f32 tensor with elements on the flex device (not autodiff) and `kernel`
 /// is switched on: the condition for the host loops.
 pub(super) fn applies<const D: usize>(x: &Tensor<D>, kernel: Kernel) -> bool {
-    matches!(
-        x.device().as_dispatch(),
-        burn::backend::DispatchDevice::Flex(_)
-    ) && x.dtype() == DType::F32
-        && x.shape().num_elements() > 0
+    x.dtype() == DType::F32 && x.shape().num_elements() > 0 && on_flex(&x.device(), kernel)
+}
+
+/// Whether `device` is the flex device (not autodiff) and `kernel` is switched on.
+pub(super) fn on_flex(device: &burn::tensor::Device, kernel: Kernel) -> bool {
+    matches!(device.as_dispatch(), burn::backend::DispatchDevice::Flex(_))
         && super::kernel_enabled(kernel)
 }
 
@@ -380,6 +381,25 @@ mod tests {
             attention_reference(q.clone(), k.clone(), v.clone(), None),
         );
         assert!(err <= 1e-5, "views: {err:e}");
+
+        // f16 and bf16: computed in f32 and rounded back, like the reference, so the two differ
+        // by a rounding of the output at most.
+        for (dtype, bound) in [
+            (burn::tensor::FloatDType::F16, 1e-3),
+            (burn::tensor::FloatDType::BF16, 8e-3),
+        ] {
+            let (qh, kh, vh) = (
+                q.clone().cast(dtype),
+                k.clone().cast(dtype),
+                v.clone().cast(dtype),
+            );
+            let got = attention(qh.clone(), kh.clone(), vh.clone(), None);
+            assert_eq!(got.dtype(), DType::from(dtype));
+            let want = attention_reference(qh, kh, vh, None);
+            let f32 = burn::tensor::FloatDType::F32;
+            let err = relative_error(got.cast(f32), want.cast(f32));
+            assert!(err <= bound, "{dtype:?}: {err:e}");
+        }
 
         // A bias always takes the reference.
         let bias = Tensor::<4>::random([2, 3, 45, 45], Distribution::Default, &device);
