@@ -48,6 +48,15 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4
     if let Some(bias) = &bias {
         assert_eq!(bias.dims(), [b, h, s_q, s_kv], "attention: bias shape");
     }
+    // Any input under autodiff (cross-attention to trained text states, with a frozen query)
+    // keeps the reference, whose ops record the graph; the kernels and host loops do not.
+    if q.is_autodiff()
+        || k.is_autodiff()
+        || v.is_autodiff()
+        || bias.as_ref().is_some_and(Tensor::is_autodiff)
+    {
+        return attention_reference(q, k, v, bias);
+    }
     #[cfg(feature = "cubecl-kernels")]
     if super::uses_kernel(super::Kernel::Attention, &q.device())
         && bias.is_none()

@@ -41,6 +41,11 @@ pub fn group_norm<const D: usize>(
         [channels],
         "group_norm: beta must have C elements"
     );
+    // With any input under autodiff (trained affine parameters on a frozen input, too) the
+    // reference runs: its ops record the graph, the kernel and the host loop do not.
+    if x.is_autodiff() || gamma.is_autodiff() || beta.is_autodiff() {
+        return group_norm_reference(x, gamma, beta, groups, eps, silu);
+    }
     #[cfg(feature = "cubecl-kernels")]
     if super::uses_kernel(super::Kernel::GroupNorm, &x.device()) && x.shape().num_elements() > 0 {
         return super::extension::group_norm(x, gamma, beta, groups, eps, silu);
