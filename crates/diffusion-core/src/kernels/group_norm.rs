@@ -110,14 +110,14 @@ mod host {
             .enumerate()
             .for_each(|(index, chunk)| {
                 let first_channel = (index % groups) * per_group;
-                normalize_group_dispatch(
-                    chunk,
+                let group = Group {
                     spatial,
-                    &gamma[first_channel..first_channel + per_group],
-                    &beta[first_channel..first_channel + per_group],
+                    gamma: &gamma[first_channel..first_channel + per_group],
+                    beta: &beta[first_channel..first_channel + per_group],
                     eps,
                     silu,
-                );
+                };
+                normalize_group_dispatch(chunk, &group);
             });
         Tensor::from_data(data, &device)
     }
@@ -138,50 +138,46 @@ mod host {
         acc.iter().sum::<f64>() + tail
     }
 
-    /// [`normalize_group`] compiled for AVX2 and FMA where the CPU has them (the build's
-    /// baseline x86-64 target has neither), else for the baseline.
-    fn normalize_group_dispatch(
-        chunk: &mut [f32],
+    /// What [`normalize_group`] needs besides the values: the row length, the group's channels'
+    /// affine parameters, epsilon, and whether SiLU follows.
+    struct Group<'a> {
         spatial: usize,
-        gamma: &[f32],
-        beta: &[f32],
+        gamma: &'a [f32],
+        beta: &'a [f32],
         eps: f64,
         silu: bool,
-    ) {
+    }
+
+    /// [`normalize_group`] compiled for AVX2 and FMA where the CPU has them (the build's
+    /// baseline x86-64 target has neither), else for the baseline.
+    fn normalize_group_dispatch(chunk: &mut [f32], group: &Group<'_>) {
         #[cfg(target_arch = "x86_64")]
         if avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA (`avx2_fma`).
-            return unsafe { normalize_group_avx2(chunk, spatial, gamma, beta, eps, silu) };
+            return unsafe { normalize_group_avx2(chunk, group) };
         }
-        normalize_group::<false>(chunk, spatial, gamma, beta, eps, silu);
+        normalize_group::<false>(chunk, group);
     }
 
     /// # Safety
     /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn normalize_group_avx2(
-        chunk: &mut [f32],
-        spatial: usize,
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f64,
-        silu: bool,
-    ) {
-        normalize_group::<true>(chunk, spatial, gamma, beta, eps, silu);
+    unsafe fn normalize_group_avx2(chunk: &mut [f32], group: &Group<'_>) {
+        normalize_group::<true>(chunk, group);
     }
 
     /// Normalise one group (`channels` rows of `spatial` values) in place; `FMA`: fuse the
     /// affine's and the exponential's multiply-adds (only where the CPU has FMA).
     #[inline(always)]
-    fn normalize_group<const FMA: bool>(
-        chunk: &mut [f32],
-        spatial: usize,
-        gamma: &[f32],
-        beta: &[f32],
-        eps: f64,
-        silu: bool,
-    ) {
+    fn normalize_group<const FMA: bool>(chunk: &mut [f32], group: &Group<'_>) {
+        let Group {
+            spatial,
+            gamma,
+            beta,
+            eps,
+            silu,
+        } = *group;
         let n = chunk.len() as f64;
         let mean = lane_sum(chunk, |v| v) / n;
         let m2 = lane_sum(chunk, |v| {
