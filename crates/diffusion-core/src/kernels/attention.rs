@@ -20,7 +20,8 @@ const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 /// [`super::uses_kernel`] says so (online softmax over key tiles, f32 accumulation, the score
 /// matrix never written to memory), except for long f16 attention without a bias
 /// ([`MATMUL_MIN_SCORES`] scores per head or more), which goes through [`attention_matmul`];
-/// without a bias on the flex device (no autodiff, [`super::Kernel::Attention`] enabled)
+/// without a bias on the flex device (no autodiff, [`super::Kernel::HostAttention`] enabled:
+/// off by default)
 /// through a host loop of blocked matrix products with an exact softmax per query row
 /// (`kernels/host.rs`, within 1e-5 of the reference relative to the output's range; f16 and
 /// bf16 computed in f32 and rounded back, as the reference does);
@@ -83,12 +84,12 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4
         // f16/bf16 in f32 and back, as the reference does.
         let dtype = q.dtype();
         if [k.dtype(), v.dtype()] == [dtype; 2] {
-            if dtype == DType::F32 && super::host::applies(&q, super::Kernel::Attention) {
+            if dtype == DType::F32 && super::host::applies(&q, super::Kernel::HostAttention) {
                 return super::host::attention_f32(q, k, v);
             }
             if matches!(dtype, DType::F16 | DType::BF16)
                 && q.shape().num_elements() > 0
-                && super::host::on_flex(&q.device(), super::Kernel::Attention)
+                && super::host::on_flex(&q.device(), super::Kernel::HostAttention)
             {
                 let out = super::host::attention_f32(upcast(q), upcast(k), upcast(v));
                 return out.cast(FloatDType::from(dtype));

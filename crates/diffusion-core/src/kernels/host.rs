@@ -336,6 +336,7 @@ mod tests {
     /// does.
     #[test]
     fn attention_host_loop_matches_reference() {
+        set_kernel_enabled(Kernel::HostAttention, true);
         let device = Device::flex();
         // [b, h, s_q, s_kv, d, d_v], standard deviation of q
         let cases: [([usize; 6], f64); 8] = [
@@ -357,7 +358,7 @@ mod tests {
                 random(s_kv, d, 1.0),
                 random(s_kv, d_v, 1.0),
             );
-            assert!(applies(&q, Kernel::Attention));
+            assert!(applies(&q, Kernel::HostAttention));
             let got = attention(q.clone(), k.clone(), v.clone(), None);
             assert_eq!(got.dims(), [b, h, s_q, d_v]);
             let want = attention_reference(q, k, v, None);
@@ -413,10 +414,10 @@ mod tests {
         // Switched off, the reference bit for bit. (In this test, not its own: the switch is
         // process-wide and tests run in parallel.)
         let want = attention_reference(q.clone(), k.clone(), v.clone(), None);
-        set_kernel_enabled(Kernel::Attention, false);
-        let off = applies(&q, Kernel::Attention);
+        set_kernel_enabled(Kernel::HostAttention, false);
+        let off = applies(&q, Kernel::HostAttention);
         let got = attention(q, k, v, None);
-        set_kernel_enabled(Kernel::Attention, true);
+        set_kernel_enabled(Kernel::HostAttention, true);
         assert!(!off);
         got.into_data().assert_eq(&want.into_data(), true);
     }
@@ -426,6 +427,7 @@ mod tests {
     /// input get the same gradients as through the references.
     #[test]
     fn host_loops_keep_autodiff_graphs() {
+        set_kernel_enabled(Kernel::HostAttention, true);
         let device = Device::flex();
         let random = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Default, &device);
         let (q, k, v) = (
