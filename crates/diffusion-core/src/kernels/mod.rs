@@ -5,20 +5,19 @@
 //! Each public function has a reference written in burn tensor ops and, with a CubeCL backend
 //! compiled in (`cpu`, `cuda`, `wgpu` features), a CubeCL kernel registered through burn's
 //! backend-extension mechanism. The kernel runs when the input lives on a CubeCL device without
-//! autodiff (see [`uses_kernel`]). On the flex device (without autodiff), [`group_norm`] and
-//! [`attention`] (without a bias) of f32 tensors run host loops instead of burn's ops. Everywhere
-//! else (ndarray,
-//! libtorch, autodiff devices, half precision on flex) the reference runs, and the reference is
-//! exactly the op sequence the models ran before these kernels existed.
+//! autodiff (see [`uses_kernel`]). On the flex device (without autodiff), [`group_norm`] of f32
+//! tensors runs a host loop instead of burn's ops, and so does [`attention`] without a bias when
+//! [`Kernel::HostAttention`] is switched on (it is off by default). Everywhere else (ndarray,
+//! libtorch, autodiff, half precision on flex) the reference runs, and the reference is exactly
+//! the op sequence the models ran before these kernels existed.
 //!
 //! The kernels read f16/bf16 inputs and accumulate in f32 (GroupNorm statistics, attention
 //! scores, softmax and the weighted sum), writing the input dtype.
 //!
 //! `DIFFUSERS_RS_KERNELS=0` in the environment (or [`set_kernels_enabled`]) turns the kernels off;
 //! a comma-separated list of `group_norm`, `attention`, `softmax`, `host_attention` (`all` for
-//! the first three) keeps only those; `host_attention` ([`Kernel::HostAttention`]) is off unless
-//! named
-//! ([`set_kernel_enabled`]), so the same binary measures kernel against burn op.
+//! the first three) keeps only those ([`set_kernel_enabled`]), so the same binary measures
+//! kernel against burn op. `host_attention` is off unless named.
 
 mod attention;
 #[cfg(feature = "cubecl-kernels")]
