@@ -100,7 +100,8 @@ pub(super) fn attention_f32(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<
     let (q, k, v) = (data(q), data(k), data(v));
     let (q, k, v) = (f32_values(&q), f32_values(&k), f32_values(&v));
     let mut out = vec![0.0f32; b * h * s_q * d_v];
-    let rows = block_rows(s_kv);
+    // No scratch for rows a head does not have (same blocks: one block of s_q rows either way).
+    let rows = block_rows(s_kv).min(s_q.max(1));
     if d_v > 0 {
         out.par_chunks_mut(s_q * d_v)
             .enumerate()
