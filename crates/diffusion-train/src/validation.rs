@@ -21,6 +21,7 @@ use diffusion_core::image::{
 };
 use diffusion_core::metadata::GenerationParameters;
 use diffusion_core::{Error, Result};
+use diffusion_models::state_dict::with_loaded_layout;
 use diffusion_models::{
     AutoencoderKL, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, UNet2DConditionModel,
     UNet2DModel,
@@ -279,7 +280,8 @@ pub(crate) fn save(
 
 /// Generate `config.eval_batch_size` images with `unet` (inference weights, no autodiff) and the
 /// training `scheduler` (or DDIM from its config), and save them as one grid at
-/// [`validation_path`].
+/// [`validation_path`]. `unet`'s parameters are laid out as loaded ones first
+/// ([`with_loaded_layout`]), as in [`save_prompt_validation`].
 ///
 /// # Errors
 /// Pipeline errors (a UNet without `sample_size`); [`Error::Io`] naming the folder or file when
@@ -299,6 +301,7 @@ pub fn save_unconditional_validation(
         progress: false,
         ..UnconditionalArgs::default()
     };
+    let unet = with_loaded_layout(unet);
     let scheduler = AnyScheduler::from(scheduler.clone());
     let (output, sampler) = match config.sampler {
         ValidationSampler::Ddpm => {
@@ -367,7 +370,9 @@ pub struct FrozenParts<'a> {
 
 /// Generate `num_validation_images` images per prompt with the Stable Diffusion pipeline made of
 /// `frozen` and `unet` (the weights being trained, LoRA merged / EMA applied, no autodiff), and
-/// save them as one grid, a row per prompt, at [`validation_path`].
+/// save them as one grid, a row per prompt, at [`validation_path`]. The models' parameters are
+/// laid out as loaded ones first ([`with_loaded_layout`]), so the grid is byte for byte the one
+/// a pipeline loaded from the saved weights makes.
 ///
 /// # Errors
 /// Pipeline errors; [`Error::Io`] naming the folder or file when the image cannot be written
@@ -382,10 +387,10 @@ pub fn save_prompt_validation(
 ) -> Result<PathBuf> {
     let seed = config.seed.unwrap_or(run_seed);
     let mut pipe = StableDiffusionPipeline::from_parts(StableDiffusionComponents {
-        vae: frozen.vae.clone(),
-        text_encoder: frozen.text_encoder.clone(),
+        vae: with_loaded_layout(frozen.vae.clone()),
+        text_encoder: with_loaded_layout(frozen.text_encoder.clone()),
         tokenizer: frozen.tokenizer.clone(),
-        unet,
+        unet: with_loaded_layout(unet),
         scheduler: frozen.scheduler.clone(),
         image_encoder: None,
         feature_extractor: None,
@@ -442,7 +447,7 @@ pub struct SdxlFrozenParts<'a> {
 /// [`save_prompt_validation`] for SDXL: `num_validation_images` images per prompt with the
 /// `StableDiffusionXLPipeline` of `frozen` around `unet` (the weights being trained, LoRA
 /// merged / EMA applied, no autodiff), saved as one grid, a row per prompt, at
-/// [`validation_path`].
+/// [`validation_path`]; parameters laid out as loaded ones first, as there.
 ///
 /// # Errors
 /// Pipeline errors; [`Error::Io`] naming the folder or file when the image cannot be written
@@ -457,12 +462,12 @@ pub fn save_sdxl_prompt_validation(
 ) -> Result<PathBuf> {
     let seed = config.seed.unwrap_or(run_seed);
     let mut pipe = StableDiffusionXLPipeline::from_parts(StableDiffusionXLComponents {
-        vae: frozen.vae.clone(),
-        text_encoder: Some(frozen.text_encoder.clone()),
-        text_encoder_2: frozen.text_encoder_2.clone(),
+        vae: with_loaded_layout(frozen.vae.clone()),
+        text_encoder: Some(with_loaded_layout(frozen.text_encoder.clone())),
+        text_encoder_2: with_loaded_layout(frozen.text_encoder_2.clone()),
         tokenizer: Some(frozen.tokenizer.clone()),
         tokenizer_2: frozen.tokenizer_2.clone(),
-        unet,
+        unet: with_loaded_layout(unet),
         scheduler: frozen.scheduler.clone(),
         image_encoder: None,
         feature_extractor: None,

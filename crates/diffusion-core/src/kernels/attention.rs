@@ -20,9 +20,8 @@ const MATMUL_CHUNK_SCORES: usize = 1 << 26;
 /// [`super::uses_kernel`] says so (online softmax over key tiles, f32 accumulation, the score
 /// matrix never written to memory), except for long f16 attention without a bias
 /// ([`MATMUL_MIN_SCORES`] scores per head or more), which goes through [`attention_matmul`];
-/// without a bias on the flex device (no autodiff, [`super::Kernel::HostAttention`] enabled,
-/// which it is not by default) through a host loop of blocked matrix products with an exact
-/// softmax per query row
+/// without a bias on the flex device (no autodiff, [`super::Kernel::HostAttention`] enabled)
+/// through a host loop of blocked matrix products with an exact softmax per query row
 /// (`kernels/host.rs`, within 1e-5 of the reference relative to the output's range; f16 and
 /// bf16 computed in f32 and rounded back, as the reference does);
 /// else through [`attention_reference`]. That is the default [`super::AttentionRoute::Auto`];
