@@ -8,7 +8,6 @@
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use diffusion_benches::cpu_devices;
-use diffusion_core::burn::tensor::module::conv2d;
 use diffusion_core::burn::tensor::ops::ConvOptions;
 use diffusion_core::burn::tensor::{Distribution, Tensor};
 use diffusion_core::kernels;
@@ -60,7 +59,7 @@ fn bench_conv(c: &mut Criterion) {
             group.bench_function(id, |bench| {
                 bench.iter(|| {
                     let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
-                    conv2d(x.clone(), w.clone(), Some(bias.clone()), options).into_data()
+                    kernels::conv2d(x.clone(), w.clone(), Some(bias.clone()), options).into_data()
                 })
             });
         }

@@ -91,9 +91,9 @@ impl Downsample2D {
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match &self.conv {
             Some(conv) if self.padding == 0 => {
-                conv.forward(x.pad((0, 1, 0, 1), PadMode::Constant(0.0)))
+                layers::conv(conv, x.pad((0, 1, 0, 1), PadMode::Constant(0.0)))
             }
-            Some(conv) => conv.forward(x),
+            Some(conv) => layers::conv(conv, x),
             None => avg_pool_2x2(x),
         }
     }

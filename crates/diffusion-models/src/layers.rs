@@ -8,6 +8,7 @@ use diffusion_core::burn::nn::{
     Dropout, DropoutConfig, GroupNorm, GroupNormConfig, Linear, LinearConfig, PaddingConfig2d,
 };
 use diffusion_core::burn::tensor::Tensor;
+use diffusion_core::burn::tensor::ops::ConvOptions;
 use diffusion_core::{Device, Error, Result, kernels};
 
 use crate::activations::Activation;
@@ -110,9 +111,10 @@ pub(crate) fn group_norm(
         .init(device))
 }
 
-/// `act(norm(x))`: on devices where [`kernels::uses_kernel`] holds, one fused GroupNorm (+ SiLU)
-/// kernel; elsewhere exactly `GroupNorm::forward` followed by the activation, as before the
-/// kernels existed (so CPU results do not change).
+/// `act(norm(x))`: without autodiff, for no activation or SiLU, [`kernels::group_norm`] (one
+/// fused kernel on CubeCL devices, one fused host loop for f32 on flex, else its reference,
+/// which is `GroupNorm::forward` and SiLU op for op); otherwise exactly `GroupNorm::forward`
+/// followed by the activation.
 ///
 /// # Shapes
 /// - `x`: `[B, C, *]`; output: the same
@@ -122,7 +124,7 @@ pub(crate) fn group_norm_act<const D: usize>(
     act: Option<Activation>,
 ) -> Tensor<D> {
     if matches!(act, None | Some(Activation::Silu))
-        && kernels::uses_kernel(kernels::Kernel::GroupNorm, &x.device())
+        && !x.is_autodiff()
         && let (Some(gamma), Some(beta)) = (&norm.gamma, &norm.beta)
     {
         return kernels::group_norm(
@@ -156,6 +158,24 @@ pub(crate) fn conv2d(
             padding, padding, padding, padding,
         ))
         .init(device)
+}
+
+/// `conv.forward(x)` through [`kernels::conv2d`] (a host loop of matrix products on the CPU
+/// backend, burn's convolution elsewhere). `Same` padding, which these models do not use, goes
+/// through burn's own forward.
+pub(crate) fn conv(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let padding = match conv.padding {
+        PaddingConfig2d::Valid => [(0, 0), (0, 0)],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [(top, bottom), (left, right)],
+        PaddingConfig2d::Same => return conv.forward(x),
+    };
+    let options = ConvOptions::new_with_padding(conv.stride, padding, conv.dilation, conv.groups);
+    kernels::conv2d(
+        x,
+        conv.weight.val(),
+        conv.bias.as_ref().map(|bias| bias.val()),
+        options,
+    )
 }
 
 /// `torch.nn.Linear(in, out)` with a bias (burn stores the weight as `[in, out]`).

@@ -210,7 +210,7 @@ impl ResnetBlock2D {
         let hidden = layers::group_norm_act(&self.norm1, input.clone(), Some(self.act));
         let input = self.resample.apply(input);
         let hidden = self.resample.apply(hidden);
-        let mut hidden = self.conv1.forward(hidden);
+        let mut hidden = layers::conv(&self.conv1, hidden);
 
         let temb = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
@@ -246,9 +246,9 @@ impl ResnetBlock2D {
                 panic!("ResnetBlock2D with scale_shift conditioning needs a time embedding")
             }
         };
-        let hidden = self.conv2.forward(self.dropout.forward(hidden));
+        let hidden = layers::conv(&self.conv2, self.dropout.forward(hidden));
         let residual = match &self.conv_shortcut {
-            Some(conv) => conv.forward(input),
+            Some(conv) => layers::conv(conv, input),
             None => input,
         };
         let out = residual.add(hidden);

@@ -164,7 +164,7 @@ impl Upsample2D {
             None => upsample_nearest(x, 2),
         };
         match &self.conv {
-            Some(conv) => conv.forward(x),
+            Some(conv) => layers::conv(conv, x),
             None => x,
         }
     }

@@ -22,6 +22,38 @@ pub(super) fn on_flex(device: &burn::tensor::Device, kernel: Kernel) -> bool {
         && super::kernel_enabled(kernel)
 }
 
+/// Run `f` on the f32 values of `tensor` (on flex, f32), in row-major order: its own storage
+/// when that is already contiguous (no copy, shared or not), else a contiguous copy.
+pub(super) fn with_f32<const D: usize, R>(tensor: Tensor<D>, f: impl FnOnce(&[f32]) -> R) -> R {
+    let primitive = tensor
+        .try_into_primitive::<burn::backend::Flex>()
+        .expect("a tensor on the flex device");
+    let contiguous = primitive.to_contiguous();
+    f(contiguous.storage::<f32>())
+}
+
+/// A raw pointer that host loops hand to their worker threads, each of which writes its own
+/// disjoint part of the buffer (the loops' safety comments say which).
+#[derive(Clone, Copy)]
+pub(super) struct SendPtr(pub(super) *mut f32);
+
+impl SendPtr {
+    /// The pointer `offset` elements on (a method, so that closures capture the whole
+    /// `SendPtr` and not its raw field).
+    ///
+    /// # Safety
+    /// As `pointer::add`: the result must stay within the buffer.
+    pub(super) unsafe fn add(&self, offset: usize) -> *mut f32 {
+        // SAFETY: the caller's contract.
+        unsafe { self.0.add(offset) }
+    }
+}
+
+// SAFETY: the pointer is only dereferenced at offsets no other thread touches meanwhile.
+unsafe impl Send for SendPtr {}
+// SAFETY: as above.
+unsafe impl Sync for SendPtr {}
+
 /// `e^x` in f32 without a library call, so that loops using it vectorise (`f32::exp` is a
 /// call to libm per element; it took a third of the time of GroupNorm + SiLU).
 /// `x = k ln 2 + r` with `k` rounded to nearest through the 1.5 · 2^23 trick and

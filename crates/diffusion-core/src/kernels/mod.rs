@@ -15,10 +15,11 @@
 //! scores, softmax and the weighted sum), writing the input dtype.
 //!
 //! `DIFFUSERS_RS_KERNELS=0` in the environment (or [`set_kernels_enabled`]) turns the kernels off;
-//! a comma-separated list of `group_norm`, `attention`, `softmax`, `host_attention` keeps only
-//! those ([`set_kernel_enabled`]), so the same binary measures kernel against burn op.
+//! a comma-separated list of `group_norm`, `attention`, `softmax`, `host_attention`,
+//! `host_conv` keeps only those ([`set_kernel_enabled`]), so the same binary measures kernel against burn op.
 
 mod attention;
+mod conv;
 #[cfg(feature = "cubecl-kernels")]
 mod extension;
 mod group_norm;
@@ -33,11 +34,12 @@ use burn::tensor::Device;
 pub use attention::{
     MATMUL_MIN_SCORES, attention, attention_burn, attention_matmul, attention_reference,
 };
+pub use conv::{conv2d, conv2d_reference};
 pub use group_norm::{group_norm, group_norm_reference};
 pub use softmax::{softmax, softmax_reference};
 
-/// Which kernels run: bit 0 GroupNorm, bit 1 attention, bit 2 softmax, bit 3 the host
-/// attention loop, bit 7 set once decided
+/// Which kernels run: bit 0 GroupNorm, bit 1 attention, bit 2 softmax, bits 3 and 4 the host
+/// attention and convolution loops, bit 7 set once decided
 /// (before that, the environment is read).
 static ENABLED: AtomicU8 = AtomicU8::new(0);
 const DECIDED: u8 = 0x80;
@@ -53,6 +55,8 @@ pub enum Kernel {
     Softmax,
     /// [`attention`]'s host loop on the flex device (f32, f16, bf16 without a bias).
     HostAttention,
+    /// [`conv2d`]'s host loop on the flex device (f32, one group).
+    HostConv,
 }
 
 impl Kernel {
@@ -62,12 +66,13 @@ impl Kernel {
             Self::Attention => 2,
             Self::Softmax => 4,
             Self::HostAttention => 8,
+            Self::HostConv => 16,
         }
     }
 }
 
 /// The bits of all the kernels, each on by default.
-const ALL_KERNELS: u8 = 15;
+const ALL_KERNELS: u8 = 31;
 
 /// Turn every custom kernel on or off for the whole process.
 pub fn set_kernels_enabled(enabled: bool) {
@@ -94,7 +99,7 @@ pub fn set_kernel_enabled(kernel: Kernel, enabled: bool) {
 /// Whether `kernel` is switched on (it may still not apply to a device). Until set in code,
 /// the environment decides: `DIFFUSERS_RS_KERNELS` unset or `1`/`on`/`all` turns all on,
 /// `0`/`off`/`none` all off, a comma-separated list of `group_norm`, `attention`, `softmax`,
-/// `host_attention` only those (anything else in the list is ignored).
+/// `host_attention`, `host_conv` only those (anything else in the list is ignored).
 pub fn kernel_enabled(kernel: Kernel) -> bool {
     settings() & kernel.bit() != 0
 }
@@ -128,6 +133,7 @@ fn parse_kernels(value: &str) -> u8 {
             "softmax" => Kernel::Softmax.bit(),
             "all" => ALL_KERNELS,
             "host_attention" => Kernel::HostAttention.bit(),
+            "host_conv" => Kernel::HostConv.bit(),
             _ => 0,
         })
         .fold(0, |bits, bit| bits | bit);
@@ -249,6 +255,7 @@ mod tests {
         assert_eq!(parse_kernels("softmax, groupnorm"), 5);
         assert_eq!(parse_kernels("bogus"), ALL_KERNELS);
         assert_eq!(parse_kernels("group_norm,host_attention"), 9);
-        assert_eq!(parse_kernels("all"), 15);
+        assert_eq!(parse_kernels("host_conv"), 16);
+        assert_eq!(parse_kernels("all"), 31);
     }
 }

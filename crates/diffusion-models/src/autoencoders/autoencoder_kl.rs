@@ -369,7 +369,7 @@ impl AutoencoderKL {
     fn encode_tile(&self, x: Tensor<4>) -> Tensor<4> {
         let moments = self.encoder.forward(x);
         match &self.quant_conv {
-            Some(conv) => conv.forward(moments),
+            Some(conv) => layers::conv(conv, moments),
             None => moments,
         }
     }
@@ -386,7 +386,7 @@ impl AutoencoderKL {
 
     fn decode_tile(&self, z: Tensor<4>) -> Tensor<4> {
         let z = match &self.post_quant_conv {
-            Some(conv) => conv.forward(z),
+            Some(conv) => layers::conv(conv, z),
             None => z,
         };
         self.decoder.forward(z)

@@ -145,16 +145,15 @@ impl Encoder {
     /// - output: `[B, 2 * out_channels, h, w]` (`double_z`), where each downsampling maps a
     ///   side `s` to `floor((s - 2) / 2) + 1`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let mut x = self.conv_in.forward(x);
+        let mut x = layers::conv(&self.conv_in, x);
         for block in &self.down_blocks {
             x = block.forward(x);
         }
         let x = self.mid_block.forward(x, None);
-        self.conv_out.forward(layers::group_norm_act(
-            &self.conv_norm_out,
-            x,
-            Some(Activation::Silu),
-        ))
+        layers::conv(
+            &self.conv_out,
+            layers::group_norm_act(&self.conv_norm_out, x, Some(Activation::Silu)),
+        )
     }
 }
 
@@ -223,16 +222,15 @@ impl Decoder {
     /// - `z`: `[B, in_channels, h, w]`
     /// - output: `[B, out_channels, h * 2^(n-1), w * 2^(n-1)]` for `n` levels
     pub fn forward(&self, z: Tensor<4>) -> Tensor<4> {
-        let x = self.conv_in.forward(z);
+        let x = layers::conv(&self.conv_in, z);
         let mut x = self.mid_block.forward(x, None);
         for block in &self.up_blocks {
             x = block.forward(x);
         }
-        self.conv_out.forward(layers::group_norm_act(
-            &self.conv_norm_out,
-            x,
-            Some(Activation::Silu),
-        ))
+        layers::conv(
+            &self.conv_out,
+            layers::group_norm_act(&self.conv_norm_out, x, Some(Activation::Silu)),
+        )
     }
 }
 

@@ -79,11 +79,11 @@ impl ControlNetConditioningEmbedding {
     /// - output: `[B, conditioning_embedding_channels, H / 2^(levels - 1), W / 2^(levels - 1)]`
     pub fn forward(&self, conditioning: Tensor<4>) -> Tensor<4> {
         let silu = burn::tensor::activation::silu;
-        let mut x = silu(self.conv_in.forward(conditioning));
+        let mut x = silu(layers::conv(&self.conv_in, conditioning));
         for block in &self.blocks {
-            x = silu(block.forward(x));
+            x = silu(layers::conv(block, x));
         }
-        self.conv_out.forward(x)
+        layers::conv(&self.conv_out, x)
     }
 }
 
@@ -423,7 +423,7 @@ impl ControlNetModel {
             emb = emb.add(aug);
         }
 
-        let mut x = self.conv_in.forward(sample);
+        let mut x = layers::conv(&self.conv_in, sample);
         let cond = self.controlnet_cond_embedding.forward(controlnet_cond);
         if cond.dims() != x.dims() {
             return Err(Error::invalid_argument(
@@ -460,9 +460,9 @@ impl ControlNetModel {
         let mut down: Vec<Tensor<4>> = res_samples
             .into_iter()
             .zip(&self.controlnet_down_blocks)
-            .map(|(r, conv)| conv.forward(r))
+            .map(|(r, conv)| layers::conv(conv, r))
             .collect();
-        let mut mid = self.controlnet_mid_block.forward(x);
+        let mut mid = layers::conv(&self.controlnet_mid_block, x);
 
         let scale = options.conditioning_scale;
         if options.guess_mode && !self.config.global_pool_conditions {

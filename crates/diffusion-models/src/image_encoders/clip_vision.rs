@@ -205,7 +205,7 @@ impl CLIPVisionEmbeddings {
             pixel_values.cast(FloatDType::from(weight_dtype))
         };
         let [b, _, _, _] = pixel_values.dims();
-        let patches = self.patch_embedding.forward(pixel_values);
+        let patches = layers::conv(&self.patch_embedding, pixel_values);
         let [_, hidden, gh, gw] = patches.dims();
         let patches = patches.reshape([b, hidden, gh * gw]).swap_dims(1, 2);
         let class = self

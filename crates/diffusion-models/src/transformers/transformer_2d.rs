@@ -179,14 +179,14 @@ impl Transformer2DModel {
             t.reshape([b, h, w, inner]).permute([0, 3, 1, 2])
         };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(x)),
+            Projection::Conv(conv) => to_tokens(layers::conv(conv, x)),
             Projection::Linear(linear) => linear.forward(to_tokens(x)),
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(tokens, inputs);
         }
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(to_map(tokens)),
+            Projection::Conv(conv) => layers::conv(conv, to_map(tokens)),
             Projection::Linear(linear) => to_map(linear.forward(tokens)),
         };
         debug_assert_eq!(out.dims()[1], c);

@@ -354,7 +354,7 @@ impl UNet2DModel {
         };
 
         let mut skip_sample = sample.clone();
-        let mut x = self.conv_in.forward(sample);
+        let mut x = layers::conv(&self.conv_in, sample);
         let mut res_samples = vec![x.clone()];
         for block in &self.down_blocks {
             let states = match block {
@@ -389,11 +389,10 @@ impl UNet2DModel {
                 }
             };
         }
-        let mut out = self.conv_out.forward(layers::group_norm_act(
-            &self.conv_norm_out,
-            x,
-            Some(Activation::Silu),
-        ));
+        let mut out = layers::conv(
+            &self.conv_out,
+            layers::group_norm_act(&self.conv_norm_out, x, Some(Activation::Silu)),
+        );
         if let Some(skip) = skip {
             out = out.add(skip);
         }

@@ -321,7 +321,7 @@ impl SkipDownBlock2D {
             for down in &self.downsamplers {
                 skip = down.forward(skip);
             }
-            x = skip_conv.forward(skip.clone()).add(x);
+            x = layers::conv(skip_conv, skip.clone()).add(x);
             states.push(x.clone());
         }
         (x, states, skip)
@@ -560,11 +560,10 @@ impl SkipUpBlock2D {
         if let (Some(resnet_up), Some(skip_conv), Some(skip_norm)) =
             (&self.resnet_up, &self.skip_conv, &self.skip_norm)
         {
-            let states = skip_conv.forward(layers::group_norm_act(
-                skip_norm,
-                x.clone(),
-                Some(Activation::Silu),
-            ));
+            let states = layers::conv(
+                skip_conv,
+                layers::group_norm_act(skip_norm, x.clone(), Some(Activation::Silu)),
+            );
             skip = Some(match skip {
                 Some(previous) => previous.add(states),
                 None => states,

@@ -555,7 +555,7 @@ impl UNet2DConditionModel {
         )?;
 
         // Down path.
-        let mut x = self.conv_in.forward(sample);
+        let mut x = layers::conv(&self.conv_in, sample);
         let mut res_samples = vec![x.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
             let states = match block {
@@ -654,7 +654,7 @@ impl UNet2DConditionModel {
         if let Some(norm) = &self.conv_norm_out {
             x = layers::group_norm_act(norm, x, Some(self.conv_act));
         }
-        let out = self.conv_out.forward(x);
+        let out = layers::conv(&self.conv_out, x);
         Ok(out)
     }
 

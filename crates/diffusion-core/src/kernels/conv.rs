@@ -1,0 +1,466 @@
+//! 2-D convolution.
+
+use burn::tensor::ops::ConvOptions;
+use burn::tensor::{Tensor, module};
+
+/// `torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)`, with
+/// per-side padding as burn's [`ConvOptions`] holds it.
+///
+/// For f32 tensors on the flex device without autodiff and with one group
+/// ([`super::Kernel::HostConv`] enabled) through a host loop of `gemm` products over an
+/// im2col buffer ([`host`]); else through burn's `module::conv2d` (the reference: what
+/// `burn::nn::conv::Conv2d::forward` runs).
+///
+/// # Shapes
+/// - `x`: `[B, C_in, H, W]`
+/// - `weight`: `[C_out, C_in / groups, K_h, K_w]`
+/// - `bias`: `[C_out]`
+/// - output: `[B, C_out, H_out, W_out]`
+///
+/// # Panics
+/// As burn's `conv2d` when the shapes disagree.
+pub fn conv2d(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    #[cfg(feature = "flex")]
+    if let Some(plan) = host::Plan::new(&x, &weight, bias.as_ref(), &options) {
+        return host::conv2d_f32(x, weight, bias, &plan);
+    }
+    module::conv2d(x, weight, bias, options)
+}
+
+/// The reference of [`conv2d`]: burn's `module::conv2d`.
+pub fn conv2d_reference(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+) -> Tensor<4> {
+    module::conv2d(x, weight, bias, options)
+}
+
+/// Convolution on the CPU as blocked matrix products.
+///
+/// burn-flex's convolution (the reference on flex) converts the whole input to NHWC and the
+/// weights to `[C_out, K_h, K_w, C_in]` on one thread for every call, multiplies tiles of 512
+/// output positions through an im2col buffer, and scatters each product into the NCHW output one
+/// element at a time with a stride of the output plane, then adds the bias in another pass; it
+/// ran SD's 3×3 convolutions at 55-75% of PyTorch's oneDNN speed (docs/benchmarks.md). Here, per
+/// image and block of output rows, an im2col buffer `[C_in · K_h · K_w, rows · W_out]` is
+/// filled straight from the NCHW input (each of its rows is a shifted copy of an input row,
+/// zero-padded at the edges), and one `gemm` product `weight[C_out, C_in · K_h · K_w] · col`
+/// writes the output block in place in the NCHW output (row stride `H_out · W_out`), onto the
+/// bias written there first. The weight needs no reordering: PyTorch's `[C_out, C_in, K_h, K_w]`
+/// flattens to exactly the im2col row order. A 1×1 convolution with stride 1 and no padding
+/// multiplies the input itself, without a buffer. Blocks run in parallel on flex's rayon pool;
+/// when there are too few of them for the pool, each product is split by `gemm` instead.
+#[cfg(feature = "flex")]
+pub(super) mod host {
+    use burn::tensor::ops::ConvOptions;
+    use burn::tensor::{DType, Tensor, TensorData};
+    use rayon::prelude::*;
+
+    use super::super::Kernel;
+    use super::super::host::{SendPtr, applies, with_f32};
+
+    /// Output positions per block (`rows · W_out`, whole rows, at least one): the im2col buffer
+    /// is `C_in · K_h · K_w` times that, 4.5 MiB for a 3×3 convolution from 128 channels.
+    const BLOCK_POSITIONS: usize = 1024;
+
+    /// The sizes of one convolution the host loop computes.
+    #[derive(Clone, Copy, Debug)]
+    pub(in crate::kernels) struct Plan {
+        batch: usize,
+        c_in: usize,
+        c_out: usize,
+        size_in: [usize; 2],
+        size_out: [usize; 2],
+        kernel: [usize; 2],
+        stride: [usize; 2],
+        padding: [usize; 2],
+        dilation: [usize; 2],
+    }
+
+    impl Plan {
+        /// The plan of `conv2d(x, weight, bias, options)` when the host loop takes it: f32
+        /// tensors on flex without autodiff, [`Kernel::HostConv`] on, one group, shapes that
+        /// fit together and a non-empty output. `None` sends the call to the reference.
+        pub(in crate::kernels) fn new(
+            x: &Tensor<4>,
+            weight: &Tensor<4>,
+            bias: Option<&Tensor<1>>,
+            options: &ConvOptions<2>,
+        ) -> Option<Self> {
+            let [batch, c_in, h, w] = x.dims();
+            let [c_out, c_per_group, k_h, k_w] = weight.dims();
+            let f32_plain = |dtype: DType, autodiff: bool| dtype == DType::F32 && !autodiff;
+            if options.groups != 1
+                || c_per_group != c_in
+                || !f32_plain(weight.dtype(), weight.is_autodiff())
+                || x.is_autodiff()
+                || bias
+                    .is_some_and(|b| !f32_plain(b.dtype(), b.is_autodiff()) || b.dims() != [c_out])
+                || !applies(x, Kernel::HostConv)
+                || weight.shape().num_elements() == 0
+            {
+                return None;
+            }
+            let out = |axis: usize, size: usize| {
+                let (begin, end) = options.padding[axis];
+                let span = options.dilation[axis] * ([k_h, k_w][axis] - 1) + 1;
+                (size + begin + end)
+                    .checked_sub(span)
+                    .map(|room| room / options.stride[axis] + 1)
+            };
+            let size_out = [out(0, h)?, out(1, w)?];
+            // Padding after the input only limits the output size (computed above); every
+            // position reads the input through the begin padding.
+            let padding = [options.padding[0].0, options.padding[1].0];
+            (size_out[0] * size_out[1] > 0).then_some(Self {
+                batch,
+                c_in,
+                c_out,
+                size_in: [h, w],
+                size_out,
+                kernel: [k_h, k_w],
+                stride: options.stride,
+                padding,
+                dilation: options.dilation,
+            })
+        }
+
+        /// A 1×1 convolution with stride 1 and no padding: the input plane is the im2col
+        /// matrix.
+        fn pointwise(&self) -> bool {
+            self.kernel == [1, 1] && self.stride == [1, 1] && self.padding == [0, 0]
+        }
+
+        fn col_len(&self) -> usize {
+            self.c_in * self.kernel[0] * self.kernel[1]
+        }
+    }
+
+    /// [`super::conv2d`] through the host loop, for a call [`Plan::new`] accepted.
+    pub(in crate::kernels) fn conv2d_f32(
+        x: Tensor<4>,
+        weight: Tensor<4>,
+        bias: Option<Tensor<1>>,
+        plan: &Plan,
+    ) -> Tensor<4> {
+        let device = x.device();
+        let [h_out, w_out] = plan.size_out;
+        let plane_out = h_out * w_out;
+        let mut out = vec![0.0f32; plan.batch * plan.c_out * plane_out];
+        // The products add onto the bias.
+        let read_dst = bias.is_some();
+        if let Some(bias) = bias {
+            with_f32(bias, |bias| {
+                out.par_chunks_mut(plane_out)
+                    .enumerate()
+                    .for_each(|(i, plane)| plane.fill(bias[i % plan.c_out]));
+            });
+        }
+        let rows = (BLOCK_POSITIONS / w_out).clamp(1, h_out);
+        let blocks_per_image = h_out.div_ceil(rows);
+        let blocks = plan.batch * blocks_per_image;
+        // Enough blocks for every thread (two each, for balance), or split each product.
+        let threads = rayon::current_num_threads();
+        let inner = if blocks >= 2 * threads {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(threads)
+        };
+        let dst = SendPtr(out.as_mut_ptr());
+        with_f32(weight, |weight| {
+            with_f32(x, |x| {
+                let run = |block: usize, col: &mut Vec<f32>| {
+                    let image = block / blocks_per_image;
+                    let first_row = (block % blocks_per_image) * rows;
+                    let n_rows = rows.min(h_out - first_row);
+                    let input = &x[image * plan.c_in * plan.size_in[0] * plan.size_in[1]..]
+                        [..plan.c_in * plan.size_in[0] * plan.size_in[1]];
+                    let offset = image * plan.c_out * plane_out + first_row * w_out;
+                    // SAFETY: blocks write disjoint sets of output positions (their own rows
+                    // of their own image), within `out`, which outlives this loop.
+                    unsafe {
+                        block_product(
+                            plan,
+                            input,
+                            weight,
+                            (first_row, n_rows),
+                            dst.add(offset),
+                            read_dst,
+                            col,
+                            inner,
+                        );
+                    }
+                };
+                match inner {
+                    gemm::Parallelism::None => (0..blocks)
+                        .into_par_iter()
+                        .for_each_init(Vec::new, |col, block| run(block, col)),
+                    _ => {
+                        let mut col = Vec::new();
+                        (0..blocks).for_each(|block| run(block, &mut col));
+                    }
+                }
+            })
+        });
+        let shape = [plan.batch, plan.c_out, h_out, w_out];
+        Tensor::from_data(TensorData::new(out, shape), &device)
+    }
+
+    /// Output rows `first_row..first_row + n_rows` of one image: the im2col buffer of those
+    /// rows (unless the convolution is pointwise), then `dst[C_out, positions] (+)= weight · col`.
+    ///
+    /// # Safety
+    /// `dst` must point at the image's output element `[0, first_row, 0]`, with the image's
+    /// `C_out` planes of `H_out · W_out` after it, and no other thread may access the block's
+    /// positions of those planes meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block_product(
+        plan: &Plan,
+        input: &[f32],
+        weight: &[f32],
+        (first_row, n_rows): (usize, usize),
+        dst: *mut f32,
+        read_dst: bool,
+        col: &mut Vec<f32>,
+        parallelism: gemm::Parallelism,
+    ) {
+        let [h_out, w_out] = plan.size_out;
+        let positions = n_rows * w_out;
+        let k = plan.col_len();
+        let (rhs, rhs_rs) = if plan.pointwise() {
+            (
+                input[first_row * w_out..].as_ptr(),
+                (h_out * w_out) as isize,
+            )
+        } else {
+            col.resize(k * positions, 0.0);
+            fill_columns(plan, input, first_row, n_rows, col);
+            (col.as_ptr(), positions as isize)
+        };
+        // SAFETY: weight is C_out × k row-major; rhs is k × positions with row stride rhs_rs
+        // (the input's planes, or the buffer just filled); dst is C_out × positions with row
+        // stride H_out · W_out, valid and exclusive by the caller's contract, and aliases
+        // neither.
+        unsafe {
+            gemm::gemm(
+                plan.c_out,
+                positions,
+                k,
+                dst,
+                1,
+                (h_out * w_out) as isize,
+                read_dst,
+                weight.as_ptr(),
+                1,
+                k as isize,
+                rhs,
+                1,
+                rhs_rs,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                parallelism,
+            );
+        }
+    }
+
+    /// The im2col rows of output rows `first_row..first_row + n_rows` into `col`
+    /// (`[C_in · K_h · K_w, n_rows · W_out]`): row `(c, ky, kx)`, position `(oy, ox)` holds
+    /// `x[c, oy · s_h - p_h + ky · d_h, ox · s_w - p_w + kx · d_w]`, zero outside the input.
+    fn fill_columns(plan: &Plan, input: &[f32], first_row: usize, n_rows: usize, col: &mut [f32]) {
+        let [h, w] = plan.size_in;
+        let [_, w_out] = plan.size_out;
+        let [k_h, k_w] = plan.kernel;
+        let [s_h, s_w] = plan.stride;
+        let [p_h, p_w] = plan.padding;
+        let [d_h, d_w] = plan.dilation;
+        let positions = n_rows * w_out;
+        for (tap, row) in col.chunks_exact_mut(positions).enumerate() {
+            let c = tap / (k_h * k_w);
+            let (ky, kx) = ((tap / k_w) % k_h, tap % k_w);
+            let plane = &input[c * h * w..(c + 1) * h * w];
+            // Output columns whose input column lies inside: ox · s_w + kx · d_w - p_w in [0, w).
+            let shift = (kx * d_w) as isize - p_w as isize;
+            let lo = ((-shift).max(0) as usize).div_ceil(s_w).min(w_out);
+            let hi = if (w as isize) - shift <= 0 {
+                0
+            } else {
+                ((w as isize - shift) as usize).div_ceil(s_w).min(w_out)
+            }
+            .max(lo);
+            for (r, out_row) in row.chunks_exact_mut(w_out).enumerate() {
+                let iy = ((first_row + r) * s_h + ky * d_h) as isize - p_h as isize;
+                if iy < 0 || iy >= h as isize {
+                    out_row.fill(0.0);
+                    continue;
+                }
+                let source = &plane[iy as usize * w..][..w];
+                out_row[..lo].fill(0.0);
+                out_row[hi..].fill(0.0);
+                let first = (lo * s_w) as isize + shift;
+                if s_w == 1 {
+                    let first = first as usize;
+                    out_row[lo..hi].copy_from_slice(&source[first..first + (hi - lo)]);
+                } else {
+                    for (o, i) in out_row[lo..hi]
+                        .iter_mut()
+                        .zip((first as usize..).step_by(s_w))
+                    {
+                        *o = source[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(all(test, feature = "flex"))]
+mod tests {
+    use burn::tensor::{Distribution, Tensor};
+
+    use super::super::{Kernel, set_kernel_enabled};
+    use super::*;
+    use crate::Device;
+
+    /// Largest `|got - want| / max |want|`.
+    fn relative_error(got: Tensor<4>, want: Tensor<4>) -> f32 {
+        let scale = want.clone().abs().max().into_scalar::<f32>().max(1e-30);
+        (got - want).abs().max().into_scalar::<f32>() / scale
+    }
+
+    /// The host loop against burn's convolution: 3×3 with padding 1 (the UNet's and VAE's),
+    /// strided downsampling with the asymmetric padding diffusers' `Downsample2D` uses, 1×1
+    /// pointwise and padded, dilation, kernels wider than the input with padding, non-square
+    /// sizes, blocks that end inside the output, batches, with and without a bias, and inputs
+    /// that are views (read through a copy). Switched off, and with two groups, `conv2d` runs
+    /// the reference bit for bit.
+    #[test]
+    fn conv_host_loop_matches_reference() {
+        set_kernel_enabled(Kernel::HostConv, true);
+        let device = Device::flex();
+        // [batch, c_in, c_out, h, w], kernel, stride, padding (begin, end) per axis, dilation
+        type Case = (
+            [usize; 5],
+            [usize; 2],
+            [usize; 2],
+            [(usize, usize); 2],
+            [usize; 2],
+        );
+        let cases: [Case; 10] = [
+            ([2, 8, 12, 17, 23], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            (
+                [1, 32, 16, 64, 64],
+                [3, 3],
+                [1, 1],
+                [(1, 1), (1, 1)],
+                [1, 1],
+            ),
+            ([2, 6, 6, 16, 16], [3, 3], [2, 2], [(0, 1), (0, 1)], [1, 1]),
+            ([1, 5, 7, 15, 13], [3, 3], [2, 2], [(1, 1), (1, 1)], [1, 1]),
+            ([3, 9, 4, 10, 11], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
+            ([1, 4, 3, 10, 11], [1, 1], [1, 1], [(1, 1), (0, 2)], [1, 1]),
+            ([1, 3, 5, 12, 14], [3, 3], [1, 1], [(2, 2), (2, 2)], [2, 2]),
+            ([1, 2, 3, 4, 5], [7, 7], [1, 1], [(3, 3), (3, 3)], [1, 1]),
+            ([2, 4, 5, 9, 40], [3, 5], [1, 3], [(1, 2), (2, 0)], [1, 1]),
+            ([1, 3, 4, 1, 1], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+        ];
+        for ([b, c_in, c_out, h, w], kernel, stride, padding, dilation) in cases {
+            let x = Tensor::<4>::random([b, c_in, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let weight = Tensor::<4>::random(
+                [c_out, c_in, kernel[0], kernel[1]],
+                Distribution::Normal(0.0, 0.3),
+                &device,
+            );
+            let bias = Tensor::<1>::random([c_out], Distribution::Normal(0.0, 1.0), &device);
+            let options = ConvOptions::new_with_padding(stride, padding, dilation, 1);
+            for bias in [Some(bias), None] {
+                let case = format!(
+                    "{:?}, bias {}",
+                    ([b, c_in, c_out, h, w], kernel, stride, padding, dilation),
+                    bias.is_some()
+                );
+                assert!(
+                    host::Plan::new(&x, &weight, bias.as_ref(), &options).is_some(),
+                    "{case}: not taken"
+                );
+                let got = conv2d(x.clone(), weight.clone(), bias.clone(), options.clone());
+                let want = conv2d_reference(x.clone(), weight.clone(), bias, options.clone());
+                assert_eq!(got.dims(), want.dims(), "{case}");
+                let err = relative_error(got, want);
+                assert!(err <= 1e-5, "{case}: {err:e}");
+            }
+        }
+
+        // A view (channels and rows swapped back and forth through a transpose).
+        let t = Tensor::<4>::random([1, 20, 6, 18], Distribution::Default, &device);
+        let x = t.swap_dims(1, 2);
+        let weight = Tensor::<4>::random([5, 6, 3, 3], Distribution::Default, &device);
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let err = relative_error(
+            conv2d(x.clone(), weight.clone(), None, options.clone()),
+            conv2d_reference(x.clone(), weight.clone(), None, options.clone()),
+        );
+        assert!(err <= 1e-5, "view: {err:e}");
+
+        // Two groups: the reference.
+        let grouped = ConvOptions::new([1, 1], [1, 1], [1, 1], 2);
+        let w2 = Tensor::<4>::random([4, 3, 3, 3], Distribution::Default, &device);
+        let x2 = Tensor::<4>::random([1, 6, 8, 8], Distribution::Default, &device);
+        assert!(host::Plan::new(&x2, &w2, None, &grouped).is_none());
+        conv2d(x2.clone(), w2.clone(), None, grouped.clone())
+            .into_data()
+            .assert_eq(&conv2d_reference(x2, w2, None, grouped).into_data(), true);
+
+        // Switched off: the reference bit for bit. (In this test, not its own: the switch is
+        // process-wide and tests run in parallel.)
+        let want = conv2d_reference(x.clone(), weight.clone(), None, options.clone());
+        set_kernel_enabled(Kernel::HostConv, false);
+        let off = host::Plan::new(&x, &weight, None, &options).is_none();
+        let got = conv2d(x, weight, None, options);
+        set_kernel_enabled(Kernel::HostConv, true);
+        assert!(off);
+        got.into_data().assert_eq(&want.into_data(), true);
+    }
+
+    /// Under autodiff the reference runs and records the graph: the gradients of the input,
+    /// weight and bias equal the reference's bit for bit.
+    #[test]
+    fn conv_host_loop_keeps_autodiff_graphs() {
+        set_kernel_enabled(Kernel::HostConv, true);
+        let device = Device::flex();
+        let x = Tensor::<4>::random([1, 3, 6, 6], Distribution::Default, &device);
+        let w = Tensor::<4>::random([4, 3, 3, 3], Distribution::Default, &device);
+        let b = Tensor::<1>::random([4], Distribution::Default, &device);
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let grads =
+            |f: fn(Tensor<4>, Tensor<4>, Option<Tensor<1>>, ConvOptions<2>) -> Tensor<4>| {
+                // Only the weight trained: the input is frozen, as in a UNet's first layer.
+                let w = w.clone().autodiff().require_grad();
+                let b = b.clone().autodiff().require_grad();
+                let out = f(
+                    x.clone().autodiff(),
+                    w.clone(),
+                    Some(b.clone()),
+                    options.clone(),
+                );
+                let g = out.powi_scalar(2).sum().backward();
+                (
+                    w.grad(&g).expect("weight gradient").into_data(),
+                    b.grad(&g).expect("bias gradient").into_data(),
+                )
+            };
+        let (gw, gb) = grads(conv2d);
+        let (rw, rb) = grads(conv2d_reference);
+        gw.assert_eq(&rw, true);
+        gb.assert_eq(&rb, true);
+    }
+}
