@@ -147,20 +147,31 @@ pub(crate) fn cast_compact<const D: usize>(
 ) -> Tensor<D> {
     let device = tensor.device();
     device.memory_persistent_allocations(tensor, |tensor| {
-        let dims = tensor.dims();
-        let count = dims.iter().product::<usize>();
-        if transposed && D == 2 {
-            let stored = tensor.swap_dims(0, 1);
-            let stored_dims = stored.dims();
-            stored
-                .reshape([count])
-                .cast(dtype)
-                .reshape(stored_dims)
-                .swap_dims(0, 1)
-        } else {
-            tensor.reshape([count]).cast(dtype).reshape(dims)
-        }
+        through_stored_flat(tensor, transposed, |flat| flat.cast(dtype))
     })
+}
+
+/// `tensor` flattened in the order of its stored layout (PyTorch's `[out, in]` for a
+/// `transposed` parameter, whose burn tensor is the transpose), passed through `f`, and shaped
+/// back. The flattening reshape copies a tensor that is not contiguous in that order and is a
+/// view of one that is; what `f` returns is contiguous, so the result is laid out as a loaded
+/// parameter is.
+fn through_stored_flat<const D: usize>(
+    tensor: Tensor<D>,
+    transposed: bool,
+    f: impl FnOnce(Tensor<1>) -> Tensor<1>,
+) -> Tensor<D> {
+    let dims = tensor.dims();
+    let count = dims.iter().product::<usize>();
+    if transposed && D == 2 {
+        let stored = tensor.swap_dims(0, 1);
+        let stored_dims = stored.dims();
+        f(stored.reshape([count]))
+            .reshape(stored_dims)
+            .swap_dims(0, 1)
+    } else {
+        f(tensor.reshape([count])).reshape(dims)
+    }
 }
 
 impl Loader<'_> {
@@ -402,19 +413,7 @@ impl KeyedParamMapper for LoadedLayout {
         transposed: bool,
         param: Param<Tensor<D>>,
     ) -> Param<Tensor<D>> {
-        // A reshape to one dimension copies a strided tensor into a contiguous one and is a view
-        // of a contiguous one.
-        param.map(|tensor| {
-            let dims = tensor.dims();
-            let count = dims.iter().product::<usize>();
-            if transposed && D == 2 {
-                let stored = tensor.swap_dims(0, 1);
-                let stored_dims = stored.dims();
-                stored.reshape([count]).reshape(stored_dims).swap_dims(0, 1)
-            } else {
-                tensor.reshape([count]).reshape(dims)
-            }
-        })
+        param.map(|tensor| through_stored_flat(tensor, transposed, |flat| flat))
     }
 }
 
