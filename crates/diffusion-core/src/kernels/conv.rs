@@ -69,8 +69,8 @@ pub(super) mod host {
     /// Output positions per block (`rows · W_out`, whole rows, at least one row): the im2col
     /// buffer is `C_in · K_h · K_w` times that, 4.5 MiB for a 3×3 convolution from 512
     /// channels. Measured on SD's 3×3 convolutions (320-512 channels at 32-64², 128 at 128²;
-    /// 2 threads, release): 128 positions 154-168 GFLOP/s, 256 151-163, 384 145-151, 1024
-    /// 135-151, 2048 142-146, 4096 76-152; burn-flex's convolution 91-130 in the same run.
+    /// 2 threads, release, two sweeps): 128 positions 154-168 GFLOP/s, 256 151-171, 384
+    /// 145-151, 1024 114-154, 2048 142-146, 4096 76-152; burn-flex's convolution 91-130.
     const BLOCK_POSITIONS: usize = 256;
 
     /// The sizes of one convolution the host loop computes.
