@@ -330,15 +330,9 @@ pub(super) mod host {
 mod tests {
     use burn::tensor::{Distribution, Tensor};
 
-    use super::super::{Kernel, set_kernel_enabled};
+    use super::super::{Kernel, relative_error, set_kernel_enabled};
     use super::*;
     use crate::Device;
-
-    /// Largest `|got - want| / max |want|`.
-    fn relative_error(got: Tensor<4>, want: Tensor<4>) -> f32 {
-        let scale = want.clone().abs().max().into_scalar::<f32>().max(1e-30);
-        (got - want).abs().max().into_scalar::<f32>() / scale
-    }
 
     /// The host loop against burn's convolution: 3×3 with padding 1 (the UNet's and VAE's),
     /// strided downsampling with the asymmetric padding diffusers' `Downsample2D` uses, 1×1

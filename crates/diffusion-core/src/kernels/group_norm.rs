@@ -255,6 +255,7 @@ pub fn group_norm_reference<const D: usize>(
 #[cfg(all(test, feature = "flex"))]
 mod tests {
     use super::*;
+    use crate::kernels::relative_error;
     use burn::module::Param;
     use burn::nn::GroupNormConfig;
     use burn::tensor::{Device, Distribution};
@@ -286,12 +287,6 @@ mod tests {
                     .assert_eq(&activation::silu(want).into_data(), true);
             }
         }
-    }
-
-    /// Largest `|got - want| / max |want|`.
-    fn relative_error<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
-        let scale = want.clone().abs().max().into_scalar::<f32>().max(1e-30);
-        (got - want).abs().max().into_scalar::<f32>() / scale
     }
 
     /// `group_norm` and `group_norm_reference` of `x`, flattened.

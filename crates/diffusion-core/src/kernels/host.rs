@@ -329,7 +329,7 @@ fn softmax_numerators<const FMA: bool>(row: &mut [f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::{attention, attention_reference, set_kernel_enabled};
+    use crate::kernels::{attention, attention_reference, relative_error, set_kernel_enabled};
     use burn::tensor::{Device, Distribution};
 
     /// The host loops' `exp`, with and without fused multiply-adds, against the exact
@@ -353,12 +353,6 @@ mod tests {
             assert_eq!(exp(1000.0), exp(88.3), "{name}");
             assert!(exp(88.3).is_finite(), "{name}");
         }
-    }
-
-    /// Largest `|got - want| / max |want|`.
-    fn relative_error(got: Tensor<4>, want: Tensor<4>) -> f32 {
-        let scale = want.clone().abs().max().into_scalar::<f32>().max(1e-30);
-        (got - want).abs().max().into_scalar::<f32>() / scale
     }
 
     /// The host loop against the reference (burn's attention op): self- and cross-attention at

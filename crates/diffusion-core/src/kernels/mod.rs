@@ -242,6 +242,16 @@ pub fn uses_kernels(device: &Device) -> bool {
         && uses_kernel(Kernel::Softmax, device)
 }
 
+/// Largest `|got - want| / max |want|`: how the host loops' tests compare with the references.
+#[cfg(all(test, feature = "flex"))]
+fn relative_error<const D: usize>(
+    got: burn::tensor::Tensor<D>,
+    want: burn::tensor::Tensor<D>,
+) -> f32 {
+    let scale = want.clone().abs().max().into_scalar::<f32>().max(1e-30);
+    (got - want).abs().max().into_scalar::<f32>() / scale
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
