@@ -3,8 +3,9 @@
 # (docs/benchmarks.md). Expects, relative to the repository root:
 #   .gpubin/sd_gpu.xz   `cargo build --release -p diffusion-benches --no-default-features
 #                        --features cuda,autotune-cache --bin sd_gpu`, stripped and xz-compressed
-#   target/environment   optional: CubeCL's autotune cache from an earlier call (carry it);
-#                        the run leaves the updated cache in <out-dir>/environment to bring back
+#   .gpubin/environment.tar   optional: CubeCL's autotune cache (`target/environment`) from an
+#                        earlier call; the run leaves the updated cache in <out-dir>/environment.tar
+#                        (one file: the device tool brings back only a few files, two folders deep)
 #   .whl/*.whl           diffusers 0.42.1 and importlib_metadata wheels (pip download)
 # Usage: benches/gpu/run.sh <out-dir> <what> [sd_gpu flags...]
 #   what = rust | python | both; extra flags go to both programs where they share them
@@ -15,11 +16,12 @@ mkdir -p "$out"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv \
     >"$out/gpu.csv" 2>&1
 if [[ $what != python ]]; then
+    [[ -f .gpubin/environment.tar ]] && mkdir -p target && tar -xf .gpubin/environment.tar -C target
     [[ -x /tmp/sd_gpu ]] || xz -dc .gpubin/sd_gpu.xz >/tmp/sd_gpu && chmod +x /tmp/sd_gpu
     echo "== sd_gpu $* ${RUST_ARGS:-}"
     /tmp/sd_gpu "$@" ${RUST_ARGS:-} 2>"$out/rust.err" | tee -a "$out/rust.jsonl"
     echo "rust exit ${PIPESTATUS[0]}"; tail -5 "$out/rust.err"
-    [[ -d target/environment ]] && cp -r target/environment "$out/"
+    [[ -d target/environment ]] && tar -cf "$out/environment.tar" -C target environment
 fi
 if [[ $what != rust ]]; then
     if [[ ! -d /tmp/site ]]; then
