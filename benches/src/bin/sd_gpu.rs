@@ -12,12 +12,15 @@
 //! sd_gpu [--device cuda|wgpu|cubecl-cpu] [--models sd15,sdxl]
 //!        [--kinds unet,vae_decode,pipeline] [--dtypes f16,bf16,f32]
 //!        [--kernels on,off,group_norm,attention,softmax] [--attention auto,flash,matmul,burn]
-//!        [--graph off|on] [--iters 10] [--warmup 3] [--pipeline-iters 3] [--steps 30]
+//!        [--conv burn,split_k] [--graph off|on] [--iters 10] [--warmup 3] [--pipeline-iters 3] [--steps 30]
 //! ```
 //!
 //! `--attention` lists the routes of f16 attention to compare (`diffusion_core::kernels::
 //! AttentionRoute`: `auto`, this crate's `flash` kernel, `matmul`, or burn's fused op `burn`,
-//! cubek's tensor-core flash attention on CUDA). `--graph on` also times each UNet step
+//! cubek's tensor-core flash attention on CUDA). `--conv` lists the convolution routes
+//! (`diffusion_core::kernels::ConvRoute`: burn's autotuned convolution, or `split_k`, a batched
+//! split-K matrix product over an im2col buffer for small feature maps with many channels).
+//! `--graph on` also times each UNet step
 //! replayed from a captured CUDA graph (`burn::tensor::capture`: one dispatch for the whole
 //! forward), which separates the GPU's time from the host's launch overhead.
 //!
@@ -42,7 +45,8 @@ use diffusion_benches::{gpu_unet_configs, gpu_vae_configs};
 use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor, capture};
 
 use diffusion_core::kernels::{
-    AttentionRoute, Kernel, set_attention_route, set_kernel_enabled, uses_kernels,
+    AttentionRoute, ConvRoute, Kernel, set_attention_route, set_conv_route, set_kernel_enabled,
+    uses_kernels,
 };
 use diffusion_core::{Device, Precision};
 use diffusion_models::modeling_utils::to_dtype;
@@ -60,6 +64,7 @@ struct Args {
     dtypes: Vec<String>,
     kernels: Vec<String>,
     attention: Vec<AttentionRoute>,
+    conv: Vec<ConvRoute>,
     graph: bool,
     iters: usize,
     warmup: usize,
@@ -75,6 +80,7 @@ fn parse_args() -> Result<Args> {
         dtypes: vec!["f16".into(), "bf16".into(), "f32".into()],
         kernels: vec!["on".into(), "off".into()],
         attention: vec![AttentionRoute::Auto],
+        conv: vec![ConvRoute::Burn],
         graph: false,
         iters: 10,
         warmup: 3,
@@ -114,6 +120,12 @@ fn parse_args() -> Result<Args> {
                 args.attention = list(value)
                     .iter()
                     .map(|r| r.parse::<AttentionRoute>())
+                    .collect::<Result<_, _>>()?;
+            }
+            "--conv" => {
+                args.conv = list(value)
+                    .iter()
+                    .map(|r| r.parse::<ConvRoute>())
                     .collect::<Result<_, _>>()?;
             }
             "--graph" => {
@@ -161,6 +173,7 @@ struct Row<'a> {
     dtype: &'a str,
     kernels: &'a str,
     attention: AttentionRoute,
+    conv: ConvRoute,
     /// `Some(hardware)` for a step replayed from a captured graph.
     graph: Option<bool>,
     ms: f64,
@@ -179,12 +192,24 @@ fn settled_in_use_mib(device: &Device) -> Option<f64> {
         .map(|u| (u.bytes_in_use as f64 / 1048576.0 * 10.0).round() / 10.0)
 }
 
-/// Every (`--kernels`, `--attention`) pair to measure, kernels outermost.
-fn variants(args: &Args) -> Vec<(&str, AttentionRoute)> {
+/// Every (`--kernels`, `--attention`, `--conv`) choice to measure, kernels outermost; each
+/// is switched on as it is returned.
+fn variants(args: &Args) -> Vec<(&str, AttentionRoute, ConvRoute)> {
     args.kernels
         .iter()
-        .flat_map(|k| args.attention.iter().map(move |a| (k.as_str(), *a)))
+        .flat_map(|k| {
+            args.attention
+                .iter()
+                .flat_map(move |a| args.conv.iter().map(move |c| (k.as_str(), *a, *c)))
+        })
         .collect()
+}
+
+/// Switch the kernels and routes of one of [`variants`].
+fn select((kernels, attention, conv): (&str, AttentionRoute, ConvRoute)) {
+    select_kernels(kernels);
+    set_attention_route(attention);
+    set_conv_route(conv);
 }
 
 /// Switch the kernels as `--kernels` names them.
@@ -210,6 +235,7 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
     let json = serde_json::json!({
         "impl": format!("burn-kernels-{}", row.kernels),
         "attention": row.attention.name(),
+        "conv": row.conv.name(),
         "graph": row.graph,
         "device": format!("{device:?}"),
         "kind": row.kind,
@@ -318,7 +344,8 @@ fn generate(
 /// One operator at SD 1.5 shapes (batch 2, 64×64 latents): name, FLOPs, and the call.
 type Op = (&'static str, f64, Box<dyn Fn()>);
 
-/// A 3×3 convolution `c → c` (padding 1) on `[batch, c, hw, hw]`, with its FLOPs.
+/// A 3×3 convolution `c → c` (padding 1) on `[batch, c, hw, hw]` through `kernels::conv2d`
+/// (the `--conv` route), with its FLOPs.
 fn conv3x3_op(
     name: String,
     batch: usize,
@@ -329,6 +356,7 @@ fn conv3x3_op(
 ) -> Op {
     use diffusion_core::burn::nn::PaddingConfig2d;
     use diffusion_core::burn::nn::conv::Conv2dConfig;
+    use diffusion_core::burn::tensor::ops::ConvOptions;
     let conv = to_dtype(
         Conv2dConfig::new([c, c], [3, 3])
             .with_padding(PaddingConfig2d::Explicit(1, 1, 1, 1))
@@ -339,7 +367,19 @@ fn conv3x3_op(
     let x = randn([batch, c, hw, hw], dtype, device);
     let flops = 2.0 * (batch * hw * hw * c * c * 9) as f64;
     let name: &'static str = Box::leak(name.into_boxed_str());
-    (name, flops, Box::new(move || drop(conv.forward(x.clone()))))
+    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    (
+        name,
+        flops,
+        Box::new(move || {
+            drop(diffusion_core::kernels::conv2d(
+                x.clone(),
+                conv.weight.val(),
+                conv.bias.as_ref().map(|b| b.val()),
+                options.clone(),
+            ))
+        }),
+    )
 }
 
 /// GroupNorm(32) + SiLU with unit affine parameters on `x` (this crate's fused kernel).
@@ -504,9 +544,8 @@ fn main() -> Result<()> {
                         .forward_with(x.clone(), t.clone(), states.clone(), options)
                         .expect("UNet forward")
                 };
-                for (kernels, attention) in variants(&args) {
-                    select_kernels(kernels);
-                    set_attention_route(attention);
+                for variant @ (kernels, attention, conv) in variants(&args) {
+                    select(variant);
                     device.memory_cleanup();
                     let row = |graph, ms| Row {
                         kind: "unet",
@@ -514,6 +553,7 @@ fn main() -> Result<()> {
                         dtype: dtype_name,
                         kernels,
                         attention,
+                        conv,
                         graph,
                         ms,
                         steps: args.steps,
@@ -544,9 +584,8 @@ fn main() -> Result<()> {
                 let model = to_dtype(AutoencoderKL::from_config(&config, &device)?, dtype)?;
                 let loaded_mib = settled_in_use_mib(&device);
                 let z = randn([1, config.latent_channels, size, size], dtype, &device);
-                for (kernels, attention) in variants(&args) {
-                    select_kernels(kernels);
-                    set_attention_route(attention);
+                for variant @ (kernels, attention, conv) in variants(&args) {
+                    select(variant);
                     device.memory_cleanup();
                     let ms = time_ms(&device, args.warmup, args.iters, || {
                         drop(model.decode(z.clone()).expect("VAE decode"));
@@ -557,6 +596,7 @@ fn main() -> Result<()> {
                         dtype: dtype_name,
                         kernels,
                         attention,
+                        conv,
                         graph: None,
                         ms,
                         steps: args.steps,
@@ -568,14 +608,14 @@ fn main() -> Result<()> {
         }
         if args.kinds.iter().any(|k| k == "ops") {
             let ops = ops(dtype, &device);
-            for (kernels, attention) in variants(&args) {
-                select_kernels(kernels);
-                set_attention_route(attention);
+            for variant @ (kernels, attention, conv) in variants(&args) {
+                select(variant);
                 for (name, flops, op) in &ops {
                     let ms = time_ms(&device, args.warmup, args.iters, op);
                     let json = serde_json::json!({
                         "impl": format!("burn-kernels-{kernels}"),
                         "attention": attention.name(),
+                        "conv": conv.name(),
                         "kind": "op",
                         "op": name,
                         "dtype": dtype_name,
@@ -600,9 +640,8 @@ fn main() -> Result<()> {
                 let vae = to_dtype(AutoencoderKL::from_config(vae_config, &device)?, dtype)?;
                 let loaded_mib = settled_in_use_mib(&device);
                 let (_, states, added) = unet_inputs(&config, size, dtype, &device);
-                for (kernels, attention) in variants(&args) {
-                    select_kernels(kernels);
-                    set_attention_route(attention);
+                for variant @ (kernels, attention, conv) in variants(&args) {
+                    select(variant);
                     device.memory_cleanup();
                     let ms = time_ms(&device, 1, args.pipeline_iters, || {
                         let image = generate(
@@ -617,6 +656,7 @@ fn main() -> Result<()> {
                         dtype: dtype_name,
                         kernels,
                         attention,
+                        conv,
                         graph: None,
                         ms,
                         steps: args.steps,

@@ -1,5 +1,5 @@
-//! The fused GroupNorm, attention and softmax kernels against their tensor-op references, on a CubeCL
-//! device: the CubeCL CPU runtime (`--features cpu`, LLVM), wgpu (`--features wgpu`, lavapipe
+//! The fused GroupNorm, attention and softmax kernels, and the split-K convolution route,
+//! against their tensor-op references, on a CubeCL device: the CubeCL CPU runtime (`--features cpu`, LLVM), wgpu (`--features wgpu`, lavapipe
 //! without a GPU) or CUDA. `cargo xtask test-kernels` sets up and runs these.
 //!
 //! `KERNEL_TEST_DEVICE=cpu|wgpu|cuda` picks the device when several are compiled in.
@@ -9,10 +9,12 @@
 //! itself ~5e-4 off in f32, so it is reported beside the kernel rather than used as the truth.
 #![cfg(feature = "cubecl-kernels")]
 
+use diffusion_core::burn::tensor::ops::ConvOptions;
 use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use diffusion_core::kernels::{
-    attention, attention_burn, attention_reference, group_norm, group_norm_reference, softmax,
-    softmax_reference, uses_kernels,
+    ConvRoute, attention, attention_burn, attention_reference, conv2d, conv2d_reference,
+    group_norm, group_norm_reference, set_conv_route, softmax, softmax_reference, split_k_factor,
+    uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -333,4 +335,101 @@ fn burn_route_attention_in_half_precision() {
         t.swap_dims(1, 2),
         "head-split views, d 40",
     );
+}
+
+/// A direct convolution in f64 on the host (one group, padding `pad` on every side, stride
+/// `stride`), from the inputs as given.
+fn exact_conv(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: &Tensor<1>,
+    stride: usize,
+    pad: usize,
+) -> Vec<f64> {
+    let [b, c_in, h, w] = x.dims();
+    let [c_out, _, k_h, k_w] = weight.dims();
+    let host = |t: Vec<f32>| t.into_iter().map(f64::from).collect::<Vec<_>>();
+    let (xs, ws, bs) = (
+        host(to_vec(x.clone().cast(FloatDType::F32))),
+        host(to_vec(weight.clone().cast(FloatDType::F32))),
+        host(to_vec(bias.clone().cast(FloatDType::F32))),
+    );
+    let (h_out, w_out) = (
+        (h + 2 * pad - k_h) / stride + 1,
+        (w + 2 * pad - k_w) / stride + 1,
+    );
+    let mut out = Vec::with_capacity(b * c_out * h_out * w_out);
+    for n in 0..b {
+        for o in 0..c_out {
+            for oy in 0..h_out {
+                for ox in 0..w_out {
+                    let mut acc = bs[o];
+                    for i in 0..c_in {
+                        for ky in 0..k_h {
+                            for kx in 0..k_w {
+                                let (y, x) = (oy * stride + ky, ox * stride + kx);
+                                if y < pad || x < pad || y - pad >= h || x - pad >= w {
+                                    continue;
+                                }
+                                acc += ws[((o * c_in + i) * k_h + ky) * k_w + kx]
+                                    * xs[((n * c_in + i) * h + y - pad) * w + x - pad];
+                            }
+                        }
+                    }
+                    out.push(acc);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The split-K convolution route (`conv2d` with `ConvRoute::SplitK`: a batched matrix product
+/// over an im2col buffer, partial sums in f32) and burn's convolution against the exact result,
+/// on a 3×3 convolution over an 8×8 map with many channels (the shape the route is for) and a
+/// strided downsampling one. The route must be within the dtype's tolerance, or no further off
+/// than burn's own convolution (on CUDA both multiply f32 in TF32).
+#[test]
+fn split_k_convolution_matches_exact() {
+    let device = device();
+    set_conv_route(ConvRoute::SplitK);
+    for (dtype, tolerance) in dtypes(&device) {
+        for ([b, c_in, c_out, hw], stride) in [([2, 256, 192, 8], 1), ([2, 128, 64, 16], 2)] {
+            let x = random([b, c_in, hw, hw], &device).cast(dtype);
+            let weight = random([c_out, c_in, 3, 3], &device)
+                .mul_scalar(0.05)
+                .cast(dtype);
+            let bias = random([c_out], &device).cast(dtype);
+            let options = ConvOptions::new([stride, stride], [1, 1], [1, 1], 1);
+            assert!(split_k_factor(&x, &weight, &options).is_some());
+            let exact = exact_conv(&x, &weight, &bias, stride, 1);
+            let error = |t: Tensor<4>| {
+                let got = to_vec(t.cast(FloatDType::F32));
+                assert_eq!(got.len(), exact.len());
+                let scale = exact.iter().fold(0f64, |m, e| m.max(e.abs()));
+                let diff = got
+                    .iter()
+                    .zip(&exact)
+                    .fold(0f64, |m, (g, e)| m.max((f64::from(*g) - e).abs()));
+                (diff / scale) as f32
+            };
+            let route = conv2d(
+                x.clone(),
+                weight.clone(),
+                Some(bias.clone()),
+                options.clone(),
+            );
+            assert_eq!(route.dtype(), x.dtype());
+            let route = error(route);
+            let burn = error(conv2d_reference(x, weight, Some(bias), options));
+            println!(
+                "split-K conv {dtype:?} [{b}, {c_in} -> {c_out}, {hw}², stride {stride}]: \
+                 {route:.2e} (burn's conv {burn:.2e})"
+            );
+            assert!(
+                route <= tolerance.max(2.0 * burn),
+                "{dtype:?} {c_in} -> {c_out} at {hw}²: {route:e} (burn {burn:e})"
+            );
+        }
+    }
 }

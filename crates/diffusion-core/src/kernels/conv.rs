@@ -29,7 +29,161 @@ pub fn conv2d(
     if let Some(plan) = host::Plan::new(&x, &weight, bias.as_ref(), &options) {
         return host::conv2d_f32(x, weight, bias, &plan);
     }
+    if super::conv_route() == super::ConvRoute::SplitK
+        && super::on_kernel_device(&x.device())
+        && !(x.is_autodiff()
+            || weight.is_autodiff()
+            || bias.as_ref().is_some_and(Tensor::is_autodiff))
+        && let Some(splits) = split_k_factor(&x, &weight, &options)
+    {
+        return conv2d_split_k(x, weight, bias, options, splits);
+    }
     module::conv2d(x, weight, bias, options)
+}
+
+/// Output tiles a GPU matrix kernel is assumed to cut a product into along each side.
+const SPLIT_K_TILE: usize = 128;
+/// Work groups [`split_k_factor`] aims for: two waves of an H100's 132 multiprocessors.
+const SPLIT_K_TARGET_GROUPS: usize = 264;
+/// The fewest reduction elements (`C_in · K_h · K_w / splits`) one split keeps.
+const SPLIT_K_MIN_DEPTH: usize = 256;
+
+/// How many slices [`conv2d`]'s split-K route ([`super::ConvRoute::SplitK`]) cuts the
+/// reduction of `conv2d(x, weight, _, options)` into, or `None` where it leaves the
+/// convolution to burn: one group only, and only where the product `[C_out, C_in · K_h · K_w]
+/// · [C_in · K_h · K_w, B · H_out · W_out]` has too few output tiles of
+/// [`SPLIT_K_TILE`]² to fill half of [`SPLIT_K_TARGET_GROUPS`] (SD 1.5's UNet at 8×8, 16×16
+/// and 32×32 latents: 1280 channels over 128 positions make 10 tiles for 132 multiprocessors).
+/// The factor doubles while the tiles times the factor stay under the target and each slice
+/// keeps at least [`SPLIT_K_MIN_DEPTH`] of the reduction, dividing it evenly.
+pub fn split_k_factor(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    options: &ConvOptions<2>,
+) -> Option<usize> {
+    let [batch, c_in, h, w] = x.dims();
+    let [c_out, c_per_group, k_h, k_w] = weight.dims();
+    if options.groups != 1 || c_per_group != c_in {
+        return None;
+    }
+    let [h_out, w_out] = conv_output_size([h, w], [k_h, k_w], options)?;
+    let positions = batch * h_out * w_out;
+    let depth = c_in * k_h * k_w;
+    let tiles = c_out.div_ceil(SPLIT_K_TILE) * positions.div_ceil(SPLIT_K_TILE);
+    if positions == 0 || tiles == 0 || 2 * tiles >= SPLIT_K_TARGET_GROUPS {
+        return None;
+    }
+    let mut splits = 1;
+    while tiles * splits < SPLIT_K_TARGET_GROUPS
+        && depth % (2 * splits) == 0
+        && depth / (2 * splits) >= SPLIT_K_MIN_DEPTH
+    {
+        splits *= 2;
+    }
+    (splits > 1).then_some(splits)
+}
+
+/// The output size of a convolution, `None` when the kernel does not fit in the padded input.
+fn conv_output_size(
+    size: [usize; 2],
+    kernel: [usize; 2],
+    options: &ConvOptions<2>,
+) -> Option<[usize; 2]> {
+    let out = |axis: usize| {
+        let (begin, end) = options.padding[axis];
+        let span = options.dilation[axis] * (kernel[axis] - 1) + 1;
+        (size[axis] + begin + end)
+            .checked_sub(span)
+            .map(|room| room / options.stride[axis] + 1)
+    };
+    Some([out(0)?, out(1)?])
+}
+
+/// [`conv2d`] as a split-K matrix product in burn tensor ops, for GPUs, where burn's implicit
+/// GEMM convolution launches one work group per output tile and so leaves most of the
+/// multiprocessors idle on small feature maps with many channels.
+///
+/// The im2col matrix `[C_in · K_h · K_w, B · H_out · W_out]` is gathered from shifted (strided,
+/// dilated) slices of the padded input, laid out `[C_in, K_h · K_w, B, H_out, W_out]` so that
+/// its rows follow PyTorch's weight order with no copy of the weight. Its rows and the
+/// weight's columns are cut into `splits` slices, multiplied as one batched product
+/// `[splits, C_out, depth / splits] · [splits, depth / splits, positions]`, and the partial
+/// products are summed in f32 (whatever the input dtype), then the bias is added and the
+/// result rounded to the input dtype. Any backend runs it; [`conv2d`] takes it on CubeCL
+/// devices with [`super::ConvRoute::SplitK`] chosen, for the shapes [`split_k_factor`]
+/// accepts.
+///
+/// # Panics
+/// If the group count is not 1, the shapes disagree, the kernel does not fit in the padded
+/// input, or `splits` is 0 or does not divide `C_in · K_h · K_w`.
+pub fn conv2d_split_k(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+    splits: usize,
+) -> Tensor<4> {
+    use burn::tensor::ops::PadMode;
+    use burn::tensor::{FloatDType, Slice};
+
+    let [batch, c_in, h, w] = x.dims();
+    let [c_out, c_per_group, k_h, k_w] = weight.dims();
+    assert!(
+        options.groups == 1 && c_per_group == c_in,
+        "conv2d_split_k: one group only (weight {:?}, input {:?})",
+        weight.dims(),
+        x.dims()
+    );
+    let [h_out, w_out] = conv_output_size([h, w], [k_h, k_w], &options)
+        .expect("conv2d_split_k: the kernel is larger than the padded input");
+    let depth = c_in * k_h * k_w;
+    assert!(
+        splits > 0 && depth % splits == 0,
+        "conv2d_split_k: {splits} splits do not divide a reduction of {depth}"
+    );
+    let dtype = x.dtype();
+    let [(top, bottom), (left, right)] = options.padding;
+    // [C_in, B, H + pads, W + pads]: channels first so the stacked taps land in weight order.
+    let x = x
+        .swap_dims(0, 1)
+        .pad([(top, bottom), (left, right)], PadMode::Constant(0.0));
+    let taps = (0..k_h)
+        .flat_map(|ky| (0..k_w).map(move |kx| (ky, kx)))
+        .map(|(ky, kx)| {
+            let along = |axis: usize, tap: usize, len: usize| {
+                let start = tap * options.dilation[axis];
+                Slice::new(
+                    start as isize,
+                    Some((start + (len - 1) * options.stride[axis] + 1) as isize),
+                    options.stride[axis] as isize,
+                )
+            };
+            x.clone().slice([
+                Slice::full(),
+                Slice::full(),
+                along(0, ky, h_out),
+                along(1, kx, w_out),
+            ])
+        })
+        .collect::<Vec<_>>();
+    let positions = batch * h_out * w_out;
+    // [C_in, K_h · K_w, B, H_out, W_out] → [splits, depth / splits, positions].
+    let columns = Tensor::stack::<5>(taps, 1).reshape([splits, depth / splits, positions]);
+    // [C_out, depth] → [splits, C_out, depth / splits]: a strided view, no copy.
+    let weight = weight
+        .reshape([c_out, splits, depth / splits])
+        .swap_dims(0, 1);
+    let partials = weight.matmul(columns);
+    let mut out = partials
+        .cast(FloatDType::F32)
+        .sum_dim(0)
+        .reshape([c_out, positions]);
+    if let Some(bias) = bias {
+        out = out + bias.cast(FloatDType::F32).reshape([c_out, 1]);
+    }
+    out.cast(dtype)
+        .reshape([c_out, batch, h_out, w_out])
+        .swap_dims(0, 1)
 }
 
 /// The reference of [`conv2d`]: burn's `module::conv2d`.
@@ -111,14 +265,7 @@ pub(super) mod host {
             {
                 return None;
             }
-            let out = |axis: usize, size: usize| {
-                let (begin, end) = options.padding[axis];
-                let span = options.dilation[axis] * ([k_h, k_w][axis] - 1) + 1;
-                (size + begin + end)
-                    .checked_sub(span)
-                    .map(|room| room / options.stride[axis] + 1)
-            };
-            let size_out = [out(0, h)?, out(1, w)?];
+            let size_out = super::conv_output_size([h, w], [k_h, k_w], options)?;
             // Padding after the input only limits the output size (computed above); every
             // position reads the input through the begin padding.
             let padding = [options.padding[0].0, options.padding[1].0];
@@ -459,5 +606,116 @@ mod tests {
         let (rw, rb) = grads(conv2d_reference);
         gw.assert_eq(&rw, true);
         gb.assert_eq(&rb, true);
+    }
+
+    /// The split-K route in burn ops against burn's convolution, on flex: 3×3 with padding,
+    /// strided with asymmetric padding, dilated, pointwise, non-square kernels and strides, a
+    /// view as input, for several split counts, with and without a bias, in f32 (≤ 1e-5 of the
+    /// output's range) and f16 (≤ 1e-2, the partial products summed in f32).
+    #[test]
+    fn conv_split_k_matches_reference() {
+        use burn::tensor::FloatDType;
+        let device = Device::flex();
+        // [batch, c_in, c_out, h, w], kernel, stride, padding (begin, end) per axis, dilation
+        type Case = (
+            [usize; 5],
+            [usize; 2],
+            [usize; 2],
+            [(usize, usize); 2],
+            [usize; 2],
+        );
+        let cases: [Case; 6] = [
+            ([2, 16, 24, 8, 8], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
+            ([1, 8, 5, 9, 7], [3, 3], [2, 2], [(0, 1), (0, 1)], [1, 1]),
+            ([2, 4, 6, 11, 10], [3, 3], [1, 1], [(2, 2), (2, 2)], [2, 2]),
+            ([3, 12, 4, 5, 6], [1, 1], [1, 1], [(0, 0), (0, 0)], [1, 1]),
+            ([2, 6, 3, 9, 20], [3, 5], [1, 3], [(1, 2), (2, 0)], [1, 1]),
+            ([1, 2, 3, 4, 5], [7, 7], [1, 1], [(3, 3), (3, 3)], [1, 1]),
+        ];
+        for ([b, c_in, c_out, h, w], kernel, stride, padding, dilation) in cases {
+            let x = Tensor::<4>::random([b, c_in, h, w], Distribution::Normal(0.0, 1.0), &device);
+            let weight = Tensor::<4>::random(
+                [c_out, c_in, kernel[0], kernel[1]],
+                Distribution::Normal(0.0, 0.3),
+                &device,
+            );
+            let bias = Tensor::<1>::random([c_out], Distribution::Normal(0.0, 1.0), &device);
+            let options = ConvOptions::new_with_padding(stride, padding, dilation, 1);
+            let depth = c_in * kernel[0] * kernel[1];
+            for splits in [1, 2, 3, 4, depth].into_iter().filter(|s| depth % s == 0) {
+                for bias in [Some(bias.clone()), None] {
+                    let case = format!(
+                        "{:?}, {splits} splits, bias {}",
+                        ([b, c_in, c_out, h, w], kernel, stride, padding, dilation),
+                        bias.is_some()
+                    );
+                    let want =
+                        conv2d_reference(x.clone(), weight.clone(), bias.clone(), options.clone());
+                    let got = conv2d_split_k(
+                        x.clone(),
+                        weight.clone(),
+                        bias.clone(),
+                        options.clone(),
+                        splits,
+                    );
+                    assert_eq!(got.dims(), want.dims(), "{case}");
+                    let err = relative_error(got, want.clone());
+                    assert!(err <= 1e-5, "{case}: {err:e}");
+
+                    let half = |t: Tensor<4>| t.cast(FloatDType::F16);
+                    let got = conv2d_split_k(
+                        half(x.clone()),
+                        half(weight.clone()),
+                        bias.map(|b| b.cast(FloatDType::F16)),
+                        options.clone(),
+                        splits,
+                    );
+                    assert_eq!(got.dtype(), burn::tensor::DType::F16, "{case}");
+                    let err = relative_error(got.cast(FloatDType::F32), want);
+                    assert!(err <= 1e-2, "{case}, f16: {err:e}");
+                }
+            }
+        }
+
+        // A view (channels and rows swapped back and forth through a transpose).
+        let t = Tensor::<4>::random([2, 20, 6, 18], Distribution::Default, &device);
+        let x = t.swap_dims(1, 2);
+        let weight = Tensor::<4>::random([5, 6, 3, 3], Distribution::Default, &device);
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let err = relative_error(
+            conv2d_split_k(x.clone(), weight.clone(), None, options.clone(), 6),
+            conv2d_reference(x, weight, None, options),
+        );
+        assert!(err <= 1e-5, "view: {err:e}");
+    }
+
+    /// Which SD 1.5 and SDXL convolutions the split-K route takes, and into how many slices.
+    #[test]
+    fn split_k_factor_takes_small_maps_with_many_channels() {
+        let device = Device::flex();
+        let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+        let factor = |[b, c_in, c_out, hw]: [usize; 4], options: &ConvOptions<2>| {
+            let x = Tensor::<4>::empty([b, c_in, hw, hw], &device);
+            let weight = Tensor::<4>::empty([c_out, c_in, 3, 3], &device);
+            split_k_factor(&x, &weight, options)
+        };
+        // SD 1.5 UNet at batch 2: 8×8 (10 tiles) up to 32 slices of 360, 16×16 (40 tiles)
+        // into 8, 32×32 with 640 channels (80 tiles) into 4; the up blocks' concatenated
+        // inputs likewise.
+        assert_eq!(factor([2, 1280, 1280, 8], &options), Some(32));
+        assert_eq!(factor([2, 2560, 1280, 8], &options), Some(32));
+        assert_eq!(factor([2, 1280, 1280, 16], &options), Some(8));
+        assert_eq!(factor([2, 640, 640, 32], &options), Some(4));
+        // 64×64 latents (192 tiles) and SDXL's 32×32 with 1280 channels (160 tiles): burn's op.
+        assert_eq!(factor([2, 320, 320, 64], &options), None);
+        assert_eq!(factor([2, 1280, 1280, 32], &options), None);
+        // Small reductions stay whole; groups are not split.
+        assert_eq!(factor([1, 16, 16, 4], &options), None);
+        let grouped = ConvOptions::new([1, 1], [1, 1], [1, 1], 2);
+        assert_eq!(factor([2, 1280, 1280, 8], &grouped), None);
+        // A kernel larger than the padded input: no convolution to split.
+        let x = Tensor::<4>::empty([1, 64, 2, 2], &device);
+        let weight = Tensor::<4>::empty([64, 64, 7, 7], &device);
+        assert_eq!(split_k_factor(&x, &weight, &options), None);
     }
 }

@@ -34,7 +34,7 @@ use burn::tensor::Device;
 pub use attention::{
     MATMUL_MIN_SCORES, attention, attention_burn, attention_matmul, attention_reference,
 };
-pub use conv::{conv2d, conv2d_reference};
+pub use conv::{conv2d, conv2d_reference, conv2d_split_k, split_k_factor};
 pub use group_norm::{group_norm, group_norm_reference};
 pub use softmax::{softmax, softmax_reference};
 
@@ -219,20 +219,94 @@ pub fn attention_route() -> AttentionRoute {
     route
 }
 
+/// How [`conv2d`] runs on a CubeCL device (on flex its host loop runs, elsewhere burn's op).
+/// Until set with [`set_conv_route`], `DIFFUSERS_RS_CONV` decides (`burn`, `split_k`; unset or
+/// anything else is `burn`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvRoute {
+    /// burn's `module::conv2d` (its autotuned implicit GEMM on GPUs) for every shape.
+    Burn,
+    /// [`conv2d_split_k`] where [`split_k_factor`] accepts the shape (many channels over few
+    /// positions), burn's op elsewhere.
+    SplitK,
+}
+
+impl ConvRoute {
+    const ALL: [Self; 2] = [Self::Burn, Self::SplitK];
+
+    fn code(self) -> u8 {
+        match self {
+            Self::Burn => 1,
+            Self::SplitK => 2,
+        }
+    }
+
+    /// The lowercase name (`burn`, `split_k`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Burn => "burn",
+            Self::SplitK => "split_k",
+        }
+    }
+}
+
+impl std::str::FromStr for ConvRoute {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        let name = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .into_iter()
+            .find(|r| r.name() == name)
+            .ok_or_else(|| crate::Error::UnknownName {
+                kind: "convolution route",
+                name: s.into(),
+                known: "burn, split_k".into(),
+            })
+    }
+}
+
+/// The convolution route, 0 until decided (then the environment is read).
+static CONV_ROUTE: AtomicU8 = AtomicU8::new(0);
+
+/// Choose the [`ConvRoute`] for the whole process.
+pub fn set_conv_route(route: ConvRoute) {
+    CONV_ROUTE.store(route.code(), Ordering::Relaxed);
+}
+
+/// The current [`ConvRoute`] (see there for how it is decided).
+pub fn conv_route() -> ConvRoute {
+    let code = CONV_ROUTE.load(Ordering::Relaxed);
+    if let Some(route) = ConvRoute::ALL.into_iter().find(|r| r.code() == code) {
+        return route;
+    }
+    let route = std::env::var("DIFFUSERS_RS_CONV")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(ConvRoute::Burn);
+    set_conv_route(route);
+    route
+}
+
+/// Whether `device` is a CubeCL device (CUDA, wgpu, CubeCL CPU) in a build with a CubeCL
+/// backend: where the custom kernels and routes can run.
+pub fn on_kernel_device(device: &Device) -> bool {
+    #[cfg(feature = "cubecl-kernels")]
+    {
+        matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
+    }
+    #[cfg(not(feature = "cubecl-kernels"))]
+    {
+        let _ = device;
+        false
+    }
+}
+
 /// Whether [`group_norm`] (for [`Kernel::GroupNorm`]) or [`attention`] runs its custom kernel
 /// for tensors on `device`: a CubeCL device (CUDA, wgpu, CubeCL CPU) without autodiff, in a
 /// build with a CubeCL backend, with that kernel enabled.
 pub fn uses_kernel(kernel: Kernel, device: &Device) -> bool {
-    #[cfg(feature = "cubecl-kernels")]
-    {
-        matches!(device.as_dispatch(), burn::backend::DispatchDevice::Cube(_))
-            && kernel_enabled(kernel)
-    }
-    #[cfg(not(feature = "cubecl-kernels"))]
-    {
-        let _ = (kernel, device);
-        false
-    }
+    on_kernel_device(device) && kernel_enabled(kernel)
 }
 
 /// Whether every kernel runs on `device` (see [`uses_kernel`]).
