@@ -481,6 +481,31 @@ mod tests {
     use super::*;
     use crate::Device;
 
+    /// `[batch, c_in, c_out, h, w]`, kernel, stride, padding (begin, end) per axis, dilation.
+    type Case = (
+        [usize; 5],
+        [usize; 2],
+        [usize; 2],
+        [(usize, usize); 2],
+        [usize; 2],
+    );
+
+    /// A case's random input, weight and bias, and its options.
+    fn random_case(
+        ([b, c_in, c_out, h, w], kernel, stride, padding, dilation): Case,
+        device: &Device,
+    ) -> (Tensor<4>, Tensor<4>, Tensor<1>, ConvOptions<2>) {
+        let x = Tensor::<4>::random([b, c_in, h, w], Distribution::Normal(0.0, 1.0), device);
+        let weight = Tensor::<4>::random(
+            [c_out, c_in, kernel[0], kernel[1]],
+            Distribution::Normal(0.0, 0.3),
+            device,
+        );
+        let bias = Tensor::<1>::random([c_out], Distribution::Normal(0.0, 1.0), device);
+        let options = ConvOptions::new_with_padding(stride, padding, dilation, 1);
+        (x, weight, bias, options)
+    }
+
     /// The host loop against burn's convolution: 3×3 with padding 1 (the UNet's and VAE's),
     /// strided downsampling with the asymmetric padding diffusers' `Downsample2D` uses, 1×1
     /// pointwise and padded, dilation, kernels wider than the input with padding, non-square
@@ -491,14 +516,6 @@ mod tests {
     fn conv_host_loop_matches_reference() {
         set_kernel_enabled(Kernel::HostConv, true);
         let device = Device::flex();
-        // [batch, c_in, c_out, h, w], kernel, stride, padding (begin, end) per axis, dilation
-        type Case = (
-            [usize; 5],
-            [usize; 2],
-            [usize; 2],
-            [(usize, usize); 2],
-            [usize; 2],
-        );
         let cases: [Case; 10] = [
             ([2, 8, 12, 17, 23], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
             (
@@ -517,21 +534,10 @@ mod tests {
             ([2, 4, 5, 9, 40], [3, 5], [1, 3], [(1, 2), (2, 0)], [1, 1]),
             ([1, 3, 4, 1, 1], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
         ];
-        for ([b, c_in, c_out, h, w], kernel, stride, padding, dilation) in cases {
-            let x = Tensor::<4>::random([b, c_in, h, w], Distribution::Normal(0.0, 1.0), &device);
-            let weight = Tensor::<4>::random(
-                [c_out, c_in, kernel[0], kernel[1]],
-                Distribution::Normal(0.0, 0.3),
-                &device,
-            );
-            let bias = Tensor::<1>::random([c_out], Distribution::Normal(0.0, 1.0), &device);
-            let options = ConvOptions::new_with_padding(stride, padding, dilation, 1);
+        for case in cases {
+            let (x, weight, bias, options) = random_case(case, &device);
             for bias in [Some(bias), None] {
-                let case = format!(
-                    "{:?}, bias {}",
-                    ([b, c_in, c_out, h, w], kernel, stride, padding, dilation),
-                    bias.is_some()
-                );
+                let case = format!("{case:?}, bias {}", bias.is_some());
                 assert!(
                     host::Plan::new(&x, &weight, bias.as_ref(), &options).is_some(),
                     "{case}: not taken"
@@ -616,14 +622,6 @@ mod tests {
     fn conv_split_k_matches_reference() {
         use burn::tensor::FloatDType;
         let device = Device::flex();
-        // [batch, c_in, c_out, h, w], kernel, stride, padding (begin, end) per axis, dilation
-        type Case = (
-            [usize; 5],
-            [usize; 2],
-            [usize; 2],
-            [(usize, usize); 2],
-            [usize; 2],
-        );
         let cases: [Case; 6] = [
             ([2, 16, 24, 8, 8], [3, 3], [1, 1], [(1, 1), (1, 1)], [1, 1]),
             ([1, 8, 5, 9, 7], [3, 3], [2, 2], [(0, 1), (0, 1)], [1, 1]),
@@ -632,23 +630,13 @@ mod tests {
             ([2, 6, 3, 9, 20], [3, 5], [1, 3], [(1, 2), (2, 0)], [1, 1]),
             ([1, 2, 3, 4, 5], [7, 7], [1, 1], [(3, 3), (3, 3)], [1, 1]),
         ];
-        for ([b, c_in, c_out, h, w], kernel, stride, padding, dilation) in cases {
-            let x = Tensor::<4>::random([b, c_in, h, w], Distribution::Normal(0.0, 1.0), &device);
-            let weight = Tensor::<4>::random(
-                [c_out, c_in, kernel[0], kernel[1]],
-                Distribution::Normal(0.0, 0.3),
-                &device,
-            );
-            let bias = Tensor::<1>::random([c_out], Distribution::Normal(0.0, 1.0), &device);
-            let options = ConvOptions::new_with_padding(stride, padding, dilation, 1);
+        for case in cases {
+            let (x, weight, bias, options) = random_case(case, &device);
+            let ([_, c_in, ..], kernel, ..) = case;
             let depth = c_in * kernel[0] * kernel[1];
             for splits in [1, 2, 3, 4, depth].into_iter().filter(|s| depth % s == 0) {
                 for bias in [Some(bias.clone()), None] {
-                    let case = format!(
-                        "{:?}, {splits} splits, bias {}",
-                        ([b, c_in, c_out, h, w], kernel, stride, padding, dilation),
-                        bias.is_some()
-                    );
+                    let case = format!("{case:?}, {splits} splits, bias {}", bias.is_some());
                     let want =
                         conv2d_reference(x.clone(), weight.clone(), bias.clone(), options.clone());
                     let got = conv2d_split_k(

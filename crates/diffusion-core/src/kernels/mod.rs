@@ -158,18 +158,72 @@ pub enum AttentionRoute {
     Burn,
 }
 
-impl AttentionRoute {
-    const ALL: [Self; 4] = [Self::Auto, Self::Flash, Self::Matmul, Self::Burn];
+/// A process-wide choice among named routes, kept in an atomic (0 until decided; then the
+/// environment variable [`Route::ENV`] is read once).
+trait Route: Copy + PartialEq + 'static {
+    /// Every route, in the order their names are listed in errors.
+    const ALL: &'static [Self];
+    /// What the routes choose, for errors ("attention route").
+    const KIND: &'static str;
+    /// The environment variable read when nothing was set in code.
+    const ENV: &'static str;
+    /// The route when the variable is unset or names no route.
+    const DEFAULT: Self;
+
+    fn name(self) -> &'static str;
 
     fn code(self) -> u8 {
-        match self {
-            Self::Auto => 1,
-            Self::Flash => 2,
-            Self::Matmul => 3,
-            Self::Burn => 4,
-        }
+        let index = Self::ALL.iter().position(|r| *r == self).expect("listed");
+        u8::try_from(index + 1).expect("few routes")
     }
 
+    fn parse(s: &str) -> crate::Result<Self> {
+        let name = s.trim().to_ascii_lowercase();
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|r| r.name() == name)
+            .ok_or_else(|| crate::Error::UnknownName {
+                kind: Self::KIND,
+                name: s.into(),
+                known: Self::ALL
+                    .iter()
+                    .map(|r| r.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    fn store(self, cell: &AtomicU8) {
+        cell.store(self.code(), Ordering::Relaxed);
+    }
+
+    fn load(cell: &AtomicU8) -> Self {
+        let code = cell.load(Ordering::Relaxed);
+        if let Some(route) = Self::ALL.iter().copied().find(|r| r.code() == code) {
+            return route;
+        }
+        let route = std::env::var(Self::ENV)
+            .ok()
+            .and_then(|v| Self::parse(&v).ok())
+            .unwrap_or(Self::DEFAULT);
+        route.store(cell);
+        route
+    }
+}
+
+impl Route for AttentionRoute {
+    const ALL: &'static [Self] = &[Self::Auto, Self::Flash, Self::Matmul, Self::Burn];
+    const KIND: &'static str = "attention route";
+    const ENV: &'static str = "DIFFUSERS_RS_ATTENTION";
+    const DEFAULT: Self = Self::Auto;
+
+    fn name(self) -> &'static str {
+        AttentionRoute::name(self)
+    }
+}
+
+impl AttentionRoute {
     /// The lowercase name (`auto`, `flash`, `matmul`, `burn`).
     pub fn name(self) -> &'static str {
         match self {
@@ -185,38 +239,21 @@ impl std::str::FromStr for AttentionRoute {
     type Err = crate::Error;
 
     fn from_str(s: &str) -> crate::Result<Self> {
-        let name = s.trim().to_ascii_lowercase();
-        Self::ALL
-            .into_iter()
-            .find(|r| r.name() == name)
-            .ok_or_else(|| crate::Error::UnknownName {
-                kind: "attention route",
-                name: s.into(),
-                known: "auto, flash, matmul, burn".into(),
-            })
+        Route::parse(s)
     }
 }
 
-/// The route, 0 until decided (then the environment is read).
-static ROUTE: AtomicU8 = AtomicU8::new(0);
+/// The attention route, 0 until decided (then the environment is read).
+static ATTENTION_ROUTE: AtomicU8 = AtomicU8::new(0);
 
 /// Choose the [`AttentionRoute`] for the whole process.
 pub fn set_attention_route(route: AttentionRoute) {
-    ROUTE.store(route.code(), Ordering::Relaxed);
+    route.store(&ATTENTION_ROUTE);
 }
 
 /// The current [`AttentionRoute`] (see there for how it is decided).
 pub fn attention_route() -> AttentionRoute {
-    let code = ROUTE.load(Ordering::Relaxed);
-    if let Some(route) = AttentionRoute::ALL.into_iter().find(|r| r.code() == code) {
-        return route;
-    }
-    let route = std::env::var("DIFFUSERS_RS_ATTENTION")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(AttentionRoute::Auto);
-    set_attention_route(route);
-    route
+    Route::load(&ATTENTION_ROUTE)
 }
 
 /// How [`conv2d`] runs on a CubeCL device (on flex its host loop runs, elsewhere burn's op).
@@ -231,16 +268,18 @@ pub enum ConvRoute {
     SplitK,
 }
 
-impl ConvRoute {
-    const ALL: [Self; 2] = [Self::Burn, Self::SplitK];
+impl Route for ConvRoute {
+    const ALL: &'static [Self] = &[Self::Burn, Self::SplitK];
+    const KIND: &'static str = "convolution route";
+    const ENV: &'static str = "DIFFUSERS_RS_CONV";
+    const DEFAULT: Self = Self::Burn;
 
-    fn code(self) -> u8 {
-        match self {
-            Self::Burn => 1,
-            Self::SplitK => 2,
-        }
+    fn name(self) -> &'static str {
+        ConvRoute::name(self)
     }
+}
 
+impl ConvRoute {
     /// The lowercase name (`burn`, `split_k`).
     pub fn name(self) -> &'static str {
         match self {
@@ -254,15 +293,7 @@ impl std::str::FromStr for ConvRoute {
     type Err = crate::Error;
 
     fn from_str(s: &str) -> crate::Result<Self> {
-        let name = s.trim().to_ascii_lowercase();
-        Self::ALL
-            .into_iter()
-            .find(|r| r.name() == name)
-            .ok_or_else(|| crate::Error::UnknownName {
-                kind: "convolution route",
-                name: s.into(),
-                known: "burn, split_k".into(),
-            })
+        Route::parse(s)
     }
 }
 
@@ -271,21 +302,12 @@ static CONV_ROUTE: AtomicU8 = AtomicU8::new(0);
 
 /// Choose the [`ConvRoute`] for the whole process.
 pub fn set_conv_route(route: ConvRoute) {
-    CONV_ROUTE.store(route.code(), Ordering::Relaxed);
+    route.store(&CONV_ROUTE);
 }
 
 /// The current [`ConvRoute`] (see there for how it is decided).
 pub fn conv_route() -> ConvRoute {
-    let code = CONV_ROUTE.load(Ordering::Relaxed);
-    if let Some(route) = ConvRoute::ALL.into_iter().find(|r| r.code() == code) {
-        return route;
-    }
-    let route = std::env::var("DIFFUSERS_RS_CONV")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(ConvRoute::Burn);
-    set_conv_route(route);
-    route
+    Route::load(&CONV_ROUTE)
 }
 
 /// Whether `device` is a CubeCL device (CUDA, wgpu, CubeCL CPU) in a build with a CubeCL
@@ -341,5 +363,20 @@ mod tests {
         assert_eq!(parse_kernels("group_norm,host_attention"), 9);
         assert_eq!(parse_kernels("host_conv"), 16);
         assert_eq!(parse_kernels("all"), 31);
+    }
+
+    #[test]
+    fn conv_routes_parse() {
+        assert_eq!(" Split_K ".parse::<ConvRoute>().unwrap(), ConvRoute::SplitK);
+        for route in [ConvRoute::Burn, ConvRoute::SplitK] {
+            assert_eq!(route.name().parse::<ConvRoute>().unwrap(), route);
+        }
+        match "cudnn".parse::<ConvRoute>() {
+            Err(crate::Error::UnknownName { kind, name, known }) => {
+                assert_eq!((kind, name.as_str()), ("convolution route", "cudnn"));
+                assert_eq!(known, "burn, split_k");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }
