@@ -63,7 +63,7 @@ pub fn split_k_factor(
 ) -> Option<usize> {
     let [batch, c_in, h, w] = x.dims();
     let [c_out, c_per_group, k_h, k_w] = weight.dims();
-    if options.groups != 1 || c_per_group != c_in {
+    if options.groups != 1 || c_per_group != c_in || weight.shape().num_elements() == 0 {
         return None;
     }
     let [h_out, w_out] = conv_output_size([h, w], [k_h, k_w], options)?;
@@ -114,8 +114,8 @@ fn conv_output_size(
 /// accepts.
 ///
 /// # Panics
-/// If the group count is not 1, the shapes disagree, the kernel does not fit in the padded
-/// input, or `splits` is 0 or does not divide `C_in · K_h · K_w`.
+/// If the group count is not 1, the shapes disagree, the kernel is empty or does not fit in
+/// the padded input, or `splits` is 0 or does not divide `C_in · K_h · K_w`.
 pub fn conv2d_split_k(
     x: Tensor<4>,
     weight: Tensor<4>,
@@ -129,8 +129,8 @@ pub fn conv2d_split_k(
     let [batch, c_in, h, w] = x.dims();
     let [c_out, c_per_group, k_h, k_w] = weight.dims();
     assert!(
-        options.groups == 1 && c_per_group == c_in,
-        "conv2d_split_k: one group only (weight {:?}, input {:?})",
+        options.groups == 1 && c_per_group == c_in && k_h > 0 && k_w > 0,
+        "conv2d_split_k: one group and a non-empty kernel only (weight {:?}, input {:?})",
         weight.dims(),
         x.dims()
     );
@@ -701,9 +701,11 @@ mod tests {
         assert_eq!(factor([1, 16, 16, 4], &options), None);
         let grouped = ConvOptions::new([1, 1], [1, 1], [1, 1], 2);
         assert_eq!(factor([2, 1280, 1280, 8], &grouped), None);
-        // A kernel larger than the padded input: no convolution to split.
+        // A kernel larger than the padded input, or an empty one: no convolution to split.
         let x = Tensor::<4>::empty([1, 64, 2, 2], &device);
         let weight = Tensor::<4>::empty([64, 64, 7, 7], &device);
+        assert_eq!(split_k_factor(&x, &weight, &options), None);
+        let weight = Tensor::<4>::empty([64, 64, 0, 3], &device);
         assert_eq!(split_k_factor(&x, &weight, &options), None);
     }
 }
