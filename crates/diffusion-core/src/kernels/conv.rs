@@ -52,8 +52,8 @@ const SPLIT_K_MIN_DEPTH: usize = 256;
 /// reduction of `conv2d(x, weight, _, options)` into, or `None` where it leaves the
 /// convolution to burn: one group only, and only where the product `[C_out, C_in · K_h · K_w]
 /// · [C_in · K_h · K_w, B · H_out · W_out]` has too few output tiles of
-/// [`SPLIT_K_TILE`]² to fill half of [`SPLIT_K_TARGET_GROUPS`] (SD 1.5's UNet at 8×8, 16×16
-/// and 32×32 latents: 1280 channels over 128 positions make 10 tiles for 132 multiprocessors).
+/// [`SPLIT_K_TILE`]² to fill half of [`SPLIT_K_TARGET_GROUPS`] (SD 1.5's UNet on its 8×8, 16×16
+/// and 32×32 feature maps: 1280 channels over 128 positions make 10 tiles for 132 multiprocessors).
 /// The factor doubles while the tiles times the factor stay under the target and each slice
 /// keeps at least [`SPLIT_K_MIN_DEPTH`] of the reduction, dividing it evenly.
 pub fn split_k_factor(
