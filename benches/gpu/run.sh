@@ -10,6 +10,10 @@
 # Usage: benches/gpu/run.sh <out-dir> <what> [sd_gpu flags...]
 #   what = rust | python | both; extra flags go to both programs where they share them
 #   (--models, --dtypes, --kinds, --iters); RUST_ARGS / PY_ARGS add program-only flags.
+#   PROFILE=1 also has CubeCL time every kernel sd_gpu launches (a cubecl.toml at the root):
+#   <out-dir>/profile.log.xz gets one line per kernel and, at each synchronisation, a table of
+#   the kernels since the last one. Profiling slows the run: use it with few --iters, apart
+#   from the timed runs.
 set -uo pipefail
 out=${1:?out dir}; what=${2:?rust|python|both}; shift 2
 mkdir -p "$out"
@@ -18,9 +22,17 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 if [[ $what != python ]]; then
     [[ -f .gpubin/environment.tar ]] && mkdir -p target && tar -xf .gpubin/environment.tar -C target
     [[ -x /tmp/sd_gpu ]] || xz -dc .gpubin/sd_gpu.xz >/tmp/sd_gpu && chmod +x /tmp/sd_gpu
+    if [[ ${PROFILE:-0} == 1 ]]; then
+        printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = true\n' \
+            "/tmp/profile.log" >cubecl.toml
+    fi
     echo "== sd_gpu $* ${RUST_ARGS:-}"
     /tmp/sd_gpu "$@" ${RUST_ARGS:-} 2>"$out/rust.err" | tee -a "$out/rust.jsonl"
     echo "rust exit ${PIPESTATUS[0]}"; tail -5 "$out/rust.err"
+    if [[ ${PROFILE:-0} == 1 ]]; then
+        rm -f cubecl.toml
+        [[ -f /tmp/profile.log ]] && xz -c /tmp/profile.log >"$out/profile.log.xz" && rm /tmp/profile.log
+    fi
     [[ -d target/environment ]] && tar -cf "$out/environment.tar" -C target environment
 fi
 if [[ $what != rust ]]; then
