@@ -11,8 +11,8 @@
 //! cargo build --release -p diffusion-benches --no-default-features --features cuda --bin sd_gpu
 //! sd_gpu [--device cuda|wgpu|cubecl-cpu] [--models sd15,sdxl]
 //!        [--kinds unet,vae_decode,pipeline] [--dtypes f16,bf16,f32]
-//!        [--kernels on,off,group_norm,attention,softmax] [--attention auto,flash,matmul,burn]
-//!        [--conv burn,split_k] [--graph off|on] [--iters 10] [--warmup 3] [--pipeline-iters 3] [--steps 30]
+//!        [--kernels on,off,group_norm,attention,softmax] [--attention auto,flash,matmul,burn,tune]
+//!        [--conv burn,split_k,tune] [--graph off|on] [--iters 10] [--warmup 3] [--pipeline-iters 3] [--steps 30]
 //! ```
 //!
 //! `--attention` lists the routes of f16 attention to compare (`diffusion_core::kernels::
@@ -20,6 +20,8 @@
 //! cubek's tensor-core flash attention on CUDA). `--conv` lists the convolution routes
 //! (`diffusion_core::kernels::ConvRoute`: burn's autotuned convolution, or `split_k`, a batched
 //! split-K matrix product over an im2col buffer for small feature maps with many channels).
+//! `tune` (either flag) times the candidate routes on each new shape and keeps the fastest; the
+//! run ends with one `"kind": "tuned"` line per shape saying what was chosen and each time.
 //! `--graph on` also times each UNet step
 //! replayed from a captured CUDA graph (`burn::tensor::capture`: one dispatch for the whole
 //! forward), which separates the GPU's time from the host's launch overhead.
@@ -46,7 +48,7 @@ use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor, capture};
 
 use diffusion_core::kernels::{
     AttentionRoute, ConvRoute, Kernel, set_attention_route, set_conv_route, set_kernel_enabled,
-    uses_kernels,
+    tuned_choices, uses_kernels,
 };
 use diffusion_core::{Device, Precision};
 use diffusion_models::modeling_utils::to_dtype;
@@ -154,17 +156,18 @@ fn device(name: &str) -> Result<Device> {
 }
 
 /// Time `iters` calls of `forward` after `warmup` ones; milliseconds per call.
-fn time_ms(device: &Device, warmup: usize, iters: usize, mut forward: impl FnMut()) -> f64 {
-    for _ in 0..warmup {
-        forward();
-    }
+fn time_ms<T>(device: &Device, warmup: usize, iters: usize, mut forward: impl FnMut() -> T) -> f64 {
+    // Every output is held until the device has run it: burn's fusion may skip work whose
+    // result is dropped before the queue drains, which would time less than a forward.
+    let warm: Vec<T> = (0..warmup).map(|_| forward()).collect();
     device.sync().expect("device sync");
+    drop(warm);
     let start = Instant::now();
-    for _ in 0..iters {
-        forward();
-    }
+    let outputs: Vec<T> = (0..iters).map(|_| forward()).collect();
     device.sync().expect("device sync");
-    start.elapsed().as_secs_f64() * 1e3 / iters as f64
+    let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
+    drop(outputs);
+    ms
 }
 
 struct Row<'a> {
@@ -342,7 +345,11 @@ fn generate(
 }
 
 /// One operator at SD 1.5 shapes (batch 2, 64×64 latents): name, FLOPs, and the call.
-type Op = (&'static str, f64, Box<dyn Fn()>);
+/// An operator to time: its name, FLOPs and a closure returning its output (held until the
+/// device has run it: see [`time_ms`]).
+type Op = (&'static str, f64, Box<dyn Fn() -> Output>);
+/// Any operator's output.
+type Output = Box<dyn std::any::Any>;
 
 /// A 3×3 convolution `c → c` (padding 1) on `[batch, c, hw, hw]` through `kernels::conv2d`
 /// (the `--conv` route), with its FLOPs.
@@ -371,8 +378,8 @@ fn conv3x3_op(
     (
         name,
         flops,
-        Box::new(move || {
-            drop(diffusion_core::kernels::conv2d(
+        Box::new(move || -> Output {
+            Box::new(diffusion_core::kernels::conv2d(
                 x.clone(),
                 conv.weight.val(),
                 conv.bias.as_ref().map(|b| b.val()),
@@ -391,8 +398,8 @@ fn group_norm_op(name: String, x: Tensor<4>, eps: f64, dtype: FloatDType, device
     (
         name,
         0.0,
-        Box::new(move || {
-            drop(diffusion_core::kernels::group_norm(
+        Box::new(move || -> Output {
+            Box::new(diffusion_core::kernels::group_norm(
                 x.clone(),
                 gamma.clone(),
                 beta.clone(),
@@ -440,7 +447,9 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
     out.push((
         "vae_upsample_nearest_512x128",
         0.0,
-        Box::new(move || drop(diffusion_models::upsampling::upsample_nearest(x.clone(), 2))),
+        Box::new(move || -> Output {
+            Box::new(diffusion_models::upsampling::upsample_nearest(x.clone(), 2))
+        }),
     ));
     for (rows, k, n) in [
         (8192usize, 320usize, 2560usize),
@@ -454,7 +463,7 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
         out.push((
             name,
             flops,
-            Box::new(move || drop(linear.forward(x.clone()))),
+            Box::new(move || -> Output { Box::new(linear.forward(x.clone())) }),
         ));
     }
     // (name, heads, query tokens, key tokens, head dim): SD 1.5's first and second levels,
@@ -475,8 +484,8 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
         out.push((
             name,
             flops,
-            Box::new(move || {
-                drop(diffusion_core::kernels::attention(
+            Box::new(move || -> Output {
+                Box::new(diffusion_core::kernels::attention(
                     q.clone(),
                     k.clone(),
                     v.clone(),
@@ -492,7 +501,7 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
     out.push((
         "softmax_upcast_4x4096x4096",
         0.0,
-        Box::new(move || drop(diffusion_core::kernels::softmax(scores.clone()))),
+        Box::new(move || -> Output { Box::new(diffusion_core::kernels::softmax(scores.clone())) }),
     ));
     let y = randn([2, 320, 64, 64], dtype, device);
     out.push(group_norm_op(
@@ -506,7 +515,7 @@ fn ops(dtype: FloatDType, device: &Device) -> Vec<Op> {
     out.push((
         "add_320x64",
         0.0,
-        Box::new(move || drop(x.clone().add(y.clone()))),
+        Box::new(move || -> Output { Box::new(x.clone().add(y.clone())) }),
     ));
     out
 }
@@ -559,7 +568,7 @@ fn main() -> Result<()> {
                         steps: args.steps,
                         loaded_mib,
                     };
-                    let ms = time_ms(&device, args.warmup, args.iters, || drop(forward()));
+                    let ms = time_ms(&device, args.warmup, args.iters, &forward);
                     report(&device, row(None, ms), &flops);
                     if args.graph {
                         let mut graph = capture(&device, forward);
@@ -588,7 +597,7 @@ fn main() -> Result<()> {
                     select(variant);
                     device.memory_cleanup();
                     let ms = time_ms(&device, args.warmup, args.iters, || {
-                        drop(model.decode(z.clone()).expect("VAE decode"));
+                        model.decode(z.clone()).expect("VAE decode")
                     });
                     let row = Row {
                         kind: "vae_decode",
@@ -644,11 +653,10 @@ fn main() -> Result<()> {
                     select(variant);
                     device.memory_cleanup();
                     let ms = time_ms(&device, 1, args.pipeline_iters, || {
-                        let image = generate(
+                        generate(
                             &unet, &vae, &states, &added, size, args.steps, dtype, &device,
                         )
-                        .expect("generation");
-                        drop(image);
+                        .expect("generation")
                     });
                     let row = Row {
                         kind: "pipeline",
@@ -666,6 +674,17 @@ fn main() -> Result<()> {
                 }
             }
         }
+    }
+    // What the `tune` routes chose, shape by shape, with every candidate's time.
+    for choice in tuned_choices() {
+        let json = serde_json::json!({
+            "kind": "tuned",
+            "op": choice.op,
+            "shape": choice.shape,
+            "chosen": choice.chosen,
+            "times_ms": choice.times_ms,
+        });
+        println!("{json}");
     }
     Ok(())
 }

@@ -12,9 +12,9 @@
 use diffusion_core::burn::tensor::ops::ConvOptions;
 use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use diffusion_core::kernels::{
-    ConvRoute, attention, attention_burn, attention_reference, conv2d, conv2d_reference,
-    group_norm, group_norm_reference, set_conv_route, softmax, softmax_reference, split_k_factor,
-    uses_kernels,
+    AttentionRoute, ConvRoute, attention, attention_burn, attention_reference, conv2d,
+    conv2d_reference, group_norm, group_norm_reference, set_attention_route, set_conv_route,
+    softmax, softmax_reference, split_k_factor, tuned_choices, uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -384,6 +384,108 @@ fn exact_conv(
     out
 }
 
+/// `max |got - exact| / max |exact|` of a convolution's output.
+fn conv_error(got: Tensor<4>, exact: &[f64]) -> f32 {
+    let got = to_vec(got.cast(FloatDType::F32));
+    assert_eq!(got.len(), exact.len());
+    let scale = exact.iter().fold(0f64, |m, e| m.max(e.abs()));
+    let diff = got
+        .iter()
+        .zip(exact)
+        .fold(0f64, |m, (g, e)| m.max((f64::from(*g) - e).abs()));
+    (diff / scale) as f32
+}
+
+/// The `tune` routes: each new shape is timed through every candidate on the device, the
+/// fastest serves it from then on, and what was chosen is listed by `tuned_choices`. Whatever
+/// wins, the result must be within the dtype's tolerance of the exact one, on the first call
+/// (while tuning) and the next (from the choice).
+#[test]
+fn tuned_routes_match_exact_and_report_their_choices() {
+    let device = device();
+    set_attention_route(AttentionRoute::Tune);
+    set_conv_route(ConvRoute::Tune);
+    if device.supports_dtype(DType::F16) {
+        let half = |shape: [usize; 4]| random(shape, &device).cast(FloatDType::F16);
+        for [b, h, s_q, s_kv, d] in [[1, 2, 64, 64, 40], [2, 1, 96, 77, 64]] {
+            let (q, k, v) = (
+                half([b, h, s_q, d]),
+                half([b, h, s_kv, d]),
+                half([b, h, s_kv, d]),
+            );
+            let exact = exact_attention(&q, &k, &v, None);
+            for call in ["tuning", "tuned"] {
+                let got = attention(q.clone(), k.clone(), v.clone(), None);
+                let err = error_to_exact(got, &exact);
+                println!("tuned attention [{b}, {h}, {s_q}, {s_kv}, {d}] ({call}): {err:.2e}");
+                assert!(err <= 1e-2, "{call}: {err:e}");
+            }
+            let shape = format!("q {:?}", [b, h, s_q, d]);
+            let choices: Vec<_> = tuned_choices()
+                .into_iter()
+                .filter(|c| c.op == "attention" && c.shape.starts_with(&shape))
+                .collect();
+            assert_eq!(choices.len(), 1, "{shape}: {choices:?}");
+            let names: Vec<&str> = choices[0]
+                .times_ms
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect();
+            // burn's op only on CUDA (elsewhere its f16 scores can overflow).
+            let cuda = std::env::var("KERNEL_TEST_DEVICE").is_ok_and(|d| d == "cuda")
+                || !(cfg!(feature = "cpu") || cfg!(feature = "wgpu"));
+            let want: &[&str] = if cuda {
+                &["flash", "matmul", "burn"]
+            } else {
+                &["flash", "matmul"]
+            };
+            assert_eq!(names, want);
+            assert!(names.contains(&choices[0].chosen.as_str()));
+            println!("  chose {} of {:?}", choices[0].chosen, choices[0].times_ms);
+        }
+    }
+    let x = random([2, 256, 8, 8], &device);
+    let weight = random([192, 256, 3, 3], &device).mul_scalar(0.05);
+    let bias = random([192], &device);
+    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    let splits = split_k_factor(&x, &weight, &options).expect("a split-K shape");
+    let exact = exact_conv(&x, &weight, &bias, 1, 1);
+    let burn = conv_error(
+        conv2d_reference(
+            x.clone(),
+            weight.clone(),
+            Some(bias.clone()),
+            options.clone(),
+        ),
+        &exact,
+    );
+    for call in ["tuning", "tuned"] {
+        let got = conv2d(
+            x.clone(),
+            weight.clone(),
+            Some(bias.clone()),
+            options.clone(),
+        );
+        let err = conv_error(got, &exact);
+        println!("tuned conv ({call}): {err:.2e} (burn's conv {burn:.2e})");
+        assert!(err <= 1e-5_f32.max(2.0 * burn), "{call}: {err:e}");
+    }
+    let choices: Vec<_> = tuned_choices()
+        .into_iter()
+        .filter(|c| c.op == "conv2d")
+        .collect();
+    assert_eq!(choices.len(), 1, "{choices:?}");
+    let names: Vec<&str> = choices[0]
+        .times_ms
+        .iter()
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(names, ["burn".to_string(), format!("split_k/{splits}")]);
+    println!("  chose {} of {:?}", choices[0].chosen, choices[0].times_ms);
+    set_attention_route(AttentionRoute::Auto);
+    set_conv_route(ConvRoute::Burn);
+}
+
 /// The split-K convolution route (`conv2d` with `ConvRoute::SplitK`: a batched matrix product
 /// over an im2col buffer, partial sums in f32) and burn's convolution against the exact result,
 /// on a 3×3 convolution over an 8×8 map with many channels (the shape the route is for) and a
@@ -403,16 +505,7 @@ fn split_k_convolution_matches_exact() {
             let options = ConvOptions::new([stride, stride], [1, 1], [1, 1], 1);
             assert!(split_k_factor(&x, &weight, &options).is_some());
             let exact = exact_conv(&x, &weight, &bias, stride, 1);
-            let error = |t: Tensor<4>| {
-                let got = to_vec(t.cast(FloatDType::F32));
-                assert_eq!(got.len(), exact.len());
-                let scale = exact.iter().fold(0f64, |m, e| m.max(e.abs()));
-                let diff = got
-                    .iter()
-                    .zip(&exact)
-                    .fold(0f64, |m, (g, e)| m.max((f64::from(*g) - e).abs()));
-                (diff / scale) as f32
-            };
+            let error = |t: Tensor<4>| conv_error(t, &exact);
             let route = conv2d(
                 x.clone(),
                 weight.clone(),
@@ -432,4 +525,5 @@ fn split_k_convolution_matches_exact() {
             );
         }
     }
+    set_conv_route(ConvRoute::Burn);
 }

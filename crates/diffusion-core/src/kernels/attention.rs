@@ -68,6 +68,7 @@ pub fn attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, bias: Option<Tensor<4
             super::AttentionRoute::Auto if s_q * s_kv >= MATMUL_MIN_SCORES => {
                 return attention_matmul(q, k, v);
             }
+            super::AttentionRoute::Tune => return attention_tuned(q, k, v),
             _ => {}
         }
     }
@@ -212,6 +213,51 @@ pub fn attention_matmul(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     out.reshape([b, h, s_q, d_v])
 }
 
+/// The key of [`attention_tuned`]'s choices: the dims of `q`, `k`, `v` and the dtype.
+type TuneKey = ([usize; 4], [usize; 4], [usize; 4], DType);
+
+/// The route [`super::AttentionRoute::Tune`] keeps for each shape.
+static TUNED: std::sync::LazyLock<super::tune::Choices<TuneKey>> =
+    std::sync::LazyLock::new(|| super::tune::Choices::new("attention"));
+
+/// What [`attention_tuned`] chose so far.
+pub(super) fn tuned_choices() -> Vec<super::TunedChoice> {
+    TUNED.reports()
+}
+
+/// [`attention`] (f16, no bias, on a kernel device) through whichever of the flash kernel (where
+/// it takes the head dims), [`attention_matmul`] and, on CUDA, [`attention_burn`] ran this
+/// shape fastest when it was first seen (see [`super::tune`]). burn's op is a candidate on
+/// CUDA only: there its kernels keep scores and sums in f32, elsewhere it is matmul + softmax
+/// in f16, whose scores can overflow.
+#[cfg(feature = "cubecl-kernels")]
+fn attention_tuned(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    type Run = fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>;
+    let device = q.device();
+    let mut candidates: Vec<(&str, Run)> = Vec::with_capacity(3);
+    if q.dims()[2] * k.dims()[2] > 0 && super::extension::attention_supported(&q, &v) {
+        candidates.push(("flash", |q, k, v| {
+            super::extension::attention(q, k, v, None)
+        }));
+    }
+    candidates.push(("matmul", attention_matmul));
+    if super::extension::on_cuda(&device) {
+        candidates.push(("burn", attention_burn));
+    }
+    let key = (q.dims(), k.dims(), v.dims(), q.dtype());
+    let names: Vec<&str> = candidates.iter().map(|(name, _)| *name).collect();
+    let index = TUNED.choose(
+        &key,
+        || format!("q {:?}, k {:?}, v {:?}, {:?}", key.0, key.1, key.2, key.3),
+        &names,
+        |i| {
+            let run = candidates[i].1;
+            super::tune::time_on(&device, || run(q.clone(), k.clone(), v.clone()))
+        },
+    );
+    (candidates[index].1)(q, k, v)
+}
+
 fn upcast(t: Tensor<4>) -> Tensor<4> {
     if matches!(t.dtype(), DType::F16 | DType::BF16) {
         t.cast(FloatDType::F32)
@@ -264,6 +310,7 @@ mod tests {
             AttentionRoute::Flash,
             AttentionRoute::Matmul,
             AttentionRoute::Burn,
+            AttentionRoute::Tune,
         ] {
             assert_eq!(route.name().parse::<AttentionRoute>().unwrap(), route);
         }

@@ -29,16 +29,84 @@ pub fn conv2d(
     if let Some(plan) = host::Plan::new(&x, &weight, bias.as_ref(), &options) {
         return host::conv2d_f32(x, weight, bias, &plan);
     }
-    if super::conv_route() == super::ConvRoute::SplitK
+    let route = super::conv_route();
+    // Tuning is the last condition: it times the shape once, and only where split-K applies.
+    if route != super::ConvRoute::Burn
         && super::on_kernel_device(&x.device())
         && !(x.is_autodiff()
             || weight.is_autodiff()
             || bias.as_ref().is_some_and(Tensor::is_autodiff))
         && let Some(splits) = split_k_factor(&x, &weight, &options)
+        && (route == super::ConvRoute::SplitK
+            || tuned_split_k(&x, &weight, &bias, &options, splits))
     {
         return conv2d_split_k(x, weight, bias, options, splits);
     }
     module::conv2d(x, weight, bias, options)
+}
+
+/// The key of [`tuned_split_k`]'s choices: input and weight dims, stride, padding, dilation,
+/// whether there is a bias, and the dtype.
+type TuneKey = (
+    [usize; 4],
+    [usize; 4],
+    [usize; 2],
+    [(usize, usize); 2],
+    [usize; 2],
+    bool,
+    burn::tensor::DType,
+);
+
+/// The route [`super::ConvRoute::Tune`] keeps for each shape (index 0 burn's op, 1 split-K).
+static TUNED: std::sync::LazyLock<super::tune::Choices<TuneKey>> =
+    std::sync::LazyLock::new(|| super::tune::Choices::new("conv2d"));
+
+/// What [`super::ConvRoute::Tune`] chose so far.
+pub(super) fn tuned_choices() -> Vec<super::TunedChoice> {
+    TUNED.reports()
+}
+
+/// Whether the split-K route with `splits` ran this convolution faster than burn's op when
+/// the shape was first seen (both timed then, see [`super::tune`]).
+fn tuned_split_k(
+    x: &Tensor<4>,
+    weight: &Tensor<4>,
+    bias: &Option<Tensor<1>>,
+    options: &ConvOptions<2>,
+    splits: usize,
+) -> bool {
+    let key: TuneKey = (
+        x.dims(),
+        weight.dims(),
+        options.stride,
+        options.padding,
+        options.dilation,
+        bias.is_some(),
+        x.dtype(),
+    );
+    let device = x.device();
+    let names = ["burn".to_string(), format!("split_k/{splits}")];
+    let index = TUNED.choose(
+        &key,
+        || {
+            format!(
+                "x {:?}, weight {:?}, stride {:?}, padding {:?}, dilation {:?}, bias {}, {:?}",
+                key.0, key.1, key.2, key.3, key.4, key.5, key.6
+            )
+        },
+        &[names[0].as_str(), names[1].as_str()],
+        |i| {
+            super::tune::time_on(&device, || {
+                let (x, w, b, o) = (x.clone(), weight.clone(), bias.clone(), options.clone());
+                if i == 1 {
+                    conv2d_split_k(x, w, b, o, splits)
+                } else {
+                    module::conv2d(x, w, b, o)
+                }
+            })
+        },
+    );
+    index == 1
 }
 
 /// Output tiles a GPU matrix kernel is assumed to cut a product into along each side.

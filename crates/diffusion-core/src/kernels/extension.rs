@@ -125,6 +125,14 @@ pub(super) fn softmax<const D: usize>(x: BurnTensor<D>) -> BurnTensor<D> {
     BurnTensor::from_dispatch(Dispatch::fused_softmax(x.into_dispatch()))
 }
 
+/// Whether `device` is a CUDA device.
+pub(super) fn on_cuda(device: &burn::tensor::Device) -> bool {
+    matches!(
+        device.as_dispatch(),
+        burn::backend::DispatchDevice::Cube(cube) if cube.runtime() == cubecl::RuntimeId::Cuda
+    )
+}
+
 /// Whether the attention kernel takes these inputs (float dtypes, head dims it holds).
 pub(super) fn attention_supported(q: &BurnTensor<4>, v: &BurnTensor<4>) -> bool {
     matches!(q.dtype(), DType::F32 | DType::F16 | DType::BF16)

@@ -26,6 +26,7 @@ mod group_norm;
 #[cfg(feature = "flex")]
 mod host;
 mod softmax;
+mod tune;
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
@@ -37,6 +38,7 @@ pub use attention::{
 pub use conv::{conv2d, conv2d_reference, conv2d_split_k, split_k_factor};
 pub use group_norm::{group_norm, group_norm_reference};
 pub use softmax::{softmax, softmax_reference};
+pub use tune::{TunedChoice, tuned_choices};
 
 /// Which kernels run: bit 0 GroupNorm, bit 1 attention, bit 2 softmax, bits 3 and 4 the host
 /// attention and convolution loops, bit 7 set once decided
@@ -145,7 +147,7 @@ fn parse_kernels(value: &str) -> u8 {
 /// How [`attention`] computes f16 attention without a bias on a kernel device (with a bias, in
 /// bf16 or f32, the flash kernel runs whatever the route). Until set with
 /// [`set_attention_route`], `DIFFUSERS_RS_ATTENTION` decides (`auto`, `flash`, `matmul`,
-/// `burn`; unset or anything else is `auto`).
+/// `burn`, `tune`; unset or anything else is `auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionRoute {
     /// [`attention_matmul`] from [`MATMUL_MIN_SCORES`] scores per head, the flash kernel below.
@@ -156,6 +158,10 @@ pub enum AttentionRoute {
     Matmul,
     /// [`attention_burn`]: burn's fused op (cubek's tensor-core flash kernels on CUDA).
     Burn,
+    /// Per shape, whichever of `flash`, `matmul` and (on CUDA) `burn` ran it fastest when it
+    /// was first seen: each is timed on the device then (see [`tuned_choices`]). A shape must
+    /// have run once before a CUDA graph captures it.
+    Tune,
 }
 
 /// A process-wide choice among named routes, kept in an atomic (0 until decided; then the
@@ -213,7 +219,13 @@ trait Route: Copy + PartialEq + 'static {
 }
 
 impl Route for AttentionRoute {
-    const ALL: &'static [Self] = &[Self::Auto, Self::Flash, Self::Matmul, Self::Burn];
+    const ALL: &'static [Self] = &[
+        Self::Auto,
+        Self::Flash,
+        Self::Matmul,
+        Self::Burn,
+        Self::Tune,
+    ];
     const KIND: &'static str = "attention route";
     const ENV: &'static str = "DIFFUSERS_RS_ATTENTION";
     const DEFAULT: Self = Self::Auto;
@@ -224,13 +236,14 @@ impl Route for AttentionRoute {
 }
 
 impl AttentionRoute {
-    /// The lowercase name (`auto`, `flash`, `matmul`, `burn`).
+    /// The lowercase name (`auto`, `flash`, `matmul`, `burn`, `tune`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",
             Self::Flash => "flash",
             Self::Matmul => "matmul",
             Self::Burn => "burn",
+            Self::Tune => "tune",
         }
     }
 }
@@ -257,8 +270,8 @@ pub fn attention_route() -> AttentionRoute {
 }
 
 /// How [`conv2d`] runs on a CubeCL device (on flex its host loop runs, elsewhere burn's op).
-/// Until set with [`set_conv_route`], `DIFFUSERS_RS_CONV` decides (`burn`, `split_k`; unset or
-/// anything else is `burn`).
+/// Until set with [`set_conv_route`], `DIFFUSERS_RS_CONV` decides (`burn`, `split_k`, `tune`;
+/// unset or anything else is `burn`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConvRoute {
     /// burn's `module::conv2d` (its autotuned implicit GEMM on GPUs) for every shape.
@@ -266,10 +279,15 @@ pub enum ConvRoute {
     /// [`conv2d_split_k`] where [`split_k_factor`] accepts the shape (many channels over few
     /// positions), burn's op elsewhere.
     SplitK,
+    /// Where [`split_k_factor`] accepts the shape, whichever of burn's op and the split-K route
+    /// ran it fastest when it was first seen: both are timed on the device then (see
+    /// [`tuned_choices`]); burn's op elsewhere. A shape must have run once before a CUDA graph
+    /// captures it.
+    Tune,
 }
 
 impl Route for ConvRoute {
-    const ALL: &'static [Self] = &[Self::Burn, Self::SplitK];
+    const ALL: &'static [Self] = &[Self::Burn, Self::SplitK, Self::Tune];
     const KIND: &'static str = "convolution route";
     const ENV: &'static str = "DIFFUSERS_RS_CONV";
     const DEFAULT: Self = Self::Burn;
@@ -280,11 +298,12 @@ impl Route for ConvRoute {
 }
 
 impl ConvRoute {
-    /// The lowercase name (`burn`, `split_k`).
+    /// The lowercase name (`burn`, `split_k`, `tune`).
     pub fn name(self) -> &'static str {
         match self {
             Self::Burn => "burn",
             Self::SplitK => "split_k",
+            Self::Tune => "tune",
         }
     }
 }
@@ -368,13 +387,13 @@ mod tests {
     #[test]
     fn conv_routes_parse() {
         assert_eq!(" Split_K ".parse::<ConvRoute>().unwrap(), ConvRoute::SplitK);
-        for route in [ConvRoute::Burn, ConvRoute::SplitK] {
+        for route in [ConvRoute::Burn, ConvRoute::SplitK, ConvRoute::Tune] {
             assert_eq!(route.name().parse::<ConvRoute>().unwrap(), route);
         }
         match "cudnn".parse::<ConvRoute>() {
             Err(crate::Error::UnknownName { kind, name, known }) => {
                 assert_eq!((kind, name.as_str()), ("convolution route", "cudnn"));
-                assert_eq!(known, "burn, split_k");
+                assert_eq!(known, "burn, split_k, tune");
             }
             other => panic!("{other:?}"),
         }
