@@ -13,7 +13,8 @@
 #   PROFILE=1 also has CubeCL time every kernel sd_gpu launches (a cubecl.toml at the root):
 #   <out-dir>/profile.log.xz gets one line per kernel and, at each synchronisation, a table of
 #   the kernels since the last one. Profiling slows the run: use it with few --iters, apart
-#   from the timed runs.
+#   from the timed runs. MEMLOG=1 likewise logs the memory pools' page allocations and
+#   cleanups (<out-dir>/memory.log.xz), to see where peak memory comes from.
 set -uo pipefail
 out=${1:?out dir}; what=${2:?rust|python|both}; shift 2
 mkdir -p "$out"
@@ -22,17 +23,22 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 if [[ $what != python ]]; then
     [[ -f .gpubin/environment.tar ]] && mkdir -p target && tar -xf .gpubin/environment.tar -C target
     [[ -x /tmp/sd_gpu ]] || xz -dc .gpubin/sd_gpu.xz >/tmp/sd_gpu && chmod +x /tmp/sd_gpu
+    rm -f cubecl.toml
     if [[ ${PROFILE:-0} == 1 ]]; then
         printf '[profiling.logger]\nlevel = "basic"\nfile = "%s"\nappend = true\n' \
-            "/tmp/profile.log" >cubecl.toml
+            "/tmp/profile.log" >>cubecl.toml
+    fi
+    if [[ ${MEMLOG:-0} == 1 ]]; then
+        printf '[memory.logger]\nlevel = "basic"\nfile = "%s"\nappend = true\n' \
+            "/tmp/memory.log" >>cubecl.toml
     fi
     echo "== sd_gpu $* ${RUST_ARGS:-}"
     /tmp/sd_gpu "$@" ${RUST_ARGS:-} 2>"$out/rust.err" | tee -a "$out/rust.jsonl"
     echo "rust exit ${PIPESTATUS[0]}"; tail -5 "$out/rust.err"
-    if [[ ${PROFILE:-0} == 1 ]]; then
-        rm -f cubecl.toml
-        [[ -f /tmp/profile.log ]] && xz -c /tmp/profile.log >"$out/profile.log.xz" && rm /tmp/profile.log
-    fi
+    rm -f cubecl.toml
+    for log in profile memory; do
+        [[ -f /tmp/$log.log ]] && xz -c /tmp/$log.log >"$out/$log.log.xz" && rm /tmp/$log.log
+    done
     [[ -d target/environment ]] && tar -cf "$out/environment.tar" -C target environment
 fi
 if [[ $what != rust ]]; then
