@@ -233,6 +233,8 @@ pub(super) fn tuned_choices() -> Vec<super::TunedChoice> {
 #[cfg(feature = "cubecl-kernels")]
 fn attention_tuned(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     type Run = fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>;
+    let key = (q.dims(), k.dims(), v.dims(), q.dtype());
+    let tuned = TUNED.get(&key);
     let device = q.device();
     let mut candidates: Vec<(&str, Run)> = Vec::with_capacity(3);
     if q.dims()[2] * k.dims()[2] > 0 && super::extension::attention_supported(&q, &v) {
@@ -244,7 +246,9 @@ fn attention_tuned(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     if super::extension::on_cuda(&device) {
         candidates.push(("burn", attention_burn));
     }
-    let key = (q.dims(), k.dims(), v.dims(), q.dtype());
+    if let Some(index) = tuned {
+        return (candidates[index].1)(q, k, v);
+    }
     let names: Vec<&str> = candidates.iter().map(|(name, _)| *name).collect();
     let index = TUNED.choose(
         &key,

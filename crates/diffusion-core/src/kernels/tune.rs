@@ -67,6 +67,12 @@ impl<K: Eq + Hash + Clone> Choices<K> {
         self.map.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// The index of the candidate kept for `key`, if it was tuned: what a caller checks before
+    /// it builds its list of candidates, so that tuned shapes cost one lookup.
+    pub(crate) fn get(&self, key: &K) -> Option<usize> {
+        self.lock().get(key).map(|choice| choice.index)
+    }
+
     /// The index of the candidate kept for `key`; the first time, the fastest of `names` by
     /// `time(index)`, remembered (the first listed wins a tie). `shape` describes the key in
     /// [`tuned_choices`]. The map is not held while timing, so a candidate may itself tune.
@@ -77,8 +83,8 @@ impl<K: Eq + Hash + Clone> Choices<K> {
         names: &[&str],
         mut time: impl FnMut(usize) -> Duration,
     ) -> usize {
-        if let Some(choice) = self.lock().get(key) {
-            return choice.index;
+        if let Some(index) = self.get(key) {
+            return index;
         }
         if names.len() < 2 {
             return 0;
@@ -147,6 +153,8 @@ mod tests {
         };
         assert_eq!(pick((0, 1)), 1);
         assert_eq!(pick((0, 1)), 1);
+        assert_eq!(choices.get(&(0, 1)), Some(1));
+        assert_eq!(choices.get(&(1, 1)), None);
         // Another key is timed again: here "b" is slow.
         assert_eq!(pick((1, 1)), 0);
         assert_eq!(pick((1, 1)), 0);
