@@ -54,7 +54,7 @@ pub fn tuned_choices() -> Vec<TunedChoice> {
 }
 
 impl<K: Eq + Hash + Clone> Choices<K> {
-    /// Nothing chosen yet (for a `static` behind a [`LazyLock`]).
+    /// Nothing chosen yet (for a `static` behind a [`std::sync::LazyLock`]).
     pub(crate) fn new(op: &'static str) -> Self {
         Self {
             op,
