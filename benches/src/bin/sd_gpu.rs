@@ -20,6 +20,8 @@
 //! cubek's tensor-core flash attention on CUDA). `--conv` lists the convolution routes
 //! (`diffusion_core::kernels::ConvRoute`: burn's autotuned convolution, or `split_k`, a batched
 //! split-K matrix product over an im2col buffer for small feature maps with many channels).
+//! `DIFFUSERS_RS_ATTENTION_CHUNK` (e.g. `64M`) sets how many scores the matmul route holds at a
+//! time (`attention_chunk` in each row; default 16M, 32 MiB in f16).
 //! `tune` (either flag) times the candidate routes on each new shape and keeps the fastest; the
 //! run ends with one `"kind": "tuned"` line per shape saying what was chosen and each time.
 //! `--graph on` also times each UNet step
@@ -37,7 +39,8 @@
 //! Times are wall-clock over `iters` forwards after `warmup` ones, with the device synchronised
 //! before the clock starts and before it is read. Memory is what burn's pools hold after the
 //! timed forwards (`bytes_reserved`, pools grow to the peak and keep it; `memory_cleanup` runs
-//! before each measurement). TFLOP/s uses the FLOPs PyTorch's flop counter finds in the same
+//! before each measurement); `pools` lists each page-carving pool's page size, pages held now and
+//! at the peak, and the largest allocation it served. TFLOP/s uses the FLOPs PyTorch's flop counter finds in the same
 //! forward (`benches/python/sd_gpu_flops.json`, from `bench_sd_gpu.py --flops-only`).
 
 use std::time::Instant;
@@ -47,8 +50,8 @@ use diffusion_benches::{gpu_unet_configs, gpu_vae_configs};
 use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor, capture};
 
 use diffusion_core::kernels::{
-    AttentionRoute, ConvRoute, Kernel, set_attention_route, set_conv_route, set_kernel_enabled,
-    tuned_choices, uses_kernels,
+    AttentionRoute, ConvRoute, Kernel, attention_chunk_scores, set_attention_route, set_conv_route,
+    set_kernel_enabled, tuned_choices, uses_kernels,
 };
 use diffusion_core::{Device, Precision};
 use diffusion_models::modeling_utils::to_dtype;
@@ -226,6 +229,21 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
     let reserved = device.memory_pool_usage().map(|u| u.bytes_reserved);
     let in_use = device.memory_pool_usage().map(|u| u.bytes_in_use);
     let mib = |b: Option<u64>| b.map(|b| (b as f64 / 1048576.0 * 10.0).round() / 10.0);
+    // Each page-carving pool: its page size, pages held now and at the peak, and the largest
+    // allocation it served (which sets the page size of an adaptive pool).
+    let pools: Option<Vec<serde_json::Value>> = device.memory_pool_report().map(|pools| {
+        pools
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "page_mib": mib(Some(p.page_size)),
+                    "pages": p.pages,
+                    "pages_peak": p.pages_peak,
+                    "largest_alloc_mib": mib(Some(p.largest_alloc)),
+                })
+            })
+            .collect()
+    });
     let count = |kind: &str| flops[format!("{kind}/{}", row.model)].as_f64();
     let gflop = match row.kind {
         // Every step's UNet forward plus the decode (the scheduler's arithmetic is negligible).
@@ -239,6 +257,7 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
         "impl": format!("burn-kernels-{}", row.kernels),
         "attention": row.attention.name(),
         "conv": row.conv.name(),
+        "attention_chunk": attention_chunk_scores(),
         "graph": row.graph,
         "device": format!("{device:?}"),
         "kind": row.kind,
@@ -249,6 +268,7 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
         "peak_reserved_mib": mib(reserved),
         "in_use_mib": mib(in_use),
         "loaded_mib": row.loaded_mib,
+        "pools": pools,
         "gflop": gflop.map(|g| g.round()),
         "tflops": gflop.map(|g| (g / row.ms * 100.0).round() / 100.0),
     });

@@ -11,11 +11,6 @@ use burn::tensor::{DType, FloatDType, Tensor, module};
 /// for f16; bf16 stays on the flash kernel, which keeps the scores in f32.
 pub const MATMUL_MIN_SCORES: usize = 1 << 20;
 
-/// [`attention_matmul`] materialises the scores of this many elements at most at a time
-/// (128 MiB in f16, overwritten in place by the probabilities on kernel devices), a chunk of
-/// heads after another.
-const MATMUL_CHUNK_SCORES: usize = 1 << 26;
-
 /// `softmax(q kᵀ / sqrt(D) + bias) v`, through the fused flash-style kernel where
 /// [`super::uses_kernel`] says so (online softmax over key tiles, f32 accumulation, the score
 /// matrix never written to memory), except for long f16 attention without a bias
@@ -177,40 +172,93 @@ pub fn attention_burn(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
 /// a matmul in the input dtype (`q` scaled first, as diffusers' `baddbmm(alpha=scale)`), the
 /// softmax in f32 rounded back to the input dtype ([`super::softmax`]: one fused kernel on
 /// kernel devices, so no f32 copy of the scores exists), the weighted sum as a matmul of those
-/// probabilities (diffusers' `AttnProcessor` with `upcast_softmax`). The scores exist for a
-/// chunk of heads at a time (at most 2^26 of them), so memory stays bounded.
+/// probabilities (diffusers' `AttnProcessor` with `upcast_softmax`). The scores exist for one
+/// chunk at a time, at most [`super::attention_chunk_scores`] of them (see
+/// [`attention_matmul_chunked`]).
 ///
 /// # Shapes
 /// As [`attention`].
 pub fn attention_matmul(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    attention_matmul_chunked(q, k, v, super::attention_chunk_scores())
+}
+
+/// [`attention_matmul`] with the scores materialised `max_scores` at most at a time: a chunk
+/// of whole heads when one head's `S_q · S_kv` scores fit, else one head at a time in blocks
+/// of query rows (a multiple of 128 rows where the budget allows at least 128), so that the
+/// VAE's mid-block at SDXL's size (16,384² scores, 512 MiB in f16 for one head) stays within
+/// the budget too. A budget below one query row's `S_kv` scores still takes one row at a time.
+///
+/// # Shapes
+/// As [`attention`].
+pub fn attention_matmul_chunked(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    max_scores: usize,
+) -> Tensor<4> {
     let [b, h, s_q, d] = q.dims();
     let s_kv = k.dims()[2];
     let d_v = v.dims()[3];
     let heads = b * h;
+    if heads == 0 || s_q == 0 || s_kv == 0 || d_v == 0 {
+        // Nothing to chunk (and burn's reshape reads a 0 as "keep this dimension"). Without
+        // keys the weighted sum is empty: zeros, as the reference's matmul gives.
+        let dtype = FloatDType::from(q.dtype());
+        return Tensor::<4>::zeros([b, h, s_q, d_v], &q.device()).cast(dtype);
+    }
     let q = q
         .mul_scalar(1.0 / (d as f64).sqrt())
         .reshape([heads, s_q, d]);
     let k_t = k.reshape([heads, s_kv, d]).swap_dims(1, 2);
     let v = v.reshape([heads, s_kv, d_v]);
-    let per_chunk = (MATMUL_CHUNK_SCORES / (s_q * s_kv).max(1)).max(1);
-    let mut outputs = Vec::with_capacity(heads.div_ceil(per_chunk));
-    let mut start = 0;
-    while start < heads {
-        let len = per_chunk.min(heads - start);
-        let scores = q
-            .clone()
-            .narrow(0, start, len)
-            .matmul(k_t.clone().narrow(0, start, len));
-        let probabilities = super::softmax(scores);
-        outputs.push(probabilities.matmul(v.clone().narrow(0, start, len)));
-        start += len;
+    let (heads_per_chunk, rows_per_chunk) = matmul_chunks(heads, s_q, s_kv, max_scores);
+    let mut head_outputs = Vec::with_capacity(heads.div_ceil(heads_per_chunk));
+    let mut head = 0;
+    while head < heads {
+        let len = heads_per_chunk.min(heads - head);
+        let (q, k_t, v) = (
+            q.clone().narrow(0, head, len),
+            k_t.clone().narrow(0, head, len),
+            v.clone().narrow(0, head, len),
+        );
+        let mut row_outputs = Vec::with_capacity(s_q.div_ceil(rows_per_chunk));
+        let mut row = 0;
+        while row < s_q {
+            let rows = rows_per_chunk.min(s_q - row);
+            let q = if rows == s_q {
+                q.clone()
+            } else {
+                q.clone().narrow(1, row, rows)
+            };
+            let probabilities = super::softmax(q.matmul(k_t.clone()));
+            row_outputs.push(probabilities.matmul(v.clone()));
+            row += rows;
+        }
+        head_outputs.push(cat_or_single(row_outputs, 1));
+        head += len;
     }
-    let out = if outputs.len() == 1 {
-        outputs.pop().expect("one chunk")
+    cat_or_single(head_outputs, 0).reshape([b, h, s_q, d_v])
+}
+
+/// `(heads, query rows)` per chunk of [`attention_matmul_chunked`] for `heads` heads of
+/// `s_q × s_kv` scores and a budget of `max_scores`.
+fn matmul_chunks(heads: usize, s_q: usize, s_kv: usize, max_scores: usize) -> (usize, usize) {
+    let per_head = s_q * s_kv;
+    if per_head <= max_scores || s_q <= 1 {
+        let heads_per_chunk = (max_scores / per_head.max(1)).clamp(1, heads.max(1));
+        return (heads_per_chunk, s_q.max(1));
+    }
+    let rows = (max_scores / s_kv.max(1)).max(1);
+    let rows = if rows >= 128 { rows / 128 * 128 } else { rows };
+    (1, rows.min(s_q))
+}
+
+fn cat_or_single<const D: usize>(mut parts: Vec<Tensor<D>>, dim: usize) -> Tensor<D> {
+    if parts.len() == 1 {
+        parts.pop().expect("one part")
     } else {
-        Tensor::cat(outputs, 0)
-    };
-    out.reshape([b, h, s_q, d_v])
+        Tensor::cat(parts, dim)
+    }
 }
 
 /// The key of [`attention_tuned`]'s choices: the dims of `q`, `k`, `v` and the dtype.
@@ -304,6 +352,48 @@ mod tests {
         assert_eq!(got.dims(), [2, 3, 13, 24]);
         let diff = max_abs_diff(got, attention_reference(q, k, v, None));
         assert!(diff < 1e-5, "views: {diff:e}");
+    }
+
+    /// The chunks the matmul route takes at SD's shapes: whole heads while they fit, else
+    /// blocks of query rows in multiples of 128.
+    #[test]
+    fn matmul_route_chunks_heads_then_query_rows() {
+        let budget = 1 << 24;
+        // SD 1.5 at 64×64 and 32×32 (batch 2 × 8 heads), the VAE mid-block at 512² and 1024².
+        assert_eq!(matmul_chunks(16, 4096, 4096, budget), (1, 4096));
+        assert_eq!(matmul_chunks(16, 1024, 1024, budget), (16, 1024));
+        assert_eq!(matmul_chunks(1, 4096, 4096, budget), (1, 4096));
+        assert_eq!(matmul_chunks(1, 16384, 16384, budget), (1, 1024));
+        assert_eq!(matmul_chunks(16, 4096, 4096, 1 << 26), (4, 4096));
+        // Rows below 128 are not rounded; one row at least, whatever the budget.
+        assert_eq!(matmul_chunks(3, 50, 40, 1000), (1, 25));
+        assert_eq!(matmul_chunks(3, 50, 40, 10), (1, 1));
+        assert_eq!(matmul_chunks(2, 1000, 10, 1290), (1, 128));
+        assert_eq!(matmul_chunks(2, 1, 10, 5), (1, 1));
+    }
+
+    /// Chunking by heads, by query rows, and a row at a time gives the reference's result.
+    #[test]
+    fn matmul_route_chunks_equal_the_reference() {
+        let device = Device::flex();
+        let [b, h, s_q, s_kv, d, d_v] = [2, 3, 37, 29, 8, 5];
+        let random = |dims: [usize; 4], mean: f64| {
+            Tensor::<4>::random(dims, Distribution::Normal(mean, 1.2), &device)
+        };
+        let q = random([b, h, s_q, d], 0.2);
+        let k = random([b, h, s_kv, d], -0.1);
+        let v = random([b, h, s_kv, d_v], 0.3);
+        let want = attention_reference(q.clone(), k.clone(), v.clone(), None);
+        for budget in [usize::MAX, 4 * s_q * s_kv, s_q * s_kv, 10 * s_kv, s_kv, 1] {
+            let got = attention_matmul_chunked(q.clone(), k.clone(), v.clone(), budget);
+            assert_eq!(got.dims(), [b, h, s_q, d_v]);
+            let diff = max_abs_diff(got, want.clone());
+            assert!(diff < 1e-5, "budget {budget}: {diff:e}");
+        }
+        // No queries: an empty output of the right shape.
+        let no_queries = Tensor::<4>::zeros([b, h, 0, d], &device);
+        let got = attention_matmul_chunked(no_queries, k, v, 16);
+        assert_eq!(got.dims(), [b, h, 0, d_v]);
     }
 
     #[test]

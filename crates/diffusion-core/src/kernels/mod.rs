@@ -28,12 +28,13 @@ mod host;
 mod softmax;
 mod tune;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use burn::tensor::Device;
 
 pub use attention::{
-    MATMUL_MIN_SCORES, attention, attention_burn, attention_matmul, attention_reference,
+    MATMUL_MIN_SCORES, attention, attention_burn, attention_matmul, attention_matmul_chunked,
+    attention_reference,
 };
 pub use conv::{conv2d, conv2d_reference, conv2d_split_k, split_k_factor};
 pub use group_norm::{group_norm, group_norm_reference};
@@ -269,6 +270,56 @@ pub fn attention_route() -> AttentionRoute {
     Route::load(&ATTENTION_ROUTE)
 }
 
+/// The most scores [`attention_matmul`] holds at a time unless set otherwise: 2^24, 32 MiB in
+/// f16. One head of SD's 64×64 self-attention (4096² scores) is one chunk; a larger head (the
+/// VAE mid-block at SDXL's size) goes in blocks of query rows.
+pub const DEFAULT_ATTENTION_CHUNK_SCORES: usize = 1 << 24;
+
+/// The score budget of [`attention_matmul`], 0 until decided (then the environment is read).
+static ATTENTION_CHUNK: AtomicUsize = AtomicUsize::new(0);
+
+/// Set how many scores [`attention_matmul`] materialises at most at a time, for the whole
+/// process (0 restores [`DEFAULT_ATTENTION_CHUNK_SCORES`]). Larger chunks mean fewer, larger
+/// launches; smaller ones a lower peak of memory.
+pub fn set_attention_chunk_scores(scores: usize) {
+    let scores = if scores == 0 {
+        DEFAULT_ATTENTION_CHUNK_SCORES
+    } else {
+        scores
+    };
+    ATTENTION_CHUNK.store(scores, Ordering::Relaxed);
+}
+
+/// The score budget of [`attention_matmul`]. Until set with [`set_attention_chunk_scores`],
+/// `DIFFUSERS_RS_ATTENTION_CHUNK` decides: a count of scores with an optional binary suffix
+/// (`16M` is 2^24, `64M`, `512K`, `1G`); unset, zero or unreadable is
+/// [`DEFAULT_ATTENTION_CHUNK_SCORES`].
+pub fn attention_chunk_scores() -> usize {
+    let scores = ATTENTION_CHUNK.load(Ordering::Relaxed);
+    if scores != 0 {
+        return scores;
+    }
+    let scores = std::env::var("DIFFUSERS_RS_ATTENTION_CHUNK")
+        .ok()
+        .and_then(|v| parse_count(&v))
+        .filter(|&n| n > 0)
+        .unwrap_or(DEFAULT_ATTENTION_CHUNK_SCORES);
+    ATTENTION_CHUNK.store(scores, Ordering::Relaxed);
+    scores
+}
+
+/// A count with an optional binary suffix (`K`, `M`, `G`: 2^10, 2^20, 2^30).
+fn parse_count(value: &str) -> Option<usize> {
+    let value = value.trim();
+    let (digits, shift) = match value.chars().last()?.to_ascii_uppercase() {
+        'K' => (&value[..value.len() - 1], 10),
+        'M' => (&value[..value.len() - 1], 20),
+        'G' => (&value[..value.len() - 1], 30),
+        _ => (value, 0),
+    };
+    digits.trim().parse::<usize>().ok()?.checked_mul(1 << shift)
+}
+
 /// How [`conv2d`] runs on a CubeCL device (on flex its host loop runs, elsewhere burn's op).
 /// Until set with [`set_conv_route`], `DIFFUSERS_RS_CONV` decides (`burn`, `split_k`, `tune`;
 /// unset or anything else is `burn`).
@@ -382,6 +433,19 @@ mod tests {
         assert_eq!(parse_kernels("group_norm,host_attention"), 9);
         assert_eq!(parse_kernels("host_conv"), 16);
         assert_eq!(parse_kernels("all"), 31);
+    }
+
+    #[test]
+    fn counts_parse_with_binary_suffixes() {
+        assert_eq!(parse_count("16M"), Some(1 << 24));
+        assert_eq!(parse_count(" 64m "), Some(1 << 26));
+        assert_eq!(parse_count("512K"), Some(1 << 19));
+        assert_eq!(parse_count("1G"), Some(1 << 30));
+        assert_eq!(parse_count("1000"), Some(1000));
+        assert_eq!(parse_count("M"), None);
+        assert_eq!(parse_count("lots"), None);
+        assert_eq!(parse_count(""), None);
+        assert_eq!(parse_count(&format!("{}G", usize::MAX)), None);
     }
 
     #[test]
