@@ -12,9 +12,10 @@
 use diffusion_core::burn::tensor::ops::ConvOptions;
 use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use diffusion_core::kernels::{
-    AttentionRoute, ConvRoute, attention, attention_burn, attention_reference, conv2d,
-    conv2d_reference, group_norm, group_norm_reference, set_attention_route, set_conv_route,
-    softmax, softmax_reference, split_k_factor, tuned_choices, uses_kernels,
+    AttentionRoute, ConvRoute, attention, attention_burn, attention_matmul_chunked,
+    attention_reference, conv2d, conv2d_reference, group_norm, group_norm_reference,
+    set_attention_route, set_conv_route, softmax, softmax_reference, split_k_factor, tuned_choices,
+    uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -277,6 +278,24 @@ fn long_half_precision_attention() {
         if dtype != FloatDType::F32 {
             attention_case(&device, dtype, tolerance, [1, 3, 1024, 1024, 40], false);
             attention_case(&device, dtype, tolerance, [1, 1, 1024, 1024, 160], false);
+        }
+    }
+    // The matmul route's chunks under a budget smaller than one head: blocks of 256 query rows
+    // (the multiple of 128 within 300 rows' scores), then 100 rows (a budget under 128 rows,
+    // taken as it is: ten blocks and a last one of 24), as the VAE mid-block at SDXL's size runs.
+    if device.supports_dtype(DType::F16) {
+        let half = |shape: [usize; 4]| random(shape, &device).cast(FloatDType::F16);
+        let (q, k, v) = (
+            half([1, 2, 1024, 40]),
+            half([1, 2, 1024, 40]),
+            half([1, 2, 1024, 40]),
+        );
+        let exact = exact_attention(&q, &k, &v, None);
+        for budget in [300 * 1024, 100 * 1024] {
+            let got = attention_matmul_chunked(q.clone(), k.clone(), v.clone(), budget);
+            let err = error_to_exact(got, &exact);
+            println!("matmul route, {budget} scores a chunk: {err:.2e}");
+            assert!(err <= 1e-2, "budget {budget}: {err:e}");
         }
     }
 }
