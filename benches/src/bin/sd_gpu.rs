@@ -40,8 +40,9 @@
 //! before the clock starts and before it is read. Memory is what burn's pools hold after the
 //! timed forwards (`bytes_reserved`, pools grow to the peak and keep it; `memory_cleanup` runs
 //! before each measurement); `pools` lists each page-carving pool's page size, pages held now and
-//! at the peak, and the largest allocation it served. TFLOP/s uses the FLOPs PyTorch's flop counter finds in the same
-//! forward (`benches/python/sd_gpu_flops.json`, from `bench_sd_gpu.py --flops-only`).
+//! at the peak, and the largest allocation it served. TFLOP/s uses the FLOPs PyTorch's flop
+//! counter finds in the same forward (`benches/python/sd_gpu_flops.json`, from
+//! `bench_sd_gpu.py --flops-only`).
 
 use std::time::Instant;
 
