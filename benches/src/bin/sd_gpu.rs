@@ -22,6 +22,11 @@
 //! split-K matrix product over an im2col buffer for small feature maps with many channels).
 //! `DIFFUSERS_RS_ATTENTION_CHUNK` (e.g. `64M`) sets how many scores the matmul route holds at a
 //! time (`attention_chunk` in each row; default 16M, 32 MiB in f16).
+//! `DIFFUSERS_RS_CONV_WEIGHTS` (`auto`, `pytorch`, `channels_last`) sets how convolution weights
+//! are laid out when loaded (`conv_weights` in each row; `auto`, channels-last on CubeCL
+//! devices, lets burn's convolution read them without a copy). The models' random weights are
+//! loaded as a checkpoint is (`load_weights_as` in the run's dtype, from a source that draws
+//! them on demand), so the device never holds f32 copies of half-precision weights.
 //! `tune` (either flag) times the candidate routes on each new shape and keeps the fastest; the
 //! run ends with one `"kind": "tuned"` line per shape saying what was chosen and each time.
 //! `--graph on` also times each UNet step
@@ -50,12 +55,15 @@ use anyhow::{Context, Result, bail};
 use diffusion_benches::{gpu_unet_configs, gpu_vae_configs};
 use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor, capture};
 
+use diffusion_core::burn::module::Module;
 use diffusion_core::kernels::{
-    AttentionRoute, ConvRoute, Kernel, attention_chunk_scores, set_attention_route, set_conv_route,
-    set_kernel_enabled, tuned_choices, uses_kernels,
+    AttentionRoute, ConvRoute, Kernel, attention_chunk_scores, conv_weight_layout,
+    set_attention_route, set_conv_route, set_kernel_enabled, tuned_choices, uses_kernels,
 };
+use diffusion_core::weights::{TensorProvider, WeightSource};
 use diffusion_core::{Device, Precision};
 use diffusion_models::modeling_utils::to_dtype;
+use diffusion_models::state_dict::{LoadMode, load_weights_as, param_shapes};
 use diffusion_models::{
     AddedCondKwargs, AutoencoderKL, ModelMixin, UNet2DConditionModel, UNet2DConditionOptions,
 };
@@ -259,6 +267,7 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
         "attention": row.attention.name(),
         "conv": row.conv.name(),
         "attention_chunk": attention_chunk_scores(),
+        "conv_weights": conv_weight_layout().name(),
         "graph": row.graph,
         "device": format!("{device:?}"),
         "kind": row.kind,
@@ -274,6 +283,70 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
         "tflops": gflop.map(|g| (g / row.ms * 100.0).round() / 100.0),
     });
     println!("{json}");
+}
+
+/// Random weights for every parameter of a model, made on demand as a [`WeightSource`] reads
+/// them: uniform in ±1/sqrt(fan_in) for weights and their biases (PyTorch's default for
+/// convolutions and linear layers), normalisation scales 1 and shifts 0.
+#[derive(Debug)]
+struct RandomWeights {
+    shapes: std::collections::BTreeMap<String, Vec<usize>>,
+}
+
+impl TensorProvider for RandomWeights {
+    fn read_f32(&self, key: &str) -> diffusion_core::Result<Vec<f32>> {
+        let shape = &self.shapes[key];
+        let count = shape.iter().product::<usize>();
+        let is_norm = key
+            .rsplit('.')
+            .nth(1)
+            .is_some_and(|module| module.contains("norm"));
+        // A vector's fan-in is its module's weight's.
+        let weight_shape = match key.strip_suffix(".bias") {
+            Some(module) => self.shapes.get(&format!("{module}.weight")),
+            None => Some(shape),
+        };
+        let bound = match weight_shape {
+            _ if is_norm => {
+                return Ok(vec![
+                    if key.ends_with(".weight") { 1.0 } else { 0.0 };
+                    count
+                ]);
+            }
+            Some(w) if w.len() >= 2 => 1.0 / (w[1..].iter().product::<usize>() as f32).sqrt(),
+            _ => 0.0,
+        };
+        // splitmix64 seeded by the key, so every run loads the same weights.
+        let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
+        Ok((0..count)
+            .map(|_| {
+                state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^= z >> 31;
+                let unit = (z >> 40) as f32 / (1u64 << 24) as f32;
+                (2.0 * unit - 1.0) * bound
+            })
+            .collect())
+    }
+}
+
+/// `model`, built from its config with lazy parameters, with random weights ([`RandomWeights`])
+/// loaded in `dtype` the way a checkpoint is loaded (`load_weights_as`: converted on the host,
+/// uploaded into persistent memory, laid out as loaded weights are), so the device never holds
+/// f32 weights for a half-precision run.
+fn with_random_weights<M: Module>(model: M, dtype: FloatDType) -> Result<M> {
+    let shapes = param_shapes(&model);
+    let source = WeightSource::from_provider(
+        "random weights",
+        shapes.clone(),
+        Box::new(RandomWeights { shapes }),
+    );
+    let (model, _) = load_weights_as(model, &source, LoadMode::Strict, Some(dtype))?;
+    Ok(model)
 }
 
 fn randn<const D: usize>(shape: [usize; D], dtype: FloatDType, device: &Device) -> Tensor<D> {
@@ -561,7 +634,10 @@ fn main() -> Result<()> {
                     continue;
                 }
                 device.memory_cleanup();
-                let model = to_dtype(UNet2DConditionModel::from_config(&config, &device)?, dtype)?;
+                let model = with_random_weights(
+                    UNet2DConditionModel::from_config(&config, &device)?,
+                    dtype,
+                )?;
                 let loaded_mib = settled_in_use_mib(&device);
                 let (x, states, added) = unet_inputs(&config, size, dtype, &device);
                 let t = Tensor::<1>::from_floats([500.0], &device);
@@ -611,7 +687,8 @@ fn main() -> Result<()> {
                     continue;
                 }
                 device.memory_cleanup();
-                let model = to_dtype(AutoencoderKL::from_config(&config, &device)?, dtype)?;
+                let model =
+                    with_random_weights(AutoencoderKL::from_config(&config, &device)?, dtype)?;
                 let loaded_mib = settled_in_use_mib(&device);
                 let z = randn([1, config.latent_channels, size, size], dtype, &device);
                 for variant @ (kernels, attention, conv) in variants(&args) {
@@ -666,8 +743,12 @@ fn main() -> Result<()> {
                     continue;
                 };
                 device.memory_cleanup();
-                let unet = to_dtype(UNet2DConditionModel::from_config(&config, &device)?, dtype)?;
-                let vae = to_dtype(AutoencoderKL::from_config(vae_config, &device)?, dtype)?;
+                let unet = with_random_weights(
+                    UNet2DConditionModel::from_config(&config, &device)?,
+                    dtype,
+                )?;
+                let vae =
+                    with_random_weights(AutoencoderKL::from_config(vae_config, &device)?, dtype)?;
                 let loaded_mib = settled_in_use_mib(&device);
                 let (_, states, added) = unet_inputs(&config, size, dtype, &device);
                 for variant @ (kernels, attention, conv) in variants(&args) {

@@ -12,10 +12,10 @@
 use diffusion_core::burn::tensor::ops::ConvOptions;
 use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use diffusion_core::kernels::{
-    AttentionRoute, ConvRoute, attention, attention_burn, attention_matmul_chunked,
-    attention_reference, conv2d, conv2d_reference, group_norm, group_norm_reference,
-    set_attention_route, set_conv_route, softmax, softmax_reference, split_k_factor, tuned_choices,
-    uses_kernels,
+    AttentionRoute, ConvRoute, ConvWeightLayout, attention, attention_burn,
+    attention_matmul_chunked, attention_reference, conv2d, conv2d_reference, group_norm,
+    group_norm_reference, set_attention_route, set_conv_route, set_conv_weight_layout, softmax,
+    softmax_reference, split_k_factor, tuned_choices, uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -508,8 +508,11 @@ fn tuned_routes_match_exact_and_report_their_choices() {
 /// The split-K convolution route (`conv2d` with `ConvRoute::SplitK`: a batched matrix product
 /// over an im2col buffer, partial sums in f32) and burn's convolution against the exact result,
 /// on a 3×3 convolution over an 8×8 map with many channels (the shape the route is for) and a
-/// strided downsampling one. The route must be within the dtype's tolerance, or no further off
-/// than burn's own convolution (on CUDA both multiply f32 in TF32).
+/// strided downsampling one, each with the weight in PyTorch's memory layout and channels-last
+/// (`ConvWeightLayout`), and the route's im2col rows in both orders. The route and burn's
+/// convolution must be within the dtype's tolerance, or no further off than twice burn's own
+/// convolution of the plain weight (on CUDA both multiply f32 in TF32; on lavapipe burn's f16
+/// convolution accumulates in f16).
 #[test]
 fn split_k_convolution_matches_exact() {
     let device = device();
@@ -525,24 +528,59 @@ fn split_k_convolution_matches_exact() {
             assert!(split_k_factor(&x, &weight, &options).is_some());
             let exact = exact_conv(&x, &weight, &bias, stride, 1);
             let error = |t: Tensor<4>| conv_error(t, &exact);
-            let route = conv2d(
+            // The weight in PyTorch's memory layout and as a view of channels-last memory (as
+            // loaded on kernel devices), with the route's im2col rows in either order.
+            let channels_last = channels_last_view(weight.clone());
+            // burn's convolution of the plain weight bounds both routes' errors.
+            let burn_plain = error(conv2d_reference(
                 x.clone(),
                 weight.clone(),
                 Some(bias.clone()),
                 options.clone(),
-            );
-            assert_eq!(route.dtype(), x.dtype());
-            let route = error(route);
-            let burn = error(conv2d_reference(x, weight, Some(bias), options));
-            println!(
-                "split-K conv {dtype:?} [{b}, {c_in} -> {c_out}, {hw}², stride {stride}]: \
-                 {route:.2e} (burn's conv {burn:.2e})"
-            );
-            assert!(
-                route <= tolerance.max(2.0 * burn),
-                "{dtype:?} {c_in} -> {c_out} at {hw}²: {route:e} (burn {burn:e})"
-            );
+            ));
+            let limit = tolerance.max(2.0 * burn_plain);
+            for layout in [ConvWeightLayout::Auto, ConvWeightLayout::Pytorch] {
+                set_conv_weight_layout(layout);
+                for (memory, weight) in [("pytorch", &weight), ("channels-last", &channels_last)] {
+                    let route = conv2d(
+                        x.clone(),
+                        weight.clone(),
+                        Some(bias.clone()),
+                        options.clone(),
+                    );
+                    assert_eq!(route.dtype(), x.dtype());
+                    let route = error(route);
+                    let burn = error(conv2d_reference(
+                        x.clone(),
+                        weight.clone(),
+                        Some(bias.clone()),
+                        options.clone(),
+                    ));
+                    println!(
+                        "split-K conv {dtype:?} [{b}, {c_in} -> {c_out}, {hw}², stride {stride}], \
+                         {memory} weight, {} order: {route:.2e} (burn's conv {burn:.2e})",
+                        layout.name()
+                    );
+                    assert!(
+                        route <= limit && burn <= limit,
+                        "{dtype:?} {c_in} -> {c_out} at {hw}², {memory} weight, {layout:?}: \
+                         {route:e}, burn's conv {burn:e} (of the plain weight {burn_plain:e})"
+                    );
+                }
+            }
         }
     }
+    set_conv_weight_layout(ConvWeightLayout::Auto);
     set_conv_route(ConvRoute::Burn);
+}
+
+/// `weight` (`[C_out, C_in, K_h, K_w]`) as a view of channels-last `[C_out, K_h, K_w, C_in]`
+/// memory, the layout convolution weights are loaded in on kernel devices.
+fn channels_last_view(weight: Tensor<4>) -> Tensor<4> {
+    let [o, i, h, w] = weight.dims();
+    weight
+        .permute([0, 2, 3, 1])
+        .reshape([o * h * w * i])
+        .reshape([o, h, w, i])
+        .permute([0, 3, 1, 2])
 }

@@ -11,8 +11,8 @@ use diffusion_core::{Device, Error, Result};
 
 use crate::layers;
 use crate::state_dict::{
-    KeyedParamMapper, LoadMode, LoadReport, cast_compact, load_weights_as, map_params_by_key,
-    save_weights,
+    Layout, LayoutParamMapper, LoadMode, LoadReport, cast_compact, load_weights_as,
+    map_params_with_layout, save_weights,
 };
 
 /// diffusers' `ModelMixin`: a model described by a `config.json` whose weights live in
@@ -189,11 +189,11 @@ pub fn save_pretrained<C: Config, M: Module>(
 
 struct CastFloats(FloatDType);
 
-impl KeyedParamMapper for CastFloats {
+impl LayoutParamMapper for CastFloats {
     fn map_param<const D: usize>(
         &mut self,
         _key: &str,
-        transposed: bool,
+        layout: Layout,
         param: Param<Tensor<D>>,
     ) -> Param<Tensor<D>> {
         let dtype = self.0;
@@ -201,7 +201,7 @@ impl KeyedParamMapper for CastFloats {
             if FloatDType::from(t.dtype()) == dtype {
                 t
             } else {
-                cast_compact(t, dtype, transposed)
+                cast_compact(t, dtype, layout)
             }
         })
     }
@@ -218,7 +218,7 @@ impl KeyedParamMapper for CastFloats {
 /// [`Error::InvalidArgument`] (`dtype`) when the module's device does not support `dtype`.
 pub fn to_dtype<M: Module>(module: M, dtype: FloatDType) -> Result<M> {
     check_dtype_support(&module, dtype)?;
-    Ok(map_params_by_key(module, &mut CastFloats(dtype)))
+    Ok(map_params_with_layout(module, &mut CastFloats(dtype)))
 }
 
 /// [`Error::InvalidArgument`] (`dtype`) when one of `module`'s devices cannot hold `dtype`.

@@ -8,6 +8,10 @@
 //! - `GroupNorm` / `LayerNorm`: burn names the affine parameters `gamma` / `beta`, PyTorch
 //!   `weight` / `bias`.
 //!
+//! A `Conv2d` weight has PyTorch's shape `[out, in, kh, kw]`, but on CubeCL devices it is loaded
+//! as a view of channels-last `[out, kh, kw, in]` memory, the layout burn's convolution reads
+//! there without copying ([`kernels::ConvWeightLayout`]).
+//!
 //! The loader is a [`ModuleMapper`] rather than burn-store's `load_from`: it checks shapes in
 //! PyTorch layout before reading any data (so errors name the stored key and the shape the file
 //! should have), reads sharded checkpoints through one [`WeightSource`], converts f16 / bf16 /
@@ -19,8 +23,9 @@ use std::path::Path;
 
 use diffusion_core::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use diffusion_core::burn::tensor::{FloatDType, Tensor, TensorData};
+use diffusion_core::kernels;
 use diffusion_core::weights::{NamedTensor, SaveDtype, WeightSource, write_safetensors};
-use diffusion_core::{Error, Result};
+use diffusion_core::{Device, Error, Result};
 
 /// Whether keys that do not match are errors or only reported.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -58,10 +63,61 @@ struct KeyPath {
     containers: Vec<String>,
 }
 
-/// A parameter's diffusers key and whether its stored layout is the transpose of burn's.
+/// A parameter's diffusers key, whether its stored layout is the transpose of burn's, and
+/// whether it is a convolution's weight.
 struct ParamKey {
     key: String,
     transposed: bool,
+    conv_weight: bool,
+}
+
+impl ParamKey {
+    /// How the parameter is laid out in memory when loaded on `device`.
+    fn layout(&self, device: &Device) -> Layout {
+        if self.transposed {
+            Layout::Transposed
+        } else if self.conv_weight && kernels::conv_weights_channels_last(device) {
+            Layout::ChannelsLast
+        } else {
+            Layout::Plain
+        }
+    }
+}
+
+/// How a loaded parameter's memory relates to its burn shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Layout {
+    /// Contiguous in its own shape (PyTorch's, where the two agree).
+    Plain,
+    /// A `Linear` weight: burn's `[in, out]` is the transposed view of contiguous `[out, in]`
+    /// memory, PyTorch's layout.
+    Transposed,
+    /// A convolution weight `[out, in, kh, kw]`, a view of contiguous channels-last
+    /// `[out, kh, kw, in]` memory.
+    ChannelsLast,
+}
+
+impl Layout {
+    /// The axes that permute a parameter of rank `D` into its memory's order, where that is
+    /// not the parameter's own.
+    fn to_memory<const D: usize>(self) -> Option<[usize; D]> {
+        let axes: &[usize] = match self {
+            Layout::Plain => return None,
+            Layout::Transposed => &[1, 0],
+            Layout::ChannelsLast => &[0, 2, 3, 1],
+        };
+        (axes.len() == D).then(|| std::array::from_fn(|k| axes[k]))
+    }
+
+    /// The inverse of [`Self::to_memory`]: the axes that permute memory back to the parameter.
+    fn from_memory<const D: usize>(self) -> Option<[usize; D]> {
+        let axes = self.to_memory::<D>()?;
+        let mut back = [0; D];
+        for (k, &axis) in axes.iter().enumerate() {
+            back[axis] = k;
+        }
+        Some(back)
+    }
 }
 
 impl KeyPath {
@@ -85,17 +141,20 @@ impl KeyPath {
         let owner = self.containers.last().map(String::as_str).unwrap_or("");
         let mut segments = self.segments.clone();
         let mut transposed = false;
+        let mut conv_weight = false;
         if let Some(last) = segments.last_mut() {
             match (owner, last.as_str()) {
                 ("Struct:GroupNorm" | "Struct:LayerNorm", "gamma") => *last = "weight".into(),
                 ("Struct:GroupNorm" | "Struct:LayerNorm", "beta") => *last = "bias".into(),
                 ("Struct:Linear", "weight") if rank == 2 => transposed = true,
+                ("Struct:Conv2d", "weight") if rank == 4 => conv_weight = true,
                 _ => {}
             }
         }
         ParamKey {
             key: segments.join("."),
             transposed,
+            conv_weight,
         }
     }
 }
@@ -136,42 +195,75 @@ pub(crate) fn upload<const D: usize>(
     })
 }
 
-/// `tensor` cast to `dtype` into a flat persistent allocation (see [`upload`]), reshaped back.
-/// For a `transposed` parameter (a `Linear` weight, kept as the transposed view of the stored
-/// `[out, in]` layout) the stored layout is what is flattened, so the result is again a view of
-/// a contiguous `[out, in]` tensor, as a loaded weight is.
+/// `tensor` cast to `dtype` into a flat persistent allocation (see [`upload`]), reshaped back,
+/// its memory in `layout`: a `Linear` weight is again the transposed view of a contiguous
+/// `[out, in]` tensor and a channels-last convolution weight a view of `[out, kh, kw, in]`
+/// memory, as loaded ones are.
 pub(crate) fn cast_compact<const D: usize>(
     tensor: Tensor<D>,
     dtype: FloatDType,
-    transposed: bool,
+    layout: Layout,
 ) -> Tensor<D> {
     let device = tensor.device();
     device.memory_persistent_allocations(tensor, |tensor| {
-        through_stored_flat(tensor, transposed, |flat| flat.cast(dtype))
+        through_memory_flat(tensor, layout, |flat| flat.cast(dtype))
     })
 }
 
-/// `tensor` flattened in the order of its stored layout (PyTorch's `[out, in]` for a
-/// `transposed` parameter, whose burn tensor is the transpose), passed through `f`, and shaped
+/// `tensor` flattened in the order of its memory in `layout`, passed through `f`, and shaped
 /// back. The flattening reshape copies a tensor that is not contiguous in that order and is a
 /// view of one that is; what `f` returns is contiguous, so the result is laid out as a loaded
 /// parameter is.
-fn through_stored_flat<const D: usize>(
+fn through_memory_flat<const D: usize>(
     tensor: Tensor<D>,
-    transposed: bool,
+    layout: Layout,
     f: impl FnOnce(Tensor<1>) -> Tensor<1>,
 ) -> Tensor<D> {
     let dims = tensor.dims();
     let count = dims.iter().product::<usize>();
-    if transposed && D == 2 {
-        let stored = tensor.swap_dims(0, 1);
-        let stored_dims = stored.dims();
-        f(stored.reshape([count]))
-            .reshape(stored_dims)
-            .swap_dims(0, 1)
-    } else {
-        f(tensor.reshape([count])).reshape(dims)
+    match layout.to_memory::<D>().zip(layout.from_memory::<D>()) {
+        Some((axes, back)) => {
+            let memory = tensor.permute(axes);
+            let memory_dims = memory.dims();
+            f(memory.reshape([count]))
+                .reshape(memory_dims)
+                .permute(back)
+        }
+        None => f(tensor.reshape([count])).reshape(dims),
     }
+}
+
+/// Host data of a `[out, in, kh, kw]` tensor (`shape`) reordered to `[out, kh, kw, in]`.
+fn channels_last_data(data: TensorData, shape: &[usize]) -> TensorData {
+    let &[out, inp, kh, kw] = shape else {
+        unreachable!("a convolution weight has rank 4, not {}", shape.len())
+    };
+    fn reorder<const N: usize>(src: &[u8], out: usize, inp: usize, taps: usize) -> Vec<u8> {
+        let src: Vec<[u8; N]> = src
+            .chunks_exact(N)
+            .map(|c| c.try_into().expect("N bytes"))
+            .collect();
+        let mut dst = Vec::with_capacity(src.len() * N);
+        for o in 0..out {
+            let filter = &src[o * inp * taps..(o + 1) * inp * taps];
+            for t in 0..taps {
+                for i in 0..inp {
+                    dst.extend_from_slice(&filter[i * taps + t]);
+                }
+            }
+        }
+        dst
+    }
+    let dtype = data.dtype();
+    let bytes = data.as_bytes();
+    let taps = kh * kw;
+    // The loader reads f32, f16 or bf16.
+    let reordered = match dtype.size() {
+        2 => reorder::<2>(bytes, out, inp, taps),
+        4 => reorder::<4>(bytes, out, inp, taps),
+        size => unreachable!("parameters are read as 2- or 4-byte floats, not {size}"),
+    };
+    TensorData::from_bytes_vec(reordered, [out, kh, kw, inp], dtype)
 }
 
 impl Loader<'_> {
@@ -187,7 +279,12 @@ impl Loader<'_> {
     }
 
     fn load<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let ParamKey { key, transposed } = self.path.param_key(D);
+        let param_key = self.path.param_key(D);
+        let device = param.lazy_device();
+        let layout = param_key.layout(&device);
+        let ParamKey {
+            key, transposed, ..
+        } = param_key;
         let Some(entry) = self.source.entry(&key) else {
             self.missing.push(key);
             return param;
@@ -210,17 +307,26 @@ impl Loader<'_> {
                 return param;
             }
         };
-        let device = param.lazy_device();
         let stored: [usize; D] = expected.try_into().expect("the stored shape has rank D");
-        let mut tensor = upload::<D>(data, stored, &device);
+        // Uploaded as laid out in memory: the stored (PyTorch) layout, or for a channels-last
+        // convolution weight the data reordered on the host, then viewed in burn's shape.
+        let mut tensor = match (layout, layout.to_memory::<D>()) {
+            (Layout::ChannelsLast, Some(axes)) => {
+                let memory = std::array::from_fn(|k| stored[axes[k]]);
+                upload::<D>(channels_last_data(data, &stored), memory, &device)
+            }
+            _ => upload::<D>(data, stored, &device),
+        };
         if let Some(dtype) = self.dtype
             && FloatDType::from(tensor.dtype()) != dtype
         {
-            tensor = cast_compact(tensor, dtype, false);
+            tensor = cast_compact(tensor, dtype, Layout::Plain);
         }
-        if transposed {
-            tensor = tensor.transpose();
-        }
+        tensor = match (layout, layout.from_memory::<D>()) {
+            (Layout::Transposed, _) => tensor.transpose(),
+            (Layout::ChannelsLast, Some(back)) => tensor.permute(back),
+            _ => tensor,
+        };
         self.applied.push(key);
         let id = param.id;
         param.transform_for_load(tensor, id)
@@ -336,12 +442,37 @@ pub trait KeyedParamMapper {
     ) -> Param<Tensor<D>>;
 }
 
+/// [`KeyedParamMapper`] with the parameter's loaded [`Layout`] on its device, for this crate's
+/// mappers that must keep it.
+pub(crate) trait LayoutParamMapper {
+    fn map_param<const D: usize>(
+        &mut self,
+        key: &str,
+        layout: Layout,
+        param: Param<Tensor<D>>,
+    ) -> Param<Tensor<D>>;
+}
+
+/// A [`KeyedParamMapper`], which is told only whether a parameter is transposed.
+struct Public<'a, P>(&'a mut P);
+
+impl<P: KeyedParamMapper> LayoutParamMapper for Public<'_, P> {
+    fn map_param<const D: usize>(
+        &mut self,
+        key: &str,
+        layout: Layout,
+        param: Param<Tensor<D>>,
+    ) -> Param<Tensor<D>> {
+        self.0.map_param(key, layout == Layout::Transposed, param)
+    }
+}
+
 struct KeyedMapper<'a, P> {
     path: KeyPath,
     inner: &'a mut P,
 }
 
-impl<P: KeyedParamMapper> ModuleMapper for KeyedMapper<'_, P> {
+impl<P: LayoutParamMapper> ModuleMapper for KeyedMapper<'_, P> {
     fn enter_module(&mut self, name: &str, container_type: &str) {
         self.path.enter(name, container_type);
     }
@@ -351,9 +482,21 @@ impl<P: KeyedParamMapper> ModuleMapper for KeyedMapper<'_, P> {
     }
 
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let ParamKey { key, transposed } = self.path.param_key(D);
-        self.inner.map_param(&key, transposed, param)
+        let key = self.path.param_key(D);
+        let layout = key.layout(&param.lazy_device());
+        self.inner.map_param(&key.key, layout, param)
     }
+}
+
+/// [`map_params_by_key`] for this crate's layout-aware mappers.
+pub(crate) fn map_params_with_layout<M: Module, P: LayoutParamMapper>(
+    module: M,
+    mapper: &mut P,
+) -> M {
+    module.map(&mut KeyedMapper {
+        path: KeyPath::default(),
+        inner: mapper,
+    })
 }
 
 /// Hand every float parameter of `module` to `mapper` with its diffusers key, and rebuild the
@@ -383,15 +526,14 @@ impl<P: KeyedParamMapper> ModuleMapper for KeyedMapper<'_, P> {
 /// assert_eq!(diffusion_core::tensor::to_vec(bias), [0.0; 3]);
 /// ```
 pub fn map_params_by_key<M: Module, P: KeyedParamMapper>(module: M, mapper: &mut P) -> M {
-    module.map(&mut KeyedMapper {
-        path: KeyPath::default(),
-        inner: mapper,
-    })
+    map_params_with_layout(module, &mut Public(mapper))
 }
 
 /// `module` with every float parameter laid out in memory as [`load_weights`] lays it out: a
 /// contiguous tensor, except a `Linear` weight, which is the transposed view of a contiguous
-/// PyTorch-layout `[out, in]` tensor. Parameters already laid out so are kept without a copy.
+/// PyTorch-layout `[out, in]` tensor, and, on CubeCL devices, a `Conv2d` weight, a view of
+/// channels-last `[out, kh, kw, in]` memory ([`kernels::ConvWeightLayout`]). Parameters already
+/// laid out so are kept without a copy.
 ///
 /// Matrix products round differently for different operand layouts, so a module whose
 /// parameters went another way (moved to the autodiff device and back, which makes each one
@@ -401,19 +543,19 @@ pub fn map_params_by_key<M: Module, P: KeyedParamMapper>(module: M, mapper: &mut
 /// from the saved weights. For inference copies: on an autodiff device the reshapes would be
 /// recorded in the graph and the parameters would stop being leaves.
 pub fn with_loaded_layout<M: Module>(module: M) -> M {
-    map_params_by_key(module, &mut LoadedLayout)
+    map_params_with_layout(module, &mut LoadedLayout)
 }
 
 struct LoadedLayout;
 
-impl KeyedParamMapper for LoadedLayout {
+impl LayoutParamMapper for LoadedLayout {
     fn map_param<const D: usize>(
         &mut self,
         _key: &str,
-        transposed: bool,
+        layout: Layout,
         param: Param<Tensor<D>>,
     ) -> Param<Tensor<D>> {
-        param.map(|tensor| through_stored_flat(tensor, transposed, |flat| flat))
+        param.map(|tensor| through_memory_flat(tensor, layout, |flat| flat))
     }
 }
 
@@ -433,7 +575,9 @@ impl ModuleVisitor for Collector {
     }
 
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let ParamKey { key, transposed } = self.path.param_key(D);
+        let ParamKey {
+            key, transposed, ..
+        } = self.path.param_key(D);
         let shape = stored_shape(&param.lazy_shape().to_vec(), transposed);
         let values = if self.shapes_only {
             Vec::new()

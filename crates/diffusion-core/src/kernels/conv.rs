@@ -175,8 +175,11 @@ fn conv_output_size(
 /// multiprocessors idle on small feature maps with many channels.
 ///
 /// The im2col matrix `[C_in · K_h · K_w, B · H_out · W_out]` is gathered from shifted (strided,
-/// dilated) slices of the padded input, laid out `[C_in, K_h · K_w, B, H_out, W_out]` so that
-/// its rows follow PyTorch's weight order with no copy of the weight. Its rows and the
+/// dilated) slices of the padded input, its rows in the order of the weight's memory so that
+/// the weight is only reshaped: `[K_h · K_w, C_in, B, H_out, W_out]` where convolution weights
+/// are channels-last on this device ([`super::conv_weights_channels_last`]), else
+/// `[C_in, K_h · K_w, B, H_out, W_out]`, PyTorch's order. (A weight laid out the other way is
+/// copied by the reshape; the result is the same either way.) Its rows and the
 /// weight's columns are cut into `splits` slices, multiplied as one batched product
 /// `[splits, C_out, depth / splits] · [splits, depth / splits, positions]`, and the partial
 /// products are summed in f32 (whatever the input dtype), then the bias is added and the
@@ -193,6 +196,20 @@ pub fn conv2d_split_k(
     bias: Option<Tensor<1>>,
     options: ConvOptions<2>,
     splits: usize,
+) -> Tensor<4> {
+    let channels_last = super::conv_weights_channels_last(&weight.device());
+    split_k_in_order(x, weight, bias, options, splits, channels_last)
+}
+
+/// [`conv2d_split_k`] with the im2col rows in channels-last order (`[K_h · K_w, C_in]`,
+/// `channels_last`) or PyTorch's (`[C_in, K_h · K_w]`).
+fn split_k_in_order(
+    x: Tensor<4>,
+    weight: Tensor<4>,
+    bias: Option<Tensor<1>>,
+    options: ConvOptions<2>,
+    splits: usize,
+    channels_last: bool,
 ) -> Tensor<4> {
     use burn::tensor::ops::PadMode;
     use burn::tensor::{FloatDType, Slice};
@@ -238,9 +255,20 @@ pub fn conv2d_split_k(
         })
         .collect::<Vec<_>>();
     let positions = batch * h_out * w_out;
-    // [C_in, K_h · K_w, B, H_out, W_out] → [splits, depth / splits, positions].
-    let columns = Tensor::stack::<5>(taps, 1).reshape([splits, depth / splits, positions]);
-    // [C_out, depth] → [splits, C_out, depth / splits]: a strided view, no copy.
+    // [K_h · K_w, C_in, B, H_out, W_out] or [C_in, K_h · K_w, B, H_out, W_out]
+    // → [splits, depth / splits, positions].
+    let columns = Tensor::stack::<5>(taps, if channels_last { 0 } else { 1 }).reshape([
+        splits,
+        depth / splits,
+        positions,
+    ]);
+    // [C_out, depth] in the same order (channels-last: [C_out, K_h, K_w, C_in]), a reshape of
+    // the weight's memory → [splits, C_out, depth / splits], a strided view.
+    let weight = if channels_last {
+        weight.permute([0, 2, 3, 1])
+    } else {
+        weight
+    };
     let weight = weight
         .reshape([c_out, splits, depth / splits])
         .swap_dims(0, 1);
@@ -685,10 +713,21 @@ mod tests {
         gb.assert_eq(&rb, true);
     }
 
+    /// `weight` (`[C_out, C_in, K_h, K_w]`) as a view of channels-last memory.
+    fn channels_last_view(weight: Tensor<4>) -> Tensor<4> {
+        let [o, i, h, w] = weight.dims();
+        weight
+            .permute([0, 2, 3, 1])
+            .reshape([o * h * w * i])
+            .reshape([o, h, w, i])
+            .permute([0, 3, 1, 2])
+    }
+
     /// The split-K route in burn ops against burn's convolution, on flex: 3×3 with padding,
     /// strided with asymmetric padding, dilated, pointwise, non-square kernels and strides, a
     /// view as input, for several split counts, with and without a bias, in f32 (≤ 1e-5 of the
-    /// output's range) and f16 (≤ 1e-2, the partial products summed in f32).
+    /// output's range) and f16 (≤ 1e-2, the partial products summed in f32). Both im2col
+    /// orders run, each with the weight in both memory layouts.
     #[test]
     fn conv_split_k_matches_reference() {
         use burn::tensor::FloatDType;
@@ -720,6 +759,21 @@ mod tests {
                     assert_eq!(got.dims(), want.dims(), "{case}");
                     let err = relative_error(got, want.clone());
                     assert!(err <= 1e-5, "{case}: {err:e}");
+                    for channels_last in [false, true] {
+                        for w in [weight.clone(), channels_last_view(weight.clone())] {
+                            let got = split_k_in_order(
+                                x.clone(),
+                                w,
+                                bias.clone(),
+                                options.clone(),
+                                splits,
+                                channels_last,
+                            );
+                            let err = relative_error(got, want.clone());
+                            let case = format!("{case}, channels-last order {channels_last}");
+                            assert!(err <= 1e-5, "{case}: {err:e}");
+                        }
+                    }
 
                     let half = |t: Tensor<4>| t.cast(FloatDType::F16);
                     let got = conv2d_split_k(

@@ -380,6 +380,86 @@ pub fn conv_route() -> ConvRoute {
     Route::load(&CONV_ROUTE)
 }
 
+/// How loaded convolution weights are laid out in memory. Their shape is always PyTorch's
+/// `[C_out, C_in, K_h, K_w]`; the choice is whether that is contiguous memory or a view of
+/// channels-last `[C_out, K_h, K_w, C_in]` memory. Until set with [`set_conv_weight_layout`],
+/// `DIFFUSERS_RS_CONV_WEIGHTS` decides (`auto`, `pytorch`, `channels_last`; unset or anything
+/// else is `auto`).
+///
+/// burn's convolution on CubeCL devices views its operands as channels-last and copies any
+/// operand whose channels are not adjacent in memory (burn-cubecl 0.22.1 `conv_forward`,
+/// cubek-convolution 0.3.1 `has_valid_layout`): a contiguous `[C_out, C_in, 3, 3]` weight is
+/// copied on every call; a channels-last one is read where it lies. The host loop on flex
+/// multiplies PyTorch's layout directly, so it copies the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvWeightLayout {
+    /// Channels-last on CubeCL devices without autodiff, PyTorch's layout elsewhere.
+    Auto,
+    /// PyTorch's contiguous `[C_out, C_in, K_h, K_w]` everywhere.
+    Pytorch,
+    /// Channels-last on every device without autodiff (on flex only to test the layout: its
+    /// convolution then copies the weight on every call).
+    ChannelsLast,
+}
+
+impl Route for ConvWeightLayout {
+    const ALL: &'static [Self] = &[Self::Auto, Self::Pytorch, Self::ChannelsLast];
+    const KIND: &'static str = "convolution weight layout";
+    const ENV: &'static str = "DIFFUSERS_RS_CONV_WEIGHTS";
+    const DEFAULT: Self = Self::Auto;
+
+    fn name(self) -> &'static str {
+        ConvWeightLayout::name(self)
+    }
+}
+
+impl ConvWeightLayout {
+    /// The lowercase name (`auto`, `pytorch`, `channels_last`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Pytorch => "pytorch",
+            Self::ChannelsLast => "channels_last",
+        }
+    }
+}
+
+impl std::str::FromStr for ConvWeightLayout {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Route::parse(s)
+    }
+}
+
+/// The convolution weight layout, 0 until decided (then the environment is read).
+static CONV_WEIGHT_LAYOUT: AtomicU8 = AtomicU8::new(0);
+
+/// Choose the [`ConvWeightLayout`] for the whole process. It applies to weights loaded or cast
+/// afterwards (and to the order in which [`conv2d_split_k`] gathers its columns).
+pub fn set_conv_weight_layout(layout: ConvWeightLayout) {
+    layout.store(&CONV_WEIGHT_LAYOUT);
+}
+
+/// The current [`ConvWeightLayout`] (see there for how it is decided).
+pub fn conv_weight_layout() -> ConvWeightLayout {
+    Route::load(&CONV_WEIGHT_LAYOUT)
+}
+
+/// Whether convolution weights on `device` are laid out channels-last under the current
+/// [`ConvWeightLayout`]: never on an autodiff device (the reordering would be recorded in the
+/// graph, and the parameters would stop being leaves).
+pub fn conv_weights_channels_last(device: &Device) -> bool {
+    if device.is_autodiff() {
+        return false;
+    }
+    match conv_weight_layout() {
+        ConvWeightLayout::Auto => on_kernel_device(device),
+        ConvWeightLayout::Pytorch => false,
+        ConvWeightLayout::ChannelsLast => true,
+    }
+}
+
 /// Whether `device` is a CubeCL device (CUDA, wgpu, CubeCL CPU) in a build with a CubeCL
 /// backend: where the custom kernels and routes can run.
 pub fn on_kernel_device(device: &Device) -> bool {
@@ -460,6 +540,27 @@ mod tests {
                 assert_eq!(known, "burn, split_k, tune");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn conv_weight_layouts_parse() {
+        use ConvWeightLayout::*;
+        for layout in [Auto, Pytorch, ChannelsLast] {
+            assert_eq!(layout.name().parse::<ConvWeightLayout>().unwrap(), layout);
+        }
+        match "nhwc".parse::<ConvWeightLayout>() {
+            Err(crate::Error::UnknownName { kind, known, .. }) => {
+                assert_eq!(kind, "convolution weight layout");
+                assert_eq!(known, "auto, pytorch, channels_last");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Never on an autodiff device, whatever the setting; `auto` is PyTorch's layout on flex.
+        // (The setting is process-wide, so only `auto`, the default, is looked at here.)
+        assert!(!conv_weights_channels_last(&Device::flex().autodiff()));
+        if conv_weight_layout() == Auto {
+            assert!(!conv_weights_channels_last(&Device::flex()));
         }
     }
 }

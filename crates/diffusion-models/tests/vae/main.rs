@@ -3,6 +3,7 @@
 //! paths and errors around it. One test binary with modules, because linking burn is slow.
 
 mod errors;
+mod layout;
 mod parity;
 mod precision;
 mod tiling;
