@@ -100,7 +100,7 @@ pub(crate) enum Layout {
 impl Layout {
     /// The axes that permute a parameter of rank `D` into its memory's order, where that is
     /// not the parameter's own.
-    fn to_memory<const D: usize>(self) -> Option<[usize; D]> {
+    fn memory_axes<const D: usize>(self) -> Option<[usize; D]> {
         let axes: &[usize] = match self {
             Layout::Plain => return None,
             Layout::Transposed => &[1, 0],
@@ -109,9 +109,9 @@ impl Layout {
         (axes.len() == D).then(|| std::array::from_fn(|k| axes[k]))
     }
 
-    /// The inverse of [`Self::to_memory`]: the axes that permute memory back to the parameter.
-    fn from_memory<const D: usize>(self) -> Option<[usize; D]> {
-        let axes = self.to_memory::<D>()?;
+    /// The inverse of [`Self::memory_axes`]: the axes that permute memory back to the parameter.
+    fn param_axes<const D: usize>(self) -> Option<[usize; D]> {
+        let axes = self.memory_axes::<D>()?;
         let mut back = [0; D];
         for (k, &axis) in axes.iter().enumerate() {
             back[axis] = k;
@@ -221,7 +221,7 @@ fn through_memory_flat<const D: usize>(
 ) -> Tensor<D> {
     let dims = tensor.dims();
     let count = dims.iter().product::<usize>();
-    match layout.to_memory::<D>().zip(layout.from_memory::<D>()) {
+    match layout.memory_axes::<D>().zip(layout.param_axes::<D>()) {
         Some((axes, back)) => {
             let memory = tensor.permute(axes);
             let memory_dims = memory.dims();
@@ -310,7 +310,7 @@ impl Loader<'_> {
         let stored: [usize; D] = expected.try_into().expect("the stored shape has rank D");
         // Uploaded as laid out in memory: the stored (PyTorch) layout, or for a channels-last
         // convolution weight the data reordered on the host, then viewed in burn's shape.
-        let mut tensor = match (layout, layout.to_memory::<D>()) {
+        let mut tensor = match (layout, layout.memory_axes::<D>()) {
             (Layout::ChannelsLast, Some(axes)) => {
                 let memory = std::array::from_fn(|k| stored[axes[k]]);
                 upload::<D>(channels_last_data(data, &stored), memory, &device)
@@ -322,7 +322,7 @@ impl Loader<'_> {
         {
             tensor = cast_compact(tensor, dtype, Layout::Plain);
         }
-        tensor = match (layout, layout.from_memory::<D>()) {
+        tensor = match (layout, layout.param_axes::<D>()) {
             (Layout::Transposed, _) => tensor.transpose(),
             (Layout::ChannelsLast, Some(back)) => tensor.permute(back),
             _ => tensor,
