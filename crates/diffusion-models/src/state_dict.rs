@@ -453,7 +453,9 @@ pub(crate) trait LayoutParamMapper {
     ) -> Param<Tensor<D>>;
 }
 
-/// A [`KeyedParamMapper`], which is told only whether a parameter is transposed.
+/// A [`KeyedParamMapper`], which is told only whether a parameter is transposed. What it returns
+/// for a channels-last convolution weight is laid out channels-last again (no copy where it
+/// still is).
 struct Public<'a, P>(&'a mut P);
 
 impl<P: KeyedParamMapper> LayoutParamMapper for Public<'_, P> {
@@ -463,7 +465,12 @@ impl<P: KeyedParamMapper> LayoutParamMapper for Public<'_, P> {
         layout: Layout,
         param: Param<Tensor<D>>,
     ) -> Param<Tensor<D>> {
-        self.0.map_param(key, layout == Layout::Transposed, param)
+        let param = self.0.map_param(key, layout == Layout::Transposed, param);
+        if layout == Layout::ChannelsLast {
+            param.map(|tensor| through_memory_flat(tensor, layout, |flat| flat))
+        } else {
+            param
+        }
     }
 }
 
@@ -500,7 +507,9 @@ pub(crate) fn map_params_with_layout<M: Module, P: LayoutParamMapper>(
 }
 
 /// Hand every float parameter of `module` to `mapper` with its diffusers key, and rebuild the
-/// module from what it returns.
+/// module from what it returns. A `Conv2d` weight it returns on a device where they are loaded
+/// channels-last ([`kernels::ConvWeightLayout`]) is laid out so again: one copy for a new
+/// tensor (a merged LoRA), none for one that kept its memory.
 ///
 /// ```
 /// use diffusion_core::Device;

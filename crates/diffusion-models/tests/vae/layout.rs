@@ -13,7 +13,9 @@ use diffusion_core::burn::module::{Module, ModuleVisitor, Param};
 use diffusion_core::burn::tensor::{FloatDType, Tensor};
 use diffusion_core::kernels::{ConvWeightLayout, set_conv_weight_layout};
 use diffusion_models::modeling_utils::{PretrainedOptions, to_dtype};
-use diffusion_models::state_dict::{state_dict, with_loaded_layout};
+use diffusion_models::state_dict::{
+    KeyedParamMapper, map_params_by_key, state_dict, with_loaded_layout,
+};
 use diffusion_models::{AutoencoderKL, ModelMixin};
 
 use crate::{Io, device, fixture, load};
@@ -33,6 +35,20 @@ impl ModuleVisitor for Strides {
             .expect("a tensor on the flex device");
         let shape = [dims[0], dims[1], dims[2], dims[3]];
         self.0.push((shape, primitive.layout().strides().to_vec()));
+    }
+}
+
+/// Replaces every parameter with a new contiguous tensor of the same values.
+struct Fresh;
+
+impl KeyedParamMapper for Fresh {
+    fn map_param<const D: usize>(
+        &mut self,
+        _key: &str,
+        _transposed: bool,
+        param: Param<Tensor<D>>,
+    ) -> Param<Tensor<D>> {
+        param.map(|t| Tensor::from_data(t.to_data(), &t.device()))
     }
 }
 
@@ -115,6 +131,12 @@ fn channels_last_conv_weights_load_cast_and_decode_like_pytorch_layout() -> Resu
         let relaid = with_loaded_layout(plain.clone());
         assert_layout("re-laid out", &relaid, true);
         assert_same_weights("re-laid out", &relaid, &plain);
+
+        // What a keyed mapper returns (here new, contiguous tensors, as a LoRA merge makes) is
+        // laid out channels-last again.
+        let remapped = map_params_by_key(last.clone(), &mut Fresh);
+        assert_layout("mapped by key", &remapped, true);
+        assert_same_weights("mapped by key", &remapped, &plain);
         Ok(())
     })();
     set_conv_weight_layout(ConvWeightLayout::Auto);
