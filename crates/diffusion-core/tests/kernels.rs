@@ -12,10 +12,11 @@
 use diffusion_core::burn::tensor::ops::ConvOptions;
 use diffusion_core::burn::tensor::{DType, Device, Distribution, FloatDType, Tensor};
 use diffusion_core::kernels::{
-    AttentionRoute, ConvRoute, ConvWeightLayout, attention, attention_burn,
+    AttentionRoute, ConvRoute, ConvWeightLayout, GroupNormLayout, attention, attention_burn,
     attention_matmul_chunked, attention_reference, conv2d, conv2d_reference, group_norm,
-    group_norm_reference, set_attention_route, set_conv_route, set_conv_weight_layout, softmax,
-    softmax_reference, split_k_factor, tuned_choices, uses_kernels,
+    group_norm_reference, memory_strides, set_attention_route, set_conv_route,
+    set_conv_weight_layout, set_group_norm_layout, softmax, softmax_reference, split_k_factor,
+    tuned_choices, uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -122,6 +123,123 @@ fn group_norm_of_rank_3_and_a_large_offset() {
     let err = relative_error(got, want);
     println!("group_norm rank 3, offset 10: {err:.2e}");
     assert!(err <= 1e-5, "{err:e}");
+}
+
+/// The element strides of contiguous memory of `shape`, with the dimensions in `order` (outer
+/// to inner), as strides of `shape`'s own dimensions.
+fn strides_in_order(shape: &[usize], order: &[usize]) -> Vec<isize> {
+    let mut strides = vec![0isize; shape.len()];
+    let mut next = 1isize;
+    for &d in order.iter().rev() {
+        strides[d] = next;
+        next *= shape[d] as isize;
+    }
+    strides
+}
+
+#[test]
+fn group_norm_keeps_channels_last_memory() {
+    // burn's convolution hands back NCHW views of channels-last memory; the kernel reads such
+    // an input where it lies and writes its output in the same order (or, with
+    // `GroupNormLayout::Contiguous`, copies it first and writes contiguous output). Cases:
+    // odd sizes, one channel per group, SD's 320 channels (10 per group: vectors of 2), 1280
+    // over 4x4 (40 per group), a group of 4 * 97 * 181 = 70228 elements over many chunks of
+    // positions, and rank 3 (`[B, C, L]` over `[B, L, C]` memory).
+    let device = device();
+    let cases: [(Vec<usize>, usize); 7] = [
+        (vec![2, 6, 5, 7], 3),
+        (vec![1, 5, 3, 3], 5),
+        (vec![2, 64, 8, 8], 32),
+        (vec![2, 320, 9, 7], 32),
+        (vec![2, 1280, 4, 4], 32),
+        (vec![1, 8, 97, 181], 2),
+        (vec![2, 12, 41], 4),
+    ];
+    for (dtype, tolerance) in dtypes(&device) {
+        for (shape, groups) in &cases {
+            let rank = shape.len();
+            // [B, *, C] memory, viewed as [B, C, *].
+            let mut memory_shape = vec![shape[0]];
+            memory_shape.extend(&shape[2..]);
+            memory_shape.push(shape[1]);
+            let mut to_nchw = vec![0, rank - 1];
+            to_nchw.extend(1..rank - 1);
+            let mut nhwc_order = vec![0];
+            nhwc_order.extend(2..rank);
+            nhwc_order.push(1);
+            let nhwc = strides_in_order(shape, &nhwc_order);
+            let contiguous = strides_in_order(shape, &(0..rank).collect::<Vec<_>>());
+            for silu in [false, true] {
+                let (errors, layouts) = if rank == 4 {
+                    let x = random(
+                        [
+                            memory_shape[0],
+                            memory_shape[1],
+                            memory_shape[2],
+                            memory_shape[3],
+                        ],
+                        &device,
+                    )
+                    .cast(dtype)
+                    .permute([to_nchw[0], to_nchw[1], to_nchw[2], to_nchw[3]]);
+                    run_layouts(x, *groups, silu)
+                } else {
+                    let x = random([memory_shape[0], memory_shape[1], memory_shape[2]], &device)
+                        .cast(dtype)
+                        .permute([to_nchw[0], to_nchw[1], to_nchw[2]]);
+                    run_layouts(x, *groups, silu)
+                };
+                let [input, kept, copied] = layouts;
+                assert_eq!(input, nhwc, "{shape:?}: the input is not channels-last");
+                assert_eq!(kept, nhwc, "{shape:?}: keep wrote another layout");
+                assert_eq!(
+                    copied, contiguous,
+                    "{shape:?}: contiguous wrote another layout"
+                );
+                for (name, err) in [("keep", errors.0), ("contiguous", errors.1)] {
+                    println!(
+                        "group_norm channels-last {dtype:?} {shape:?} groups {groups} silu {silu} {name}: {err:.2e}"
+                    );
+                    assert!(
+                        err <= tolerance,
+                        "{dtype:?} {shape:?} silu {silu} {name}: {err:e}"
+                    );
+                }
+            }
+        }
+    }
+    set_group_norm_layout(GroupNormLayout::Keep);
+}
+
+/// GroupNorm of `x` (`[B, C, *]`, groups, SiLU) under both [`GroupNormLayout`]s: the errors of
+/// each against the reference, and the strides of the input and of the two outputs.
+fn run_layouts<const D: usize>(
+    x: Tensor<D>,
+    groups: usize,
+    silu: bool,
+) -> ((f32, f32), [Vec<isize>; 3]) {
+    let device = x.device();
+    let channels = x.dims()[1];
+    let dtype = FloatDType::from(x.dtype());
+    let gamma = random([channels], &device).cast(dtype);
+    let beta = random([channels], &device).cast(dtype);
+    let input = memory_strides(x.clone()).expect("a kernel device");
+    let want = group_norm_reference(x.clone(), gamma.clone(), beta.clone(), groups, 1e-6, silu);
+    set_group_norm_layout(GroupNormLayout::Keep);
+    let kept = group_norm(x.clone(), gamma.clone(), beta.clone(), groups, 1e-6, silu);
+    set_group_norm_layout(GroupNormLayout::Contiguous);
+    let copied = group_norm(x, gamma, beta, groups, 1e-6, silu);
+    set_group_norm_layout(GroupNormLayout::Keep);
+    let layouts = [
+        input,
+        memory_strides(kept.clone()).expect("a kernel device"),
+        memory_strides(copied.clone()).expect("a kernel device"),
+    ];
+    let errors = (
+        relative_error(kept, want.clone()),
+        relative_error(copied, want),
+    );
+    (errors, layouts)
 }
 
 fn attention_case(

@@ -11,7 +11,8 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Backend, Dispatch, backend_extension};
 use burn::tensor::{DType, FloatDType, Shape, Tensor as BurnTensor};
 use burn_cubecl::CubeBackend;
-use burn_cubecl::kernel::into_contiguous;
+use burn_cubecl::kernel::{into_contiguous, untile};
+use burn_cubecl::ops::{permute_nchw_to_nhwc, permute_nhwc_to_nchw};
 use burn_cubecl::tensor::CubeTensor;
 use cubecl::prelude::*;
 use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
@@ -20,6 +21,10 @@ use cubecl::{CubeCount, CubeDim, calculate_cube_count_elemwise};
 /// decoder at 512² has a million elements per group) are split over many cubes and the partial
 /// (count, mean, M2) triples are merged with Chan's formula.
 const GROUP_NORM_CHUNK: usize = 8192;
+/// Positions that one unit of the channels-last statistics pass reads (for one vector of
+/// channels): short enough to give small maps many units, long enough that the partial
+/// triples stay a small fraction of the input.
+const GROUP_NORM_NHWC_POSITIONS: usize = 32;
 /// Preferred units per cube for the reductions and for attention query rows.
 const PREFERRED_UNITS: u32 = 256;
 const ATTENTION_UNITS: u32 = 64;
@@ -28,7 +33,9 @@ const MAX_HEAD_DIM: usize = 512;
 
 #[backend_extension(Cube, Fusion)]
 pub trait DiffusionKernels: Backend {
-    /// GroupNorm (+ SiLU) of a `[B, C, *]` tensor with `[C]` affine parameters.
+    /// GroupNorm (+ SiLU) of a `[B, C, *]` tensor with `[C]` affine parameters. With
+    /// `keep_channels_last`, an input whose memory is channels-last is read where it lies and
+    /// the output is channels-last too; any other input is made contiguous first.
     #[fusion(dtype = x, shape = x)]
     fn fused_group_norm(
         x: FloatTensor<Self>,
@@ -37,6 +44,7 @@ pub trait DiffusionKernels: Backend {
         groups: usize,
         eps: f64,
         silu: bool,
+        keep_channels_last: bool,
     ) -> FloatTensor<Self>;
 
     /// `softmax(q kᵀ / sqrt(D)) v` on `[B, H, S, D]` tensors.
@@ -73,8 +81,9 @@ impl DiffusionKernels for CubeBackend {
         groups: usize,
         eps: f64,
         silu: bool,
+        keep_channels_last: bool,
     ) -> FloatTensor<Self> {
-        launch_group_norm(x, gamma, beta, groups, eps, silu)
+        launch_group_norm(x, gamma, beta, groups, eps, silu, keep_channels_last)
     }
 
     fn fused_softmax(x: FloatTensor<Self>) -> FloatTensor<Self> {
@@ -116,6 +125,7 @@ pub(super) fn group_norm<const D: usize>(
         groups,
         eps,
         silu,
+        super::group_norm_layout() == super::GroupNormLayout::Keep,
     );
     BurnTensor::from_dispatch(out)
 }
@@ -123,6 +133,15 @@ pub(super) fn group_norm<const D: usize>(
 /// The tensor-level entry of the softmax kernel (the device was checked by the caller).
 pub(super) fn softmax<const D: usize>(x: BurnTensor<D>) -> BurnTensor<D> {
     BurnTensor::from_dispatch(Dispatch::fused_softmax(x.into_dispatch()))
+}
+
+/// The element strides of a tensor on a CubeCL device, after the operations pending in
+/// burn's fusion stream ran (`None` for a tensor on another backend).
+pub(super) fn cube_strides<const D: usize>(tensor: BurnTensor<D>) -> Option<Vec<isize>> {
+    let fused = tensor.try_into_primitive::<burn_cubecl::Cube>().ok()?;
+    let client = fused.client.clone();
+    let cube = client.resolve_tensor_float::<CubeBackend>(fused);
+    Some(cube.meta.strides().iter().map(|&s| s as isize).collect())
 }
 
 /// Whether `device` is a CUDA device.
@@ -193,6 +212,7 @@ fn empty_contiguous(like: &CubeTensor, shape: Shape, dtype: DType) -> CubeTensor
     )
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch_group_norm(
     x: CubeTensor,
     gamma: CubeTensor,
@@ -200,10 +220,30 @@ fn launch_group_norm(
     groups: usize,
     eps: f64,
     silu: bool,
+    keep_channels_last: bool,
 ) -> CubeTensor {
-    let x = into_contiguous(x);
+    let x = untile(x);
     let gamma = into_contiguous(gamma);
     let beta = into_contiguous(beta);
+    if keep_channels_last && !x.is_contiguous() {
+        let nhwc = permute_nchw_to_nhwc(x.clone());
+        if nhwc.is_contiguous() {
+            let out = group_norm_channels_last(nhwc, gamma, beta, groups, eps, silu);
+            return permute_nhwc_to_nchw(out);
+        }
+    }
+    group_norm_contiguous(into_contiguous(x), gamma, beta, groups, eps, silu)
+}
+
+/// GroupNorm of a contiguous `[B, C, *]` tensor: each group is one run of memory.
+fn group_norm_contiguous(
+    x: CubeTensor,
+    gamma: CubeTensor,
+    beta: CubeTensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> CubeTensor {
     let shape = x.meta.shape().clone();
     let numel = shape.num_elements();
     let (batch, channels) = (shape[0], shape[1]);
@@ -218,7 +258,6 @@ fn launch_group_norm(
     let vector = widest_vector(&x, spatial);
 
     let partials = empty_contiguous(&x, Shape::new([n_groups * splits * 3]), DType::F32);
-    let stats = empty_contiguous(&x, Shape::new([n_groups * 2]), DType::F32);
     let out = empty_contiguous(&x, shape, dtype);
 
     let units = units_per_cube(&x, PREFERRED_UNITS);
@@ -234,18 +273,8 @@ fn launch_group_norm(
         units as usize,
         dtype_to_storage_type(dtype),
     );
-
-    let combine_units = units_per_cube(&x, 64);
-    group_norm_combine_kernel::launch(
-        &client,
-        CubeCount::Static((n_groups as u32).div_ceil(combine_units), 1, 1),
-        CubeDim::new_1d(combine_units),
-        partials.into_tensor_arg(),
-        stats.clone().into_tensor_arg(),
-        n_groups as u32,
-        splits as u32,
-        eps as f32,
-    );
+    // The partials of group `s` are entries `s * splits ..` (one per chunk).
+    let stats = combine_group_stats(&x, partials, n_groups, 1, splits, 1, 1, eps);
 
     let vectors = numel / vector;
     let cube_dim = CubeDim::new_1d(units);
@@ -267,6 +296,121 @@ fn launch_group_norm(
         dtype_to_storage_type(dtype),
     );
     out
+}
+
+/// GroupNorm of a contiguous channels-last `[B, *, C]` tensor (the NHWC memory behind an NCHW
+/// view): a group is a strided set of short runs, so the statistics pass gives each unit one
+/// vector of channels over a few positions, and neighbouring units read neighbouring channels
+/// (whole rows of memory per cube).
+fn group_norm_channels_last(
+    x: CubeTensor,
+    gamma: CubeTensor,
+    beta: CubeTensor,
+    groups: usize,
+    eps: f64,
+    silu: bool,
+) -> CubeTensor {
+    let shape = x.meta.shape().clone();
+    let numel = shape.num_elements();
+    let channels = shape[shape.num_dims() - 1];
+    let batch = shape[0];
+    let positions = numel / (batch * channels);
+    let per_group = channels / groups;
+    let dtype = x.dtype;
+    let client = x.client.clone();
+    // A vector divides a group's channels, so it never straddles two groups, and gamma and
+    // beta load as vectors of the same channels.
+    let vector = widest_vector(&x, per_group);
+    let channel_vectors = channels / vector;
+    let group_vectors = per_group / vector;
+    let splits = positions.div_ceil(GROUP_NORM_NHWC_POSITIONS);
+    let n_groups = batch * groups;
+
+    // One (count, mean, M2) per unit: per sample, per chunk of positions, per channel vector.
+    let threads = batch * splits * channel_vectors;
+    let partials = empty_contiguous(&x, Shape::new([threads * 3]), DType::F32);
+    let out = empty_contiguous(&x, shape, dtype);
+
+    let units = units_per_cube(&x, PREFERRED_UNITS);
+    let cube_dim = CubeDim::new_1d(units);
+    group_norm_nhwc_partial_kernel::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, threads, cube_dim),
+        cube_dim,
+        vector,
+        x.clone().into_tensor_arg(),
+        partials.clone().into_tensor_arg(),
+        threads as u32,
+        positions as u32,
+        channel_vectors as u32,
+        splits as u32,
+        GROUP_NORM_NHWC_POSITIONS as u32,
+        dtype_to_storage_type(dtype),
+    );
+    let stats = combine_group_stats(
+        &x,
+        partials,
+        n_groups,
+        groups,
+        splits,
+        channel_vectors,
+        group_vectors,
+        eps,
+    );
+
+    let vectors = numel / vector;
+    group_norm_nhwc_apply_kernel::launch(
+        &client,
+        calculate_cube_count_elemwise(&client, vectors, cube_dim),
+        cube_dim,
+        vector,
+        x.into_tensor_arg(),
+        gamma.into_tensor_arg(),
+        beta.into_tensor_arg(),
+        stats.into_tensor_arg(),
+        out.clone().into_tensor_arg(),
+        vectors as u32,
+        channel_vectors as u32,
+        (positions * channel_vectors) as u32,
+        group_vectors as u32,
+        groups as u32,
+        silu,
+        dtype_to_storage_type(dtype),
+    );
+    out
+}
+
+/// Merge the statistics passes' partial (count, mean, M2) triples into each group's mean and
+/// `sqrt(var + eps)`, one cube per group. The partials of group `g` of sample `n` (`groups`
+/// per sample) are, for each chunk `k < splits`, the `entries` consecutive triples from
+/// `(n * splits + k) * stride + g * entries`.
+#[allow(clippy::too_many_arguments)]
+fn combine_group_stats(
+    like: &CubeTensor,
+    partials: CubeTensor,
+    n_groups: usize,
+    groups: usize,
+    splits: usize,
+    stride: usize,
+    entries: usize,
+    eps: f64,
+) -> CubeTensor {
+    let stats = empty_contiguous(like, Shape::new([n_groups * 2]), DType::F32);
+    let units = units_per_cube(like, PREFERRED_UNITS);
+    group_norm_combine_kernel::launch(
+        &like.client,
+        CubeCount::Static(n_groups as u32, 1, 1),
+        CubeDim::new_1d(units),
+        partials.into_tensor_arg(),
+        stats.clone().into_tensor_arg(),
+        groups as u32,
+        splits as u32,
+        stride as u32,
+        entries as u32,
+        eps as f32,
+        units as usize,
+    );
+    stats
 }
 
 /// The widest vector (elements per load) the device prefers for `tensor`'s dtype that divides
@@ -368,37 +512,192 @@ fn cube_reduce(
     result
 }
 
-/// One unit per group: merge the chunks' (count, mean, M2) (Chan et al.) into the group's mean
-/// and `sqrt(var + eps)` (biased variance, as `torch.nn.GroupNorm`).
+/// One cube per group: merge the group's partial (count, mean, M2) triples (Chan et al.) into
+/// its mean and `sqrt(var + eps)` (biased variance, as `torch.nn.GroupNorm`). Each unit merges
+/// every `units`-th triple, then the units' results merge pairwise in shared memory. Every
+/// stored triple has a positive count; a unit that got none has count 0 and is skipped.
 #[cube(launch)]
+#[allow(clippy::too_many_arguments)]
 fn group_norm_combine_kernel(
     partials: &Tensor<f32>,
     stats: &mut Tensor<f32>,
-    n_groups: u32,
+    groups: u32,
     splits: u32,
+    stride: u32,
+    entries: u32,
     eps: f32,
+    #[comptime] units: usize,
 ) {
-    let g = ABSOLUTE_POS;
-    if g >= n_groups as usize {
+    let s = CUBE_POS_X as usize;
+    let unit = UNIT_POS_X as usize;
+    let sample = s / groups as usize;
+    let group = s % groups as usize;
+    let per_split = entries as usize;
+    let total = splits as usize * per_split;
+
+    let mut n = 0.0f32;
+    let mut mean = 0.0f32;
+    let mut m2 = 0.0f32;
+    let mut e = unit;
+    while e < total {
+        let chunk = e / per_split;
+        let o = ((sample * splits as usize + chunk) * stride as usize
+            + group * per_split
+            + e % per_split)
+            * 3;
+        let nb = partials[o];
+        let mb = partials[o + 1];
+        let m2b = partials[o + 2];
+        if n == 0.0 {
+            mean = mb;
+            m2 = m2b;
+        } else {
+            let sum = n + nb;
+            let delta = mb - mean;
+            mean += delta * nb / sum;
+            m2 += m2b + delta * delta * n * nb / sum;
+        }
+        n += nb;
+        e += units;
+    }
+
+    // (count, mean, M2) of unit `u` at `u`, `units + u`, `2 * units + u`.
+    let mut shared = Shared::<[f32]>::new_slice(3 * units);
+    shared[unit] = n;
+    shared[units + unit] = mean;
+    shared[2 * units + unit] = m2;
+    sync_cube();
+    // A runtime value (CUBE_DIM_X is `units`): a comptime one cannot change in the loop.
+    let mut half = CUBE_DIM_X as usize / 2;
+    while half > 0 {
+        if unit < half {
+            let other = unit + half;
+            let nb = shared[other];
+            if nb > 0.0 {
+                let na = shared[unit];
+                if na == 0.0 {
+                    shared[units + unit] = shared[units + other];
+                    shared[2 * units + unit] = shared[2 * units + other];
+                } else {
+                    let sum = na + nb;
+                    let delta = shared[units + other] - shared[units + unit];
+                    shared[units + unit] += delta * nb / sum;
+                    shared[2 * units + unit] +=
+                        shared[2 * units + other] + delta * delta * na * nb / sum;
+                }
+                shared[unit] = na + nb;
+            }
+        }
+        sync_cube();
+        half /= 2;
+    }
+    if unit == 0 {
+        stats[2 * s] = shared[units];
+        stats[2 * s + 1] = (shared[2 * units] / shared[0] + eps).sqrt();
+    }
+}
+
+/// The channels-last statistics pass: one unit per (sample, chunk of positions, vector of
+/// channels), counting, for the vector's channels over the chunk's positions, the mean and
+/// the sum of squared deviations from it (two passes, no cancellation), per lane, then merged
+/// over the lanes (all in one group). Position `p` of sample `n` starts at vector
+/// `(n * positions + p) * channel_vectors`.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn group_norm_nhwc_partial_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    partials: &mut Tensor<f32>,
+    threads: u32,
+    positions: u32,
+    channel_vectors: u32,
+    splits: u32,
+    chunk: u32,
+    #[define(F)] _dtype: ElemType,
+) {
+    let t = ABSOLUTE_POS;
+    if t >= threads as usize {
         terminate!();
     }
-    let s = splits as usize;
-    let base = g * s * 3;
-    let mut n = partials[base];
-    let mut mean = partials[base + 1];
-    let mut m2 = partials[base + 2];
-    for j in 1..s {
-        let nb = partials[base + 3 * j];
-        let mb = partials[base + 3 * j + 1];
-        let m2b = partials[base + 3 * j + 2];
-        let total = n + nb;
-        let delta = mb - mean;
-        mean += delta * nb / total;
-        m2 += m2b + delta * delta * n * nb / total;
-        n = total;
+    let row = channel_vectors as usize;
+    let rest = t / row;
+    let split = rest % splits as usize;
+    let sample = rest / splits as usize;
+    let start = split * chunk as usize;
+    let mut end = start + chunk as usize;
+    if end > positions as usize {
+        end = positions as usize;
     }
-    stats[2 * g] = mean;
-    stats[2 * g + 1] = (m2 / n + eps).sqrt();
+    let base = sample * positions as usize * row + t % row;
+
+    let mut sum = Vector::<f32, N>::new(0.0f32);
+    let mut p = start;
+    while p < end {
+        sum += Vector::<f32, N>::cast_from(x[base + p * row]);
+        p += 1;
+    }
+    let count = f32::cast_from(end - start);
+    let lane_mean = sum / Vector::new(count);
+    let mut lane_m2 = Vector::<f32, N>::new(0.0f32);
+    let mut q = start;
+    while q < end {
+        let d = Vector::<f32, N>::cast_from(x[base + q * row]) - lane_mean;
+        lane_m2 += d * d;
+        q += 1;
+    }
+
+    let lanes = x.vector_size();
+    let mut mean = 0.0f32;
+    #[unroll]
+    for l in 0..lanes {
+        mean += lane_mean.extract(l);
+    }
+    mean /= f32::cast_from(lanes);
+    let mut m2 = 0.0f32;
+    #[unroll]
+    for l in 0..lanes {
+        let d = lane_mean.extract(l) - mean;
+        m2 += lane_m2.extract(l) + count * d * d;
+    }
+    let o = t * 3;
+    partials[o] = count * f32::cast_from(lanes);
+    partials[o + 1] = mean;
+    partials[o + 2] = m2;
+}
+
+/// Element-wise over channels-last memory, a vector of `N` channels of one position per unit:
+/// normalise with the group's statistics, apply the affine and the SiLU in f32.
+#[cube(launch)]
+#[allow(clippy::too_many_arguments)]
+fn group_norm_nhwc_apply_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gamma: &Tensor<Vector<F, N>>,
+    beta: &Tensor<Vector<F, N>>,
+    stats: &Tensor<f32>,
+    out: &mut Tensor<Vector<F, N>>,
+    vectors: u32,
+    channel_vectors: u32,
+    sample_vectors: u32,
+    group_vectors: u32,
+    groups: u32,
+    #[comptime] silu: bool,
+    #[define(F)] _dtype: ElemType,
+) {
+    let i = ABSOLUTE_POS;
+    if i >= vectors as usize {
+        terminate!();
+    }
+    let cv = i % channel_vectors as usize;
+    let sample = i / sample_vectors as usize;
+    let g = sample * groups as usize + cv / group_vectors as usize;
+    let mean = Vector::<f32, N>::new(stats[2 * g]);
+    let std = Vector::<f32, N>::new(stats[2 * g + 1]);
+    let gamma_c = Vector::<f32, N>::cast_from(gamma[cv]);
+    let beta_c = Vector::<f32, N>::cast_from(beta[cv]);
+    let mut y = (Vector::<f32, N>::cast_from(x[i]) - mean) / std * gamma_c + beta_c;
+    if silu {
+        y = y / (Vector::new(1.0f32) + (Vector::new(0.0f32) - y).exp());
+    }
+    out[i] = Vector::<F, N>::cast_from(y);
 }
 
 /// Element-wise, a vector of `N` elements of one channel per unit: normalise with the group's

@@ -460,6 +460,93 @@ pub fn conv_weights_channels_last(device: &Device) -> bool {
     }
 }
 
+/// What the GroupNorm kernel does with an input whose channels are adjacent in memory (an
+/// NCHW view of NHWC memory, as burn's convolution returns on CubeCL devices). Until set with
+/// [`set_group_norm_layout`], `DIFFUSERS_RS_GROUP_NORM_LAYOUT` decides (`keep`, `contiguous`;
+/// unset or anything else is `keep`). Any other layout is copied to PyTorch's contiguous one
+/// first, either way.
+///
+/// burn's convolution on CubeCL devices copies an input whose channels are not adjacent into
+/// channels-last memory, and hands its output back as an NCHW view of channels-last memory;
+/// burn's fused element-wise blocks keep that order. A GroupNorm that made its input contiguous
+/// therefore cost two copies between two convolutions: its own, and the next convolution's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupNormLayout {
+    /// Read a channels-last input where it lies and write the output channels-last too.
+    Keep,
+    /// Copy every input that is not contiguous in PyTorch's order first, and write contiguous
+    /// output (the behaviour before session 15, kept to measure against).
+    Contiguous,
+}
+
+impl Route for GroupNormLayout {
+    const ALL: &'static [Self] = &[Self::Keep, Self::Contiguous];
+    const KIND: &'static str = "group norm layout";
+    const ENV: &'static str = "DIFFUSERS_RS_GROUP_NORM_LAYOUT";
+    const DEFAULT: Self = Self::Keep;
+
+    fn name(self) -> &'static str {
+        GroupNormLayout::name(self)
+    }
+}
+
+impl GroupNormLayout {
+    /// The lowercase name (`keep`, `contiguous`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Keep => "keep",
+            Self::Contiguous => "contiguous",
+        }
+    }
+}
+
+impl std::str::FromStr for GroupNormLayout {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Self> {
+        Route::parse(s)
+    }
+}
+
+/// The GroupNorm layout, 0 until decided (then the environment is read).
+static GROUP_NORM_LAYOUT: AtomicU8 = AtomicU8::new(0);
+
+/// Choose the [`GroupNormLayout`] for the whole process (it applies to GroupNorms called
+/// afterwards).
+pub fn set_group_norm_layout(layout: GroupNormLayout) {
+    layout.store(&GROUP_NORM_LAYOUT);
+}
+
+/// The current [`GroupNormLayout`] (see there for how it is decided).
+pub fn group_norm_layout() -> GroupNormLayout {
+    Route::load(&GROUP_NORM_LAYOUT)
+}
+
+/// The element strides of `tensor`'s memory as the kernels and burn's ops see it: on a CubeCL
+/// device once the operations pending in burn's fusion stream have run (this waits for them),
+/// on flex its layout. `None` on other backends and under autodiff. For finding out which
+/// layout a model hands from one operation to the next (channels-last activations, see
+/// [`GroupNormLayout`]); the values are unchanged.
+pub fn memory_strides<const D: usize>(tensor: burn::tensor::Tensor<D>) -> Option<Vec<isize>> {
+    if tensor.is_autodiff() {
+        return None;
+    }
+    #[cfg(feature = "cubecl-kernels")]
+    if on_kernel_device(&tensor.device()) {
+        return extension::cube_strides(tensor);
+    }
+    #[cfg(feature = "flex")]
+    if matches!(
+        tensor.device().as_dispatch(),
+        burn::backend::DispatchDevice::Flex(_)
+    ) {
+        let primitive = tensor.try_into_primitive::<burn::backend::Flex>().ok()?;
+        return Some(primitive.layout().strides().to_vec());
+    }
+    let _ = tensor;
+    None
+}
+
 /// Whether `device` is a CubeCL device (CUDA, wgpu, CubeCL CPU) in a build with a CubeCL
 /// backend: where the custom kernels and routes can run.
 pub fn on_kernel_device(device: &Device) -> bool {
@@ -561,6 +648,24 @@ mod tests {
         assert!(!conv_weights_channels_last(&Device::flex().autodiff()));
         if conv_weight_layout() == Auto {
             assert!(!conv_weights_channels_last(&Device::flex()));
+        }
+    }
+
+    #[test]
+    fn group_norm_layouts_parse() {
+        for layout in [GroupNormLayout::Keep, GroupNormLayout::Contiguous] {
+            assert_eq!(layout.name().parse::<GroupNormLayout>().unwrap(), layout);
+        }
+        assert_eq!(
+            " Keep ".parse::<GroupNormLayout>().unwrap(),
+            GroupNormLayout::Keep
+        );
+        match "nchw".parse::<GroupNormLayout>() {
+            Err(crate::Error::UnknownName { kind, known, .. }) => {
+                assert_eq!(kind, "group norm layout");
+                assert_eq!(known, "keep, contiguous");
+            }
+            other => panic!("{other:?}"),
         }
     }
 }
