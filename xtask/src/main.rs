@@ -14,8 +14,9 @@ cargo xtask <command>
                        --backends also runs `cargo check` with each backend feature
   test                 fixture hashes, then `cargo test --workspace` (what CI runs)
   test-kernels [BACKEND..]
-                       the fused GroupNorm/attention kernels against their references on
-                       CubeCL devices without a GPU: `cpu` (CubeCL on LLVM, the default) and/or
+                       the fused GroupNorm/attention kernels against their references, and
+                       fixture models against diffusers, on CubeCL devices without a GPU:
+                       `cpu` (CubeCL on LLVM, the default) and/or
                        `wgpu` (lavapipe), or `cuda`; builds in target/kernels-BACKEND (or
                        $CARGO_TARGET_DIR) so the default build is left alone
   fixtures [SCRIPT..]  regenerate fixtures with the Python oracle (creates the venv);
@@ -173,7 +174,8 @@ fn check(backends: bool) -> Result<()> {
 }
 
 /// `cargo xtask test-kernels [cpu] [wgpu] [cuda]`: prepare what each backend needs, then run
-/// `crates/diffusion-core/tests/kernels.rs` on it, each in its own target folder.
+/// `crates/diffusion-core/tests/kernels.rs` and `crates/diffusion-models/tests/kernel_device.rs`
+/// on it, each backend in its own target folder.
 fn test_kernels(root: &Path, backends: &[String]) -> Result<()> {
     let backends: Vec<&str> = if backends.is_empty() {
         vec!["cpu"]
@@ -190,23 +192,23 @@ fn test_kernels(root: &Path, backends: &[String]) -> Result<()> {
             "wgpu" => ensure_lavapipe()?,
             other => bail!("test-kernels: unknown backend `{other}` (cpu, wgpu, cuda)"),
         }
-        run(Command::new("cargo")
-            .env(
-                "CARGO_TARGET_DIR",
-                given
-                    .clone()
-                    .unwrap_or_else(|| root.join(format!("target/kernels-{backend}"))),
-            )
-            .env("KERNEL_TEST_DEVICE", backend)
-            .args(["test", "-p", "diffusion-core", "--features", backend])
-            .args([
-                "--test",
-                "kernels",
-                "--",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ]))?;
+        // The kernels against their references, then fixture models against diffusers with
+        // the layouts a kernel device uses.
+        for (package, test) in [
+            ("diffusion-core", "kernels"),
+            ("diffusion-models", "kernel_device"),
+        ] {
+            run(Command::new("cargo")
+                .env(
+                    "CARGO_TARGET_DIR",
+                    given
+                        .clone()
+                        .unwrap_or_else(|| root.join(format!("target/kernels-{backend}"))),
+                )
+                .env("KERNEL_TEST_DEVICE", backend)
+                .args(["test", "-p", package, "--features", backend])
+                .args(["--test", test, "--", "--nocapture", "--test-threads", "1"]))?;
+        }
     }
     Ok(())
 }

@@ -13,7 +13,13 @@
 //!        [--kinds unet,vae_decode,pipeline] [--dtypes f16,bf16,f32]
 //!        [--kernels on,off,group_norm,attention,softmax] [--attention auto,flash,matmul,burn,tune]
 //!        [--conv burn,split_k,tune] [--graph off|on] [--iters 10] [--warmup 3] [--pipeline-iters 3] [--steps 30]
+//!        [--latent N]
 //! ```
+//!
+//! `--latent N` runs every model at an `N`×`N` latent instead of its own size (64 for SD 1.5,
+//! 128 for SDXL; the VAE decodes to `8N`×`8N`), for quick runs on slow devices such as the
+//! CubeCL CPU runtime; rows then carry `latent` and no FLOP counts (those are for the full
+//! sizes).
 //!
 //! `--attention` lists the routes of f16 attention to compare (`diffusion_core::kernels::
 //! AttentionRoute`: `auto`, this crate's `flash` kernel, `matmul`, or burn's fused op `burn`,
@@ -22,6 +28,9 @@
 //! split-K matrix product over an im2col buffer for small feature maps with many channels).
 //! `DIFFUSERS_RS_ATTENTION_CHUNK` (e.g. `64M`) sets how many scores the matmul route holds at a
 //! time (`attention_chunk` in each row; default 16M, 32 MiB in f16).
+//! `DIFFUSERS_RS_GROUP_NORM_LAYOUT` (`keep`, `contiguous`) sets whether the GroupNorm kernel
+//! reads and writes the channels-last activations burn's convolutions hand it where they lie,
+//! or copies them to PyTorch's layout first (`group_norm_layout` in each row).
 //! `DIFFUSERS_RS_CONV_WEIGHTS` (`auto`, `pytorch`, `channels_last`) sets how convolution weights
 //! are laid out when loaded (`conv_weights` in each row; `auto`, channels-last on CubeCL
 //! devices, lets burn's convolution read them without a copy). The models' random weights are
@@ -58,7 +67,8 @@ use diffusion_core::burn::tensor::{Distribution, FloatDType, Tensor, capture};
 use diffusion_core::burn::module::Module;
 use diffusion_core::kernels::{
     AttentionRoute, ConvRoute, Kernel, attention_chunk_scores, conv_weight_layout,
-    set_attention_route, set_conv_route, set_kernel_enabled, tuned_choices, uses_kernels,
+    group_norm_layout, set_attention_route, set_conv_route, set_kernel_enabled, tuned_choices,
+    uses_kernels,
 };
 use diffusion_core::weights::{TensorProvider, WeightSource};
 use diffusion_core::{Device, Precision};
@@ -84,6 +94,8 @@ struct Args {
     warmup: usize,
     pipeline_iters: usize,
     steps: usize,
+    /// `--latent`: the latent side for every model instead of its own.
+    latent: Option<usize>,
 }
 
 fn parse_args() -> Result<Args> {
@@ -100,6 +112,7 @@ fn parse_args() -> Result<Args> {
         warmup: 3,
         pipeline_iters: 3,
         steps: 30,
+        latent: None,
     };
     let list = |v: String| v.split(',').map(str::to_string).collect::<Vec<_>>();
     let mut it = std::env::args().skip(1);
@@ -153,6 +166,15 @@ fn parse_args() -> Result<Args> {
             "--warmup" => args.warmup = value.parse()?,
             "--pipeline-iters" => args.pipeline_iters = value.parse()?,
             "--steps" => args.steps = value.parse()?,
+            "--latent" => {
+                let side: usize = value.parse()?;
+                if side == 0 || side % 8 != 0 {
+                    bail!(
+                        "--latent takes a positive multiple of 8 (the UNets downsample it 3 times), not {side}"
+                    );
+                }
+                args.latent = Some(side);
+            }
             other => bail!("unknown flag {other} (see the doc comment of sd_gpu.rs)"),
         }
     }
@@ -196,6 +218,8 @@ struct Row<'a> {
     steps: usize,
     /// MiB in use once the model(s) were built, cast and synchronised (the weights).
     loaded_mib: Option<f64>,
+    /// `Some(side)` when `--latent` replaced the model's own latent size.
+    latent: Option<usize>,
 }
 
 /// Synchronise, release the pools' free pages and return the MiB in use.
@@ -261,6 +285,7 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
             .map(|(unet, vae)| unet * row.steps as f64 + vae),
         kind => count(kind),
     }
+    .filter(|_| row.latent.is_none())
     .map(|f| f / 1e9);
     let json = serde_json::json!({
         "impl": format!("burn-kernels-{}", row.kernels),
@@ -268,6 +293,7 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
         "conv": row.conv.name(),
         "attention_chunk": attention_chunk_scores(),
         "conv_weights": conv_weight_layout().name(),
+        "group_norm_layout": group_norm_layout().name(),
         "graph": row.graph,
         "device": format!("{device:?}"),
         "kind": row.kind,
@@ -275,6 +301,7 @@ fn report(device: &Device, row: Row<'_>, flops: &serde_json::Value) {
         "dtype": row.dtype,
         "ms": (row.ms * 1000.0).round() / 1000.0,
         "steps": (row.kind == "pipeline").then_some(row.steps),
+        "latent": row.latent,
         "peak_reserved_mib": mib(reserved),
         "in_use_mib": mib(in_use),
         "loaded_mib": row.loaded_mib,
@@ -633,6 +660,7 @@ fn main() -> Result<()> {
                 if !args.models.iter().any(|m| m == name) {
                     continue;
                 }
+                let size = args.latent.unwrap_or(size);
                 device.memory_cleanup();
                 let model = with_random_weights(
                     UNet2DConditionModel::from_config(&config, &device)?,
@@ -664,6 +692,7 @@ fn main() -> Result<()> {
                         ms,
                         steps: args.steps,
                         loaded_mib,
+                        latent: args.latent,
                     };
                     let ms = time_ms(&device, args.warmup, args.iters, &forward);
                     report(&device, row(None, ms), &flops);
@@ -686,6 +715,7 @@ fn main() -> Result<()> {
                 if !args.models.iter().any(|m| m == name) {
                     continue;
                 }
+                let size = args.latent.unwrap_or(size);
                 device.memory_cleanup();
                 let model =
                     with_random_weights(AutoencoderKL::from_config(&config, &device)?, dtype)?;
@@ -708,6 +738,7 @@ fn main() -> Result<()> {
                         ms,
                         steps: args.steps,
                         loaded_mib,
+                        latent: args.latent,
                     };
                     report(&device, row, &flops);
                 }
@@ -739,6 +770,7 @@ fn main() -> Result<()> {
                 if !args.models.iter().any(|m| m == name) {
                     continue;
                 }
+                let size = args.latent.unwrap_or(size);
                 let Some((_, vae_config, _)) = vaes.iter().find(|(v, _, _)| *v == name) else {
                     continue;
                 };
@@ -771,6 +803,7 @@ fn main() -> Result<()> {
                         ms,
                         steps: args.steps,
                         loaded_mib,
+                        latent: args.latent,
                     };
                     report(&device, row, &flops);
                 }

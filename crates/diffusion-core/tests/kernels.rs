@@ -16,7 +16,7 @@ use diffusion_core::kernels::{
     attention_matmul_chunked, attention_reference, conv2d, conv2d_reference, group_norm,
     group_norm_reference, memory_strides, set_attention_route, set_conv_route,
     set_conv_weight_layout, set_group_norm_layout, softmax, softmax_reference, split_k_factor,
-    tuned_choices, uses_kernels,
+    tuned_choices, upsample_nearest, upsample_nearest_reference, uses_kernels,
 };
 use diffusion_core::tensor::to_vec;
 
@@ -240,6 +240,48 @@ fn run_layouts<const D: usize>(
         relative_error(copied, want),
     );
     (errors, layouts)
+}
+
+#[test]
+fn nearest_upsampling_equals_block_repeats_and_keeps_channels_last() {
+    // On a kernel device `upsample_nearest` is burn's nearest interpolation; its values must be
+    // the reference's block repeats exactly, for channels-last and contiguous inputs, and a
+    // channels-last input must give channels-last output (no copy on either side).
+    let device = device();
+    for (dtype, _) in dtypes(&device) {
+        for (shape, factor) in [([2, 6, 5, 7], 2), ([1, 3, 4, 3], 3), ([1, 512, 8, 8], 2)] {
+            let [b, c, h, w] = shape;
+            let out_shape = [b, c, h * factor, w * factor];
+            let nhwc_strides = |[b, c, h, w]: [usize; 4]| {
+                let _ = b;
+                vec![(h * w * c) as isize, 1, (w * c) as isize, c as isize]
+            };
+            let channels_last = random([b, h, w, c], &device)
+                .cast(dtype)
+                .permute([0, 3, 1, 2]);
+            let contiguous = random(shape, &device).cast(dtype);
+            for (name, x) in [("channels-last", channels_last), ("contiguous", contiguous)] {
+                let input = memory_strides(x.clone()).expect("a kernel device");
+                let got = upsample_nearest(x.clone(), factor);
+                let want = upsample_nearest_reference(x, factor);
+                assert_eq!(got.dims(), out_shape);
+                let strides = memory_strides(got.clone()).expect("a kernel device");
+                if name == "channels-last" {
+                    assert_eq!(input, nhwc_strides(shape), "the input is not channels-last");
+                    assert_eq!(strides, nhwc_strides(out_shape), "{dtype:?} {shape:?}");
+                }
+                let (got, want) = (
+                    to_vec(got.cast(FloatDType::F32)),
+                    to_vec(want.cast(FloatDType::F32)),
+                );
+                assert!(
+                    got == want,
+                    "{dtype:?} {shape:?} x{factor} {name}: values differ"
+                );
+                println!("upsample_nearest {dtype:?} {shape:?} x{factor} {name}: equal");
+            }
+        }
+    }
 }
 
 fn attention_case(

@@ -22,7 +22,7 @@ use diffusion_core::burn::module::Module;
 use diffusion_core::burn::nn::{GroupNorm, Linear};
 use diffusion_core::burn::tensor::activation::softmax;
 use diffusion_core::burn::tensor::{DType, FloatDType, Tensor};
-use diffusion_core::{Device, Result};
+use diffusion_core::{Device, Result, kernels};
 
 use crate::layers;
 
@@ -236,10 +236,20 @@ impl Attention {
             Some(norm) => layers::group_norm_act(norm, x, None),
             None => x,
         };
-        let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
-        let out = self.attend_tokens(tokens, None, None, None, None);
-        let out = out.swap_dims(1, 2).reshape([b, c, h, w]);
-        self.finish(out, residual)
+        // Both forms give the same tokens; which one is a view depends on the memory order of
+        // the feature map (burn only merges the dimensions of a reshape where they are
+        // contiguous in the tensor's own order).
+        if kernels::activations_channels_last(&x.device()) {
+            let tokens = x.permute([0, 2, 3, 1]).reshape([b, h * w, c]);
+            let out = self.attend_tokens(tokens, None, None, None, None);
+            let out = out.reshape([b, h, w, c]).permute([0, 3, 1, 2]);
+            self.finish(out, residual)
+        } else {
+            let tokens = x.reshape([b, c, h * w]).swap_dims(1, 2);
+            let out = self.attend_tokens(tokens, None, None, None, None);
+            let out = out.swap_dims(1, 2).reshape([b, c, h, w]);
+            self.finish(out, residual)
+        }
     }
 
     /// Attention over tokens: self-attention when `encoder_hidden_states` is `None`, else

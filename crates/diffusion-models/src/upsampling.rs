@@ -19,12 +19,11 @@ pub const DEFAULT_FIR_KERNEL: [f32; 4] = [1.0, 3.0, 3.0, 1.0];
 /// # Shapes
 /// - `x`: `[B, C, H, W]`
 /// - output: `[B, C, H * factor, W * factor]`
+///
+/// On CubeCL devices, where feature maps are channels-last, this is one interpolation kernel
+/// ([`diffusion_core::kernels::upsample_nearest`]).
 pub fn upsample_nearest(x: Tensor<4>, factor: usize) -> Tensor<4> {
-    let [b, c, h, w] = x.dims();
-    x.reshape([b, c, h, 1, w, 1])
-        .repeat_dim(3, factor)
-        .repeat_dim(5, factor)
-        .reshape([b, c, h * factor, w * factor])
+    diffusion_core::kernels::upsample_nearest(x, factor)
 }
 
 /// Nearest-neighbour resizing to `size` as PyTorch's legacy `"nearest"` mode computes it:

@@ -25,6 +25,7 @@ mod extension;
 mod group_norm;
 #[cfg(feature = "flex")]
 mod host;
+mod resample;
 mod softmax;
 mod tune;
 
@@ -38,6 +39,7 @@ pub use attention::{
 };
 pub use conv::{conv2d, conv2d_reference, conv2d_split_k, split_k_factor};
 pub use group_norm::{group_norm, group_norm_reference};
+pub use resample::{upsample_nearest, upsample_nearest_reference};
 pub use softmax::{softmax, softmax_reference};
 pub use tune::{TunedChoice, tuned_choices};
 
@@ -545,6 +547,18 @@ pub fn memory_strides<const D: usize>(tensor: burn::tensor::Tensor<D>) -> Option
     }
     let _ = tensor;
     None
+}
+
+/// Whether feature maps on `device` are expected to be channels-last in memory: on CubeCL
+/// devices without autodiff, where burn's convolutions return NCHW views of channels-last
+/// memory, burn's element-wise ops keep that order and the GroupNorm kernel keeps it too
+/// ([`GroupNormLayout::Keep`]). Models use it to pick, between two equivalent ways of turning a
+/// feature map into tokens and back, the one that is a view rather than a copy in that layout.
+/// Only memory traffic depends on it, never a value.
+pub fn activations_channels_last(device: &Device) -> bool {
+    !device.is_autodiff()
+        && uses_kernel(Kernel::GroupNorm, device)
+        && group_norm_layout() == GroupNormLayout::Keep
 }
 
 /// Whether `device` is a CubeCL device (CUDA, wgpu, CubeCL CPU) in a build with a CubeCL
