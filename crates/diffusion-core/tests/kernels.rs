@@ -284,6 +284,29 @@ fn nearest_upsampling_equals_block_repeats_and_keeps_channels_last() {
     }
 }
 
+#[test]
+fn flash_attention_writes_heads_interleaved() {
+    // The kernel writes `[B, S, H, D]` memory and returns its `[B, H, S, D]` view, so that
+    // merging the heads (`swap_dims(1, 2)` and a reshape) is a view; the values are unchanged.
+    let device = device();
+    let q = random([2, 8, 37, 40], &device);
+    let k = random([2, 8, 77, 40], &device);
+    let v = random([2, 8, 77, 40], &device);
+    let out = attention(q.clone(), k.clone(), v.clone(), None);
+    assert_eq!(
+        memory_strides(out.clone()),
+        Some(vec![37 * 8 * 40, 40, 8 * 40, 1])
+    );
+    let merged = out.swap_dims(1, 2).reshape([2, 37, 320]);
+    assert_eq!(memory_strides(merged.clone()), Some(vec![37 * 320, 320, 1]));
+    let want = attention_reference(q, k, v, None)
+        .swap_dims(1, 2)
+        .reshape([2, 37, 320]);
+    let err = relative_error(merged, want);
+    println!("flash attention, merged heads: {err:.2e}");
+    assert!(err <= 1e-5, "{err:e}");
+}
+
 fn attention_case(
     device: &Device,
     dtype: FloatDType,

@@ -26,6 +26,20 @@ pub(crate) fn config_error(field: &str, message: impl Into<String>) -> Error {
     }
 }
 
+/// `torch.cat([a, b], dim=1)` of two feature maps (`[B, C_a, H, W]`, `[B, C_b, H, W]`), the
+/// UNets' skip connections. Where feature maps are channels-last
+/// ([`kernels::activations_channels_last`]) the maps are concatenated as `[B, H, W, C]` views
+/// and the result is a view of channels-last memory again; burn's `cat` along dimension 1
+/// would write contiguous NCHW memory, which the next GroupNorm and convolution would each copy
+/// back. The values are the same either way.
+pub(crate) fn cat_channels(a: Tensor<4>, b: Tensor<4>) -> Tensor<4> {
+    if kernels::activations_channels_last(&a.device()) {
+        Tensor::cat(vec![a.permute([0, 2, 3, 1]), b.permute([0, 2, 3, 1])], 3).permute([0, 3, 1, 2])
+    } else {
+        Tensor::cat(vec![a, b], 1)
+    }
+}
+
 /// The config checks every transformer encoder shares: each `(field, value)` of `positive` is
 /// above zero, and `hidden_size` splits evenly into `num_attention_heads`.
 ///

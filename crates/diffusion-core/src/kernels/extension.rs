@@ -848,7 +848,10 @@ fn launch_attention(
     let val_dim = v_shape[3];
     let dtype = q.dtype;
     let client = q.client.clone();
-    let out = empty_contiguous(&q, attention_shape(&q_shape, &v_shape), dtype);
+    // Written as `[B, S_q, H, D_v]` memory and returned as its `[B, H, S_q, D_v]` view, so that
+    // merging the heads afterwards (`swap_dims(1, 2)` then a reshape to `[B, S_q, H * D_v]`)
+    // is a view rather than a copy.
+    let out = empty_contiguous(&q, Shape::new([batch, seq_q, heads, val_dim]), dtype);
 
     // Key/value tiles in shared memory (f32): as many keys as fit in half the shared memory.
     let max_shared = client.properties().hardware.max_shared_memory_size;
@@ -879,12 +882,13 @@ fn launch_attention(
         has_bias,
         dtype_to_storage_type(dtype),
     );
-    out
+    burn_cubecl::ops::permute(out, &[0, 2, 1, 3])
 }
 
 /// Flash-style attention: one unit per query row, key/value tiles staged in shared memory by
 /// the whole cube, online softmax (running max and sum rescaled once per tile), f32 throughout.
-/// Inputs are read through their strides (head-split views and expanded biases need no copy).
+/// Inputs are read through their strides (head-split views and expanded biases need no copy);
+/// the output is written as contiguous `[B, S_q, H, D_v]`.
 #[cube(launch)]
 #[allow(clippy::too_many_arguments)]
 fn flash_attention_kernel<F: Float>(
@@ -999,7 +1003,8 @@ fn flash_attention_kernel<F: Float>(
     }
 
     if active {
-        let o = ((b * heads + h) * seq_q + row) * val_dim;
+        // `out` is `[B, S_q, H, D_v]` memory.
+        let o = ((b * seq_q + row) * heads + h) * val_dim;
         for d in 0..val_dim {
             out[o + d] = F::cast_from(acc[d] / l);
         }

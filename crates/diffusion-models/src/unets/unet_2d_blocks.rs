@@ -439,7 +439,7 @@ impl UpBlock2D {
     ) -> Tensor<4> {
         for (i, resnet) in self.resnets.iter().enumerate() {
             if let Some(res) = res_samples.pop() {
-                x = Tensor::cat(vec![x, res], 1);
+                x = layers::cat_channels(x, res);
             }
             x = resnet.forward(x, Some(temb.clone()));
             if let Some(attn) = self.attentions.get(i) {
@@ -549,7 +549,7 @@ impl SkipUpBlock2D {
     ) -> (Tensor<4>, Option<Tensor<4>>) {
         for resnet in &self.resnets {
             if let Some(res) = res_samples.pop() {
-                x = Tensor::cat(vec![x, res], 1);
+                x = layers::cat_channels(x, res);
             }
             x = resnet.forward(x, Some(temb.clone()));
         }

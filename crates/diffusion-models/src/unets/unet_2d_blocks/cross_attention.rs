@@ -10,6 +10,7 @@ use diffusion_core::{Device, Result};
 use super::{BlockArgs, up_resnet_channels};
 use crate::attention::{CrossAttentionInputs, join};
 use crate::downsampling::Downsample2D;
+use crate::layers;
 use crate::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use crate::transformers::transformer_2d::{Transformer2DModel, Transformer2DModelConfig};
 use crate::upsampling::Upsample2D;
@@ -222,7 +223,7 @@ impl CrossAttnUpBlock2D {
     ) -> Tensor<4> {
         for (resnet, attn) in self.resnets.iter().zip(&self.attentions) {
             if let Some(res) = res_samples.pop() {
-                x = Tensor::cat(vec![x, res], 1);
+                x = layers::cat_channels(x, res);
             }
             x = resnet.forward(x, Some(temb.clone()));
             x = attn.forward(x, inputs);
