@@ -689,15 +689,35 @@ fn group_norm_nhwc_apply_kernel<F: Float, N: Size>(
     let cv = i % channel_vectors as usize;
     let sample = i / sample_vectors as usize;
     let g = sample * groups as usize + cv / group_vectors as usize;
+    let y = normalize_affine::<N>(
+        Vector::<f32, N>::cast_from(x[i]),
+        stats,
+        g,
+        Vector::<f32, N>::cast_from(gamma[cv]),
+        Vector::<f32, N>::cast_from(beta[cv]),
+        silu,
+    );
+    out[i] = Vector::<F, N>::cast_from(y);
+}
+
+/// `(x - mean) / std * gamma + beta` with group `g`'s statistics from `stats` (mean, std
+/// pairs), then SiLU when `silu`; all in f32.
+#[cube]
+fn normalize_affine<N: Size>(
+    x: Vector<f32, N>,
+    stats: &Tensor<f32>,
+    g: usize,
+    gamma: Vector<f32, N>,
+    beta: Vector<f32, N>,
+    #[comptime] silu: bool,
+) -> Vector<f32, N> {
     let mean = Vector::<f32, N>::new(stats[2 * g]);
     let std = Vector::<f32, N>::new(stats[2 * g + 1]);
-    let gamma_c = Vector::<f32, N>::cast_from(gamma[cv]);
-    let beta_c = Vector::<f32, N>::cast_from(beta[cv]);
-    let mut y = (Vector::<f32, N>::cast_from(x[i]) - mean) / std * gamma_c + beta_c;
+    let mut y = (x - mean) / std * gamma + beta;
     if silu {
         y = y / (Vector::new(1.0f32) + (Vector::new(0.0f32) - y).exp());
     }
-    out[i] = Vector::<F, N>::cast_from(y);
+    y
 }
 
 /// Element-wise, a vector of `N` elements of one channel per unit: normalise with the group's
@@ -727,14 +747,14 @@ fn group_norm_apply_kernel<F: Float, N: Size>(
     let c = nc % c_all;
     let n = nc / c_all;
     let g = n * (c_all / cpg) + c / cpg;
-    let mean = Vector::<f32, N>::new(stats[2 * g]);
-    let std = Vector::<f32, N>::new(stats[2 * g + 1]);
-    let gamma_c = Vector::<f32, N>::new(f32::cast_from(gamma[c]));
-    let beta_c = Vector::<f32, N>::new(f32::cast_from(beta[c]));
-    let mut y = (Vector::<f32, N>::cast_from(x[i]) - mean) / std * gamma_c + beta_c;
-    if silu {
-        y = y / (Vector::new(1.0f32) + (Vector::new(0.0f32) - y).exp());
-    }
+    let y = normalize_affine::<N>(
+        Vector::<f32, N>::cast_from(x[i]),
+        stats,
+        g,
+        Vector::<f32, N>::new(f32::cast_from(gamma[c])),
+        Vector::<f32, N>::new(f32::cast_from(beta[c])),
+        silu,
+    );
     out[i] = Vector::<F, N>::cast_from(y);
 }
 
