@@ -477,7 +477,9 @@ pub enum GroupNormLayout {
     /// Read a channels-last input where it lies and write the output channels-last too.
     Keep,
     /// Copy every input that is not contiguous in PyTorch's order first, and write contiguous
-    /// output (the behaviour before session 15, kept to measure against).
+    /// output. [`activations_channels_last`] is then false, so the models also go back to
+    /// their PyTorch-order forms of spatial attention, upsampling and skip concatenation: the
+    /// behaviour before session 15, kept to measure against.
     Contiguous,
 }
 
