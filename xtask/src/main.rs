@@ -193,22 +193,30 @@ fn test_kernels(root: &Path, backends: &[String]) -> Result<()> {
             other => bail!("test-kernels: unknown backend `{other}` (cpu, wgpu, cuda)"),
         }
         // The kernels against their references, then fixture models against diffusers with
-        // the layouts a kernel device uses.
-        for (package, test) in [
-            ("diffusion-core", "kernels"),
-            ("diffusion-models", "kernel_device"),
-        ] {
-            run(Command::new("cargo")
-                .env(
-                    "CARGO_TARGET_DIR",
-                    given
-                        .clone()
-                        .unwrap_or_else(|| root.join(format!("target/kernels-{backend}"))),
-                )
-                .env("KERNEL_TEST_DEVICE", backend)
-                .args(["test", "-p", package, "--features", backend])
-                .args(["--test", test, "--", "--nocapture", "--test-threads", "1"]))?;
-        }
+        // the layouts a kernel device uses: one cargo invocation, so that both tests resolve
+        // one feature set and share one build of burn (two invocations resolved different
+        // features for burn's dependencies and built it twice).
+        run(Command::new("cargo")
+            .env(
+                "CARGO_TARGET_DIR",
+                given
+                    .clone()
+                    .unwrap_or_else(|| root.join(format!("target/kernels-{backend}"))),
+            )
+            .env("KERNEL_TEST_DEVICE", backend)
+            .args([
+                "test",
+                "-p",
+                "diffusion-core",
+                "-p",
+                "diffusion-models",
+                "--features",
+            ])
+            .arg(format!(
+                "diffusion-core/{backend},diffusion-models/{backend}"
+            ))
+            .args(["--test", "kernels", "--test", "kernel_device"])
+            .args(["--", "--nocapture", "--test-threads", "1"]))?;
     }
     Ok(())
 }
