@@ -81,6 +81,39 @@ use diffusion_schedulers::{AnyScheduler, Scheduler, StepOptions};
 
 const FLOPS: &str = include_str!("../../python/sd_gpu_flops.json");
 
+const USAGE: &str = "\
+sd_gpu: Stable Diffusion 1.5 and SDXL forwards on a GPU with random weights, one JSON line per
+measurement (the keys of benches/python/bench_sd_gpu.py, which measures diffusers the same way).
+
+Usage: sd_gpu [FLAG VALUE]...   (lists are comma-separated; every combination is one row)
+
+  --device cuda|wgpu|cubecl-cpu     device to run on [cuda]
+  --models sd15,sdxl                model configs [sd15,sdxl]
+  --kinds unet,vae_decode,pipeline,ops
+                                    UNet step at batch 2, VAE decode at batch 1, a whole
+                                    text-to-image generation, or single operators at SD 1.5
+                                    shapes [unet,vae_decode]
+  --dtypes f16,bf16,f32             precisions [f16,bf16,f32]
+  --kernels on,off,group_norm,attention,softmax
+                                    this crate's fused kernels: all, none, or one [on,off]
+  --attention auto,flash,matmul,burn,tune
+                                    routes of f16 attention [auto]
+  --conv burn,split_k,tune          convolution routes [burn]
+  --graph on|off                    also time UNet steps replayed from a CUDA graph [off]
+  --iters N                         timed forwards per row [10]
+  --warmup N                        untimed forwards before them [3]
+  --pipeline-iters N                timed generations per pipeline row [3]
+  --steps N                         denoising steps per generation [30]
+  --latent N                        every model at an NxN latent (a multiple of 8) instead of
+                                    its own size, for quick runs on slow devices
+  -h, --help                        this text
+
+Environment: DIFFUSERS_RS_ATTENTION_CHUNK (scores the matmul route holds at a time, e.g. 64M),
+DIFFUSERS_RS_GROUP_NORM_LAYOUT (keep|contiguous), DIFFUSERS_RS_CONV_WEIGHTS
+(auto|pytorch|channels_last). Build: cargo build --release -p diffusion-benches
+--no-default-features --features cuda,autotune-cache --bin sd_gpu (benches/gpu/stage.sh).
+";
+
 struct Args {
     device: String,
     models: Vec<String>,
@@ -117,6 +150,10 @@ fn parse_args() -> Result<Args> {
     let list = |v: String| v.split(',').map(str::to_string).collect::<Vec<_>>();
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if matches!(flag.as_str(), "-h" | "--help") {
+            print!("{USAGE}");
+            std::process::exit(0);
+        }
         let value = it.next().with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--device" => args.device = value,
@@ -175,7 +212,7 @@ fn parse_args() -> Result<Args> {
                 }
                 args.latent = Some(side);
             }
-            other => bail!("unknown flag {other} (see the doc comment of sd_gpu.rs)"),
+            other => bail!("unknown flag {other} (sd_gpu --help lists them)"),
         }
     }
     Ok(args)
