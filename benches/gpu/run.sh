@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The side-by-side GPU benchmark on a machine with CUDA, PyTorch and no Rust or network
 # (docs/benchmarks.md). Expects, relative to the repository root:
-#   .gpubin/sd_gpu.xz   `cargo build --release -p diffusion-benches --no-default-features
-#                        --features cuda,autotune-cache --bin sd_gpu`, stripped and xz-compressed
+#   .gpubin/sd_gpu.xz   `benches/gpu/stage.sh bench`: sd_gpu built with `--features
+#                        cuda,autotune-cache` in the `gpu` profile, stripped and xz-compressed
 #   .gpubin/environment.tar   optional: CubeCL's autotune cache (`target/environment`) from an
 #                        earlier call; the run leaves the updated cache in <out-dir>/environment.tar
 #                        (one file: the device tool brings back only a few files, two folders deep)
-#   .whl/*.whl           diffusers 0.42.1 and importlib_metadata wheels (pip download)
+#   .gpubin/site.tar.xz  diffusers 0.42.1 and importlib_metadata, unpacked wheels
+#                        (benches/gpu/stage.sh site); or, as before, their wheels in .whl/
 # Usage: benches/gpu/run.sh <out-dir> <what> [sd_gpu flags...]
 #   what = rust | python | both; extra flags go to both programs where they share them
 #   (--models, --dtypes, --kinds, --iters); RUST_ARGS / PY_ARGS add program-only flags.
@@ -43,8 +44,12 @@ if [[ $what != python ]]; then
 fi
 if [[ $what != rust ]]; then
     if [[ ! -d /tmp/site ]]; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target /tmp/site .whl/*.whl || exit 1
+        if [[ -f .gpubin/site.tar.xz ]]; then
+            mkdir -p /tmp/site && tar -xJf .gpubin/site.tar.xz -C /tmp/site || exit 1
+        else
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+                --upgrade --target /tmp/site .whl/*.whl || exit 1
+        fi
     fi
     echo "== bench_sd_gpu.py $* ${PY_ARGS:-}"
     PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 python3 benches/python/bench_sd_gpu.py "$@" \

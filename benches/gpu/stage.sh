@@ -1,43 +1,57 @@
 #!/usr/bin/env bash
 # Builds, on this (CPU-only, Rust) machine, everything the GPU machine runs: the device tool
-# carries ignored folders only, and the GPU machine has no Rust and no network.
+# carries ignored paths only, and the GPU machine has no Rust and no network.
 #
-#   .gpubin/sd_gpu.xz        the side-by-side benchmark (benches/gpu/run.sh)
+#   .gpubin/sd_gpu.xz        the side-by-side benchmark (benches/gpu/run.sh), `gpu` profile
 #   .gpubin/kernels.xz       crates/diffusion-core/tests/kernels.rs on CUDA
 #   .gpubin/kernel_device.xz crates/diffusion-models/tests/kernel_device.rs on CUDA
-#   .gpubin/commit.txt       the commit they were built from (a dirty tree is marked)
-#   .whl/*.whl               diffusers (the oracle's pinned version) and importlib_metadata,
-#                            for benches/python/bench_sd_gpu.py (PyPI)
+#   .gpubin/site.tar.xz      diffusers (the oracle's pinned version) and importlib_metadata from
+#                            PyPI, installed with `pip install --target` and packed, for
+#                            benches/python/bench_sd_gpu.py (a third of the wheels' size)
+#   .gpubin/commit.txt       which commit each binary was built from (a dirty tree is marked)
 #
-# Usage: benches/gpu/stage.sh [bench|tests|wheels]...   (all three when none is named)
-# Two release builds of burn (the benchmark's feature set and the tests' differ), about 15 min
-# each on two cores; CARGO_TARGET_DIR (default target/gpu-cuda) keeps them between runs. The
-# `cuda` feature needs no CUDA toolkit: CubeCL loads the driver and compiles kernels at run time.
+# Usage: benches/gpu/stage.sh [bench|tests|site|budget]...   (all four when none is named)
+# Two release builds of burn (the benchmark's profile and the tests' differ), 15-25 min each on
+# two cores; CARGO_TARGET_DIR (default target/gpu-cuda) keeps them between runs. The `cuda`
+# feature needs no CUDA toolkit: CubeCL loads the driver and compiles kernels at run time.
 #
-# On the GPU machine, with carry [".gpubin", ".whl"] (64 MiB in all: `du -ch .gpubin .whl`;
-# when over, carry the tests and the benchmark in different calls):
-#   xz -dc .gpubin/kernels.xz >/tmp/kernels && chmod +x /tmp/kernels &&
-#     KERNEL_TEST_DEVICE=cuda /tmp/kernels --test-threads 1
-#   xz -dc .gpubin/kernel_device.xz >/tmp/kernel_device && chmod +x /tmp/kernel_device &&
-#     KERNEL_TEST_DEVICE=cuda /tmp/kernel_device --test-threads 1   # from the repository root
-#   benches/gpu/run.sh $OUT both --models sd15 --kinds unet,vae_decode --dtypes f16
+# What travels to the GPU machine in one call, the tracked tree included, is at most 64 MiB;
+# the tree is about 36 MiB, so not everything fits in one call. `budget` (run last by default)
+# prints the size of each call's carry below and whether it fits. With carry
+#   [".gpubin/sd_gpu.xz", ".gpubin/site.tar.xz"]  (+ ".gpubin/environment.tar", if any):
+#     benches/gpu/run.sh $OUT both --models sd15 --kinds unet,vae_decode --dtypes f16
+#   [".gpubin/kernels.xz"]:
+#     xz -dc .gpubin/kernels.xz >/tmp/kernels && chmod +x /tmp/kernels &&
+#       KERNEL_TEST_DEVICE=cuda /tmp/kernels --test-threads 1
+#   [".gpubin/kernel_device.xz"]:
+#     xz -dc .gpubin/kernel_device.xz >/tmp/kernel_device && chmod +x /tmp/kernel_device &&
+#       KERNEL_TEST_DEVICE=cuda /tmp/kernel_device --test-threads 1   # from the repository root
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target/gpu-cuda}
 what=("$@")
-[[ ${#what[@]} -gt 0 ]] || what=(bench tests wheels)
-mkdir -p .gpubin .whl
+[[ ${#what[@]} -gt 0 ]] || what=(bench tests site budget)
+mkdir -p .gpubin
 # cubecl-llvm comes with burn's backends; its build script would download LLVM.
 bash scripts/setup-llvm.sh >/dev/null
+
+# The device tool's limit on what travels in one call, in bytes.
+limit=$((64 << 20))
+commit=$(git rev-parse --short HEAD)
+git diff --quiet HEAD -- crates benches Cargo.toml Cargo.lock || commit="$commit (dirty tree)"
 
 pack() { # pack <executable> <name>: strip, then xz into .gpubin/<name>.xz
     local tmp
     tmp=$(mktemp)
     cp "$1" "$tmp"
     strip "$tmp"
-    xz -9e -T2 -c "$tmp" >".gpubin/$2.xz.part"
+    # The x86 filter and a dictionary as large as the binary: 3% smaller than `xz -9e`.
+    xz --x86 --lzma2=preset=9e,dict=192MiB -T1 -c "$tmp" >".gpubin/$2.xz.part"
     mv ".gpubin/$2.xz.part" ".gpubin/$2.xz"
     rm -f "$tmp"
+    { grep -v "^$2.xz " .gpubin/commit.txt 2>/dev/null || true; echo "$2.xz $commit"; } \
+        >.gpubin/commit.txt.part
+    mv .gpubin/commit.txt.part .gpubin/commit.txt
     echo "stage: .gpubin/$2.xz $(du -h ".gpubin/$2.xz" | cut -f1)"
 }
 
@@ -59,9 +73,12 @@ for line in sys.stdin:
 for step in "${what[@]}"; do
     case $step in
     bench)
-        cargo build --release -p diffusion-benches --no-default-features \
-            --features cuda,autotune-cache --bin sd_gpu
-        pack "$CARGO_TARGET_DIR/release/sd_gpu" sd_gpu
+        # The `gpu` profile (Cargo.toml) and a non-PIE executable (its 8 MB of relocations
+        # gone) keep it small. `--target` keeps RUSTFLAGS off build scripts and proc macros.
+        triple=$(rustc -vV | sed -n 's/^host: //p')
+        RUSTFLAGS="-C relocation-model=static" cargo build --profile gpu --target "$triple" \
+            -p diffusion-benches --no-default-features --features cuda,autotune-cache --bin sd_gpu
+        pack "$CARGO_TARGET_DIR/$triple/gpu/sd_gpu" sd_gpu
         ;;
     tests)
         # One invocation, so both tests share one feature set and one build of burn.
@@ -72,18 +89,38 @@ for step in "${what[@]}"; do
         while read -r name exe; do pack "$exe" "$name"; done <.gpubin/tests.txt
         rm .gpubin/tests.txt
         ;;
-    wheels)
+    site)
         version=$(sed -n 's/^diffusers==//p' fixtures/oracle/requirements.txt)
-        python3 -m pip download -q --no-deps -d .whl "diffusers==$version" importlib_metadata
-        ls .whl
+        wheels="$CARGO_TARGET_DIR/wheels"
+        python3 -m pip download -q --no-deps -d "$wheels" "diffusers==$version" importlib_metadata
+        site=$(mktemp -d)
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --target "$site" "$wheels/diffusers-$version-"*.whl "$wheels"/importlib_metadata-*.whl
+        tar -C "$site" -cf - . | xz -9e -T1 >.gpubin/site.tar.xz.part
+        mv .gpubin/site.tar.xz.part .gpubin/site.tar.xz
+        rm -rf "$site"
+        echo "stage: .gpubin/site.tar.xz $(du -h .gpubin/site.tar.xz | cut -f1)"
+        ;;
+    budget)
+        # Tracked files and untracked ones git does not ignore, as the device tool counts.
+        tree=$(git ls-files -z --cached --others --exclude-standard |
+            xargs -0 stat -c %s 2>/dev/null | awk '{ n += $1 } END { print n }')
+        echo "stage: the tracked tree travels with every call: $((tree >> 10)) KiB of $((limit >> 10))"
+        for call in "sd_gpu.xz site.tar.xz environment.tar" kernels.xz kernel_device.xz; do
+            total=$tree carried=()
+            for file in $call; do
+                [[ -f .gpubin/$file ]] || continue
+                total=$((total + $(stat -c %s ".gpubin/$file")))
+                carried+=(".gpubin/$file")
+            done
+            verdict="fits, $(((limit - total) >> 10)) KiB to spare"
+            ((total <= limit)) || verdict="OVER the limit by $(((total - limit) >> 10)) KiB"
+            echo "stage: carry ${carried[*]:-nothing}: $((total >> 10)) KiB, $verdict"
+        done
         ;;
     *)
-        echo "stage: unknown step '$step' (bench, tests, wheels)" >&2
+        echo "stage: unknown step '$step' (bench, tests, site, budget)" >&2
         exit 2
         ;;
     esac
 done
-commit=$(git rev-parse --short HEAD)
-git diff --quiet HEAD -- crates benches Cargo.toml Cargo.lock || commit="$commit (dirty tree)"
-echo "$commit" >.gpubin/commit.txt
-du -ch .gpubin .whl | tail -1
