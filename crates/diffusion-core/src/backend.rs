@@ -65,7 +65,8 @@ pub fn default_device() -> Device {
 ///
 /// # Errors
 /// [`Error::UnknownName`] listing what this build supports when the name is unknown or its
-/// backend was not compiled in.
+/// backend was not compiled in; [`Error::InvalidArgument`] for a bad index, and for `cuda`
+/// when the CUDA driver or NVRTC does not load or has no device of that index.
 pub fn parse_device(name: &str) -> Result<Device> {
     let lower = name.trim().to_ascii_lowercase();
     let (kind, index) = match lower.split_once(':') {
@@ -85,7 +86,7 @@ pub fn parse_device(name: &str) -> Result<Device> {
         #[allow(deprecated)]
         "ndarray" => Some(Device::ndarray()),
         #[cfg(feature = "cuda")]
-        "cuda" | "gpu" => Some(Device::cuda(index.unwrap_or(0))),
+        "cuda" | "gpu" => Some(cuda_device(name, index.unwrap_or(0))?),
         #[cfg(feature = "wgpu")]
         "wgpu" => Some(Device::wgpu(Default::default())),
         #[cfg(feature = "tch")]
@@ -99,6 +100,39 @@ pub fn parse_device(name: &str) -> Result<Device> {
         name: name.to_string(),
         known: available_devices().join(", "),
     })
+}
+
+/// `cuda:index`, once the CUDA driver and NVRTC have loaded and the driver has counted a device
+/// `index`. Without these checks a missing driver or index surfaces as a panic in burn's CUDA
+/// runtime at the first tensor operation.
+#[cfg(feature = "cuda")]
+fn cuda_device(name: &str, index: usize) -> Result<Device> {
+    let unavailable = |why: String| Error::invalid_argument("device", format!("`{name}`: {why}"));
+    // SAFETY: each only tries to open the library with libloading, as cudarc's calls do first.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(unavailable(
+            "the CUDA driver library (libcuda.so) could not be loaded: is an NVIDIA driver \
+             installed, and its library on the loader's path (LD_LIBRARY_PATH)?"
+                .into(),
+        ));
+    }
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(unavailable(
+            "NVRTC (libnvrtc.so), which compiles the CUDA kernels at run time, could not be \
+             loaded: install the CUDA runtime compiler library, or put it on LD_LIBRARY_PATH"
+                .into(),
+        ));
+    }
+    let count = cudarc::driver::result::init()
+        .and_then(|()| cudarc::driver::result::device::get_count())
+        .map_err(|e| unavailable(format!("the CUDA driver did not start: {e}")))?;
+    let count = usize::try_from(count).unwrap_or(0);
+    if index >= count {
+        return Err(unavailable(format!(
+            "the CUDA driver counts {count} device(s), numbered from 0"
+        )));
+    }
+    Ok(Device::cuda(index))
 }
 
 /// Floating-point precision for weights and compute.
@@ -151,6 +185,26 @@ mod tests {
         assert!(err.contains("quantum"), "{err}");
         #[cfg(feature = "flex")]
         assert!(err.contains("cpu"), "{err}");
+    }
+
+    /// Where no driver or NVRTC loads (this project's CI), `cuda` is a typed error naming the
+    /// device; where they do, an index past the driver's count still is one.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_without_a_driver_or_device_is_an_error() {
+        // SAFETY: as in `cuda_device`.
+        let loads = unsafe {
+            cudarc::driver::sys::is_culib_present() && cudarc::nvrtc::sys::is_culib_present()
+        };
+        let name = if loads { "cuda:4096" } else { "cuda" };
+        let err = parse_device(name).unwrap_err().to_string();
+        assert!(err.contains(name) && err.contains("device"), "{err}");
+        if !loads {
+            assert!(
+                err.contains("libcuda.so") || err.contains("libnvrtc.so"),
+                "{err}"
+            );
+        }
     }
 
     #[test]
